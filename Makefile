@@ -1,0 +1,37 @@
+# The two commands a newcomer needs: `make run` and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+RUN_DIR ?= .run
+STAMP := $(VENV)/.installed-$(shell cat setup.cfg setup.py | cksum | cut -d' ' -f1)
+
+.PHONY: run test bench lint clean
+
+$(STAMP): setup.cfg setup.py
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	rm -f $(VENV)/.installed-* && touch $@
+
+## run: install into .venv and start the agent on its defaults (a token is made in .run/token when none is set)
+run: $(STAMP)
+	@mkdir -p $(RUN_DIR)
+	@if [ -z "$$UTOPIA_AGENT_TOKEN" ] && [ -z "$$UTOPIA_AGENT_TOKEN_FILE" ] && [ ! -s $(RUN_DIR)/token ]; then \
+		umask 077; $(PY) -c 'import secrets; print(secrets.token_urlsafe(32))' > $(RUN_DIR)/token; fi
+	@echo "utopia-agent: listening on http://$${UTOPIA_AGENT_BIND:-0.0.0.0:8600}"
+	@if [ -z "$$UTOPIA_AGENT_TOKEN" ] && [ -z "$$UTOPIA_AGENT_TOKEN_FILE" ]; then \
+		echo "utopia-agent: authenticate with the token in $(RUN_DIR)/token, e.g."; \
+		echo "  curl -H \"Authorization: Bearer \$$(cat $(RUN_DIR)/token)\" http://127.0.0.1:8600/api/v1/metrics"; fi
+	@export UTOPIA_AGENT_TOKEN_FILE="$${UTOPIA_AGENT_TOKEN_FILE:-$$( [ -z "$$UTOPIA_AGENT_TOKEN" ] && echo $(CURDIR)/$(RUN_DIR)/token )}"; \
+		[ -n "$$UTOPIA_AGENT_TOKEN_FILE" ] || unset UTOPIA_AGENT_TOKEN_FILE; \
+		exec $(VENV)/bin/gunicorn -c gunicorn.conf.py wsgi:app
+
+## test: install what the tests need and run them against the real engine
+test: $(STAMP)
+	$(PY) -m pytest
+
+## bench: measure the agent against the engine's own calls (prints ratios, writes JSON)
+bench: $(STAMP)
+	$(PY) benchmarks/bench.py
+
+clean:
+	rm -rf $(VENV) $(RUN_DIR) build *.egg-info

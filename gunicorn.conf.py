@@ -1,0 +1,53 @@
+"""gunicorn settings for the agent; numbers come from the environment (UTOPIA_AGENT_*).
+
+Configuration is checked here, in the master, so a bad variable stops the agent before any
+worker starts, with one line that names it.
+"""
+
+import logging
+import os
+import sys
+
+from utopia_agent.config import ConfigError, load_config, prepare_state_dir
+from utopia_agent.logs import logging_dict
+
+try:
+    _agent = load_config()
+    prepare_state_dir(_agent)
+except ConfigError as error:
+    print(f"utopia-agent: configuration error: {error}", file=sys.stderr)
+    sys.exit(2)
+
+bind = _agent.bind
+workers = _agent.workers
+# Threads keep /health and reads answering while other threads of the same worker wait on a
+# long image pull; the gthread main loop heartbeats on its own, so a slow pull is no "hung" worker.
+worker_class = "gthread"
+threads = 8
+timeout = 60
+# SIGTERM lets an in-flight create finish (or roll back) before the worker goes.
+graceful_timeout = 90
+keepalive = 5
+# The app is loaded in each worker after the fork: NVML and the Docker client are per worker.
+preload_app = False
+# The agent logs one line per request itself, with its request id; gunicorn's access log would repeat it.
+accesslog = None
+logconfig_dict = logging_dict(_agent.log_format)
+proc_name = "utopia-agent"
+
+
+def when_ready(server):
+    """Tell the operator where to reach the agent and how to authenticate (never the token itself)."""
+    source = "UTOPIA_AGENT_TOKEN" if os.environ.get("UTOPIA_AGENT_TOKEN") else "UTOPIA_AGENT_TOKEN_FILE"
+    logging.getLogger("utopia_agent").info(
+        "listening on http://%s with %d workers; send 'Authorization: Bearer <token>' (the token in %s)",
+        bind, workers, source,
+    )
+
+
+
+def worker_exit(server, worker):
+    """Shut NVML down and close the engine connection of the worker that is going away."""
+    app = getattr(worker, "wsgi", None)
+    if app is not None and "utopia" in getattr(app, "extensions", {}):
+        app.extensions["utopia"].close()

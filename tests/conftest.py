@@ -1,0 +1,128 @@
+"""Fixtures: the real engine, a test image, the stand-in NVML, and the agent under gunicorn."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.fake_nvml import DEFAULT_TEST_GPUS, build_fake_nvml, fake_nvml_env, write_fake_nvml_config
+from tests.support.agent import AgentProcess
+from tests.support.engine import (
+    EngineUnavailable,
+    engine_has_nvidia_driver,
+    ensure_engine,
+    ensure_test_image,
+    free_port,
+)
+
+IN_CI = os.environ.get("CI") == "true"
+RUN_ID = uuid.uuid4().hex[:6]
+
+
+@pytest.fixture(scope="session")
+def engine():
+    """The real Docker engine (started here when none answers, and stopped again at the end)."""
+    try:
+        handle = ensure_engine()
+    except EngineUnavailable as exc:
+        pytest.skip(f"no Docker engine: {exc}")
+    yield handle
+    handle.stop()
+
+
+@pytest.fixture(scope="session")
+def docker_client(engine):
+    return engine.client
+
+
+@pytest.fixture(scope="session")
+def test_image(docker_client) -> str:
+    """A busybox image imported locally (sh, sleep, env, cat, httpd)."""
+    return ensure_test_image(docker_client)
+
+
+@pytest.fixture(scope="session")
+def nvidia_path(docker_client, test_image) -> bool:
+    """Whether the engine attaches GPUs through its NVIDIA device path (the stand-in hook)."""
+    ok = engine_has_nvidia_driver(docker_client, test_image)
+    if not ok and IN_CI:
+        pytest.fail("the engine lacks the nvidia device driver: start dockerd with tests/support on its PATH")
+    return ok
+
+
+@pytest.fixture(scope="session")
+def fake_nvml_dir(tmp_path_factory) -> Path:
+    return build_fake_nvml(tmp_path_factory.mktemp("nvml"))
+
+
+@pytest.fixture
+def claim(request) -> "ClaimNames":
+    """Claim ids unique to this run and test, so cleanup never touches anyone else's."""
+    return ClaimNames(f"t{RUN_ID}-{request.node.name[:24]}".replace("[", "-").replace("]", "").replace("_", "-"))
+
+
+class ClaimNames:
+    def __init__(self, prefix: str):
+        self.prefix = prefix[:48]
+
+    def __call__(self, suffix: str = "0") -> str:
+        return f"{self.prefix}-{suffix}"
+
+
+@pytest.fixture(autouse=True)
+def _remove_test_containers(request):
+    """After each test, remove every container this run created (managed by the agent or not)."""
+    yield
+    if "docker_client" not in request.fixturenames:
+        return
+    client = request.getfixturevalue("docker_client")
+    for container in client.containers.list(all=True, filters={"label": "utopia.managed=true"}):
+        if container.labels.get("utopia.claim_id", "").startswith(f"t{RUN_ID}-"):
+            container.remove(force=True, v=True)
+    for container in client.containers.list(all=True, filters={"label": f"utopia-test.run={RUN_ID}"}):
+        container.remove(force=True, v=True)
+
+
+class AgentFactory:
+    """Starts agents with the stand-in NVML (8 GPUs unless told otherwise) and stops them all."""
+
+    def __init__(self, tmp_path_factory, fake_nvml_dir: Path):
+        self._tmp = tmp_path_factory
+        self._nvml_dir = fake_nvml_dir
+        self.started: list[AgentProcess] = []
+
+    def __call__(self, workers: int = 2, gpus=None, start: bool = True, **env: str) -> AgentProcess:
+        state_dir = self._tmp.mktemp("agent")
+        nvml_config = write_fake_nvml_config(state_dir / "nvml.conf", DEFAULT_TEST_GPUS if gpus is None else gpus)
+        (state_dir / "volumes").mkdir(exist_ok=True)
+        base = {
+            "UTOPIA_AGENT_GPU_BACKEND": "nvml",
+            "UTOPIA_AGENT_STOP_TIMEOUT": "1",
+            "UTOPIA_AGENT_HOST_PORT_RANGE": "20000-60000",
+            "UTOPIA_AGENT_RESTART_POLICY": "no",
+            **env,
+        }
+        agent = AgentProcess(state_dir, free_port(), fake_nvml_env(self._nvml_dir, nvml_config, {**os.environ, **base}), workers)
+        agent.nvml_config = nvml_config
+        self.started.append(agent)
+        return agent.start() if start else agent
+
+    def stop_all(self) -> None:
+        for agent in self.started:
+            agent.stop()
+
+
+@pytest.fixture(scope="session")
+def agent_factory(tmp_path_factory, fake_nvml_dir, engine):
+    factory = AgentFactory(tmp_path_factory, fake_nvml_dir)
+    yield factory
+    factory.stop_all()
+
+
+@pytest.fixture(scope="session")
+def agent(agent_factory, test_image) -> AgentProcess:
+    """One agent of 2 workers on 8 stand-in GPUs, shared by the tests that need no special config."""
+    return agent_factory(workers=2)

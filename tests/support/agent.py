@@ -1,0 +1,101 @@
+"""The real agent under gunicorn, as production runs it, for integration tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parents[2]
+TOKEN = "test-token-0123456789abcdef"
+
+
+class AgentProcess:
+    """`gunicorn -c gunicorn.conf.py wsgi:app` on a loopback port, with its log in a file."""
+
+    def __init__(self, state_dir: Path, port: int, env: dict[str, str], workers: int = 2):
+        self.state_dir = state_dir
+        self.port = port
+        self.base_url = f"http://127.0.0.1:{port}"
+        self.log_path = state_dir / "agent.log"
+        self.env = {
+            **env,
+            "UTOPIA_AGENT_TOKEN": env.get("UTOPIA_AGENT_TOKEN", TOKEN),
+            "UTOPIA_AGENT_BIND": f"127.0.0.1:{port}",
+            "UTOPIA_AGENT_WORKERS": str(workers),
+            "UTOPIA_AGENT_STATE_DIR": str(state_dir),
+        }
+        self.token = self.env["UTOPIA_AGENT_TOKEN"]
+        self.process: subprocess.Popen | None = None
+        self.session = requests.Session()
+
+    def start(self, wait: bool = True) -> "AgentProcess":
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
+                cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        if wait:
+            self.wait_until_serving()
+        return self
+
+    def wait_until_serving(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"agent exited with {self.process.returncode}:\n{self.log()[-3000:]}")
+            try:
+                requests.get(self.base_url + "/openapi.json", timeout=1)
+                return
+            except requests.ConnectionError:
+                time.sleep(0.1)
+        raise RuntimeError(f"agent did not serve within {timeout}s:\n{self.log()[-3000:]}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int | None:
+        """Stop the master and wait for it and its workers (the whole process group)."""
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else None
+        self.process.send_signal(sig)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(10)
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.session.close()
+        return self.process.returncode
+
+    def worker_pids(self) -> list[int]:
+        out = subprocess.run(["pgrep", "-P", str(self.process.pid)], capture_output=True, text=True).stdout
+        return [int(pid) for pid in out.split()]
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def request(self, method: str, path: str, auth: bool = True, **kwargs) -> requests.Response:
+        headers = kwargs.pop("headers", {})
+        if auth:
+            headers.setdefault("Authorization", f"Bearer {self.token}")
+        kwargs.setdefault("timeout", 60)
+        return self.session.request(method, self.base_url + path, headers=headers, **kwargs)
+
+    def get(self, path: str, **kwargs) -> requests.Response:
+        return self.request("GET", path, **kwargs)
+
+    def post(self, path: str, **kwargs) -> requests.Response:
+        return self.request("POST", path, **kwargs)
+
+    def delete(self, path: str, **kwargs) -> requests.Response:
+        return self.request("DELETE", path, **kwargs)
+
+    def create(self, claim_id: str, image: str, **fields) -> requests.Response:
+        return self.post("/api/v1/containers", json={"claim_id": claim_id, "image": image, **fields})

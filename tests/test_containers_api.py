@@ -1,0 +1,258 @@
+"""The container endpoints end to end: real gunicorn, real HTTP, and what the engine really did."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+import requests
+
+from tests.support.engine import free_port
+
+pytestmark = pytest.mark.docker
+
+
+def managed_ids(docker_client, claim_id: str) -> list[str]:
+    return [c.id for c in docker_client.containers.list(all=True, filters={"label": f"utopia.claim_id={claim_id}"})]
+
+
+def wait_for_http(url: str, timeout: float = 15) -> requests.Response:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return requests.get(url, timeout=2)
+        except requests.ConnectionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def test_create_runs_the_container_as_asked(agent, docker_client, test_image, claim, tmp_path):
+    host_dir = agent.state_dir / "volumes" / "data"
+    host_dir.mkdir()
+    (host_dir / "index.html").write_text("hello from the claim\n")
+    port = free_port()
+    response = agent.create(
+        claim(),
+        test_image,
+        command=["httpd", "-f", "-p", "8080", "-h", "/srv"],
+        env_vars=["MODE=train", "EMPTY="],
+        working_dir="/srv",
+        volumes={str(host_dir): "/srv"},
+        port_mappings=[{"host_port": port, "container_port": 8080, "protocol": "tcp"}],
+    )
+    assert response.status_code == 201, response.text
+    container_id = response.json()["container_id"]
+    assert len(container_id) == 64
+    assert response.headers["Location"].endswith(container_id)
+
+    attrs = docker_client.api.inspect_container(container_id)
+    assert attrs["State"]["Running"]
+    assert attrs["Config"]["Image"] == test_image
+    assert attrs["Config"]["Cmd"] == ["httpd", "-f", "-p", "8080", "-h", "/srv"]
+    assert "MODE=train" in attrs["Config"]["Env"] and "EMPTY=" in attrs["Config"]["Env"]
+    assert attrs["Config"]["WorkingDir"] == "/srv"
+    assert attrs["Config"]["Labels"]["utopia.managed"] == "true"
+    assert attrs["Config"]["Labels"]["utopia.claim_id"] == claim()
+    assert attrs["HostConfig"]["Binds"] == [f"{host_dir}:/srv:rw"]
+    assert attrs["HostConfig"]["Privileged"] is False
+    assert wait_for_http(f"http://127.0.0.1:{port}/index.html").text == "hello from the claim\n"
+
+
+def test_container_object_has_the_contract_shape(agent, test_image, claim):
+    port = free_port()
+    created = agent.create(claim(), test_image, command=["sleep", "300"], port_mappings=[{"host_port": port, "container_port": 8888}])
+    assert created.status_code == 201, created.text
+    container_id = created.json()["container_id"]
+
+    listed = agent.get("/api/v1/containers")
+    assert listed.status_code == 200
+    [mine] = [c for c in listed.json() if c["id"] == container_id]
+    shown = agent.get(f"/api/v1/containers/{container_id}").json()
+    by_prefix = agent.get(f"/api/v1/containers/{container_id[:12]}").json()
+    for obj in (mine, shown, by_prefix):
+        assert set(obj) == {"id", "claim_id", "image", "status", "gpu_ids", "ports", "created", "started", "labels"}
+        assert obj["id"] == container_id
+        assert obj["claim_id"] == claim()
+        assert obj["image"] == test_image
+        assert obj["status"] == "running"
+        assert obj["gpu_ids"] == []
+        assert obj["ports"] == {"8888/tcp": str(port)}
+        assert isinstance(obj["created"], int) and isinstance(obj["started"], int)
+        assert abs(obj["created"] - time.time()) < 120 and obj["started"] >= obj["created"]
+        assert obj["labels"]["utopia.managed"] == "true"
+    assert mine == shown == by_prefix
+
+    filtered = agent.get("/api/v1/containers", params={"claim_id": claim()}).json()
+    assert [c["id"] for c in filtered] == [container_id]
+
+
+def test_started_is_zero_for_a_container_that_never_started(agent, docker_client, test_image, claim):
+    container = docker_client.api.create_container(
+        test_image, ["true"], name=f"utopia-{claim()}", labels={"utopia.managed": "true", "utopia.claim_id": claim()}
+    )
+    shown = agent.get(f"/api/v1/containers/{container['Id']}").json()
+    assert shown["status"] == "created" and shown["started"] == 0
+    [listed] = agent.get("/api/v1/containers", params={"claim_id": claim()}).json()
+    assert listed["started"] == 0
+
+
+def test_delete_stops_and_removes(agent, docker_client, test_image, claim):
+    container_id = agent.create(claim(), test_image, command=["sleep", "300"]).json()["container_id"]
+    response = agent.delete(f"/api/v1/containers/{container_id}")
+    assert response.status_code == 204 and response.content == b""
+    assert managed_ids(docker_client, claim()) == []
+    again = agent.delete(f"/api/v1/containers/{container_id}")
+    assert again.status_code == 404 and again.json()["message"]
+    assert agent.get(f"/api/v1/containers/{container_id}").status_code == 404
+
+
+def test_unmanaged_containers_are_invisible_and_untouched(agent, docker_client, test_image):
+    stranger = docker_client.containers.run(test_image, ["sleep", "300"], detach=True, labels={"utopia-test.run": "stranger"})
+    try:
+        assert stranger.id not in [c["id"] for c in agent.get("/api/v1/containers").json()]
+        for path in (stranger.id, stranger.id[:12]):
+            assert agent.get(f"/api/v1/containers/{path}").status_code == 404
+            response = agent.delete(f"/api/v1/containers/{path}")
+            assert response.status_code == 404 and "message" in response.json()
+        stranger.reload()
+        assert stranger.status == "running"
+    finally:
+        stranger.remove(force=True)
+
+
+@pytest.mark.parametrize("bad_id", ["nothex-nothex", "abc", "0123456789ab" * 6, "utopia-x", "..%2F..%2Fetc"])
+def test_bad_or_unknown_ids_are_404(agent, bad_id):
+    for method in ("GET", "DELETE"):
+        response = agent.request(method, f"/api/v1/containers/{bad_id}")
+        assert response.status_code == 404, (method, bad_id, response.text)
+        assert response.json()["message"]
+
+
+def test_second_create_for_a_claim_is_409_naming_the_first(agent, docker_client, test_image, claim):
+    first = agent.create(claim(), test_image, command=["sleep", "300"])
+    assert first.status_code == 201
+    port = free_port()
+    again = agent.create(claim(), "localhost:1/never/pulled:1", gpu_count=64, port_mappings=[{"host_port": port, "container_port": 80}])
+    assert again.status_code == 409, again.text
+    assert again.json()["container_id"] == first.json()["container_id"]
+    assert again.json()["error"] == "claim_exists"
+    assert managed_ids(docker_client, claim()) == [first.json()["container_id"]]
+
+
+def test_host_port_held_by_a_process_is_409(agent, docker_client, test_image, claim):
+    port = free_port()
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", port))
+        holder.listen()
+        response = agent.create(claim(), test_image, command=["sleep", "300"], port_mappings=[{"host_port": port, "container_port": 80}])
+    assert response.status_code == 409, response.text
+    assert response.json()["error"] == "port_taken"
+    assert managed_ids(docker_client, claim()) == []
+
+
+def test_host_port_held_by_another_claim_is_409(agent, docker_client, test_image, claim):
+    port = free_port()
+    mapping = [{"host_port": port, "container_port": 80}]
+    first = agent.create(claim("a"), test_image, command=["sleep", "300"], port_mappings=mapping)
+    assert first.status_code == 201
+    second = agent.create(claim("b"), test_image, command=["sleep", "300"], port_mappings=mapping)
+    assert second.status_code == 409 and second.json()["error"] == "port_taken"
+    assert managed_ids(docker_client, claim("b")) == []
+    udp = agent.create(claim("c"), test_image, command=["sleep", "300"], port_mappings=[{**mapping[0], "protocol": "udp"}])
+    assert udp.status_code == 201, "the same number over udp is another port"
+
+
+def test_start_failure_rolls_back(agent, docker_client, test_image, claim):
+    response = agent.create(claim(), test_image, command=["/no/such/binary"])
+    assert response.status_code == 400, response.text
+    assert "no/such/binary" in response.json()["message"]
+    assert managed_ids(docker_client, claim()) == []
+
+
+BAD_BODIES = [
+    ({"image": "x"}, "claim_id"),
+    ({"claim_id": "c"}, "image"),
+    ({"claim_id": "c", "image": "x", "surprise": 1}, "surprise"),
+    ({"claim_id": "c", "image": "x", "gpu_count": "2"}, "gpu_count"),
+    ({"claim_id": "c", "image": "x", "gpu_count": 1.5}, "gpu_count"),
+    ({"claim_id": "c", "image": "x", "gpu_count": True}, "gpu_count"),
+    ({"claim_id": "c", "image": "x", "gpu_count": -1}, "gpu_count"),
+    ({"claim_id": 7, "image": "x"}, "claim_id"),
+    ({"claim_id": "c", "image": "x", "command": "sleep 1"}, "command"),
+    ({"claim_id": "c", "image": "x", "env_vars": ["NOEQUALS"]}, "env_vars"),
+    ({"claim_id": "c", "image": "x", "volumes": ["/a"]}, "volumes"),
+    ({"claim_id": "c", "image": "x", "port_mappings": [{"host_port": 30001}]}, "port_mappings"),
+    ({"claim_id": "c", "image": "x", "port_mappings": [{"host_port": 30001, "container_port": 80, "protocol": "sctp"}]}, "port_mappings"),
+    ({"claim_id": "c", "image": "x", "working_dir": "relative"}, "working_dir"),
+]
+
+
+@pytest.mark.parametrize("body,field", BAD_BODIES)
+def test_invalid_bodies_are_400_with_per_field_messages(agent, docker_client, body, field):
+    before = {c.id for c in docker_client.containers.list(all=True)}
+    response = agent.post("/api/v1/containers", json=body)
+    assert response.status_code == 400, response.text
+    assert response.json()["message"]
+    assert field in response.json()["errors"]
+    assert {c.id for c in docker_client.containers.list(all=True)} == before
+
+
+@pytest.mark.parametrize("raw", [b"", b"not json", b"[1, 2]", b'"text"', b"{", b"null"])
+def test_bodies_that_are_not_a_json_object_are_400(agent, raw):
+    response = agent.post("/api/v1/containers", data=raw, headers={"Content-Type": "application/json"})
+    assert response.status_code == 400
+    assert response.json()["message"]
+
+
+def test_oversized_body_is_413(agent):
+    response = agent.post("/api/v1/containers", json={"claim_id": "c", "image": "x", "command": ["y" * 4000] * 100})
+    assert response.status_code == 413
+    assert response.json()["message"]
+
+
+@pytest.mark.parametrize(
+    "header", [None, "", "Bearer", "Bearer ", "Basic dXNlcjpwYXNz", "bearer wrong-token", "Token test-token-0123456789abcdef"]
+)
+def test_bad_tokens_are_401(agent, header):
+    headers = {} if header is None else {"Authorization": header}
+    for method, path in [("GET", "/api/v1/containers"), ("POST", "/api/v1/containers"), ("GET", "/api/v1/metrics"), ("DELETE", "/api/v1/containers/0123456789ab")]:
+        response = agent.request(method, path, auth=False, headers=dict(headers))
+        assert response.status_code == 401, (method, path)
+        assert response.headers["WWW-Authenticate"].startswith("Bearer")
+        assert response.json()["message"]
+
+
+def test_health_and_openapi_need_no_token(agent):
+    health = agent.get("/health", auth=False)
+    assert health.status_code == 200
+    assert health.json()["status"] == "healthy"
+    assert health.json()["timestamp"].endswith("Z")
+    assert agent.get("/openapi.json", auth=False).json()["openapi"].startswith("3.")
+
+
+def test_request_id_is_echoed_or_made(agent):
+    mine = agent.get("/health", headers={"X-Request-ID": "orchestrator-42"})
+    assert mine.headers["X-Request-ID"] == "orchestrator-42"
+    fresh = agent.get("/health", headers={"X-Request-ID": "x" * 129})
+    assert fresh.headers["X-Request-ID"] not in ("", "x" * 129)
+    assert "orchestrator-42" in agent.log()
+
+
+def test_unknown_routes_and_methods_are_json(agent):
+    missing = agent.get("/api/v1/nothing")
+    assert missing.status_code == 404 and missing.json()["message"]
+    wrong = agent.request("PUT", "/api/v1/containers")
+    assert wrong.status_code == 405 and wrong.json()["message"]
+
+
+def test_create_then_list_agrees_across_workers(agent, test_image, claim):
+    container_id = agent.create(claim(), test_image, command=["sleep", "300"]).json()["container_id"]
+    for _ in range(12):
+        ids = [c["id"] for c in requests.get(agent.base_url + "/api/v1/containers", headers={"Authorization": f"Bearer {agent.token}"}).json()]
+        assert container_id in ids
+    assert agent.delete(f"/api/v1/containers/{container_id}").status_code == 204
+    for _ in range(12):
+        ids = [c["id"] for c in requests.get(agent.base_url + "/api/v1/containers", headers={"Authorization": f"Bearer {agent.token}"}).json()]
+        assert container_id not in ids

@@ -1,0 +1,18 @@
+"""/api/v1: every route under it requires the bearer token."""
+
+from flask import Blueprint
+
+from ..app import services
+from ..auth import require_token
+from . import containers, metrics
+
+blueprint = Blueprint("api_v1", __name__, url_prefix="/api/v1")
+
+
+@blueprint.before_request
+def authenticate():
+    require_token(services().config.token)
+
+
+blueprint.register_blueprint(containers.blueprint)
+blueprint.register_blueprint(metrics.blueprint)

@@ -1,0 +1,144 @@
+"""GET /openapi.json: the OpenAPI 3 document, generated from the marshmallow schemas."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from apispec import APISpec
+from apispec.ext.marshmallow import MarshmallowPlugin
+from flask import Blueprint, jsonify
+
+from .. import __version__
+from ..schemas import (
+    ContainerSchema,
+    CreateContainerSchema,
+    CreatedSchema,
+    ErrorSchema,
+    HealthSchema,
+    MetricsSchema,
+)
+
+blueprint = Blueprint("openapi", __name__)
+
+_ERRORS = {
+    400: "The body is not JSON, or a field is missing, unknown, of the wrong type or out of range.",
+    401: "Missing, malformed or wrong bearer token.",
+    403: "Forbidden by node policy (volume, port range, reserved env var).",
+    404: "No managed container with that id.",
+    409: "The claim already has a container, not enough GPUs are free, or a host port is taken.",
+    413: "The body is larger than the node allows.",
+    502: "The image could not be pulled, or the engine failed.",
+    503: "The Docker engine is unreachable; retry after Retry-After seconds.",
+}
+
+
+def _error_responses(*statuses: int) -> dict:
+    return {str(s): {"description": _ERRORS[s], "content": {"application/json": {"schema": "Error"}}} for s in statuses}
+
+
+def _json(description: str, schema) -> dict:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+_CONTAINER_ID = {
+    "name": "container_id",
+    "in": "path",
+    "required": True,
+    "description": "The full container id or a unique prefix of at least 12 hex digits.",
+    "schema": {"type": "string", "pattern": "^[0-9a-f]{12,64}$"},
+}
+_CLAIM_FILTER = {
+    "name": "claim_id",
+    "in": "query",
+    "required": False,
+    "description": "Only the container of this claim.",
+    "schema": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"},
+}
+
+
+@lru_cache(maxsize=1)
+def build_spec() -> dict:
+    """The whole document; built once per process, since schemas do not change at run time."""
+    spec = APISpec(
+        title="Utopia node agent",
+        version=__version__,
+        openapi_version="3.0.3",
+        plugins=[MarshmallowPlugin()],
+        info={"description": "Starts Docker containers with exclusive GPUs for claims, and reports node metrics."},
+    )
+    spec.components.security_scheme("bearer", {"type": "http", "scheme": "bearer"})
+    for name, schema in [
+        ("CreateContainer", CreateContainerSchema),
+        ("Created", CreatedSchema),
+        ("Container", ContainerSchema),
+        ("Metrics", MetricsSchema),
+        ("Health", HealthSchema),
+        ("Error", ErrorSchema),
+    ]:
+        spec.components.schema(name, schema=schema)
+    secured = [{"bearer": []}]
+    spec.path(
+        path="/api/v1/containers",
+        operations={
+            "post": {
+                "summary": "Create and start the container of a claim",
+                "security": secured,
+                "requestBody": {"required": True, "content": {"application/json": {"schema": "CreateContainer"}}},
+                "responses": {"201": _json("Created and started.", "Created"), **_error_responses(400, 401, 403, 409, 413, 502, 503)},
+            },
+            "get": {
+                "summary": "List the managed containers",
+                "security": secured,
+                "parameters": [_CLAIM_FILTER],
+                "responses": {
+                    "200": _json("Every managed container.", {"type": "array", "items": "Container"}),
+                    **_error_responses(400, 401, 503),
+                },
+            },
+        },
+    )
+    spec.path(
+        path="/api/v1/containers/{container_id}",
+        operations={
+            "get": {
+                "summary": "Show one managed container",
+                "security": secured,
+                "parameters": [_CONTAINER_ID],
+                "responses": {"200": _json("The container.", "Container"), **_error_responses(401, 404, 503)},
+            },
+            "delete": {
+                "summary": "Stop and remove a managed container, freeing its GPUs and ports",
+                "security": secured,
+                "parameters": [_CONTAINER_ID],
+                "responses": {"204": {"description": "Removed."}, **_error_responses(401, 404, 502, 503)},
+            },
+        },
+    )
+    spec.path(
+        path="/api/v1/metrics",
+        operations={
+            "get": {
+                "summary": "Node and GPU metrics",
+                "security": secured,
+                "responses": {"200": _json("The node's figures.", "Metrics"), **_error_responses(401)},
+            }
+        },
+    )
+    spec.path(
+        path="/health",
+        operations={
+            "get": {
+                "summary": "Liveness for load balancers; no auth",
+                "responses": {
+                    "200": _json("The engine answers.", "Health"),
+                    "503": _json("The engine does not answer.", "Health"),
+                },
+            }
+        },
+    )
+    return spec.to_dict()
+
+
+@blueprint.get("/openapi.json")
+def openapi_document():
+    return jsonify(build_spec())

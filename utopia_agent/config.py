@@ -1,0 +1,165 @@
+"""Configuration from the environment: read once, checked once, refused with one clear line."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+GPU_BACKENDS = ("auto", "nvml", "fake", "none")
+LOG_FORMATS = ("json", "text")
+PROMETHEUS_AUTH_MODES = ("token", "none")
+RESTART_POLICIES = ("no", "on-failure", "unless-stopped", "always")
+
+
+class ConfigError(Exception):
+    """A configuration variable is missing or wrong; the message names it."""
+
+    def __init__(self, variable: str, problem: str):
+        super().__init__(f"{variable}: {problem}")
+        self.variable = variable
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything the agent is told by its operator, never by a caller."""
+
+    token: str
+    bind: str = "0.0.0.0:8600"
+    workers: int = 4
+    node_id: str = field(default_factory=socket.gethostname)
+    state_dir: Path = Path("/var/lib/utopia-agent")
+    gpu_backend: str = "auto"
+    fake_gpu_count: int = 8
+    volume_roots: tuple[Path, ...] = ()
+    host_port_range: tuple[int, int] = (30000, 40000)
+    pull_timeout: float = 1800.0
+    pull_idle_timeout: float = 120.0
+    engine_timeout: float = 10.0
+    stop_timeout: int = 5
+    prometheus_auth: str = "token"
+    log_format: str = "json"
+    max_body_bytes: int = 64 * 1024
+    pids_limit: int = 4096
+    log_max_size: str = "50m"
+    log_max_files: int = 3
+    restart_policy: str = "unless-stopped"
+
+    @property
+    def lock_path(self) -> Path:
+        return self.state_dir / "allocations.lock"
+
+    @property
+    def effective_volume_roots(self) -> tuple[Path, ...]:
+        return self.volume_roots or (self.state_dir / "volumes",)
+
+
+def _int(env: Mapping[str, str], name: str, default: int, low: int = 1, high: int | None = None) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(name, f"expected an integer, got {raw!r}") from None
+    if value < low or (high is not None and value > high):
+        upper = f"..{high}" if high is not None else " or more"
+        raise ConfigError(name, f"expected {low}{upper}, got {value}")
+    return value
+
+
+def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(name, f"expected a number of seconds, got {raw!r}") from None
+    if not value > 0:
+        raise ConfigError(name, f"expected a positive number of seconds, got {raw!r}")
+    return value
+
+
+def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
+    value = env.get(name) or default
+    if value not in choices:
+        raise ConfigError(name, f"expected one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def _port_range(env: Mapping[str, str], name: str) -> tuple[int, int]:
+    raw = env.get(name) or "30000-40000"
+    low, sep, high = raw.partition("-")
+    try:
+        bounds = (int(low), int(high))
+    except ValueError:
+        raise ConfigError(name, f"expected LOW-HIGH, got {raw!r}") from None
+    if not sep or not 1 <= bounds[0] <= bounds[1] <= 65535:
+        raise ConfigError(name, f"expected LOW-HIGH within 1-65535, got {raw!r}")
+    return bounds
+
+
+def _token(env: Mapping[str, str]) -> str:
+    token = env.get("UTOPIA_AGENT_TOKEN", "")
+    token_file = env.get("UTOPIA_AGENT_TOKEN_FILE", "")
+    if not token and token_file:
+        try:
+            token = Path(token_file).read_text().strip()
+        except OSError as exc:
+            raise ConfigError("UTOPIA_AGENT_TOKEN_FILE", f"cannot read {token_file}: {exc.strerror}") from None
+    if not token:
+        raise ConfigError("UTOPIA_AGENT_TOKEN", "no token set (or UTOPIA_AGENT_TOKEN_FILE); refusing to start")
+    if any(ch.isspace() or not ch.isprintable() for ch in token):
+        raise ConfigError("UTOPIA_AGENT_TOKEN", "the token must be printable with no whitespace")
+    return token
+
+
+def _volume_roots(env: Mapping[str, str]) -> tuple[Path, ...]:
+    raw = env.get("UTOPIA_AGENT_VOLUME_ROOTS", "")
+    roots = tuple(Path(part) for part in raw.split(":") if part)
+    for root in roots:
+        if not root.is_absolute():
+            raise ConfigError("UTOPIA_AGENT_VOLUME_ROOTS", f"{root} is not an absolute path")
+    return roots
+
+
+def load_config(env: Mapping[str, str] | None = None) -> Config:
+    """Build the configuration from environment variables; raise ConfigError naming the bad one."""
+    env = os.environ if env is None else env
+    state_dir = Path(env.get("UTOPIA_AGENT_STATE_DIR") or "/var/lib/utopia-agent")
+    if not state_dir.is_absolute():
+        raise ConfigError("UTOPIA_AGENT_STATE_DIR", f"{state_dir} is not an absolute path")
+    return Config(
+        token=_token(env),
+        bind=env.get("UTOPIA_AGENT_BIND") or "0.0.0.0:8600",
+        workers=_int(env, "UTOPIA_AGENT_WORKERS", 4, high=64),
+        node_id=env.get("UTOPIA_AGENT_NODE_ID") or socket.gethostname(),
+        state_dir=state_dir,
+        gpu_backend=_choice(env, "UTOPIA_AGENT_GPU_BACKEND", "auto", GPU_BACKENDS),
+        fake_gpu_count=_int(env, "UTOPIA_AGENT_FAKE_GPU_COUNT", 8, low=0, high=64),
+        volume_roots=_volume_roots(env),
+        host_port_range=_port_range(env, "UTOPIA_AGENT_HOST_PORT_RANGE"),
+        pull_timeout=_seconds(env, "UTOPIA_AGENT_PULL_TIMEOUT", 1800.0),
+        pull_idle_timeout=_seconds(env, "UTOPIA_AGENT_PULL_IDLE_TIMEOUT", 120.0),
+        engine_timeout=_seconds(env, "UTOPIA_AGENT_ENGINE_TIMEOUT", 10.0),
+        stop_timeout=_int(env, "UTOPIA_AGENT_STOP_TIMEOUT", 5, low=0, high=300),
+        prometheus_auth=_choice(env, "UTOPIA_AGENT_PROMETHEUS_AUTH", "token", PROMETHEUS_AUTH_MODES),
+        log_format=_choice(env, "UTOPIA_AGENT_LOG_FORMAT", "json", LOG_FORMATS),
+        max_body_bytes=_int(env, "UTOPIA_AGENT_MAX_BODY_BYTES", 64 * 1024, low=1024),
+        pids_limit=_int(env, "UTOPIA_AGENT_PIDS_LIMIT", 4096, low=16),
+        log_max_size=env.get("UTOPIA_AGENT_LOG_MAX_SIZE") or "50m",
+        log_max_files=_int(env, "UTOPIA_AGENT_LOG_MAX_FILES", 3, high=100),
+        restart_policy=_choice(env, "UTOPIA_AGENT_RESTART_POLICY", "unless-stopped", RESTART_POLICIES),
+    )
+
+
+def prepare_state_dir(config: Config) -> None:
+    """Create the state dir and prove it is writable, so a bad one stops the agent at start."""
+    try:
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+        config.lock_path.touch(exist_ok=True)
+    except OSError as exc:
+        raise ConfigError("UTOPIA_AGENT_STATE_DIR", f"cannot write {config.state_dir}: {exc.strerror}") from None

@@ -1,0 +1,507 @@
+"""The thin layer over the Docker engine: the only module that imports `docker`.
+
+It speaks in our own records (`ManagedContainer`) and raises our own domain errors, so
+routes never see an engine exception. Every container it creates carries labels from which
+the agent rebuilds all of its state: the engine is the source of truth.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Iterator
+
+import docker
+import requests
+import urllib3
+from docker.errors import APIError, DockerException, NotFound
+from docker.types import DeviceRequest, LogConfig
+
+from .config import Config
+from .errors import (
+    AgentError,
+    ClaimExists,
+    Conflict,
+    EngineError,
+    EngineRejected,
+    EngineUnavailable,
+    ImagePullFailed,
+    NotManaged,
+    PortTaken,
+)
+from .schemas import CONTAINER_ID_PATTERN
+
+log = logging.getLogger("utopia_agent.docker")
+
+MANAGED_LABEL = "utopia.managed"
+CLAIM_LABEL = "utopia.claim_id"
+GPU_IDS_LABEL = "utopia.gpu_ids"
+GPU_UUIDS_LABEL = "utopia.gpu_uuids"
+PORTS_LABEL = "utopia.ports"
+MANAGED_FILTER = f"{MANAGED_LABEL}=true"
+NAME_PREFIX = "utopia-"
+PULL_PROGRESS_INTERVAL = 5.0
+
+
+@dataclass(frozen=True)
+class PortMapping:
+    host_port: int
+    container_port: int
+    protocol: str = "tcp"
+
+    @property
+    def container_key(self) -> str:
+        return f"{self.container_port}/{self.protocol}"
+
+    def __str__(self) -> str:
+        return f"{self.host_port}:{self.container_key}"
+
+    @classmethod
+    def parse(cls, text: str) -> "PortMapping":
+        host, _, container = text.partition(":")
+        port, _, protocol = container.partition("/")
+        return cls(int(host), int(port), protocol or "tcp")
+
+
+@dataclass(frozen=True)
+class ContainerSpec:
+    """What a claim asked for, after validation and node policy."""
+
+    claim_id: str
+    image: str
+    gpu_ids: tuple[int, ...] = ()
+    gpu_uuids: tuple[str, ...] = ()
+    port_mappings: tuple[PortMapping, ...] = ()
+    env_vars: tuple[str, ...] = ()
+    command: tuple[str, ...] = ()
+    working_dir: str = ""
+    volumes: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return container_name(self.claim_id)
+
+    def labels(self) -> dict[str, str]:
+        return {
+            MANAGED_LABEL: "true",
+            CLAIM_LABEL: self.claim_id,
+            GPU_IDS_LABEL: ",".join(str(i) for i in self.gpu_ids),
+            GPU_UUIDS_LABEL: ",".join(self.gpu_uuids),
+            PORTS_LABEL: ",".join(str(m) for m in self.port_mappings),
+        }
+
+
+@dataclass(frozen=True)
+class ManagedContainer:
+    """A container carrying `utopia.managed=true`, in the terms of the contract."""
+
+    id: str
+    claim_id: str
+    image: str
+    status: str
+    gpu_ids: tuple[int, ...]
+    gpu_uuids: tuple[str, ...]
+    port_mappings: tuple[PortMapping, ...]
+    created: int
+    started: int
+    labels: dict[str, str]
+
+    @property
+    def ports(self) -> dict[str, str]:
+        ports: dict[str, str] = {}
+        for mapping in self.port_mappings:
+            ports.setdefault(mapping.container_key, str(mapping.host_port))
+        return ports
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "claim_id": self.claim_id,
+            "image": self.image,
+            "status": self.status,
+            "gpu_ids": list(self.gpu_ids),
+            "ports": self.ports,
+            "created": self.created,
+            "started": self.started,
+            "labels": self.labels,
+        }
+
+
+def container_name(claim_id: str) -> str:
+    """One name per claim, so the engine itself refuses a second container for it."""
+    return NAME_PREFIX + claim_id
+
+
+def _split(text: str) -> list[str]:
+    return [part for part in text.split(",") if part]
+
+
+def _gpu_ids(labels: dict[str, str]) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in _split(labels.get(GPU_IDS_LABEL, "")))
+    except ValueError:
+        return ()
+
+
+def _port_mappings(labels: dict[str, str]) -> tuple[PortMapping, ...]:
+    try:
+        return tuple(PortMapping.parse(part) for part in _split(labels.get(PORTS_LABEL, "")))
+    except ValueError:
+        return ()
+
+
+def _unix_seconds(stamp: str | None) -> int:
+    """Engine timestamps are RFC 3339 with nanoseconds; the zero time means never."""
+    if not stamp or stamp.startswith("0001-01-01"):
+        return 0
+    whole = stamp.split(".")[0].rstrip("Z")
+    return int(datetime.strptime(whole, "%Y-%m-%dT%H:%M:%S").replace(tzinfo=timezone.utc).timestamp())
+
+
+_UPTIME_UNITS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400, "week": 7 * 86400, "month": 30 * 86400, "year": 365 * 86400}
+
+
+def _uptime_upper_bound(status_text: str) -> float:
+    """The longest uptime that the engine's human status ("Up 5 minutes") allows."""
+    text = status_text.lower()
+    if not text.startswith("up "):
+        return float("inf")
+    if "less than a second" in text:
+        return 1.0
+    if "about a minute" in text:
+        return 120.0
+    if "about an hour" in text:
+        return 2 * 3600.0
+    match = re.match(r"up (\d+) (second|minute|hour|day|week|month|year)", text)
+    if not match:
+        return float("inf")
+    return (int(match.group(1)) + 1) * _UPTIME_UNITS[match.group(2)]
+
+
+class DockerManager:
+    """Creates, lists and removes managed containers; one per gunicorn worker, safe across its threads."""
+
+    def __init__(self, config: Config):
+        self._config = config
+        self._client: docker.DockerClient | None = None
+        self._client_lock = threading.Lock()
+        self._started_cache: dict[str, tuple[str, int]] = {}
+        self._cache_lock = threading.Lock()
+        self._answered_at = float("-inf")
+
+    # --- the engine connection -------------------------------------------------------
+
+    def _engine(self) -> docker.DockerClient:
+        """The client, made on first use so the agent starts (and recovers) while the engine is down."""
+        with self._client_lock:
+            if self._client is None:
+                self._client = docker.from_env(timeout=self._config.engine_timeout)
+            return self._client
+
+    def close(self) -> None:
+        with self._client_lock:
+            if self._client is not None:
+                self._client.close()
+                self._client = None
+
+    @contextmanager
+    def _engine_call(self, what: str) -> Iterator[None]:
+        """Translate engine failures into domain errors for one call, naming what was attempted."""
+        try:
+            yield
+        except AgentError:
+            raise
+        except NotFound as exc:
+            raise _EngineNotFound(str(exc.explanation or exc)) from None
+        except APIError as exc:
+            status = exc.status_code or 500
+            if status == 409:
+                raise _EngineConflict(str(exc.explanation or exc)) from None
+            if 400 <= status < 500 or exc.explanation:
+                raise _EngineRejected(str(exc.explanation or exc)) from None
+            raise EngineUnavailable(f"the Docker engine failed ({what}): HTTP {status}") from None
+        except (requests.exceptions.RequestException, DockerException, OSError) as exc:
+            reason = "timed out" if _is_timeout(exc) else "unreachable"
+            log.warning("engine %s during %s: %s", reason, what, type(exc).__name__)
+            raise EngineUnavailable(f"the Docker engine is {reason} ({what})") from None
+        self._answered_at = time.monotonic()
+
+    def answered_within(self, seconds: float) -> bool:
+        """True when an engine call succeeded in the last `seconds`: a probe can trust it."""
+        return time.monotonic() - self._answered_at <= seconds
+
+    def ping(self) -> None:
+        """Raise EngineUnavailable unless the engine answers within the engine timeout."""
+        with self._engine_call("ping"):
+            self._engine().api.ping()
+
+    # --- reading ---------------------------------------------------------------------
+
+    def list_managed(self, claim_id: str | None = None) -> list[ManagedContainer]:
+        """Every managed container in any state: one engine list call, no inspect per container."""
+        filters = {"label": [MANAGED_FILTER] + ([f"{CLAIM_LABEL}={claim_id}"] if claim_id else [])}
+        with self._engine_call("list containers"):
+            rows = self._engine().api.containers(all=True, filters=filters)
+        containers = [self._from_list_row(row) for row in rows]
+        if claim_id is None:
+            self._forget_gone({c.id for c in containers})
+        return containers
+
+    def get_managed(self, container_id: str) -> ManagedContainer:
+        """One managed container by full id or unique prefix of 12+ hex digits; 404 otherwise."""
+        if not re.match(CONTAINER_ID_PATTERN, container_id):
+            raise NotManaged(f"no managed container {container_id!r}: ids are 12 to 64 hex digits")
+        try:
+            with self._engine_call("inspect container"):
+                info = self._engine().api.inspect_container(container_id)
+        except _EngineNotFound:
+            raise NotManaged(f"no managed container {container_id!r}") from None
+        labels = info["Config"].get("Labels") or {}
+        if labels.get(MANAGED_LABEL) != "true" or not info["Id"].startswith(container_id):
+            raise NotManaged(f"no managed container {container_id!r}")
+        state = info["State"]
+        started = _unix_seconds(state.get("StartedAt"))
+        self._remember_started(info["Id"], state["Status"], started)
+        return self._record(info["Id"], labels, info["Config"]["Image"], state["Status"], _unix_seconds(info["Created"]), started)
+
+    def _from_list_row(self, row: dict[str, Any]) -> ManagedContainer:
+        labels = row.get("Labels") or {}
+        started = self._started(row["Id"], row["State"], row.get("Status", ""))
+        return self._record(row["Id"], labels, row["Image"], row["State"], int(row["Created"]), started)
+
+    @staticmethod
+    def _record(container_id: str, labels: dict[str, str], image: str, status: str, created: int, started: int) -> ManagedContainer:
+        return ManagedContainer(
+            id=container_id,
+            claim_id=labels.get(CLAIM_LABEL, ""),
+            image=image,
+            status=status,
+            gpu_ids=_gpu_ids(labels),
+            gpu_uuids=tuple(_split(labels.get(GPU_UUIDS_LABEL, ""))),
+            port_mappings=_port_mappings(labels),
+            created=created,
+            started=started,
+            labels=labels,
+        )
+
+    def _started(self, container_id: str, state: str, status_text: str) -> int:
+        """The start time, which the list call lacks: inspected once, then kept while the list agrees.
+
+        The cache entry is dropped when the state changes or when the engine's "Up N minutes"
+        is too short for the remembered start, i.e. the container restarted since.
+        """
+        with self._cache_lock:
+            cached = self._started_cache.get(container_id)
+        if cached and cached[0] == state:
+            if state != "running" or time.time() - cached[1] <= _uptime_upper_bound(status_text) + 2:
+                return cached[1]
+        try:
+            with self._engine_call("inspect container"):
+                info = self._engine().api.inspect_container(container_id)
+        except _EngineNotFound:
+            return 0
+        started = _unix_seconds(info["State"].get("StartedAt"))
+        self._remember_started(container_id, info["State"]["Status"], started)
+        return started
+
+    def _remember_started(self, container_id: str, state: str, started: int) -> None:
+        with self._cache_lock:
+            self._started_cache[container_id] = (state, started)
+
+    def _forget_gone(self, live_ids: set[str]) -> None:
+        with self._cache_lock:
+            for gone in set(self._started_cache) - live_ids:
+                del self._started_cache[gone]
+
+    # --- images ----------------------------------------------------------------------
+
+    def has_image(self, image: str) -> bool:
+        try:
+            with self._engine_call("inspect image"):
+                self._engine().api.inspect_image(image)
+            return True
+        except _EngineNotFound:
+            return False
+
+    def ensure_image(self, image: str) -> None:
+        """Pull `image` unless the engine has it, within the pull and no-progress timeouts."""
+        if not self.has_image(image):
+            self._pull(image)
+
+    def _pull(self, image: str) -> None:
+        """Pull within the overall and no-progress timeouts, logging progress and the outcome."""
+        progress = _PullProgress(image)
+        log.info("image pull started image=%s", image, extra={"image": image})
+        try:
+            self._stream_pull(image, progress)
+        except ImagePullFailed as exc:
+            log.warning("image pull failed image=%s seconds=%.1f reason=%s", image, progress.elapsed(), exc.message, extra={"image": image})
+            raise
+        log.info("image pull finished image=%s seconds=%.1f %s", image, progress.elapsed(), progress.summary(), extra={"image": image})
+
+    def _stream_pull(self, image: str, progress: "_PullProgress") -> None:
+        """The engine's pull request, with a read timeout equal to the no-progress timeout.
+
+        docker-py's `pull` sends `timeout=None` and would wait on a stalled registry forever,
+        so this sends the same request through its lower-level calls. Closing the response
+        is what makes the engine abandon the pull, so every way out of here closes it.
+        """
+        config = self._config
+        with self._engine_call("pull image"):
+            api = self._engine().api
+        repository, tag = docker.utils.parse_repository_tag(image)
+        auth_header = docker.auth.get_config_header(api, docker.auth.resolve_repository_name(repository)[0])
+        deadline = time.monotonic() + config.pull_timeout
+        response = None
+        try:
+            response = api._post(
+                api._url("/images/create"),
+                params={"fromImage": repository, "tag": tag or "latest"},
+                headers={"X-Registry-Auth": auth_header} if auth_header else {},
+                stream=True,
+                timeout=(config.engine_timeout, config.pull_idle_timeout),
+            )
+            api._raise_for_status(response)
+            for event in api._stream_helper(response, decode=True):
+                if "error" in event:
+                    raise ImagePullFailed(f"cannot pull {image}: {event['error']}", image=image)
+                progress.update(event)
+                if time.monotonic() > deadline:
+                    raise ImagePullFailed(f"cannot pull {image}: took longer than {config.pull_timeout:g} s", image=image)
+        except APIError as exc:
+            raise ImagePullFailed(f"cannot pull {image}: {exc.explanation or exc}", image=image) from None
+        except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
+            if _is_timeout(exc):
+                raise ImagePullFailed(f"cannot pull {image}: no progress for {config.pull_idle_timeout:g} s", image=image) from None
+            raise EngineUnavailable(f"the Docker engine is unreachable (pull image): {type(exc).__name__}") from None
+        finally:
+            if response is not None:
+                response.close()
+
+    # --- creating and removing -------------------------------------------------------
+
+    def create(self, spec: ContainerSpec) -> str:
+        """Create (not start) the container; its labels record the claim, GPUs and ports."""
+        config = self._config
+        api = self._engine().api
+        bindings: dict[str, list[int]] = {}
+        for mapping in spec.port_mappings:
+            bindings.setdefault(mapping.container_key, []).append(mapping.host_port)
+        host_config = api.create_host_config(
+            binds={host: {"bind": inside, "mode": "rw"} for host, inside in spec.volumes.items()},
+            port_bindings=bindings,
+            device_requests=[DeviceRequest(driver="nvidia", device_ids=list(spec.gpu_uuids), capabilities=[["gpu"]])] if spec.gpu_uuids else None,
+            privileged=False,
+            security_opt=["no-new-privileges"],
+            pids_limit=config.pids_limit,
+            log_config=LogConfig(type="json-file", config={"max-size": config.log_max_size, "max-file": str(config.log_max_files)}),
+            restart_policy={"Name": config.restart_policy} if config.restart_policy != "no" else None,
+        )
+        try:
+            with self._engine_call("create container"):
+                created = api.create_container(
+                    spec.image,
+                    command=list(spec.command) or None,
+                    environment=list(spec.env_vars),
+                    working_dir=spec.working_dir or None,
+                    labels=spec.labels(),
+                    name=spec.name,
+                    ports=[(m.container_port, m.protocol) for m in spec.port_mappings],
+                    host_config=host_config,
+                    detach=True,
+                )
+        except _EngineConflict:
+            existing = self.list_managed(claim_id=spec.claim_id)
+            raise ClaimExists.held_by(spec.claim_id, existing[0].id if existing else None) from None
+        except _EngineRejected as exc:
+            raise EngineRejected(f"the engine refused the container: {exc}") from None
+        return created["Id"]
+
+    def start(self, container_id: str) -> int:
+        """Start the container; return its start time for the listing cache."""
+        api = self._engine().api
+        try:
+            with self._engine_call("start container"):
+                api.start(container_id)
+        except (_EngineRejected, _EngineConflict) as exc:
+            reason = str(exc)
+            if "port is already allocated" in reason or "address already in use" in reason:
+                raise PortTaken(f"a host port is already taken on the node: {reason}") from None
+            raise EngineRejected(f"the container did not start: {reason}") from None
+        info = self.get_managed(container_id)
+        return info.started
+
+    def remove(self, container_id: str, grace_seconds: int | None = None) -> None:
+        """Stop within the grace period, then remove with its anonymous volumes."""
+        api = self._engine().api
+        grace = self._config.stop_timeout if grace_seconds is None else grace_seconds
+        try:
+            if grace > 0:
+                with self._engine_call("stop container"):
+                    api.stop(container_id, timeout=grace)
+            with self._engine_call("remove container"):
+                api.remove_container(container_id, v=True, force=True)
+        except _EngineNotFound:
+            pass
+        with self._cache_lock:
+            self._started_cache.pop(container_id, None)
+
+    def delete_managed(self, container_id: str) -> ManagedContainer:
+        """Remove a managed container; any other id is 404 and left alone."""
+        container = self.get_managed(container_id)
+        self.remove(container.id)
+        return container
+
+
+class _EngineNotFound(NotManaged):
+    """The engine has no such object; as an answer, the same 404 as an unmanaged id."""
+
+
+class _EngineConflict(Conflict):
+    """The engine refused with 409 (a name in use, mostly)."""
+
+
+class _EngineRejected(EngineError):
+    """The engine refused the request; create and start turn this into the caller's 400."""
+
+
+def _is_timeout(exc: BaseException) -> bool:
+    return isinstance(exc, requests.exceptions.Timeout) or "timed out" in str(exc).lower()
+
+
+class _PullProgress:
+    """Logs a pull's progress every few seconds: layers done and bytes downloaded."""
+
+    def __init__(self, image: str):
+        self._image = image
+        self._started = time.monotonic()
+        self._last_log = self._started
+        self._layers: dict[str, tuple[int, int]] = {}
+        self._done: set[str] = set()
+
+    def update(self, event: dict[str, Any]) -> None:
+        layer = event.get("id")
+        status = event.get("status", "")
+        if layer and "progressDetail" in event and event["progressDetail"].get("total"):
+            detail = event["progressDetail"]
+            if status.startswith("Downloading"):
+                self._layers[layer] = (detail.get("current", 0), detail["total"])
+        if layer and status in ("Pull complete", "Already exists", "Download complete"):
+            self._done.add(layer)
+        now = time.monotonic()
+        if now - self._last_log >= PULL_PROGRESS_INTERVAL:
+            self._last_log = now
+            log.info("image pull progress image=%s seconds=%.0f %s", self._image, self.elapsed(), self.summary())
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self._started
+
+    def summary(self) -> str:
+        current = sum(c for c, _ in self._layers.values())
+        total = sum(t for _, t in self._layers.values())
+        return f"layers_done={len(self._done)} downloaded_mb={current / 1e6:.1f} of_mb={total / 1e6:.1f}"

@@ -1,0 +1,146 @@
+"""Domain errors, and the one place where each becomes a JSON response."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import Flask, jsonify
+from werkzeug.exceptions import HTTPException
+
+log = logging.getLogger("utopia_agent.errors")
+
+
+class AgentError(Exception):
+    """Base of every error the agent answers on purpose; subclasses fix the status."""
+
+    status = 500
+    code = "internal_error"
+
+    def __init__(self, message: str, **details: Any):
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+    def body(self) -> dict[str, Any]:
+        return {"error": self.code, "message": self.message, **self.details}
+
+    def headers(self) -> dict[str, str]:
+        return {}
+
+
+class InvalidRequest(AgentError):
+    """The request does not fit the schema; `errors` holds per-field messages."""
+
+    status = 400
+    code = "invalid_request"
+
+
+class PolicyViolation(AgentError):
+    """The request is well formed but the node's policy forbids it."""
+
+    status = 403
+    code = "forbidden_by_policy"
+
+
+class Unauthorized(AgentError):
+    status = 401
+    code = "unauthorized"
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": 'Bearer realm="utopia-agent"'}
+
+
+class NotManaged(AgentError):
+    """Unknown id, or a container this agent does not manage (which it never touches)."""
+
+    status = 404
+    code = "not_found"
+
+
+class Conflict(AgentError):
+    status = 409
+    code = "conflict"
+
+
+class ClaimExists(Conflict):
+    """The claim already has a container; the body names it, so a retrying caller learns it."""
+
+    code = "claim_exists"
+
+    @classmethod
+    def held_by(cls, claim_id: str, container_id: str | None) -> "ClaimExists":
+        return cls(f"claim {claim_id} already has a container", claim_id=claim_id, container_id=container_id)
+
+
+class NoGpusFree(Conflict):
+    code = "no_gpus_free"
+
+
+class PortTaken(Conflict):
+    code = "port_taken"
+
+
+class ImagePullFailed(AgentError):
+    """The registry refused or never delivered the image; the message carries its reason."""
+
+    status = 502
+    code = "image_pull_failed"
+
+
+class ImageNotFound(ImagePullFailed):
+    status = 404
+    code = "image_not_found"
+
+
+class EngineRejected(AgentError):
+    """The engine refused the container as configured (a bad command, say)."""
+
+    status = 400
+    code = "engine_rejected"
+
+
+class EngineError(AgentError):
+    """The engine answered with a failure of its own."""
+
+    status = 502
+    code = "engine_error"
+
+
+class EngineUnavailable(AgentError):
+    """The Docker engine did not answer in time; the caller should retry later."""
+
+    status = 503
+    code = "engine_unavailable"
+    retry_after_seconds = 5
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_seconds)}
+
+
+def error_response(error: AgentError):
+    response = jsonify(error.body())
+    response.status_code = error.status
+    response.headers.update(error.headers())
+    return response
+
+
+def register_error_handlers(app: Flask) -> None:
+    """Turn domain errors, HTTP errors and surprises into JSON bodies; never a stack trace."""
+
+    @app.errorhandler(AgentError)
+    def handle_agent_error(error: AgentError):
+        return error_response(error)
+
+    @app.errorhandler(HTTPException)
+    def handle_http_error(error: HTTPException):
+        response = jsonify({"error": error.name.lower().replace(" ", "_"), "message": error.description})
+        response.status_code = error.code or 500
+        if error.code == 405 and error.valid_methods:
+            response.headers["Allow"] = ", ".join(error.valid_methods)
+        return response
+
+    @app.errorhandler(Exception)
+    def handle_unexpected(error: Exception):
+        log.exception("unhandled error: %s", type(error).__name__)
+        return error_response(AgentError("internal error; see the agent's log"))
