@@ -6,6 +6,7 @@ worker starts, with one line that names it.
 
 import logging
 import os
+import shutil
 import sys
 
 from utopia_agent.config import ConfigError, load_config, prepare_state_dir
@@ -17,6 +18,13 @@ try:
 except ConfigError as error:
     print(f"utopia-agent: configuration error: {error}", file=sys.stderr)
     sys.exit(2)
+
+# prometheus-client's multiprocess mode: every worker writes its counters here and a scrape
+# sums them. It must be set before any worker imports prometheus_client, and it starts empty.
+_metrics_dir = _agent.state_dir / "prometheus"
+shutil.rmtree(_metrics_dir, ignore_errors=True)
+_metrics_dir.mkdir(parents=True)
+os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(_metrics_dir)
 
 bind = _agent.bind
 workers = _agent.workers
@@ -44,6 +52,13 @@ def when_ready(server):
         bind, workers, source,
     )
 
+
+
+def child_exit(server, worker):
+    """Drop a dead worker's live gauges; its counters stay, so the sums never go backwards."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
 
 
 def worker_exit(server, worker):

@@ -57,9 +57,10 @@ def create_app(config: Config | None = None, gpus: GpuInventory | None = None) -
     register_error_handlers(app)
     register_request_hooks(app)
 
-    from .api import api_v1, health, openapi
+    from .api import api_v1, health, openapi, prometheus
 
     app.register_blueprint(api_v1.blueprint)
     app.register_blueprint(health.blueprint)
     app.register_blueprint(openapi.blueprint)
+    app.register_blueprint(prometheus.blueprint)
     return app

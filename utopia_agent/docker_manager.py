@@ -34,6 +34,7 @@ from .errors import (
     NotManaged,
     PortTaken,
 )
+from .prometheus import PULL_DURATION
 from .schemas import CONTAINER_ID_PATTERN
 
 log = logging.getLogger("utopia_agent.docker")
@@ -340,8 +341,10 @@ class DockerManager:
         try:
             self._stream_pull(image, progress)
         except ImagePullFailed as exc:
+            PULL_DURATION.labels("failed").observe(progress.elapsed())
             log.warning("image pull failed image=%s seconds=%.1f reason=%s", image, progress.elapsed(), exc.message, extra={"image": image})
             raise
+        PULL_DURATION.labels("ok").observe(progress.elapsed())
         log.info("image pull finished image=%s seconds=%.1f %s", image, progress.elapsed(), progress.summary(), extra={"image": image})
 
     def _stream_pull(self, image: str, progress: "_PullProgress") -> None:

@@ -9,6 +9,8 @@ import uuid
 
 from flask import Flask, g, request
 
+from .prometheus import REQUEST_DURATION
+
 log = logging.getLogger("utopia_agent.requests")
 
 REQUEST_ID_HEADER = "X-Request-ID"
@@ -30,6 +32,7 @@ def register_request_hooks(app: Flask) -> None:
         response.headers[REQUEST_ID_HEADER] = request_id
         route = request.url_rule.rule if request.url_rule else "unmatched"
         duration_ms = (time.monotonic() - g.get("started_at", time.monotonic())) * 1000
+        REQUEST_DURATION.labels(route, request.method, str(response.status_code)).observe(duration_ms / 1000)
         log.info(
             "%s %s %d %.1fms",
             request.method,

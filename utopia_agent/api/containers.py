@@ -10,6 +10,7 @@ from flask import Blueprint, g, jsonify, request, url_for
 from ..app import services
 from ..errors import AgentError, ClaimExists, InvalidRequest
 from ..policy import build_spec
+from ..prometheus import CREATES, DELETES
 from ..schemas import CLAIM_ID_PATTERN, CreateContainerSchema, load_request
 
 log = logging.getLogger("utopia_agent.containers")
@@ -19,37 +20,41 @@ _create_schema = CreateContainerSchema()
 
 @blueprint.post("")
 def create_container():
-    payload = request.get_json(force=True, silent=True)
+    try:
+        container_id = _create(request.get_json(force=True, silent=True))
+    except AgentError as error:
+        CREATES.labels(error.code).inc()
+        raise
+    CREATES.labels("created").inc()
+    response = jsonify({"container_id": container_id})
+    response.status_code = 201
+    response.headers["Location"] = url_for("api_v1.containers.get_container", container_id=container_id)
+    return response
+
+
+def _create(payload) -> str:
+    """Validate, apply policy, pull, allocate and create under the lock, then start or roll back."""
     if payload is None:
         raise InvalidRequest("the body must be JSON", errors={"_schema": ["expected a JSON object"]})
     data = load_request(_create_schema, payload)
     g.claim_id = data["claim_id"]
-    spec = build_spec(data, services().config)
     agent = services()
+    spec = build_spec(data, agent.config)
     existing = agent.docker.list_managed(claim_id=spec.claim_id)
     if existing:
         raise ClaimExists.held_by(spec.claim_id, existing[0].id)
     agent.docker.ensure_image(spec.image)
     container_id, spec = agent.allocator.create(spec, data["gpu_count"])
+    event = {"claim_id": spec.claim_id, "container_id": container_id, "gpu_ids": list(spec.gpu_ids)}
+    gpus = ",".join(map(str, spec.gpu_ids)) or "-"
     try:
         agent.docker.start(container_id)
     except AgentError as error:
-        log.warning(
-            "container rolled back claim=%s container=%s reason=%s",
-            spec.claim_id, container_id[:12], error.code,
-            extra={"claim_id": spec.claim_id, "container_id": container_id, "gpu_ids": list(spec.gpu_ids)},
-        )
+        log.warning("container rolled back claim=%s container=%s gpus=%s reason=%s", spec.claim_id, container_id[:12], gpus, error.code, extra=event)
         agent.docker.remove(container_id, grace_seconds=0)
         raise
-    log.info(
-        "container created claim=%s container=%s gpus=%s",
-        spec.claim_id, container_id[:12], ",".join(map(str, spec.gpu_ids)) or "-",
-        extra={"claim_id": spec.claim_id, "container_id": container_id, "gpu_ids": list(spec.gpu_ids)},
-    )
-    response = jsonify({"container_id": container_id})
-    response.status_code = 201
-    response.headers["Location"] = url_for("api_v1.containers.get_container", container_id=container_id)
-    return response
+    log.info("container created claim=%s container=%s gpus=%s", spec.claim_id, container_id[:12], gpus, extra=event)
+    return container_id
 
 
 @blueprint.get("")
@@ -71,6 +76,7 @@ def get_container(container_id: str):
 def delete_container(container_id: str):
     container = services().docker.delete_managed(container_id)
     g.claim_id = container.claim_id
+    DELETES.inc()
     log.info(
         "container deleted claim=%s container=%s gpus=%s",
         container.claim_id, container.id[:12], ",".join(map(str, container.gpu_ids)) or "-",

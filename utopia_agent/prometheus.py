@@ -1,0 +1,130 @@
+"""Prometheus exposition: dcgm-exporter's GPU series, node gauges and the agent's own figures.
+
+Counters and histograms are written by every gunicorn worker into prometheus-client's
+multiprocess directory (set by gunicorn.conf.py), so a scrape served by any worker adds up
+all of them. Gauges of the node and its GPUs are read when scraped, by the worker that
+serves the scrape, so they never go stale or get summed across workers.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import REGISTRY, Collector
+
+from .errors import EngineUnavailable
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+REQUEST_DURATION = Histogram(
+    "utopia_agent_http_request_duration_seconds",
+    "Time to answer an HTTP request, by route, method and status.",
+    ["route", "method", "status"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 120),
+)
+CREATES = Counter(
+    "utopia_agent_container_creates_total",
+    "Container creates by outcome: created, or the error code that refused or failed it.",
+    ["outcome"],
+)
+DELETES = Counter("utopia_agent_container_deletes_total", "Managed containers deleted through the agent.")
+PULL_DURATION = Histogram(
+    "utopia_agent_image_pull_duration_seconds",
+    "Time image pulls took, by outcome (ok or failed).",
+    ["outcome"],
+    buckets=(0.5, 1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800),
+)
+
+
+class NodeCollector(Collector):
+    """Reads the node, its GPUs and the managed containers at scrape time."""
+
+    def __init__(self, services):
+        self._services = services
+
+    def collect(self) -> Iterable:
+        agent = self._services
+        hostname = agent.config.node_id
+        try:
+            containers = agent.docker.list_managed()
+            engine_up = 1.0
+        except EngineUnavailable:
+            containers, engine_up = None, 0.0
+        yield GaugeMetricFamily("utopia_agent_engine_up", "1 when the Docker engine answered this scrape.", value=engine_up)
+
+        gpus = agent.gpus.snapshot()
+        holders: dict[int, int] = {}
+        for gpu_id in (gpu for c in containers or () for gpu in c.gpu_ids):
+            holders[gpu_id] = holders.get(gpu_id, 0) + 1
+        allocated = set(holders)
+        yield from self._dcgm_families(gpus, hostname)
+        states = GaugeMetricFamily("utopia_agent_gpus", "GPUs by state: allocated, free or unhealthy.", labels=["state"])
+        unhealthy = sum(1 for g in gpus if not g.healthy)
+        taken = sum(1 for g in gpus if g.healthy and g.index in allocated)
+        states.add_metric(["allocated"], taken)
+        states.add_metric(["free"], len(gpus) - unhealthy - taken)
+        states.add_metric(["unhealthy"], unhealthy)
+        yield states
+        yield GaugeMetricFamily(
+            "utopia_agent_gpus_allocated_twice",
+            "GPUs that more than one managed container claims (should always be 0).",
+            value=sum(1 for count in holders.values() if count > 1),
+        )
+
+        if containers is not None:
+            by_state = GaugeMetricFamily("utopia_agent_containers", "Managed containers by Docker state.", labels=["state"])
+            counts: dict[str, int] = {}
+            for container in containers:
+                counts[container.status] = counts.get(container.status, 0) + 1
+            for state in ("created", "running", "paused", "restarting", "removing", "exited", "dead"):
+                by_state.add_metric([state], counts.get(state, 0))
+            yield by_state
+
+        system = agent.system.read()
+        for key, help_text in (
+            ("cpu_usage_percent", "Node CPU busy share since the previous sample."),
+            ("memory_usage_percent", "Node memory in use."),
+            ("disk_usage_percent", "Root filesystem in use."),
+            ("load_average", "Node 1-minute load average."),
+            ("uptime", "Node uptime in seconds."),
+        ):
+            yield GaugeMetricFamily(f"utopia_agent_node_{key}", help_text, value=system[key])
+
+    @staticmethod
+    def _dcgm_families(gpus, hostname: str) -> Iterable[GaugeMetricFamily]:
+        """The gauges under dcgm-exporter's names and labels, so its dashboards work unchanged."""
+        labels = ["gpu", "UUID", "modelName", "Hostname"]
+        families = {
+            "temp": GaugeMetricFamily("DCGM_FI_DEV_GPU_TEMP", "GPU temperature (in C).", labels=labels),
+            "used": GaugeMetricFamily("DCGM_FI_DEV_FB_USED", "Framebuffer memory used (in MiB).", labels=labels),
+            "free": GaugeMetricFamily("DCGM_FI_DEV_FB_FREE", "Framebuffer memory free (in MiB).", labels=labels),
+            "util": GaugeMetricFamily("DCGM_FI_DEV_GPU_UTIL", "GPU utilization (in %).", labels=labels),
+        }
+        for gpu in gpus:
+            values = [str(gpu.index), gpu.uuid or "", gpu.name or "", hostname]
+            readings = {
+                "temp": gpu.temperature_c,
+                "used": gpu.memory_used_mb,
+                "free": None if gpu.memory_total_mb is None or gpu.memory_used_mb is None else gpu.memory_total_mb - gpu.memory_used_mb,
+                "util": gpu.usage_percent,
+            }
+            for key, value in readings.items():
+                if value is not None:
+                    families[key].add_metric(values, value)
+        return families.values()
+
+
+def exposition(services) -> bytes:
+    """The text exposition for one scrape: every worker's counters plus this scrape's gauges."""
+    registry = CollectorRegistry()
+    if os.environ.get(MULTIPROC_ENV):
+        MultiProcessCollector(registry)
+    else:
+        for collector in (REQUEST_DURATION, CREATES, DELETES, PULL_DURATION):
+            registry.register(collector)
+    registry.register(NodeCollector(services))
+    return generate_latest(registry)
