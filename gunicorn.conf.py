@@ -9,6 +9,8 @@ import os
 import shutil
 import sys
 
+from gunicorn.glogging import Logger
+
 from utopia_agent.config import ConfigError, load_config, prepare_state_dir
 from utopia_agent.logs import logging_dict
 
@@ -38,8 +40,20 @@ graceful_timeout = 90
 keepalive = 5
 # The app is loaded in each worker after the fork: NVML and the Docker client are per worker.
 preload_app = False
-# The agent logs one line per request itself, with its request id; gunicorn's access log would repeat it.
+
+
+class AgentLogger(Logger):
+    """gunicorn's logger without its access log: the agent logs each request itself, with its request id."""
+
+    def _compute_access_log_enabled(self):
+        return False
+
+    def access(self, resp, req, environ, request_time):
+        pass
+
+
 accesslog = None
+logger_class = AgentLogger
 logconfig_dict = logging_dict(_agent.log_format)
 proc_name = "utopia-agent"
 

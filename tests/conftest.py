@@ -6,6 +6,7 @@ import os
 import uuid
 from pathlib import Path
 
+import docker
 import pytest
 
 from tests.fake_nvml import DEFAULT_TEST_GPUS, build_fake_nvml, fake_nvml_env, write_fake_nvml_config
@@ -79,11 +80,12 @@ def _remove_test_containers(request):
     if "docker_client" not in request.fixturenames:
         return
     client = request.getfixturevalue("docker_client")
-    for container in client.containers.list(all=True, filters={"label": "utopia.managed=true"}):
+    for container in client.containers.list(all=True, filters={"label": "utopia.managed=true"}, ignore_removed=True):
         if container.labels.get("utopia.claim_id", "").startswith(f"t{RUN_ID}-"):
-            container.remove(force=True, v=True)
-    for container in client.containers.list(all=True, filters={"label": f"utopia-test.run={RUN_ID}"}):
-        container.remove(force=True, v=True)
+            try:
+                container.remove(force=True, v=True)
+            except docker.errors.NotFound:
+                pass
 
 
 class AgentFactory:
@@ -101,7 +103,7 @@ class AgentFactory:
         base = {
             "UTOPIA_AGENT_GPU_BACKEND": "nvml",
             "UTOPIA_AGENT_STOP_TIMEOUT": "1",
-            "UTOPIA_AGENT_HOST_PORT_RANGE": "20000-60000",
+            "UTOPIA_AGENT_HOST_PORT_RANGE": "1024-65535",
             "UTOPIA_AGENT_RESTART_POLICY": "no",
             **env,
         }

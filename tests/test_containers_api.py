@@ -247,12 +247,55 @@ def test_unknown_routes_and_methods_are_json(agent):
     assert wrong.status_code == 405 and wrong.json()["message"]
 
 
-def test_create_then_list_agrees_across_workers(agent, test_image, claim):
+def _sessions_on_every_worker(agent, count: int = 8) -> list[requests.Session]:
+    """Keep-alive sessions, each warmed with a list, so the workers behind them hold a listing."""
+    sessions = []
+    for _ in range(count):
+        session = requests.Session()
+        session.headers["Authorization"] = f"Bearer {agent.token}"
+        assert session.get(agent.base_url + "/api/v1/containers").status_code == 200
+        sessions.append(session)
+    return sessions
+
+
+def _listed_ids(session, agent) -> set[str]:
+    return {c["id"] for c in session.get(agent.base_url + "/api/v1/containers").json()}
+
+
+def test_create_and_delete_show_at_once_on_every_worker(agent_factory, test_image, claim):
+    agent = agent_factory(workers=4)
+    sessions = _sessions_on_every_worker(agent)
     container_id = agent.create(claim(), test_image, command=["sleep", "300"]).json()["container_id"]
-    for _ in range(12):
-        ids = [c["id"] for c in requests.get(agent.base_url + "/api/v1/containers", headers={"Authorization": f"Bearer {agent.token}"}).json()]
-        assert container_id in ids
+    for session in sessions:
+        assert container_id in _listed_ids(session, agent)
+        assert session.get(f"{agent.base_url}/api/v1/containers/{container_id}").status_code == 200
     assert agent.delete(f"/api/v1/containers/{container_id}").status_code == 204
-    for _ in range(12):
-        ids = [c["id"] for c in requests.get(agent.base_url + "/api/v1/containers", headers={"Authorization": f"Bearer {agent.token}"}).json()]
-        assert container_id not in ids
+    for session in sessions:
+        assert container_id not in _listed_ids(session, agent)
+        assert session.get(f"{agent.base_url}/api/v1/containers/{container_id}").status_code == 404
+
+
+def _eventually(check, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.05)
+    return check()
+
+
+def test_changes_behind_the_agents_back_reach_the_listing(agent_factory, docker_client, test_image, claim):
+    agent = agent_factory(workers=2)
+    sessions = _sessions_on_every_worker(agent, 4)
+    container_id = agent.create(claim(), test_image, command=["sleep", "1"]).json()["container_id"]
+
+    def status_everywhere(expected: str) -> bool:
+        for session in sessions:
+            [mine] = [c for c in session.get(agent.base_url + "/api/v1/containers").json() if c["id"] == container_id] or [{}]
+            if mine.get("status") != expected:
+                return False
+        return True
+
+    assert _eventually(lambda: status_everywhere("exited")), ("a container that exits on its own shows as exited", [[(c["id"][:12], c["status"]) for c in s.get(agent.base_url + "/api/v1/containers").json()] for s in sessions], docker_client.api.inspect_container(container_id)["State"]["Status"])
+    docker_client.api.remove_container(container_id, force=True)
+    assert _eventually(lambda: all(container_id not in _listed_ids(s, agent) for s in sessions)), "removed behind the agent's back"

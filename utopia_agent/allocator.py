@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
-from .docker_manager import ContainerSpec, DockerManager, ManagedContainer
+from .docker_manager import ContainerSpec, DockerManager, Holdings
 from .errors import ClaimExists, EngineUnavailable, NoGpusFree, PortTaken
 from .gpu_selection import choose_gpus
 from .gpus import GpuInventory
@@ -54,16 +54,18 @@ class NodeAllocations:
     claim_holders: dict[str, str]
 
     @classmethod
-    def from_containers(cls, containers: list[ManagedContainer]) -> "NodeAllocations":
+    def from_labels(cls, containers: list[tuple[str, dict[str, str]]]) -> "NodeAllocations":
+        """Built from each managed container's id and labels, which record everything it holds."""
         gpus: dict[int, list[str]] = {}
         ports: dict[tuple[int, str], str] = {}
         claims: dict[str, str] = {}
-        for container in containers:
-            claims[container.claim_id] = container.id
-            for gpu in container.gpu_ids:
-                gpus.setdefault(gpu, []).append(container.id)
-            for mapping in container.port_mappings:
-                ports[(mapping.host_port, mapping.protocol)] = container.id
+        for container_id, labels in containers:
+            held = Holdings.from_labels(labels)
+            claims[held.claim_id] = container_id
+            for gpu in held.gpu_ids:
+                gpus.setdefault(gpu, []).append(container_id)
+            for mapping in held.port_mappings:
+                ports[(mapping.host_port, mapping.protocol)] = container_id
         return cls({gpu: tuple(ids) for gpu, ids in gpus.items()}, ports, claims)
 
     @property
@@ -97,8 +99,13 @@ class Allocator:
         self._inventory = inventory
         self._lock_timeout = lock_timeout
 
+    def allocated_gpus(self) -> set[int]:
+        """GPUs held by managed containers, for `busy`: from the listing, served from memory when exact."""
+        return {gpu for container in self._docker.list_managed() for gpu in container.gpu_ids}
+
     def current(self) -> NodeAllocations:
-        return NodeAllocations.from_containers(self._docker.list_managed())
+        """What the engine says is allocated right now (one list call, no inspect)."""
+        return NodeAllocations.from_labels(self._docker.managed_labels())
 
     def create(self, spec: ContainerSpec, gpu_count: int) -> tuple[str, ContainerSpec]:
         """Create the claim's container with `gpu_count` free GPUs; the lock spans decide + create."""

@@ -34,6 +34,7 @@ from .errors import (
     NotManaged,
     PortTaken,
 )
+from .generation import SharedGeneration
 from .prometheus import PULL_DURATION
 from .schemas import CONTAINER_ID_PATTERN
 
@@ -47,6 +48,9 @@ PORTS_LABEL = "utopia.ports"
 MANAGED_FILTER = f"{MANAGED_LABEL}=true"
 NAME_PREFIX = "utopia-"
 PULL_PROGRESS_INTERVAL = 5.0
+# Engine events that change what the list call shows for a container.
+EVENT_SETTLE_SECONDS = 0.5
+LISTING_EVENTS = ("create", "start", "die", "destroy", "pause", "unpause", "rename", "update", "kill", "stop", "restart", "oom")
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,25 @@ class ContainerSpec:
             GPU_UUIDS_LABEL: ",".join(self.gpu_uuids),
             PORTS_LABEL: ",".join(str(m) for m in self.port_mappings),
         }
+
+
+@dataclass(frozen=True)
+class Holdings:
+    """What a managed container holds, as its labels record it: the engine is the only record."""
+
+    claim_id: str
+    gpu_ids: tuple[int, ...]
+    gpu_uuids: tuple[str, ...]
+    port_mappings: tuple[PortMapping, ...]
+
+    @classmethod
+    def from_labels(cls, labels: dict[str, str]) -> "Holdings":
+        return cls(
+            claim_id=labels.get(CLAIM_LABEL, ""),
+            gpu_ids=_gpu_ids(labels),
+            gpu_uuids=tuple(_split(labels.get(GPU_UUIDS_LABEL, ""))),
+            port_mappings=_port_mappings(labels),
+        )
 
 
 @dataclass(frozen=True)
@@ -160,8 +183,7 @@ def _unix_seconds(stamp: str | None) -> int:
     """Engine timestamps are RFC 3339 with nanoseconds; the zero time means never."""
     if not stamp or stamp.startswith("0001-01-01"):
         return 0
-    whole = stamp.split(".")[0].rstrip("Z")
-    return int(datetime.strptime(whole, "%Y-%m-%dT%H:%M:%S").replace(tzinfo=timezone.utc).timestamp())
+    return int(datetime.fromisoformat(stamp[:19]).replace(tzinfo=timezone.utc).timestamp())
 
 
 _UPTIME_UNITS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400, "week": 7 * 86400, "month": 30 * 86400, "year": 365 * 86400}
@@ -184,6 +206,55 @@ def _uptime_upper_bound(status_text: str) -> float:
     return (int(match.group(1)) + 1) * _UPTIME_UNITS[match.group(2)]
 
 
+class _Listing:
+    """The last full list of managed containers, served while nothing can have changed it.
+
+    It is valid while the engine's event stream for managed containers is connected, no
+    worker has changed a container since it was read (the shared generation), and it was
+    read at least EVENT_SETTLE_SECONDS after the last event: the engine announces some
+    changes ("die") a moment before its list call shows them.
+    """
+
+    def __init__(self, generation: SharedGeneration):
+        self._shared = generation
+        self._lock = threading.Lock()
+        self._rows: list[ManagedContainer] | None = None
+        self._generation = b""
+        self._read_at = 0.0
+        self._settled_after = float("inf")
+        self._watching = False
+
+    def rows(self) -> list[ManagedContainer] | None:
+        with self._lock:
+            if (
+                self._watching
+                and self._rows is not None
+                and self._read_at >= self._settled_after
+                and self._generation == self._shared.read()
+            ):
+                return self._rows
+        return None
+
+    def begin_refresh(self) -> tuple[bytes, float]:
+        """Call just before listing: what changes after this point makes the result stale."""
+        with self._lock:
+            return self._shared.read(), time.monotonic()
+
+    def store(self, rows: list[ManagedContainer], token: tuple[bytes, float]) -> None:
+        with self._lock:
+            self._rows = rows
+            self._generation, self._read_at = token
+
+    def invalidate(self) -> None:
+        with self._lock:
+            self._settled_after = time.monotonic() + EVENT_SETTLE_SECONDS
+
+    def set_watching(self, watching: bool) -> None:
+        with self._lock:
+            self._watching = watching
+            self._settled_after = time.monotonic() + (EVENT_SETTLE_SECONDS if watching else float("inf"))
+
+
 class DockerManager:
     """Creates, lists and removes managed containers; one per gunicorn worker, safe across its threads."""
 
@@ -194,6 +265,11 @@ class DockerManager:
         self._started_cache: dict[str, tuple[str, int]] = {}
         self._cache_lock = threading.Lock()
         self._answered_at = float("-inf")
+        self._generation = SharedGeneration(config.state_dir / "generation")
+        self._listing = _Listing(self._generation)
+        self._refresh_lock = threading.Lock()
+        self._watcher: threading.Thread | None = None
+        self._closed = threading.Event()
 
     # --- the engine connection -------------------------------------------------------
 
@@ -202,13 +278,48 @@ class DockerManager:
         with self._client_lock:
             if self._client is None:
                 self._client = docker.from_env(timeout=self._config.engine_timeout)
+                # The engine is a local socket: skip requests' proxy and .netrc look-ups on every call.
+                self._client.api.trust_env = False
             return self._client
 
     def close(self) -> None:
+        self._closed.set()
         with self._client_lock:
             if self._client is not None:
                 self._client.close()
                 self._client = None
+
+    def _cached_rows(self) -> list[ManagedContainer] | None:
+        """The listing from memory when it is still exact, starting the event watcher on first use."""
+        if self._watcher is None:
+            with self._client_lock:
+                if self._watcher is None:
+                    self._watcher = threading.Thread(target=self._watch_events, name="engine-events", daemon=True)
+                    self._watcher.start()
+        return self._listing.rows()
+
+    def _watch_events(self) -> None:
+        """Follow the engine's events for managed containers; each one makes the listing stale.
+
+        While the stream is down (engine restarting, say) the listing is not served at all.
+        """
+        while not self._closed.is_set():
+            client = stream = None
+            try:
+                client = docker.APIClient(version=self._engine().api.api_version, timeout=None, **docker.utils.kwargs_from_env())
+                stream = client.events(decode=True, filters={"type": ["container"], "label": [MANAGED_FILTER], "event": list(LISTING_EVENTS)})
+                self._listing.set_watching(True)
+                for _ in stream:
+                    self._listing.invalidate()
+            except Exception as exc:  # the engine went away; retry below
+                log.debug("engine event stream ended: %s", type(exc).__name__)
+            finally:
+                self._listing.set_watching(False)
+                if stream is not None:
+                    stream.close()
+                if client is not None:
+                    client.close()
+            self._closed.wait(1.0)
 
     @contextmanager
     def _engine_call(self, what: str) -> Iterator[None]:
@@ -241,22 +352,63 @@ class DockerManager:
         with self._engine_call("ping"):
             self._engine().api.ping()
 
+    def engine_version(self) -> str:
+        """The engine's version with its API version ("20.10.24 (API 1.41)"), for `utopia-agent check`."""
+        with self._engine_call("version"):
+            info = self._engine().api.version()
+        return f"{info.get('Version', 'unknown')} (API {info.get('ApiVersion', 'unknown')})"
+
     # --- reading ---------------------------------------------------------------------
 
-    def list_managed(self, claim_id: str | None = None) -> list[ManagedContainer]:
-        """Every managed container in any state: one engine list call, no inspect per container."""
-        filters = {"label": [MANAGED_FILTER] + ([f"{CLAIM_LABEL}={claim_id}"] if claim_id else [])}
-        with self._engine_call("list containers"):
-            rows = self._engine().api.containers(all=True, filters=filters)
-        containers = [self._from_list_row(row) for row in rows]
-        if claim_id is None:
+    def list_managed(self, claim_id: str | None = None, fresh: bool = False) -> list[ManagedContainer]:
+        """Every managed container in any state: at most one engine list call, no inspect per container.
+
+        Without `claim_id` or `fresh`, a listing that nothing can have changed since is
+        served from memory; allocation decisions pass `fresh=True` and read the engine.
+        """
+        if claim_id is not None:
+            with self._engine_call("list containers"):
+                rows = self._engine().api.containers(all=True, filters={"label": [MANAGED_FILTER, f"{CLAIM_LABEL}={claim_id}"]})
+            return [self._from_list_row(row) for row in rows]
+        if not fresh and (cached := self._cached_rows()) is not None:
+            return cached
+        with self._refresh_lock:
+            if not fresh and (cached := self._listing.rows()) is not None:
+                return cached
+            token = self._listing.begin_refresh()
+            with self._engine_call("list containers"):
+                rows = self._engine().api.containers(all=True, filters={"label": [MANAGED_FILTER]})
+            containers = [self._from_list_row(row) for row in rows]
             self._forget_gone({c.id for c in containers})
-        return containers
+            self._listing.store(containers, token)
+            return containers
+
+    def managed_labels(self) -> list[tuple[str, dict[str, str]]]:
+        """(id, labels) of every managed container, straight from the engine: what allocation decides on."""
+        with self._engine_call("list containers"):
+            rows = self._engine().api.containers(all=True, filters={"label": [MANAGED_FILTER]})
+        return [(row["Id"], row.get("Labels") or {}) for row in rows]
+
+    def find_claim(self, claim_id: str) -> str | None:
+        """The id of the claim's container, if it has one: the listing when exact, else one inspect by name."""
+        cached = self._cached_rows()
+        if cached is not None:
+            return next((c.id for c in cached if c.claim_id == claim_id), None)
+        try:
+            with self._engine_call("inspect container"):
+                info = self._engine().api.inspect_container(container_name(claim_id))
+        except _EngineNotFound:
+            return None
+        labels = info["Config"].get("Labels") or {}
+        return info["Id"] if labels.get(MANAGED_LABEL) == "true" and labels.get(CLAIM_LABEL) == claim_id else None
 
     def get_managed(self, container_id: str) -> ManagedContainer:
         """One managed container by full id or unique prefix of 12+ hex digits; 404 otherwise."""
-        if not re.match(CONTAINER_ID_PATTERN, container_id):
+        if not re.fullmatch(CONTAINER_ID_PATTERN, container_id):
             raise NotManaged(f"no managed container {container_id!r}: ids are 12 to 64 hex digits")
+        matches = [c for c in self._cached_rows() or () if c.id.startswith(container_id)]
+        if len(matches) == 1:
+            return matches[0]
         try:
             with self._engine_call("inspect container"):
                 info = self._engine().api.inspect_container(container_id)
@@ -277,14 +429,15 @@ class DockerManager:
 
     @staticmethod
     def _record(container_id: str, labels: dict[str, str], image: str, status: str, created: int, started: int) -> ManagedContainer:
+        held = Holdings.from_labels(labels)
         return ManagedContainer(
             id=container_id,
-            claim_id=labels.get(CLAIM_LABEL, ""),
+            claim_id=held.claim_id,
             image=image,
             status=status,
-            gpu_ids=_gpu_ids(labels),
-            gpu_uuids=tuple(_split(labels.get(GPU_UUIDS_LABEL, ""))),
-            port_mappings=_port_mappings(labels),
+            gpu_ids=held.gpu_ids,
+            gpu_uuids=held.gpu_uuids,
+            port_mappings=held.port_mappings,
             created=created,
             started=started,
             labels=labels,
@@ -423,21 +576,21 @@ class DockerManager:
             raise ClaimExists.held_by(spec.claim_id, existing[0].id if existing else None) from None
         except _EngineRejected as exc:
             raise EngineRejected(f"the engine refused the container: {exc}") from None
+        self._generation.bump()
         return created["Id"]
 
-    def start(self, container_id: str) -> int:
-        """Start the container; return its start time for the listing cache."""
+    def start(self, container_id: str) -> None:
+        """Start a created container; a port the engine cannot bind is PortTaken."""
         api = self._engine().api
         try:
             with self._engine_call("start container"):
                 api.start(container_id)
+            self._generation.bump()
         except (_EngineRejected, _EngineConflict) as exc:
             reason = str(exc)
             if "port is already allocated" in reason or "address already in use" in reason:
                 raise PortTaken(f"a host port is already taken on the node: {reason}") from None
             raise EngineRejected(f"the container did not start: {reason}") from None
-        info = self.get_managed(container_id)
-        return info.started
 
     def remove(self, container_id: str, grace_seconds: int | None = None) -> None:
         """Stop within the grace period, then remove with its anonymous volumes."""
@@ -449,8 +602,10 @@ class DockerManager:
                     api.stop(container_id, timeout=grace)
             with self._engine_call("remove container"):
                 api.remove_container(container_id, v=True, force=True)
-        except _EngineNotFound:
+        except (_EngineNotFound, _EngineConflict):  # gone already, or another request is removing it
             pass
+        finally:
+            self._generation.bump()
         with self._cache_lock:
             self._started_cache.pop(container_id, None)
 

@@ -40,9 +40,9 @@ def _create(payload) -> str:
     g.claim_id = data["claim_id"]
     agent = services()
     spec = build_spec(data, agent.config)
-    existing = agent.docker.list_managed(claim_id=spec.claim_id)
+    existing = agent.docker.find_claim(spec.claim_id)
     if existing:
-        raise ClaimExists.held_by(spec.claim_id, existing[0].id)
+        raise ClaimExists.held_by(spec.claim_id, existing)
     agent.docker.ensure_image(spec.image)
     container_id, spec = agent.allocator.create(spec, data["gpu_count"])
     event = {"claim_id": spec.claim_id, "container_id": container_id, "gpu_ids": list(spec.gpu_ids)}
@@ -60,7 +60,7 @@ def _create(payload) -> str:
 @blueprint.get("")
 def list_containers():
     claim_id = request.args.get("claim_id")
-    if claim_id is not None and not re.match(CLAIM_ID_PATTERN, claim_id):
+    if claim_id is not None and not re.fullmatch(CLAIM_ID_PATTERN, claim_id):
         raise InvalidRequest("claim_id is not a valid claim id", errors={"claim_id": ["invalid claim id"]})
     return jsonify([c.to_dict() for c in services().docker.list_managed(claim_id=claim_id)])
 

@@ -14,7 +14,7 @@ def node_metrics() -> dict:
     """The metrics object; answers with what it can read even while the engine is down."""
     agent = services()
     try:
-        allocated = agent.allocator.current().allocated_gpus
+        allocated = agent.allocator.allocated_gpus()
     except EngineUnavailable:
         allocated = set()
     system = agent.system.read()
