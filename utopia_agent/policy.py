@@ -6,7 +6,6 @@ Each rule raises PolicyViolation naming the field, before anything reaches the e
 from __future__ import annotations
 
 import os
-from pathlib import PurePosixPath
 from typing import Any
 
 from .config import Config
@@ -61,14 +60,23 @@ def check_volumes(volumes: dict[str, str], config: Config) -> dict[str, str]:
     resolved: dict[str, str] = {}
     targets: set[str] = set()
     for host, inside in volumes.items():
-        real = os.path.realpath(host)
+        try:
+            real = os.path.realpath(host)
+        except OSError as exc:  # a link the agent may not read (/proc/1/root): nothing proves where it leads
+            raise _field_error("volumes", f"{host} cannot be resolved ({exc.strerror})") from None
         if real == "/" or any(_within(real, p) or _within(p, real) for p in SYSTEM_PATHS):
             raise _field_error("volumes", f"{host} is a system path and cannot be mounted")
         if not any(_within(real, root) for root in roots):
             raise _field_error("volumes", f"{host} is outside the node's volume roots ({':'.join(roots)})")
-        if _within(state_dir, real) or (_within(real, state_dir) and not any(_within(real, r) and r != state_dir for r in roots)):
+        # Inside the state dir only a volume root of its own (the default STATE_DIR/volumes) may
+        # be mounted; a root above it, say `/`, does not open the lock file to callers.
+        inside_state_root = any(_within(real, r) and _within(r, state_dir) and r != state_dir for r in roots)
+        if _within(state_dir, real) or (_within(real, state_dir) and not inside_state_root):
             raise _field_error("volumes", f"{host} is the agent's state and cannot be mounted")
-        target = str(PurePosixPath(os.path.normpath(inside)))
+        if real in resolved:
+            raise _field_error("volumes", f"host path {host} is given twice")
+        # normpath keeps a leading `//`, which the engine reads as `/`: "//proc" is /proc.
+        target = os.path.normpath("/" + inside.lstrip("/"))
         if target == "/" or any(_within(target, p) for p in SHADOWED_CONTAINER_PATHS):
             raise _field_error("volumes", f"container path {inside} would shadow a system path")
         if target in targets:

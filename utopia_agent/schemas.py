@@ -2,23 +2,29 @@
 
 from __future__ import annotations
 
-import re
-
 from marshmallow import Schema, ValidationError, fields, validate, validates_schema
 
 from .errors import InvalidRequest
 
+# Every pattern is anchored and means the same in Python and in the OpenAPI document's
+# ECMA-262 dialect; `FullMatch` applies it to the whole value.
 CLAIM_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
-ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
+ENV_ENTRY_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*=[^\x00]*$"
 CONTAINER_ID_PATTERN = r"^[0-9a-f]{12,64}$"
+NO_NUL_PATTERN = r"^[^\x00]*$"
+ABSOLUTE_PATH_PATTERN = r"^/[^\x00]*$"
 # The engine's reference grammar (distribution/reference), kept to what an orchestrator sends.
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
-_REGISTRY = r"(?:(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*(?::[0-9]{1,5})?/)"
+# As there, a first component is a registry only with a dot, a port, or as `localhost`;
+# otherwise it is part of the (lowercase) repository path.
+_HOST_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+_REGISTRY = rf"(?:(?:localhost|{_HOST_LABEL}(?:\.{_HOST_LABEL})+)(?::[0-9]{{1,5}})?/|{_HOST_LABEL}:[0-9]{{1,5}}/)"
 IMAGE_PATTERN = rf"^{_REGISTRY}?{_COMPONENT}(?:/{_COMPONENT})*(?::[A-Za-z0-9_][A-Za-z0-9_.-]{{0,127}})?(?:@sha256:[a-f0-9]{{64}})?$"
 
 MAX_LIST_ITEMS = 256
 MAX_STRING = 4096
 MAX_ENV_ENTRY = 32 * 1024
+MAX_VOLUMES = 32
 
 
 class StrictInteger(fields.Integer):
@@ -33,26 +39,24 @@ class StrictInteger(fields.Integer):
         return super()._validated(value)
 
 
-def _no_nul(value: str) -> None:
-    if "\x00" in value:
-        raise ValidationError("must not contain NUL characters")
+class FullMatch(validate.Regexp):
+    """A Regexp over the whole value: Python's `$` also matches before a final newline, so
+    `re.match` would let "claim\\n" through, where the engine (and JSON Schema) would not."""
+
+    def __call__(self, value: str) -> str:
+        if self.regex.fullmatch(value) is None:
+            raise ValidationError(self._format_error(value))
+        return value
 
 
-def _absolute_path(value: str) -> None:
-    _no_nul(value)
-    if not value.startswith("/"):
-        raise ValidationError("must be an absolute path")
+_NO_NUL = FullMatch(NO_NUL_PATTERN, error="must not contain NUL characters")
+_ABSOLUTE_PATH = FullMatch(ABSOLUTE_PATH_PATTERN, error="must be an absolute path without NUL characters")
 
 
-def _env_entry(value: str) -> None:
-    _no_nul(value)
-    name, sep, _ = value.partition("=")
-    if not sep or not re.match(ENV_NAME_PATTERN, name):
-        raise ValidationError("must be KEY=VALUE with KEY made of letters, digits and _, not starting with a digit")
-
-
-def _bounded_text(max_length: int, min_length: int = 0) -> list:
-    return [validate.Length(min=min_length, max=max_length), _no_nul]
+def _at_most_volumes(value: dict) -> None:
+    """A count of entries; marshmallow's Length would be documented as a string's maxLength."""
+    if len(value) > MAX_VOLUMES:
+        raise ValidationError(f"at most {MAX_VOLUMES} volumes")
 
 
 class PortMappingSchema(Schema):
@@ -66,32 +70,40 @@ class CreateContainerSchema(Schema):
 
     claim_id = fields.String(
         required=True,
-        validate=validate.Regexp(CLAIM_ID_PATTERN, error="must be 1-63 characters of letters, digits, '_', '.', '-', starting with a letter or digit"),
+        validate=FullMatch(CLAIM_ID_PATTERN, error="must be 1-63 characters of letters, digits, '_', '.', '-', starting with a letter or digit"),
         metadata={"description": "The claim this container serves; one live container per claim."},
     )
     image = fields.String(
         required=True,
-        validate=[validate.Length(max=512), validate.Regexp(IMAGE_PATTERN, error="is not a valid image reference")],
+        validate=[validate.Length(max=512), FullMatch(IMAGE_PATTERN, error="is not a valid image reference")],
     )
     gpu_count = StrictInteger(load_default=0, validate=validate.Range(0, 64))
     port_mappings = fields.List(fields.Nested(PortMappingSchema), load_default=list, validate=validate.Length(max=64))
     env_vars = fields.List(
-        fields.String(validate=[validate.Length(max=MAX_ENV_ENTRY), _env_entry]),
+        fields.String(
+            validate=[
+                validate.Length(max=MAX_ENV_ENTRY),
+                FullMatch(ENV_ENTRY_PATTERN, error="must be KEY=VALUE with KEY made of letters, digits and _, not starting with a digit"),
+            ]
+        ),
         load_default=list,
         validate=validate.Length(max=MAX_LIST_ITEMS),
     )
     command = fields.List(
-        fields.String(validate=_bounded_text(MAX_STRING)),
+        fields.String(validate=[validate.Length(max=MAX_STRING), _NO_NUL]),
         load_default=list,
         validate=validate.Length(max=MAX_LIST_ITEMS),
     )
-    working_dir = fields.String(load_default="", validate=[validate.Length(max=MAX_STRING), lambda v: v == "" or _absolute_path(v)])
+    working_dir = fields.String(
+        load_default="",
+        validate=[validate.Length(max=MAX_STRING), FullMatch(r"^(/[^\x00]*)?$", error="must be empty or an absolute path without NUL characters")],
+    )
     volumes = fields.Dict(
-        keys=fields.String(validate=[validate.Length(min=1, max=MAX_STRING), _absolute_path]),
-        values=fields.String(validate=[validate.Length(min=1, max=MAX_STRING), _absolute_path]),
+        keys=fields.String(validate=[validate.Length(min=1, max=MAX_STRING), _ABSOLUTE_PATH]),
+        values=fields.String(validate=[validate.Length(min=1, max=MAX_STRING), _ABSOLUTE_PATH]),
         load_default=dict,
-        validate=validate.Length(max=32),
-        metadata={"description": "Host path -> container path."},
+        validate=_at_most_volumes,
+        metadata={"description": "Host path -> container path.", "maxProperties": MAX_VOLUMES},
     )
 
     @validates_schema
@@ -160,8 +172,15 @@ class ErrorSchema(Schema):
     error = fields.String(required=True, metadata={"description": "A stable machine-readable code."})
     message = fields.String(required=True)
     errors = fields.Dict(metadata={"description": "Per-field messages, for 400."})
-    container_id = fields.String(metadata={"description": "The existing container, for a claim that already has one."})
+    claim_id = fields.String(metadata={"description": "The claim, for 409 claim_exists."})
+    container_id = fields.String(
+        allow_none=True,
+        metadata={"description": "The existing container, for 409 claim_exists (null when it went away meanwhile)."},
+    )
+    requested = fields.Integer(metadata={"description": "How many GPUs were asked for, for 409 no_gpus_free."})
     free_gpus = fields.Integer(metadata={"description": "How many GPUs are free, for 409 no_gpus_free."})
+    host_port = fields.Integer(metadata={"description": "The host port that is taken, for 409 port_taken."})
+    image = fields.String(metadata={"description": "The image that could not be pulled, for 502 image_pull_failed."})
 
 
 def load_request(schema: Schema, payload) -> dict:

@@ -10,6 +10,8 @@ from flask import Blueprint, jsonify
 
 from .. import __version__
 from ..schemas import (
+    CLAIM_ID_PATTERN,
+    CONTAINER_ID_PATTERN,
     ContainerSchema,
     CreateContainerSchema,
     CreatedSchema,
@@ -45,14 +47,14 @@ _CONTAINER_ID = {
     "in": "path",
     "required": True,
     "description": "The full container id or a unique prefix of at least 12 hex digits.",
-    "schema": {"type": "string", "pattern": "^[0-9a-f]{12,64}$"},
+    "schema": {"type": "string", "pattern": CONTAINER_ID_PATTERN},
 }
 _CLAIM_FILTER = {
     "name": "claim_id",
     "in": "query",
     "required": False,
     "description": "Only the container of this claim.",
-    "schema": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"},
+    "schema": {"type": "string", "pattern": CLAIM_ID_PATTERN},
 }
 
 

@@ -1,0 +1,328 @@
+"""Node policy end to end: what a token holder may ask of the node, and nothing more.
+
+Every refusal is checked three ways: the status, a message and `errors` that name the field,
+and that the engine holds no container for the claim afterwards (by label or by name).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from utopia_agent.policy import RESERVED_ENV_NAMES
+from utopia_agent.schemas import MAX_LIST_ITEMS, MAX_STRING
+
+pytestmark = pytest.mark.docker
+
+SECRET_ENV_VALUE = "s3cret-env-value-7f1e9a"
+
+
+def made_for(docker_client, claim_id: str) -> list[str]:
+    """Every container the agent could have made for `claim_id`: its label, or its name.
+
+    One list call and no inspect per container, since other people's containers on a shared
+    engine may vanish in between.
+    """
+    return [
+        row["Names"][0].lstrip("/") for row in docker_client.api.containers(all=True)
+        if (row.get("Labels") or {}).get("utopia.claim_id") == claim_id or f"/utopia-{claim_id}" in row["Names"]
+    ]
+
+
+def assert_refused(response, status: int, field: str, docker_client, claim_id: str) -> None:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert body["message"]
+    assert field in body["errors"], body
+    assert made_for(docker_client, claim_id) == []
+
+
+@pytest.fixture(scope="module")
+def open_agent(agent_factory, test_image):
+    """An agent whose operator opened every host path (`/`): only the never-mountable rules remain."""
+    return agent_factory(workers=1, UTOPIA_AGENT_VOLUME_ROOTS="/")
+
+
+# --- volumes -------------------------------------------------------------------------
+
+
+def test_host_path_outside_the_volume_roots_is_403(agent, docker_client, test_image, claim, tmp_path):
+    response = agent.create(claim(), test_image, command=["true"], volumes={str(tmp_path): "/data"})
+    assert_refused(response, 403, "volumes", docker_client, claim())
+    assert "volume roots" in response.json()["message"]
+
+
+def test_dotdot_cannot_climb_out_of_a_volume_root(agent, docker_client, test_image, claim):
+    escape = f"{agent.state_dir}/volumes/../.."
+    response = agent.create(claim(), test_image, command=["true"], volumes={escape: "/data"})
+    assert_refused(response, 403, "volumes", docker_client, claim())
+
+
+@pytest.mark.parametrize("target", ["outside", "/etc", "state"])
+def test_symlink_inside_a_root_pointing_out_is_403(agent, docker_client, test_image, claim, tmp_path, target):
+    destination = {"outside": str(tmp_path), "/etc": "/etc", "state": str(agent.state_dir)}[target]
+    link = agent.state_dir / "volumes" / f"link-{claim()}"
+    link.symlink_to(destination)
+    try:
+        for host in (str(link), f"{link}/sub"):
+            response = agent.create(claim(), test_image, command=["true"], volumes={host: "/data"})
+            assert_refused(response, 403, "volumes", docker_client, claim())
+    finally:
+        link.unlink()
+
+
+@pytest.mark.parametrize(
+    "host",
+    ["/", "/proc", "/proc/self/root", "/sys", "/dev", "/dev/shm", "/etc", "/etc/shadow", "//etc", "/boot",
+     "/var/run/docker.sock", "/run/docker.sock", "/var/run", "/var/lib/docker", "/var/lib/docker/volumes", "/var"],
+)
+def test_system_paths_are_never_mountable_even_under_an_open_root(open_agent, docker_client, test_image, claim, host):
+    response = open_agent.create(claim(), test_image, command=["true"], volumes={host: "/data"})
+    assert_refused(response, 403, "volumes", docker_client, claim())
+    assert "system path" in response.json()["message"]
+
+
+def test_a_link_the_agent_cannot_resolve_is_403(open_agent, docker_client, test_image, claim):
+    """/proc/1/root is a link even root may not read without CAP_SYS_PTRACE: where it leads is unknown."""
+    if os.access("/proc/1/root/", os.R_OK):
+        pytest.skip("this process may read /proc/1/root")
+    response = open_agent.create(claim(), test_image, command=["true"], volumes={"/proc/1/root/etc": "/data"})
+    assert_refused(response, 403, "volumes", docker_client, claim())
+
+
+@pytest.mark.parametrize("where", ["itself", "lock file", "parent"])
+def test_the_agents_state_is_never_mountable(open_agent, docker_client, test_image, claim, where):
+    host = {"itself": open_agent.state_dir, "lock file": open_agent.state_dir / "allocations.lock", "parent": open_agent.state_dir.parent}[where]
+    response = open_agent.create(claim(), test_image, command=["true"], volumes={str(host): "/data"})
+    assert_refused(response, 403, "volumes", docker_client, claim())
+
+
+def test_the_default_state_dir_itself_is_refused_but_its_volumes_root_is_not(agent, docker_client, test_image, claim):
+    refused = agent.create(claim("a"), test_image, command=["true"], volumes={str(agent.state_dir): "/data"})
+    assert_refused(refused, 403, "volumes", docker_client, claim("a"))
+    allowed = agent.create(claim("b"), test_image, command=["sleep", "60"], volumes={str(agent.state_dir / "volumes"): "/data"})
+    assert allowed.status_code == 201, allowed.text
+
+
+@pytest.mark.parametrize("inside", ["/proc", "/proc/sys", "/sys", "/sys/fs/cgroup", "/dev", "/dev/shm", "/", "//proc", "/x/../dev"])
+def test_container_paths_may_not_shadow_system_paths(agent, docker_client, test_image, claim, inside):
+    response = agent.create(claim(), test_image, command=["true"], volumes={str(agent.state_dir / "volumes"): inside})
+    assert_refused(response, 403, "volumes", docker_client, claim())
+
+
+@pytest.mark.parametrize("inside", ["data", "./data", "", "~/data", "/data\x00"])
+def test_container_paths_must_be_absolute(agent, docker_client, test_image, claim, inside):
+    response = agent.create(claim(), test_image, command=["true"], volumes={str(agent.state_dir / "volumes"): inside})
+    assert_refused(response, 400, "volumes", docker_client, claim())
+
+
+def test_relative_host_path_is_400(agent, docker_client, test_image, claim):
+    response = agent.create(claim(), test_image, command=["true"], volumes={"volumes": "/data"})
+    assert_refused(response, 400, "volumes", docker_client, claim())
+
+
+def test_same_container_path_twice_is_403(agent, docker_client, test_image, claim):
+    first, second = agent.state_dir / "volumes" / f"{claim()}-1", agent.state_dir / "volumes" / f"{claim()}-2"
+    first.mkdir()
+    second.mkdir()
+    response = agent.create(claim(), test_image, command=["true"], volumes={str(first): "/data", str(second): "/data/"})
+    assert_refused(response, 403, "volumes", docker_client, claim())
+    assert "twice" in response.json()["message"]
+
+
+def test_same_host_path_twice_is_403(agent, docker_client, test_image, claim):
+    root = agent.state_dir / "volumes"
+    response = agent.create(claim(), test_image, command=["true"], volumes={str(root): "/a", f"{root}/": "/b"})
+    assert_refused(response, 403, "volumes", docker_client, claim())
+
+
+def test_too_many_volumes_is_400(agent, docker_client, test_image, claim):
+    volumes = {f"{agent.state_dir}/volumes/v{i}": f"/v{i}" for i in range(33)}
+    response = agent.create(claim(), test_image, command=["true"], volumes=volumes)
+    assert_refused(response, 400, "volumes", docker_client, claim())
+
+
+# --- ports ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ranged_agent(agent_factory):
+    """An agent whose host ports are 20000-30000 (the shared test agent allows nearly all)."""
+    return agent_factory(workers=1, UTOPIA_AGENT_HOST_PORT_RANGE="20000-30000")
+
+
+@pytest.mark.parametrize("host_port", [80, 19999, 30001, 65535])
+def test_host_port_outside_the_range_is_403(ranged_agent, docker_client, test_image, claim, host_port):
+    response = ranged_agent.create(claim(), test_image, command=["true"], port_mappings=[{"host_port": host_port, "container_port": 80}])
+    assert_refused(response, 403, "port_mappings", docker_client, claim())
+    assert "20000-30000" in response.json()["message"]
+
+
+@pytest.mark.parametrize(
+    "mappings",
+    [
+        [{"host_port": 31001, "container_port": 80}, {"host_port": 31001, "container_port": 81}],
+        [{"host_port": 31001, "container_port": 80, "protocol": "udp"}, {"host_port": 31001, "container_port": 81, "protocol": "udp"}],
+        [{"host_port": 31001, "container_port": 80, "protocol": "sctp"}],
+        [{"host_port": 31001, "container_port": 80, "protocol": "TCP"}],
+        [{"host_port": 31001, "container_port": 0}],
+        [{"host_port": 31001, "container_port": 65536}],
+        [{"host_port": 0, "container_port": 80}],
+        [{"host_port": 31001, "container_port": "80"}],
+        [{"host_port": 31001, "container_port": 80, "host_ip": "0.0.0.0"}],
+        [{"host_port": 31000 + i, "container_port": 80} for i in range(65)],
+    ],
+    ids=["duplicate", "duplicate-udp", "sctp", "uppercase-protocol", "container-port-0", "container-port-65536",
+         "host-port-0", "string-port", "unknown-field", "too-many"],
+)
+def test_bad_port_mappings_are_400(agent, docker_client, test_image, claim, mappings):
+    response = agent.create(claim(), test_image, command=["true"], port_mappings=mappings)
+    assert_refused(response, 400, "port_mappings", docker_client, claim())
+
+
+# --- env vars ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("entry", ["NOEQUALS", "=value", "1ABC=x", "A-B=x", "A B=x", "A.B=x", "A\n=x", "Ä=x", "A=x\x00y"])
+def test_malformed_env_vars_are_400(agent, docker_client, test_image, claim, entry):
+    response = agent.create(claim(), test_image, command=["true"], env_vars=["OK=1", entry])
+    assert_refused(response, 400, "env_vars", docker_client, claim())
+
+
+@pytest.mark.parametrize("name", sorted(RESERVED_ENV_NAMES) + ["NVIDIA_REQUIRE_CUDA", "NVIDIA_REQUIRE_ARCH"])
+def test_gpu_selecting_env_vars_are_reserved(agent, docker_client, test_image, claim, name):
+    response = agent.create(claim(), test_image, command=["true"], env_vars=[f"{name}=all"])
+    assert_refused(response, 403, "env_vars", docker_client, claim())
+    assert name in response.json()["message"]
+
+
+# --- claim id, image, command, working dir, unknown fields ---------------------------
+
+
+@pytest.mark.parametrize(
+    "make_claim",
+    [lambda c: "", lambda c: "-" + c, lambda c: "." + c, lambda c: c + "/x", lambda c: c + " x", lambda c: c + ":x",
+     lambda c: c + "\n", lambda c: c + "ä", lambda c: (c + "x" * 64)[:64], lambda c: 7],
+    ids=["empty", "leading-dash", "leading-dot", "slash", "space", "colon", "newline", "non-ascii", "64-chars", "number"],
+)
+def test_bad_claim_ids_are_400(agent, docker_client, test_image, claim, make_claim):
+    claim_id = make_claim(claim())
+    response = agent.create(claim_id, test_image, command=["true"])
+    assert_refused(response, 400, "claim_id", docker_client, str(claim_id))
+
+
+def test_a_63_character_claim_id_is_accepted(agent, docker_client, test_image, claim):
+    claim_id = (claim() + "x" * 63)[:63]
+    response = agent.create(claim_id, test_image, command=["sleep", "60"])
+    assert response.status_code == 201, response.text
+    assert made_for(docker_client, claim_id) == [f"utopia-{claim_id}"]
+
+
+@pytest.mark.parametrize(
+    "image",
+    ["", "UPPER/case", "busybox latest", "-busybox", "busybox:", "busybox:-x", "busybox@sha256:abc", "http://host/busybox",
+     "busybox\n", "busybox:latest\n", "a" * 513, "busybox:" + "t" * 129],
+)
+def test_bad_image_references_are_400(agent, docker_client, claim, image):
+    response = agent.create(claim(), image, command=["true"])
+    assert_refused(response, 400, "image", docker_client, claim())
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["x"] * (MAX_LIST_ITEMS + 1), ["sh", "-c", "y" * (MAX_STRING + 1)], ["sh\x00"], [1, 2], "sleep 1"],
+    ids=["too-many-items", "item-too-long", "nul", "not-strings", "not-a-list"],
+)
+def test_bad_commands_are_400(agent, docker_client, test_image, claim, command):
+    response = agent.create(claim(), test_image, command=command)
+    assert_refused(response, 400, "command", docker_client, claim())
+
+
+@pytest.mark.parametrize("working_dir", ["srv", "./srv", "/" + "w" * MAX_STRING, "/srv\x00", 7])
+def test_bad_working_dirs_are_400(agent, docker_client, test_image, claim, working_dir):
+    response = agent.create(claim(), test_image, command=["true"], working_dir=working_dir)
+    assert_refused(response, 400, "working_dir", docker_client, claim())
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [("privileged", True), ("network_mode", "host"), ("pid_mode", "host"), ("ipc_mode", "host"), ("cap_add", ["SYS_ADMIN"]),
+     ("devices", ["/dev/mem"]), ("security_opt", ["seccomp=unconfined"]), ("runtime", "runc"), ("user", "0"),
+     ("restart_policy", "always"), ("labels", {"utopia.managed": "false"}), ("Env", ["A=1"])],
+)
+def test_unknown_fields_are_400(agent, docker_client, test_image, claim, field, value):
+    response = agent.create(claim(), test_image, command=["true"], **{field: value})
+    assert_refused(response, 400, field, docker_client, claim())
+
+
+# --- path ids and filters ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad_id", ["0123456789ab%0A", "0123456789AB", "0123456789a", "%2E%2E"])
+def test_ids_that_are_not_12_to_64_hex_digits_are_404(agent, bad_id):
+    for method in ("GET", "DELETE"):
+        response = agent.request(method, f"/api/v1/containers/{bad_id}")
+        assert response.status_code == 404, (method, response.text)
+        assert response.json()["message"]
+
+
+@pytest.mark.parametrize("claim_filter", ["abc\n", "a/b", "", "-x"])
+def test_bad_claim_filters_are_400(agent, claim_filter):
+    response = agent.get("/api/v1/containers", params={"claim_id": claim_filter})
+    assert response.status_code == 400, response.text
+    assert "claim_id" in response.json()["errors"]
+
+
+# --- what a container is allowed ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "env,restart,pids_limit,max_size,max_file",
+    [
+        (None, "no", 4096, "50m", "3"),
+        ({"UTOPIA_AGENT_RESTART_POLICY": ""}, "unless-stopped", 4096, "50m", "3"),
+        ({"UTOPIA_AGENT_RESTART_POLICY": "on-failure", "UTOPIA_AGENT_PIDS_LIMIT": "512",
+          "UTOPIA_AGENT_LOG_MAX_SIZE": "10m", "UTOPIA_AGENT_LOG_MAX_FILES": "5"}, "on-failure", 512, "10m", "5"),
+    ],
+    ids=["test-agent", "defaults", "configured"],
+)
+def test_containers_run_unprivileged_with_limits(agent, agent_factory, docker_client, test_image, claim, env, restart, pids_limit, max_size, max_file):
+    target = agent if env is None else agent_factory(workers=1, **env)
+    response = target.create(claim(), test_image, command=["sleep", "60"])
+    assert response.status_code == 201, response.text
+    host = docker_client.api.inspect_container(response.json()["container_id"])["HostConfig"]
+    assert host["Privileged"] is False
+    assert host["NetworkMode"] not in ("host",) and not host["NetworkMode"].startswith("container:")
+    assert host["PidMode"] in ("", "private")
+    assert host["IpcMode"] not in ("host",) and not host["IpcMode"].startswith("container:")
+    assert "no-new-privileges" in (host["SecurityOpt"] or [])
+    assert not host["CapAdd"] and not host["Devices"]
+    assert host["PidsLimit"] == pids_limit
+    assert host["LogConfig"] == {"Type": "json-file", "Config": {"max-size": max_size, "max-file": max_file}}
+    assert (host["RestartPolicy"]["Name"] or "no") == restart
+
+
+# --- secrets in the log ----------------------------------------------------------------
+
+
+def test_the_log_carries_neither_the_token_nor_env_values(agent_factory, docker_client, test_image, claim):
+    quiet = agent_factory(workers=1, UTOPIA_AGENT_LOG_FORMAT="text")
+    loud = agent_factory(workers=1)
+    wrong_token = "wrong-token-" + SECRET_ENV_VALUE[::-1]
+    for target in (quiet, loud):
+        env_vars = [f"API_KEY={SECRET_ENV_VALUE}", f"PASSWORD={SECRET_ENV_VALUE}-2"]
+        suffix = os.path.basename(str(target.state_dir))
+        created = target.create(claim(suffix), test_image, command=["sleep", "60"], env_vars=env_vars)
+        assert created.status_code == 201, created.text
+        failed = target.create(claim(suffix + "-x"), test_image, command=["/no/such/binary"], env_vars=env_vars)
+        assert failed.status_code == 400, failed.text
+        reserved = target.create(claim(suffix + "-y"), test_image, env_vars=[f"CUDA_VISIBLE_DEVICES={SECRET_ENV_VALUE}"])
+        assert reserved.status_code == 403
+        for header in (f"Bearer {wrong_token}", f"Basic {wrong_token}", wrong_token):
+            assert target.get("/api/v1/containers", auth=False, headers={"Authorization": header}).status_code == 401
+        assert target.get("/api/v1/containers").status_code == 200
+        log = target.log()
+        assert "container created" in log and "/api/v1/containers" in log
+        for secret in (target.token, SECRET_ENV_VALUE, wrong_token):
+            assert secret not in log
