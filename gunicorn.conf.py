@@ -56,6 +56,8 @@ accesslog = None
 logger_class = AgentLogger
 logconfig_dict = logging_dict(_agent.log_format)
 proc_name = "utopia-agent"
+# gunicorn's control socket (gunicorn >= 25) lives with the agent's state, not in $HOME.
+control_socket = str(_agent.state_dir / "gunicorn.ctl")
 
 
 def when_ready(server):

@@ -12,11 +12,13 @@ import pytest
 from tests.fake_nvml import DEFAULT_TEST_GPUS, build_fake_nvml, fake_nvml_env, write_fake_nvml_config
 from tests.support.agent import AgentProcess
 from tests.support.engine import (
+    TEST_IMAGE,
     EngineUnavailable,
     engine_has_nvidia_driver,
     ensure_engine,
     ensure_test_image,
     free_port,
+    remove_images,
 )
 
 IN_CI = os.environ.get("CI") == "true"
@@ -30,7 +32,12 @@ def engine():
         handle = ensure_engine()
     except EngineUnavailable as exc:
         pytest.skip(f"no Docker engine: {exc}")
+    images_before = {image.id for image in handle.client.images.list(all=True)}
     yield handle
+    remove_run_containers(handle.client)
+    for image in handle.client.images.list(filters={"dangling": True}):
+        if image.id not in images_before:
+            handle.client.images.remove(image.id, force=True)
     handle.stop()
 
 
@@ -40,9 +47,13 @@ def docker_client(engine):
 
 
 @pytest.fixture(scope="session")
-def test_image(docker_client) -> str:
-    """A busybox image imported locally (sh, sleep, env, cat, httpd)."""
-    return ensure_test_image(docker_client)
+def test_image(docker_client):
+    """A busybox image imported locally (sh, sleep, env, cat, httpd); removed again if this run made it."""
+    existed = bool(docker_client.images.list(name=TEST_IMAGE))
+    yield ensure_test_image(docker_client)
+    if not existed:
+        remove_run_containers(docker_client)
+        remove_images(docker_client, [TEST_IMAGE])
 
 
 @pytest.fixture(scope="session")
@@ -73,19 +84,22 @@ class ClaimNames:
         return f"{self.prefix}-{suffix}"
 
 
-@pytest.fixture(autouse=True)
-def _remove_test_containers(request):
-    """After each test, remove every container this run created (managed by the agent or not)."""
-    yield
-    if "docker_client" not in request.fixturenames:
-        return
-    client = request.getfixturevalue("docker_client")
+def remove_run_containers(client) -> None:
+    """Remove every managed container whose claim this run made."""
     for container in client.containers.list(all=True, filters={"label": "utopia.managed=true"}, ignore_removed=True):
         if container.labels.get("utopia.claim_id", "").startswith(f"t{RUN_ID}-"):
             try:
                 container.remove(force=True, v=True)
             except docker.errors.NotFound:
                 pass
+
+
+@pytest.fixture(autouse=True)
+def _remove_test_containers(request):
+    """After each test, remove the containers it made through the agent."""
+    yield
+    if "docker_client" in request.fixturenames:
+        remove_run_containers(request.getfixturevalue("docker_client"))
 
 
 class AgentFactory:

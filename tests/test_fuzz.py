@@ -42,12 +42,18 @@ MIN_TEST_CASES = 400
 
 @schemathesis.hook
 def before_call(context, case, kwargs):
-    """Point a DELETE of anyone else's container at one that does not exist.
+    """Keep creates local and owned by this run, and DELETE away from other people's containers.
 
-    The engine is shared and the agent's list shows every managed container on it; the
-    stateful phase feeds listed ids into DELETE, which would remove other people's claims.
+    This hook runs before every call of every phase (map_body does not reach the coverage
+    phase). The engine is shared and the agent's list shows every managed container on it;
+    the stateful phase feeds listed ids into DELETE, so a DELETE of anyone else's container
+    is pointed at one that does not exist.
     """
-    if IMAGE_ENV not in os.environ or case.method.upper() != "DELETE":
+    if IMAGE_ENV not in os.environ:
+        return
+    if case.method.upper() == "POST" and isinstance(case.body, dict):
+        _own_the_create(case.body)
+    if case.method.upper() != "DELETE":
         return
     container_id = (case.path_parameters or {}).get("container_id")
     # Ids that do not fit the pattern are refused before they reach the engine.
@@ -68,16 +74,13 @@ def _someone_elses(container_id: str) -> bool:
     return not labels.get("utopia.claim_id", "").startswith(os.environ[CLAIM_PREFIX_ENV])
 
 
-@schemathesis.hook
-def map_body(context, body):
-    """Keep creates local and owned by this run, without making an invalid body valid."""
-    if not isinstance(body, dict) or IMAGE_ENV not in os.environ:
-        return body
+def _own_the_create(body: dict) -> None:
+    """Use the local image and this run's claim prefix, without making an invalid body valid."""
     if isinstance(body.get("image"), str) and re.fullmatch(IMAGE_PATTERN, body["image"]):
         body["image"] = os.environ[IMAGE_ENV]
     if isinstance(body.get("claim_id"), str) and re.fullmatch(CLAIM_ID_PATTERN, body["claim_id"]):
-        body["claim_id"] = (os.environ[CLAIM_PREFIX_ENV] + body["claim_id"])[:63]
-    return body
+        if not body["claim_id"].startswith(os.environ[CLAIM_PREFIX_ENV]):
+            body["claim_id"] = (os.environ[CLAIM_PREFIX_ENV] + body["claim_id"])[:63]
 
 
 def test_api_conforms_to_its_openapi_document(agent_factory, docker_client, test_image, claim, tmp_path):
@@ -105,7 +108,10 @@ def test_api_conforms_to_its_openapi_document(agent_factory, docker_client, test
         "--no-color",
     ]
     started = time.monotonic()
-    result = subprocess.run(command, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIME_BUDGET_SECONDS + 120)
+    try:
+        result = subprocess.run(command, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIME_BUDGET_SECONDS + 120)
+    finally:
+        _remove_created_by(fuzz_agent, docker_client)
     elapsed = time.monotonic() - started
     output = result.stdout + result.stderr
     failures = output[output.find("FAILURES"):] if "FAILURES" in output else output
@@ -118,3 +124,17 @@ def test_api_conforms_to_its_openapi_document(agent_factory, docker_client, test
     assert generated >= MIN_TEST_CASES
     strangers_deleted = [line for line in fuzz_agent.log().splitlines() if "container deleted" in line and f"claim={claim('')}" not in line]
     assert strangers_deleted == []
+
+
+def _remove_created_by(agent, docker_client) -> None:
+    """Remove every container the agent logged as created, whatever claim id a phase gave it."""
+    for line in agent.log().splitlines():
+        if not line.startswith("{"):
+            continue
+        event = json.loads(line)
+        if event.get("message", "").startswith("container created"):
+            try:
+                docker_client.api.remove_container(event["container_id"], force=True, v=True)
+            except docker.errors.NotFound:
+                pass
+

@@ -8,6 +8,8 @@ import time
 import pytest
 import requests
 
+from tests.conftest import remove_run_containers
+from tests.support.scrape import sample, scrape
 from tests.support.engine import Registry, SlowRegistry, free_port, make_unique_image, remove_images
 
 pytestmark = pytest.mark.docker
@@ -26,6 +28,7 @@ def pushed_image(registry, docker_client, test_image, request):
     ref = registry.push(docker_client, source, f"t/pull-{time.monotonic_ns()}:1")
     remove_images(docker_client, [source])
     yield ref
+    remove_run_containers(docker_client)
     remove_images(docker_client, [ref])
 
 
@@ -38,6 +41,7 @@ def test_missing_image_is_pulled_then_run(agent, docker_client, pushed_image, cl
     assert response.status_code == 201, response.text
     assert docker_client.images.get(pushed_image)
     assert f"image pull finished image={pushed_image}" in agent.log()
+    assert sample(scrape(agent), "utopia_agent_image_pull_duration_seconds_count", outcome="ok") >= 1
 
 
 def test_unknown_image_is_502_with_the_registry_reason(agent, docker_client, registry, claim):

@@ -2,28 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import requests
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.fake_nvml import DEFAULT_TEST_GPUS
+from tests.support.scrape import sample, scrape
 
 pytestmark = pytest.mark.docker
-
-
-def scrape(agent, auth: bool = True) -> dict[str, list]:
-    response = agent.get("/metrics", auth=auth)
-    assert response.status_code == 200, response.text
-    assert response.headers["Content-Type"].startswith("text/plain")
-    return {family.name: family.samples for family in text_string_to_metric_families(response.text)}
-
-
-def sample(families, name: str, **labels) -> float:
-    family = name.removesuffix("_total").removesuffix("_count").removesuffix("_sum")
-    for s in families[family]:
-        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-            return s.value
-    raise KeyError((name, labels))
 
 
 def test_gpu_series_use_dcgm_exporter_names_and_labels(agent):
@@ -79,3 +66,28 @@ def test_scrape_needs_the_token_unless_configured_otherwise(agent, agent_factory
     assert agent.get("/metrics", headers={"Authorization": "Bearer wrong"}, auth=False).status_code == 401
     open_agent = agent_factory(workers=1, UTOPIA_AGENT_PROMETHEUS_AUTH="none")
     assert "DCGM_FI_DEV_GPU_TEMP" in scrape(open_agent, auth=False)
+
+
+def test_container_events_and_pulls_are_logged_and_counted(agent, docker_client, test_image, claim):
+    """Every container created, rolled back and deleted is one log line naming its claim and GPUs."""
+    created = agent.create(claim("ok"), test_image, gpu_count=1, command=["sleep", "300"])
+    assert created.status_code == 201
+    container_id = created.json()["container_id"]
+    gpu = agent.get(f"/api/v1/containers/{container_id}").json()["gpu_ids"][0]
+    assert agent.delete(f"/api/v1/containers/{container_id}").status_code == 204
+    assert agent.create(claim("bad"), test_image, command=["/no/such/binary"]).status_code == 400
+    lines = [json.loads(line) for line in agent.log().splitlines() if line.startswith("{")]
+    events = {(e["message"].split(" claim=")[0], e.get("claim_id")): e for e in lines if (e.get("claim_id") or "").startswith(claim(""))}
+    assert events[("container created", claim("ok"))]["gpu_ids"] == [gpu]
+    assert events[("container deleted", claim("ok"))]["container_id"] == container_id
+    assert "rolled back" in events[("container rolled back", claim("bad"))]["message"]
+    families = scrape(agent)
+    assert sample(families, "utopia_agent_container_deletes_total") >= 1
+    assert sample(families, "utopia_agent_container_creates_total", outcome="engine_rejected") >= 1
+
+
+def test_engine_outage_shows_in_the_scrape(agent_factory, tmp_path):
+    down = agent_factory(workers=1, DOCKER_HOST=f"unix://{tmp_path}/no-engine.sock", UTOPIA_AGENT_ENGINE_TIMEOUT="2")
+    families = scrape(down)
+    assert sample(families, "utopia_agent_engine_up") == 0
+    assert len(families["DCGM_FI_DEV_GPU_TEMP"]) == 6, "GPU figures still come without the engine"
