@@ -1,0 +1,731 @@
+"""The agent against the engine's own calls, side by side, in one run (`make bench`).
+
+Starts the agent as production does (gunicorn from gunicorn.conf.py, 4 workers) on the
+stand-in NVML with 8 GPUs and the real engine, puts managed containers on the node, and
+times each endpoint interleaved with the engine call it wraps (A, B, A, B, ...), so both
+see the same machine noise. Prints a markdown table and the machine it ran on, and writes
+the figures as JSON. It asserts nothing: a missed target is reported, not raised.
+Every container it makes carries a claim id with a prefix unique to the run and is
+removed at the end, also on Ctrl-C or failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import psutil
+import requests
+from docker.types import DeviceRequest, LogConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.fake_nvml import build_fake_nvml, fake_gpus, fake_nvml_env, write_fake_nvml_config  # noqa: E402
+from tests.support.agent import AgentProcess  # noqa: E402
+from tests.support.engine import (  # noqa: E402
+    Registry,
+    SlowRegistry,
+    ensure_engine,
+    ensure_test_image,
+    free_port,
+    make_unique_image,
+    remove_images,
+)
+from utopia_agent.config import Config  # noqa: E402
+
+MANAGED_FILTER = {"label": "utopia.managed=true"}
+WORKERS = 4
+GPUS = 8
+SLEEP = ["sleep", "3600"]
+SCALING_TOLERANCE = 1.25  # "the ratio does not grow": ratio at N claims <= this x the ratio at the fewest
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How much of everything one run does; --quick shrinks it to a smoke run."""
+
+    claims: tuple[int, int, int]  # list scaling points; the middle one is the main figure's claim count
+    samples: int  # list, inspect, metrics rounds
+    scaling_samples: int  # rounds at the largest claim count
+    create_samples: int  # create/delete rounds
+    health_samples: int  # /health at rest
+    pulls: int
+    pull_payload_kib: int
+    pull_kib_per_s: int
+    pull_window_s: float
+    cpu_seconds: float
+
+
+FULL = Plan(claims=(10, 100, 500), samples=200, scaling_samples=60, create_samples=30, health_samples=400,
+            pulls=8, pull_payload_kib=4096, pull_kib_per_s=256, pull_window_s=10.0, cpu_seconds=60.0)
+QUICK = Plan(claims=(5, 20, 40), samples=20, scaling_samples=10, create_samples=3, health_samples=60,
+             pulls=8, pull_payload_kib=1024, pull_kib_per_s=128, pull_window_s=3.0, cpu_seconds=5.0)
+
+
+class ReleasableSlowRegistry(SlowRegistry):
+    """SlowRegistry that can let its transfers go at full speed while it keeps serving.
+
+    SlowRegistry.stop() releases and closes at once; a pull still waiting for the engine's
+    download slot (max-concurrent-downloads is daemon-wide) would then meet a refused
+    connection and retry for minutes.
+    """
+
+    def release(self) -> None:
+        self._released.set()
+
+
+class ForeignEvents:
+    """Counts engine events of managed containers that are not this run's (other agents or test suites).
+
+    Each one invalidates the agent's cached listing, so the count says how much the figures
+    were disturbed by others sharing the engine.
+    """
+
+    def __init__(self, api, prefix: str):
+        self.count = 0
+        self._prefix = prefix
+        self._stream = api.events(decode=True, filters={"type": ["container"], "label": [MANAGED_FILTER["label"]]})
+        self._thread = threading.Thread(target=self._follow, name="foreign-events", daemon=True)
+        self._thread.start()
+
+    def _follow(self) -> None:
+        try:
+            for event in self._stream:
+                claim = event.get("Actor", {}).get("Attributes", {}).get("utopia.claim_id", "")
+                if not claim.startswith(self._prefix):
+                    self.count += 1
+        except Exception:  # the stream is closed at the end of the run
+            pass
+
+    def close(self) -> None:
+        self._stream.close()
+
+
+class BenchError(RuntimeError):
+    """A call the benchmark depends on did not do what it must; the run stops and cleans up."""
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile with linear interpolation (numpy's default)."""
+    ordered = sorted(values)
+    k = (len(ordered) - 1) * q / 100
+    low = math.floor(k)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (k - low)
+
+
+def summary(samples_ms: list[float]) -> dict[str, float]:
+    return {
+        "n": len(samples_ms),
+        "median_ms": round(statistics.median(samples_ms), 3),
+        "p95_ms": round(percentile(samples_ms, 95), 3),
+        "p99_ms": round(percentile(samples_ms, 99), 3),
+        "min_ms": round(min(samples_ms), 3),
+        "max_ms": round(max(samples_ms), 3),
+    }
+
+
+def timed(call: Callable[[], object]) -> float:
+    """Milliseconds one call takes."""
+    start = time.perf_counter()
+    call()
+    return (time.perf_counter() - start) * 1000
+
+
+def interleave(calls: dict[str, Callable[[], object]], samples: int, warmup: int = 10) -> dict[str, list[float]]:
+    """Time each call once per round, rotating which goes first, after a few untimed rounds."""
+    names = list(calls)
+    for _ in range(warmup):
+        for name in names:
+            calls[name]()
+    timings: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(samples):
+        shift = i % len(names)
+        for name in names[shift:] + names[:shift]:
+            timings[name].append(timed(calls[name]))
+    return timings
+
+
+@dataclass
+class Figure:
+    """One row of the table; `agent`/`baseline` are latency summaries, `value` any other measure."""
+
+    figure: str
+    target: str
+    agent: dict | None = None
+    baseline: dict | None = None
+    ratio: float | None = None
+    met: bool | None = None
+    value: str | None = None
+    tail: str = "p95"
+    note: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def seen_note(claims: int, timings: dict, note: str) -> str:
+    """The note, saying so when others' managed containers were on the engine too."""
+    if timings["seen"] == claims:
+        return note
+    return "; ".join(filter(None, [note, f"{timings['seen']} managed containers listed ({timings['seen'] - claims} not this run's)"]))
+
+
+def compare(name: str, agent: list[float], baseline: list[float], limit: float | None, note: str = "") -> Figure:
+    """A latency figure judged on the ratio of medians (the p95 ratio goes to the JSON)."""
+    a, b = summary(agent), summary(baseline)
+    ratio = a["median_ms"] / b["median_ms"]
+    return Figure(
+        figure=name, target=f"≤ {limit:g}×" if limit else "—", agent=a, baseline=b, ratio=round(ratio, 3),
+        met=ratio <= limit if limit else None, note=note,
+        extra={"p95_ratio": round(a["p95_ms"] / b["p95_ms"], 3), "limit": limit},
+    )
+
+
+# --------------------------------------------------------------------------- the agent over HTTP
+
+
+def expect(response: requests.Response, status: int) -> requests.Response:
+    if response.status_code != status:
+        raise BenchError(f"{response.request.method} {response.request.path_url} answered "
+                         f"{response.status_code}, expected {status}: {response.text[:300]}")
+    return response
+
+
+class AgentClient:
+    """The agent over HTTP: a keep-alive session (one worker) or a fresh connection per call (any worker)."""
+
+    def __init__(self, agent: AgentProcess):
+        self.base_url = agent.base_url
+        self.auth = {"Authorization": f"Bearer {agent.token}"}
+        self.session = requests.Session()
+
+    def get(self, path: str, fresh: bool = False) -> requests.Response:
+        if fresh:
+            return expect(requests.get(self.base_url + path, headers={**self.auth, "Connection": "close"}, timeout=60), 200)
+        return expect(self.session.get(self.base_url + path, headers=self.auth, timeout=60), 200)
+
+    def create(self, claim_id: str, image: str, gpu_count: int, session: requests.Session | None = None) -> str:
+        body = {"claim_id": claim_id, "image": image, "command": SLEEP, "gpu_count": gpu_count}
+        response = (session or self.session).post(self.base_url + "/api/v1/containers", json=body, headers=self.auth, timeout=300)
+        return expect(response, 201).json()["container_id"]
+
+    def delete(self, container_id: str) -> None:
+        expect(self.session.delete(f"{self.base_url}/api/v1/containers/{container_id}", headers=self.auth, timeout=60), 204)
+
+    def warm_all_workers(self, path: str, rounds: int = 8 * WORKERS) -> None:
+        """Fresh connections land on any worker: enough of them fill every worker's caches."""
+        for _ in range(rounds):
+            self.get(path, fresh=True)
+        for _ in range(5):
+            self.get(path)
+
+
+# --------------------------------------------------------------------------- the run
+
+
+class Bench:
+    """The engine, the agent and what the run put on the node; `close()` removes all of it."""
+
+    def __init__(self, plan: Plan, stop_timeout: int):
+        self.plan = plan
+        self.stop_timeout = stop_timeout
+        self.run_id = uuid.uuid4().hex[:6]
+        self.prefix = f"bench{self.run_id}"
+        self.engine = ensure_engine()
+        self.client = self.engine.client
+        self.api = self.client.api
+        self.image = ensure_test_image(self.client)
+        self.defaults = Config(token="-")
+        self.tmp = Path(tempfile.mkdtemp(prefix="utopia-bench-"))
+        self.gpus = fake_gpus(GPUS)
+        self.agent: AgentProcess | None = None
+        self.http: AgentClient | None = None
+        self.registry: Registry | None = None
+        self.slow: SlowRegistry | None = None
+        self.images: list[str] = []
+        self.figures: list[Figure] = []
+        self.foreign = ForeignEvents(self.api, self.prefix)
+        self._created = 0
+        self._foreign_seen = 0
+
+    # --- setup and teardown ------------------------------------------------------------
+
+    def start_agent(self) -> None:
+        """gunicorn -c gunicorn.conf.py wsgi:app with 4 workers on the stand-in NVML (8 healthy GPUs)."""
+        nvml_dir = build_fake_nvml(self.tmp / "nvml")
+        state = self.tmp / "agent"
+        state.mkdir()
+        nvml_config = write_fake_nvml_config(state / "nvml.conf", self.gpus)
+        env = {
+            **os.environ,
+            "UTOPIA_AGENT_GPU_BACKEND": "nvml",
+            "UTOPIA_AGENT_STOP_TIMEOUT": str(self.stop_timeout),
+        }
+        self.agent = AgentProcess(state, free_port(), fake_nvml_env(nvml_dir, nvml_config, env), workers=WORKERS)
+        self.agent.start()
+        self.http = AgentClient(self.agent)
+
+    def close(self) -> None:
+        """Release pulls, stop the agent and registries, remove this run's containers and images."""
+        if self.slow is not None:
+            self.slow.stop()
+        if self.agent is not None:
+            self.agent.stop()
+        if self.registry is not None:
+            self.registry.stop()
+        mine = [c["Id"] for c in self.api.containers(all=True, filters=MANAGED_FILTER)
+                if (c.get("Labels") or {}).get("utopia.claim_id", "").startswith(self.prefix)]
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(lambda cid: self.api.remove_container(cid, v=True, force=True), mine))
+        remove_images(self.client, self.images)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.foreign.close()
+        self.engine.stop()
+
+    # --- containers --------------------------------------------------------------------
+
+    def claim(self, kind: str) -> str:
+        self._created += 1
+        return f"{self.prefix}-{kind}{self._created:04d}"
+
+    def add_running_claims(self, count: int) -> None:
+        """Running claims made through the agent (4 at a time), as an orchestrator would."""
+        def create(_):
+            with requests.Session() as session:
+                return self.http.create(self.claim("r"), self.image, 0, session)
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(create, range(count)))
+
+    def add_created_claims(self, count: int) -> None:
+        """Managed containers made directly with the SDK and never started (cheap, so 500 fit)."""
+        def create(_):
+            claim = self.claim("s")
+            labels = {"utopia.managed": "true", "utopia.claim_id": claim}
+            self.api.create_container(self.image, SLEEP, labels=labels, name=f"utopia-{claim}")
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(create, range(count)))
+
+    def raw_host_config(self, gpu_uuid: str) -> dict:
+        """The host config the agent gives a container, built the same way from the same defaults."""
+        d = self.defaults
+        return self.api.create_host_config(
+            binds={}, port_bindings={},
+            device_requests=[DeviceRequest(driver="nvidia", device_ids=[gpu_uuid], capabilities=[["gpu"]])],
+            privileged=False, security_opt=["no-new-privileges"], pids_limit=d.pids_limit,
+            log_config=LogConfig(type="json-file", config={"max-size": d.log_max_size, "max-file": str(d.log_max_files)}),
+            restart_policy={"Name": d.restart_policy} if d.restart_policy != "no" else None,
+        )
+
+    def raw_create_start(self, gpu_index: int) -> str:
+        """What POST does, minus the agent: one create (same labels and config) and one start."""
+        claim = self.claim("b")
+        gpu = self.gpus[gpu_index]
+        labels = {"utopia.managed": "true", "utopia.claim_id": claim, "utopia.gpu_ids": str(gpu_index),
+                  "utopia.gpu_uuids": gpu.uuid, "utopia.ports": ""}
+        created = self.api.create_container(
+            self.image, command=SLEEP, environment=[], labels=labels, name=f"utopia-{claim}", ports=[],
+            host_config=self.raw_host_config(gpu.uuid), detach=True,
+        )
+        self.api.start(created["Id"])
+        return created["Id"]
+
+    def raw_stop_remove(self, container_id: str) -> None:
+        self.api.stop(container_id, timeout=self.stop_timeout)
+        self.api.remove_container(container_id, v=True, force=True)
+
+    # --- figures -----------------------------------------------------------------------
+
+    def add(self, figure: Figure) -> None:
+        """Keep a figure, with how many foreign managed-container events happened since the previous one."""
+        figure.extra["foreign_events"] = self.foreign.count - self._foreign_seen
+        self._foreign_seen = self.foreign.count
+        self.figures.append(figure)
+
+    def engine_list(self) -> list:
+        return self.api.containers(all=True, filters=MANAGED_FILTER)
+
+    def measure_list(self, samples: int, fresh: bool = False) -> tuple[list[float], list[float]]:
+        """Interleaved agent list vs engine list; checks that both see the same containers."""
+        self.http.warm_all_workers("/api/v1/containers")
+        seen_agent = len(self.http.get("/api/v1/containers").json())
+        seen_engine = len(self.engine_list())
+        if seen_agent != seen_engine:
+            raise BenchError(f"the agent lists {seen_agent} containers, the engine {seen_engine}")
+        calls = {"agent": lambda: self.http.get("/api/v1/containers"), "engine": self.engine_list}
+        if fresh:
+            calls["agent_fresh"] = lambda: self.http.get("/api/v1/containers", fresh=True)
+        timings = interleave(calls, samples)
+        timings["seen"] = seen_engine
+        return timings
+
+    def figure_scaling(self, claims: int, timings: dict, note: str = "") -> None:
+        """One point of the list-scaling figure; judged against the point with the fewest claims."""
+        figure = compare(f"list time at {claims} claims", timings["agent"], timings["engine"], None, seen_note(claims, timings, note))
+        figure.target = "ratio does not grow"
+        figure.extra.update(claims=claims, claims_seen=timings["seen"])
+        first = next((f for f in self.figures if f.figure.startswith("list time at")), None)
+        if first is not None:
+            limit = first.ratio * SCALING_TOLERANCE
+            figure.met = figure.ratio <= limit
+            figure.extra["limit"] = round(limit, 3)
+            rule = f"met: ≤ {SCALING_TOLERANCE:g}× the ratio at {first.extra['claims']} claims"
+            figure.note = "; ".join(filter(None, [figure.note, rule]))
+        self.add(figure)
+
+    def figure_list(self, claims: int, timings: dict) -> None:
+        self.add(compare(f"GET /api/v1/containers ({claims} claims)", timings["agent"], timings["engine"], 1.2,
+                         seen_note(claims, timings, "keep-alive session; baseline: engine list with label utopia.managed=true")))
+        self.add(compare(f"GET /api/v1/containers ({claims} claims), fresh connection", timings["agent_fresh"],
+                                    timings["engine"], None, "a new TCP connection per request"))
+
+    def figure_inspect(self) -> None:
+        container_id = self.engine_list()[0]["Id"]
+        path = f"/api/v1/containers/{container_id}"
+        self.http.warm_all_workers(path)
+        timings = interleave({
+            "agent": lambda: self.http.get(path),
+            "agent_fresh": lambda: self.http.get(path, fresh=True),
+            "engine": lambda: self.api.inspect_container(container_id),
+        }, self.plan.samples)
+        self.add(compare("GET /api/v1/containers/<id>", timings["agent"], timings["engine"], 1.2,
+                                    "baseline: engine inspect of the same container"))
+        self.add(compare("GET /api/v1/containers/<id>, fresh connection", timings["agent_fresh"],
+                                    timings["engine"], None))
+
+    def figure_metrics(self) -> None:
+        self.http.warm_all_workers("/api/v1/metrics")
+        timings = interleave({
+            "agent": lambda: self.http.get("/api/v1/metrics"),
+            "health": lambda: self.http.get("/health"),
+        }, self.plan.samples)
+        gpus = len(self.http.get("/api/v1/metrics").json()["gpus"])
+        self.add(compare(f"GET /api/v1/metrics, {gpus} GPUs", timings["agent"], timings["health"], 2,
+                                    "baseline: GET /health on the same keep-alive session"))
+
+    def figure_create_delete(self) -> None:
+        """POST (image present, 1 GPU) vs raw create + start, then DELETE vs raw stop + remove, interleaved."""
+        self.http.warm_all_workers("/api/v1/containers", rounds=2 * WORKERS)
+        creates: dict[str, list[float]] = {"agent": [], "engine": []}
+        deletes: dict[str, list[float]] = {"agent": [], "engine": []}
+        baseline_gpu = GPUS - 1  # the agent sees it held (labels) and picks another
+        for i in range(self.plan.create_samples + 2):
+            made: dict[str, str] = {}
+            order = ["agent", "engine"] if i % 2 == 0 else ["engine", "agent"]
+            for who in order:
+                start = time.perf_counter()
+                made[who] = (self.http.create(self.claim("c"), self.image, 1) if who == "agent"
+                             else self.raw_create_start(baseline_gpu))
+                creates[who].append((time.perf_counter() - start) * 1000)
+            for who in order:
+                start = time.perf_counter()
+                if who == "agent":
+                    self.http.delete(made[who])
+                else:
+                    self.raw_stop_remove(made[who])
+                deletes[who].append((time.perf_counter() - start) * 1000)
+        for series in (*creates.values(), *deletes.values()):
+            del series[:2]  # the first two rounds are warm-up
+        self.add(compare("POST /api/v1/containers, image present, 1 GPU", creates["agent"], creates["engine"], 1.05,
+                                    "baseline: SDK create + start of the same config (busybox sleep 3600, "
+                                    "1 GPU by DeviceRequest nvidia/UUID, same labels and host config)"))
+        self.add(compare("DELETE /api/v1/containers/<id>", deletes["agent"], deletes["engine"], 1.05,
+                                    f"baseline: SDK stop (timeout {self.stop_timeout} s) + remove; "
+                                    f"agent UTOPIA_AGENT_STOP_TIMEOUT={self.stop_timeout}"))
+
+    def agent_processes(self) -> list[psutil.Process]:
+        master = psutil.Process(self.agent.process.pid)
+        return [master, *master.children()]
+
+    def figure_cpu(self, seconds: float) -> None:
+        """CPU of master + workers while an orchestrator polls metrics and the list once a second.
+
+        A third as long (at most 20 s) is first measured without polling: the agent's own idle cost.
+        """
+        procs = self.agent_processes()
+        dockerd = next((p for p in psutil.process_iter(["name"]) if p.info["name"] == "dockerd"), None)
+
+        def percent_of_core(ps, during: Callable[[], None]) -> tuple[float, float]:
+            before, started = sum(sum(p.cpu_times()[:2]) for p in ps), time.monotonic()
+            during()
+            wall = time.monotonic() - started
+            return 100 * (sum(sum(p.cpu_times()[:2]) for p in ps) - before) / wall, wall
+
+        def poll() -> None:
+            started = time.monotonic()
+            while time.monotonic() - started < seconds:
+                tick = time.monotonic()
+                self.http.get("/api/v1/metrics")
+                self.http.get("/api/v1/containers")
+                time.sleep(max(0.0, 1.0 - (time.monotonic() - tick)))
+
+        idle_pct, idle_s = percent_of_core(procs, lambda: time.sleep(min(20.0, seconds / 3)))
+        engine_before = sum(dockerd.cpu_times()[:2]) if dockerd else 0.0
+        agent_pct, wall = percent_of_core(procs, poll)
+        engine_pct = 100 * (sum(dockerd.cpu_times()[:2]) - engine_before) / wall if dockerd else None
+        self.add(Figure(
+            figure=f"CPU of the agent, polled once a second (metrics + list) for {seconds:g} s",
+            target="< 1% of a core", value=f"{agent_pct:.2f}% of a core", met=agent_pct < 1.0,
+            note=f"master + {len(procs) - 1} workers; idle (no polling) {idle_pct:.2f}% over {idle_s:.0f} s"
+                 + (f"; dockerd during polling {engine_pct:.2f}% of a core" if engine_pct is not None else ""),
+            extra={"agent_percent_of_core": round(agent_pct, 3), "idle_percent_of_core": round(idle_pct, 3),
+                   "dockerd_percent_of_core": engine_pct and round(engine_pct, 3), "seconds": round(wall, 1)},
+        ))
+
+    def figure_rss(self) -> None:
+        workers = self.agent_processes()[1:]
+        rss = [p.memory_info().rss / 2**20 for p in workers]
+        uss = [p.memory_full_info().uss / 2**20 for p in workers]
+        self.add(Figure(
+            figure="RSS per worker after the run", target="≤ 60 MiB",
+            value=f"max {max(rss):.1f} MiB ({', '.join(f'{r:.0f}' for r in rss)})", met=max(rss) <= 60,
+            note=f"{len(workers)} workers; USS max {max(uss):.1f} MiB",
+            extra={"rss_mib": [round(r, 1) for r in rss], "uss_mib": [round(u, 1) for u in uss]},
+        ))
+
+    # --- /health under slow pulls ------------------------------------------------------
+
+    def prepare_slow_images(self) -> list[str]:
+        """Distinct images pushed to a loopback registry and removed locally, served through a throttle."""
+        plan = self.plan
+        self.registry = Registry().start()
+        self.slow = ReleasableSlowRegistry(self.registry, kib_per_s=plan.pull_kib_per_s).start()
+        refs = []
+        for i in range(plan.pulls):
+            source = make_unique_image(self.client, f"utopia-bench/pull{i}:{self.run_id}", payload_kib=plan.pull_payload_kib)
+            self.images.append(source)
+            name = f"bench/pull{i}-{self.run_id}:1"
+            self.registry.push(self.client, source, name)
+            remove_images(self.client, [source])
+            refs.append(self.slow.ref(name))
+        self.images.extend(refs)
+        return refs
+
+    def health_samples(self, count: int | None = None, until: float | None = None) -> list[float]:
+        """/health over a fresh connection each time, as a load balancer probes (any worker answers)."""
+        samples = []
+        while (count is not None and len(samples) < count) or (until is not None and time.monotonic() < until):
+            samples.append(timed(lambda: self.http.get("/health", fresh=True)))
+        return samples
+
+    def figure_health_under_pulls(self) -> None:
+        """/health p99 at rest, then while every pull is provably in flight (started before, finished after)."""
+        plan = self.plan
+        refs = self.prepare_slow_images()
+        self.health_samples(30)
+        at_rest = self.health_samples(plan.health_samples)
+        log_start = len(self.agent.log())
+        done_at: dict[str, float] = {}
+        results: dict[str, object] = {}
+
+        def pull_create(ref: str) -> None:
+            try:
+                with requests.Session() as session:
+                    results[ref] = self.http.create(self.claim("p"), ref, 0, session)
+            except Exception as exc:  # reported below; the thread must not die silently
+                results[ref] = exc
+            done_at[ref] = time.monotonic()
+
+        threads = [threading.Thread(target=pull_create, args=(ref,), daemon=True) for ref in refs]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 60
+        while sum(f"image pull started image={ref}" in self.agent.log()[log_start:] for ref in refs) < len(refs):
+            if time.monotonic() > deadline or done_at:
+                raise BenchError(f"the {len(refs)} pulls did not all start: {results}")
+            time.sleep(0.1)
+        time.sleep(0.5)
+        window_start = time.monotonic()
+        busy = self.health_samples(until=window_start + plan.pull_window_s)
+        window_end = time.monotonic()
+        in_flight = not any(t <= window_end for t in done_at.values())
+        self.slow.release()
+        for thread in threads:
+            thread.join(120)
+        self.slow.stop()
+        failed = {ref: result for ref, result in results.items() if isinstance(result, Exception)}
+        if failed:
+            raise BenchError(f"pull-and-create failed: {failed}")
+        for container_id in results.values():
+            self.http.delete(container_id)
+        a, b = summary(busy), summary(at_rest)
+        ratio = a["p99_ms"] / b["p99_ms"]
+        self.add(Figure(
+            figure=f"/health p99 while {len(refs)} image pulls are in flight", target="≤ 3×, and under 1 s",
+            agent=a, baseline=b, ratio=round(ratio, 3), tail="p99",
+            met=in_flight and ratio <= 3 and a["p99_ms"] < 1000,
+            note=(f"baseline: /health p99 at rest; fresh connection per probe; {len(refs)} distinct images of "
+                  f"~{plan.pull_payload_kib // 1024 + 1} MiB at {plan.pull_kib_per_s} KiB/s each; sampled "
+                  f"{window_end - window_start:.1f} s, "
+                  + ("every pull started before and finished after the window" if in_flight
+                     else "NOT VALID: a pull finished inside the window")),
+            extra={"pulls_in_flight_whole_window": in_flight, "window_s": round(window_end - window_start, 2),
+                   "limit": 3, "pull_seconds": sorted(round(t - window_start, 1) for t in done_at.values())},
+        ))
+
+    # --- the whole run -----------------------------------------------------------------
+
+    def run(self, say: Callable[[str], None]) -> None:
+        few, main, many = self.plan.claims
+        plan = self.plan
+        say("starting the agent (gunicorn, 4 workers, stand-in NVML with 8 GPUs)")
+        self.start_agent()
+        say(f"{few} running claims through the agent")
+        self.add_running_claims(few)
+        self.figure_scaling(few, self.measure_list(plan.samples))
+        say(f"{main} running claims through the agent")
+        self.add_running_claims(main - few)
+        timings = self.measure_list(plan.samples, fresh=True)
+        self.figure_list(main, timings)
+        self.figure_scaling(main, timings)
+        say("inspect and metrics")
+        self.figure_inspect()
+        self.figure_metrics()
+        say(f"create and delete, {plan.create_samples} rounds")
+        self.figure_create_delete()
+        say(f"CPU while polled once a second for {plan.cpu_seconds:g} s")
+        self.figure_cpu(plan.cpu_seconds)
+        say(f"/health while {plan.pulls} image pulls are in flight")
+        self.figure_health_under_pulls()
+        say(f"{many - main} created (not started) claims through the SDK")
+        self.add_created_claims(many - main)
+        self.figure_scaling(many, self.measure_list(plan.scaling_samples),
+                            note=f"{many - main} of them created, never started (made with the SDK)")
+        self.figure_rss()
+
+
+# --------------------------------------------------------------------------- output
+
+
+def machine(bench: Bench) -> dict:
+    cpu_model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("model name")), platform.processor() or "unknown")
+    version = bench.client.version()
+    return {
+        "cpu_model": cpu_model,
+        "cores": os.cpu_count(),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "engine_version": version.get("Version"),
+        "engine_api": version.get("ApiVersion"),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def cell(summary_: dict | None, tail: str) -> str:
+    if summary_ is None:
+        return "—"
+    return f"{summary_['median_ms']:.1f} / {summary_[tail + '_ms']:.1f} ms"
+
+
+def table(figures: list[Figure]) -> str:
+    lines = [
+        "| figure | agent median / tail | baseline median / tail | ratio | target | met |",
+        "|---|---|---|---|---|---|",
+    ]
+    for f in figures:
+        name = f.figure + (" (median / p99)" if f.tail == "p99" else "")
+        agent = f.value or cell(f.agent, f.tail)
+        # Three decimals where two would show a missed ratio equal to its limit.
+        digits = 3 if f.ratio is not None and round(f.ratio, 2) == f.extra.get("limit") else 2
+        ratio = f"{f.ratio:.{digits}f}×" if f.ratio is not None else "—"
+        met = "—" if f.met is None else "yes" if f.met else "**no**"
+        lines.append(f"| {name} | {agent} | {cell(f.baseline, f.tail)} | {ratio} | {f.target} | {met} |")
+    return "\n".join(lines)
+
+
+def report(bench: Bench, info: dict, output: Path, seconds: float, quick: bool) -> None:
+    figures = bench.figures
+    print()
+    print(table(figures))
+    print()
+    print("Tail is p95 unless the figure says p99; ratio = agent median / baseline median "
+          "(p99 / p99 for the /health-under-pulls figure).")
+    for f in figures:
+        foreign = f.extra.get("foreign_events")
+        note = "; ".join(filter(None, [f.note, f"{foreign} engine events of others' managed containers meanwhile" if foreign else ""]))
+        if note:
+            print(f"- {f.figure}: {note}")
+    print()
+    print(f"Machine: {info['cpu_model']}, {info['cores']} cores, {info['memory_gib']} GiB; Docker engine "
+          f"{info['engine_version']} (API {info['engine_api']}); Linux {info['kernel']}; Python {info['python']}; "
+          f"load average {info['load_average_at_start'][0]} at start, {info['load_average_at_end'][0]} at end; "
+          f"run took {seconds:.0f} s{' (--quick)' if quick else ''}; "
+          f"{bench.foreign.count} engine events of managed containers not made by this run (other agents or tests).")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps({
+        "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "quick": quick,
+        "seconds": round(seconds, 1),
+        "machine": info,
+        "plan": asdict(bench.plan),
+        "stop_timeout_s": bench.stop_timeout,
+        "foreign_events": bench.foreign.count,
+        "figures": [asdict(f) for f in figures],
+    }, indent=2) + "\n")
+    print(f"JSON: {output.relative_to(ROOT) if output.is_relative_to(ROOT) else output}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a short smoke run with few samples and claims")
+    parser.add_argument("--cpu-seconds", type=float, help="how long to poll for the CPU figure (default 60, 5 with --quick)")
+    parser.add_argument("--stop-timeout", type=int, default=1,
+                        help="grace seconds of DELETE (UTOPIA_AGENT_STOP_TIMEOUT) and of the baseline's stop (default 1)")
+    parser.add_argument("--output", type=Path, help="JSON file (default benchmarks/results/latest.json, quick.json with --quick)")
+    args = parser.parse_args(argv)
+    plan = QUICK if args.quick else FULL
+    if args.cpu_seconds is not None:
+        plan = Plan(**{**asdict(plan), "cpu_seconds": args.cpu_seconds})
+    output = args.output or ROOT / "benchmarks" / "results" / ("quick.json" if args.quick else "latest.json")
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    started = time.monotonic()
+
+    def say(text: str) -> None:
+        print(f"[{time.monotonic() - started:6.1f} s] {text}", flush=True)
+
+    bench = Bench(plan, args.stop_timeout)
+    info = machine(bench)
+    say(f"run {bench.prefix}: claim ids start with {bench.prefix}-")
+    try:
+        bench.run(say)
+        info["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    except KeyboardInterrupt:
+        say("interrupted; cleaning up")
+        return 130
+    except Exception:
+        if bench.agent is not None:
+            print("--- last lines of the agent log ---\n" + "\n".join(bench.agent.log().splitlines()[-30:]), file=sys.stderr)
+        raise
+    finally:
+        say("removing this run's containers and images, stopping the agent and registries")
+        bench.close()
+    report(bench, info, output, time.monotonic() - started, args.quick)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
