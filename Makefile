@@ -12,7 +12,8 @@ $(STAMP): setup.cfg setup.py
 	$(PY) -m pip install --quiet -e '.[test]'
 	rm -f $(VENV)/.installed-* && touch $@
 
-## run: install into .venv and start the agent on its defaults (a token is made in .run/token when none is set)
+## run: install into .venv and start the agent on its defaults (a token is made in .run/token when none is set;
+## as non-root the state dir defaults to .run/state, since /var/lib is root's)
 run: $(STAMP)
 	@mkdir -p $(RUN_DIR)
 	@if [ -z "$$UTOPIA_AGENT_TOKEN" ] && [ -z "$$UTOPIA_AGENT_TOKEN_FILE" ] && [ ! -s $(RUN_DIR)/token ]; then \
@@ -23,6 +24,7 @@ run: $(STAMP)
 		echo "  curl -H \"Authorization: Bearer \$$(cat $(RUN_DIR)/token)\" http://127.0.0.1:8600/api/v1/metrics"; fi
 	@export UTOPIA_AGENT_TOKEN_FILE="$${UTOPIA_AGENT_TOKEN_FILE:-$$( [ -z "$$UTOPIA_AGENT_TOKEN" ] && echo $(CURDIR)/$(RUN_DIR)/token )}"; \
 		[ -n "$$UTOPIA_AGENT_TOKEN_FILE" ] || unset UTOPIA_AGENT_TOKEN_FILE; \
+		[ "$$(id -u)" = 0 ] || export UTOPIA_AGENT_STATE_DIR="$${UTOPIA_AGENT_STATE_DIR:-$(CURDIR)/$(RUN_DIR)/state}"; \
 		exec $(VENV)/bin/gunicorn -c gunicorn.conf.py wsgi:app
 
 ## test: install what the tests need and run them against the real engine

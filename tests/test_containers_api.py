@@ -199,7 +199,7 @@ def test_invalid_bodies_are_400_with_per_field_messages(agent, docker_client, bo
     assert {c.id for c in docker_client.containers.list(all=True)} == before
 
 
-@pytest.mark.parametrize("raw", [b"", b"not json", b"[1, 2]", b'"text"', b"{", b"null"])
+@pytest.mark.parametrize("raw", [b"", b"not json", b"[1, 2]", b'"text"', b"{", b"null", b"[" * 3000 + b"]" * 3000])
 def test_bodies_that_are_not_a_json_object_are_400(agent, raw):
     response = agent.post("/api/v1/containers", data=raw, headers={"Content-Type": "application/json"})
     assert response.status_code == 400
@@ -235,6 +235,8 @@ def test_health_and_openapi_need_no_token(agent):
 def test_request_id_is_echoed_or_made(agent):
     mine = agent.get("/health", headers={"X-Request-ID": "orchestrator-42"})
     assert mine.headers["X-Request-ID"] == "orchestrator-42"
+    spaced = agent.get("/health", headers={"X-Request-ID": "claim c1 retry 2"})
+    assert spaced.headers["X-Request-ID"] == "claim c1 retry 2"
     fresh = agent.get("/health", headers={"X-Request-ID": "x" * 129})
     assert fresh.headers["X-Request-ID"] not in ("", "x" * 129)
     assert "orchestrator-42" in agent.log()

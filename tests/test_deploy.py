@@ -26,7 +26,7 @@ from tests.support.engine import Registry, SlowRegistry, free_port, make_unique_
 
 SHIPPED = ROOT / "deploy" / "supervisord-utopia-agent.conf"
 PROGRAM = "utopia-agent"
-LABELS = ("utopia.managed", "utopia.claim_id", "utopia.gpu_ids", "utopia.gpu_uuids", "utopia.ports")
+LABELS = ("utopia.managed", "utopia.claim_id", "utopia.gpu_ids", "utopia.gpu_uuids")
 
 SUPERVISORD_CONF = """\
 [unix_http_server]

@@ -119,8 +119,10 @@ def test_api_conforms_to_its_openapi_document(agent_factory, docker_client, test
     summary = json.loads(report.read_text())
     generated = summary["test_cases"]["generated"]
     print(f"schemathesis: {generated} test cases in {elapsed:.0f} s, phases {summary['phases']}")
-    documented = sum(len(methods) for methods in fuzz_agent.get("/openapi.json").json()["paths"].values())
-    assert summary["operations"]["tested"] == documented
+    paths = fuzz_agent.get("/openapi.json").json()["paths"]
+    # schemathesis leaves out the document it was loaded from.
+    documented = sum(len(methods) for path, methods in paths.items() if path != "/openapi.json")
+    assert summary["operations"]["tested"] == documented, output[-3000:]
     assert generated >= MIN_TEST_CASES
     strangers_deleted = [line for line in fuzz_agent.log().splitlines() if "container deleted" in line and f"claim={claim('')}" not in line]
     assert strangers_deleted == []

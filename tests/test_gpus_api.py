@@ -27,8 +27,8 @@ def gpu_labels(docker_client, prefix: str) -> dict[str, tuple[list[int], list[st
     for c in docker_client.containers.list(all=True, filters={"label": "utopia.managed=true"}):
         claim_id = c.labels["utopia.claim_id"]
         if claim_id.startswith(prefix):
-            ids = [int(i) for i in c.labels["utopia.gpu_ids"].split(",") if i]
-            uuids = [u for u in c.labels["utopia.gpu_uuids"].split(",") if u]
+            ids = [int(i) for i in c.labels.get("utopia.gpu_ids", "").split(",") if i]
+            uuids = [u for u in c.labels.get("utopia.gpu_uuids", "").split(",") if u]
             found[claim_id] = (ids, uuids)
     return found
 
@@ -209,3 +209,16 @@ def test_restarted_agent_knows_every_claim(agent_factory, docker_client, test_im
     more = second.create(claim("d"), test_image, gpu_count=len(HEALTHY_GPUS) - 3, command=["sleep", "300"])
     assert more.status_code == 201
     assert assert_exclusive(docker_client, claim("")) == set(HEALTHY_GPUS)
+
+
+def test_gpus_are_told_apart_by_uuid_after_renumbering(agent, docker_client, test_image, claim):
+    """After a reboot NVML may renumber GPUs; a container labelled index 4 that holds GPU 3's UUID holds GPU 3."""
+    labels = {"utopia.managed": "true", "utopia.claim_id": claim("old"), "utopia.gpu_ids": "4", "utopia.gpu_uuids": UUIDS[3]}
+    docker_client.api.create_container(test_image, ["true"], name=f"utopia-{claim('old')}", labels=labels)
+    refused = agent.create(claim("all"), test_image, gpu_count=len(HEALTHY_GPUS), command=["sleep", "300"])
+    assert refused.status_code == 409 and refused.json()["free_gpus"] == len(HEALTHY_GPUS) - 1
+    rest = agent.create(claim("rest"), test_image, gpu_count=len(HEALTHY_GPUS) - 1, command=["sleep", "300"])
+    assert rest.status_code == 201, rest.text
+    given = agent.get(f"/api/v1/containers/{rest.json()['container_id']}").json()["gpu_ids"]
+    assert 3 not in given and 4 in given
+

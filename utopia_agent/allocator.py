@@ -18,10 +18,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
-from .docker_manager import ContainerSpec, DockerManager, Holdings
-from .errors import ClaimExists, EngineUnavailable, NoGpusFree, PortTaken
+from .docker_manager import GPU_IDS_LABEL, PORTS_LABEL, ContainerSpec, DockerManager, Holdings
+from .errors import AllocationBusy, ClaimExists, NoGpusFree, PortTaken
 from .gpu_selection import choose_gpus
-from .gpus import GpuInventory
+from .gpus import GpuInventory, gpu_key_held, gpu_keys
 
 log = logging.getLogger("utopia_agent.allocator")
 
@@ -38,7 +38,7 @@ def allocation_lock(path: Path, timeout: float) -> Iterator[None]:
                 break
             except BlockingIOError:
                 if time.monotonic() > deadline:
-                    raise EngineUnavailable("the allocation lock is busy; try again") from None
+                    raise AllocationBusy("other creates hold the allocation lock; try again") from None
                 time.sleep(0.005)
         yield
     finally:
@@ -49,30 +49,23 @@ def allocation_lock(path: Path, timeout: float) -> Iterator[None]:
 class NodeAllocations:
     """Who holds which GPU and host port, as the engine's labels say."""
 
-    gpu_holders: dict[int, tuple[str, ...]]
+    gpu_holders: dict[str, tuple[str, ...]]
     port_holders: dict[tuple[int, str], str]
-    claim_holders: dict[str, str]
 
     @classmethod
     def from_labels(cls, containers: list[tuple[str, dict[str, str]]]) -> "NodeAllocations":
         """Built from each managed container's id and labels, which record everything it holds."""
-        gpus: dict[int, list[str]] = {}
+        gpus: dict[str, list[str]] = {}
         ports: dict[tuple[int, str], str] = {}
-        claims: dict[str, str] = {}
         for container_id, labels in containers:
             held = Holdings.from_labels(labels)
-            claims[held.claim_id] = container_id
-            for gpu in held.gpu_ids:
-                gpus.setdefault(gpu, []).append(container_id)
+            for key in gpu_keys(held):
+                gpus.setdefault(key, []).append(container_id)
             for mapping in held.port_mappings:
                 ports[(mapping.host_port, mapping.protocol)] = container_id
-        return cls({gpu: tuple(ids) for gpu, ids in gpus.items()}, ports, claims)
+        return cls({gpu: tuple(ids) for gpu, ids in gpus.items()}, ports)
 
-    @property
-    def allocated_gpus(self) -> set[int]:
-        return set(self.gpu_holders)
-
-    def double_allocations(self) -> dict[int, tuple[str, ...]]:
+    def double_allocations(self) -> dict[str, tuple[str, ...]]:
         """GPUs that more than one container claims: reported, never silently merged."""
         return {gpu: ids for gpu, ids in self.gpu_holders.items() if len(ids) > 1}
 
@@ -81,6 +74,9 @@ def port_is_free(port: int, protocol: str) -> bool:
     """True when no process on the node holds the port (what the engine will need to bind)."""
     kind = socket.SOCK_STREAM if protocol == "tcp" else socket.SOCK_DGRAM
     with socket.socket(socket.AF_INET, kind) as probe:
+        if protocol == "tcp":
+            # Closed connections in TIME_WAIT (a deleted claim's, say) do not keep the port from a new listener.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(("0.0.0.0", port))
         except OSError as exc:
@@ -99,30 +95,28 @@ class Allocator:
         self._inventory = inventory
         self._lock_timeout = lock_timeout
 
-    def allocated_gpus(self) -> set[int]:
-        """GPUs held by managed containers, for `busy`: from the listing, served from memory when exact."""
-        return {gpu for container in self._docker.list_managed() for gpu in container.gpu_ids}
-
-    def current(self) -> NodeAllocations:
-        """What the engine says is allocated right now (one list call, no inspect)."""
-        return NodeAllocations.from_labels(self._docker.managed_labels())
+    def held_gpu_keys(self) -> set[str]:
+        """GPUs held by managed containers (see gpu_keys), for `busy`: from the listing, served from memory when exact."""
+        return {key for container in self._docker.list_managed() for key in gpu_keys(container)}
 
     def create(self, spec: ContainerSpec, gpu_count: int) -> tuple[str, ContainerSpec]:
-        """Create the claim's container with `gpu_count` free GPUs; the lock spans decide + create."""
-        with allocation_lock(self._lock_path, self._lock_timeout):
-            allocations = self.current()
-            for gpu, holders in allocations.double_allocations().items():
-                log.error("gpu allocated twice gpu=%d containers=%s", gpu, ",".join(c[:12] for c in holders))
-            self._check_claim(spec.claim_id, allocations)
-            self._check_ports(spec, allocations)
-            spec = self._with_gpus(spec, gpu_count, allocations)
-            return self._docker.create(spec), spec
+        """Create the claim's container with `gpu_count` free GPUs; the lock spans decide + create.
 
-    @staticmethod
-    def _check_claim(claim_id: str, allocations: NodeAllocations) -> None:
-        holder = allocations.claim_holders.get(claim_id)
-        if holder:
-            raise ClaimExists.held_by(claim_id, holder)
+        Each check reads the engine afresh: the claim by its container name, and only the
+        containers that hold ports or GPUs (labels the others do not carry).
+        """
+        with allocation_lock(self._lock_path, self._lock_timeout):
+            holder = self._docker.find_claim(spec.claim_id, fresh=True)
+            if holder:
+                raise ClaimExists.held_by(spec.claim_id, holder)
+            if spec.port_mappings:
+                self._check_ports(spec, NodeAllocations.from_labels(self._docker.holders_of(PORTS_LABEL)))
+            if gpu_count:
+                allocations = NodeAllocations.from_labels(self._docker.holders_of(GPU_IDS_LABEL))
+                for gpu, holders in allocations.double_allocations().items():
+                    log.error("gpu allocated twice gpu=%s containers=%s", gpu, ",".join(c[:12] for c in holders))
+                spec = self._with_gpus(spec, gpu_count, allocations)
+            return self._docker.create(spec), spec
 
     @staticmethod
     def _check_ports(spec: ContainerSpec, allocations: NodeAllocations) -> None:
@@ -134,10 +128,8 @@ class Allocator:
                 raise PortTaken(f"host port {mapping.host_port}/{mapping.protocol} is in use on the node", host_port=mapping.host_port)
 
     def _with_gpus(self, spec: ContainerSpec, gpu_count: int, allocations: NodeAllocations) -> ContainerSpec:
-        if gpu_count == 0:
-            return spec
         gpus = {gpu.index: gpu for gpu in self._inventory.snapshot()}
-        free = sorted(i for i, gpu in gpus.items() if gpu.healthy and gpu.uuid and i not in allocations.allocated_gpus)
+        free = sorted(i for i, gpu in gpus.items() if gpu.healthy and gpu.uuid and not gpu_key_held(gpu, allocations.gpu_holders))
         if len(free) < gpu_count:
             raise NoGpusFree(
                 f"{gpu_count} GPUs requested, {len(free)} free of {len(gpus)}",

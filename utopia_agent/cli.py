@@ -23,7 +23,7 @@ from . import __version__
 from .config import Config, ConfigError, load_config, prepare_state_dir
 from .docker_manager import DockerManager
 from .errors import EngineUnavailable
-from .gpus import GpuBackendError, GpuInventory, GpuStatus, make_inventory
+from .gpus import GpuBackendError, GpuInventory, GpuStatus, gpu_keys, make_inventory
 
 PROG = "utopia-agent"
 EXIT_FAILED = 1
@@ -77,11 +77,11 @@ def _mib(used: int | None, total: int | None) -> str:
     return f"{'?' if used is None else used}/{'?' if total is None else total} MiB"
 
 
-def _gpu_rows(gpus: list[GpuStatus], claims: dict[int, list[str]] | None) -> list[list[str]]:
+def _gpu_rows(gpus: list[GpuStatus], claims: dict[str, list[str]] | None) -> list[list[str]]:
     """Table rows; without `claims` (engine down) the claim column says '?' rather than '-'."""
     rows = [["GPU", "UUID", "NAME", "MEMORY", "TEMP", "HEALTH", "CLAIM"]]
     for gpu in gpus:
-        claim = "?" if claims is None else ",".join(claims.get(gpu.index, [])) or "-"
+        claim = "?" if claims is None else ",".join(claims.get(gpu.uuid, []) + claims.get(f"#{gpu.index}", [])) or "-"
         rows.append([
             str(gpu.index),
             gpu.uuid or "?",
@@ -145,11 +145,11 @@ def cmd_gpus(args: argparse.Namespace) -> int:
         inventory.close()
 
     docker = DockerManager(config)
-    claims: dict[int, list[str]] | None = {}
+    claims: dict[str, list[str]] | None = {}
     try:
         for container in docker.list_managed():
-            for index in container.gpu_ids:
-                claims.setdefault(index, []).append(container.claim_id)
+            for key in gpu_keys(container):
+                claims.setdefault(key, []).append(container.claim_id)
     except EngineUnavailable as error:
         claims = None
         print(f"{PROG}: {error.message} at {_engine_location()}; claims unknown", file=sys.stderr)

@@ -48,8 +48,11 @@ PORTS_LABEL = "utopia.ports"
 MANAGED_FILTER = f"{MANAGED_LABEL}=true"
 NAME_PREFIX = "utopia-"
 PULL_PROGRESS_INTERVAL = 5.0
-# Engine events that change what the list call shows for a container.
+# The engine announces some changes ("die") a moment before its list call shows them.
 EVENT_SETTLE_SECONDS = 0.5
+# A listing older than this is read again even without events, in case the stream died silently.
+LISTING_MAX_AGE_SECONDS = 30.0
+# Engine events that change what the list call shows for a container.
 LISTING_EVENTS = ("create", "start", "die", "destroy", "pause", "unpause", "rename", "update", "kill", "stop", "restart", "oom")
 
 
@@ -92,13 +95,15 @@ class ContainerSpec:
         return container_name(self.claim_id)
 
     def labels(self) -> dict[str, str]:
-        return {
-            MANAGED_LABEL: "true",
-            CLAIM_LABEL: self.claim_id,
-            GPU_IDS_LABEL: ",".join(str(i) for i in self.gpu_ids),
-            GPU_UUIDS_LABEL: ",".join(self.gpu_uuids),
-            PORTS_LABEL: ",".join(str(m) for m in self.port_mappings),
-        }
+        """The labels record what the container holds; a label is left out when it holds none,
+        so the engine can list just the holders of GPUs or ports (`label=<key>` filters)."""
+        labels = {MANAGED_LABEL: "true", CLAIM_LABEL: self.claim_id}
+        if self.gpu_ids:
+            labels[GPU_IDS_LABEL] = ",".join(str(i) for i in self.gpu_ids)
+            labels[GPU_UUIDS_LABEL] = ",".join(self.gpu_uuids)
+        if self.port_mappings:
+            labels[PORTS_LABEL] = ",".join(str(m) for m in self.port_mappings)
+        return labels
 
 
 @dataclass(frozen=True)
@@ -230,6 +235,7 @@ class _Listing:
                 self._watching
                 and self._rows is not None
                 and self._read_at >= self._settled_after
+                and time.monotonic() - self._read_at < LISTING_MAX_AGE_SECONDS
                 and self._generation == self._shared.read()
             ):
                 return self._rows
@@ -269,6 +275,7 @@ class DockerManager:
         self._listing = _Listing(self._generation)
         self._refresh_lock = threading.Lock()
         self._watcher: threading.Thread | None = None
+        self._events = None
         self._closed = threading.Event()
 
     # --- the engine connection -------------------------------------------------------
@@ -284,6 +291,8 @@ class DockerManager:
 
     def close(self) -> None:
         self._closed.set()
+        if self._events is not None:
+            self._events.close()
         with self._client_lock:
             if self._client is not None:
                 self._client.close()
@@ -292,7 +301,7 @@ class DockerManager:
     def _cached_rows(self) -> list[ManagedContainer] | None:
         """The listing from memory when it is still exact, starting the event watcher on first use."""
         if self._watcher is None:
-            with self._client_lock:
+            with self._client_lock:  # also guards starting the watcher once per process
                 if self._watcher is None:
                     self._watcher = threading.Thread(target=self._watch_events, name="engine-events", daemon=True)
                     self._watcher.start()
@@ -307,10 +316,15 @@ class DockerManager:
             client = stream = None
             try:
                 client = docker.APIClient(version=self._engine().api.api_version, timeout=None, **docker.utils.kwargs_from_env())
-                stream = client.events(decode=True, filters={"type": ["container"], "label": [MANAGED_FILTER], "event": list(LISTING_EVENTS)})
+                stream = self._events = client.events(
+                    decode=True, filters={"type": ["container"], "label": [MANAGED_FILTER], "event": list(LISTING_EVENTS)}
+                )
                 self._listing.set_watching(True)
-                for _ in stream:
+                for event in stream:
                     self._listing.invalidate()
+                    if event.get("Action") in ("start", "restart"):
+                        with self._cache_lock:
+                            self._started_cache.pop(event.get("id", ""), None)
             except Exception as exc:  # the engine went away; retry below
                 log.debug("engine event stream ended: %s", type(exc).__name__)
             finally:
@@ -360,20 +374,24 @@ class DockerManager:
 
     # --- reading ---------------------------------------------------------------------
 
-    def list_managed(self, claim_id: str | None = None, fresh: bool = False) -> list[ManagedContainer]:
-        """Every managed container in any state: at most one engine list call, no inspect per container.
+    def list_managed(self, claim_id: str | None = None) -> list[ManagedContainer]:
+        """Every managed container in any state (or the claim's): at most one engine list call.
 
-        Without `claim_id` or `fresh`, a listing that nothing can have changed since is
-        served from memory; allocation decisions pass `fresh=True` and read the engine.
+        A full listing that nothing can have changed since is served from memory. The list
+        call lacks start times: a container this worker has not seen start costs one inspect,
+        once (see `_started`). Allocation decisions never come here: see `holders_of`.
         """
         if claim_id is not None:
             with self._engine_call("list containers"):
                 rows = self._engine().api.containers(all=True, filters={"label": [MANAGED_FILTER, f"{CLAIM_LABEL}={claim_id}"]})
             return [self._from_list_row(row) for row in rows]
-        if not fresh and (cached := self._cached_rows()) is not None:
+        if (cached := self._cached_rows()) is not None:
             return cached
-        with self._refresh_lock:
-            if not fresh and (cached := self._listing.rows()) is not None:
+        # Threads wait for one refresh instead of each asking the engine; never longer than a call may take.
+        if not self._refresh_lock.acquire(timeout=self._config.engine_timeout):
+            raise EngineUnavailable("the Docker engine is slow to answer (list containers)")
+        try:
+            if (cached := self._listing.rows()) is not None:
                 return cached
             token = self._listing.begin_refresh()
             with self._engine_call("list containers"):
@@ -382,25 +400,24 @@ class DockerManager:
             self._forget_gone({c.id for c in containers})
             self._listing.store(containers, token)
             return containers
+        finally:
+            self._refresh_lock.release()
 
-    def managed_labels(self) -> list[tuple[str, dict[str, str]]]:
-        """(id, labels) of every managed container, straight from the engine: what allocation decides on."""
+    def holders_of(self, label: str) -> list[tuple[str, dict[str, str]]]:
+        """(id, labels) of the managed containers carrying `label` (GPUs or ports), straight from
+        the engine: what allocation decides on. GPU holders are at most about one per GPU."""
         with self._engine_call("list containers"):
-            rows = self._engine().api.containers(all=True, filters={"label": [MANAGED_FILTER]})
+            rows = self._engine().api.containers(all=True, filters={"label": [MANAGED_FILTER, label]})
         return [(row["Id"], row.get("Labels") or {}) for row in rows]
 
-    def find_claim(self, claim_id: str) -> str | None:
-        """The id of the claim's container, if it has one: the listing when exact, else one inspect by name."""
-        cached = self._cached_rows()
+    def find_claim(self, claim_id: str, fresh: bool = False) -> str | None:
+        """The id of the claim's container, if it has one: the listing when exact, else the engine's
+        list filtered by the claim's label (small, whatever the number of claims)."""
+        cached = None if fresh else self._cached_rows()
         if cached is not None:
             return next((c.id for c in cached if c.claim_id == claim_id), None)
-        try:
-            with self._engine_call("inspect container"):
-                info = self._engine().api.inspect_container(container_name(claim_id))
-        except _EngineNotFound:
-            return None
-        labels = info["Config"].get("Labels") or {}
-        return info["Id"] if labels.get(MANAGED_LABEL) == "true" and labels.get(CLAIM_LABEL) == claim_id else None
+        holders = self.holders_of(f"{CLAIM_LABEL}={claim_id}")
+        return holders[0][0] if holders else None
 
     def get_managed(self, container_id: str) -> ManagedContainer:
         """One managed container by full id or unique prefix of 12+ hex digits; 404 otherwise."""
@@ -412,7 +429,8 @@ class DockerManager:
         try:
             with self._engine_call("inspect container"):
                 info = self._engine().api.inspect_container(container_id)
-        except _EngineNotFound:
+        except (_EngineNotFound, _EngineRejected):
+            # The engine refuses an ambiguous prefix with 400; for the caller it names no one container.
             raise NotManaged(f"no managed container {container_id!r}") from None
         labels = info["Config"].get("Labels") or {}
         if labels.get(MANAGED_LABEL) != "true" or not info["Id"].startswith(container_id):
@@ -572,12 +590,30 @@ class DockerManager:
                     detach=True,
                 )
         except _EngineConflict:
-            existing = self.list_managed(claim_id=spec.claim_id)
-            raise ClaimExists.held_by(spec.claim_id, existing[0].id if existing else None) from None
-        except _EngineRejected as exc:
-            raise EngineRejected(f"the engine refused the container: {exc}") from None
+            holder = self.find_claim(spec.claim_id, fresh=True)
+            if holder is None:
+                raise Conflict(f"the container name {spec.name} is taken by a container the agent does not manage") from None
+            raise ClaimExists.held_by(spec.claim_id, holder) from None
+        except (_EngineRejected, _EngineNotFound) as exc:
+            raise EngineRejected(f"the engine refused the container: {exc.message}") from None
+        except EngineUnavailable:
+            self._remove_if_created(spec.name)
+            raise
         self._generation.bump()
         return created["Id"]
+
+    def _remove_if_created(self, name: str) -> None:
+        """After a create that timed out, the engine may still make the container: take it away
+        (the caller holds the allocation lock), so it never holds GPUs nobody knows about."""
+        try:
+            with self._engine_call("remove container"):
+                self._engine().api.remove_container(name, v=True, force=True)
+        except (_EngineNotFound, _EngineConflict):
+            pass
+        except AgentError:
+            log.error("a create timed out and its container %s could not be checked; remove it by hand", name)
+        finally:
+            self._generation.bump()
 
     def start(self, container_id: str) -> None:
         """Start a created container; a port the engine cannot bind is PortTaken."""
@@ -586,8 +622,8 @@ class DockerManager:
             with self._engine_call("start container"):
                 api.start(container_id)
             self._generation.bump()
-        except (_EngineRejected, _EngineConflict) as exc:
-            reason = str(exc)
+        except (_EngineRejected, _EngineConflict, _EngineNotFound) as exc:
+            reason = exc.message
             if "port is already allocated" in reason or "address already in use" in reason:
                 raise PortTaken(f"a host port is already taken on the node: {reason}") from None
             raise EngineRejected(f"the container did not start: {reason}") from None
@@ -625,7 +661,8 @@ class _EngineConflict(Conflict):
 
 
 class _EngineRejected(EngineError):
-    """The engine refused the request; create and start turn this into the caller's 400."""
+    """The engine refused the request: a 502 unless the caller turns it into something better
+    (create and start make it the caller's 400, an inspect makes it a 404)."""
 
 
 def _is_timeout(exc: BaseException) -> bool:

@@ -88,11 +88,6 @@ class ImagePullFailed(AgentError):
     code = "image_pull_failed"
 
 
-class ImageNotFound(ImagePullFailed):
-    status = 404
-    code = "image_not_found"
-
-
 class EngineRejected(AgentError):
     """The engine refused the container as configured (a bad command, say)."""
 
@@ -116,6 +111,13 @@ class EngineUnavailable(AgentError):
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(self.retry_after_seconds)}
+
+
+class AllocationBusy(EngineUnavailable):
+    """Other creates held the node's allocation lock for too long; retry shortly."""
+
+    code = "allocation_busy"
+    retry_after_seconds = 1
 
 
 def error_response(error: AgentError):

@@ -269,3 +269,16 @@ def make_inventory(backend: str, fake_gpu_count: int = 0) -> GpuInventory:
             log.warning("GPU backend auto: %s; serving no GPUs", exc)
             return GpuInventory()
     raise ValueError(f"unknown GPU backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+
+
+def gpu_keys(held) -> tuple[str, ...]:
+    """How the GPUs a container holds (Holdings or ManagedContainer) are told apart: by UUID,
+    which survives NVML renumbering after a reboot; by '#<index>' only for labels without UUIDs."""
+    if held.gpu_uuids and len(held.gpu_uuids) == len(held.gpu_ids):
+        return tuple(held.gpu_uuids)
+    return tuple(f"#{index}" for index in held.gpu_ids)
+
+
+def gpu_key_held(gpu, keys: set[str] | dict) -> bool:
+    """Whether a GPU of the inventory is among the held `keys` (see gpu_keys)."""
+    return gpu.uuid in keys or f"#{gpu.index}" in keys

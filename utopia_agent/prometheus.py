@@ -14,9 +14,10 @@ from typing import Iterable
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
-from prometheus_client.registry import REGISTRY, Collector
+from prometheus_client.registry import Collector
 
-from .errors import EngineUnavailable
+from .errors import AgentError
+from .gpus import gpu_key_held, gpu_keys
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -52,19 +53,18 @@ class NodeCollector(Collector):
         try:
             containers = agent.docker.list_managed()
             engine_up = 1.0
-        except EngineUnavailable:
+        except AgentError:
             containers, engine_up = None, 0.0
         yield GaugeMetricFamily("utopia_agent_engine_up", "1 when the Docker engine answered this scrape.", value=engine_up)
 
         gpus = agent.gpus.snapshot()
-        holders: dict[int, int] = {}
-        for gpu_id in (gpu for c in containers or () for gpu in c.gpu_ids):
-            holders[gpu_id] = holders.get(gpu_id, 0) + 1
-        allocated = set(holders)
+        holders: dict[str, int] = {}
+        for key in (key for c in containers or () for key in gpu_keys(c)):
+            holders[key] = holders.get(key, 0) + 1
         yield from self._dcgm_families(gpus, hostname)
         states = GaugeMetricFamily("utopia_agent_gpus", "GPUs by state: allocated, free or unhealthy.", labels=["state"])
         unhealthy = sum(1 for g in gpus if not g.healthy)
-        taken = sum(1 for g in gpus if g.healthy and g.index in allocated)
+        taken = sum(1 for g in gpus if g.healthy and gpu_key_held(g, holders))
         states.add_metric(["allocated"], taken)
         states.add_metric(["free"], len(gpus) - unhealthy - taken)
         states.add_metric(["unhealthy"], unhealthy)

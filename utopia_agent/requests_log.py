@@ -14,7 +14,7 @@ from .prometheus import REQUEST_DURATION
 log = logging.getLogger("utopia_agent.requests")
 
 REQUEST_ID_HEADER = "X-Request-ID"
-_VALID_REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
+_VALID_REQUEST_ID = re.compile(r"[\x20-\x7e]{1,128}")
 
 
 def register_request_hooks(app: Flask) -> None:
@@ -23,7 +23,7 @@ def register_request_hooks(app: Flask) -> None:
     @app.before_request
     def assign_request_id():
         given = request.headers.get(REQUEST_ID_HEADER, "")
-        g.request_id = given if _VALID_REQUEST_ID.match(given) else uuid.uuid4().hex
+        g.request_id = given if _VALID_REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
         g.started_at = time.monotonic()
 
     @app.after_request

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 
@@ -21,7 +22,7 @@ _create_schema = CreateContainerSchema()
 @blueprint.post("")
 def create_container():
     try:
-        container_id = _create(request.get_json(force=True, silent=True))
+        container_id = _create(_json_body())
     except AgentError as error:
         CREATES.labels(error.code).inc()
         raise
@@ -32,10 +33,16 @@ def create_container():
     return response
 
 
+def _json_body():
+    """The body as JSON, whatever Content-Type says; anything unparsable (or absurdly nested) is a 400."""
+    try:
+        return json.loads(request.get_data(cache=False))
+    except (ValueError, RecursionError):
+        raise InvalidRequest("the body must be JSON", errors={"_schema": ["expected a JSON object"]}) from None
+
+
 def _create(payload) -> str:
     """Validate, apply policy, pull, allocate and create under the lock, then start or roll back."""
-    if payload is None:
-        raise InvalidRequest("the body must be JSON", errors={"_schema": ["expected a JSON object"]})
     data = load_request(_create_schema, payload)
     g.claim_id = data["claim_id"]
     agent = services()
@@ -49,9 +56,14 @@ def _create(payload) -> str:
     gpus = ",".join(map(str, spec.gpu_ids)) or "-"
     try:
         agent.docker.start(container_id)
-    except AgentError as error:
-        log.warning("container rolled back claim=%s container=%s gpus=%s reason=%s", spec.claim_id, container_id[:12], gpus, error.code, extra=event)
-        agent.docker.remove(container_id, grace_seconds=0)
+    except Exception as error:
+        reason = error.code if isinstance(error, AgentError) else type(error).__name__
+        try:
+            agent.docker.remove(container_id, grace_seconds=0)
+        except AgentError as cleanup:
+            log.error("container rollback failed claim=%s container=%s gpus=%s reason=%s cleanup=%s", spec.claim_id, container_id[:12], gpus, reason, cleanup.code, extra=event)
+            raise error from None
+        log.warning("container rolled back claim=%s container=%s gpus=%s reason=%s", spec.claim_id, container_id[:12], gpus, reason, extra=event)
         raise
     log.info("container created claim=%s container=%s gpus=%s", spec.claim_id, container_id[:12], gpus, extra=event)
     return container_id

@@ -5,7 +5,8 @@ from __future__ import annotations
 from flask import Blueprint, jsonify
 
 from ..app import services
-from ..errors import EngineUnavailable
+from ..gpus import gpu_key_held
+from ..errors import AgentError
 
 blueprint = Blueprint("metrics", __name__, url_prefix="/metrics")
 
@@ -14,9 +15,9 @@ def node_metrics() -> dict:
     """The metrics object; answers with what it can read even while the engine is down."""
     agent = services()
     try:
-        allocated = agent.allocator.allocated_gpus()
-    except EngineUnavailable:
-        allocated = set()
+        held = agent.allocator.held_gpu_keys()
+    except AgentError:
+        held = set()
     system = agent.system.read()
     gpus = [
         {
@@ -26,7 +27,7 @@ def node_metrics() -> dict:
             "memory_used_mb": gpu.memory_used_mb,
             "name": gpu.name,
             "uuid": gpu.uuid,
-            "busy": gpu.index in allocated or gpu.compute_processes,
+            "busy": gpu_key_held(gpu, held) or gpu.compute_processes,
             "usage_percent": gpu.usage_percent,
             "healthy": gpu.healthy,
         }

@@ -138,6 +138,29 @@ def build_spec() -> dict:
             }
         },
     )
+    spec.path(
+        path="/metrics",
+        operations={
+            "get": {
+                "summary": "Prometheus text exposition: dcgm-exporter's GPU series and utopia_agent_* series",
+                "description": "Needs the bearer token unless UTOPIA_AGENT_PROMETHEUS_AUTH=none.",
+                "security": [{"bearer": []}, {}],
+                "responses": {
+                    "200": {"description": "The exposition.", "content": {"text/plain": {"schema": {"type": "string"}}}},
+                    **_error_responses(401),
+                },
+            }
+        },
+    )
+    spec.path(
+        path="/openapi.json",
+        operations={
+            "get": {
+                "summary": "This document; no auth",
+                "responses": {"200": {"description": "OpenAPI 3.", "content": {"application/json": {"schema": {"type": "object"}}}}},
+            }
+        },
+    )
     return spec.to_dict()
 
 
