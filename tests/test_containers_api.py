@@ -9,6 +9,7 @@ import pytest
 import requests
 
 from tests.support.engine import free_port
+from tests.support.polling import wait_for
 
 pytestmark = pytest.mark.docker
 
@@ -277,15 +278,6 @@ def test_create_and_delete_show_at_once_on_every_worker(agent_factory, test_imag
         assert session.get(f"{agent.base_url}/api/v1/containers/{container_id}").status_code == 404
 
 
-def _eventually(check, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.05)
-    return check()
-
-
 def test_changes_behind_the_agents_back_reach_the_listing(agent_factory, docker_client, test_image, claim):
     agent = agent_factory(workers=2)
     sessions = _sessions_on_every_worker(agent, 4)
@@ -298,6 +290,6 @@ def test_changes_behind_the_agents_back_reach_the_listing(agent_factory, docker_
                 return False
         return True
 
-    assert _eventually(lambda: status_everywhere("exited")), ("a container that exits on its own shows as exited", [[(c["id"][:12], c["status"]) for c in s.get(agent.base_url + "/api/v1/containers").json()] for s in sessions], docker_client.api.inspect_container(container_id)["State"]["Status"])
+    assert wait_for(lambda: status_everywhere("exited"), timeout=5, interval=0.05), ("a container that exits on its own shows as exited", [[(c["id"][:12], c["status"]) for c in s.get(agent.base_url + "/api/v1/containers").json()] for s in sessions], docker_client.api.inspect_container(container_id)["State"]["Status"])
     docker_client.api.remove_container(container_id, force=True)
-    assert _eventually(lambda: all(container_id not in _listed_ids(s, agent) for s in sessions)), "removed behind the agent's back"
+    assert wait_for(lambda: all(container_id not in _listed_ids(s, agent) for s in sessions), timeout=5, interval=0.05), "removed behind the agent's back"

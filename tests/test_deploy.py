@@ -23,6 +23,7 @@ import requests
 from tests.fake_nvml import DEFAULT_TEST_GPUS, fake_nvml_env, write_fake_nvml_config
 from tests.support.agent import ROOT, TOKEN, AgentProcess
 from tests.support.engine import Registry, SlowRegistry, free_port, make_unique_image, remove_images
+from tests.support.polling import wait_for
 
 SHIPPED = ROOT / "deploy" / "supervisord-utopia-agent.conf"
 PROGRAM = "utopia-agent"
@@ -77,14 +78,6 @@ def alive(pid: int) -> bool:
     except psutil.NoSuchProcess:
         return False
 
-
-def wait_for(check, timeout: float, interval: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result or time.monotonic() > deadline:
-            return result
-        time.sleep(interval)
 
 
 class Supervisor:

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.engine import EngineHandle, ensure_engine, ensure_test_image
+from tests.support.polling import wait_for
 
 ENGINE_TIMEOUT = 2.0
 # What a 503 may take beyond the engine timeout: the request itself, and a slow CI machine.
@@ -130,15 +131,6 @@ def private_agent(agent_factory, private_engine):
     for agent in started:
         agent.stop()
 
-
-def wait_for(check, timeout: float, interval: float = 0.2):
-    """Poll `check` until it returns something truthy; return that, or the last falsy value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result or time.monotonic() > deadline:
-            return result
-        time.sleep(interval)
 
 
 def timed(call):

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
-GPU_BACKENDS = ("auto", "nvml", "fake", "none")
+from .gpus import BACKENDS as GPU_BACKENDS
+
 LOG_FORMATS = ("json", "text")
 PROMETHEUS_AUTH_MODES = ("token", "none")
 RESTART_POLICIES = ("no", "on-failure", "unless-stopped", "always")

@@ -293,6 +293,7 @@ class DockerManager:
         self._closed.set()
         if self._events is not None:
             self._events.close()
+        self._generation.close()
         with self._client_lock:
             if self._client is not None:
                 self._client.close()
