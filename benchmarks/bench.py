@@ -46,7 +46,9 @@ from tests.support.engine import (  # noqa: E402
     ensure_test_image,
     free_port,
     make_unique_image,
+    image_ids,
     remove_images,
+    remove_new_dangling_images,
 )
 from utopia_agent.config import Config  # noqa: E402
 
@@ -253,6 +255,7 @@ class Bench:
         self.engine = ensure_engine()
         self.client = self.engine.client
         self.api = self.client.api
+        self.images_before = image_ids(self.client)
         self.image = ensure_test_image(self.client)
         self.defaults = Config(token="-")
         self.tmp = Path(tempfile.mkdtemp(prefix="utopia-bench-"))
@@ -297,6 +300,7 @@ class Bench:
         with ThreadPoolExecutor(4) as pool:
             list(pool.map(lambda cid: self.api.remove_container(cid, v=True, force=True), mine))
         remove_images(self.client, self.images)
+        remove_new_dangling_images(self.client, self.images_before)
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.foreign.close()
         self.engine.stop()

@@ -18,7 +18,9 @@ from tests.support.engine import (
     ensure_engine,
     ensure_test_image,
     free_port,
+    image_ids,
     remove_images,
+    remove_new_dangling_images,
 )
 
 IN_CI = os.environ.get("CI") == "true"
@@ -32,12 +34,10 @@ def engine():
         handle = ensure_engine()
     except EngineUnavailable as exc:
         pytest.skip(f"no Docker engine: {exc}")
-    images_before = {image.id for image in handle.client.images.list(all=True)}
+    images_before = image_ids(handle.client)
     yield handle
     remove_run_containers(handle.client)
-    for image in handle.client.images.list(filters={"dangling": True}):
-        if image.id not in images_before:
-            handle.client.images.remove(image.id, force=True)
+    remove_new_dangling_images(handle.client, images_before)
     handle.stop()
 
 

@@ -283,6 +283,21 @@ def remove_containers(client: docker.DockerClient, label: str) -> int:
     return removed
 
 
+def image_ids(client: docker.DockerClient) -> set[str]:
+    """Every image the engine holds now, tagged or not: take it before a run, to clean up after."""
+    return {image.id for image in client.images.list(all=True)}
+
+
+def remove_new_dangling_images(client: docker.DockerClient, before: set[str]) -> None:
+    """Remove untagged images that were not there before: layers a run's pushes and pulls left."""
+    for image in client.images.list(filters={"dangling": True}):
+        if image.id not in before:
+            try:
+                client.images.remove(image.id, force=True)
+            except docker.errors.ImageNotFound:
+                pass
+
+
 def remove_images(client: docker.DockerClient, refs) -> None:
     """Remove each image reference that exists; missing ones are fine."""
     for ref in refs:
