@@ -11,6 +11,7 @@ import pytest
 
 from tests.fake_nvml import DEFAULT_TEST_GPUS, build_fake_nvml, fake_nvml_env, write_fake_nvml_config
 from tests.support.agent import AgentProcess
+from tests.support.prerequisites import require
 from tests.support.engine import (
     TEST_IMAGE,
     EngineUnavailable,
@@ -23,7 +24,6 @@ from tests.support.engine import (
     remove_new_dangling_images,
 )
 
-IN_CI = os.environ.get("CI") == "true"
 RUN_ID = uuid.uuid4().hex[:6]
 
 
@@ -33,7 +33,7 @@ def engine():
     try:
         handle = ensure_engine()
     except EngineUnavailable as exc:
-        pytest.skip(f"no Docker engine: {exc}")
+        require(False, f"no Docker engine: {exc}")
     images_before = image_ids(handle.client)
     yield handle
     remove_run_containers(handle.client)
@@ -57,12 +57,9 @@ def test_image(docker_client):
 
 
 @pytest.fixture(scope="session")
-def nvidia_path(docker_client, test_image) -> bool:
-    """Whether the engine attaches GPUs through its NVIDIA device path (the stand-in hook)."""
-    ok = engine_has_nvidia_driver(docker_client, test_image)
-    if not ok and IN_CI:
-        pytest.fail("the engine lacks the nvidia device driver: start dockerd with tests/support on its PATH")
-    return ok
+def nvidia_path(docker_client, test_image) -> None:
+    """The engine attaches GPUs through its NVIDIA device path (dockerd started with the stand-in hook on its PATH)."""
+    require(engine_has_nvidia_driver(docker_client, test_image), "the engine has no nvidia device driver: start dockerd with tests/support on its PATH (.ci/run does)")
 
 
 @pytest.fixture(scope="session")

@@ -24,6 +24,7 @@ from tests.fake_nvml import DEFAULT_TEST_GPUS, fake_nvml_env, write_fake_nvml_co
 from tests.support.agent import ROOT, TOKEN, AgentProcess
 from tests.support.engine import Registry, SlowRegistry, free_port, make_unique_image, remove_images
 from tests.support.polling import wait_for
+from tests.support.prerequisites import require
 
 SHIPPED = ROOT / "deploy" / "supervisord-utopia-agent.conf"
 PROGRAM = "utopia-agent"
@@ -201,14 +202,8 @@ class Supervisor:
 
 @pytest.fixture
 def supervisor(tmp_path, fake_nvml_dir, engine, test_image):
-    if shutil.which("supervisord") is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("supervisord is not installed (.ci/run must install the supervisor package)")
-        pytest.skip("supervisord is not installed (apt-get install supervisor)")
-    if os.geteuid() != 0:
-        if os.environ.get("CI") == "true":
-            pytest.fail("CI runs as root; the shipped section runs the agent as user=root")
-        pytest.skip("the shipped section runs the agent as user=root")
+    require(shutil.which("supervisord") is not None, "supervisord is not installed (apt-get install supervisor)")
+    require(os.geteuid() == 0, "the shipped section runs the agent as user=root")
     sup = Supervisor(tmp_path, fake_nvml_dir)
     try:
         yield sup.start()

@@ -20,6 +20,7 @@ import pytest
 
 from tests.support.engine import EngineHandle, ensure_engine, ensure_test_image
 from tests.support.polling import wait_for
+from tests.support.prerequisites import require
 
 ENGINE_TIMEOUT = 2.0
 # What a 503 may take beyond the engine timeout: the request itself, and a slow CI machine.
@@ -98,10 +99,10 @@ class PrivateEngine:
 @pytest.fixture(scope="module")
 def private_engine(engine):
     """The private engine with the test image; docker0 of the shared engine must survive it."""
-    if os.geteuid() != 0 or shutil.which("dockerd") is None or shutil.which("ip") is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("a private dockerd needs root, dockerd and ip (.ci/run installs docker.io and iproute2)")
-        pytest.skip("a private dockerd needs root, dockerd and ip")
+    require(
+        os.geteuid() == 0 and shutil.which("dockerd") is not None and shutil.which("ip") is not None,
+        "a private dockerd needs root, dockerd and ip (.ci/run installs docker.io and iproute2)",
+    )
     docker0 = _ifindex("docker0")
     # A short root: dockerd's and containerd's unix socket paths must stay under 108 bytes.
     private = PrivateEngine(Path(tempfile.mkdtemp(prefix="utopia-eng-", dir="/tmp")))

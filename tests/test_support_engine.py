@@ -6,7 +6,6 @@ to do with the agent, so they say first that the ground is solid.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 import uuid
@@ -18,12 +17,9 @@ from docker.types import DeviceRequest
 
 from tests.support.engine import (
     TEST_IMAGE,
-    EngineUnavailable,
     Registry,
     SilentRegistry,
     SlowRegistry,
-    engine_has_nvidia_driver,
-    ensure_engine,
     ensure_test_image,
     make_unique_image,
     remove_containers,
@@ -33,20 +29,9 @@ from tests.support.engine import (
 LABEL = "utopia-test.support"
 
 
-@pytest.fixture(scope="session")
-def support_engine():
-    """The shared engine (stopped at session end only if this run started it)."""
-    try:
-        handle = ensure_engine()
-    except EngineUnavailable as exc:
-        pytest.skip(str(exc))
-    yield handle
-    handle.stop()
-
-
 @pytest.fixture
-def client(support_engine):
-    client = support_engine.client
+def client(engine):
+    client = engine.client
     ensure_test_image(client)
     yield client
     remove_containers(client, LABEL)
@@ -104,12 +89,7 @@ def test_registry_push_then_pull_and_unknown_manifest(client, unique_tag):
     assert registry.process is None and not storage.exists()
 
 
-def test_hook_gives_the_requested_gpus(client):
-    if not engine_has_nvidia_driver(client):
-        message = "the engine was started without the stand-in nvidia-container-runtime-hook on its PATH"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+def test_hook_gives_the_requested_gpus(client, nvidia_path):
     out = client.containers.run(
         TEST_IMAGE, ["cat", "/proc/1/environ"], remove=True, labels={LABEL: "1"},
         device_requests=[DeviceRequest(
