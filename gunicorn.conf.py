@@ -13,6 +13,7 @@ from gunicorn.glogging import Logger
 
 from utopia_agent.config import ConfigError, load_config, prepare_state_dir
 from utopia_agent.logs import logging_dict
+from utopia_agent.volumes import MountPins
 
 try:
     _agent = load_config()
@@ -20,6 +21,11 @@ try:
 except ConfigError as error:
     print(f"utopia-agent: configuration error: {error}", file=sys.stderr)
     sys.exit(2)
+
+try:
+    MountPins(_agent.mounts_dir).prepare()
+except OSError as error:
+    logging.getLogger("utopia_agent").warning("volumes cannot be pinned, so creates with volumes will fail: %s", error)
 
 # prometheus-client's multiprocess mode: every worker writes its counters here and a scrape
 # sums them. It must be set before any worker imports prometheus_client, and it starts empty.

@@ -10,7 +10,7 @@ import docker
 import pytest
 
 from tests.fake_nvml import DEFAULT_TEST_GPUS, build_fake_nvml, fake_nvml_env, write_fake_nvml_config
-from tests.support.agent import AgentProcess
+from tests.support.agent import AgentProcess, unmount_under
 from tests.support.prerequisites import require
 from tests.support.engine import (
     TEST_IMAGE,
@@ -25,6 +25,14 @@ from tests.support.engine import (
 )
 
 RUN_ID = uuid.uuid4().hex[:6]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _unmount_leftovers(tmp_path_factory):
+    """Agents started by tests mount their pins (and a tmpfs for them) in their state dirs: unmount
+    whatever is left under this run's temp dir, so nothing outlives the run."""
+    yield
+    unmount_under(tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture(scope="session")

@@ -56,7 +56,10 @@ def test_create_runs_the_container_as_asked(agent, docker_client, test_image, cl
     assert attrs["Config"]["WorkingDir"] == "/srv"
     assert attrs["Config"]["Labels"]["utopia.managed"] == "true"
     assert attrs["Config"]["Labels"]["utopia.claim_id"] == claim()
-    assert attrs["HostConfig"]["Binds"] == [f"{host_dir}:/srv:rw"]
+    [mount] = attrs["HostConfig"]["Mounts"]
+    assert (mount["Type"], mount["Target"], mount.get("ReadOnly", False)) == ("bind", "/srv", False)
+    assert mount["Source"] == str(agent.state_dir / "mounts" / claim() / "0"), "the engine mounts the agent's pin"
+    assert attrs["HostConfig"]["Binds"] is None
     assert attrs["HostConfig"]["Privileged"] is False
     assert wait_for_http(f"http://127.0.0.1:{port}/index.html").text == "hello from the claim\n"
 

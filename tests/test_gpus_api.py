@@ -220,3 +220,27 @@ def test_gpus_are_told_apart_by_uuid_after_renumbering(agent, docker_client, tes
     given = agent.get(f"/api/v1/containers/{rest.json()['container_id']}").json()["gpu_ids"]
     assert 3 not in given and 4 in given
 
+
+
+def test_deleting_the_old_lock_file_mid_burst_never_shares_a_gpu(agent_factory, docker_client, test_image, claim):
+    """An operator (or a tenant who reached the state dir) deletes and replaces `allocations.lock`
+    while creates race: the lock is the state dir itself, so every GPU still has one holder."""
+    agent = agent_factory(workers=4)
+    lock_file = agent.state_dir / "allocations.lock"
+    stop = threading.Event()
+
+    def vandal():
+        while not stop.is_set():
+            lock_file.unlink(missing_ok=True)
+            lock_file.touch()
+            time.sleep(0.005)
+
+    thread = threading.Thread(target=vandal)
+    thread.start()
+    try:
+        results = _burst(agent, test_image, claim(""), 16, seed=3)
+    finally:
+        stop.set()
+        thread.join()
+    assert all(isinstance(r, requests.Response) and r.status_code in (201, 409) for r in results.values()), results
+    assert assert_exclusive(docker_client, claim("")) == set(HEALTHY_GPUS)

@@ -7,6 +7,7 @@ and that the engine holds no container for the claim afterwards (by label or by 
 from __future__ import annotations
 
 import os
+import uuid
 
 import pytest
 
@@ -38,13 +39,14 @@ def assert_refused(response, status: int, field: str, docker_client, claim_id: s
     assert made_for(docker_client, claim_id) == []
 
 
-@pytest.fixture(scope="module")
-def open_agent(agent_factory, test_image):
-    """An agent whose operator opened every host path (`/`): only the never-mountable rules remain."""
-    return agent_factory(workers=1, UTOPIA_AGENT_VOLUME_ROOTS="/")
-
-
 # --- volumes -------------------------------------------------------------------------
+
+
+def host_dir(agent, name: str):
+    """A fresh directory inside the agent's volume root (unique: parametrized tests share claim names)."""
+    path = agent.state_dir / "volumes" / f"{name}-{uuid.uuid4().hex[:8]}"
+    path.mkdir(parents=True)
+    return path
 
 
 def test_host_path_outside_the_volume_roots_is_403(agent, docker_client, test_image, claim, tmp_path):
@@ -53,65 +55,86 @@ def test_host_path_outside_the_volume_roots_is_403(agent, docker_client, test_im
     assert "volume roots" in response.json()["message"]
 
 
+@pytest.mark.parametrize(
+    "host",
+    ["/", "/proc", "/proc/self/root", "/proc/1/root/etc", "/sys", "/dev", "/dev/shm", "/etc", "/etc/shadow", "//etc",
+     "/boot", "/root", "/usr", "/var/run/docker.sock", "/run/docker.sock", "/var/lib/docker", "/var"],
+)
+def test_system_paths_are_never_mountable(agent, docker_client, test_image, claim, host):
+    response = agent.create(claim(), test_image, command=["true"], volumes={host: "/data"})
+    assert_refused(response, 403, "volumes", docker_client, claim())
+
+
 def test_dotdot_cannot_climb_out_of_a_volume_root(agent, docker_client, test_image, claim):
     escape = f"{agent.state_dir}/volumes/../.."
     response = agent.create(claim(), test_image, command=["true"], volumes={escape: "/data"})
     assert_refused(response, 403, "volumes", docker_client, claim())
 
 
-@pytest.mark.parametrize("target", ["outside", "/etc", "state"])
-def test_symlink_inside_a_root_pointing_out_is_403(agent, docker_client, test_image, claim, tmp_path, target):
-    destination = {"outside": str(tmp_path), "/etc": "/etc", "state": str(agent.state_dir)}[target]
+@pytest.mark.parametrize("target", ["outside", "/etc", "state", "inside"])
+def test_a_symlink_below_the_root_is_403_wherever_it_points(agent, docker_client, test_image, claim, tmp_path, target):
+    destination = {"outside": str(tmp_path), "/etc": "/etc", "state": str(agent.state_dir), "inside": str(host_dir(agent, claim("real")))}[target]
     link = agent.state_dir / "volumes" / f"link-{claim()}"
     link.symlink_to(destination)
     try:
         for host in (str(link), f"{link}/sub"):
             response = agent.create(claim(), test_image, command=["true"], volumes={host: "/data"})
             assert_refused(response, 403, "volumes", docker_client, claim())
+            assert "symlink" in response.json()["message"]
     finally:
         link.unlink()
 
 
-@pytest.mark.parametrize(
-    "host",
-    ["/", "/proc", "/proc/self/root", "/sys", "/dev", "/dev/shm", "/etc", "/etc/shadow", "//etc", "/boot",
-     "/var/run/docker.sock", "/run/docker.sock", "/var/run", "/var/lib/docker", "/var/lib/docker/volumes", "/var"],
-)
-def test_system_paths_are_never_mountable_even_under_an_open_root(open_agent, docker_client, test_image, claim, host):
-    response = open_agent.create(claim(), test_image, command=["true"], volumes={host: "/data"})
-    assert_refused(response, 403, "volumes", docker_client, claim())
-    assert "system path" in response.json()["message"]
-
-
-def test_a_link_into_another_root_is_403(open_agent, docker_client, test_image, claim):
-    """/proc/1/root/etc is /etc where the agent may read the link, and unresolvable (so refused) where it may not."""
-    response = open_agent.create(claim(), test_image, command=["true"], volumes={"/proc/1/root/etc": "/data"})
+@pytest.mark.parametrize("where", ["state dir", "pinned mounts", "volume root"])
+def test_the_agents_state_and_the_volume_root_itself_are_not_mountable(agent, docker_client, test_image, claim, where):
+    host = {"state dir": agent.state_dir, "pinned mounts": agent.state_dir / "mounts", "volume root": agent.state_dir / "volumes"}[where]
+    response = agent.create(claim(), test_image, command=["true"], volumes={str(host): "/data"})
     assert_refused(response, 403, "volumes", docker_client, claim())
 
 
-@pytest.mark.parametrize("where", ["itself", "lock file", "parent"])
-def test_the_agents_state_is_never_mountable(open_agent, docker_client, test_image, claim, where):
-    host = {"itself": open_agent.state_dir, "lock file": open_agent.state_dir / "allocations.lock", "parent": open_agent.state_dir.parent}[where]
-    response = open_agent.create(claim(), test_image, command=["true"], volumes={str(host): "/data"})
+def test_a_missing_host_path_is_403_and_never_created(agent, docker_client, test_image, claim):
+    missing = agent.state_dir / "volumes" / claim("missing") / "deeper"
+    response = agent.create(claim(), test_image, command=["true"], volumes={str(missing): "/data"})
     assert_refused(response, 403, "volumes", docker_client, claim())
+    assert "does not exist" in response.json()["message"]
+    assert not missing.parent.exists()
 
 
-def test_the_default_state_dir_itself_is_refused_but_its_volumes_root_is_not(agent, docker_client, test_image, claim):
-    refused = agent.create(claim("a"), test_image, command=["true"], volumes={str(agent.state_dir): "/data"})
-    assert_refused(refused, 403, "volumes", docker_client, claim("a"))
-    allowed = agent.create(claim("b"), test_image, command=["sleep", "60"], volumes={str(agent.state_dir / "volumes"): "/data"})
-    assert allowed.status_code == 201, allowed.text
+def test_nested_volumes_of_one_request_are_403(agent, docker_client, test_image, claim):
+    """The attack: with `x` at /mnt and `x/sub` at /data, the tenant swaps `sub` for a symlink to `/`."""
+    outer = host_dir(agent, claim("x"))
+    (outer / "sub").mkdir()
+    for volumes in ({str(outer): "/mnt", str(outer / "sub"): "/data"}, {str(outer / "sub"): "/data", str(outer): "/mnt"}):
+        response = agent.create(claim(), test_image, command=["true"], volumes=volumes)
+        assert_refused(response, 403, "volumes", docker_client, claim())
+        assert "overlaps" in response.json()["message"]
+
+
+@pytest.mark.parametrize("relation", ["inside", "containing", "same"])
+def test_a_volume_overlapping_another_claims_is_403(agent, docker_client, test_image, claim, relation):
+    mounted = host_dir(agent, claim("shared")) / "held"
+    mounted.mkdir()
+    (mounted / "inner").mkdir()
+    first = agent.create(claim("a"), test_image, command=["sleep", "300"], volumes={str(mounted): "/data"})
+    assert first.status_code == 201, first.text
+    host = {"inside": mounted / "inner", "containing": mounted.parent, "same": mounted}[relation]
+    response = agent.create(claim("b"), test_image, command=["sleep", "300"], volumes={str(host): "/data"})
+    assert_refused(response, 403, "volumes", docker_client, claim("b"))
+    assert first.json()["container_id"][:12] in response.json()["message"]
+    assert agent.delete(f"/api/v1/containers/{first.json()['container_id']}").status_code == 204
+    again = agent.create(claim("b"), test_image, command=["true"], volumes={str(host): "/data"})
+    assert again.status_code == 201, "a deleted claim's volumes are free again"
 
 
 @pytest.mark.parametrize("inside", ["/proc", "/proc/sys", "/sys", "/sys/fs/cgroup", "/dev", "/dev/shm", "/", "//proc", "/x/../dev"])
 def test_container_paths_may_not_shadow_system_paths(agent, docker_client, test_image, claim, inside):
-    response = agent.create(claim(), test_image, command=["true"], volumes={str(agent.state_dir / "volumes"): inside})
+    response = agent.create(claim(), test_image, command=["true"], volumes={str(host_dir(agent, claim())): inside})
     assert_refused(response, 403, "volumes", docker_client, claim())
 
 
 @pytest.mark.parametrize("inside", ["data", "./data", "", "~/data", "/data\x00"])
 def test_container_paths_must_be_absolute(agent, docker_client, test_image, claim, inside):
-    response = agent.create(claim(), test_image, command=["true"], volumes={str(agent.state_dir / "volumes"): inside})
+    response = agent.create(claim(), test_image, command=["true"], volumes={str(host_dir(agent, claim())): inside})
     assert_refused(response, 400, "volumes", docker_client, claim())
 
 
@@ -130,8 +153,8 @@ def test_same_container_path_twice_is_403(agent, docker_client, test_image, clai
 
 
 def test_same_host_path_twice_is_403(agent, docker_client, test_image, claim):
-    root = agent.state_dir / "volumes"
-    response = agent.create(claim(), test_image, command=["true"], volumes={str(root): "/a", f"{root}/": "/b"})
+    path = host_dir(agent, claim())
+    response = agent.create(claim(), test_image, command=["true"], volumes={str(path): "/a", f"{path}/": "/b"})
     assert_refused(response, 403, "volumes", docker_client, claim())
 
 

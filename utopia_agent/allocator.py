@@ -18,31 +18,51 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
-from .docker_manager import GPU_IDS_LABEL, PORTS_LABEL, ContainerSpec, DockerManager, Holdings
-from .errors import AllocationBusy, ClaimExists, NoGpusFree, PortTaken
+from .docker_manager import GPU_IDS_LABEL, PORTS_LABEL, VOLUMES_LABEL, ContainerSpec, DockerManager, Holdings
+from .errors import AllocationBusy, ClaimExists, NodeFault, NoGpusFree, PolicyViolation, PortTaken
 from .gpu_selection import choose_gpus
-from .gpus import GpuInventory, gpu_key_held, gpu_keys
+from .gpus import GpuInventory, GpuStatus, gpu_key_held, gpu_keys
+from .policy import check_volumes_apart
+from .volumes import MountPins, VolumeRefused
 
 log = logging.getLogger("utopia_agent.allocator")
 
 
 @contextmanager
-def allocation_lock(path: Path, timeout: float) -> Iterator[None]:
-    """Hold the node-wide allocation lock; flock is per open file, so threads exclude each other too."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+def allocation_lock(state_dir: Path, timeout: float) -> Iterator[None]:
+    """Hold the node-wide allocation lock: flock on the state dir itself, per open file, so threads
+    exclude each other too.
+
+    A lock file could be deleted or replaced while held, letting a second holder in on a new
+    file; a directory that holds the agent's state cannot be removed under it. Should the path
+    name another directory by the time the lock is taken, the lock is taken again there.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        fd = os.open(state_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise AllocationBusy("other creates hold the allocation lock; try again") from None
+                    time.sleep(0.005)
+            if _same_file(fd, state_dir):
+                yield
+                return
+        finally:
+            os.close(fd)
+
+
+def _same_file(fd: int, path: Path) -> bool:
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise AllocationBusy("other creates hold the allocation lock; try again") from None
-                time.sleep(0.005)
-        yield
-    finally:
-        os.close(fd)
+        named = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (held.st_dev, held.st_ino) == (named.st_dev, named.st_ino)
 
 
 @dataclass(frozen=True)
@@ -51,19 +71,22 @@ class NodeAllocations:
 
     gpu_holders: dict[str, tuple[str, ...]]
     port_holders: dict[tuple[int, str], str]
+    volume_holders: dict[str, str]
 
     @classmethod
     def from_labels(cls, containers: list[tuple[str, dict[str, str]]]) -> "NodeAllocations":
         """Built from each managed container's id and labels, which record everything it holds."""
         gpus: dict[str, list[str]] = {}
         ports: dict[tuple[int, str], str] = {}
+        volumes: dict[str, str] = {}
         for container_id, labels in containers:
             held = Holdings.from_labels(labels)
             for key in gpu_keys(held):
                 gpus.setdefault(key, []).append(container_id)
             for mapping in held.port_mappings:
                 ports[(mapping.host_port, mapping.protocol)] = container_id
-        return cls({gpu: tuple(ids) for gpu, ids in gpus.items()}, ports)
+            volumes.update(dict.fromkeys(held.volume_hosts, container_id))
+        return cls({gpu: tuple(ids) for gpu, ids in gpus.items()}, ports, volumes)
 
     def double_allocations(self) -> dict[str, tuple[str, ...]]:
         """GPUs that more than one container claims: reported, never silently merged."""
@@ -87,13 +110,14 @@ def port_is_free(port: int, protocol: str) -> bool:
 
 
 class Allocator:
-    """Chooses GPUs and checks ports for a claim, and creates its container under the lock."""
+    """Chooses GPUs, checks ports and pins volumes for a claim, and creates its container under the lock."""
 
-    def __init__(self, lock_path: Path, docker: DockerManager, inventory: GpuInventory, lock_timeout: float):
-        self._lock_path = lock_path
+    def __init__(self, state_dir: Path, docker: DockerManager, inventory: GpuInventory, lock_timeout: float, pins: MountPins):
+        self._state_dir = state_dir
         self._docker = docker
         self._inventory = inventory
         self._lock_timeout = lock_timeout
+        self._pins = pins
 
     def held_gpu_keys(self) -> set[str]:
         """GPUs held by managed containers (see gpu_keys), for `busy`: from the listing, served from memory when exact."""
@@ -103,9 +127,12 @@ class Allocator:
         """Create the claim's container with `gpu_count` free GPUs; the lock spans decide + create.
 
         Each check reads the engine afresh: the claim by its container name, and only the
-        containers that hold ports or GPUs (labels the others do not carry).
+        containers that hold ports, GPUs or volumes (labels the others do not carry). The GPUs
+        are read from NVML before the lock: under it only UUIDs and health are compared.
         """
-        with allocation_lock(self._lock_path, self._lock_timeout):
+        gpus = self._inventory.snapshot() if gpu_count else []
+        engine_root = self._docker.data_root() if spec.volumes else None
+        with allocation_lock(self._state_dir, self._lock_timeout):
             holder = self._docker.find_claim(spec.claim_id, fresh=True)
             if holder:
                 raise ClaimExists.held_by(spec.claim_id, holder)
@@ -115,8 +142,47 @@ class Allocator:
                 allocations = NodeAllocations.from_labels(self._docker.holders_of(GPU_IDS_LABEL))
                 for gpu, holders in allocations.double_allocations().items():
                     log.error("gpu allocated twice gpu=%s containers=%s", gpu, ",".join(c[:12] for c in holders))
-                spec = self._with_gpus(spec, gpu_count, allocations)
-            return self._docker.create(spec), spec
+                spec = self._with_gpus(spec, gpu_count, gpus, allocations)
+            if not spec.volumes:
+                return self._docker.create(spec), spec
+            check_volumes_apart(spec.volumes, NodeAllocations.from_labels(self._docker.holders_of(VOLUMES_LABEL)).volume_holders, engine_root)
+            spec = replace(spec, mount_sources=tuple(self._pin(spec)))
+            try:
+                return self._docker.create(spec), spec
+            except BaseException:
+                self._pins.release(spec.claim_id)
+                raise
+
+    def _pin(self, spec: ContainerSpec) -> list[str]:
+        try:
+            return self._pins.pin(spec.claim_id, spec.volumes)
+        except VolumeRefused as refused:  # the path changed since the policy check
+            raise PolicyViolation(f"volumes: {refused}", errors={"volumes": [str(refused)]}) from None
+        except OSError as exc:
+            log.error("volume pin failed claim=%s reason=%s", spec.claim_id, exc.strerror)
+            raise NodeFault(f"the agent cannot pin the claim's volumes: {exc.strerror}") from None
+
+    def release(self, claim_id: str) -> None:
+        """Unpin a claim's volumes once it has no container (after a delete or a rolled-back start)."""
+        if not self._pins.holds(claim_id):
+            return
+        with allocation_lock(self._state_dir, self._lock_timeout):
+            if self._docker.find_claim(claim_id, fresh=True) is None:
+                self._pins.release(claim_id)
+
+    def sweep(self, max_created_age: float) -> None:
+        """Remove containers created but never started for `max_created_age` seconds (a crash between
+        create and start: they hold GPUs nobody uses) and the pins of claims that have no container."""
+        with allocation_lock(self._state_dir, self._lock_timeout):
+            for container_id, claim_id in self._docker.stale_created(max_created_age):
+                log.warning("removing a container that never started claim=%s container=%s", claim_id, container_id[:12])
+                self._docker.remove(container_id, grace_seconds=0)
+            pinned = self._pins.claims()
+            if pinned:
+                live = {Holdings.from_labels(labels).claim_id for _, labels in self._docker.holders_of(VOLUMES_LABEL)}
+                for claim_id in set(pinned) - live:
+                    log.info("unpinning the volumes of a claim without a container claim=%s", claim_id)
+                    self._pins.release(claim_id)
 
     @staticmethod
     def _check_ports(spec: ContainerSpec, allocations: NodeAllocations) -> None:
@@ -127,8 +193,8 @@ class Allocator:
             if not port_is_free(mapping.host_port, mapping.protocol):
                 raise PortTaken(f"host port {mapping.host_port}/{mapping.protocol} is in use on the node", host_port=mapping.host_port)
 
-    def _with_gpus(self, spec: ContainerSpec, gpu_count: int, allocations: NodeAllocations) -> ContainerSpec:
-        gpus = {gpu.index: gpu for gpu in self._inventory.snapshot()}
+    def _with_gpus(self, spec: ContainerSpec, gpu_count: int, snapshot: list[GpuStatus], allocations: NodeAllocations) -> ContainerSpec:
+        gpus = {gpu.index: gpu for gpu in snapshot}
         free = sorted(i for i, gpu in gpus.items() if gpu.healthy and gpu.uuid and not gpu_key_held(gpu, allocations.gpu_holders))
         if len(free) < gpu_count:
             raise NoGpusFree(

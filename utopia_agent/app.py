@@ -11,9 +11,11 @@ from .config import Config, load_config, prepare_state_dir
 from .docker_manager import DockerManager
 from .errors import register_error_handlers
 from .gpus import GpuInventory, make_inventory
+from .janitor import Janitor
 from .logs import configure_logging
 from .requests_log import register_request_hooks
 from .system_metrics import SystemMetrics
+from .volumes import MountPins
 
 
 @dataclass
@@ -25,8 +27,10 @@ class Services:
     gpus: GpuInventory
     allocator: Allocator
     system: SystemMetrics
+    janitor: Janitor
 
     def close(self) -> None:
+        self.janitor.close()
         self.gpus.close()
         self.docker.close()
 
@@ -47,12 +51,14 @@ def create_app(config: Config | None = None, gpus: GpuInventory | None = None) -
     app = Flask("utopia_agent")
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
     app.json.sort_keys = False
+    allocator = Allocator(config.state_dir, docker, gpus, lock_timeout, MountPins(config.mounts_dir))
     app.extensions["utopia"] = Services(
         config=config,
         docker=docker,
         gpus=gpus,
-        allocator=Allocator(config.lock_path, docker, gpus, lock_timeout),
+        allocator=allocator,
         system=SystemMetrics(),
+        janitor=Janitor(allocator, config.state_dir / "janitor.stamp", config.unstarted_seconds).start(),
     )
     register_error_handlers(app)
     register_request_hooks(app)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -13,6 +15,12 @@ from .gpus import BACKENDS as GPU_BACKENDS
 LOG_FORMATS = ("json", "text")
 PROMETHEUS_AUTH_MODES = ("token", "none")
 RESTART_POLICIES = ("no", "on-failure", "unless-stopped", "always")
+# Host paths no volume root may be, contain or lie in: the host's system, the engine's and
+# other orchestrators' state. The agent's own code, token and state are added at load.
+SYSTEM_PATHS = (
+    "/proc", "/sys", "/dev", "/etc", "/boot", "/root", "/usr", "/bin", "/sbin", "/lib", "/lib64",
+    "/run", "/var/run", "/var/lib/docker", "/var/lib/containerd", "/var/lib/kubelet", "/var/lib/utopia-agent",
+)
 
 
 class ConfigError(Exception):
@@ -47,14 +55,17 @@ class Config:
     log_max_size: str = "50m"
     log_max_files: int = 3
     restart_policy: str = "unless-stopped"
-
-    @property
-    def lock_path(self) -> Path:
-        return self.state_dir / "allocations.lock"
+    unstarted_seconds: float = 60.0
+    # Resolved at load: what no volume may reach (SYSTEM_PATHS, the agent's code and token).
+    denied_paths: tuple[str, ...] = ()
 
     @property
     def effective_volume_roots(self) -> tuple[Path, ...]:
         return self.volume_roots or (self.state_dir / "volumes",)
+
+    @property
+    def mounts_dir(self) -> Path:
+        return self.state_dir / "mounts"
 
 
 def _int(env: Mapping[str, str], name: str, default: int, low: int = 1, high: int | None = None) -> int:
@@ -127,12 +138,48 @@ def _volume_roots(env: Mapping[str, str]) -> tuple[Path, ...]:
     return roots
 
 
+def _within(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def resolve_denied_paths(env: Mapping[str, str], extra: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """SYSTEM_PATHS, the agent's install dir and interpreter, and its token file, with symlinks resolved."""
+    install_dir = Path(__file__).resolve().parents[1]
+    paths = {*SYSTEM_PATHS, str(install_dir), sys.prefix, *extra}
+    if env.get("UTOPIA_AGENT_TOKEN_FILE"):
+        paths.add(env["UTOPIA_AGENT_TOKEN_FILE"])
+    return tuple(sorted({os.path.realpath(p) for p in paths} | set(paths)))
+
+
+def check_volume_roots(roots: tuple[Path, ...], state_dir: Path, denied: tuple[str, ...]) -> None:
+    """Refuse roots that would open the host's system, the engine's state or the agent itself.
+
+    Inside the state dir only STATE_DIR/volumes (the default root) and what lies below it may be
+    a root: the lock, the pinned mounts and the metrics stay the agent's alone.
+    """
+    state = os.path.realpath(state_dir)
+    own_volumes = os.path.join(state, "volumes")
+    for root in roots:
+        try:
+            real = os.path.realpath(root, strict=False)
+        except OSError as exc:  # a link the agent may not read (/proc/1/root): nothing proves where it leads
+            raise ConfigError("UTOPIA_AGENT_VOLUME_ROOTS", f"{root} cannot be resolved ({exc.strerror})") from None
+        if _within(state, real) or (_within(real, state) and not _within(real, own_volumes)):
+            raise ConfigError("UTOPIA_AGENT_VOLUME_ROOTS", f"{root} would expose the agent's state dir {state_dir}")
+        for path in denied:
+            if _within(real, path) or _within(path, real):
+                raise ConfigError("UTOPIA_AGENT_VOLUME_ROOTS", f"{root} overlaps {path}, which no volume may reach")
+
+
 def load_config(env: Mapping[str, str] | None = None) -> Config:
     """Build the configuration from environment variables; raise ConfigError naming the bad one."""
     env = os.environ if env is None else env
     state_dir = Path(env.get("UTOPIA_AGENT_STATE_DIR") or "/var/lib/utopia-agent")
     if not state_dir.is_absolute():
         raise ConfigError("UTOPIA_AGENT_STATE_DIR", f"{state_dir} is not an absolute path")
+    volume_roots = _volume_roots(env)
+    denied = resolve_denied_paths(env)
+    check_volume_roots(volume_roots, state_dir, tuple(p for p in denied if not _within(p, os.path.realpath(state_dir))))
     return Config(
         token=_token(env),
         bind=env.get("UTOPIA_AGENT_BIND") or "0.0.0.0:8600",
@@ -141,7 +188,7 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         state_dir=state_dir,
         gpu_backend=_choice(env, "UTOPIA_AGENT_GPU_BACKEND", "auto", GPU_BACKENDS),
         fake_gpu_count=_int(env, "UTOPIA_AGENT_FAKE_GPU_COUNT", 8, low=0, high=64),
-        volume_roots=_volume_roots(env),
+        volume_roots=volume_roots,
         host_port_range=_port_range(env, "UTOPIA_AGENT_HOST_PORT_RANGE"),
         pull_timeout=_seconds(env, "UTOPIA_AGENT_PULL_TIMEOUT", 1800.0),
         pull_idle_timeout=_seconds(env, "UTOPIA_AGENT_PULL_IDLE_TIMEOUT", 120.0),
@@ -154,6 +201,8 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         log_max_size=env.get("UTOPIA_AGENT_LOG_MAX_SIZE") or "50m",
         log_max_files=_int(env, "UTOPIA_AGENT_LOG_MAX_FILES", 3, high=100),
         restart_policy=_choice(env, "UTOPIA_AGENT_RESTART_POLICY", "unless-stopped", RESTART_POLICIES),
+        unstarted_seconds=_seconds(env, "UTOPIA_AGENT_UNSTARTED_SECONDS", 60.0),
+        denied_paths=denied,
     )
 
 
@@ -161,6 +210,6 @@ def prepare_state_dir(config: Config) -> None:
     """Create the state dir and prove it is writable, so a bad one stops the agent at start."""
     try:
         config.state_dir.mkdir(parents=True, exist_ok=True)
-        config.lock_path.touch(exist_ok=True)
+        tempfile.TemporaryFile(dir=config.state_dir).close()
     except OSError as exc:
         raise ConfigError("UTOPIA_AGENT_STATE_DIR", f"cannot write {config.state_dir}: {exc.strerror}") from None

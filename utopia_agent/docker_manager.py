@@ -12,7 +12,7 @@ import re
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Iterator
 
@@ -20,7 +20,7 @@ import docker
 import requests
 import urllib3
 from docker.errors import APIError, DockerException, NotFound
-from docker.types import DeviceRequest, LogConfig
+from docker.types import DeviceRequest, LogConfig, Mount
 
 from .config import Config
 from .errors import (
@@ -37,6 +37,7 @@ from .errors import (
 from .generation import SharedGeneration
 from .prometheus import PULL_DURATION
 from .schemas import CONTAINER_ID_PATTERN
+from .volumes import Volume, decode_hosts, encode_hosts
 
 log = logging.getLogger("utopia_agent.docker")
 
@@ -45,6 +46,11 @@ CLAIM_LABEL = "utopia.claim_id"
 GPU_IDS_LABEL = "utopia.gpu_ids"
 GPU_UUIDS_LABEL = "utopia.gpu_uuids"
 PORTS_LABEL = "utopia.ports"
+VOLUMES_LABEL = "utopia.volumes"
+# Capabilities of Docker's default set that a job never needs: NET_RAW (raw sockets: ARP and
+# DNS spoofing of neighbours on the bridge), MKNOD (device nodes), AUDIT_WRITE (the host's
+# audit log), SETFCAP and SETPCAP (granting file or process capabilities), SYS_CHROOT.
+DROPPED_CAPABILITIES = ("NET_RAW", "MKNOD", "AUDIT_WRITE", "SETFCAP", "SETPCAP", "SYS_CHROOT")
 MANAGED_FILTER = f"{MANAGED_LABEL}=true"
 NAME_PREFIX = "utopia-"
 PULL_PROGRESS_INTERVAL = 5.0
@@ -88,7 +94,9 @@ class ContainerSpec:
     env_vars: tuple[str, ...] = ()
     command: tuple[str, ...] = ()
     working_dir: str = ""
-    volumes: dict[str, str] = field(default_factory=dict)
+    volumes: tuple[Volume, ...] = ()
+    # Where the allocator pinned each volume (see volumes.MountPins): what the engine mounts.
+    mount_sources: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
@@ -103,6 +111,8 @@ class ContainerSpec:
             labels[GPU_UUIDS_LABEL] = ",".join(self.gpu_uuids)
         if self.port_mappings:
             labels[PORTS_LABEL] = ",".join(str(m) for m in self.port_mappings)
+        if self.volumes:
+            labels[VOLUMES_LABEL] = encode_hosts(self.volumes)
         return labels
 
 
@@ -114,6 +124,7 @@ class Holdings:
     gpu_ids: tuple[int, ...]
     gpu_uuids: tuple[str, ...]
     port_mappings: tuple[PortMapping, ...]
+    volume_hosts: tuple[str, ...] = ()
 
     @classmethod
     def from_labels(cls, labels: dict[str, str]) -> "Holdings":
@@ -122,6 +133,7 @@ class Holdings:
             gpu_ids=_gpu_ids(labels),
             gpu_uuids=tuple(_split(labels.get(GPU_UUIDS_LABEL, ""))),
             port_mappings=_port_mappings(labels),
+            volume_hosts=tuple(decode_hosts(labels.get(VOLUMES_LABEL, "[]"))),
         )
 
 
@@ -271,6 +283,7 @@ class DockerManager:
         self._started_cache: dict[str, tuple[str, int]] = {}
         self._cache_lock = threading.Lock()
         self._answered_at = float("-inf")
+        self._data_root: str | None = None
         self._generation = SharedGeneration(config.state_dir / "generation")
         self._listing = _Listing(self._generation)
         self._refresh_lock = threading.Lock()
@@ -410,6 +423,24 @@ class DockerManager:
         with self._engine_call("list containers"):
             rows = self._engine().api.containers(all=True, filters={"label": [MANAGED_FILTER, label]})
         return [(row["Id"], row.get("Labels") or {}) for row in rows]
+
+    def stale_created(self, older_than: float) -> list[tuple[str, str]]:
+        """(id, claim id) of managed containers created but never started `older_than` seconds ago."""
+        with self._engine_call("list containers"):
+            rows = self._engine().api.containers(all=True, filters={"label": [MANAGED_FILTER], "status": ["created"]})
+        cutoff = time.time() - older_than
+        return [(row["Id"], (row.get("Labels") or {}).get(CLAIM_LABEL, "")) for row in rows if row["Created"] < cutoff]
+
+    def data_root(self) -> str | None:
+        """The engine's data root (`DockerRootDir`), which no volume may reach; None while the engine
+        does not say. Read once: it changes only when dockerd restarts with another configuration."""
+        if self._data_root is None:
+            try:
+                with self._engine_call("info"):
+                    self._data_root = self._engine().api.info().get("DockerRootDir") or None
+            except EngineUnavailable:
+                return None
+        return self._data_root
 
     def find_claim(self, claim_id: str, fresh: bool = False) -> str | None:
         """The id of the claim's container, if it has one: the listing when exact, else the engine's
@@ -568,10 +599,15 @@ class DockerManager:
         for mapping in spec.port_mappings:
             bindings.setdefault(mapping.container_key, []).append(mapping.host_port)
         host_config = api.create_host_config(
-            binds={host: {"bind": inside, "mode": "rw"} for host, inside in spec.volumes.items()},
+            # Mounts, not Binds: the engine never creates a missing source as root.
+            mounts=[
+                Mount(volume.target, source, type="bind", read_only=volume.read_only)
+                for volume, source in zip(spec.volumes, spec.mount_sources, strict=True)
+            ],
             port_bindings=bindings,
             device_requests=[DeviceRequest(driver="nvidia", device_ids=list(spec.gpu_uuids), capabilities=[["gpu"]])] if spec.gpu_uuids else None,
             privileged=False,
+            cap_drop=list(DROPPED_CAPABILITIES),
             security_opt=["no-new-privileges"],
             pids_limit=config.pids_limit,
             log_config=LogConfig(type="json-file", config={"max-size": config.log_max_size, "max-file": str(config.log_max_files)}),

@@ -95,6 +95,13 @@ class EngineRejected(AgentError):
     code = "engine_rejected"
 
 
+class NodeFault(AgentError):
+    """The node itself failed the request (say, the agent may not mount); not the caller's fault."""
+
+    status = 500
+    code = "node_fault"
+
+
 class EngineError(AgentError):
     """The engine answered with a failure of its own."""
 

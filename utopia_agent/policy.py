@@ -6,13 +6,14 @@ Each rule raises PolicyViolation naming the field, before anything reaches the e
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from typing import Any
 
 from .config import Config
 from .docker_manager import ContainerSpec, PortMapping
 from .errors import PolicyViolation
+from .volumes import Volume, VolumeRefused, overlap, parse_volume, within
 
-SYSTEM_PATHS = ("/proc", "/sys", "/dev", "/etc", "/boot", "/run/docker.sock", "/var/run/docker.sock", "/var/lib/docker", "/run/containerd")
 SHADOWED_CONTAINER_PATHS = ("/proc", "/sys", "/dev")
 # Names that select or widen GPUs: the agent alone decides them, through DeviceRequests.
 RESERVED_ENV_NAMES = frozenset({
@@ -29,10 +30,6 @@ RESERVED_ENV_NAMES = frozenset({
     "ROCR_VISIBLE_DEVICES",
 })
 RESERVED_ENV_PREFIXES = ("NVIDIA_REQUIRE_",)
-
-
-def _within(path: str, root: str) -> bool:
-    return path == root or path.startswith(root.rstrip("/") + "/")
 
 
 def _field_error(field: str, message: str) -> PolicyViolation:
@@ -53,37 +50,48 @@ def check_ports(port_mappings: list[dict[str, Any]], config: Config) -> None:
             raise _field_error("port_mappings", f"host port {mapping['host_port']} is outside the node's range {low}-{high}")
 
 
-def check_volumes(volumes: dict[str, str], config: Config) -> dict[str, str]:
-    """Resolve each host path (`..` and symlinks) and keep it inside the volume roots."""
-    roots = [os.path.realpath(root) for root in config.effective_volume_roots]
-    state_dir = os.path.realpath(config.state_dir)
-    resolved: dict[str, str] = {}
+def check_volumes(volumes: dict[str, str], config: Config) -> tuple[Volume, ...]:
+    """Each host path inside a volume root (not the root itself), existing, with no symlink below
+    the root, and apart from every other volume of the request; each container path clear of
+    the system paths. Other claims' volumes are checked under the allocation lock."""
+    roots: dict[str, str] = {}
+    for root in config.effective_volume_roots:
+        real = os.path.realpath(root)
+        roots[os.path.normpath(str(root))] = real
+        roots[real] = real
+    checked: list[Volume] = []
     targets: set[str] = set()
     for host, inside in volumes.items():
         try:
-            real = os.path.realpath(host)
-        except OSError as exc:  # a link the agent may not read (/proc/1/root): nothing proves where it leads
-            raise _field_error("volumes", f"{host} cannot be resolved ({exc.strerror})") from None
-        if real == "/" or any(_within(real, p) or _within(p, real) for p in SYSTEM_PATHS):
-            raise _field_error("volumes", f"{host} is a system path and cannot be mounted")
-        if not any(_within(real, root) for root in roots):
-            raise _field_error("volumes", f"{host} is outside the node's volume roots ({':'.join(roots)})")
-        # Inside the state dir only a volume root of its own (the default STATE_DIR/volumes) may
-        # be mounted; a root above it, say `/`, does not open the lock file to callers.
-        inside_state_root = any(_within(real, r) and _within(r, state_dir) and r != state_dir for r in roots)
-        if _within(state_dir, real) or (_within(real, state_dir) and not inside_state_root):
-            raise _field_error("volumes", f"{host} is the agent's state and cannot be mounted")
-        if real in resolved:
-            raise _field_error("volumes", f"host path {host} is given twice")
+            volume = parse_volume(host, inside, roots)
+        except VolumeRefused as refused:
+            raise _field_error("volumes", str(refused)) from None
+        except OSError as exc:
+            raise _field_error("volumes", f"{host} cannot be checked ({exc.strerror})") from None
+        for other in checked:
+            if overlap(volume.host, other.host):
+                same = "is given twice" if volume.host == other.host else f"overlaps {other.host} of the same request"
+                raise _field_error("volumes", f"host path {host} {same}")
         # normpath keeps a leading `//`, which the engine reads as `/`: "//proc" is /proc.
-        target = os.path.normpath("/" + inside.lstrip("/"))
-        if target == "/" or any(_within(target, p) for p in SHADOWED_CONTAINER_PATHS):
+        target = os.path.normpath("/" + volume.target.lstrip("/"))
+        if target == "/" or any(within(target, p) for p in SHADOWED_CONTAINER_PATHS):
             raise _field_error("volumes", f"container path {inside} would shadow a system path")
         if target in targets:
             raise _field_error("volumes", f"container path {inside} is mounted twice")
         targets.add(target)
-        resolved[real] = target
-    return resolved
+        checked.append(replace(volume, target=target))
+    return tuple(checked)
+
+
+def check_volumes_apart(volumes: tuple[Volume, ...], mounted: dict[str, str], engine_root: str | None) -> None:
+    """No volume may lie inside or contain one that a managed container mounts (`mounted`: host
+    path -> container id), nor the engine's data root: a tenant would reach the other's files."""
+    for volume in volumes:
+        for host, holder in mounted.items():
+            if overlap(volume.host, host):
+                raise _field_error("volumes", f"{volume.host} overlaps {host}, mounted by container {holder[:12]}")
+        if engine_root and overlap(volume.host, engine_root):
+            raise _field_error("volumes", f"{volume.host} overlaps the engine's data root {engine_root}")
 
 
 def build_spec(request: dict[str, Any], config: Config) -> ContainerSpec:

@@ -15,6 +15,15 @@ ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "test-token-0123456789abcdef"
 
 
+def unmount_under(path: Path) -> None:
+    """Unmount every mount point at or below `path`, deepest first: volume pins outlive the agent
+    that made them, as its claims' containers do, so tests take them away themselves."""
+    top = str(path)
+    points = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
+    for point in sorted((p for p in points if p == top or p.startswith(top + "/")), key=len, reverse=True):
+        subprocess.run(["umount", "-l", point], check=False)
+
+
 class AgentProcess:
     """`gunicorn -c gunicorn.conf.py wsgi:app` on a loopback port, with its log in a file."""
 
@@ -51,9 +60,9 @@ class AgentProcess:
             if self.process.poll() is not None:
                 raise RuntimeError(f"agent exited with {self.process.returncode}:\n{self.log()[-3000:]}")
             try:
-                requests.get(self.base_url + "/openapi.json", timeout=1)
+                requests.get(self.base_url + "/openapi.json", timeout=5)
                 return
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):
                 time.sleep(0.1)
         raise RuntimeError(f"agent did not serve within {timeout}s:\n{self.log()[-3000:]}")
 
@@ -72,6 +81,7 @@ class AgentProcess:
         except ProcessLookupError:
             pass
         self.session.close()
+        unmount_under(self.state_dir / "mounts")
         return self.process.returncode
 
     def worker_pids(self) -> list[int]:

@@ -60,6 +60,7 @@ def _create(payload) -> str:
         reason = error.code if isinstance(error, AgentError) else type(error).__name__
         try:
             agent.docker.remove(container_id, grace_seconds=0)
+            agent.allocator.release(spec.claim_id)
         except AgentError as cleanup:
             log.error("container rollback failed claim=%s container=%s gpus=%s reason=%s cleanup=%s", spec.claim_id, container_id[:12], gpus, reason, cleanup.code, extra=event)
             raise error from None
@@ -86,8 +87,10 @@ def get_container(container_id: str):
 
 @blueprint.delete("/<container_id>")
 def delete_container(container_id: str):
-    container = services().docker.delete_managed(container_id)
+    agent = services()
+    container = agent.docker.delete_managed(container_id)
     g.claim_id = container.claim_id
+    agent.allocator.release(container.claim_id)
     DELETES.inc()
     log.info(
         "container deleted claim=%s container=%s gpus=%s",
