@@ -55,9 +55,6 @@ def test_a_volume_may_not_reach_the_engines_data_root():
 # --- through the agent, on the real engine -----------------------------------------
 
 
-pytestmark_docker = pytest.mark.docker
-
-
 def make_dir(agent, *parts: str) -> Path:
     path = agent.state_dir.joinpath("volumes", *parts)
     path.mkdir(parents=True)
@@ -107,8 +104,6 @@ def test_a_swapped_symlink_cannot_redirect_the_mount_on_restart(agent_factory, d
     job.symlink_to("/")
 
     wait_for(lambda: container.logs().count(b"run\n") >= 3, timeout=60)
-    container.reload()
-    assert container.attrs["RestartCount"] >= 2
     runs = container.logs().decode().split("run\n")[1:]
     assert all(run.split() == ["marker"] for run in runs), runs
 
