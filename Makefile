@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 RUN_DIR ?= .run
 STAMP := $(VENV)/.installed-$(shell cat setup.cfg setup.py | cksum | cut -d' ' -f1)
 
-.PHONY: run test bench lint clean
+.PHONY: run test machine bench lint clean
 
 $(STAMP): setup.cfg setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -27,9 +27,13 @@ run: $(STAMP)
 		[ "$$(id -u)" = 0 ] || export UTOPIA_AGENT_STATE_DIR="$${UTOPIA_AGENT_STATE_DIR:-$(CURDIR)/$(RUN_DIR)/state}"; \
 		exec $(VENV)/bin/gunicorn -c gunicorn.conf.py wsgi:app
 
-## test: install what the tests need and run them against the real engine
-test: $(STAMP)
+## test: prepare the machine (as root: Debian packages, dockerd with the stand-in NVIDIA hook),
+## install what the tests need and run them against the real engine
+test: machine $(STAMP)
 	$(PY) -m pytest
+
+machine:
+	@tests/support/prepare-machine
 
 ## bench: measure the agent against the engine's own calls (prints ratios, writes JSON)
 bench: $(STAMP)

@@ -67,7 +67,7 @@ def test_image(docker_client):
 @pytest.fixture(scope="session")
 def nvidia_path(docker_client, test_image) -> None:
     """The engine attaches GPUs through its NVIDIA device path (dockerd started with the stand-in hook on its PATH)."""
-    require(engine_has_nvidia_driver(docker_client, test_image), "the engine has no nvidia device driver: start dockerd with tests/support on its PATH (.ci/run does)")
+    require(engine_has_nvidia_driver(docker_client, test_image), "the engine has no nvidia device driver: start dockerd with tests/support on its PATH (make test does)")
 
 
 @pytest.fixture(scope="session")

@@ -215,6 +215,7 @@ def gone(pids) -> bool:
     return not any(alive(pid) for pid in pids)
 
 
+@pytest.mark.usefixtures("nvidia_path")
 def test_supervisord_brings_a_killed_master_back_with_every_claim(supervisor, docker_client, test_image, claim):
     agent = supervisor.agent
     created = agent.create(claim("kill"), test_image, gpu_count=2, command=["sleep", "600"])
@@ -248,6 +249,7 @@ def slow_image(docker_client):
             remove_images(docker_client, [ref])
 
 
+@pytest.mark.usefixtures("nvidia_path")
 def test_sigterm_lets_in_flight_creates_finish(supervisor, docker_client, slow_image, claim):
     agent = supervisor.agent
     claims = [claim(str(i)) for i in range(3)]

@@ -101,7 +101,7 @@ def private_engine(engine):
     """The private engine with the test image; docker0 of the shared engine must survive it."""
     require(
         os.geteuid() == 0 and shutil.which("dockerd") is not None and shutil.which("ip") is not None,
-        "a private dockerd needs root, dockerd and ip (.ci/run installs docker.io and iproute2)",
+        "a private dockerd needs root, dockerd and ip (make test installs docker.io and iproute2 as root)",
     )
     docker0 = _ifindex("docker0")
     # A short root: dockerd's and containerd's unix socket paths must stay under 108 bytes.

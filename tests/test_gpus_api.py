@@ -13,8 +13,10 @@ import pytest
 import requests
 
 from tests.fake_nvml import DEFAULT_TEST_GPUS
+from tests.support.polling import wait_for
 
-pytestmark = pytest.mark.docker
+# Every GPU create goes through the engine's NVIDIA device path: these tests need the stand-in hook.
+pytestmark = [pytest.mark.docker, pytest.mark.usefixtures("nvidia_path")]
 
 UUIDS = [gpu.uuid for gpu in DEFAULT_TEST_GPUS]
 LOST_GPU = 6
@@ -44,10 +46,18 @@ def assert_exclusive(docker_client, prefix: str) -> set[int]:
 
 
 def visible_devices(docker_client, container_id: str) -> list[str]:
-    """NVIDIA_VISIBLE_DEVICES of the main process: the engine sets it in the process spec."""
-    exec_id = docker_client.api.exec_create(container_id, ["cat", "/proc/1/environ"])["Id"]
-    environ = docker_client.api.exec_start(exec_id).split(b"\0")
-    values = [e.split(b"=", 1)[1].decode() for e in environ if e.startswith(b"NVIDIA_VISIBLE_DEVICES=")]
+    """NVIDIA_VISIBLE_DEVICES of the main process: the engine sets it in the process spec.
+
+    The environment is read until it is there: a read that races the container's first
+    moments can come back empty, which says nothing about the variable."""
+
+    def environ() -> list[bytes]:
+        exec_id = docker_client.api.exec_create(container_id, ["cat", "/proc/1/environ"])["Id"]
+        return [e for e in docker_client.api.exec_start(exec_id).split(b"\0") if b"=" in e]
+
+    entries = wait_for(environ, timeout=10)
+    assert entries, "the container's /proc/1/environ stayed empty"
+    values = [e.split(b"=", 1)[1].decode() for e in entries if e.startswith(b"NVIDIA_VISIBLE_DEVICES=")]
     return values[0].split(",") if values else []
 
 
@@ -66,7 +76,7 @@ def test_metrics_report_every_gpu_including_odd_ones(agent):
     assert body["system"]["uptime"] > 0 and body["node_id"]
 
 
-def test_gpus_are_attached_through_the_nvidia_device_path(agent, docker_client, test_image, claim, nvidia_path):
+def test_gpus_are_attached_through_the_nvidia_device_path(agent, docker_client, test_image, claim):
     response = agent.create(claim(), test_image, gpu_count=2, command=["sleep", "300"])
     assert response.status_code == 201, response.text
     container_id = response.json()["container_id"]
@@ -166,22 +176,24 @@ def test_concurrent_creates_never_share_a_gpu(agent_factory, docker_client, test
 
 def test_killed_workers_never_double_allocate(agent_factory, docker_client, test_image, claim):
     agent = agent_factory(workers=4)
-    killer_done = threading.Event()
+    killed: list[int] = []
 
     def kill_workers():
         for _ in range(3):
             time.sleep(0.4)
             pids = agent.worker_pids()
             if pids:
-                os.kill(random.choice(pids), signal.SIGKILL)
-        killer_done.set()
+                killed.append(random.choice(pids))
+                os.kill(killed[-1], signal.SIGKILL)
 
     killer = threading.Thread(target=kill_workers)
     killer.start()
     results = _burst(agent, test_image, claim(""), 30, seed=2)
     killer.join()
-    time.sleep(1.5)
-    assert agent.get("/health").status_code == 200, "gunicorn respawned the workers"
+    assert killed
+    respawned = wait_for(lambda: len(agent.worker_pids()) == 4 and not set(killed) & set(agent.worker_pids()), timeout=30)
+    assert respawned, f"gunicorn replaced the killed workers {killed}: now {agent.worker_pids()}"
+    assert agent.get("/health").status_code == 200
     assert_exclusive(docker_client, claim(""))
     created = gpu_labels(docker_client, claim(""))
     for claim_id, response in results.items():

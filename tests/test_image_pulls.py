@@ -8,6 +8,8 @@ import time
 import pytest
 import requests
 
+from tests.support.polling import wait_for
+
 from tests.conftest import remove_run_containers
 from tests.support.scrape import sample, scrape
 from tests.support.engine import Registry, SlowRegistry, free_port, make_unique_image, remove_images
@@ -71,7 +73,7 @@ def test_stalled_pull_ends_within_the_idle_timeout_and_frees_the_worker(agent_fa
         creator = threading.Thread(target=create)
         started = time.monotonic()
         creator.start()
-        time.sleep(1)
+        assert wait_for(lambda: "image pull started" in agent.log(), timeout=10), "the pull is in flight"
         probe = requests.get(agent.base_url + "/health", timeout=5)
         assert probe.status_code == 200, "the one worker still answers probes while its other thread pulls"
         creator.join(60)

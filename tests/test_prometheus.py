@@ -41,6 +41,7 @@ def test_request_histograms_add_up_across_workers(agent):
     assert agent.log().count('"route": "/api/v1/containers"') >= 40
 
 
+@pytest.mark.usefixtures("nvidia_path")
 def test_creates_and_allocations_are_counted(agent, test_image, claim):
     def creates(families, outcome):
         try:
@@ -68,6 +69,7 @@ def test_scrape_needs_the_token_unless_configured_otherwise(agent, agent_factory
     assert "DCGM_FI_DEV_GPU_TEMP" in scrape(open_agent, auth=False)
 
 
+@pytest.mark.usefixtures("nvidia_path")
 def test_container_events_and_pulls_are_logged_and_counted(agent, docker_client, test_image, claim):
     """Every container created, rolled back and deleted is one log line naming its claim and GPUs."""
     created = agent.create(claim("ok"), test_image, gpu_count=1, command=["sleep", "300"])
