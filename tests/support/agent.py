@@ -53,7 +53,8 @@ class AgentProcess:
             try:
                 requests.get(self.base_url + "/openapi.json", timeout=1)
                 return
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):
+                # Refused before the master binds; unanswered while the workers still load the app.
                 time.sleep(0.1)
         raise RuntimeError(f"agent did not serve within {timeout}s:\n{self.log()[-3000:]}")
 
