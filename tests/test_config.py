@@ -1,4 +1,4 @@
-"""Configuration checks that need no agent: the host port range."""
+"""Configuration checks that need no agent: the read timeout and the host port range."""
 
 from __future__ import annotations
 
@@ -21,6 +21,19 @@ def ephemeral(tmp_path):
 
 def config(ephemeral_ports_path, **env: str):
     return load_config({"UTOPIA_AGENT_TOKEN": "t", **env}, ephemeral_ports_path=ephemeral_ports_path)
+
+
+def test_read_timeout_defaults_to_10_seconds_and_takes_fractions(ephemeral):
+    assert config(ephemeral(32768, 60999)).read_timeout == 10.0
+    assert config(ephemeral(32768, 60999), UTOPIA_AGENT_READ_TIMEOUT="2.5").read_timeout == 2.5
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "soon", "nan"])
+def test_a_bad_read_timeout_is_refused_by_name(ephemeral, value):
+    with pytest.raises(ConfigError) as refused:
+        config(ephemeral(32768, 60999), UTOPIA_AGENT_READ_TIMEOUT=value)
+    assert refused.value.variable == "UTOPIA_AGENT_READ_TIMEOUT"
+    assert str(refused.value).startswith("UTOPIA_AGENT_READ_TIMEOUT: ")
 
 
 def test_the_default_host_port_range_lies_below_the_usual_ephemeral_range(ephemeral):

@@ -34,6 +34,7 @@ def run_gunicorn(env: dict[str, str], tmp_path) -> subprocess.CompletedProcess:
         ({"UTOPIA_AGENT_TOKEN": "t", "UTOPIA_AGENT_WORKERS": "many"}, "UTOPIA_AGENT_WORKERS"),
         ({"UTOPIA_AGENT_TOKEN": "t", "UTOPIA_AGENT_STATE_DIR": "/proc/utopia"}, "UTOPIA_AGENT_STATE_DIR"),
         ({"UTOPIA_AGENT_TOKEN": "t", "UTOPIA_AGENT_PULL_IDLE_TIMEOUT": "0"}, "UTOPIA_AGENT_PULL_IDLE_TIMEOUT"),
+        ({"UTOPIA_AGENT_TOKEN": "t", "UTOPIA_AGENT_READ_TIMEOUT": "soon"}, "UTOPIA_AGENT_READ_TIMEOUT"),
     ],
 )
 def test_bad_configuration_stops_the_agent_with_one_line(env, variable, tmp_path):

@@ -43,6 +43,7 @@ class Config:
     pull_timeout: float = 1800.0
     pull_idle_timeout: float = 120.0
     engine_timeout: float = 10.0
+    read_timeout: float = 10.0
     stop_timeout: int = 5
     prometheus_auth: str = "token"
     log_format: str = "json"
@@ -169,6 +170,7 @@ def load_config(env: Mapping[str, str] | None = None, ephemeral_ports_path: Path
         pull_timeout=_seconds(env, "UTOPIA_AGENT_PULL_TIMEOUT", 1800.0),
         pull_idle_timeout=_seconds(env, "UTOPIA_AGENT_PULL_IDLE_TIMEOUT", 120.0),
         engine_timeout=_seconds(env, "UTOPIA_AGENT_ENGINE_TIMEOUT", 10.0),
+        read_timeout=_seconds(env, "UTOPIA_AGENT_READ_TIMEOUT", 10.0),
         stop_timeout=_int(env, "UTOPIA_AGENT_STOP_TIMEOUT", 5, low=0, high=300),
         prometheus_auth=_choice(env, "UTOPIA_AGENT_PROMETHEUS_AUTH", "token", PROMETHEUS_AUTH_MODES),
         log_format=_choice(env, "UTOPIA_AGENT_LOG_FORMAT", "json", LOG_FORMATS),
