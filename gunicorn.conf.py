@@ -38,7 +38,9 @@ bind = _agent.bind
 workers = _agent.workers
 # Threads keep /health and reads answering while other threads of the same worker wait on a
 # long image pull; the gthread main loop heartbeats on its own, so a slow pull is no "hung" worker.
-worker_class = "gthread"
+# The agent's own gthread reads each request whole in that loop before a thread takes it, so
+# clients that send slowly or stall hold no thread (utopia_agent/worker.py).
+worker_class = "utopia_agent.worker.WholeRequestWorker"
 threads = 8
 timeout = 60
 # SIGTERM lets an in-flight create finish (or roll back) before the worker goes.
@@ -74,6 +76,11 @@ def when_ready(server):
         bind, workers, source,
     )
 
+
+def post_fork(server, worker):
+    """Give each worker the agent's bounds on reading a request."""
+    worker.read_timeout = _agent.read_timeout
+    worker.body_limit = _agent.max_body_bytes
 
 
 def child_exit(server, worker):

@@ -18,6 +18,7 @@ from tests.support.engine import (
     engine_has_nvidia_driver,
     ensure_engine,
     ensure_test_image,
+    TEST_HOST_PORT_RANGE,
     free_port,
     image_ids,
     remove_images,
@@ -122,7 +123,7 @@ class AgentFactory:
         base = {
             "UTOPIA_AGENT_GPU_BACKEND": "nvml",
             "UTOPIA_AGENT_STOP_TIMEOUT": "1",
-            "UTOPIA_AGENT_HOST_PORT_RANGE": "1024-65535",
+            "UTOPIA_AGENT_HOST_PORT_RANGE": "{}-{}".format(*TEST_HOST_PORT_RANGE),
             "UTOPIA_AGENT_RESTART_POLICY": "no",
             **env,
         }

@@ -8,7 +8,7 @@ import time
 import pytest
 import requests
 
-from tests.support.engine import free_port
+from tests.support.engine import free_host_port
 from tests.support.polling import wait_for
 
 pytestmark = pytest.mark.docker
@@ -33,7 +33,7 @@ def test_create_runs_the_container_as_asked(agent, docker_client, test_image, cl
     host_dir = agent.state_dir / "volumes" / "data"
     host_dir.mkdir()
     (host_dir / "index.html").write_text("hello from the claim\n")
-    port = free_port()
+    port = free_host_port()
     response = agent.create(
         claim(),
         test_image,
@@ -65,7 +65,7 @@ def test_create_runs_the_container_as_asked(agent, docker_client, test_image, cl
 
 
 def test_container_object_has_the_contract_shape(agent, test_image, claim):
-    port = free_port()
+    port = free_host_port()
     created = agent.create(claim(), test_image, command=["sleep", "300"], port_mappings=[{"host_port": port, "container_port": 8888}])
     assert created.status_code == 201, created.text
     container_id = created.json()["container_id"]
@@ -137,7 +137,7 @@ def test_bad_or_unknown_ids_are_404(agent, bad_id):
 def test_second_create_for_a_claim_is_409_naming_the_first(agent, docker_client, test_image, claim):
     first = agent.create(claim(), test_image, command=["sleep", "300"])
     assert first.status_code == 201
-    port = free_port()
+    port = free_host_port()
     again = agent.create(claim(), "localhost:1/never/pulled:1", gpu_count=64, port_mappings=[{"host_port": port, "container_port": 80}])
     assert again.status_code == 409, again.text
     assert again.json()["container_id"] == first.json()["container_id"]
@@ -146,7 +146,7 @@ def test_second_create_for_a_claim_is_409_naming_the_first(agent, docker_client,
 
 
 def test_host_port_held_by_a_process_is_409(agent, docker_client, test_image, claim):
-    port = free_port()
+    port = free_host_port()
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", port))
         holder.listen()
@@ -157,7 +157,7 @@ def test_host_port_held_by_a_process_is_409(agent, docker_client, test_image, cl
 
 
 def test_host_port_held_by_another_claim_is_409(agent, docker_client, test_image, claim):
-    port = free_port()
+    port = free_host_port()
     mapping = [{"host_port": port, "container_port": 80}]
     first = agent.create(claim("a"), test_image, command=["sleep", "300"], port_mappings=mapping)
     assert first.status_code == 201

@@ -99,7 +99,7 @@ class Supervisor:
             "UTOPIA_AGENT_WORKERS": str(workers),
             "UTOPIA_AGENT_GPU_BACKEND": "nvml",
             "UTOPIA_AGENT_STOP_TIMEOUT": "1",
-            "UTOPIA_AGENT_HOST_PORT_RANGE": "20000-60000",
+            "UTOPIA_AGENT_HOST_PORT_RANGE": "20000-29999",
             "UTOPIA_AGENT_RESTART_POLICY": "no",
             "LD_LIBRARY_PATH": nvml_env["LD_LIBRARY_PATH"],
             "FAKE_NVML_CONFIG": nvml_env["FAKE_NVML_CONFIG"],

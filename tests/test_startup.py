@@ -10,6 +10,7 @@ import pytest
 
 from tests.support.agent import ROOT, AgentProcess
 from tests.support.engine import free_port
+from utopia_agent.config import ephemeral_port_range
 
 
 def run_gunicorn(env: dict[str, str], tmp_path) -> subprocess.CompletedProcess:
@@ -34,6 +35,7 @@ def run_gunicorn(env: dict[str, str], tmp_path) -> subprocess.CompletedProcess:
         ({"UTOPIA_AGENT_TOKEN": "t", "UTOPIA_AGENT_STATE_DIR": "/proc/utopia"}, "UTOPIA_AGENT_STATE_DIR"),
         ({"UTOPIA_AGENT_TOKEN": "t", "UTOPIA_AGENT_PULL_IDLE_TIMEOUT": "0"}, "UTOPIA_AGENT_PULL_IDLE_TIMEOUT"),
         ({"UTOPIA_AGENT_TOKEN": "t", "UTOPIA_AGENT_VOLUME_ROOTS": "/"}, "UTOPIA_AGENT_VOLUME_ROOTS"),
+        ({"UTOPIA_AGENT_TOKEN": "t", "UTOPIA_AGENT_READ_TIMEOUT": "soon"}, "UTOPIA_AGENT_READ_TIMEOUT"),
     ],
 )
 def test_bad_configuration_stops_the_agent_with_one_line(env, variable, tmp_path):
@@ -42,6 +44,17 @@ def test_bad_configuration_stops_the_agent_with_one_line(env, variable, tmp_path
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("utopia-agent: configuration error: " + variable)
+
+
+def test_a_host_port_range_in_the_kernels_ephemeral_range_stops_the_agent(tmp_path):
+    low, high = ephemeral_port_range()
+    result = run_gunicorn({"UTOPIA_AGENT_TOKEN": "t", "UTOPIA_AGENT_HOST_PORT_RANGE": f"{low - 10}-{low}"}, tmp_path)
+    assert result.returncode == 2
+    assert [line for line in result.stderr.splitlines() if line.strip()] == [
+        f"utopia-agent: configuration error: UTOPIA_AGENT_HOST_PORT_RANGE: {low - 10}-{low} overlaps the kernel's "
+        f"ephemeral port range {low}-{high} (net.ipv4.ip_local_port_range), from which outgoing connections take "
+        "their ports; choose a range outside it"
+    ]
 
 
 def test_the_token_can_come_from_a_file_and_never_reaches_the_log(tmp_path):

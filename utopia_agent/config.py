@@ -21,6 +21,10 @@ SYSTEM_PATHS = (
     "/proc", "/sys", "/dev", "/etc", "/boot", "/root", "/usr", "/bin", "/sbin", "/lib", "/lib64",
     "/run", "/var/run", "/var/lib/docker", "/var/lib/containerd", "/var/lib/kubelet", "/var/lib/utopia-agent",
 )
+# Below Linux's default ephemeral range (32768-60999), from which the kernel picks the local
+# port of every outgoing connection: a host port in there may be taken by chance at any time.
+DEFAULT_HOST_PORT_RANGE = (20000, 29999)
+EPHEMERAL_PORTS_PATH = Path("/proc/sys/net/ipv4/ip_local_port_range")
 
 
 class ConfigError(Exception):
@@ -43,10 +47,11 @@ class Config:
     gpu_backend: str = "auto"
     fake_gpu_count: int = 8
     volume_roots: tuple[Path, ...] = ()
-    host_port_range: tuple[int, int] = (30000, 40000)
+    host_port_range: tuple[int, int] = DEFAULT_HOST_PORT_RANGE
     pull_timeout: float = 1800.0
     pull_idle_timeout: float = 120.0
     engine_timeout: float = 10.0
+    read_timeout: float = 10.0
     stop_timeout: int = 5
     prometheus_auth: str = "token"
     log_format: str = "json"
@@ -102,16 +107,35 @@ def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str,
     return value
 
 
-def _port_range(env: Mapping[str, str], name: str) -> tuple[int, int]:
-    raw = env.get(name) or "30000-40000"
-    low, sep, high = raw.partition("-")
-    try:
-        bounds = (int(low), int(high))
-    except ValueError:
-        raise ConfigError(name, f"expected LOW-HIGH, got {raw!r}") from None
-    if not sep or not 1 <= bounds[0] <= bounds[1] <= 65535:
-        raise ConfigError(name, f"expected LOW-HIGH within 1-65535, got {raw!r}")
+def _port_range(env: Mapping[str, str], name: str, ephemeral: tuple[int, int] | None) -> tuple[int, int]:
+    raw = env.get(name)
+    if not raw:
+        bounds, described = DEFAULT_HOST_PORT_RANGE, "the default {}-{}".format(*DEFAULT_HOST_PORT_RANGE)
+    else:
+        low, sep, high = raw.partition("-")
+        try:
+            bounds = (int(low), int(high))
+        except ValueError:
+            raise ConfigError(name, f"expected LOW-HIGH, got {raw!r}") from None
+        if not sep or not 1 <= bounds[0] <= bounds[1] <= 65535:
+            raise ConfigError(name, f"expected LOW-HIGH within 1-65535, got {raw!r}")
+        described = raw
+    if ephemeral and bounds[0] <= ephemeral[1] and ephemeral[0] <= bounds[1]:
+        raise ConfigError(
+            name,
+            f"{described} overlaps the kernel's ephemeral port range {ephemeral[0]}-{ephemeral[1]} "
+            "(net.ipv4.ip_local_port_range), from which outgoing connections take their ports; choose a range outside it",
+        )
     return bounds
+
+
+def ephemeral_port_range(path: Path = EPHEMERAL_PORTS_PATH) -> tuple[int, int] | None:
+    """The ports the kernel gives outgoing connections (net.ipv4.ip_local_port_range); None where it cannot be read."""
+    try:
+        low, high = path.read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return None
 
 
 def _token(env: Mapping[str, str]) -> str:
@@ -171,7 +195,7 @@ def check_volume_roots(roots: tuple[Path, ...], state_dir: Path, denied: tuple[s
                 raise ConfigError("UTOPIA_AGENT_VOLUME_ROOTS", f"{root} overlaps {path}, which no volume may reach")
 
 
-def load_config(env: Mapping[str, str] | None = None) -> Config:
+def load_config(env: Mapping[str, str] | None = None, ephemeral_ports_path: Path = EPHEMERAL_PORTS_PATH) -> Config:
     """Build the configuration from environment variables; raise ConfigError naming the bad one."""
     env = os.environ if env is None else env
     state_dir = Path(env.get("UTOPIA_AGENT_STATE_DIR") or "/var/lib/utopia-agent")
@@ -189,10 +213,11 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         gpu_backend=_choice(env, "UTOPIA_AGENT_GPU_BACKEND", "auto", GPU_BACKENDS),
         fake_gpu_count=_int(env, "UTOPIA_AGENT_FAKE_GPU_COUNT", 8, low=0, high=64),
         volume_roots=volume_roots,
-        host_port_range=_port_range(env, "UTOPIA_AGENT_HOST_PORT_RANGE"),
+        host_port_range=_port_range(env, "UTOPIA_AGENT_HOST_PORT_RANGE", ephemeral_port_range(ephemeral_ports_path)),
         pull_timeout=_seconds(env, "UTOPIA_AGENT_PULL_TIMEOUT", 1800.0),
         pull_idle_timeout=_seconds(env, "UTOPIA_AGENT_PULL_IDLE_TIMEOUT", 120.0),
         engine_timeout=_seconds(env, "UTOPIA_AGENT_ENGINE_TIMEOUT", 10.0),
+        read_timeout=_seconds(env, "UTOPIA_AGENT_READ_TIMEOUT", 10.0),
         stop_timeout=_int(env, "UTOPIA_AGENT_STOP_TIMEOUT", 5, low=0, high=300),
         prometheus_auth=_choice(env, "UTOPIA_AGENT_PROMETHEUS_AUTH", "token", PROMETHEUS_AUTH_MODES),
         log_format=_choice(env, "UTOPIA_AGENT_LOG_FORMAT", "json", LOG_FORMATS),

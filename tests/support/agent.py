@@ -63,6 +63,7 @@ class AgentProcess:
                 requests.get(self.base_url + "/openapi.json", timeout=5)
                 return
             except (requests.ConnectionError, requests.Timeout):
+                # Refused before the master binds; unanswered while the workers still load the app.
                 time.sleep(0.1)
         raise RuntimeError(f"agent did not serve within {timeout}s:\n{self.log()[-3000:]}")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import http.client
 import io
 import os
+import random
 import shutil
 import signal
 import socket
@@ -28,6 +29,9 @@ from pathlib import Path
 import docker
 import docker.errors
 from docker.types import DeviceRequest
+
+from utopia_agent.allocator import port_is_free
+from utopia_agent.config import DEFAULT_HOST_PORT_RANGE
 
 TEST_IMAGE = "utopia-test/busybox:latest"
 HOOK_DIR = Path(__file__).resolve().parent
@@ -57,6 +61,23 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# The host ports the test agents allow. free_port() answers from the kernel's ephemeral range,
+# which the agent refuses, so a host port for a container comes from free_host_port().
+TEST_HOST_PORT_RANGE = DEFAULT_HOST_PORT_RANGE
+
+
+def free_host_port() -> int:
+    """A port in TEST_HOST_PORT_RANGE free over TCP and UDP right now, by the agent's own check.
+
+    Random, so that test runs side by side on one machine seldom pick the same one.
+    """
+    low, high = TEST_HOST_PORT_RANGE
+    for port in random.sample(range(low, high + 1), 100):
+        if port_is_free(port, "tcp") and port_is_free(port, "udp"):
+            return port
+    raise RuntimeError(f"no free port in {low}-{high}")
 
 
 def _wait_until(check, timeout: float, interval: float = 0.2) -> bool:

@@ -1,0 +1,232 @@
+"""The gunicorn worker the agent runs: gthread, except that the event loop reads each request whole.
+
+gunicorn's gthread worker gives a connection to a thread as soon as its first byte arrives,
+and the thread then waits on the socket, with no time limit, until the headers and the body
+are in. A few clients that send slowly, or stop halfway, hold every thread of every worker
+and `/health` stops answering. Here the worker's event loop reads each request without
+blocking, closes a connection whose request is not in within the read timeout
+(UTOPIA_AGENT_READ_TIMEOUT), and only then hands it to a thread, which parses it from memory
+and never waits on the client. Closing a connection, which gthread does on its event loop
+with a blocking drain of up to two seconds, is done without blocking too.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections import deque
+from functools import partial
+from selectors import EVENT_READ
+
+from gunicorn import http
+from gunicorn.workers.gthread import ThreadWorker
+
+HEAD_LIMIT = 64 * 1024
+RECV_SIZE = 64 * 1024
+# As gunicorn's own graceful close (util.close_graceful): how long the client may take to close.
+LINGER_SECONDS = 2.0
+_HEX_DIGITS = b"0123456789abcdefABCDEF"
+
+
+class IncomingRequest:
+    """One HTTP/1.1 request's bytes as they arrive, and whether it is all in.
+
+    Only the framing is read here (where the head ends, Content-Length, chunked coding);
+    gunicorn's parser checks everything else once the request reaches a thread, so bytes it
+    would refuse count as complete and get its 400 at once.
+    """
+
+    def __init__(self, body_limit: int):
+        self.data = bytearray()
+        self.body_limit = body_limit
+        # Set once the head is in: where the body starts, and where it ends or its next chunk begins.
+        self._body_start: int | None = None
+        self._body_end: int | None = None
+        self._next_chunk: int | None = None
+        self._expects_continue = False
+        # Handed on before it was all in, because it is over a bound: the answer closes the connection.
+        self.cut_short = False
+
+    def feed(self, data: bytes) -> bool:
+        """Add what arrived; True once the request can go to a thread (whole, refusable or over a bound)."""
+        searched = len(self.data)
+        self.data += data
+        if self._body_start is None:
+            head_end = self.data.find(b"\r\n\r\n", max(searched - 3, 0))
+            if head_end < 0:
+                if self.data.find(b"\n\n", max(searched - 1, 0)) >= 0:
+                    return True  # bare LF line ends: the parser refuses them
+                return self._over(HEAD_LIMIT, len(self.data))
+            self._frame_body(head_end)
+        if self._next_chunk is not None:
+            return self._chunked_body_in()
+        return len(self.data) >= self._body_end
+
+    def continue_due(self) -> bool:
+        """True once, while the client waits for "100 Continue" before it sends the body."""
+        due, self._expects_continue = self._expects_continue, False
+        return due
+
+    def _frame_body(self, head_end: int) -> None:
+        self._body_start = self._body_end = head_end + 4
+        request_line, *fields = bytes(self.data[:head_end]).split(b"\r\n")
+        lengths, codings = [], []
+        for field in fields:
+            name, _, value = field.partition(b":")
+            name, value = name.lower(), value.strip()
+            if name == b"content-length":
+                lengths.append(value)
+            elif name == b"transfer-encoding":
+                codings += [coding.strip().lower() for coding in value.split(b",")]
+            elif name == b"expect":
+                self._expects_continue = value.lower() == b"100-continue" and request_line.endswith(b"HTTP/1.1")
+        if codings:
+            if codings[-1] == b"chunked" and not lengths:
+                self._next_chunk = self._body_start
+        elif len(lengths) == 1 and lengths[0].isdigit():
+            length = int(lengths[0])
+            if length > self.body_limit:
+                self.cut_short = True  # the application answers 413 from the header alone
+            else:
+                self._body_end += length
+
+    def _chunked_body_in(self) -> bool:
+        while True:
+            line_end = self.data.find(b"\r\n", self._next_chunk)
+            if line_end < 0:
+                break
+            size = bytes(self.data[self._next_chunk:line_end]).partition(b";")[0].strip()
+            if not size or size.strip(_HEX_DIGITS):
+                return True  # the parser refuses it
+            if int(size, 16) == 0:
+                if self.data.find(b"\r\n\r\n", line_end) >= 0:
+                    return True
+                break
+            self._next_chunk = line_end + 2 + int(size, 16) + 2
+        return self._over(self.body_limit, max(len(self.data), self._next_chunk) - self._body_start)
+
+    def _over(self, limit: int, size: int) -> bool:
+        self.cut_short = size > limit
+        return self.cut_short
+
+
+class WholeRequestWorker(ThreadWorker):
+    """gthread with the reading of requests, and the closing of connections, in the event loop."""
+
+    # gunicorn.conf.py's post_fork sets both from the agent's configuration.
+    read_timeout = 10.0
+    body_limit = 64 * 1024
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Each in the order of its connections' deadlines (conn.timeout), as gthread keeps its kept-alive ones.
+        self.reading_conns: deque = deque()
+        self.lingering_conns: deque = deque()
+
+    @classmethod
+    def check_config(cls, cfg, log):
+        super().check_config(cfg, log)
+        if cfg.is_ssl or "h2" in cfg.http_protocols:
+            raise RuntimeError("the agent's worker reads plain HTTP/1.1 in its event loop: terminate TLS and HTTP/2 in front of it")
+
+    def enqueue_req(self, conn):
+        """Read the connection's next request in the event loop; a thread gets it once it is in."""
+        if conn.parser is None:
+            # A parser with no source of its own: it reads only what the loop puts in, then sees the end.
+            conn.parser = http.get_parser(self.cfg, (), conn.client)
+            conn.data_ready = True
+        conn.incoming = IncomingRequest(self.body_limit)
+        conn.timeout = time.monotonic() + self.read_timeout
+        # What the last request left behind, else what is there now: on a kept-alive connection, the whole request.
+        data = conn.parser.unreader.take_buffered() or _receive(conn.sock)
+        if data == b"":
+            self._close(conn)
+        elif data and conn.incoming.feed(data):
+            self._hand_over(conn)
+        else:
+            self.reading_conns.append(conn)
+            self.poller.register(conn.sock, EVENT_READ, partial(self._on_request_bytes, conn))
+            self._send_continue_if_due(conn)
+
+    def _on_request_bytes(self, conn, _sock):
+        data = _receive(conn.sock)
+        if data is None:
+            return
+        if data and not conn.incoming.feed(data):
+            self._send_continue_if_due(conn)
+            return
+        self.poller.unregister(conn.sock)
+        self.reading_conns.remove(conn)
+        if data:
+            self._hand_over(conn)
+        else:
+            self._close(conn)
+
+    def _send_continue_if_due(self, conn):
+        if conn.incoming.continue_due():
+            try:
+                conn.sock.send(b"HTTP/1.1 100 Continue\r\n\r\n", socket.MSG_DONTWAIT)
+            except OSError:
+                pass
+
+    def _hand_over(self, conn):
+        conn.parser.unreader.unread(bytes(conn.incoming.data))
+        super().enqueue_req(conn)
+
+    def handle_request(self, req, conn):
+        if conn.incoming.cut_short:
+            req.force_close()
+        return super().handle_request(req, conn)
+
+    def finish_request(self, conn, fs):
+        """As gthread, but a connection that is done closes without blocking the event loop."""
+        if fs.cancelled() or fs.exception() is not None or fs.result():
+            super().finish_request(conn, fs)
+            return
+        try:
+            conn.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._close(conn)
+            return
+        conn.timeout = time.monotonic() + LINGER_SECONDS
+        self.lingering_conns.append(conn)
+        self.poller.register(conn.sock, EVENT_READ, partial(self._on_lingering_bytes, conn))
+
+    def _on_lingering_bytes(self, conn, _sock):
+        """Drain what the client still sends after its answer, so the close sends no reset that cuts the answer off."""
+        if _receive(conn.sock) == b"":
+            self.poller.unregister(conn.sock)
+            self.lingering_conns.remove(conn)
+            self._close(conn)
+
+    def murder_pending(self):
+        """Also close the connections whose request is not in by their deadline, and those done lingering."""
+        super().murder_pending()
+        now = time.monotonic()
+        for conn in _expired(self.reading_conns, now):
+            self.log.debug("closing %s: its request was not in within %ss", conn.client, self.read_timeout)
+            self.poller.unregister(conn.sock)
+            self._close(conn)
+        for conn in _expired(self.lingering_conns, now):
+            self.poller.unregister(conn.sock)
+            self._close(conn)
+
+    def _close(self, conn):
+        self.nr_conns -= 1
+        conn.close()
+
+
+def _expired(conns: deque, now: float):
+    """Take the connections whose deadline has passed off the front of a deque kept in deadline order."""
+    while conns and conns[0].timeout <= now:
+        yield conns.popleft()
+
+
+def _receive(sock: socket.socket) -> bytes | None:
+    """What the client sent, without waiting: None when nothing is there yet, b"" when it is gone."""
+    try:
+        return sock.recv(RECV_SIZE, socket.MSG_DONTWAIT)
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError:
+        return b""
