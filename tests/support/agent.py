@@ -50,10 +50,11 @@ class AgentProcess:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"agent exited with {self.process.returncode}:\n{self.log()[-3000:]}")
+            # The master accepts on the port before a worker answers: on a busy machine, seconds before.
             try:
                 requests.get(self.base_url + "/openapi.json", timeout=1)
                 return
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):
                 time.sleep(0.1)
         raise RuntimeError(f"agent did not serve within {timeout}s:\n{self.log()[-3000:]}")
 
