@@ -72,3 +72,62 @@ def test_the_relay_copies_a_stream_as_it_arrives(relay, docker_client, test_imag
         events.close()
         through_relay.close()
     assert relay.count(r"/events$") == 1
+
+
+def test_engine_failure_on_show_and_delete_is_502_and_the_container_stays(relayed_agent, relay, docker_client, test_image, claim):
+    agent = relayed_agent()
+    created = agent.create(claim(), test_image, gpu_count=NODE_GPUS, command=["sleep", "600"])
+    assert created.status_code == 201, created.text
+    container_id = created.json()["container_id"]
+
+    relay.fail(container_id, message=REASON)
+    inspects = relay.count(f"/containers/{container_id}/json")
+    for method in ("GET", "DELETE"):
+        assert_engine_error(agent.request(method, f"/api/v1/containers/{container_id}"))
+    assert relay.count(f"/containers/{container_id}/json") == inspects + 2, "both answers came from the engine"
+    assert docker_client.containers.get(container_id).status == "running"
+
+    relay.clear()
+    relay.fail(f"/containers/{container_id}$", method="DELETE", message=REASON)
+    assert_engine_error(agent.delete(f"/api/v1/containers/{container_id}"))
+    assert [c.id for c in claim_containers(docker_client, claim())] == [container_id], "the claim still holds its GPUs"
+    shown = agent.get(f"/api/v1/containers/{container_id}")
+    assert shown.status_code == 200 and len(shown.json()["gpu_ids"]) == NODE_GPUS, shown.text
+
+    relay.clear()
+    assert agent.delete(f"/api/v1/containers/{container_id}").status_code == 204
+    assert claim_containers(docker_client, claim()) == []
+
+
+def test_engine_failure_on_list_is_502(relayed_agent, relay):
+    agent = relayed_agent()
+    relay.fail(r"/containers/json$", message=REASON)
+    assert_engine_error(agent.get("/api/v1/containers"))
+    relay.clear()
+    assert agent.get("/api/v1/containers").status_code == 200
+
+
+@pytest.mark.parametrize("status, text", [
+    (500, "Multiple IDs found with provided prefix: {}"),  # Docker 20.10
+    (400, "multiple IDs found with provided prefix: {}"),  # later engines
+])
+def test_unknown_and_ambiguous_ids_are_404(relayed_agent, relay, status, text):
+    agent = relayed_agent()
+    ambiguous = "abcdef012345"
+    relay.fail(f"/containers/{ambiguous}", status=status, message=text.format(ambiguous))
+    for container_id in (UNKNOWN_ID, ambiguous):
+        for method in ("GET", "DELETE"):
+            response = agent.request(method, f"/api/v1/containers/{container_id}")
+            assert response.status_code == 404 and response.json()["error"] == "not_found", (method, container_id, response.text)
+    assert relay.count(f"/containers/{ambiguous}/json") == 2
+
+
+@pytest.mark.parametrize("path", [r"/containers/create$", r"/containers/[0-9a-f]{64}/start$"])
+def test_engine_failure_on_create_or_start_is_502_and_leaves_nothing(relayed_agent, relay, docker_client, test_image, claim, path):
+    agent = relayed_agent()
+    relay.fail(path, method="POST", message=REASON)
+    assert_engine_error(agent.create(claim(), test_image, gpu_count=NODE_GPUS, command=["sleep", "600"]))
+    assert claim_containers(docker_client, claim()) == []
+    relay.clear()
+    again = agent.create(claim("next"), test_image, gpu_count=NODE_GPUS, command=["sleep", "600"])
+    assert again.status_code == 201, "no GPU stayed allocated: " + again.text

@@ -54,6 +54,10 @@ EVENT_SETTLE_SECONDS = 0.5
 LISTING_MAX_AGE_SECONDS = 30.0
 # Engine events that change what the list call shows for a container.
 LISTING_EVENTS = ("create", "start", "die", "destroy", "pause", "unpause", "rename", "update", "kill", "stop", "restart", "oom")
+# How the engine refuses an id prefix that several containers share: 500 from Docker 20.10
+# ("Multiple IDs found ..."), 400 from later engines ("multiple IDs found ...").
+AMBIGUOUS_PREFIX = "multiple ids found with provided prefix"
+PORT_TAKEN = ("port is already allocated", "address already in use")
 
 
 @dataclass(frozen=True)
@@ -347,11 +351,13 @@ class DockerManager:
             raise _EngineNotFound(str(exc.explanation or exc)) from None
         except APIError as exc:
             status = exc.status_code or 500
+            reason = str(exc.explanation or f"HTTP {status}")
             if status == 409:
-                raise _EngineConflict(str(exc.explanation or exc)) from None
-            if 400 <= status < 500 or exc.explanation:
-                raise _EngineRejected(str(exc.explanation or exc)) from None
-            raise EngineUnavailable(f"the Docker engine failed ({what}): HTTP {status}") from None
+                raise _EngineConflict(reason) from None
+            if status < 500:
+                raise _EngineRejected(reason) from None
+            log.warning("engine failed during %s: HTTP %d %s", what, status, reason)
+            raise _EngineFailed(f"the Docker engine failed ({what}): {reason}", reason) from None
         except (requests.exceptions.RequestException, DockerException, OSError) as exc:
             reason = "timed out" if _is_timeout(exc) else "unreachable"
             log.warning("engine %s during %s: %s", reason, what, type(exc).__name__)
@@ -421,7 +427,11 @@ class DockerManager:
         return holders[0][0] if holders else None
 
     def get_managed(self, container_id: str) -> ManagedContainer:
-        """One managed container by full id or unique prefix of 12+ hex digits; 404 otherwise."""
+        """One managed container by full id or unique prefix of 12+ hex digits; 404 otherwise.
+
+        Only the engine's "no such container" and its refusal of an ambiguous prefix are 404: a
+        caller may take 404 for "gone" and release the claim, so an engine failure is never one.
+        """
         if not re.fullmatch(CONTAINER_ID_PATTERN, container_id):
             raise NotManaged(f"no managed container {container_id!r}: ids are 12 to 64 hex digits")
         matches = [c for c in self._cached_rows() or () if c.id.startswith(container_id)]
@@ -430,8 +440,9 @@ class DockerManager:
         try:
             with self._engine_call("inspect container"):
                 info = self._engine().api.inspect_container(container_id)
-        except (_EngineNotFound, _EngineRejected):
-            # The engine refuses an ambiguous prefix with 400; for the caller it names no one container.
+        except (_EngineNotFound, _EngineRejected, _EngineFailed) as exc:
+            if not isinstance(exc, _EngineNotFound) and AMBIGUOUS_PREFIX not in exc.reason.lower():
+                raise
             raise NotManaged(f"no managed container {container_id!r}") from None
         labels = info["Config"].get("Labels") or {}
         if labels.get(MANAGED_LABEL) != "true" or not info["Id"].startswith(container_id):
@@ -597,14 +608,14 @@ class DockerManager:
             raise ClaimExists.held_by(spec.claim_id, holder) from None
         except (_EngineRejected, _EngineNotFound) as exc:
             raise EngineRejected(f"the engine refused the container: {exc.message}") from None
-        except EngineUnavailable:
+        except (EngineUnavailable, _EngineFailed):
             self._remove_if_created(spec.name)
             raise
         self._generation.bump()
         return created["Id"]
 
     def _remove_if_created(self, name: str) -> None:
-        """After a create that timed out, the engine may still make the container: take it away
+        """After a create that timed out or failed, the engine may still have made the container: take it away
         (the caller holds the allocation lock), so it never holds GPUs nobody knows about."""
         try:
             with self._engine_call("remove container"):
@@ -623,11 +634,12 @@ class DockerManager:
             with self._engine_call("start container"):
                 api.start(container_id)
             self._generation.bump()
-        except (_EngineRejected, _EngineConflict, _EngineNotFound) as exc:
-            reason = exc.message
-            if "port is already allocated" in reason or "address already in use" in reason:
-                raise PortTaken(f"a host port is already taken on the node: {reason}") from None
-            raise EngineRejected(f"the container did not start: {reason}") from None
+        except (_EngineRejected, _EngineConflict, _EngineNotFound, _EngineFailed) as exc:
+            if any(text in exc.reason for text in PORT_TAKEN):
+                raise PortTaken(f"a host port is already taken on the node: {exc.reason}") from None
+            if isinstance(exc, _EngineFailed):
+                raise
+            raise EngineRejected(f"the container did not start: {exc.reason}") from None
 
     def remove(self, container_id: str, grace_seconds: int | None = None) -> None:
         """Stop within the grace period, then remove with its anonymous volumes."""
@@ -653,17 +665,33 @@ class DockerManager:
         return container
 
 
-class _EngineNotFound(NotManaged):
+class _EngineAnswer:
+    """An engine's error answer; `reason` is the engine's own text."""
+
+    @property
+    def reason(self) -> str:
+        return self.message
+
+
+class _EngineNotFound(_EngineAnswer, NotManaged):
     """The engine has no such object; as an answer, the same 404 as an unmanaged id."""
 
 
-class _EngineConflict(Conflict):
+class _EngineConflict(_EngineAnswer, Conflict):
     """The engine refused with 409 (a name in use, mostly)."""
 
 
-class _EngineRejected(EngineError):
-    """The engine refused the request: a 502 unless the caller turns it into something better
-    (create and start make it the caller's 400, an inspect makes it a 404)."""
+class _EngineRejected(_EngineAnswer, EngineError):
+    """The engine refused the request with a 4xx: a 502 unless the caller turns it into something
+    better (create and start make it the caller's 400, an ambiguous id prefix is a 404)."""
+
+
+class _EngineFailed(EngineError):
+    """The engine failed with a 5xx: a 502 that names what was attempted and the engine's reason."""
+
+    def __init__(self, message: str, reason: str = ""):
+        super().__init__(message)
+        self.reason = reason
 
 
 def _is_timeout(exc: BaseException) -> bool:
