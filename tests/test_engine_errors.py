@@ -1,4 +1,5 @@
-"""An engine that answers with failures: 502 with its reason, never a 404 that frees a claim.
+"""An engine that answers with failures: 502 with its reason, never a 404 that frees a claim;
+an engine that does not answer: 503 for each request within the engine timeout.
 
 The agent talks to the real engine through a relay (tests/support/relay.py) that fails
 chosen requests on cue, so each failure reaches the agent exactly as dockerd would send it.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import docker
 import pytest
@@ -15,7 +17,7 @@ import pytest
 from tests.fake_nvml import fake_gpus
 from tests.support.prerequisites import require
 from tests.support.relay import EngineRelay
-from tests.test_engine_faults import ENGINE_TIMEOUT
+from tests.test_engine_faults import ENGINE_TIMEOUT, MARGIN, timed
 
 pytestmark = pytest.mark.docker
 
@@ -131,3 +133,15 @@ def test_engine_failure_on_create_or_start_is_502_and_leaves_nothing(relayed_age
     relay.clear()
     again = agent.create(claim("next"), test_image, gpu_count=NODE_GPUS, command=["sleep", "600"])
     assert again.status_code == 201, "no GPU stayed allocated: " + again.text
+
+
+@pytest.mark.parametrize("path", ["/health", "/api/v1/containers"])
+def test_concurrent_requests_on_a_hung_engine_are_not_serialised(relayed_agent, relay, path):
+    """The engine client is made without a lock held across its engine call, and list refreshes
+    share one call instead of queueing on a lock: no request waits for another's call to time out."""
+    relay.hang("")
+    agent = relayed_agent(workers=1)
+    with ThreadPoolExecutor(5) as pool:
+        answers = list(pool.map(lambda _: timed(lambda: agent.get(path)), range(5)))
+    assert [response.status_code for response, _ in answers] == [503] * 5, answers[0][0].text
+    assert max(took for _, took in answers) < ENGINE_TIMEOUT + MARGIN, [round(took, 1) for _, took in answers]

@@ -7,6 +7,7 @@ the agent rebuilds all of its state: the engine is the source of truth.
 
 from __future__ import annotations
 
+import copy
 import logging
 import re
 import threading
@@ -14,11 +15,12 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import docker
 import requests
 import urllib3
+from docker.constants import MINIMUM_DOCKER_API_VERSION
 from docker.errors import APIError, DockerException, NotFound
 from docker.types import DeviceRequest, LogConfig
 
@@ -58,6 +60,8 @@ LISTING_EVENTS = ("create", "start", "die", "destroy", "pause", "unpause", "rena
 # ("Multiple IDs found ..."), 400 from later engines ("multiple IDs found ...").
 AMBIGUOUS_PREFIX = "multiple ids found with provided prefix"
 PORT_TAKEN = ("port is already allocated", "address already in use")
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -277,7 +281,7 @@ class DockerManager:
         self._answered_at = float("-inf")
         self._generation = SharedGeneration(config.state_dir / "generation")
         self._listing = _Listing(self._generation)
-        self._refresh_lock = threading.Lock()
+        self._refresh = _SharedCall()
         self._watcher: threading.Thread | None = None
         self._events = None
         self._closed = threading.Event()
@@ -285,13 +289,45 @@ class DockerManager:
     # --- the engine connection -------------------------------------------------------
 
     def _engine(self) -> docker.DockerClient:
-        """The client, made on first use so the agent starts (and recovers) while the engine is down."""
-        with self._client_lock:
-            if self._client is None:
-                self._client = docker.from_env(timeout=self._config.engine_timeout)
-                # The engine is a local socket: skip requests' proxy and .netrc look-ups on every call.
-                self._client.api.trust_env = False
-            return self._client
+        """The client, made on first use so the agent starts (and recovers) while the engine is down.
+
+        Call it inside `_engine_call`: making the client asks the engine its API version. That
+        happens before the lock, which guards only the assignment, so threads that find no
+        client each wait on the engine for themselves, never on each other.
+        """
+        client = self._client
+        if client is None:
+            fresh = self._new_client(self._engine_api_version(), self._config.engine_timeout)
+            with self._client_lock:
+                if self._client is None:
+                    self._client, fresh = fresh, None
+                client = self._client
+            if fresh is not None:
+                fresh.close()
+        return client
+
+    @staticmethod
+    def _new_client(version: str, timeout: float | None) -> docker.DockerClient:
+        """A client speaking `version`: given a version, docker-py makes it without asking the engine."""
+        client = docker.from_env(version=version, timeout=timeout)
+        # The engine is a local socket: skip requests' proxy and .netrc look-ups on every call.
+        client.api.trust_env = False
+        return client
+
+    def _engine_api_version(self) -> str:
+        """The engine's own API version, which docker-py's version="auto" would speak.
+
+        A fixed version would not do: Docker 20.10 speaks at most 1.41 and Docker 29 refuses
+        anything below 1.44. The unversioned GET /version answers whatever the engine accepts.
+        """
+        probe = self._new_client(MINIMUM_DOCKER_API_VERSION, self._config.engine_timeout)
+        try:
+            version = probe.api.version(api_version=False).get("ApiVersion")
+        finally:
+            probe.close()
+        if not version:
+            raise EngineError("the Docker engine did not say which API version it speaks")
+        return version
 
     def close(self) -> None:
         self._closed.set()
@@ -299,9 +335,9 @@ class DockerManager:
             self._events.close()
         self._generation.close()
         with self._client_lock:
-            if self._client is not None:
-                self._client.close()
-                self._client = None
+            client, self._client = self._client, None
+        if client is not None:
+            client.close()
 
     def _cached_rows(self) -> list[ManagedContainer] | None:
         """The listing from memory when it is still exact, starting the event watcher on first use."""
@@ -320,7 +356,7 @@ class DockerManager:
         while not self._closed.is_set():
             client = stream = None
             try:
-                client = docker.APIClient(version=self._engine().api.api_version, timeout=None, **docker.utils.kwargs_from_env())
+                client = self._new_client(self._engine().api.api_version, timeout=None).api
                 stream = self._events = client.events(
                     decode=True, filters={"type": ["container"], "label": [MANAGED_FILTER], "event": list(LISTING_EVENTS)}
                 )
@@ -394,21 +430,19 @@ class DockerManager:
             return [self._from_list_row(row) for row in rows]
         if (cached := self._cached_rows()) is not None:
             return cached
-        # Threads wait for one refresh instead of each asking the engine; never longer than a call may take.
-        if not self._refresh_lock.acquire(timeout=self._config.engine_timeout):
-            raise EngineUnavailable("the Docker engine is slow to answer (list containers)")
-        try:
-            if (cached := self._listing.rows()) is not None:
-                return cached
-            token = self._listing.begin_refresh()
-            with self._engine_call("list containers"):
-                rows = self._engine().api.containers(all=True, filters={"label": [MANAGED_FILTER]})
-            containers = [self._from_list_row(row) for row in rows]
-            self._forget_gone({c.id for c in containers})
-            self._listing.store(containers, token)
-            return containers
-        finally:
-            self._refresh_lock.release()
+        # Threads share one refresh instead of each asking the engine; never longer than a call may take.
+        return self._refresh.run(self._read_listing, self._config.engine_timeout, "list containers")
+
+    def _read_listing(self) -> list[ManagedContainer]:
+        if (cached := self._listing.rows()) is not None:
+            return cached
+        token = self._listing.begin_refresh()
+        with self._engine_call("list containers"):
+            rows = self._engine().api.containers(all=True, filters={"label": [MANAGED_FILTER]})
+        containers = [self._from_list_row(row) for row in rows]
+        self._forget_gone({c.id for c in containers})
+        self._listing.store(containers, token)
+        return containers
 
     def holders_of(self, label: str) -> list[tuple[str, dict[str, str]]]:
         """(id, labels) of the managed containers carrying `label` (GPUs or ports), straight from
@@ -574,7 +608,8 @@ class DockerManager:
     def create(self, spec: ContainerSpec) -> str:
         """Create (not start) the container; its labels record the claim, GPUs and ports."""
         config = self._config
-        api = self._engine().api
+        with self._engine_call("create container"):
+            api = self._engine().api
         bindings: dict[str, list[int]] = {}
         for mapping in spec.port_mappings:
             bindings.setdefault(mapping.container_key, []).append(mapping.host_port)
@@ -629,10 +664,9 @@ class DockerManager:
 
     def start(self, container_id: str) -> None:
         """Start a created container; a port the engine cannot bind is PortTaken."""
-        api = self._engine().api
         try:
             with self._engine_call("start container"):
-                api.start(container_id)
+                self._engine().api.start(container_id)
             self._generation.bump()
         except (_EngineRejected, _EngineConflict, _EngineNotFound, _EngineFailed) as exc:
             if any(text in exc.reason for text in PORT_TAKEN):
@@ -643,7 +677,8 @@ class DockerManager:
 
     def remove(self, container_id: str, grace_seconds: int | None = None) -> None:
         """Stop within the grace period, then remove with its anonymous volumes."""
-        api = self._engine().api
+        with self._engine_call("remove container"):
+            api = self._engine().api
         grace = self._config.stop_timeout if grace_seconds is None else grace_seconds
         try:
             if grace > 0:
@@ -692,6 +727,44 @@ class _EngineFailed(EngineError):
     def __init__(self, message: str, reason: str = ""):
         super().__init__(message)
         self.reason = reason
+
+
+class _SharedCall:
+    """Threads that want the same answer at once share one call: the first makes it, the others
+    wait for its outcome, never longer than `timeout`. No lock is held while the call runs."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._pending: _Outcome | None = None
+
+    def run(self, call: Callable[[], T], timeout: float, what: str) -> T:
+        with self._lock:
+            outcome, first = self._pending, self._pending is None
+            if first:
+                outcome = self._pending = _Outcome()
+        if first:
+            try:
+                outcome.value = call()
+                return outcome.value
+            except BaseException as exc:
+                outcome.error = exc
+                raise
+            finally:
+                with self._lock:
+                    self._pending = None
+                outcome.done.set()
+        if not outcome.done.wait(timeout):
+            raise EngineUnavailable(f"the Docker engine is slow to answer ({what})")
+        if outcome.error is not None:
+            raise copy.copy(outcome.error) from None
+        return outcome.value
+
+
+@dataclass
+class _Outcome:
+    done: threading.Event = field(default_factory=threading.Event)
+    value: Any = None
+    error: BaseException | None = None
 
 
 def _is_timeout(exc: BaseException) -> bool:
