@@ -7,18 +7,20 @@ the agent rebuilds all of its state: the engine is the source of truth.
 
 from __future__ import annotations
 
+import copy
 import logging
 import re
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import docker
 import requests
 import urllib3
+from docker.constants import MINIMUM_DOCKER_API_VERSION
 from docker.errors import APIError, DockerException, NotFound
 from docker.types import DeviceRequest, LogConfig, Mount
 
@@ -60,6 +62,12 @@ EVENT_SETTLE_SECONDS = 0.5
 LISTING_MAX_AGE_SECONDS = 30.0
 # Engine events that change what the list call shows for a container.
 LISTING_EVENTS = ("create", "start", "die", "destroy", "pause", "unpause", "rename", "update", "kill", "stop", "restart", "oom")
+# How the engine refuses an id prefix that several containers share: 500 from Docker 20.10
+# ("Multiple IDs found ..."), 400 from later engines ("multiple IDs found ...").
+AMBIGUOUS_PREFIX = "multiple ids found with provided prefix"
+PORT_TAKEN = ("port is already allocated", "address already in use")
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -286,7 +294,7 @@ class DockerManager:
         self._data_root: str | None = None
         self._generation = SharedGeneration(config.state_dir / "generation")
         self._listing = _Listing(self._generation)
-        self._refresh_lock = threading.Lock()
+        self._refresh = _SharedCall()
         self._watcher: threading.Thread | None = None
         self._events = None
         self._closed = threading.Event()
@@ -294,13 +302,45 @@ class DockerManager:
     # --- the engine connection -------------------------------------------------------
 
     def _engine(self) -> docker.DockerClient:
-        """The client, made on first use so the agent starts (and recovers) while the engine is down."""
-        with self._client_lock:
-            if self._client is None:
-                self._client = docker.from_env(timeout=self._config.engine_timeout)
-                # The engine is a local socket: skip requests' proxy and .netrc look-ups on every call.
-                self._client.api.trust_env = False
-            return self._client
+        """The client, made on first use so the agent starts (and recovers) while the engine is down.
+
+        Call it inside `_engine_call`: making the client asks the engine its API version. That
+        happens before the lock, which guards only the assignment, so threads that find no
+        client each wait on the engine for themselves, never on each other.
+        """
+        client = self._client
+        if client is None:
+            fresh = self._new_client(self._engine_api_version(), self._config.engine_timeout)
+            with self._client_lock:
+                if self._client is None:
+                    self._client, fresh = fresh, None
+                client = self._client
+            if fresh is not None:
+                fresh.close()
+        return client
+
+    @staticmethod
+    def _new_client(version: str, timeout: float | None) -> docker.DockerClient:
+        """A client speaking `version`: given a version, docker-py makes it without asking the engine."""
+        client = docker.from_env(version=version, timeout=timeout)
+        # The engine is a local socket: skip requests' proxy and .netrc look-ups on every call.
+        client.api.trust_env = False
+        return client
+
+    def _engine_api_version(self) -> str:
+        """The engine's own API version, which docker-py's version="auto" would speak.
+
+        A fixed version would not do: Docker 20.10 speaks at most 1.41 and Docker 29 refuses
+        anything below 1.44. The unversioned GET /version answers whatever the engine accepts.
+        """
+        probe = self._new_client(MINIMUM_DOCKER_API_VERSION, self._config.engine_timeout)
+        try:
+            version = probe.api.version(api_version=False).get("ApiVersion")
+        finally:
+            probe.close()
+        if not version:
+            raise EngineError("the Docker engine did not say which API version it speaks")
+        return version
 
     def close(self) -> None:
         self._closed.set()
@@ -308,9 +348,9 @@ class DockerManager:
             self._events.close()
         self._generation.close()
         with self._client_lock:
-            if self._client is not None:
-                self._client.close()
-                self._client = None
+            client, self._client = self._client, None
+        if client is not None:
+            client.close()
 
     def _cached_rows(self) -> list[ManagedContainer] | None:
         """The listing from memory when it is still exact, starting the event watcher on first use."""
@@ -329,7 +369,7 @@ class DockerManager:
         while not self._closed.is_set():
             client = stream = None
             try:
-                client = docker.APIClient(version=self._engine().api.api_version, timeout=None, **docker.utils.kwargs_from_env())
+                client = self._new_client(self._engine().api.api_version, timeout=None).api
                 stream = self._events = client.events(
                     decode=True, filters={"type": ["container"], "label": [MANAGED_FILTER], "event": list(LISTING_EVENTS)}
                 )
@@ -360,11 +400,13 @@ class DockerManager:
             raise _EngineNotFound(str(exc.explanation or exc)) from None
         except APIError as exc:
             status = exc.status_code or 500
+            reason = str(exc.explanation or f"HTTP {status}")
             if status == 409:
-                raise _EngineConflict(str(exc.explanation or exc)) from None
-            if 400 <= status < 500 or exc.explanation:
-                raise _EngineRejected(str(exc.explanation or exc)) from None
-            raise EngineUnavailable(f"the Docker engine failed ({what}): HTTP {status}") from None
+                raise _EngineConflict(reason) from None
+            if status < 500:
+                raise _EngineRejected(reason) from None
+            log.warning("engine failed during %s: HTTP %d %s", what, status, reason)
+            raise _EngineFailed(f"the Docker engine failed ({what}): {reason}", reason) from None
         except (requests.exceptions.RequestException, DockerException, OSError) as exc:
             reason = "timed out" if _is_timeout(exc) else "unreachable"
             log.warning("engine %s during %s: %s", reason, what, type(exc).__name__)
@@ -401,21 +443,19 @@ class DockerManager:
             return [self._from_list_row(row) for row in rows]
         if (cached := self._cached_rows()) is not None:
             return cached
-        # Threads wait for one refresh instead of each asking the engine; never longer than a call may take.
-        if not self._refresh_lock.acquire(timeout=self._config.engine_timeout):
-            raise EngineUnavailable("the Docker engine is slow to answer (list containers)")
-        try:
-            if (cached := self._listing.rows()) is not None:
-                return cached
-            token = self._listing.begin_refresh()
-            with self._engine_call("list containers"):
-                rows = self._engine().api.containers(all=True, filters={"label": [MANAGED_FILTER]})
-            containers = [self._from_list_row(row) for row in rows]
-            self._forget_gone({c.id for c in containers})
-            self._listing.store(containers, token)
-            return containers
-        finally:
-            self._refresh_lock.release()
+        # Threads share one refresh instead of each asking the engine; never longer than a call may take.
+        return self._refresh.run(self._read_listing, self._config.engine_timeout, "list containers")
+
+    def _read_listing(self) -> list[ManagedContainer]:
+        if (cached := self._listing.rows()) is not None:
+            return cached
+        token = self._listing.begin_refresh()
+        with self._engine_call("list containers"):
+            rows = self._engine().api.containers(all=True, filters={"label": [MANAGED_FILTER]})
+        containers = [self._from_list_row(row) for row in rows]
+        self._forget_gone({c.id for c in containers})
+        self._listing.store(containers, token)
+        return containers
 
     def holders_of(self, label: str) -> list[tuple[str, dict[str, str]]]:
         """(id, labels) of the managed containers carrying `label` (GPUs or ports), straight from
@@ -452,7 +492,11 @@ class DockerManager:
         return holders[0][0] if holders else None
 
     def get_managed(self, container_id: str) -> ManagedContainer:
-        """One managed container by full id or unique prefix of 12+ hex digits; 404 otherwise."""
+        """One managed container by full id or unique prefix of 12+ hex digits; 404 otherwise.
+
+        Only the engine's "no such container" and its refusal of an ambiguous prefix are 404: a
+        caller may take 404 for "gone" and release the claim, so an engine failure is never one.
+        """
         if not re.fullmatch(CONTAINER_ID_PATTERN, container_id):
             raise NotManaged(f"no managed container {container_id!r}: ids are 12 to 64 hex digits")
         matches = [c for c in self._cached_rows() or () if c.id.startswith(container_id)]
@@ -461,8 +505,9 @@ class DockerManager:
         try:
             with self._engine_call("inspect container"):
                 info = self._engine().api.inspect_container(container_id)
-        except (_EngineNotFound, _EngineRejected):
-            # The engine refuses an ambiguous prefix with 400; for the caller it names no one container.
+        except (_EngineNotFound, _EngineRejected, _EngineFailed) as exc:
+            if not isinstance(exc, _EngineNotFound) and AMBIGUOUS_PREFIX not in exc.reason.lower():
+                raise
             raise NotManaged(f"no managed container {container_id!r}") from None
         labels = info["Config"].get("Labels") or {}
         if labels.get(MANAGED_LABEL) != "true" or not info["Id"].startswith(container_id):
@@ -594,7 +639,8 @@ class DockerManager:
     def create(self, spec: ContainerSpec) -> str:
         """Create (not start) the container; its labels record the claim, GPUs and ports."""
         config = self._config
-        api = self._engine().api
+        with self._engine_call("create container"):
+            api = self._engine().api
         bindings: dict[str, list[int]] = {}
         for mapping in spec.port_mappings:
             bindings.setdefault(mapping.container_key, []).append(mapping.host_port)
@@ -633,14 +679,14 @@ class DockerManager:
             raise ClaimExists.held_by(spec.claim_id, holder) from None
         except (_EngineRejected, _EngineNotFound) as exc:
             raise EngineRejected(f"the engine refused the container: {exc.message}") from None
-        except EngineUnavailable:
+        except (EngineUnavailable, _EngineFailed):
             self._remove_if_created(spec.name)
             raise
         self._generation.bump()
         return created["Id"]
 
     def _remove_if_created(self, name: str) -> None:
-        """After a create that timed out, the engine may still make the container: take it away
+        """After a create that timed out or failed, the engine may still have made the container: take it away
         (the caller holds the allocation lock), so it never holds GPUs nobody knows about."""
         try:
             with self._engine_call("remove container"):
@@ -654,20 +700,21 @@ class DockerManager:
 
     def start(self, container_id: str) -> None:
         """Start a created container; a port the engine cannot bind is PortTaken."""
-        api = self._engine().api
         try:
             with self._engine_call("start container"):
-                api.start(container_id)
+                self._engine().api.start(container_id)
             self._generation.bump()
-        except (_EngineRejected, _EngineConflict, _EngineNotFound) as exc:
-            reason = exc.message
-            if "port is already allocated" in reason or "address already in use" in reason:
-                raise PortTaken(f"a host port is already taken on the node: {reason}") from None
-            raise EngineRejected(f"the container did not start: {reason}") from None
+        except (_EngineRejected, _EngineConflict, _EngineNotFound, _EngineFailed) as exc:
+            if any(text in exc.reason for text in PORT_TAKEN):
+                raise PortTaken(f"a host port is already taken on the node: {exc.reason}") from None
+            if isinstance(exc, _EngineFailed):
+                raise
+            raise EngineRejected(f"the container did not start: {exc.reason}") from None
 
     def remove(self, container_id: str, grace_seconds: int | None = None) -> None:
         """Stop within the grace period, then remove with its anonymous volumes."""
-        api = self._engine().api
+        with self._engine_call("remove container"):
+            api = self._engine().api
         grace = self._config.stop_timeout if grace_seconds is None else grace_seconds
         try:
             if grace > 0:
@@ -689,17 +736,71 @@ class DockerManager:
         return container
 
 
-class _EngineNotFound(NotManaged):
+class _EngineAnswer:
+    """An engine's error answer; `reason` is the engine's own text."""
+
+    @property
+    def reason(self) -> str:
+        return self.message
+
+
+class _EngineNotFound(_EngineAnswer, NotManaged):
     """The engine has no such object; as an answer, the same 404 as an unmanaged id."""
 
 
-class _EngineConflict(Conflict):
+class _EngineConflict(_EngineAnswer, Conflict):
     """The engine refused with 409 (a name in use, mostly)."""
 
 
-class _EngineRejected(EngineError):
-    """The engine refused the request: a 502 unless the caller turns it into something better
-    (create and start make it the caller's 400, an inspect makes it a 404)."""
+class _EngineRejected(_EngineAnswer, EngineError):
+    """The engine refused the request with a 4xx: a 502 unless the caller turns it into something
+    better (create and start make it the caller's 400, an ambiguous id prefix is a 404)."""
+
+
+class _EngineFailed(EngineError):
+    """The engine failed with a 5xx: a 502 that names what was attempted and the engine's reason."""
+
+    def __init__(self, message: str, reason: str = ""):
+        super().__init__(message)
+        self.reason = reason
+
+
+class _SharedCall:
+    """Threads that want the same answer at once share one call: the first makes it, the others
+    wait for its outcome, never longer than `timeout`. No lock is held while the call runs."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._pending: _Outcome | None = None
+
+    def run(self, call: Callable[[], T], timeout: float, what: str) -> T:
+        with self._lock:
+            outcome, first = self._pending, self._pending is None
+            if first:
+                outcome = self._pending = _Outcome()
+        if first:
+            try:
+                outcome.value = call()
+                return outcome.value
+            except BaseException as exc:
+                outcome.error = exc
+                raise
+            finally:
+                with self._lock:
+                    self._pending = None
+                outcome.done.set()
+        if not outcome.done.wait(timeout):
+            raise EngineUnavailable(f"the Docker engine is slow to answer ({what})")
+        if outcome.error is not None:
+            raise copy.copy(outcome.error) from None
+        return outcome.value
+
+
+@dataclass
+class _Outcome:
+    done: threading.Event = field(default_factory=threading.Event)
+    value: Any = None
+    error: BaseException | None = None
 
 
 def _is_timeout(exc: BaseException) -> bool:

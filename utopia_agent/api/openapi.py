@@ -94,7 +94,7 @@ def build_spec() -> dict:
                 "parameters": [_CLAIM_FILTER],
                 "responses": {
                     "200": _json("Every managed container.", {"type": "array", "items": "Container"}),
-                    **_error_responses(400, 401, 503),
+                    **_error_responses(400, 401, 502, 503),
                 },
             },
         },
@@ -106,7 +106,7 @@ def build_spec() -> dict:
                 "summary": "Show one managed container",
                 "security": secured,
                 "parameters": [_CONTAINER_ID],
-                "responses": {"200": _json("The container.", "Container"), **_error_responses(401, 404, 503)},
+                "responses": {"200": _json("The container.", "Container"), **_error_responses(401, 404, 502, 503)},
             },
             "delete": {
                 "summary": "Stop and remove a managed container, freeing its GPUs and ports",
