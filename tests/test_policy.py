@@ -188,7 +188,11 @@ def test_malformed_env_vars_are_400(agent, docker_client, test_image, claim, ent
     assert_refused(response, 400, "env_vars", docker_client, claim())
 
 
-@pytest.mark.parametrize("name", sorted(RESERVED_ENV_NAMES) + ["NVIDIA_REQUIRE_CUDA", "NVIDIA_REQUIRE_ARCH"])
+@pytest.mark.parametrize(
+    "name",
+    sorted(RESERVED_ENV_NAMES | {"CUDA_VERSION", "CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "NVIDIA_DRIVER_CAPABILITIES",
+                                 "NVIDIA_REQUIRE_CUDA", "NVIDIA_IMEX_CHANNELS", "NVIDIA_GDS", "NVIDIA_ANY_FUTURE_NAME", "NVIDIA_"}),
+)
 def test_gpu_selecting_env_vars_are_reserved(agent, docker_client, test_image, claim, name):
     response = agent.create(claim(), test_image, command=["true"], env_vars=[f"{name}=all"])
     assert_refused(response, 403, "env_vars", docker_client, claim())

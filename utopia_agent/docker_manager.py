@@ -52,6 +52,11 @@ PULL_PROGRESS_INTERVAL = 5.0
 EVENT_SETTLE_SECONDS = 0.5
 # A listing older than this is read again even without events, in case the stream died silently.
 LISTING_MAX_AGE_SECONDS = 30.0
+# The NVIDIA runtime (often the engine's default) reads these from the container's environment,
+# where the image's ENV stands unless the create call sets the name: every nvidia/cuda image says
+# NVIDIA_VISIBLE_DEVICES=all. `void` makes the runtime act as plain runc: no GPU at all.
+NO_GPUS_ENV = "NVIDIA_VISIBLE_DEVICES=void"
+GPU_CAPABILITIES_ENV = "NVIDIA_DRIVER_CAPABILITIES=compute,utility"
 # Engine events that change what the list call shows for a container.
 LISTING_EVENTS = ("create", "start", "die", "destroy", "pause", "unpause", "rename", "update", "kill", "stop", "restart", "oom")
 
@@ -93,6 +98,13 @@ class ContainerSpec:
     @property
     def name(self) -> str:
         return container_name(self.claim_id)
+
+    def environment(self) -> list[str]:
+        """The caller's variables, then the agent's NVIDIA variables, which replace the image's:
+        the container sees the GPUs it was given and no others."""
+        if not self.gpu_uuids:
+            return [*self.env_vars, NO_GPUS_ENV]
+        return [*self.env_vars, "NVIDIA_VISIBLE_DEVICES=" + ",".join(self.gpu_uuids), GPU_CAPABILITIES_ENV]
 
     def labels(self) -> dict[str, str]:
         """The labels record what the container holds; a label is left out when it holds none,
@@ -582,7 +594,7 @@ class DockerManager:
                 created = api.create_container(
                     spec.image,
                     command=list(spec.command) or None,
-                    environment=list(spec.env_vars),
+                    environment=spec.environment(),
                     working_dir=spec.working_dir or None,
                     labels=spec.labels(),
                     name=spec.name,

@@ -14,21 +14,17 @@ from .errors import PolicyViolation
 
 SYSTEM_PATHS = ("/proc", "/sys", "/dev", "/etc", "/boot", "/run/docker.sock", "/var/run/docker.sock", "/var/lib/docker", "/run/containerd")
 SHADOWED_CONTAINER_PATHS = ("/proc", "/sys", "/dev")
-# Names that select or widen GPUs: the agent alone decides them, through DeviceRequests.
+# Names that select or widen GPUs: the agent alone decides them. Every NVIDIA_* name belongs to
+# the NVIDIA runtime; CUDA_VERSION makes it give every GPU to an image without NVIDIA_VISIBLE_DEVICES.
+RESERVED_ENV_PREFIXES = ("NVIDIA_",)
 RESERVED_ENV_NAMES = frozenset({
-    "NVIDIA_VISIBLE_DEVICES",
-    "NVIDIA_DRIVER_CAPABILITIES",
-    "NVIDIA_DISABLE_REQUIRE",
-    "NVIDIA_MIG_CONFIG_DEVICES",
-    "NVIDIA_MIG_MONITOR_DEVICES",
-    "NVIDIA_IMEX_CHANNELS",
+    "CUDA_VERSION",
     "CUDA_VISIBLE_DEVICES",
     "CUDA_DEVICE_ORDER",
     "GPU_DEVICE_ORDINAL",
     "HIP_VISIBLE_DEVICES",
     "ROCR_VISIBLE_DEVICES",
 })
-RESERVED_ENV_PREFIXES = ("NVIDIA_REQUIRE_",)
 
 
 def _within(path: str, root: str) -> bool:
