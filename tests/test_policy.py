@@ -10,6 +10,8 @@ import os
 
 import pytest
 
+from tests.conftest import RUN_ID
+from tests.support.engine import make_image_with, remove_images
 from utopia_agent.policy import RESERVED_ENV_NAMES
 from utopia_agent.schemas import MAX_LIST_ITEMS, MAX_STRING
 
@@ -197,6 +199,30 @@ def test_gpu_selecting_env_vars_are_reserved(agent, docker_client, test_image, c
     response = agent.create(claim(), test_image, command=["true"], env_vars=[f"{name}=all"])
     assert_refused(response, 403, "env_vars", docker_client, claim())
     assert name in response.json()["message"]
+
+
+# --- images --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def forged_image(docker_client, test_image):
+    """An image whose labels claim every GPU and a port for any container made from it."""
+    tag = make_image_with(
+        docker_client, f"utopia-test/forged-labels:{RUN_ID}",
+        "LABEL utopia.gpu_ids=0,1,2,3,4,5,6,7", "LABEL utopia.ports=30001:80/tcp",
+    )
+    yield tag
+    remove_images(docker_client, [tag])
+
+
+def test_an_image_with_the_agents_labels_is_403_and_holds_nothing(agent, docker_client, test_image, forged_image, claim):
+    response = agent.create(claim(), forged_image, command=["sleep", "300"])
+    assert_refused(response, 403, "image", docker_client, claim())
+    assert response.json()["error"] == "forbidden_by_policy"
+    assert "utopia.gpu_ids" in response.json()["message"] and "utopia.ports" in response.json()["message"]
+    after = agent.create(claim("gpus"), test_image, gpu_count=2, command=["sleep", "300"], port_mappings=[{"host_port": 30001, "container_port": 80}])
+    assert after.status_code == 201, after.text
+    assert len(agent.get(f"/api/v1/containers/{after.json()['container_id']}").json()["gpu_ids"]) == 2
 
 
 # --- claim id, image, command, working dir, unknown fields ---------------------------

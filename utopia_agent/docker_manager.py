@@ -40,6 +40,8 @@ from .schemas import CONTAINER_ID_PATTERN
 
 log = logging.getLogger("utopia_agent.docker")
 
+# Every label the agent reads starts with this; an image may carry none of them (see policy.py).
+LABEL_PREFIX = "utopia."
 MANAGED_LABEL = "utopia.managed"
 CLAIM_LABEL = "utopia.claim_id"
 GPU_IDS_LABEL = "utopia.gpu_ids"
@@ -505,18 +507,25 @@ class DockerManager:
 
     # --- images ----------------------------------------------------------------------
 
-    def has_image(self, image: str) -> bool:
+    def _image_labels(self, image: str) -> dict[str, str] | None:
+        """The image's labels, or None when the engine does not have it."""
         try:
             with self._engine_call("inspect image"):
-                self._engine().api.inspect_image(image)
-            return True
+                info = self._engine().api.inspect_image(image)
         except _EngineNotFound:
-            return False
+            return None
+        return (info.get("Config") or {}).get("Labels") or {}
 
-    def ensure_image(self, image: str) -> None:
-        """Pull `image` unless the engine has it, within the pull and no-progress timeouts."""
-        if not self.has_image(image):
+    def ensure_image(self, image: str) -> dict[str, str]:
+        """Pull `image` unless the engine has it, within the pull and no-progress timeouts; return
+        its labels, which the engine copies onto every container made from it."""
+        labels = self._image_labels(image)
+        if labels is None:
             self._pull(image)
+            labels = self._image_labels(image)
+        if labels is None:
+            raise ImagePullFailed(f"cannot pull {image}: the engine lost it right after the pull", image=image)
+        return labels
 
     def _pull(self, image: str) -> None:
         """Pull within the overall and no-progress timeouts, logging progress and the outcome."""

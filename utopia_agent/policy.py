@@ -9,7 +9,7 @@ import os
 from typing import Any
 
 from .config import Config
-from .docker_manager import ContainerSpec, PortMapping
+from .docker_manager import LABEL_PREFIX, ContainerSpec, PortMapping
 from .errors import PolicyViolation
 
 SYSTEM_PATHS = ("/proc", "/sys", "/dev", "/etc", "/boot", "/run/docker.sock", "/var/run/docker.sock", "/var/lib/docker", "/run/containerd")
@@ -40,6 +40,14 @@ def check_env_vars(env_vars: list[str]) -> None:
         name = entry.split("=", 1)[0]
         if name in RESERVED_ENV_NAMES or name.startswith(RESERVED_ENV_PREFIXES):
             raise _field_error("env_vars", f"{name} is reserved: GPUs are chosen by the agent through gpu_count")
+
+
+def check_image_labels(image: str, labels: dict[str, str]) -> None:
+    """Refuse an image that carries the agent's own labels: the engine copies them onto the
+    container, where they would hold GPUs and ports the agent never gave, or fake a claim."""
+    forged = sorted(key for key in labels if key.startswith(LABEL_PREFIX))
+    if forged:
+        raise _field_error("image", f"{image} carries labels reserved for the agent ({', '.join(forged)})")
 
 
 def check_ports(port_mappings: list[dict[str, Any]], config: Config) -> None:
