@@ -53,7 +53,7 @@ class AgentProcess:
             try:
                 requests.get(self.base_url + "/openapi.json", timeout=1)
                 return
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # not listening yet, or a worker still booting on a busy machine
                 time.sleep(0.1)
         raise RuntimeError(f"agent did not serve within {timeout}s:\n{self.log()[-3000:]}")
 
