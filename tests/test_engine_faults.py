@@ -1,26 +1,16 @@
-"""Engine outage and recovery, on a private dockerd so the shared engine is never touched.
-
-The private engine has its own data root, exec root (and so its own containerd), pidfile,
-socket and bridge. It must never run with `--bridge=none`: that removes the interface named
-docker0, which belongs to the shared engine.
-"""
+"""Engine outage and recovery, on a private dockerd (tests/support/private_engine.py) so the
+shared engine is never touched."""
 
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import subprocess
-import tempfile
 import time
-import uuid
-from pathlib import Path
 
 import pytest
 
-from tests.support.engine import EngineHandle, ensure_engine, ensure_test_image
 from tests.support.polling import wait_for
-from tests.support.prerequisites import require
+from tests.support.private_engine import running_private_engine
 
 ENGINE_TIMEOUT = 2.0
 # What a 503 may take beyond the engine timeout: the request itself, and a slow CI machine.
@@ -29,94 +19,11 @@ MARGIN = 3.0
 HEALTH_TRUST = 2.0
 
 
-def _ifindex(name: str) -> int | None:
-    try:
-        return int(Path(f"/sys/class/net/{name}/ifindex").read_text())
-    except OSError:
-        return None
-
-
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
-
-
-class PrivateEngine:
-    """A second dockerd on its own socket and bridge, stopped and started by the test."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.socket = root / "docker.sock"
-        self.base_url = f"unix://{self.socket}"
-        self.bridge = f"utb{uuid.uuid4().hex[:8]}"
-        self.handle: EngineHandle | None = None
-        self.logs: list[Path] = []
-
-    @property
-    def args(self) -> tuple[str, ...]:
-        return (
-            f"--data-root={self.root / 'data'}", f"--exec-root={self.root / 'exec'}",
-            f"--pidfile={self.root / 'docker.pid'}", f"--host={self.base_url}",
-            f"--bridge={self.bridge}", "--iptables=false", "--ip-masq=false",
-            # Claim containers run `sleep`, which ignores SIGTERM as PID 1: do not wait 10 s for each.
-            "--shutdown-timeout=1",
-        )
-
-    def create_bridge(self) -> None:
-        third = int(self.bridge[3:5], 16)
-        _ip("link", "add", self.bridge, "type", "bridge")
-        _ip("addr", "add", f"10.213.{third}.1/24", "dev", self.bridge)
-        _ip("link", "set", self.bridge, "up")
-
-    def start(self) -> "PrivateEngine":
-        self.handle = ensure_engine(base_url=self.base_url, dockerd_args=self.args, client_timeout=30)
-        assert self.handle.started_by_us, "something else answered on the private engine's socket"
-        self.logs.append(self.handle.log_path)
-        return self
-
-    def stop(self) -> None:
-        if self.handle is not None:
-            self.handle.stop()
-            self.handle = None
-
-    @property
-    def client(self):
-        return self.handle.client
-
-    def remove_all(self) -> None:
-        """Everything in this engine belongs to this module, so every container goes."""
-        for container in self.client.containers.list(all=True):
-            container.remove(force=True, v=True)
-
-    def destroy(self) -> None:
-        self.stop()
-        if _ifindex(self.bridge) is not None:
-            _ip("link", "delete", self.bridge)
-        shutil.rmtree(self.root, ignore_errors=True)
-        for log in self.logs:
-            log.unlink(missing_ok=True)
-
-
 @pytest.fixture(scope="module")
 def private_engine(engine):
-    """The private engine with the test image; docker0 of the shared engine must survive it."""
-    require(
-        os.geteuid() == 0 and shutil.which("dockerd") is not None and shutil.which("ip") is not None,
-        "a private dockerd needs root, dockerd and ip (make test installs docker.io and iproute2 as root)",
-    )
-    docker0 = _ifindex("docker0")
-    # A short root: dockerd's and containerd's unix socket paths must stay under 108 bytes.
-    private = PrivateEngine(Path(tempfile.mkdtemp(prefix="utopia-eng-", dir="/tmp")))
-    try:
-        private.create_bridge()
-        private.start()
-        ensure_test_image(private.client)
+    """The private engine with the test image, for this module's outages."""
+    with running_private_engine(engine.client) as private:
         yield private
-        if private.handle is not None:
-            private.remove_all()
-    finally:
-        private.destroy()
-        assert _ifindex("docker0") == docker0, "the shared engine's docker0 changed"
-        assert engine.client.ping()
 
 
 @pytest.fixture

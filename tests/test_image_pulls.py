@@ -10,9 +10,9 @@ import requests
 
 from tests.support.polling import wait_for
 
-from tests.conftest import remove_run_containers
+from tests.conftest import RUN_ID, remove_run_containers
 from tests.support.scrape import sample, scrape
-from tests.support.engine import Registry, SlowRegistry, free_port, make_unique_image, remove_images
+from tests.support.engine import Registry, SlowRegistry, free_port, make_image_with, make_unique_image, remove_images
 
 pytestmark = pytest.mark.docker
 
@@ -52,6 +52,22 @@ def test_unknown_image_is_502_with_the_registry_reason(agent, docker_client, reg
     assert response.json()["error"] == "image_pull_failed"
     assert "manifest unknown" in response.json()["message"] or "not found" in response.json()["message"]
     assert claim_containers(docker_client, claim()) == []
+
+
+def test_a_pulled_image_with_the_agents_labels_is_refused_after_the_pull(agent, docker_client, registry, test_image, claim):
+    source = make_image_with(docker_client, f"utopia-test/forged-pull:{RUN_ID}", "LABEL utopia.managed=true utopia.claim_id=someone-else")
+    ref = registry.push(docker_client, source, f"t/forged-{time.monotonic_ns()}:1")
+    remove_images(docker_client, [source])
+    try:
+        response = agent.create(claim(), ref, command=["sleep", "300"])
+        assert response.status_code == 403, response.text
+        assert response.json()["error"] == "forbidden_by_policy" and "image" in response.json()["errors"]
+        assert "utopia.claim_id" in response.json()["message"] and "utopia.managed" in response.json()["message"]
+        assert f"image pull finished image={ref}" in agent.log()
+        assert claim_containers(docker_client, claim()) == []
+        assert docker_client.containers.list(all=True, filters={"label": "utopia.claim_id=someone-else"}) == []
+    finally:
+        remove_images(docker_client, [ref])
 
 
 def test_unreachable_registry_is_502(agent, docker_client, claim):

@@ -11,6 +11,8 @@ import uuid
 
 import pytest
 
+from tests.conftest import RUN_ID
+from tests.support.engine import free_host_port, make_image_with, remove_images
 from utopia_agent.policy import RESERVED_ENV_NAMES
 from utopia_agent.schemas import MAX_LIST_ITEMS, MAX_STRING
 
@@ -211,11 +213,42 @@ def test_malformed_env_vars_are_400(agent, docker_client, test_image, claim, ent
     assert_refused(response, 400, "env_vars", docker_client, claim())
 
 
-@pytest.mark.parametrize("name", sorted(RESERVED_ENV_NAMES) + ["NVIDIA_REQUIRE_CUDA", "NVIDIA_REQUIRE_ARCH"])
+@pytest.mark.parametrize(
+    "name",
+    sorted(RESERVED_ENV_NAMES | {"CUDA_VERSION", "CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "NVIDIA_DRIVER_CAPABILITIES",
+                                 "NVIDIA_REQUIRE_CUDA", "NVIDIA_IMEX_CHANNELS", "NVIDIA_GDS", "NVIDIA_ANY_FUTURE_NAME", "NVIDIA_"}),
+)
 def test_gpu_selecting_env_vars_are_reserved(agent, docker_client, test_image, claim, name):
     response = agent.create(claim(), test_image, command=["true"], env_vars=[f"{name}=all"])
     assert_refused(response, 403, "env_vars", docker_client, claim())
     assert name in response.json()["message"]
+
+
+# --- images --------------------------------------------------------------------------
+
+
+FORGED_PORT = free_host_port()
+
+
+@pytest.fixture
+def forged_image(docker_client, test_image):
+    """An image whose labels claim every GPU and a port for any container made from it."""
+    tag = make_image_with(
+        docker_client, f"utopia-test/forged-labels:{RUN_ID}",
+        "LABEL utopia.gpu_ids=0,1,2,3,4,5,6,7", f"LABEL utopia.ports={FORGED_PORT}:80/tcp",
+    )
+    yield tag
+    remove_images(docker_client, [tag])
+
+
+def test_an_image_with_the_agents_labels_is_403_and_holds_nothing(agent, docker_client, test_image, forged_image, claim):
+    response = agent.create(claim(), forged_image, command=["sleep", "300"])
+    assert_refused(response, 403, "image", docker_client, claim())
+    assert response.json()["error"] == "forbidden_by_policy"
+    assert "utopia.gpu_ids" in response.json()["message"] and "utopia.ports" in response.json()["message"]
+    after = agent.create(claim("gpus"), test_image, gpu_count=2, command=["sleep", "300"], port_mappings=[{"host_port": FORGED_PORT, "container_port": 80}])
+    assert after.status_code == 201, after.text
+    assert len(agent.get(f"/api/v1/containers/{after.json()['container_id']}").json()["gpu_ids"]) == 2
 
 
 # --- claim id, image, command, working dir, unknown fields ---------------------------

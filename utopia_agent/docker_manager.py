@@ -43,6 +43,8 @@ from .volumes import Volume, decode_hosts, encode_hosts
 
 log = logging.getLogger("utopia_agent.docker")
 
+# Every label the agent reads starts with this; an image may carry none of them (see policy.py).
+LABEL_PREFIX = "utopia."
 MANAGED_LABEL = "utopia.managed"
 CLAIM_LABEL = "utopia.claim_id"
 GPU_IDS_LABEL = "utopia.gpu_ids"
@@ -60,6 +62,11 @@ PULL_PROGRESS_INTERVAL = 5.0
 EVENT_SETTLE_SECONDS = 0.5
 # A listing older than this is read again even without events, in case the stream died silently.
 LISTING_MAX_AGE_SECONDS = 30.0
+# The NVIDIA runtime (often the engine's default) reads these from the container's environment,
+# where the image's ENV stands unless the create call sets the name: every nvidia/cuda image says
+# NVIDIA_VISIBLE_DEVICES=all. `void` makes the runtime act as plain runc: no GPU at all.
+NO_GPUS_ENV = "NVIDIA_VISIBLE_DEVICES=void"
+GPU_CAPABILITIES_ENV = "NVIDIA_DRIVER_CAPABILITIES=compute,utility"
 # Engine events that change what the list call shows for a container.
 LISTING_EVENTS = ("create", "start", "die", "destroy", "pause", "unpause", "rename", "update", "kill", "stop", "restart", "oom")
 # How the engine refuses an id prefix that several containers share: 500 from Docker 20.10
@@ -109,6 +116,13 @@ class ContainerSpec:
     @property
     def name(self) -> str:
         return container_name(self.claim_id)
+
+    def environment(self) -> list[str]:
+        """The caller's variables, then the agent's NVIDIA variables, which replace the image's:
+        the container sees the GPUs it was given and no others."""
+        if not self.gpu_uuids:
+            return [*self.env_vars, NO_GPUS_ENV]
+        return [*self.env_vars, "NVIDIA_VISIBLE_DEVICES=" + ",".join(self.gpu_uuids), GPU_CAPABILITIES_ENV]
 
     def labels(self) -> dict[str, str]:
         """The labels record what the container holds; a label is left out when it holds none,
@@ -569,18 +583,25 @@ class DockerManager:
 
     # --- images ----------------------------------------------------------------------
 
-    def has_image(self, image: str) -> bool:
+    def _image_labels(self, image: str) -> dict[str, str] | None:
+        """The image's labels, or None when the engine does not have it."""
         try:
             with self._engine_call("inspect image"):
-                self._engine().api.inspect_image(image)
-            return True
+                info = self._engine().api.inspect_image(image)
         except _EngineNotFound:
-            return False
+            return None
+        return (info.get("Config") or {}).get("Labels") or {}
 
-    def ensure_image(self, image: str) -> None:
-        """Pull `image` unless the engine has it, within the pull and no-progress timeouts."""
-        if not self.has_image(image):
+    def ensure_image(self, image: str) -> dict[str, str]:
+        """Pull `image` unless the engine has it, within the pull and no-progress timeouts; return
+        its labels, which the engine copies onto every container made from it."""
+        labels = self._image_labels(image)
+        if labels is None:
             self._pull(image)
+            labels = self._image_labels(image)
+        if labels is None:
+            raise ImagePullFailed(f"cannot pull {image}: the engine lost it right after the pull", image=image)
+        return labels
 
     def _pull(self, image: str) -> None:
         """Pull within the overall and no-progress timeouts, logging progress and the outcome."""
@@ -664,7 +685,7 @@ class DockerManager:
                 created = api.create_container(
                     spec.image,
                     command=list(spec.command) or None,
-                    environment=list(spec.env_vars),
+                    environment=spec.environment(),
                     working_dir=spec.working_dir or None,
                     labels=spec.labels(),
                     name=spec.name,

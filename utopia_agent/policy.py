@@ -10,26 +10,22 @@ from dataclasses import replace
 from typing import Any
 
 from .config import Config
-from .docker_manager import ContainerSpec, PortMapping
+from .docker_manager import LABEL_PREFIX, ContainerSpec, PortMapping
 from .errors import PolicyViolation
 from .volumes import Volume, VolumeRefused, overlap, parse_volume, within
 
 SHADOWED_CONTAINER_PATHS = ("/proc", "/sys", "/dev")
-# Names that select or widen GPUs: the agent alone decides them, through DeviceRequests.
+# Names that select or widen GPUs: the agent alone decides them. Every NVIDIA_* name belongs to
+# the NVIDIA runtime; CUDA_VERSION makes it give every GPU to an image without NVIDIA_VISIBLE_DEVICES.
+RESERVED_ENV_PREFIXES = ("NVIDIA_",)
 RESERVED_ENV_NAMES = frozenset({
-    "NVIDIA_VISIBLE_DEVICES",
-    "NVIDIA_DRIVER_CAPABILITIES",
-    "NVIDIA_DISABLE_REQUIRE",
-    "NVIDIA_MIG_CONFIG_DEVICES",
-    "NVIDIA_MIG_MONITOR_DEVICES",
-    "NVIDIA_IMEX_CHANNELS",
+    "CUDA_VERSION",
     "CUDA_VISIBLE_DEVICES",
     "CUDA_DEVICE_ORDER",
     "GPU_DEVICE_ORDINAL",
     "HIP_VISIBLE_DEVICES",
     "ROCR_VISIBLE_DEVICES",
 })
-RESERVED_ENV_PREFIXES = ("NVIDIA_REQUIRE_",)
 
 
 def _field_error(field: str, message: str) -> PolicyViolation:
@@ -41,6 +37,14 @@ def check_env_vars(env_vars: list[str]) -> None:
         name = entry.split("=", 1)[0]
         if name in RESERVED_ENV_NAMES or name.startswith(RESERVED_ENV_PREFIXES):
             raise _field_error("env_vars", f"{name} is reserved: GPUs are chosen by the agent through gpu_count")
+
+
+def check_image_labels(image: str, labels: dict[str, str]) -> None:
+    """Refuse an image that carries the agent's own labels: the engine copies them onto the
+    container, where they would hold GPUs and ports the agent never gave, or fake a claim."""
+    forged = sorted(key for key in labels if key.startswith(LABEL_PREFIX))
+    if forged:
+        raise _field_error("image", f"{image} carries labels reserved for the agent ({', '.join(forged)})")
 
 
 def check_ports(port_mappings: list[dict[str, Any]], config: Config) -> None:

@@ -151,13 +151,15 @@ def ensure_engine(
     *,
     base_url: str | None = None,
     dockerd_args: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
     timeout: float = 60.0,
     client_timeout: float = 120.0,
 ) -> EngineHandle:
     """Use the engine that answers, else start dockerd with the stand-in hook first on PATH.
 
-    `base_url`/`dockerd_args` exist so a test can start a private engine; normally
-    both are left out (DOCKER_HOST or the local socket, default data root).
+    `base_url`/`dockerd_args`/`env` (added to dockerd's environment, which its runtimes
+    inherit) exist so a test can start a private engine; normally all are left out
+    (DOCKER_HOST or the local socket, default data root).
     Raises EngineStartError under CI=true and EngineUnavailable otherwise.
     """
     client = _connect(base_url, 5)
@@ -177,12 +179,12 @@ def ensure_engine(
 
     fd, log_name = tempfile.mkstemp(prefix="utopia-test-dockerd-", suffix=".log")
     log_path = Path(log_name)
-    env = dict(os.environ, PATH=f"{HOOK_DIR}{os.pathsep}{os.environ.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}")
+    dockerd_env = dict(os.environ, **(env or {}), PATH=f"{HOOK_DIR}{os.pathsep}{os.environ.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}")
     with os.fdopen(fd, "wb") as log:
         # A new session keeps a Ctrl-C aimed at pytest from killing the engine mid-run.
         process = subprocess.Popen(
             [dockerd, *dockerd_args], stdout=log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+            stdin=subprocess.DEVNULL, env=dockerd_env, start_new_session=True,
         )
 
     found: list[docker.DockerClient] = []
@@ -259,11 +261,11 @@ def _rootfs_tar(payload: bytes = b"") -> bytes:
     return buf.getvalue()
 
 
-def _import(client: docker.DockerClient, tag: str, rootfs: bytes) -> str:
-    """`docker import -c 'CMD ["/bin/sh"]' - <tag>` through the SDK."""
+def _import(client: docker.DockerClient, tag: str, rootfs: bytes, changes: tuple[str, ...] = ()) -> str:
+    """`docker import -c 'CMD ["/bin/sh"]' [-c <change>...] - <tag>` through the SDK."""
     repository, _, version = tag.rpartition(":")
     client.api.import_image_from_data(
-        rootfs, repository=repository, tag=version, changes=['CMD ["/bin/sh"]'],
+        rootfs, repository=repository, tag=version, changes=['CMD ["/bin/sh"]', *changes],
     )
     client.images.get(tag)
     return tag
@@ -277,6 +279,12 @@ def ensure_test_image(client: docker.DockerClient, tag: str = TEST_IMAGE) -> str
     except docker.errors.ImageNotFound:
         pass
     return _import(client, tag, _rootfs_tar())
+
+
+def make_image_with(client: docker.DockerClient, tag: str, *changes: str) -> str:
+    """The busybox test image under `tag` with Dockerfile lines added (`ENV A=1`, `LABEL k=v`),
+    as `docker import -c` adds them: no build and no registry needed."""
+    return _import(client, tag, _rootfs_tar(), changes)
 
 
 def make_unique_image(client: docker.DockerClient, tag: str, payload_kib: int = 64) -> str:

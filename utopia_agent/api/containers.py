@@ -10,7 +10,7 @@ from flask import Blueprint, g, jsonify, request, url_for
 
 from ..app import services
 from ..errors import AgentError, ClaimExists, InvalidRequest
-from ..policy import build_spec
+from ..policy import build_spec, check_image_labels
 from ..prometheus import CREATES, DELETES
 from ..schemas import CLAIM_ID_PATTERN, CreateContainerSchema, load_request
 
@@ -50,7 +50,7 @@ def _create(payload) -> str:
     existing = agent.docker.find_claim(spec.claim_id)
     if existing:
         raise ClaimExists.held_by(spec.claim_id, existing)
-    agent.docker.ensure_image(spec.image)
+    check_image_labels(spec.image, agent.docker.ensure_image(spec.image))
     container_id, spec = agent.allocator.create(spec, data["gpu_count"])
     event = {"claim_id": spec.claim_id, "container_id": container_id, "gpu_ids": list(spec.gpu_ids)}
     gpus = ",".join(map(str, spec.gpu_ids)) or "-"
