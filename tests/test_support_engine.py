@@ -15,6 +15,7 @@ import docker.errors
 import pytest
 from docker.types import DeviceRequest
 
+from tests.support.polling import wait_for
 from tests.support.engine import (
     TEST_IMAGE,
     Registry,
@@ -90,12 +91,19 @@ def test_registry_push_then_pull_and_unknown_manifest(client, unique_tag):
 
 
 def test_hook_gives_the_requested_gpus(client, nvidia_path):
-    out = client.containers.run(
-        TEST_IMAGE, ["cat", "/proc/1/environ"], remove=True, labels={LABEL: "1"},
+    """The output is read until it is there: the engine can answer a wait before its log driver
+    has written what the container printed (which `run(remove=True)` then returned as empty)."""
+    container = client.containers.run(
+        TEST_IMAGE, ["cat", "/proc/1/environ"], detach=True, labels={LABEL: "1"},
         device_requests=[DeviceRequest(
             driver="nvidia", device_ids=["GPU-aaaa", "GPU-bbbb"], capabilities=[["gpu"]],
         )],
     )
+    try:
+        container.wait(timeout=30)
+        out = wait_for(container.logs, timeout=10)
+    finally:
+        container.remove(force=True)
     assert b"NVIDIA_VISIBLE_DEVICES=GPU-aaaa,GPU-bbbb" in out.split(b"\0")
 
 
