@@ -15,6 +15,12 @@ ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "test-token-0123456789abcdef"
 
 
+def make_run_is_installed() -> bool:
+    """True when `make run` would start the agent at once, with no pip install first."""
+    dry_run = subprocess.run(["make", "-n", "run"], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    return dry_run.returncode == 0 and "pip install" not in dry_run.stdout
+
+
 class AgentProcess:
     """`gunicorn -c gunicorn.conf.py wsgi:app` on a loopback port, with its log in a file."""
 
