@@ -159,7 +159,12 @@ def test_make_run_says_listening_only_once_the_configuration_passed(tmp_path):
         "UTOPIA_AGENT_STATE_DIR": str(tmp_path / "state"),
         "UTOPIA_AGENT_BIND": f"127.0.0.1:{free_port()}",
     })
-    result = subprocess.run(["make", "--no-print-directory", "run"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    run_dir_existed = (ROOT / ".run").exists()
+    try:
+        result = subprocess.run(["make", "--no-print-directory", "run"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    finally:
+        if not run_dir_existed:
+            shutil.rmtree(ROOT / ".run", ignore_errors=True)
     assert result.returncode != 0
     assert "listening" not in result.stdout + result.stderr
     assert "utopia-agent: configuration error: UTOPIA_AGENT_WORKERS" in result.stderr

@@ -61,6 +61,8 @@ class AgentProcess:
                 return
             except requests.ConnectionError:
                 time.sleep(0.1)
+            except requests.Timeout:
+                pass  # the master accepts before a worker has loaded the app; a busy machine is slow to
         raise RuntimeError(f"agent did not serve within {timeout}s:\n{self.log()[-3000:]}")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int | None:
