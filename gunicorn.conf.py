@@ -7,6 +7,7 @@ lifetime: a second agent on the same state dir stops here, before it touches any
 
 import logging
 import os
+import signal
 import sys
 
 from gunicorn.glogging import Logger
@@ -88,6 +89,19 @@ def when_ready(server):
 def post_fork(server, worker):
     """The state dir is the master's to hold: a worker closes its inherited copy of the lock."""
     forget_inherited_holds()
+
+
+def post_worker_init(worker):
+    """A worker stops the graceful way on every quit signal.
+
+    gthread's quick quit shuts its thread pool down inside the signal handler, which deadlocks
+    when the signal lands while the pool is busy or a second one follows (CPython issue 121649).
+    Ctrl-C sends SIGINT to the whole process group and the master then sends SIGQUIT, so the
+    agent could hang on Ctrl-C until graceful_timeout. SIGINT is the master's to handle; its
+    SIGQUIT lets in-flight requests finish, as SIGTERM does.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGQUIT, worker.handle_exit)
 
 
 def on_exit(server):
