@@ -83,7 +83,7 @@ class BodyTooLarge(AgentError):
     code = "body_too_large"
 
     @classmethod
-    def over(cls, max_body_bytes: int) -> "BodyTooLarge":
+    def over(cls, max_body_bytes: int) -> BodyTooLarge:
         return cls(
             f"the body is larger than {max_body_bytes} bytes, this node's UTOPIA_AGENT_MAX_BODY_BYTES",
             max_body_bytes=max_body_bytes,
