@@ -13,15 +13,13 @@ $(STAMP): setup.cfg setup.py
 	rm -f $(VENV)/.installed-* && touch $@
 
 ## run: install into .venv and start the agent on its defaults (a token is made in .run/token when none is set;
-## as non-root the state dir defaults to .run/state, since /var/lib is root's)
+## as non-root the state dir defaults to .run/state, since /var/lib is root's). The agent itself says
+## "listening" once its configuration passed and the port is bound; `utopia-agent check` and `gpus` run
+## from this checkout find the same token and state dir.
 run: $(STAMP)
 	@mkdir -p $(RUN_DIR)
 	@if [ -z "$$UTOPIA_AGENT_TOKEN" ] && [ -z "$$UTOPIA_AGENT_TOKEN_FILE" ] && [ ! -s $(RUN_DIR)/token ]; then \
 		umask 077; $(PY) -c 'import secrets; print(secrets.token_urlsafe(32))' > $(RUN_DIR)/token; fi
-	@echo "utopia-agent: listening on http://$${UTOPIA_AGENT_BIND:-0.0.0.0:8600}"
-	@if [ -z "$$UTOPIA_AGENT_TOKEN" ] && [ -z "$$UTOPIA_AGENT_TOKEN_FILE" ]; then \
-		echo "utopia-agent: authenticate with the token in $(RUN_DIR)/token, e.g."; \
-		echo "  curl -H \"Authorization: Bearer \$$(cat $(RUN_DIR)/token)\" http://127.0.0.1:8600/api/v1/metrics"; fi
 	@export UTOPIA_AGENT_TOKEN_FILE="$${UTOPIA_AGENT_TOKEN_FILE:-$$( [ -z "$$UTOPIA_AGENT_TOKEN" ] && echo $(CURDIR)/$(RUN_DIR)/token )}"; \
 		[ -n "$$UTOPIA_AGENT_TOKEN_FILE" ] || unset UTOPIA_AGENT_TOKEN_FILE; \
 		[ "$$(id -u)" = 0 ] || export UTOPIA_AGENT_STATE_DIR="$${UTOPIA_AGENT_STATE_DIR:-$(CURDIR)/$(RUN_DIR)/state}"; \

@@ -1,12 +1,13 @@
 """gunicorn settings for the agent; numbers come from the environment (UTOPIA_AGENT_*).
 
 Configuration is checked here, in the master, so a bad variable stops the agent before any
-worker starts, with one line that names it.
+worker starts, with one line that names it. The master then holds the state dir for its
+lifetime: a second agent on the same state dir stops here, before it touches anything there.
 """
 
 import logging
 import os
-import shutil
+import signal
 import sys
 
 from gunicorn.glogging import Logger
@@ -14,12 +15,24 @@ from gunicorn.glogging import Logger
 from utopia_agent.config import ConfigError, load_config, prepare_state_dir
 from utopia_agent.logs import logging_dict
 from utopia_agent.volumes import MountPins
+from utopia_agent.state_dir import (
+    StateDirInUse,
+    forget_inherited_holds,
+    hold_state_dir,
+    metrics_dir,
+    release_state_dir,
+    start_fresh,
+)
 
 try:
     _agent = load_config()
+    _fresh_start = hold_state_dir(_agent)
     prepare_state_dir(_agent)
 except ConfigError as error:
     print(f"utopia-agent: configuration error: {error}", file=sys.stderr)
+    sys.exit(2)
+except StateDirInUse as error:
+    print(f"utopia-agent: {error}", file=sys.stderr)
     sys.exit(2)
 
 try:
@@ -28,11 +41,11 @@ except OSError as error:
     logging.getLogger("utopia_agent").warning("volumes cannot be pinned, so creates with volumes will fail: %s", error)
 
 # prometheus-client's multiprocess mode: every worker writes its counters here and a scrape
-# sums them. It must be set before any worker imports prometheus_client, and it starts empty.
-_metrics_dir = _agent.state_dir / "prometheus"
-shutil.rmtree(_metrics_dir, ignore_errors=True)
-_metrics_dir.mkdir(parents=True)
-os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(_metrics_dir)
+# sums them. It must be set before any worker imports prometheus_client, and it starts empty
+# (once per agent: a HUP reload keeps the counters).
+if _fresh_start:
+    start_fresh(_agent)
+os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir(_agent))
 
 bind = _agent.bind
 workers = _agent.workers
@@ -69,18 +82,42 @@ control_socket = str(_agent.state_dir / "gunicorn.ctl")
 
 
 def when_ready(server):
-    """Tell the operator where to reach the agent and how to authenticate (never the token itself)."""
-    source = "UTOPIA_AGENT_TOKEN" if os.environ.get("UTOPIA_AGENT_TOKEN") else "UTOPIA_AGENT_TOKEN_FILE"
+    """Tell the operator where to reach the agent and how to authenticate (never the token itself).
+
+    Said only once the port is bound, so nothing says "listening" before the configuration passed.
+    """
+    token_file = os.environ.get("UTOPIA_AGENT_TOKEN_FILE")
+    source = "UTOPIA_AGENT_TOKEN" if os.environ.get("UTOPIA_AGENT_TOKEN") or not token_file else token_file
     logging.getLogger("utopia_agent").info(
-        "listening on http://%s with %d workers; send 'Authorization: Bearer <token>' (the token in %s)",
+        "listening on http://%s with %d workers; send 'Authorization: Bearer <token>' with the token in %s",
         bind, workers, source,
     )
 
 
 def post_fork(server, worker):
-    """Give each worker the agent's bounds on reading a request."""
+    """Give each worker the agent's bounds on reading a request; the state dir is the master's to
+    hold, so a worker closes its inherited copy of the lock."""
     worker.read_timeout = _agent.read_timeout
     worker.body_limit = _agent.max_body_bytes
+    forget_inherited_holds()
+
+
+def post_worker_init(worker):
+    """A worker stops the graceful way on every quit signal.
+
+    gthread's quick quit shuts its thread pool down inside the signal handler, which deadlocks
+    when the signal lands while the pool is busy or a second one follows (CPython issue 121649).
+    Ctrl-C sends SIGINT to the whole process group and the master then sends SIGQUIT, so the
+    agent could hang on Ctrl-C until graceful_timeout. SIGINT is the master's to handle; its
+    SIGQUIT lets in-flight requests finish, as SIGTERM does.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGQUIT, worker.handle_exit)
+
+
+def on_exit(server):
+    """A clean stop clears the lock file's record, so the CLI never reads a stale pid."""
+    release_state_dir(_agent)
 
 
 def child_exit(server, worker):

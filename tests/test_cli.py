@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -11,6 +12,7 @@ import pytest
 from tests.fake_nvml import DEFAULT_TEST_GPUS, fake_nvml_env, write_fake_nvml_config
 from tests.support.agent import ROOT, TOKEN, AgentProcess
 from tests.support.engine import free_port
+from utopia_agent import cli
 
 
 def run_cli(*args: str, env: dict[str, str], cwd=ROOT) -> subprocess.CompletedProcess:
@@ -69,9 +71,10 @@ def test_check_passes_against_the_real_engine_and_lists_the_gpus(cli_env, docker
         ({"UTOPIA_AGENT_STATE_DIR": "/proc/utopia"}, "UTOPIA_AGENT_STATE_DIR"),
     ],
 )
-def test_check_names_the_bad_variable_in_one_line(cli_env, change, variable):
+def test_check_names_the_bad_variable_in_one_line(cli_env, change, variable, tmp_path):
     env = {**cli_env, **change}
-    result = run_cli("check", env={k: v for k, v in env.items() if v is not None})
+    # Outside the checkout, where a `make run` may have left a token file for the CLI to find.
+    result = run_cli("check", env={k: v for k, v in env.items() if v is not None}, cwd=tmp_path)
     assert result.returncode == 2
     assert stderr_lines(result) == [stderr_lines(result)[0]]
     assert stderr_lines(result)[0].startswith(f"utopia-agent: configuration error: {variable}: ")
@@ -139,3 +142,62 @@ def test_serve_execs_gunicorn_with_the_shipped_config(cli_env, tmp_path, engine)
     finally:
         assert agent.stop() == 0
     assert "listening on http://127.0.0.1" in agent.log()
+
+
+@pytest.fixture
+def make_run_checkout(tmp_path):
+    """A checkout where `make run` ran: its Makefile and gunicorn.conf.py, `.run/token` and `.run/state`."""
+    checkout = tmp_path / "checkout"
+    (checkout / ".run" / "state").mkdir(parents=True)
+    for name in ("Makefile", "gunicorn.conf.py"):
+        shutil.copy(ROOT / name, checkout / name)
+    (checkout / ".run" / "token").write_text("made-by-make-run-0123456789\n")
+    return checkout
+
+
+def test_check_and_gpus_from_a_make_run_checkout_describe_the_running_agent(make_run_checkout, engine):
+    """As `UTOPIA_AGENT_GPU_BACKEND=fake make run` starts it; the CLI's shell sets no UTOPIA_AGENT_* at all
+    (but the state dir as root, where `make run` uses the default /var/lib/utopia-agent, as the CLI does)."""
+    run_dir = make_run_checkout / ".run"
+    plain = {k: v for k, v in os.environ.items() if not k.startswith("UTOPIA_AGENT_")}
+    agent = AgentProcess(run_dir / "state", free_port(), {**plain, "UTOPIA_AGENT_GPU_BACKEND": "fake", "UTOPIA_AGENT_TOKEN_FILE": str(run_dir / "token")}, workers=1)
+    agent.env.pop("UTOPIA_AGENT_TOKEN")
+    agent.token = "made-by-make-run-0123456789"
+    cli_env = dict(plain, UTOPIA_AGENT_STATE_DIR=str(run_dir / "state")) if os.geteuid() == 0 else plain
+    try:
+        agent.start()
+        assert len(agent.get("/api/v1/metrics").json()["gpus"]) == 8
+
+        check = run_cli("check", env=cli_env, cwd=make_run_checkout)
+        assert check.returncode == 0, check.stderr
+        assert f"token file {run_dir / 'token'}" in check.stderr
+        assert f"agent: running, pid {agent.process.pid} on 127.0.0.1:{agent.port} (GPU backend fake)" in check.stdout
+        assert "gpus: 8 found (backend fake)" in check.stdout
+        assert "made-by-make-run" not in check.stdout + check.stderr
+
+        gpus = run_cli("gpus", env=cli_env, cwd=make_run_checkout)
+        assert gpus.returncode == 0, gpus.stderr
+        assert "gpus: 8 found (backend fake)" in gpus.stdout and sorted(gpu_rows(gpus.stdout)) == list(range(8))
+
+        told = run_cli("gpus", env={**cli_env, "UTOPIA_AGENT_GPU_BACKEND": "none"}, cwd=make_run_checkout)
+        assert "gpus: 0 found (backend none)" in told.stdout, "the environment still has the last word"
+    finally:
+        agent.stop()
+    stopped = run_cli("check", env=cli_env, cwd=make_run_checkout)
+    assert "agent: none running on this state dir" in stopped.stdout
+
+
+def test_make_run_defaults_are_used_only_where_nothing_else_says(make_run_checkout, monkeypatch):
+    """As a non-root user (whose `make run` keeps its state in .run/state); as root only the token file."""
+    run_dir = make_run_checkout / ".run"
+    monkeypatch.chdir(make_run_checkout)
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    env, notes = cli.with_make_run_defaults({"PATH": "/usr/bin"})
+    assert env == {"PATH": "/usr/bin", "UTOPIA_AGENT_TOKEN_FILE": str(run_dir / "token"), "UTOPIA_AGENT_STATE_DIR": str(run_dir / "state")}
+    assert len(notes) == 2
+    told = {"UTOPIA_AGENT_TOKEN": "mine", "UTOPIA_AGENT_STATE_DIR": "/srv/agent"}
+    assert cli.with_make_run_defaults(told) == (told, [])
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    assert "UTOPIA_AGENT_STATE_DIR" not in cli.with_make_run_defaults({})[0]
+    monkeypatch.chdir(make_run_checkout.parent)
+    assert cli.with_make_run_defaults({}) == ({}, []), "outside a checkout nothing is filled in"

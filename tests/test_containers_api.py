@@ -210,10 +210,37 @@ def test_bodies_that_are_not_a_json_object_are_400(agent, raw):
     assert response.json()["message"]
 
 
-def test_oversized_body_is_413(agent):
+def test_oversized_body_is_413_naming_the_limit(agent):
     response = agent.post("/api/v1/containers", json={"claim_id": "c", "image": "x", "command": ["y" * 4000] * 100})
     assert response.status_code == 413
-    assert response.json()["message"]
+    assert response.json()["error"] == "body_too_large" and response.json()["max_body_bytes"] == 65536
+    assert "65536 bytes" in response.json()["message"] and "UTOPIA_AGENT_MAX_BODY_BYTES" in response.json()["message"]
+
+
+@pytest.mark.parametrize(
+    "query,names",
+    [
+        ({"claim": "x"}, ["claim"]),
+        ({"claim_id": "x", "status": "running", "all": "1"}, ["all", "status"]),
+        ([("claim_id", "a"), ("claim_id", "b")], ["claim_id"]),
+        ({"claim_id": "not a claim!"}, ["claim_id"]),
+    ],
+)
+def test_unknown_repeated_or_bad_query_parameters_are_400_naming_them(agent, query, names):
+    response = agent.get("/api/v1/containers", params=query)
+    assert response.status_code == 400, response.text
+    body = response.json()
+    assert body["error"] == "invalid_request" and sorted(body["errors"]) == names
+    assert all(name in body["message"] for name in names) and "body" not in body["message"]
+
+
+def test_a_gpu_request_on_a_node_without_gpus_says_so(agent_factory, docker_client, test_image, claim):
+    gpuless = agent_factory(workers=1, UTOPIA_AGENT_GPU_BACKEND="none")
+    response = gpuless.create(claim(), test_image, gpu_count=1, command=["sleep", "300"])
+    assert response.status_code == 409, response.text
+    assert response.json()["message"] == "this node has no GPUs (GPU backend none)"
+    assert response.json()["error"] == "no_gpus_free" and response.json()["free_gpus"] == 0
+    assert managed_ids(docker_client, claim()) == []
 
 
 @pytest.mark.parametrize(
@@ -248,9 +275,10 @@ def test_request_id_is_echoed_or_made(agent):
 
 def test_unknown_routes_and_methods_are_json(agent):
     missing = agent.get("/api/v1/nothing")
-    assert missing.status_code == 404 and missing.json()["message"]
+    assert missing.status_code == 404 and missing.json()["error"] == "not_found" and missing.json()["message"]
     wrong = agent.request("PUT", "/api/v1/containers")
-    assert wrong.status_code == 405 and wrong.json()["message"]
+    assert wrong.status_code == 405 and wrong.json()["error"] == "method_not_allowed" and wrong.json()["message"]
+    assert set(wrong.headers["Allow"].split(", ")) >= {"GET", "POST"}
 
 
 def _sessions_on_every_worker(agent, count: int = 8) -> list[requests.Session]:

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from tests.support.agent import ROOT, AgentProcess
+from tests.support.agent import ROOT, AgentProcess, make_run_is_installed
 from tests.support.engine import free_port
+from tests.support.polling import wait_for
+from tests.support.prerequisites import require
+from tests.support.scrape import sample, scrape
 from utopia_agent.config import ephemeral_port_range
 
 
@@ -99,3 +105,113 @@ def test_without_an_engine_the_agent_starts_and_says_503(tmp_path):
         assert metrics.status_code == 200 and len(metrics.json()["gpus"]) == 8
     finally:
         agent.stop()
+
+
+def start_beside(agent: AgentProcess, port: int) -> subprocess.CompletedProcess:
+    """Start a second gunicorn with `agent`'s environment on another port; stop it if it stays up."""
+    env = {**agent.env, "UTOPIA_AGENT_BIND": f"127.0.0.1:{port}"}
+    second = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    try:
+        stdout, stderr = second.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(second.pid, signal.SIGKILL)
+        stdout, stderr = second.communicate()
+        pytest.fail(f"a second agent ran on the state dir of the first:\n{stderr[-2000:]}")
+    return subprocess.CompletedProcess(second.args, second.returncode, stdout, stderr)
+
+
+def metrics_requests_counted(agent: AgentProcess) -> float:
+    return sample(scrape(agent), "utopia_agent_http_request_duration_seconds_count", route="/api/v1/metrics", method="GET", status="200")
+
+
+def test_a_second_agent_on_the_same_state_dir_stops_and_leaves_the_first_alone(tmp_path):
+    env = dict(os.environ, UTOPIA_AGENT_GPU_BACKEND="none")
+    first = AgentProcess(tmp_path / "state", free_port(), env, workers=2)
+    in_use = (
+        f"utopia-agent: state dir {first.state_dir} is in use by the agent with pid {{pid}} on 127.0.0.1:{first.port}; "
+        "stop it first, or give this one its own UTOPIA_AGENT_STATE_DIR"
+    )
+    try:
+        first.start()
+        for _ in range(5):
+            assert first.get("/api/v1/metrics").status_code == 200
+        counted = metrics_requests_counted(first)
+        assert counted >= 5
+
+        second = start_beside(first, free_port())
+        assert second.returncode == 2, second.stderr
+        assert [line for line in second.stderr.splitlines() if line.strip()] == [in_use.format(pid=first.process.pid)]
+        assert metrics_requests_counted(first) >= counted, "the second start emptied the first one's metrics"
+
+        # gunicorn runs its config file again on HUP, in the same master: it keeps the state dir and its counters.
+        workers = set(first.worker_pids())
+        first.process.send_signal(signal.SIGHUP)
+        assert wait_for(lambda: len(first.worker_pids()) == 2 and workers.isdisjoint(first.worker_pids()), timeout=60)
+        assert metrics_requests_counted(first) >= counted
+        assert start_beside(first, free_port()).returncode == 2
+    finally:
+        assert first.stop() == 0
+    assert (first.state_dir / "agent.lock").read_text() == "", "a clean stop clears the record of the running agent"
+
+    after = AgentProcess(first.state_dir, free_port(), env, workers=1)
+    try:
+        after.start()
+        assert after.get("/health", auth=False).status_code in (200, 503)
+    finally:
+        after.stop()
+
+
+def test_make_run_says_listening_only_once_the_configuration_passed(tmp_path):
+    require(shutil.which("make") is not None and make_run_is_installed(), "make and an installed .venv (make test makes it)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("UTOPIA_AGENT_")}
+    env.update({
+        "UTOPIA_AGENT_TOKEN": "t",
+        "UTOPIA_AGENT_WORKERS": "many",
+        "UTOPIA_AGENT_STATE_DIR": str(tmp_path / "state"),
+        "UTOPIA_AGENT_BIND": f"127.0.0.1:{free_port()}",
+    })
+    run_dir_existed = (ROOT / ".run").exists()
+    try:
+        result = subprocess.run(["make", "--no-print-directory", "run"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False)
+    finally:
+        if not run_dir_existed:
+            shutil.rmtree(ROOT / ".run", ignore_errors=True)
+    assert result.returncode != 0
+    assert "listening" not in result.stdout + result.stderr
+    assert "utopia-agent: configuration error: UTOPIA_AGENT_WORKERS" in result.stderr
+
+
+def mapped_files(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return ""
+
+
+def test_auto_without_nvml_says_so_once_per_agent(tmp_path):
+    """Every worker falls back to no GPUs, a respawned one too, but the operator reads it once."""
+    env = dict(os.environ, UTOPIA_AGENT_GPU_BACKEND="auto", LD_LIBRARY_PATH=str(tmp_path))
+    env.pop("FAKE_NVML_CONFIG", None)
+    agent = AgentProcess(tmp_path / "state", free_port(), env, workers=3)
+    generation = str(agent.state_dir / "generation")
+
+    def every_worker_built_its_app() -> bool:
+        # A worker maps the shared generation while it builds its services, just before its GPU inventory.
+        pids = agent.worker_pids()
+        return len(pids) == 3 and all(generation in mapped_files(pid) for pid in pids)
+
+    try:
+        agent.start()
+        assert wait_for(every_worker_built_its_app, timeout=60)
+        assert wait_for(lambda: agent.log().count("GPU backend auto:") >= 1, timeout=10)
+        os.kill(agent.worker_pids()[0], signal.SIGKILL)
+        assert wait_for(every_worker_built_its_app, timeout=60)
+        assert agent.get("/api/v1/metrics").json()["gpus"] == []
+        # Give a late worker's line generous time to show, were it logged.
+        wait_for(lambda: agent.log().count("GPU backend auto:") > 1, timeout=3)
+    finally:
+        agent.stop()
+    assert agent.log().count("GPU backend auto:") == 1, agent.log()[-3000:]

@@ -195,6 +195,10 @@ class Allocator:
 
     def _with_gpus(self, spec: ContainerSpec, gpu_count: int, snapshot: list[GpuStatus], allocations: NodeAllocations) -> ContainerSpec:
         gpus = {gpu.index: gpu for gpu in snapshot}
+        if not gpus:
+            raise NoGpusFree(
+                f"this node has no GPUs (GPU backend {self._inventory.backend})", requested=gpu_count, free_gpus=0
+            )
         free = sorted(i for i, gpu in gpus.items() if gpu.healthy and gpu.uuid and not gpu_key_held(gpu, allocations.gpu_holders))
         if len(free) < gpu_count:
             raise NoGpusFree(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 from flask import Flask, current_app
 
@@ -14,6 +15,7 @@ from .gpus import GpuInventory, make_inventory
 from .janitor import Janitor
 from .logs import configure_logging
 from .requests_log import register_request_hooks
+from .state_dir import first_to_log
 from .system_metrics import SystemMetrics
 from .volumes import MountPins
 
@@ -45,7 +47,7 @@ def create_app(config: Config | None = None, gpus: GpuInventory | None = None) -
     configure_logging(config.log_format)
     prepare_state_dir(config)
     docker = DockerManager(config)
-    gpus = gpus or make_inventory(config.gpu_backend, config.fake_gpu_count)
+    gpus = gpus or make_inventory(config.gpu_backend, config.fake_gpu_count, partial(first_to_log, config))
     lock_timeout = 3 * config.engine_timeout
 
     app = Flask("utopia_agent")

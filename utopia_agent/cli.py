@@ -5,7 +5,10 @@
     utopia-agent serve   exec gunicorn with the shipped gunicorn.conf.py
 
 Each reads the same UTOPIA_AGENT_* environment as the agent, prints plain text and never
-prints the token. `check` and `gpus` exit 0 when all is well, 1 when the engine or the GPUs
+prints the token. Run from a checkout where `make run` runs, they fill in what `make run`
+fills in (the token file .run/token and, not as root, the state dir .run/state) when the
+environment does not say; and where an agent holds the state dir, they use its GPU backend
+unless UTOPIA_AGENT_GPU_BACKEND says otherwise, so they describe the agent that runs. `check` and `gpus` exit 0 when all is well, 1 when the engine or the GPUs
 fail, and 2 on a configuration error (the code gunicorn.conf.py uses), each failure with
 one line on stderr that says why.
 """
@@ -13,6 +16,7 @@ one line on stderr that says why.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -24,11 +28,14 @@ from .config import Config, ConfigError, load_config, prepare_state_dir
 from .docker_manager import DockerManager
 from .errors import EngineUnavailable
 from .gpus import GpuBackendError, GpuInventory, GpuStatus, gpu_keys, make_inventory
+from .state_dir import RunningAgent, running_agent
 
 PROG = "utopia-agent"
 EXIT_FAILED = 1
 EXIT_CONFIG = 2
 SERVE_FILES = ("gunicorn.conf.py", "wsgi.py")
+# Where `make run` keeps its token and (not as root) its state dir, in the checkout.
+MAKE_RUN_DIR = ".run"
 
 
 class CheckFailed(Exception):
@@ -52,14 +59,50 @@ def _route_logs() -> None:
     logging.getLogger("utopia_agent.gpus").addHandler(notes)
 
 
-def _config(env: dict[str, str] | None = None) -> Config:
-    """The agent's configuration, with its state dir made (the engine layer keeps a file there)."""
+def with_make_run_defaults(env: dict[str, str]) -> tuple[dict[str, str], list[str]]:
+    """`env` with what `make run` fills in where it is unset, and a note for each filled in.
+
+    Only in a checkout (a directory with the Makefile and gunicorn.conf.py) where `make run`
+    made its `.run/`; elsewhere nothing changes.
+    """
+    env = dict(env)
+    notes: list[str] = []
+    checkout = Path.cwd()
+    run_dir = checkout / MAKE_RUN_DIR
+    if not all((checkout / name).is_file() for name in ("Makefile", SERVE_FILES[0])) or not run_dir.is_dir():
+        return env, notes
+    token_file = run_dir / "token"
+    if not env.get("UTOPIA_AGENT_TOKEN") and not env.get("UTOPIA_AGENT_TOKEN_FILE") and token_file.is_file():
+        env["UTOPIA_AGENT_TOKEN_FILE"] = str(token_file)
+        notes.append(f"token file {token_file}")
+    state_dir = run_dir / "state"
+    if not env.get("UTOPIA_AGENT_STATE_DIR") and os.geteuid() != 0 and state_dir.is_dir():
+        env["UTOPIA_AGENT_STATE_DIR"] = str(state_dir)
+        notes.append(f"state dir {state_dir}")
+    return env, notes
+
+
+def _config(env: dict[str, str] | None = None) -> tuple[Config, RunningAgent | None]:
+    """The agent's configuration, with its state dir made (the engine layer keeps a file there),
+    and the agent that runs on that state dir, if one does (whose GPU backend it then uses)."""
+    env, notes = with_make_run_defaults(dict(os.environ) if env is None else env)
+    if notes:
+        print(f"{PROG}: note: as `make run` does, using the {' and the '.join(notes)}", file=sys.stderr)
     try:
         config = load_config(env)
         prepare_state_dir(config)
     except ConfigError as error:
         raise CheckFailed(f"configuration error: {error}", EXIT_CONFIG) from None
-    return config
+    agent = running_agent(config.state_dir)
+    if agent and not env.get("UTOPIA_AGENT_GPU_BACKEND"):
+        config = dataclasses.replace(config, gpu_backend=agent.gpu_backend, fake_gpu_count=agent.fake_gpu_count)
+    return config, agent
+
+
+def _describe_agent(agent: RunningAgent | None) -> str:
+    if agent is None:
+        return "agent: none running on this state dir"
+    return f"agent: running, {agent.describe()} (GPU backend {agent.gpu_backend})"
 
 
 def _inventory(config: Config) -> GpuInventory:
@@ -102,9 +145,10 @@ def _print_table(rows: list[list[str]], indent: str = "") -> None:
 
 def cmd_check(args: argparse.Namespace) -> int:
     """Everything the agent needs at start, in the order it needs it; stop at the first failure."""
-    config = _config()
+    config, agent = _config()
     print(f"config: ok (bind {config.bind}, {config.workers} workers, state dir {config.state_dir}, "
           f"GPU backend {config.gpu_backend})")
+    print(_describe_agent(agent))
 
     docker = DockerManager(config)
     try:
@@ -137,7 +181,7 @@ def cmd_gpus(args: argparse.Namespace) -> int:
     env = dict(os.environ)
     env.pop("UTOPIA_AGENT_TOKEN_FILE", None)
     env["UTOPIA_AGENT_TOKEN"] = "unused-by-the-gpus-command"
-    config = _config(env)
+    config, _ = _config(env)
     inventory = _inventory(config)
     try:
         gpus = inventory.snapshot()

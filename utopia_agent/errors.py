@@ -51,11 +51,43 @@ class Unauthorized(AgentError):
         return {"WWW-Authenticate": 'Bearer realm="utopia-agent"'}
 
 
-class NotManaged(AgentError):
-    """Unknown id, or a container this agent does not manage (which it never touches)."""
+class NotFound(AgentError):
+    """No such route."""
 
     status = 404
     code = "not_found"
+
+
+class NotManaged(NotFound):
+    """Unknown id, or a container this agent does not manage (which it never touches)."""
+
+
+class MethodNotAllowed(AgentError):
+    """The route exists, but not with this method; `Allow` names the ones it has."""
+
+    status = 405
+    code = "method_not_allowed"
+
+    def __init__(self, message: str, allowed: list[str]):
+        super().__init__(message)
+        self.allowed = allowed
+
+    def headers(self) -> dict[str, str]:
+        return {"Allow": ", ".join(self.allowed)}
+
+
+class BodyTooLarge(AgentError):
+    """The body is larger than UTOPIA_AGENT_MAX_BODY_BYTES; the message names the limit."""
+
+    status = 413
+    code = "body_too_large"
+
+    @classmethod
+    def over(cls, max_body_bytes: int) -> BodyTooLarge:
+        return cls(
+            f"the body is larger than {max_body_bytes} bytes, this node's UTOPIA_AGENT_MAX_BODY_BYTES",
+            max_body_bytes=max_body_bytes,
+        )
 
 
 class Conflict(AgentError):
@@ -127,6 +159,31 @@ class AllocationBusy(EngineUnavailable):
     retry_after_seconds = 1
 
 
+def error_codes() -> list[str]:
+    """Every `error` code the agent answers with, from the classes above (the OpenAPI enum)."""
+    codes, pending = set(), [AgentError]
+    while pending:
+        cls = pending.pop()
+        codes.add(cls.code)
+        pending.extend(cls.__subclasses__())
+    return sorted(codes)
+
+
+def from_http_exception(error: HTTPException, max_body_bytes: int) -> AgentError:
+    """Werkzeug's own refusals (unknown route, wrong method, body too large) as our errors."""
+    if error.code == 404:
+        return NotFound("no such route; see /openapi.json")
+    if error.code == 405:
+        return MethodNotAllowed(error.description, list(error.valid_methods or []))
+    if error.code == 413:
+        return BodyTooLarge.over(max_body_bytes)
+    if error.code is not None and 400 <= error.code < 500:
+        refused = InvalidRequest(error.description)
+        refused.status = error.code
+        return refused
+    return AgentError("internal error; see the agent's log")
+
+
 def error_response(error: AgentError):
     response = jsonify(error.body())
     response.status_code = error.status
@@ -143,11 +200,7 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(HTTPException)
     def handle_http_error(error: HTTPException):
-        response = jsonify({"error": error.name.lower().replace(" ", "_"), "message": error.description})
-        response.status_code = error.code or 500
-        if error.code == 405 and error.valid_methods:
-            response.headers["Allow"] = ", ".join(error.valid_methods)
-        return response
+        return error_response(from_http_exception(error, app.config["MAX_CONTENT_LENGTH"]))
 
     @app.errorhandler(Exception)
     def handle_unexpected(error: Exception):

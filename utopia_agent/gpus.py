@@ -19,6 +19,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "nvml", "fake", "none")
+NVML_FALLBACK_NOTE = "nvml-fallback"
 
 # NVML topology levels run from 0 (same board) to 50 (across CPU sockets); a pair we cannot
 # measure counts as far apart as NVML knows, so selection never prefers it by accident.
@@ -254,8 +255,14 @@ def _open_nvml() -> NvmlGpuInventory:
         raise GpuBackendError(f"NVML did not load: {exc}") from exc
 
 
-def make_inventory(backend: str, fake_gpu_count: int = 0) -> GpuInventory:
-    """The inventory for UTOPIA_AGENT_GPU_BACKEND: auto, nvml, fake or none."""
+def make_inventory(
+    backend: str, fake_gpu_count: int = 0, first_to_log: Callable[[str], bool] = lambda note: True
+) -> GpuInventory:
+    """The inventory for UTOPIA_AGENT_GPU_BACKEND: auto, nvml, fake or none.
+
+    `first_to_log(note)` says whether this process is the first of its agent to log a note,
+    so `auto` without NVML is said once per agent, not once per worker.
+    """
     if backend == "none":
         return GpuInventory()
     if backend == "fake":
@@ -266,7 +273,8 @@ def make_inventory(backend: str, fake_gpu_count: int = 0) -> GpuInventory:
         try:
             return _open_nvml()
         except GpuBackendError as exc:
-            log.warning("GPU backend auto: %s; serving no GPUs", exc)
+            if first_to_log(NVML_FALLBACK_NOTE):
+                log.warning("GPU backend auto: %s; serving no GPUs", exc)
             return GpuInventory()
     raise ValueError(f"unknown GPU backend {backend!r}; expected one of {', '.join(BACKENDS)}")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from marshmallow import Schema, ValidationError, fields, validate, validates_schema
 
-from .errors import InvalidRequest
+from .errors import InvalidRequest, error_codes
 
 # Every pattern is anchored and means the same in Python and in the OpenAPI document's
 # ECMA-262 dialect; `FullMatch` applies it to the whole value.
@@ -60,9 +60,17 @@ def _at_most_volumes(value: dict) -> None:
 
 
 class PortMappingSchema(Schema):
-    host_port = StrictInteger(required=True, validate=validate.Range(1, 65535))
-    container_port = StrictInteger(required=True, validate=validate.Range(1, 65535))
-    protocol = fields.String(load_default="tcp", validate=validate.OneOf(["tcp", "udp"]))
+    host_port = StrictInteger(
+        required=True,
+        validate=validate.Range(1, 65535),
+        metadata={"description": "Port on the node; must lie in UTOPIA_AGENT_HOST_PORT_RANGE and be free."},
+    )
+    container_port = StrictInteger(
+        required=True, validate=validate.Range(1, 65535), metadata={"description": "Port inside the container."}
+    )
+    protocol = fields.String(
+        load_default="tcp", validate=validate.OneOf(["tcp", "udp"]), metadata={"description": "`tcp` or `udp`."}
+    )
 
 
 class CreateContainerSchema(Schema):
@@ -76,9 +84,19 @@ class CreateContainerSchema(Schema):
     image = fields.String(
         required=True,
         validate=[validate.Length(max=512), FullMatch(IMAGE_PATTERN, error="is not a valid image reference")],
+        metadata={"description": "Image reference; pulled when the engine does not have it."},
     )
-    gpu_count = StrictInteger(load_default=0, validate=validate.Range(0, 64))
-    port_mappings = fields.List(fields.Nested(PortMappingSchema), load_default=list, validate=validate.Length(max=64))
+    gpu_count = StrictInteger(
+        load_default=0,
+        validate=validate.Range(0, 64),
+        metadata={"description": "GPUs given to the container exclusively, chosen by the agent."},
+    )
+    port_mappings = fields.List(
+        fields.Nested(PortMappingSchema),
+        load_default=list,
+        validate=validate.Length(max=64),
+        metadata={"description": "Host ports published to container ports."},
+    )
     env_vars = fields.List(
         fields.String(
             validate=[
@@ -88,22 +106,28 @@ class CreateContainerSchema(Schema):
         ),
         load_default=list,
         validate=validate.Length(max=MAX_LIST_ITEMS),
+        metadata={"description": "Environment entries `KEY=value`; GPU-selecting names (NVIDIA_*, CUDA_VISIBLE_DEVICES, ...) are refused."},
     )
     command = fields.List(
         fields.String(validate=[validate.Length(max=MAX_STRING), _NO_NUL]),
         load_default=list,
         validate=validate.Length(max=MAX_LIST_ITEMS),
+        metadata={"description": "Command and arguments; empty runs the image's own command."},
     )
     working_dir = fields.String(
         load_default="",
         validate=[validate.Length(max=MAX_STRING), FullMatch(r"^(/[^\x00]*)?$", error="must be empty or an absolute path without NUL characters")],
+        metadata={"description": "Absolute working directory in the container; empty keeps the image's."},
     )
     volumes = fields.Dict(
         keys=fields.String(validate=[validate.Length(min=1, max=MAX_STRING), _ABSOLUTE_PATH]),
         values=fields.String(validate=[validate.Length(min=1, max=MAX_STRING), _ABSOLUTE_PATH]),
         load_default=dict,
         validate=_at_most_volumes,
-        metadata={"description": "Host path -> container path.", "maxProperties": MAX_VOLUMES},
+        metadata={
+            "description": "Host path -> container path; the host path must lie under UTOPIA_AGENT_VOLUME_ROOTS.",
+            "maxProperties": MAX_VOLUMES,
+        },
     )
 
     @validates_schema
@@ -116,62 +140,118 @@ class CreateContainerSchema(Schema):
             seen.add(key)
 
 
+class ListContainersQuerySchema(Schema):
+    """GET /api/v1/containers query; unknown parameters are refused, as unknown body fields are."""
+
+    claim_id = fields.String(
+        validate=FullMatch(CLAIM_ID_PATTERN, error="is not a valid claim id"),
+        metadata={"description": "Only the container of this claim."},
+    )
+
+
 class CreatedSchema(Schema):
-    container_id = fields.String(required=True)
+    container_id = fields.String(required=True, metadata={"description": "The full (64 hex digit) id of the new container."})
+
+
+# One container as GET answers it: host ports are strings (as the engine gives them) and
+# times are Unix seconds.
+CONTAINER_EXAMPLE = {
+    "id": "4f1c9a2be07d5c3a8e6b1f0d2c4a6e8b0d1f3a5c7e9b2d4f6a8c0e1b3d5f7a9c",
+    "claim_id": "claim-42",
+    "image": "registry.example.com/team/train:1.4",
+    "status": "running",
+    "gpu_ids": [0, 1],
+    "ports": {"8888/tcp": "31001"},
+    "created": 1764000000,
+    "started": 1764000001,
+    "labels": {
+        "utopia.managed": "true",
+        "utopia.claim_id": "claim-42",
+        "utopia.gpu_ids": "0,1",
+        "utopia.gpu_uuids": "GPU-5b0c8a1e-0000-0000-0000-000000000000,GPU-5b0c8a1e-0000-0000-0000-000000000001",
+        "utopia.ports": "31001:8888/tcp",
+    },
+}
 
 
 class ContainerSchema(Schema):
-    id = fields.String(required=True)
-    claim_id = fields.String(required=True)
-    image = fields.String(required=True)
-    status = fields.String(required=True, metadata={"enum": ["created", "running", "paused", "restarting", "removing", "exited", "dead"]})
-    gpu_ids = fields.List(fields.Integer(), required=True)
-    ports = fields.Dict(keys=fields.String(), values=fields.String(), required=True)
-    created = fields.Integer(required=True)
-    started = fields.Integer(required=True)
-    labels = fields.Dict(keys=fields.String(), values=fields.String(), required=True)
+    id = fields.String(required=True, metadata={"description": "The full Docker container id (64 hex digits)."})
+    claim_id = fields.String(required=True, metadata={"description": "The claim this container serves."})
+    image = fields.String(required=True, metadata={"description": "The image reference it was created from."})
+    status = fields.String(
+        required=True,
+        metadata={
+            "description": "The engine's state of the container.",
+            "enum": ["created", "running", "paused", "restarting", "removing", "exited", "dead"],
+        },
+    )
+    gpu_ids = fields.List(
+        fields.Integer(), required=True, metadata={"description": "NVML indices of the GPUs given to it; empty for none."}
+    )
+    ports = fields.Dict(
+        keys=fields.String(),
+        values=fields.String(),
+        required=True,
+        metadata={"description": "`<container_port>/<protocol>` -> the host port, as a string."},
+    )
+    created = fields.Integer(required=True, metadata={"description": "When it was created, in Unix seconds."})
+    started = fields.Integer(
+        required=True, metadata={"description": "When it last started, in Unix seconds; 0 if it never started."}
+    )
+    labels = fields.Dict(
+        keys=fields.String(),
+        values=fields.String(),
+        required=True,
+        metadata={"description": "Its labels: `utopia.managed`, `utopia.claim_id`, and the GPUs and ports it holds."},
+    )
 
 
 class GpuMetricsSchema(Schema):
-    id = fields.Integer(required=True)
-    temperature_c = fields.Integer(allow_none=True, required=True)
-    memory_total_mb = fields.Integer(allow_none=True, required=True)
-    memory_used_mb = fields.Integer(allow_none=True, required=True)
-    name = fields.String(allow_none=True, required=True)
-    uuid = fields.String(allow_none=True, required=True)
-    busy = fields.Boolean(required=True)
-    usage_percent = fields.Float(allow_none=True, required=True)
-    healthy = fields.Boolean(required=True)
+    id = fields.Integer(required=True, metadata={"description": "NVML index."})
+    temperature_c = fields.Integer(allow_none=True, required=True, metadata={"description": "Degrees Celsius; null when NVML cannot read it."})
+    memory_total_mb = fields.Integer(allow_none=True, required=True, metadata={"description": "Memory in MiB; null when unreadable."})
+    memory_used_mb = fields.Integer(allow_none=True, required=True, metadata={"description": "Used memory in MiB; null when unreadable."})
+    name = fields.String(allow_none=True, required=True, metadata={"description": "Product name; null when unreadable."})
+    uuid = fields.String(allow_none=True, required=True, metadata={"description": "GPU UUID; null when unreadable (such a GPU is never given)."})
+    busy = fields.Boolean(required=True, metadata={"description": "Held by a managed container, or running compute processes."})
+    usage_percent = fields.Float(allow_none=True, required=True, metadata={"description": "Utilisation in percent; null when unreadable."})
+    healthy = fields.Boolean(required=True, metadata={"description": "False when NVML reports it failing; such a GPU is never given."})
 
 
 class SystemMetricsSchema(Schema):
-    cpu_usage_percent = fields.Float(required=True)
-    memory_usage_percent = fields.Float(required=True)
-    memory_total_mb = fields.Integer(required=True)
-    memory_used_mb = fields.Integer(required=True)
-    disk_usage_percent = fields.Float(required=True)
-    load_average = fields.Float(required=True)
-    uptime = fields.Integer(required=True)
+    cpu_usage_percent = fields.Float(required=True, metadata={"description": "CPU use in percent, from the previous sample."})
+    memory_usage_percent = fields.Float(required=True, metadata={"description": "Memory use in percent."})
+    memory_total_mb = fields.Integer(required=True, metadata={"description": "Memory in MiB."})
+    memory_used_mb = fields.Integer(required=True, metadata={"description": "Used memory in MiB."})
+    disk_usage_percent = fields.Float(required=True, metadata={"description": "Use of the root file system in percent."})
+    load_average = fields.Float(required=True, metadata={"description": "1-minute load average."})
+    uptime = fields.Integer(required=True, metadata={"description": "The node's uptime in seconds."})
 
 
 class MetricsSchema(Schema):
-    node_id = fields.String(required=True)
-    cpu_usage_percent = fields.Float(required=True)
-    memory_usage_percent = fields.Float(required=True)
-    gpus = fields.List(fields.Nested(GpuMetricsSchema), required=True)
-    system = fields.Nested(SystemMetricsSchema, required=True)
+    node_id = fields.String(required=True, metadata={"description": "UTOPIA_AGENT_NODE_ID, by default the hostname."})
+    cpu_usage_percent = fields.Float(required=True, metadata={"description": "CPU use in percent, as in `system`."})
+    memory_usage_percent = fields.Float(required=True, metadata={"description": "Memory use in percent, as in `system`."})
+    gpus = fields.List(fields.Nested(GpuMetricsSchema), required=True, metadata={"description": "Every GPU, in index order."})
+    system = fields.Nested(SystemMetricsSchema, required=True, metadata={"description": "The node's own figures."})
 
 
 class HealthSchema(Schema):
-    status = fields.String(required=True, validate=validate.OneOf(["healthy", "unhealthy"]))
-    timestamp = fields.String(required=True)
-    reason = fields.String()
+    status = fields.String(
+        required=True, validate=validate.OneOf(["healthy", "unhealthy"]), metadata={"description": "`unhealthy` while the engine does not answer."}
+    )
+    timestamp = fields.String(required=True, metadata={"description": "When it was answered, ISO 8601 in UTC."})
+    reason = fields.String(metadata={"description": "Why it is unhealthy."})
 
 
 class ErrorSchema(Schema):
-    error = fields.String(required=True, metadata={"description": "A stable machine-readable code."})
-    message = fields.String(required=True)
-    errors = fields.Dict(metadata={"description": "Per-field messages, for 400."})
+    error = fields.String(
+        required=True,
+        validate=validate.OneOf(error_codes()),
+        metadata={"description": "A stable machine-readable code; each operation's responses say which it may answer."},
+    )
+    message = fields.String(required=True, metadata={"description": "What went wrong, for a human."})
+    errors = fields.Dict(metadata={"description": "Per-field (or per-parameter) messages, for 400 and 403."})
     claim_id = fields.String(metadata={"description": "The claim, for 409 claim_exists."})
     container_id = fields.String(
         allow_none=True,
@@ -181,6 +261,7 @@ class ErrorSchema(Schema):
     free_gpus = fields.Integer(metadata={"description": "How many GPUs are free, for 409 no_gpus_free."})
     host_port = fields.Integer(metadata={"description": "The host port that is taken, for 409 port_taken."})
     image = fields.String(metadata={"description": "The image that could not be pulled, for 502 image_pull_failed."})
+    max_body_bytes = fields.Integer(metadata={"description": "The node's UTOPIA_AGENT_MAX_BODY_BYTES, for 413 body_too_large."})
 
 
 def load_request(schema: Schema, payload) -> dict:
@@ -191,3 +272,21 @@ def load_request(schema: Schema, payload) -> dict:
         return schema.load(payload)
     except ValidationError as exc:
         raise InvalidRequest("the request body is invalid", errors=exc.messages) from None
+
+
+def load_query(schema: Schema, args) -> dict:
+    """Validate a query string (a MultiDict) with `schema`; an unknown or repeated parameter is a 400 naming it."""
+    errors: dict[str, list[str]] = {name: ["given more than once"] for name in args if len(args.getlist(name)) > 1}
+    try:
+        data = schema.load(args.to_dict())
+    except ValidationError as exc:
+        errors = {**exc.messages, **errors}
+    if not errors:
+        return data
+    unknown = sorted(name for name in errors if name not in schema.fields)
+    if unknown:
+        known = ", ".join(sorted(schema.fields)) or "none"
+        message = f"unknown query parameter {', '.join(unknown)} (this route takes: {known})"
+    else:
+        message = "the query is invalid: " + "; ".join(f"{name} {' '.join(errors[name])}" for name in sorted(errors))
+    raise InvalidRequest(message, errors=errors)

@@ -24,6 +24,12 @@ def unmount_under(path: Path) -> None:
         subprocess.run(["umount", "-l", point], check=False)
 
 
+def make_run_is_installed() -> bool:
+    """True when `make run` would start the agent at once, with no pip install first."""
+    dry_run = subprocess.run(["make", "-n", "run"], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    return dry_run.returncode == 0 and "pip install" not in dry_run.stdout
+
+
 class AgentProcess:
     """`gunicorn -c gunicorn.conf.py wsgi:app` on a loopback port, with its log in a file."""
 
@@ -65,6 +71,8 @@ class AgentProcess:
             except (requests.ConnectionError, requests.Timeout):
                 # Refused before the master binds; unanswered while the workers still load the app.
                 time.sleep(0.1)
+            except requests.Timeout:
+                pass  # the master accepts before a worker has loaded the app; a busy machine is slow to
         raise RuntimeError(f"agent did not serve within {timeout}s:\n{self.log()[-3000:]}")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int | None:

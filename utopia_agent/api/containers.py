@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 
 from flask import Blueprint, g, jsonify, request, url_for
 
@@ -12,11 +11,12 @@ from ..app import services
 from ..errors import AgentError, ClaimExists, InvalidRequest
 from ..policy import build_spec, check_image_labels
 from ..prometheus import CREATES, DELETES
-from ..schemas import CLAIM_ID_PATTERN, CreateContainerSchema, load_request
+from ..schemas import CreateContainerSchema, ListContainersQuerySchema, load_query, load_request
 
 log = logging.getLogger("utopia_agent.containers")
 blueprint = Blueprint("containers", __name__, url_prefix="/containers")
 _create_schema = CreateContainerSchema()
+_list_query_schema = ListContainersQuerySchema()
 
 
 @blueprint.post("")
@@ -72,10 +72,8 @@ def _create(payload) -> str:
 
 @blueprint.get("")
 def list_containers():
-    claim_id = request.args.get("claim_id")
-    if claim_id is not None and not re.fullmatch(CLAIM_ID_PATTERN, claim_id):
-        raise InvalidRequest("claim_id is not a valid claim id", errors={"claim_id": ["invalid claim id"]})
-    return jsonify([c.to_dict() for c in services().docker.list_managed(claim_id=claim_id)])
+    query = load_query(_list_query_schema, request.args)
+    return jsonify([c.to_dict() for c in services().docker.list_managed(claim_id=query.get("claim_id"))])
 
 
 @blueprint.get("/<container_id>")

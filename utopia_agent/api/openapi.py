@@ -9,38 +9,66 @@ from apispec.ext.marshmallow import MarshmallowPlugin
 from flask import Blueprint, jsonify
 
 from .. import __version__
+from ..errors import (
+    AgentError,
+    AllocationBusy,
+    BodyTooLarge,
+    ClaimExists,
+    Conflict,
+    EngineError,
+    EngineRejected,
+    EngineUnavailable,
+    ImagePullFailed,
+    InvalidRequest,
+    NodeFault,
+    NoGpusFree,
+    NotManaged,
+    PolicyViolation,
+    PortTaken,
+    Unauthorized,
+)
 from ..schemas import (
-    CLAIM_ID_PATTERN,
+    CONTAINER_EXAMPLE,
     CONTAINER_ID_PATTERN,
     ContainerSchema,
     CreateContainerSchema,
     CreatedSchema,
     ErrorSchema,
     HealthSchema,
+    ListContainersQuerySchema,
     MetricsSchema,
 )
 
 blueprint = Blueprint("openapi", __name__)
 
-_ERRORS = {
-    400: "The body is not JSON, or a field is missing, unknown, of the wrong type or out of range.",
-    401: "Missing, malformed or wrong bearer token.",
-    403: "Forbidden by node policy (volume, port range, reserved env var).",
-    404: "No managed container with that id.",
-    409: "The claim already has a container, not enough GPUs are free, or a host port is taken.",
-    413: "The body is larger than the node allows.",
-    502: "The image could not be pulled, or the engine failed.",
-    503: "The Docker engine is unreachable; retry after Retry-After seconds.",
-}
+TAGS = [
+    {"name": "containers", "description": "The containers of claims: create, list, show, delete."},
+    {"name": "node", "description": "The node's CPU, memory, disk and GPU figures, as JSON and for Prometheus."},
+    {"name": "service", "description": "Liveness and this document; no token needed."},
+]
 
 
-def _error_responses(*statuses: int) -> dict:
-    return {str(s): {"description": _ERRORS[s], "content": {"application/json": {"schema": "Error"}}} for s in statuses}
+def _failure(description: str, *errors: type[AgentError]) -> dict:
+    """One error response of an operation: its status, and the `error` codes it may carry, come
+    from the error classes; the description says when this operation answers it."""
+    statuses = {error.status for error in errors}
+    assert len(statuses) == 1, f"one status per response, got {statuses}"
+    codes = ", ".join(f"`{error.code}`" for error in errors)
+    return {
+        str(statuses.pop()): {
+            "description": f"{description} (`error`: {codes})",
+            "content": {"application/json": {"schema": "Error"}},
+        }
+    }
 
 
 def _json(description: str, schema) -> dict:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
+
+_UNAUTHORIZED = _failure("Missing, malformed or wrong bearer token.", Unauthorized)
+_ENGINE_DOWN = _failure("The Docker engine is unreachable or slow; retry after Retry-After seconds.", EngineUnavailable)
+_NOT_MANAGED = _failure("No managed container with that id; containers the agent does not manage are never shown or touched.", NotManaged)
 
 _CONTAINER_ID = {
     "name": "container_id",
@@ -48,13 +76,6 @@ _CONTAINER_ID = {
     "required": True,
     "description": "The full container id or a unique prefix of at least 12 hex digits.",
     "schema": {"type": "string", "pattern": CONTAINER_ID_PATTERN},
-}
-_CLAIM_FILTER = {
-    "name": "claim_id",
-    "in": "query",
-    "required": False,
-    "description": "Only the container of this claim.",
-    "schema": {"type": "string", "pattern": CLAIM_ID_PATTERN},
 }
 
 
@@ -67,34 +88,79 @@ def build_spec() -> dict:
         openapi_version="3.0.3",
         plugins=[MarshmallowPlugin()],
         info={"description": "Starts Docker containers with exclusive GPUs for claims, and reports node metrics."},
+        tags=TAGS,
     )
     spec.components.security_scheme("bearer", {"type": "http", "scheme": "bearer"})
     for name, schema in [
         ("CreateContainer", CreateContainerSchema),
         ("Created", CreatedSchema),
-        ("Container", ContainerSchema),
         ("Metrics", MetricsSchema),
         ("Health", HealthSchema),
         ("Error", ErrorSchema),
     ]:
         spec.components.schema(name, schema=schema)
+    spec.components.schema("Container", component={"example": CONTAINER_EXAMPLE}, schema=ContainerSchema)
     secured = [{"bearer": []}]
     spec.path(
         path="/api/v1/containers",
         operations={
             "post": {
+                "operationId": "createContainer",
+                "tags": ["containers"],
                 "summary": "Create and start the container of a claim",
                 "security": secured,
                 "requestBody": {"required": True, "content": {"application/json": {"schema": "CreateContainer"}}},
-                "responses": {"201": _json("Created and started.", "Created"), **_error_responses(400, 401, 403, 409, 413, 502, 503)},
+                "responses": {
+                    "201": _json("Created and started.", "Created"),
+                    **_failure(
+                        "The body is not JSON, or a field is missing, unknown, of the wrong type or out of range, with "
+                        "per-field `errors`; or the engine refused the container as asked (say, a command not found "
+                        "in the image, or a working dir it cannot use), with the engine's reason.",
+                        InvalidRequest, EngineRejected,
+                    ),
+                    **_UNAUTHORIZED,
+                    **_failure(
+                        "Forbidden by node policy: a volume outside the volume roots, missing, through a symlink or "
+                        "overlapping another, a reserved env var, a host port outside the node's range, or an image "
+                        "carrying utopia.* labels.",
+                        PolicyViolation,
+                    ),
+                    **_failure(
+                        "The claim already has a container (the body names it), not enough GPUs are free (or the "
+                        "node has none), a host port is taken, or the container's name is held by a container the "
+                        "agent does not manage.",
+                        ClaimExists, NoGpusFree, PortTaken, Conflict,
+                    ),
+                    **_failure("The body is larger than the node's UTOPIA_AGENT_MAX_BODY_BYTES.", BodyTooLarge),
+                    **_failure("The node failed the request: the agent could not pin the claim's volumes.", NodeFault),
+                    **_failure(
+                        "The image could not be pulled (the registry's reason), or the engine failed on the node's "
+                        "side: network, storage or runtime.",
+                        ImagePullFailed, EngineError,
+                    ),
+                    **_failure(
+                        "The Docker engine is unreachable or slow, or other creates held the allocation lock too "
+                        "long; retry after Retry-After seconds.",
+                        EngineUnavailable, AllocationBusy,
+                    ),
+                },
             },
             "get": {
+                "operationId": "listContainers",
+                "tags": ["containers"],
                 "summary": "List the managed containers",
                 "security": secured,
-                "parameters": [_CLAIM_FILTER],
+                "parameters": [{"in": "query", "schema": ListContainersQuerySchema}],
                 "responses": {
                     "200": _json("Every managed container.", {"type": "array", "items": "Container"}),
-                    **_error_responses(400, 401, 502, 503),
+                    **_failure(
+                        "A query parameter is unknown or repeated, or `claim_id` is not a valid claim id; "
+                        "`errors` names each.",
+                        InvalidRequest,
+                    ),
+                    **_UNAUTHORIZED,
+                    **_failure("The engine failed to list the containers.", EngineError),
+                    **_ENGINE_DOWN,
                 },
             },
         },
@@ -103,16 +169,26 @@ def build_spec() -> dict:
         path="/api/v1/containers/{container_id}",
         operations={
             "get": {
+                "operationId": "getContainer",
+                "tags": ["containers"],
                 "summary": "Show one managed container",
                 "security": secured,
                 "parameters": [_CONTAINER_ID],
-                "responses": {"200": _json("The container.", "Container"), **_error_responses(401, 404, 502, 503)},
+                "responses": {"200": _json("The container.", "Container"), **_UNAUTHORIZED, **_NOT_MANAGED, **_failure("The engine failed to inspect the container.", EngineError), **_ENGINE_DOWN},
             },
             "delete": {
+                "operationId": "deleteContainer",
+                "tags": ["containers"],
                 "summary": "Stop and remove a managed container, freeing its GPUs and ports",
                 "security": secured,
                 "parameters": [_CONTAINER_ID],
-                "responses": {"204": {"description": "Removed."}, **_error_responses(401, 404, 502, 503)},
+                "responses": {
+                    "204": {"description": "Removed."},
+                    **_UNAUTHORIZED,
+                    **_NOT_MANAGED,
+                    **_failure("The engine failed to stop or remove the container.", EngineError),
+                    **_ENGINE_DOWN,
+                },
             },
         },
     )
@@ -120,9 +196,11 @@ def build_spec() -> dict:
         path="/api/v1/metrics",
         operations={
             "get": {
+                "operationId": "getNodeMetrics",
+                "tags": ["node"],
                 "summary": "Node and GPU metrics",
                 "security": secured,
-                "responses": {"200": _json("The node's figures.", "Metrics"), **_error_responses(401)},
+                "responses": {"200": _json("The node's figures, also while the engine is down.", "Metrics"), **_UNAUTHORIZED},
             }
         },
     )
@@ -130,6 +208,8 @@ def build_spec() -> dict:
         path="/health",
         operations={
             "get": {
+                "operationId": "getHealth",
+                "tags": ["service"],
                 "summary": "Liveness for load balancers; no auth",
                 "responses": {
                     "200": _json("The engine answers.", "Health"),
@@ -142,12 +222,14 @@ def build_spec() -> dict:
         path="/metrics",
         operations={
             "get": {
+                "operationId": "getPrometheusMetrics",
+                "tags": ["node"],
                 "summary": "Prometheus text exposition: dcgm-exporter's GPU series and utopia_agent_* series",
                 "description": "Needs the bearer token unless UTOPIA_AGENT_PROMETHEUS_AUTH=none.",
                 "security": [{"bearer": []}, {}],
                 "responses": {
                     "200": {"description": "The exposition.", "content": {"text/plain": {"schema": {"type": "string"}}}},
-                    **_error_responses(401),
+                    **_UNAUTHORIZED,
                 },
             }
         },
@@ -156,6 +238,8 @@ def build_spec() -> dict:
         path="/openapi.json",
         operations={
             "get": {
+                "operationId": "getOpenApiDocument",
+                "tags": ["service"],
                 "summary": "This document; no auth",
                 "responses": {"200": {"description": "OpenAPI 3.", "content": {"application/json": {"schema": {"type": "object"}}}}},
             }
