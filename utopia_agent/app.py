@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import partial
 
-from flask import Flask, current_app
+from flask import Flask
 
 from .allocator import Allocator
 from .config import Config, load_config, prepare_state_dir
@@ -15,30 +14,10 @@ from .gpus import GpuInventory, make_inventory
 from .janitor import Janitor
 from .logs import configure_logging
 from .requests_log import register_request_hooks
+from .services import Services
 from .state_dir import first_to_log
 from .system_metrics import SystemMetrics
 from .volumes import MountPins
-
-
-@dataclass
-class Services:
-    """What the routes call; made once per process (each gunicorn worker after its fork)."""
-
-    config: Config
-    docker: DockerManager
-    gpus: GpuInventory
-    allocator: Allocator
-    system: SystemMetrics
-    janitor: Janitor
-
-    def close(self) -> None:
-        self.janitor.close()
-        self.gpus.close()
-        self.docker.close()
-
-
-def services() -> Services:
-    return current_app.extensions["utopia"]
 
 
 def create_app(config: Config | None = None, gpus: GpuInventory | None = None) -> Flask:

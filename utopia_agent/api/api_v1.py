@@ -2,7 +2,7 @@
 
 from flask import Blueprint
 
-from ..app import services
+from ..services import services
 from ..auth import require_token
 from . import containers, metrics
 

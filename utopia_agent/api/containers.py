@@ -7,7 +7,7 @@ import logging
 
 from flask import Blueprint, g, jsonify, request, url_for
 
-from ..app import services
+from ..services import services
 from ..errors import AgentError, ClaimExists, InvalidRequest
 from ..policy import build_spec, check_image_labels
 from ..prometheus import CREATES, DELETES

@@ -6,7 +6,7 @@ from datetime import datetime, timezone
 
 from flask import Blueprint, jsonify
 
-from ..app import services
+from ..services import services
 from ..errors import EngineUnavailable
 
 blueprint = Blueprint("health", __name__)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import Blueprint, jsonify
 
-from ..app import services
+from ..services import services
 from ..gpus import gpu_key_held
 from ..errors import AgentError
 

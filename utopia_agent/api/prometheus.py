@@ -5,7 +5,7 @@ from __future__ import annotations
 from flask import Blueprint, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from ..app import services
+from ..services import services
 from ..auth import require_token
 from ..prometheus import exposition
 

@@ -1,0 +1,65 @@
+"""The package's shape: no import cycle, and the lower layers never import the upper ones."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "utopia_agent"
+# Modules that serve HTTP (the factory, the routes, the services they share): nothing below may import them.
+UPPER = ("utopia_agent.app", "utopia_agent.services", "utopia_agent.api")
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports_of(path: Path) -> set[str]:
+    """Every module of the package that `path` imports, at module level or inside a function."""
+    name = module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names if alias.name.startswith("utopia_agent"))
+        elif isinstance(node, ast.ImportFrom):
+            base = package.rsplit(".", node.level - 1)[0] if node.level else ""
+            target = ".".join(part for part in (base, node.module or "") if part)
+            if not target.startswith("utopia_agent"):
+                continue
+            for alias in node.names:
+                submodule = f"{target}.{alias.name}"
+                found.add(submodule if (PACKAGE.parent / submodule.replace(".", "/")).with_suffix(".py").exists() else target)
+    return found - {name}
+
+
+def import_graph() -> dict[str, set[str]]:
+    return {module_name(path): imports_of(path) for path in PACKAGE.rglob("*.py")}
+
+
+def test_the_package_has_no_import_cycle():
+    graph = import_graph()
+    state: dict[str, str] = {}
+
+    def visit(module: str, trail: list[str]) -> None:
+        state[module] = "open"
+        for target in sorted(graph.get(module, ())):
+            if state.get(target) == "open":
+                cycle = trail[trail.index(target):] + [target]
+                raise AssertionError("import cycle: " + " -> ".join(cycle))
+            if target not in state:
+                visit(target, trail + [target])
+        state[module] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+
+
+def test_lower_layers_never_import_the_http_layer():
+    for module, targets in import_graph().items():
+        if module.startswith(UPPER) or module == "utopia_agent.cli":
+            continue
+        upward = sorted(t for t in targets if t.startswith(UPPER))
+        assert not upward, f"{module} imports {upward}"

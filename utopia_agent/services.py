@@ -1,0 +1,39 @@
+"""What the routes call, made once per process by the application factory (`app.create_app`).
+
+Routes import `services` from here, never from `app`, so the factory can import the routes
+without a cycle.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flask import current_app
+
+from .allocator import Allocator
+from .config import Config
+from .docker_manager import DockerManager
+from .gpus import GpuInventory
+from .janitor import Janitor
+from .system_metrics import SystemMetrics
+
+
+@dataclass
+class Services:
+    """What the routes call; made once per process (each gunicorn worker after its fork)."""
+
+    config: Config
+    docker: DockerManager
+    gpus: GpuInventory
+    allocator: Allocator
+    system: SystemMetrics
+    janitor: Janitor
+
+    def close(self) -> None:
+        self.janitor.close()
+        self.gpus.close()
+        self.docker.close()
+
+
+def services() -> Services:
+    return current_app.extensions["utopia"]
