@@ -28,6 +28,14 @@ from tests.support.engine import (
 RUN_ID = uuid.uuid4().hex[:6]
 
 
+def pytest_collection_modifyitems(items):
+    """A test that reaches the engine (through any fixture) is a `docker` test: `-m "not docker"`
+    then selects exactly what runs on a machine without one."""
+    for item in items:
+        if "engine" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.docker)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _unmount_leftovers(tmp_path_factory):
     """Agents started by tests mount their pins (and a tmpfs for them) in their state dirs: unmount
