@@ -13,10 +13,12 @@ from ..schemas import (
     CLAIM_ID_PATTERN,
     CONTAINER_ID_PATTERN,
     ContainerSchema,
+    ContainerStatsSchema,
     CreateContainerSchema,
     CreatedSchema,
     ErrorSchema,
     HealthSchema,
+    LogsQuerySchema,
     MetricsSchema,
 )
 
@@ -27,8 +29,9 @@ _ERRORS = {
     401: "Missing, malformed or wrong bearer token.",
     403: "Forbidden by node policy (volume, port range, reserved env var).",
     404: "No managed container with that id.",
-    409: "The claim already has a container, not enough GPUs are free, or a host port is taken.",
+    409: "The claim already has a container, not enough GPUs, CPUs or memory are free, or a host port is taken.",
     413: "The body is larger than the node allows.",
+    429: "This worker already streams as many followed logs as it may; retry after Retry-After seconds.",
     502: "The image could not be pulled, or the engine failed.",
     503: "The Docker engine is unreachable; retry after Retry-After seconds.",
 }
@@ -73,6 +76,7 @@ def build_spec() -> dict:
         ("CreateContainer", CreateContainerSchema),
         ("Created", CreatedSchema),
         ("Container", ContainerSchema),
+        ("ContainerStats", ContainerStatsSchema),
         ("Metrics", MetricsSchema),
         ("Health", HealthSchema),
         ("Error", ErrorSchema),
@@ -114,6 +118,31 @@ def build_spec() -> dict:
                 "parameters": [_CONTAINER_ID],
                 "responses": {"204": {"description": "Removed."}, **_error_responses(401, 404, 502, 503)},
             },
+        },
+    )
+    spec.path(
+        path="/api/v1/containers/{container_id}/logs",
+        operations={
+            "get": {
+                "summary": "The container's stdout and stderr, interleaved as the engine kept them",
+                "security": secured,
+                "parameters": [_CONTAINER_ID, {"in": "query", "schema": LogsQuerySchema}],
+                "responses": {
+                    "200": {"description": "The log lines (streamed with follow).", "content": {"text/plain": {"schema": {"type": "string"}}}},
+                    **_error_responses(400, 401, 404, 429, 503),
+                },
+            }
+        },
+    )
+    spec.path(
+        path="/api/v1/containers/{container_id}/stats",
+        operations={
+            "get": {
+                "summary": "The container's CPU and memory (from its cgroup) and its GPUs' figures",
+                "security": secured,
+                "parameters": [_CONTAINER_ID],
+                "responses": {"200": _json("The container's usage.", "ContainerStats"), **_error_responses(401, 404, 503)},
+            }
         },
     )
     spec.path(
