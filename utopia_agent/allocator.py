@@ -229,8 +229,7 @@ class Allocator:
         """Under exclusive pinning: whether a GPU still has a whole core near it that no claim holds."""
         if self._config.cpu_pinning != "exclusive":
             return lambda index: True
-        taken = {cpu for held in holders for cpu in held.exclusive_cpus}
-        free = set(self._node.cpus) - taken - reserved_cpu_ids(self._node, self._config.reserved_cpus)
+        free = set(self._node.cpus) - _exclusively_held(holders) - reserved_cpu_ids(self._node, self._config.reserved_cpus)
 
         def near_free_core(index: int) -> bool:
             local = self._inventory.locality([index]).cpus
@@ -252,9 +251,8 @@ class Allocator:
         cpuset: tuple[int, ...] = ()
         memory_nodes: tuple[int, ...] = ()
         if config.cpu_pinning == "exclusive" and cpus is not None:
-            taken = {cpu for held in holders for cpu in held.exclusive_cpus}
             reserved = reserved_cpu_ids(node, config.reserved_cpus)
-            cpuset = choose_exclusive_cpus(node, math.ceil(cpus - 1e-9), locality.cpus, taken, reserved)
+            cpuset = choose_exclusive_cpus(node, math.ceil(cpus - 1e-9), locality.cpus, _exclusively_held(holders), reserved)
             memory_nodes = numa_placement(node, None, locality.memory_nodes)[1]
             cpus = float(len(cpuset))
         elif config.cpu_pinning != "none" and spec.gpu_ids:
@@ -270,3 +268,7 @@ class Allocator:
             memory_nodes=memory_nodes,
             cpu_pinning=config.cpu_pinning if cpuset else "",
         )
+
+
+def _exclusively_held(holders: list[Holdings]) -> set[int]:
+    return {cpu for held in holders for cpu in held.exclusive_cpus}
