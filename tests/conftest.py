@@ -124,9 +124,10 @@ class AgentFactory:
         self._nvml_dir = fake_nvml_dir
         self.started: list[AgentProcess] = []
 
-    def __call__(self, workers: int = 2, gpus=None, start: bool = True, **env: str) -> AgentProcess:
+    def __call__(self, workers: int = 2, gpus=None, start: bool = True, numa_cpus: str | None = None, **env: str) -> AgentProcess:
+        """`numa_cpus`: the stand-in's CPUs per numa node (see write_fake_nvml_config)."""
         state_dir = self._tmp.mktemp("agent")
-        nvml_config = write_fake_nvml_config(state_dir / "nvml.conf", DEFAULT_TEST_GPUS if gpus is None else gpus)
+        nvml_config = write_fake_nvml_config(state_dir / "nvml.conf", DEFAULT_TEST_GPUS if gpus is None else gpus, numa_cpus=numa_cpus)
         (state_dir / "volumes").mkdir(exist_ok=True)
         base = {
             "UTOPIA_AGENT_GPU_BACKEND": "nvml",

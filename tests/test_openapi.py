@@ -24,6 +24,8 @@ OPERATION_IDS = {
     ("get", "/api/v1/containers"): "listContainers",
     ("get", "/api/v1/containers/{container_id}"): "getContainer",
     ("delete", "/api/v1/containers/{container_id}"): "deleteContainer",
+    ("get", "/api/v1/containers/{container_id}/logs"): "getContainerLogs",
+    ("get", "/api/v1/containers/{container_id}/stats"): "getContainerStats",
     ("get", "/api/v1/metrics"): "getNodeMetrics",
     ("get", "/health"): "getHealth",
     ("get", "/metrics"): "getPrometheusMetrics",

@@ -303,7 +303,7 @@ def test_bad_working_dirs_are_400(agent, docker_client, test_image, claim, worki
     "field,value",
     [("privileged", True), ("network_mode", "host"), ("pid_mode", "host"), ("ipc_mode", "host"), ("cap_add", ["SYS_ADMIN"]),
      ("devices", ["/dev/mem"]), ("security_opt", ["seccomp=unconfined"]), ("runtime", "runc"), ("user", "0"),
-     ("restart_policy", "always"), ("labels", {"utopia.managed": "false"}), ("Env", ["A=1"])],
+     ("ipc", "host"), ("labels", {"utopia.managed": "false"}), ("Env", ["A=1"])],
 )
 def test_unknown_fields_are_400(agent, docker_client, test_image, claim, field, value):
     response = agent.create(claim(), test_image, command=["true"], **{field: value})

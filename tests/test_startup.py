@@ -42,6 +42,12 @@ def run_gunicorn(env: dict[str, str], tmp_path) -> subprocess.CompletedProcess:
         ({"UTOPIA_AGENT_TOKEN": "t", "UTOPIA_AGENT_PULL_IDLE_TIMEOUT": "0"}, "UTOPIA_AGENT_PULL_IDLE_TIMEOUT"),
         ({"UTOPIA_AGENT_TOKEN": "t", "UTOPIA_AGENT_VOLUME_ROOTS": "/"}, "UTOPIA_AGENT_VOLUME_ROOTS"),
         ({"UTOPIA_AGENT_TOKEN": "t", "UTOPIA_AGENT_READ_TIMEOUT": "soon"}, "UTOPIA_AGENT_READ_TIMEOUT"),
+        ({"UTOPIA_AGENT_TOKEN": "t", "UTOPIA_AGENT_RESERVED_CPUS": str(len(os.sched_getaffinity(0)))}, "UTOPIA_AGENT_RESERVED_CPUS"),
+        ({"UTOPIA_AGENT_TOKEN": "t", "UTOPIA_AGENT_RESERVED_CPUS": "-1"}, "UTOPIA_AGENT_RESERVED_CPUS"),
+        ({"UTOPIA_AGENT_TOKEN": "t", "UTOPIA_AGENT_RESERVED_MEMORY_MB": "1e12"}, "UTOPIA_AGENT_RESERVED_MEMORY_MB"),
+        ({"UTOPIA_AGENT_TOKEN": "t", "UTOPIA_AGENT_CPU_PINNING": "always"}, "UTOPIA_AGENT_CPU_PINNING"),
+        ({"UTOPIA_AGENT_TOKEN": "t", "UTOPIA_AGENT_DEFAULT_SHM_MB": "0"}, "UTOPIA_AGENT_DEFAULT_SHM_MB"),
+        ({"UTOPIA_AGENT_TOKEN": "t", "UTOPIA_AGENT_LOG_FOLLOW_SECONDS": "forever"}, "UTOPIA_AGENT_LOG_FOLLOW_SECONDS"),
     ],
 )
 def test_bad_configuration_stops_the_agent_with_one_line(env, variable, tmp_path):

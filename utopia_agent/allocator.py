@@ -1,4 +1,4 @@
-"""Exclusive GPUs and host ports across every worker, decided under one file lock.
+"""Exclusive GPUs, host ports, CPUs and memory across every worker, decided under one file lock.
 
 The engine's labels are the only record of what is allocated: a container that exists
 holds its GPUs and ports, one that is gone frees them. The lock only serialises the
@@ -10,19 +10,23 @@ from __future__ import annotations
 import errno
 import fcntl
 import logging
+import math
 import os
 import socket
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
-from .docker_manager import GPU_IDS_LABEL, PORTS_LABEL, VOLUMES_LABEL, ContainerSpec, DockerManager, Holdings
+from .config import Config
+from .docker_manager import CPUS_LABEL, GPU_IDS_LABEL, MEMORY_LABEL, PORTS_LABEL, VOLUMES_LABEL, ContainerSpec, DockerManager, Holdings
 from .errors import AllocationBusy, ClaimExists, NodeFault, NoGpusFree, PolicyViolation, PortTaken
 from .gpu_selection import choose_gpus
-from .gpus import GpuInventory, GpuStatus, gpu_key_held, gpu_keys
+from .gpus import GpuInventory, GpuStatus, Locality, gpu_key_held, gpu_keys
 from .policy import check_volumes_apart
+from .resources import NodeResources, check_fits, choose_exclusive_cpus, default_shm_mb, gpu_share, numa_placement, reserved_cpu_ids
 from .volumes import MountPins, VolumeRefused
 
 log = logging.getLogger("utopia_agent.allocator")
@@ -110,14 +114,17 @@ def port_is_free(port: int, protocol: str) -> bool:
 
 
 class Allocator:
-    """Chooses GPUs, checks ports and pins volumes for a claim, and creates its container under the lock."""
+    """Chooses GPUs, CPUs and memory, checks ports and pins volumes for a claim, and creates its
+    container under the lock."""
 
-    def __init__(self, state_dir: Path, docker: DockerManager, inventory: GpuInventory, lock_timeout: float, pins: MountPins):
-        self._state_dir = state_dir
+    def __init__(self, config: Config, docker: DockerManager, inventory: GpuInventory, lock_timeout: float, pins: MountPins, node: NodeResources):
+        self._config = config
+        self._state_dir = config.state_dir
         self._docker = docker
         self._inventory = inventory
         self._lock_timeout = lock_timeout
         self._pins = pins
+        self._node = node
 
     def held_gpu_keys(self) -> set[str]:
         """GPUs held by managed containers (see gpu_keys), for `busy`: from the listing, served from memory when exact."""
@@ -127,8 +134,9 @@ class Allocator:
         """Create the claim's container with `gpu_count` free GPUs; the lock spans decide + create.
 
         Each check reads the engine afresh: the claim by its container name, and only the
-        containers that hold ports, GPUs or volumes (labels the others do not carry). The GPUs
-        are read from NVML before the lock: under it only UUIDs and health are compared.
+        containers that hold ports, GPUs, CPUs, memory or volumes (labels the others do not
+        carry). The GPUs are read from NVML before the lock: under it only UUIDs and health are
+        compared.
         """
         gpus = self._inventory.snapshot() if gpu_count else []
         engine_root = self._docker.data_root() if spec.volumes else None
@@ -138,11 +146,13 @@ class Allocator:
                 raise ClaimExists.held_by(spec.claim_id, holder)
             if spec.port_mappings:
                 self._check_ports(spec, NodeAllocations.from_labels(self._docker.holders_of(PORTS_LABEL)))
+            limited = self._resource_holders() if gpu_count or spec.cpus or spec.memory_mb else []
             if gpu_count:
                 allocations = NodeAllocations.from_labels(self._docker.holders_of(GPU_IDS_LABEL))
                 for gpu, holders in allocations.double_allocations().items():
                     log.error("gpu allocated twice gpu=%s containers=%s", gpu, ",".join(c[:12] for c in holders))
-                spec = self._with_gpus(spec, gpu_count, gpus, allocations)
+                spec = self._with_gpus(spec, gpu_count, gpus, allocations, self._has_free_cores(limited))
+            spec = self._with_resources(spec, len(gpus), limited)
             if not spec.volumes:
                 return self._docker.create(spec), spec
             check_volumes_apart(spec.volumes, NodeAllocations.from_labels(self._docker.holders_of(VOLUMES_LABEL)).volume_holders, engine_root)
@@ -193,7 +203,10 @@ class Allocator:
             if not port_is_free(mapping.host_port, mapping.protocol):
                 raise PortTaken(f"host port {mapping.host_port}/{mapping.protocol} is in use on the node", host_port=mapping.host_port)
 
-    def _with_gpus(self, spec: ContainerSpec, gpu_count: int, snapshot: list[GpuStatus], allocations: NodeAllocations) -> ContainerSpec:
+    def _with_gpus(
+        self, spec: ContainerSpec, gpu_count: int, snapshot: list[GpuStatus], allocations: NodeAllocations, preferred: Callable[[int], bool]
+    ) -> ContainerSpec:
+        """The closest free GPUs, among the `preferred` ones (with free cores near them) when enough are."""
         gpus = {gpu.index: gpu for gpu in snapshot}
         if not gpus:
             raise NoGpusFree(
@@ -206,5 +219,60 @@ class Allocator:
                 requested=gpu_count,
                 free_gpus=len(free),
             )
-        chosen = choose_gpus(free, gpu_count, self._inventory.distance)
+        near_free_cores = [i for i in free if preferred(i)]
+        chosen = choose_gpus(near_free_cores if len(near_free_cores) >= gpu_count else free, gpu_count, self._inventory.distance)
         return replace(spec, gpu_ids=tuple(chosen), gpu_uuids=tuple(gpus[i].uuid for i in chosen))
+
+    def _resource_holders(self) -> list[Holdings]:
+        """What every managed container with a CPU or memory limit holds: two label-filtered lists."""
+        by_id = dict(self._docker.holders_of(CPUS_LABEL))
+        by_id.update(self._docker.holders_of(MEMORY_LABEL))
+        return [Holdings.from_labels(labels) for labels in by_id.values()]
+
+    def _has_free_cores(self, holders: list[Holdings]) -> Callable[[int], bool]:
+        """Under exclusive pinning: whether a GPU still has a whole core near it that no claim holds."""
+        if self._config.cpu_pinning != "exclusive":
+            return lambda index: True
+        free = set(self._node.cpus) - _exclusively_held(holders) - reserved_cpu_ids(self._node, self._config.reserved_cpus)
+
+        def near_free_core(index: int) -> bool:
+            local = self._inventory.locality([index]).cpus
+            return local is None or bool(local & free)
+
+        return near_free_core
+
+    def _with_resources(self, spec: ContainerSpec, node_gpus: int, holders: list[Holdings]) -> ContainerSpec:
+        """CPUs, memory, shm and placement: a GPU claim's share where it asked for none, checked
+        against what the other claims hold, and CPUs near its GPUs per UTOPIA_AGENT_CPU_PINNING."""
+        config, node = self._config, self._node
+        capacity = node.capacity(config.reserved_cpus, config.reserved_memory_mb)
+        cpus, memory_mb = spec.cpus, spec.memory_mb
+        if spec.gpu_ids:
+            share_cpus, share_memory_mb = gpu_share(capacity, len(spec.gpu_ids), node_gpus)
+            cpus = share_cpus if cpus is None else cpus
+            memory_mb = share_memory_mb if memory_mb is None else memory_mb
+        locality = self._inventory.locality(spec.gpu_ids) if spec.gpu_ids else Locality()
+        cpuset: tuple[int, ...] = ()
+        memory_nodes: tuple[int, ...] = ()
+        if config.cpu_pinning == "exclusive" and cpus is not None:
+            reserved = reserved_cpu_ids(node, config.reserved_cpus)
+            cpuset = choose_exclusive_cpus(node, math.ceil(cpus - 1e-9), locality.cpus, _exclusively_held(holders), reserved)
+            memory_nodes = numa_placement(node, None, locality.memory_nodes)[1]
+            cpus = float(len(cpuset))
+        elif config.cpu_pinning != "none" and spec.gpu_ids:
+            cpuset, memory_nodes = numa_placement(node, locality.cpus, locality.memory_nodes)
+        if cpus is not None or memory_mb is not None:
+            check_fits(cpus, memory_mb, capacity, sum(h.cpus for h in holders), sum(h.memory_mb for h in holders))
+        return replace(
+            spec,
+            cpus=cpus,
+            memory_mb=memory_mb,
+            shm_size_mb=spec.shm_size_mb or default_shm_mb(memory_mb, config.default_shm_mb),
+            cpuset=cpuset,
+            memory_nodes=memory_nodes,
+            cpu_pinning=config.cpu_pinning if cpuset else "",
+        )
+
+
+def _exclusively_held(holders: list[Holdings]) -> set[int]:
+    return {cpu for held in holders for cpu in held.exclusive_cpus}

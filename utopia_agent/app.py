@@ -7,6 +7,7 @@ from functools import partial
 from flask import Flask
 
 from .allocator import Allocator
+from .claim_usage import ClaimUsage
 from .config import Config, load_config, prepare_state_dir
 from .docker_manager import DockerManager
 from .errors import register_error_handlers
@@ -16,6 +17,7 @@ from .logs import configure_logging
 from .requests_log import register_request_hooks
 from .services import Services
 from .state_dir import first_to_log
+from .resources import NodeResources
 from .system_metrics import SystemMetrics
 from .volumes import MountPins
 
@@ -32,7 +34,7 @@ def create_app(config: Config | None = None, gpus: GpuInventory | None = None) -
     app = Flask("utopia_agent")
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
     app.json.sort_keys = False
-    allocator = Allocator(config.state_dir, docker, gpus, lock_timeout, MountPins(config.mounts_dir))
+    allocator = Allocator(config, docker, gpus, lock_timeout, MountPins(config.mounts_dir), NodeResources.read())
     app.extensions["utopia"] = Services(
         config=config,
         docker=docker,
@@ -40,6 +42,7 @@ def create_app(config: Config | None = None, gpus: GpuInventory | None = None) -
         allocator=allocator,
         system=SystemMetrics(),
         janitor=Janitor(allocator, config.state_dir / "janitor.stamp", config.unstarted_seconds).start(),
+        usage=ClaimUsage(docker, config.state_dir).start(),
     )
     register_error_handlers(app)
     register_request_hooks(app)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Mapping
 
 from .gpus import BACKENDS as GPU_BACKENDS
+from .resources import PINNING_MODES, NodeResources
 
 LOG_FORMATS = ("json", "text")
 PROMETHEUS_AUTH_MODES = ("token", "none")
@@ -61,6 +62,12 @@ class Config:
     log_max_files: int = 3
     restart_policy: str = "unless-stopped"
     unstarted_seconds: float = 60.0
+    reserved_cpus: float = 1.0
+    reserved_memory_mb: int = 2048
+    default_shm_mb: int = 8192
+    cpu_pinning: str = "numa"
+    log_follow_seconds: float = 300.0
+    infiniband_dir: Path = Path("/dev/infiniband")
     # Resolved at load: what no volume may reach (SYSTEM_PATHS, the agent's code and token).
     denied_paths: tuple[str, ...] = ()
 
@@ -97,6 +104,23 @@ def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
         raise ConfigError(name, f"expected a number of seconds, got {raw!r}") from None
     if not value > 0:
         raise ConfigError(name, f"expected a positive number of seconds, got {raw!r}")
+    return value
+
+
+def _reserve(env: Mapping[str, str], name: str, default: float, node_total: float, unit: str) -> float:
+    """A number of CPUs or MB kept for the system: at least 0, and less than the node has. Unset,
+    it is `default`, or half the node on a node too small for that (a laptop)."""
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return min(default, node_total / 2)
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(name, f"expected a number, got {raw!r}") from None
+    if not 0 <= value < float("inf"):
+        raise ConfigError(name, f"expected 0 or more, got {raw!r}")
+    if value >= node_total:
+        raise ConfigError(name, f"{value:g} leaves nothing of the node's {node_total:g} {unit} for claims")
     return value
 
 
@@ -202,6 +226,7 @@ def load_config(env: Mapping[str, str] | None = None, ephemeral_ports_path: Path
     if not state_dir.is_absolute():
         raise ConfigError("UTOPIA_AGENT_STATE_DIR", f"{state_dir} is not an absolute path")
     volume_roots = _volume_roots(env)
+    node = NodeResources.read()
     denied = resolve_denied_paths(env)
     check_volume_roots(volume_roots, state_dir, tuple(p for p in denied if not _within(p, os.path.realpath(state_dir))))
     return Config(
@@ -227,6 +252,12 @@ def load_config(env: Mapping[str, str] | None = None, ephemeral_ports_path: Path
         log_max_files=_int(env, "UTOPIA_AGENT_LOG_MAX_FILES", 3, high=100),
         restart_policy=_choice(env, "UTOPIA_AGENT_RESTART_POLICY", "unless-stopped", RESTART_POLICIES),
         unstarted_seconds=_seconds(env, "UTOPIA_AGENT_UNSTARTED_SECONDS", 60.0),
+        reserved_cpus=_reserve(env, "UTOPIA_AGENT_RESERVED_CPUS", 1.0, len(node.cpus), "CPUs"),
+        reserved_memory_mb=int(_reserve(env, "UTOPIA_AGENT_RESERVED_MEMORY_MB", 2048, node.memory_mb, "MB")),
+        default_shm_mb=_int(env, "UTOPIA_AGENT_DEFAULT_SHM_MB", 8192, high=1024 * 1024),
+        cpu_pinning=_choice(env, "UTOPIA_AGENT_CPU_PINNING", "numa", PINNING_MODES),
+        log_follow_seconds=_seconds(env, "UTOPIA_AGENT_LOG_FOLLOW_SECONDS", 300.0),
+        infiniband_dir=Path(env.get("UTOPIA_AGENT_INFINIBAND_DIR") or "/dev/infiniband"),
         denied_paths=denied,
     )
 

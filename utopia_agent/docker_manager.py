@@ -22,7 +22,7 @@ import requests
 import urllib3
 from docker.constants import MINIMUM_DOCKER_API_VERSION
 from docker.errors import APIError, DockerException, NotFound
-from docker.types import DeviceRequest, LogConfig, Mount
+from docker.types import DeviceRequest, LogConfig, Mount, Ulimit
 
 from .config import Config
 from .errors import (
@@ -38,6 +38,7 @@ from .errors import (
 )
 from .generation import SharedGeneration
 from .prometheus import PULL_DURATION
+from .resources import CONTAINER_INFINIBAND_DIR, format_cpu_list, parse_cpu_list
 from .schemas import CONTAINER_ID_PATTERN
 from .volumes import Volume, decode_hosts, encode_hosts
 
@@ -51,6 +52,15 @@ GPU_IDS_LABEL = "utopia.gpu_ids"
 GPU_UUIDS_LABEL = "utopia.gpu_uuids"
 PORTS_LABEL = "utopia.ports"
 VOLUMES_LABEL = "utopia.volumes"
+# What the container was given, as applied (see ContainerSpec.labels); a limit's label is left
+# out when it has none, so the engine can list just the holders of CPUs or memory.
+CPUS_LABEL = "utopia.cpus"
+MEMORY_LABEL = "utopia.memory_mb"
+SHM_LABEL = "utopia.shm_size_mb"
+CPUSET_LABEL = "utopia.cpuset"
+PINNING_LABEL = "utopia.cpu_pinning"
+EXCLUSIVE_FILTER = f"{PINNING_LABEL}=exclusive"
+_MIB = 1024 * 1024
 # Capabilities of Docker's default set that a job never needs: NET_RAW (raw sockets: ARP and
 # DNS spoofing of neighbours on the bridge), MKNOD (device nodes), AUDIT_WRITE (the host's
 # audit log), SETFCAP and SETPCAP (granting file or process capabilities), SYS_CHROOT.
@@ -112,6 +122,17 @@ class ContainerSpec:
     volumes: tuple[Volume, ...] = ()
     # Where the allocator pinned each volume (see volumes.MountPins): what the engine mounts.
     mount_sources: tuple[str, ...] = ()
+    cpus: float | None = None
+    memory_mb: int | None = None
+    shm_size_mb: int | None = None
+    restart_policy: str = "no"
+    # CPUs and memory nodes the container is confined to (empty: anywhere), and why: numa or exclusive.
+    cpuset: tuple[int, ...] = ()
+    memory_nodes: tuple[int, ...] = ()
+    cpu_pinning: str = ""
+    # The node's InfiniBand character devices (host paths), passed through with IPC_LOCK and this memlock (-1: unlimited).
+    infiniband_devices: tuple[str, ...] = ()
+    memlock_bytes: int = -1
 
     @property
     def name(self) -> str:
@@ -135,6 +156,15 @@ class ContainerSpec:
             labels[PORTS_LABEL] = ",".join(str(m) for m in self.port_mappings)
         if self.volumes:
             labels[VOLUMES_LABEL] = encode_hosts(self.volumes)
+        if self.cpus is not None:
+            labels[CPUS_LABEL] = f"{self.cpus:g}"
+        if self.memory_mb is not None:
+            labels[MEMORY_LABEL] = str(self.memory_mb)
+        if self.shm_size_mb is not None:
+            labels[SHM_LABEL] = str(self.shm_size_mb)
+        if self.cpuset:
+            labels[CPUSET_LABEL] = format_cpu_list(self.cpuset)
+            labels[PINNING_LABEL] = self.cpu_pinning
         return labels
 
 
@@ -147,15 +177,23 @@ class Holdings:
     gpu_uuids: tuple[str, ...]
     port_mappings: tuple[PortMapping, ...]
     volume_hosts: tuple[str, ...] = ()
+    cpus: float = 0.0
+    memory_mb: int = 0
+    exclusive_cpus: tuple[int, ...] = ()
 
     @classmethod
     def from_labels(cls, labels: dict[str, str]) -> "Holdings":
+        resources = resources_from_labels(labels)
+        exclusive = labels.get(PINNING_LABEL) == "exclusive"
         return cls(
             claim_id=labels.get(CLAIM_LABEL, ""),
             gpu_ids=_gpu_ids(labels),
             gpu_uuids=tuple(_split(labels.get(GPU_UUIDS_LABEL, ""))),
             port_mappings=_port_mappings(labels),
             volume_hosts=tuple(decode_hosts(labels.get(VOLUMES_LABEL, "[]"))),
+            cpus=resources["cpus"] or 0.0,
+            memory_mb=resources["memory_mb"] or 0,
+            exclusive_cpus=_cpu_ids(labels.get(CPUSET_LABEL, "")) if exclusive else (),
         )
 
 
@@ -181,6 +219,10 @@ class ManagedContainer:
             ports.setdefault(mapping.container_key, str(mapping.host_port))
         return ports
 
+    @property
+    def resources(self) -> dict[str, Any]:
+        return resources_from_labels(self.labels)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "id": self.id,
@@ -192,7 +234,34 @@ class ManagedContainer:
             "created": self.created,
             "started": self.started,
             "labels": self.labels,
+            "resources": self.resources,
         }
+
+
+def resources_from_labels(labels: dict[str, str]) -> dict[str, Any]:
+    """The container object's `resources`, from the labels written at create: no inspect per container.
+    A label that is missing or mangled reads as null (no limit, or a container from before they were recorded)."""
+
+    def number(key: str, kind):
+        try:
+            return kind(labels[key])
+        except (KeyError, ValueError):
+            return None
+
+    cpuset = labels.get(CPUSET_LABEL) or None
+    return {
+        "cpus": number(CPUS_LABEL, float),
+        "memory_mb": number(MEMORY_LABEL, int),
+        "shm_size_mb": number(SHM_LABEL, int),
+        "cpuset": cpuset if cpuset and _cpu_ids(cpuset) else None,
+    }
+
+
+def _cpu_ids(text: str) -> tuple[int, ...]:
+    try:
+        return parse_cpu_list(text)
+    except ValueError:
+        return ()
 
 
 def container_name(claim_id: str) -> str:
@@ -581,6 +650,38 @@ class DockerManager:
             for gone in set(self._started_cache) - live_ids:
                 del self._started_cache[gone]
 
+    # --- logs and processes ----------------------------------------------------------
+
+    def logs(self, container_id: str, *, tail: int, since: float | None, timestamps: bool) -> bytes:
+        """What the engine kept of the container's stdout and stderr, interleaved as they were logged."""
+        with self._logs_call(container_id):
+            return self._engine().api.logs(container_id, stdout=True, stderr=True, timestamps=timestamps, tail=tail, since=since)
+
+    def follow_logs(self, container_id: str, *, tail: int, since: float | None, timestamps: bool) -> "LogStream":
+        """The logs so far, then new lines as they come, until the container stops or the stream is closed."""
+        with self._logs_call(container_id):
+            stream = self._engine().api.logs(
+                container_id, stdout=True, stderr=True, timestamps=timestamps, tail=tail, since=since, stream=True, follow=True
+            )
+        return LogStream(stream)
+
+    @contextmanager
+    def _logs_call(self, container_id: str) -> Iterator[None]:
+        """A container being removed has no logs to give (the engine answers 409): for the caller it is gone."""
+        try:
+            with self._engine_call("container logs"):
+                yield
+        except _EngineConflict:
+            raise NotManaged(f"container {container_id[:12]} is being removed") from None
+
+    def container_pid(self, container_id: str) -> int:
+        """The host PID of the container's main process; 0 when it is not running or gone."""
+        try:
+            with self._engine_call("inspect container"):
+                return int(self._engine().api.inspect_container(container_id)["State"].get("Pid") or 0)
+        except _EngineNotFound:
+            return 0
+
     # --- images ----------------------------------------------------------------------
 
     def _image_labels(self, image: str) -> dict[str, str] | None:
@@ -665,6 +766,8 @@ class DockerManager:
         bindings: dict[str, list[int]] = {}
         for mapping in spec.port_mappings:
             bindings.setdefault(mapping.container_key, []).append(mapping.host_port)
+        ib_devices = [f"{host}:{CONTAINER_INFINIBAND_DIR}/{host.rsplit('/', 1)[-1]}:rwm" for host in spec.infiniband_devices]
+        memory_bytes = spec.memory_mb * _MIB if spec.memory_mb else None
         host_config = api.create_host_config(
             # Mounts, not Binds: the engine never creates a missing source as root.
             mounts=[
@@ -678,7 +781,19 @@ class DockerManager:
             security_opt=["no-new-privileges"],
             pids_limit=config.pids_limit,
             log_config=LogConfig(type="json-file", config={"max-size": config.log_max_size, "max-file": str(config.log_max_files)}),
-            restart_policy={"Name": config.restart_policy} if config.restart_policy != "no" else None,
+            restart_policy={"Name": spec.restart_policy} if spec.restart_policy != "no" else None,
+            nano_cpus=round(spec.cpus * 1e9) if spec.cpus else None,
+            # Swap equal to the limit: no swap, so going over the limit is an OOM kill, not a crawl.
+            mem_limit=memory_bytes,
+            memswap_limit=memory_bytes,
+            ipc_mode="private",
+            shm_size=spec.shm_size_mb * _MIB if spec.shm_size_mb else None,
+            cpuset_cpus=format_cpu_list(spec.cpuset) or None,
+            cpuset_mems=format_cpu_list(spec.memory_nodes) or None,
+            # RDMA pins memory: NCCL over InfiniBand needs the devices, IPC_LOCK and no memlock limit.
+            devices=ib_devices or None,
+            cap_add=["IPC_LOCK"] if ib_devices else None,
+            ulimits=[Ulimit(name="memlock", soft=spec.memlock_bytes, hard=spec.memlock_bytes)] if ib_devices else None,
         )
         try:
             with self._engine_call("create container"):
@@ -755,6 +870,31 @@ class DockerManager:
         container = self.get_managed(container_id)
         self.remove(container.id)
         return container
+
+
+class LogStream:
+    """A followed log: iterate for chunks of bytes; `close` (from any thread) ends the iteration at once."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self._closed = threading.Event()
+
+    def __iter__(self) -> Iterator[bytes]:
+        try:
+            yield from self._stream
+        except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, DockerException, OSError, ValueError):
+            if not self._closed.is_set():
+                log.info("log stream ended by the engine")
+
+    def close(self) -> None:
+        """Shut the engine connection down, waking a read that waits for the next line."""
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        try:
+            self._stream.close()
+        except (OSError, DockerException, AttributeError):
+            pass
 
 
 class _EngineAnswer:

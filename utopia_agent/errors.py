@@ -113,6 +113,22 @@ class PortTaken(Conflict):
     code = "port_taken"
 
 
+class NotEnoughResources(Conflict):
+    """The claim's CPUs or memory exceed what is free on the node; the body names what is."""
+
+    code = "not_enough_resources"
+
+
+class TooManyFollowers(AgentError):
+    """This worker already streams as many logs as it may, so probes always find a free thread."""
+
+    status = 429
+    code = "too_many_followers"
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "5"}
+
+
 class ImagePullFailed(AgentError):
     """The registry refused or never delivered the image; the message carries its reason."""
 

@@ -31,6 +31,17 @@ _MIB = 1024 * 1024
 # Errors of the v2 memory query that mean this driver lacks it (not that the GPU failed).
 _NO_MEMORY_V2 = (13, 25)  # NVML_ERROR_FUNCTION_NOT_FOUND, NVML_ERROR_ARGUMENT_VERSION_MISMATCH
 
+# Affinity masks are read as this many 64-bit words: room for 1024 CPUs and 1024 memory nodes.
+_AFFINITY_WORDS = 16
+_NVML_AFFINITY_SCOPE_NODE = 0
+
+
+def _mask_bits(words: Any) -> frozenset[int] | None:
+    """The set bits of an NVML affinity mask (64-bit words, lowest first), or None when the read failed."""
+    if words is None:
+        return None
+    return frozenset(w * 64 + b for w, word in enumerate(words) for b in range(64) if word >> b & 1)
+
 
 def _mib(memory: Any, field: str = "used") -> int | None:
     """A field of an NVML memory struct in MiB, or None when the read failed."""
@@ -52,6 +63,14 @@ class GpuStatus:
     healthy: bool
 
 
+@dataclass(frozen=True)
+class Locality:
+    """The CPUs and memory nodes close to some GPUs, as NVML reports them; None where it cannot say."""
+
+    cpus: frozenset[int] | None = None
+    memory_nodes: frozenset[int] | None = None
+
+
 class GpuBackendError(Exception):
     """The requested GPU backend cannot serve this node; the message says why."""
 
@@ -68,6 +87,10 @@ class GpuInventory:
     def distance(self, a: int, b: int) -> int:
         """How far apart two GPUs sit (an NVML topology level): lower is closer."""
         return DISTANCE_SAME_GPU if a == b else DISTANCE_UNKNOWN
+
+    def locality(self, indices) -> Locality:
+        """The CPUs and memory nodes local to the GPUs `indices` (the union over them)."""
+        return Locality()
 
     def close(self) -> None:
         """Release what the inventory holds; safe to call twice."""
@@ -108,6 +131,7 @@ class _StaticFacts:
     name: str | None
     memory_total_mb: int | None
     failed: bool
+    locality: Locality = Locality()
 
 
 class _FieldReader:
@@ -168,6 +192,8 @@ class NvmlGpuInventory(GpuInventory):
         uuid = reader.read(self._nvml.nvmlDeviceGetUUID, handle)
         name = reader.read(self._nvml.nvmlDeviceGetName, handle)
         memory = reader.read(self._nvml.nvmlDeviceGetMemoryInfo, handle)
+        cpus = reader.read(self._nvml.nvmlDeviceGetCpuAffinity, handle, _AFFINITY_WORDS)
+        nodes = reader.read(self._nvml.nvmlDeviceGetMemoryAffinity, handle, _AFFINITY_WORDS, _NVML_AFFINITY_SCOPE_NODE)
         return _StaticFacts(
             index=index,
             handle=handle,
@@ -175,6 +201,7 @@ class NvmlGpuInventory(GpuInventory):
             name=name,
             memory_total_mb=_mib(memory, "total"),
             failed=reader.failed,
+            locality=Locality(_mask_bits(cpus), _mask_bits(nodes)),
         )
 
     def _read_topology(self) -> dict[tuple[int, int], int]:
@@ -231,6 +258,17 @@ class NvmlGpuInventory(GpuInventory):
         if a == b:
             return DISTANCE_SAME_GPU
         return self._distances.get((min(a, b), max(a, b)), DISTANCE_UNKNOWN)
+
+    def locality(self, indices) -> Locality:
+        """Read once per inventory (affinity is fixed by the board); None when any GPU's is unknown."""
+        facts = [self._gpus[i].locality for i in indices if 0 <= i < len(self._gpus)]
+        if not facts:
+            return Locality()
+
+        def union(parts):
+            return None if any(p is None for p in parts) else frozenset().union(*parts)
+
+        return Locality(union([f.cpus for f in facts]), union([f.memory_nodes for f in facts]))
 
     def close(self) -> None:
         with self._lock:

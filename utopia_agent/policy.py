@@ -12,6 +12,7 @@ from typing import Any
 from .config import Config
 from .docker_manager import LABEL_PREFIX, ContainerSpec, PortMapping
 from .errors import PolicyViolation
+from .resources import infiniband_devices, memlock_limit
 from .volumes import Volume, VolumeRefused, overlap, parse_volume, within
 
 SHADOWED_CONTAINER_PATHS = ("/proc", "/sys", "/dev")
@@ -111,4 +112,15 @@ def build_spec(request: dict[str, Any], config: Config) -> ContainerSpec:
         command=tuple(request["command"]),
         working_dir=request["working_dir"],
         volumes=volumes,
+        cpus=request.get("cpus"),
+        memory_mb=request.get("memory_mb"),
+        shm_size_mb=request.get("shm_size_mb"),
+        restart_policy=request.get("restart_policy") or config.restart_policy,
+        **_infiniband(config),
     )
+
+
+def _infiniband(config: Config) -> dict[str, Any]:
+    """The node's InfiniBand devices and the memlock that RDMA needs, when the node has any."""
+    devices = tuple(str(config.infiniband_dir / name) for name in infiniband_devices(config.infiniband_dir))
+    return {"infiniband_devices": devices, "memlock_bytes": memlock_limit()} if devices else {}

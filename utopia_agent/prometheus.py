@@ -12,7 +12,7 @@ import os
 from typing import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
@@ -59,9 +59,13 @@ class NodeCollector(Collector):
 
         gpus = agent.gpus.snapshot()
         holders: dict[str, int] = {}
-        for key in (key for c in containers or () for key in gpu_keys(c)):
-            holders[key] = holders.get(key, 0) + 1
-        yield from self._dcgm_families(gpus, hostname)
+        claim_of: dict[str, str] = {}
+        for container in containers or ():
+            for key in gpu_keys(container):
+                holders[key] = holders.get(key, 0) + 1
+                claim_of[key] = container.claim_id
+        yield from self._dcgm_families(gpus, hostname, claim_of)
+        yield from self._claim_families(agent.usage.samples())
         states = GaugeMetricFamily("utopia_agent_gpus", "GPUs by state: allocated, free or unhealthy.", labels=["state"])
         unhealthy = sum(1 for g in gpus if not g.healthy)
         taken = sum(1 for g in gpus if g.healthy and gpu_key_held(g, holders))
@@ -95,9 +99,24 @@ class NodeCollector(Collector):
             yield GaugeMetricFamily(f"utopia_agent_node_{key}", help_text, value=system[key])
 
     @staticmethod
-    def _dcgm_families(gpus, hostname: str) -> Iterable[GaugeMetricFamily]:
-        """The gauges under dcgm-exporter's names and labels, so its dashboards work unchanged."""
-        labels = ["gpu", "UUID", "modelName", "Hostname"]
+    def _claim_families(samples: dict) -> Iterable:
+        """Each running claim's CPU time and memory, from the background sample (never read per scrape)."""
+        cpu = CounterMetricFamily("utopia_agent_claim_cpu_seconds", "CPU time the claim's container used.", labels=["claim_id"])
+        used = GaugeMetricFamily("utopia_agent_claim_memory_used_bytes", "Memory the claim's container uses, without reclaimable page cache.", labels=["claim_id"])
+        limit = GaugeMetricFamily("utopia_agent_claim_memory_limit_bytes", "The claim's memory limit (no sample: no limit).", labels=["claim_id"])
+        for entry in samples.get("claims", {}).values():
+            claim = [entry["claim_id"]]
+            cpu.add_metric(claim, entry["cpu_seconds"])
+            used.add_metric(claim, entry["memory_used_bytes"])
+            if entry.get("memory_limit_bytes") is not None:
+                limit.add_metric(claim, entry["memory_limit_bytes"])
+        return cpu, used, limit
+
+    @staticmethod
+    def _dcgm_families(gpus, hostname: str, claim_of: dict[str, str]) -> Iterable[GaugeMetricFamily]:
+        """The gauges under dcgm-exporter's names and labels, so its dashboards work unchanged, plus
+        `claim_id` (empty for a free GPU), as dcgm-exporter adds the pod that holds a GPU."""
+        labels = ["gpu", "UUID", "modelName", "Hostname", "claim_id"]
         families = {
             "temp": GaugeMetricFamily("DCGM_FI_DEV_GPU_TEMP", "GPU temperature (in C).", labels=labels),
             "used": GaugeMetricFamily("DCGM_FI_DEV_FB_USED", "Framebuffer memory used (in MiB).", labels=labels),
@@ -105,7 +124,8 @@ class NodeCollector(Collector):
             "util": GaugeMetricFamily("DCGM_FI_DEV_GPU_UTIL", "GPU utilization (in %).", labels=labels),
         }
         for gpu in gpus:
-            values = [str(gpu.index), gpu.uuid or "", gpu.name or "", hostname]
+            claim = claim_of.get(gpu.uuid or "") or claim_of.get(f"#{gpu.index}", "")
+            values = [str(gpu.index), gpu.uuid or "", gpu.name or "", hostname, claim]
             readings = {
                 "temp": gpu.temperature_c,
                 "used": gpu.memory_used_mb,

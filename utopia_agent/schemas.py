@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from marshmallow import Schema, ValidationError, fields, validate, validates_schema
 
+from .config import RESTART_POLICIES
 from .errors import InvalidRequest, error_codes
+from .resources import MIN_MEMORY_MB
 
 # Every pattern is anchored and means the same in Python and in the OpenAPI document's
 # ECMA-262 dialect; `FullMatch` applies it to the whole value.
@@ -25,6 +27,9 @@ MAX_LIST_ITEMS = 256
 MAX_STRING = 4096
 MAX_ENV_ENTRY = 32 * 1024
 MAX_VOLUMES = 32
+MAX_CPUS = 4096
+MAX_MEMORY_MB = 64 * 1024 * 1024
+MAX_LOG_TAIL = 10000
 
 
 class StrictInteger(fields.Integer):
@@ -35,6 +40,15 @@ class StrictInteger(fields.Integer):
 
     def _validated(self, value):
         if isinstance(value, bool):
+            raise self.make_error("invalid")
+        return super()._validated(value)
+
+
+class StrictNumber(fields.Float):
+    """A JSON number: refuses booleans and strings ("1.5"), which marshmallow would convert."""
+
+    def _validated(self, value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise self.make_error("invalid")
         return super()._validated(value)
 
@@ -129,6 +143,22 @@ class CreateContainerSchema(Schema):
             "maxProperties": MAX_VOLUMES,
         },
     )
+    cpus = StrictNumber(
+        validate=validate.Range(0.01, MAX_CPUS),
+        metadata={"description": "CPU cores the container may use. Default: a GPU claim gets its share of the node, any other claim no limit."},
+    )
+    memory_mb = StrictInteger(
+        validate=validate.Range(MIN_MEMORY_MB, MAX_MEMORY_MB),
+        metadata={"description": "Memory limit in MiB; going over it kills the job. Default: a GPU claim gets its share of the node, any other claim no limit."},
+    )
+    shm_size_mb = StrictInteger(
+        validate=validate.Range(1, MAX_MEMORY_MB),
+        metadata={"description": "Size of /dev/shm in MiB. Default: half of memory_mb, else the node's default."},
+    )
+    restart_policy = fields.String(
+        validate=validate.OneOf(RESTART_POLICIES),
+        metadata={"description": "What the engine does when the job exits. Default: the node's."},
+    )
 
     @validates_schema
     def _unique_ports(self, data, **kwargs):
@@ -164,6 +194,7 @@ CONTAINER_EXAMPLE = {
     "ports": {"8888/tcp": "31001"},
     "created": 1764000000,
     "started": 1764000001,
+    "resources": {"cpus": 12.0, "memory_mb": 245760, "shm_size_mb": 122880, "cpuset": "0-11"},
     "labels": {
         "utopia.managed": "true",
         "utopia.claim_id": "claim-42",
@@ -172,6 +203,15 @@ CONTAINER_EXAMPLE = {
         "utopia.ports": "31001:8888/tcp",
     },
 }
+
+
+class ResourcesSchema(Schema):
+    """What the container got, as applied; null where it has no limit (or predates the agent recording it)."""
+
+    cpus = fields.Float(allow_none=True, required=True, metadata={"description": "CPU cores it may use; null without a limit."})
+    memory_mb = fields.Integer(allow_none=True, required=True, metadata={"description": "Memory limit in MiB; null without a limit."})
+    shm_size_mb = fields.Integer(allow_none=True, required=True, metadata={"description": "Size of its /dev/shm in MiB."})
+    cpuset = fields.String(allow_none=True, required=True, metadata={"description": "The CPUs it is pinned to, as a Linux CPU list; null when not pinned."})
 
 
 class ContainerSchema(Schema):
@@ -204,6 +244,30 @@ class ContainerSchema(Schema):
         required=True,
         metadata={"description": "Its labels: `utopia.managed`, `utopia.claim_id`, and the GPUs and ports it holds."},
     )
+    resources = fields.Nested(ResourcesSchema, required=True, metadata={"description": "CPUs, memory, shm and cpuset as applied."})
+
+
+class LogsQuerySchema(Schema):
+    """GET /api/v1/containers/<id>/logs; unknown parameters are refused."""
+
+    tail = fields.Integer(load_default=100, validate=validate.Range(0, MAX_LOG_TAIL), metadata={"description": "The last N lines."})
+    since = fields.Float(validate=validate.Range(0, 1e11), metadata={"description": "Only lines logged at or after this Unix time (seconds)."})
+    timestamps = fields.Boolean(load_default=False, metadata={"description": "Prefix each line with its RFC 3339 time."})
+    follow = fields.Boolean(load_default=False, metadata={"description": "Keep streaming new lines, for at most the node's follow limit."})
+
+
+class ContainerGpuStatsSchema(Schema):
+    id = fields.Integer(required=True, metadata={"description": "NVML index of one of the container's GPUs."})
+    uuid = fields.String(allow_none=True, required=True, metadata={"description": "GPU UUID; null when unreadable."})
+    memory_used_mb = fields.Integer(allow_none=True, required=True, metadata={"description": "Used GPU memory in MiB; null when unreadable."})
+    usage_percent = fields.Float(allow_none=True, required=True, metadata={"description": "GPU utilisation in percent; null when unreadable."})
+
+
+class ContainerStatsSchema(Schema):
+    cpu_percent = fields.Float(required=True, metadata={"description": "Busy share of one CPU (200 is two CPUs busy) over the last few seconds."})
+    memory_used_mb = fields.Integer(required=True, metadata={"description": "Memory in use, without reclaimable page cache."})
+    memory_limit_mb = fields.Integer(allow_none=True, required=True, metadata={"description": "null when the container has no memory limit."})
+    gpus = fields.List(fields.Nested(ContainerGpuStatsSchema), required=True, metadata={"description": "The figures of the container's own GPUs."})
 
 
 class GpuMetricsSchema(Schema):
@@ -260,8 +324,22 @@ class ErrorSchema(Schema):
     requested = fields.Integer(metadata={"description": "How many GPUs were asked for, for 409 no_gpus_free."})
     free_gpus = fields.Integer(metadata={"description": "How many GPUs are free, for 409 no_gpus_free."})
     host_port = fields.Integer(metadata={"description": "The host port that is taken, for 409 port_taken."})
+    free_cpus = fields.Float(metadata={"description": "CPUs free for claims, for 409 not_enough_resources."})
+    free_memory_mb = fields.Integer(metadata={"description": "Memory free for claims, for 409 not_enough_resources."})
+    free_cpuset = fields.String(metadata={"description": "Whole cores free near the GPUs, for 409 not_enough_resources under exclusive pinning."})
     image = fields.String(metadata={"description": "The image that could not be pulled, for 502 image_pull_failed."})
     max_body_bytes = fields.Integer(metadata={"description": "The node's UTOPIA_AGENT_MAX_BODY_BYTES, for 413 body_too_large."})
+
+
+def load_query(schema: Schema, args) -> dict:
+    """Validate query parameters (a werkzeug MultiDict) with `schema`; a repeated one is refused."""
+    repeated = [key for key, values in args.lists() if len(values) > 1]
+    if repeated:
+        raise InvalidRequest("a query parameter is given twice", errors={key: ["given more than once"] for key in repeated})
+    try:
+        return schema.load(args.to_dict())
+    except ValidationError as exc:
+        raise InvalidRequest("the query parameters are invalid", errors=exc.messages) from None
 
 
 def load_request(schema: Schema, payload) -> dict:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from flask import current_app
 
 from .allocator import Allocator
+from .claim_usage import ClaimUsage
 from .config import Config
 from .docker_manager import DockerManager
 from .gpus import GpuInventory
@@ -28,9 +29,11 @@ class Services:
     allocator: Allocator
     system: SystemMetrics
     janitor: Janitor
+    usage: ClaimUsage
 
     def close(self) -> None:
         self.janitor.close()
+        self.usage.close()
         self.gpus.close()
         self.docker.close()
 

@@ -95,14 +95,19 @@ def write_fake_nvml_config(
     driver_version: str = "550.54.15",
     init_error: int = 0,
     memory_v2_error: int = 0,
+    numa_cpus: str | None = None,
 ) -> Path:
     """Write a scenario for the stand-in; it replaces the file atomically, so a running
-    process sees either the old or the new scenario and re-reads it on its next NVML call."""
+    process sees either the old or the new scenario and re-reads it on its next NVML call.
+
+    `numa_cpus` lists the CPUs of each numa node ("0-31;32-63", the stand-in's default; "NA"
+    for no affinity answers): each GPU's CPU affinity is the list of its `numa` node."""
     path = Path(path)
     lines = [
         f"driver_version={driver_version}",
         f"init_error={init_error}",
         f"memory_v2_error={memory_v2_error}",
+        *([f"numa_cpus={numa_cpus}"] if numa_cpus is not None else []),
         *(gpu.config_line() for gpu in gpus),
     ]
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")

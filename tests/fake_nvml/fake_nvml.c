@@ -21,13 +21,18 @@
  * reports); the v1 query counts reserved memory as used, as the real driver does.
  * Topology: GPUs with the same switch number share a PCIe switch (NVML_TOPOLOGY_SINGLE),
  * the same numa number a CPU (NVML_TOPOLOGY_MULTIPLE here, so there are three tiers);
- * otherwise NVML_TOPOLOGY_SYSTEM.
+ * otherwise NVML_TOPOLOGY_SYSTEM. A GPU's CPU affinity is the CPU list of its numa node (see
+ * numa_cpus) and its memory affinity that node alone. The CPUs need not exist on the machine
+ * that runs the test: the stand-in describes a node, as a real driver describes its own.
  *
  * Globals:
  *   driver_version=550.54.15
  *   init_error=N          nvmlInit answers error N (e.g. 9: driver not loaded)
  *   memory_v2_error=N     nvmlDeviceGetMemoryInfo_v2 answers error N (13: function not found,
  *                         as from a driver that predates it; 25: argument version mismatch)
+ *   numa_cpus=0-31;32-63  the CPUs of each numa node, ';' between nodes (node 0 first), each a
+ *                         Linux CPU list ("0-3,8-11"); "NA" makes both affinity queries Not
+ *                         Supported. The default is two nodes of 32 CPUs, as above.
  */
 #include <pthread.h>
 #include <stdio.h>
@@ -59,6 +64,9 @@ enum {
 };
 
 #define MAX_GPUS 64
+#define MAX_NUMA 16
+#define MAX_CPUS 1024
+#define MASK_BITS 64
 #define NA (-1LL)
 #define MIB (1024ULL * 1024ULL)
 #define NVML_MEMORY_V2_VERSION 0x02000028u
@@ -116,6 +124,9 @@ static int init_refcount;
 static char driver_version[80] = "550.54.15";
 static int init_error;
 static int memory_v2_error;
+/* numa_cpu_mask[node][word]: bit b of word w is CPU w*64+b; affinity_na answers Not Supported. */
+static unsigned long long numa_cpu_mask[MAX_NUMA][MAX_CPUS / MASK_BITS];
+static int affinity_na;
 static struct stat config_stat;
 static int config_seen;
 
@@ -136,8 +147,36 @@ static void set_default_gpu(struct fake_gpu *g, unsigned int i)
     g->numa = i / 4;
 }
 
+/* Set the CPUs of each numa node from "0-31;32-63" ("NA": no affinity answers). */
+static void parse_numa_cpus(const char *text)
+{
+    memset(numa_cpu_mask, 0, sizeof(numa_cpu_mask));
+    affinity_na = strcmp(text, "NA") == 0;
+    int node = 0;
+    const char *p = text;
+    while (!affinity_na && node < MAX_NUMA && *p != '\0') {
+        if (*p == ';' || *p == ',') {
+            node += *p == ';';
+            p++;
+            continue;
+        }
+        char *end;
+        long first = strtol(p, &end, 10), last = first;
+        if (end == p) {
+            p++;
+            continue;
+        }
+        if (*end == '-')
+            last = strtol(end + 1, &end, 10);
+        p = end;
+        for (long cpu = first < 0 ? 0 : first; cpu <= last && cpu < MAX_CPUS; cpu++)
+            numa_cpu_mask[node][cpu / MASK_BITS] |= 1ULL << (cpu % MASK_BITS);
+    }
+}
+
 static void load_defaults(void)
 {
+    parse_numa_cpus("0-31;32-63");
     gpu_count = 8;
     for (unsigned int i = 0; i < gpu_count; i++)
         set_default_gpu(&gpus[i], i);
@@ -217,6 +256,8 @@ static void parse_global_line(char *line)
         init_error = (int)strtol(value, NULL, 0);
     else if (strcmp(key, "memory_v2_error") == 0)
         memory_v2_error = (int)strtol(value, NULL, 0);
+    else if (strcmp(key, "numa_cpus") == 0)
+        parse_numa_cpus(value);
 }
 
 /* Parse the config file; an unreadable or absent file leaves the defaults. */
@@ -614,5 +655,40 @@ nvmlReturn_t nvmlDeviceGetTopologyCommonAncestor(nvmlDevice_t device1, nvmlDevic
         *level = NVML_TOPOLOGY_MULTIPLE;
     else
         *level = NVML_TOPOLOGY_SYSTEM;
+    return leave(NVML_SUCCESS);
+}
+
+/* The CPUs of the GPU's numa node, as a bitmask of cpuSetSize 64-bit words. */
+nvmlReturn_t nvmlDeviceGetCpuAffinity(nvmlDevice_t device, unsigned int cpuSetSize, unsigned long long *cpuSet)
+{
+    nvmlReturn_t ret = enter_device(device);
+    if (ret != NVML_SUCCESS)
+        return ret;
+    if (cpuSet == NULL || cpuSetSize == 0)
+        return leave(NVML_ERROR_INVALID_ARGUMENT);
+    if (affinity_na)
+        return leave(NVML_ERROR_NOT_SUPPORTED);
+    memset(cpuSet, 0, cpuSetSize * sizeof(*cpuSet));
+    if (device->numa >= 0 && device->numa < MAX_NUMA)
+        for (unsigned int w = 0; w < cpuSetSize && w < MAX_CPUS / MASK_BITS; w++)
+            cpuSet[w] = numa_cpu_mask[device->numa][w];
+    return leave(NVML_SUCCESS);
+}
+
+/* The GPU's numa node alone, as a bitmask of nodeSetSize 64-bit words (any scope). */
+nvmlReturn_t nvmlDeviceGetMemoryAffinity(nvmlDevice_t device, unsigned int nodeSetSize, unsigned long long *nodeSet,
+                                         unsigned int scope)
+{
+    (void)scope;
+    nvmlReturn_t ret = enter_device(device);
+    if (ret != NVML_SUCCESS)
+        return ret;
+    if (nodeSet == NULL || nodeSetSize == 0)
+        return leave(NVML_ERROR_INVALID_ARGUMENT);
+    if (affinity_na)
+        return leave(NVML_ERROR_NOT_SUPPORTED);
+    memset(nodeSet, 0, nodeSetSize * sizeof(*nodeSet));
+    if (device->numa >= 0 && (unsigned int)device->numa < nodeSetSize * MASK_BITS)
+        nodeSet[device->numa / MASK_BITS] |= 1ULL << (device->numa % MASK_BITS);
     return leave(NVML_SUCCESS);
 }

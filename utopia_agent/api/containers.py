@@ -1,22 +1,30 @@
-"""Containers of claims: create, list, show, delete."""
+"""Containers of claims: create, list, show, delete, and their logs and usage."""
 
 from __future__ import annotations
 
 import json
 import logging
+import threading
 
-from flask import Blueprint, g, jsonify, request, url_for
+from flask import Blueprint, Response, g, jsonify, request, url_for
 
-from ..services import services
-from ..errors import AgentError, ClaimExists, InvalidRequest
+from ..errors import AgentError, ClaimExists, InvalidRequest, TooManyFollowers
+from ..gpus import gpu_key_held, gpu_keys
 from ..policy import build_spec, check_image_labels
 from ..prometheus import CREATES, DELETES
-from ..schemas import CreateContainerSchema, ListContainersQuerySchema, load_query, load_request
+from ..schemas import CreateContainerSchema, ListContainersQuerySchema, LogsQuerySchema, load_query, load_request
+from ..services import services
 
 log = logging.getLogger("utopia_agent.containers")
 blueprint = Blueprint("containers", __name__, url_prefix="/containers")
 _create_schema = CreateContainerSchema()
 _list_query_schema = ListContainersQuerySchema()
+_logs_query = LogsQuerySchema()
+_MIB = 1024 * 1024
+# Followed logs each hold one of a worker's 8 threads for minutes: at most this many per worker,
+# so /health and every other request always find a free thread.
+MAX_FOLLOWERS_PER_WORKER = 2
+_followers = threading.BoundedSemaphore(MAX_FOLLOWERS_PER_WORKER)
 
 
 @blueprint.post("")
@@ -96,3 +104,59 @@ def delete_container(container_id: str):
         extra={"claim_id": container.claim_id, "container_id": container.id, "gpu_ids": list(container.gpu_ids)},
     )
     return "", 204
+
+
+@blueprint.get("/<container_id>/logs")
+def container_logs(container_id: str):
+    """stdout and stderr as the engine kept them; with follow, new lines until the container stops
+    or UTOPIA_AGENT_LOG_FOLLOW_SECONDS pass, whichever comes first."""
+    query = load_query(_logs_query, request.args)
+    agent = services()
+    container = agent.docker.get_managed(container_id)
+    g.claim_id = container.claim_id
+    # Milliseconds are plenty, and keep the engine from reading a tiny float's exponent; 0 is "from the start".
+    since = round(query.get("since", 0.0), 3) or None
+    options = {"tail": query["tail"], "since": since, "timestamps": query["timestamps"]}
+    if not query["follow"]:
+        return Response(agent.docker.logs(container.id, **options), mimetype="text/plain")
+    if not _followers.acquire(blocking=False):
+        raise TooManyFollowers(f"this worker already streams {MAX_FOLLOWERS_PER_WORKER} followed logs; retry later or read without follow")
+    try:
+        stream = agent.docker.follow_logs(container.id, **options)
+    except BaseException:
+        _followers.release()
+        raise
+    deadline = threading.Timer(agent.config.log_follow_seconds, stream.close)
+    deadline.daemon = True
+    deadline.start()
+
+    def finish() -> None:
+        deadline.cancel()
+        stream.close()
+        _followers.release()
+
+    response = Response(iter(stream), mimetype="text/plain", headers={"X-Accel-Buffering": "no"})
+    # Called by the server when the response ends, however it ends (client gone included).
+    response.call_on_close(finish)
+    return response
+
+
+@blueprint.get("/<container_id>/stats")
+def container_stats(container_id: str):
+    """CPU and memory from the container's cgroup, and its GPUs' figures from NVML."""
+    agent = services()
+    container = agent.docker.get_managed(container_id)
+    g.claim_id = container.claim_id
+    usage, cpu_percent = agent.usage.now(container.id, container.started)
+    if usage is not None:
+        used_mb = usage.memory_used_bytes // _MIB
+        limit_mb = usage.memory_limit_bytes // _MIB if usage.memory_limit_bytes is not None else None
+    else:
+        used_mb, limit_mb = 0, container.resources["memory_mb"]
+    held = set(gpu_keys(container))
+    gpus = [
+        {"id": gpu.index, "uuid": gpu.uuid, "memory_used_mb": gpu.memory_used_mb, "usage_percent": gpu.usage_percent}
+        for gpu in agent.gpus.snapshot()
+        if gpu_key_held(gpu, held)
+    ]
+    return jsonify({"cpu_percent": cpu_percent, "memory_used_mb": used_mb, "memory_limit_mb": limit_mb, "gpus": gpus})

@@ -21,21 +21,25 @@ from ..errors import (
     ImagePullFailed,
     InvalidRequest,
     NodeFault,
+    NotEnoughResources,
     NoGpusFree,
     NotManaged,
     PolicyViolation,
     PortTaken,
+    TooManyFollowers,
     Unauthorized,
 )
 from ..schemas import (
     CONTAINER_EXAMPLE,
     CONTAINER_ID_PATTERN,
     ContainerSchema,
+    ContainerStatsSchema,
     CreateContainerSchema,
     CreatedSchema,
     ErrorSchema,
     HealthSchema,
     ListContainersQuerySchema,
+    LogsQuerySchema,
     MetricsSchema,
 )
 
@@ -94,6 +98,7 @@ def build_spec() -> dict:
     for name, schema in [
         ("CreateContainer", CreateContainerSchema),
         ("Created", CreatedSchema),
+        ("ContainerStats", ContainerStatsSchema),
         ("Metrics", MetricsSchema),
         ("Health", HealthSchema),
         ("Error", ErrorSchema),
@@ -126,10 +131,10 @@ def build_spec() -> dict:
                         PolicyViolation,
                     ),
                     **_failure(
-                        "The claim already has a container (the body names it), not enough GPUs are free (or the "
-                        "node has none), a host port is taken, or the container's name is held by a container the "
-                        "agent does not manage.",
-                        ClaimExists, NoGpusFree, PortTaken, Conflict,
+                        "The claim already has a container (the body names it), not enough GPUs, CPUs or memory are "
+                        "free (or the node has no GPUs), a host port is taken, or the container's name is held by a "
+                        "container the agent does not manage.",
+                        ClaimExists, NoGpusFree, NotEnoughResources, PortTaken, Conflict,
                     ),
                     **_failure("The body is larger than the node's UTOPIA_AGENT_MAX_BODY_BYTES.", BodyTooLarge),
                     **_failure("The node failed the request: the agent could not pin the claim's volumes.", NodeFault),
@@ -190,6 +195,40 @@ def build_spec() -> dict:
                     **_ENGINE_DOWN,
                 },
             },
+        },
+    )
+    spec.path(
+        path="/api/v1/containers/{container_id}/logs",
+        operations={
+            "get": {
+                "operationId": "getContainerLogs",
+                "tags": ["containers"],
+                "summary": "The container's stdout and stderr, interleaved as the engine kept them",
+                "security": secured,
+                "parameters": [_CONTAINER_ID, {"in": "query", "schema": LogsQuerySchema}],
+                "responses": {
+                    "200": {"description": "The log lines (streamed with follow).", "content": {"text/plain": {"schema": {"type": "string"}}}},
+                    **_failure("A query parameter is unknown, repeated or out of range; `errors` names each.", InvalidRequest),
+                    **_UNAUTHORIZED,
+                    **_NOT_MANAGED,
+                    **_failure("This worker already streams as many followed logs as it may; retry after Retry-After seconds.", TooManyFollowers),
+                    **_failure("The engine failed to read the logs.", EngineError),
+                    **_ENGINE_DOWN,
+                },
+            }
+        },
+    )
+    spec.path(
+        path="/api/v1/containers/{container_id}/stats",
+        operations={
+            "get": {
+                "operationId": "getContainerStats",
+                "tags": ["containers"],
+                "summary": "The container's CPU and memory (from its cgroup) and its GPUs' figures",
+                "security": secured,
+                "parameters": [_CONTAINER_ID],
+                "responses": {"200": _json("The container's usage.", "ContainerStats"), **_UNAUTHORIZED, **_NOT_MANAGED, **_failure("The engine failed to inspect the container.", EngineError), **_ENGINE_DOWN},
+            }
         },
     )
     spec.path(

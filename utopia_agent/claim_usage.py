@@ -1,0 +1,260 @@
+"""What each claim's container uses, read from the kernel's cgroup files (v1 or v2), never from
+the engine's stats stream (which measures for a second per call).
+
+A background sampler reads every running claim every SAMPLE_SECONDS into one file in the state
+dir; every worker runs one, and a lock lets one of them sample per interval for the whole node,
+so whichever worker serves a scrape serves the same figures, and CPU seconds never go backwards.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import AgentError
+
+log = logging.getLogger("utopia_agent.usage")
+
+SAMPLE_SECONDS = 5.0
+# A v1 memory limit this large is "no limit" (the kernel's PAGE_COUNTER_MAX in bytes, page-rounded).
+_V1_UNLIMITED = 1 << 62
+# cpu_percent is measured over at least this long; a sample younger than it is too close to now.
+_MIN_SPAN_SECONDS = 1.0
+
+
+@dataclass(frozen=True)
+class Usage:
+    """One reading of a container's cgroup."""
+
+    cpu_seconds: float
+    memory_used_bytes: int
+    memory_limit_bytes: int | None
+
+
+def _cgroup_mounts(mountinfo: str) -> tuple[dict[str, tuple[str, str]], tuple[str, str] | None]:
+    """v1 controller -> (mount root, mount point), and the v2 (root, mount point), from /proc/self/mountinfo."""
+    v1: dict[str, tuple[str, str]] = {}
+    v2 = None
+    for line in mountinfo.splitlines():
+        fields = line.split()
+        try:
+            separator = fields.index("-")
+        except ValueError:
+            continue
+        fstype, options = fields[separator + 1], fields[separator + 3].split(",")
+        root, point = fields[3], fields[4]
+        if fstype == "cgroup2":
+            v2 = (root, point)
+        elif fstype == "cgroup":
+            for option in options:
+                v1.setdefault(option, (root, point))
+    return v1, v2
+
+
+def _join(mount: tuple[str, str], path: str) -> Path:
+    root, point = mount
+    if root != "/" and (path == root or path.startswith(root + "/")):
+        path = path[len(root):]
+    return Path(point) / path.lstrip("/")
+
+
+@dataclass(frozen=True)
+class CgroupFiles:
+    """Where one process's CPU and memory accounting lives, v1 or v2."""
+
+    cpu_dir: Path
+    cpu_v1: bool
+    memory_dir: Path
+    memory_v1: bool
+
+    @classmethod
+    def of_pid(cls, pid: int, mountinfo: str | None = None) -> "CgroupFiles | None":
+        """From /proc/<pid>/cgroup; None when the process is gone or no hierarchy has the controllers."""
+        try:
+            lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+            mountinfo = mountinfo if mountinfo is not None else Path("/proc/self/mountinfo").read_text()
+        except OSError:
+            return None
+        v1_mounts, v2_mount = _cgroup_mounts(mountinfo)
+        v1_paths: dict[str, str] = {}
+        v2_path = None
+        for line in lines:
+            _, controllers, path = line.split(":", 2)
+            if controllers:
+                v1_paths.update(dict.fromkeys(controllers.split(","), path))
+            else:
+                v2_path = path
+        cpu = cls._place("cpuacct", v1_paths, v1_mounts, v2_path, v2_mount)
+        memory = cls._place("memory", v1_paths, v1_mounts, v2_path, v2_mount)
+        if cpu is None or memory is None:
+            return None
+        return cls(cpu[0], cpu[1], memory[0], memory[1])
+
+    @staticmethod
+    def _place(controller, v1_paths, v1_mounts, v2_path, v2_mount) -> tuple[Path, bool] | None:
+        if controller in v1_paths and controller in v1_mounts:
+            return _join(v1_mounts[controller], v1_paths[controller]), True
+        if v2_path is not None and v2_mount is not None:
+            return _join(v2_mount, v2_path), False
+        return None
+
+    def read(self) -> Usage | None:
+        """CPU time and memory now; None when the cgroup is gone (the container stopped)."""
+        try:
+            if self.cpu_v1:
+                cpu_seconds = int((self.cpu_dir / "cpuacct.usage").read_text()) / 1e9
+            else:
+                cpu_seconds = _stat_file(self.cpu_dir / "cpu.stat")["usage_usec"] / 1e6
+            stats = _stat_file(self.memory_dir / "memory.stat")
+            if self.memory_v1:
+                used = int((self.memory_dir / "memory.usage_in_bytes").read_text())
+                limit_text = (self.memory_dir / "memory.limit_in_bytes").read_text().strip()
+                limit = int(limit_text) if int(limit_text) < _V1_UNLIMITED else None
+                inactive = stats.get("total_inactive_file", 0)
+            else:
+                used = int((self.memory_dir / "memory.current").read_text())
+                limit_text = (self.memory_dir / "memory.max").read_text().strip()
+                limit = None if limit_text == "max" else int(limit_text)
+                inactive = stats.get("inactive_file", 0)
+        except (OSError, ValueError, KeyError):
+            return None
+        # As `docker stats` does: page cache the kernel can drop is not what the job uses.
+        return Usage(cpu_seconds, max(0, used - inactive), limit)
+
+
+def _stat_file(path: Path) -> dict[str, int]:
+    entries = {}
+    for line in path.read_text().splitlines():
+        key, _, value = line.partition(" ")
+        if value.strip().lstrip("-").isdigit():
+            entries[key] = int(value)
+    return entries
+
+
+class ClaimUsage:
+    """Samples the running claims in the background and answers per-claim figures from the samples."""
+
+    def __init__(self, docker, state_dir: Path, interval: float = SAMPLE_SECONDS):
+        self._docker = docker
+        self._path = state_dir / "claim-usage.json"
+        self._lock_path = state_dir / "claim-usage.lock"
+        self._interval = interval
+        self._cgroups: dict[str, CgroupFiles] = {}
+        self._cgroups_lock = threading.Lock()
+        self._cache: tuple[float, dict] = (0.0, {})
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="claim-usage", daemon=True)
+
+    def start(self) -> "ClaimUsage":
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self._closed.set()
+
+    # --- reading ---------------------------------------------------------------------
+
+    def samples(self) -> dict:
+        """The last node-wide sample: {"time": unix, "claims": {container id: {...}}}; re-read only when it changed."""
+        try:
+            mtime = os.stat(self._path).st_mtime
+        except FileNotFoundError:
+            return {"time": 0.0, "claims": {}}
+        if mtime != self._cache[0]:
+            try:
+                self._cache = (mtime, json.loads(self._path.read_text()))
+            except (OSError, ValueError):
+                return self._cache[1] or {"time": 0.0, "claims": {}}
+        return self._cache[1]
+
+    def now(self, container_id: str, started: int) -> tuple[Usage | None, float]:
+        """The container's usage now and its CPU percent (of one CPU) since the last sample at least a
+        second old, or since it started when no sample is; (None, 0.0) when it is not running."""
+        cgroup = self._cgroup(container_id)
+        usage = cgroup.read() if cgroup else None
+        if usage is None:
+            return None, 0.0
+        now = time.time()
+        entry = self.samples().get("claims", {}).get(container_id, {})
+        spans = [(entry.get("time", 0.0), entry.get("cpu_seconds")), tuple(entry.get("previous") or (0.0, None))]
+        for then, cpu_then in spans:
+            if cpu_then is not None and now - then >= _MIN_SPAN_SECONDS and usage.cpu_seconds >= cpu_then:
+                return usage, round(100.0 * (usage.cpu_seconds - cpu_then) / (now - then), 1)
+        if started and now - started >= _MIN_SPAN_SECONDS:
+            return usage, round(100.0 * usage.cpu_seconds / (now - started), 1)
+        return usage, 0.0
+
+    def _cgroup(self, container_id: str) -> CgroupFiles | None:
+        """Found once per container through its main process (one inspect); the engine names the
+        cgroup after the container, so the place holds across restarts."""
+        with self._cgroups_lock:
+            known = self._cgroups.get(container_id)
+        if known is not None:
+            return known
+        pid = self._docker.container_pid(container_id)
+        found = CgroupFiles.of_pid(pid) if pid else None
+        if found is not None:
+            with self._cgroups_lock:
+                self._cgroups[container_id] = found
+        return found
+
+    # --- sampling --------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._closed.wait(self._interval / 2):
+            try:
+                self.sample_if_due()
+            except AgentError as error:
+                log.debug("claim usage not sampled: %s", error.message)
+            except OSError as error:
+                log.warning("claim usage not sampled: %s", error)
+
+    def sample_if_due(self) -> bool:
+        """Sample every running claim unless another worker did within the interval; True when this one did."""
+        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            previous = self.samples()
+            if time.time() - previous.get("time", 0.0) < self._interval * 0.9:
+                return False
+            self._write(self._sample(previous))
+            return True
+        finally:
+            os.close(fd)
+
+    def _sample(self, previous: dict) -> dict:
+        running = [c for c in self._docker.list_managed() if c.status == "running"]
+        now = time.time()
+        claims = {}
+        for container in running:
+            cgroup = self._cgroup(container.id)
+            usage = cgroup.read() if cgroup else None
+            if usage is None:
+                continue
+            before = previous.get("claims", {}).get(container.id)
+            claims[container.id] = {
+                "claim_id": container.claim_id,
+                "time": now,
+                "cpu_seconds": usage.cpu_seconds,
+                "memory_used_bytes": usage.memory_used_bytes,
+                "memory_limit_bytes": usage.memory_limit_bytes,
+                "previous": [before["time"], before["cpu_seconds"]] if before else None,
+            }
+        with self._cgroups_lock:
+            for gone in set(self._cgroups) - {c.id for c in running}:
+                del self._cgroups[gone]
+        return {"time": now, "claims": claims}
+
+    def _write(self, samples: dict) -> None:
+        tmp = self._path.with_name(f".{self._path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(samples))
+        os.replace(tmp, self._path)
