@@ -53,7 +53,7 @@ class AgentProcess:
             try:
                 requests.get(self.base_url + "/openapi.json", timeout=1)
                 return
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # workers still booting on a busy machine
                 time.sleep(0.1)
         raise RuntimeError(f"agent did not serve within {timeout}s:\n{self.log()[-3000:]}")
 
@@ -99,3 +99,13 @@ class AgentProcess:
 
     def create(self, claim_id: str, image: str, **fields) -> requests.Response:
         return self.post("/api/v1/containers", json={"claim_id": claim_id, "image": image, **fields})
+
+    def sessions(self, count: int = 8) -> list[requests.Session]:
+        """Keep-alive sessions, each warmed with a list: enough of them reach every worker."""
+        sessions = []
+        for _ in range(count):
+            session = requests.Session()
+            session.headers["Authorization"] = f"Bearer {self.token}"
+            assert session.get(self.base_url + "/api/v1/containers", timeout=60).status_code == 200
+            sessions.append(session)
+        return sessions
