@@ -96,7 +96,8 @@ def test_started_is_zero_for_a_container_that_never_started(agent, docker_client
     )
     shown = agent.get(f"/api/v1/containers/{container['Id']}").json()
     assert shown["status"] == "created" and shown["started"] == 0
-    [listed] = agent.get("/api/v1/containers", params={"claim_id": claim()}).json()
+    # Made behind the agent's back: the list shows it once the engine's create event arrives.
+    [listed] = wait_for(lambda: agent.get("/api/v1/containers", params={"claim_id": claim()}).json(), timeout=5, interval=0.05)
     assert listed["started"] == 0
 
 

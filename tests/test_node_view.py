@@ -6,11 +6,13 @@ can say how many inspects a restart or a worker's death cost.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import signal
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +22,7 @@ from tests.support.polling import wait_for
 from tests.support.relay import EVENTS, INSPECT, EngineRelay
 from utopia_agent.config import Config
 from utopia_agent.docker_manager import DockerManager
-from utopia_agent.node_view import ContainerState
+from utopia_agent.node_view import TRUST_SECONDS, ContainerState
 
 pytestmark = pytest.mark.docker
 
@@ -73,7 +75,7 @@ def start_managed(docker_client, image: str, claim_id: str, command: list[str], 
 
 def shown_by(manager: DockerManager, container_id: str) -> ContainerState | None:
     snapshot = manager.view.snapshot()
-    return snapshot.by_id.get(container_id) if snapshot else None
+    return snapshot.get(container_id) if snapshot else None
 
 
 def test_one_watcher_serves_every_worker_and_a_create_shows_at_once_on_the_others(agent_factory, relay, test_image, claim):
@@ -148,3 +150,27 @@ def test_a_new_watcher_replays_the_events_it_missed(view_manager, docker_client,
     assert docker_client.api.wait(container_id, timeout=30)["StatusCode"] == 4
     second = view_manager()
     assert wait_for(lambda: (c := shown_by(second, container_id)) and c.exit_code == 4, timeout=10, interval=0.05), shown_by(second, container_id)
+
+
+def test_a_frozen_watcher_sends_reads_to_the_engine_until_it_thaws(agent_factory, docker_client, test_image, claim):
+    """The view is trusted only while its watcher vouches for it: a stopped watcher stops vouching,
+    the other worker reads the engine (exact, if slower), and the view comes back by itself."""
+    agent = agent_factory(workers=2)
+    ids = [start_managed(docker_client, test_image, claim(str(i)), ["sleep", "300"]) for i in range(2)]
+
+    def listed() -> set[str]:
+        rows = requests.get(agent.base_url + "/api/v1/containers", headers={"Authorization": f"Bearer {agent.token}", "Connection": "close"}, timeout=60).json()
+        return {c["id"] for c in rows if c["id"] in ids}
+
+    assert wait_for(lambda: listed() == set(ids), timeout=5, interval=0.05)
+    [watcher] = watchers(agent)
+    os.kill(watcher, signal.SIGSTOP)
+    try:
+        time.sleep(TRUST_SECONDS)
+        docker_client.api.remove_container(ids[0], force=True)
+        assert listed() == {ids[1]}, "a frozen watcher's view was served"
+    finally:
+        os.kill(watcher, signal.SIGCONT)
+    assert wait_for(lambda: (snapshot := json.loads((agent.state_dir / "view.json").read_text()))
+                    and {c["id"] for c in snapshot["containers"]} & set(ids) == {ids[1]}, timeout=5, interval=0.05)
+    assert listed() == {ids[1]}

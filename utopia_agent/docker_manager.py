@@ -13,7 +13,7 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 import docker
 import requests
@@ -203,7 +203,7 @@ class DockerManager:
         self._answered_at = float("-inf")
         # Reads come from the node-wide view; `view.volunteer()` makes this process a candidate watcher.
         self.view = NodeView(config.state_dir, self, config.engine_timeout)
-        self._presented: tuple[object, list[ManagedContainer]] = (None, [])
+        self._presented: tuple[object, tuple[ManagedContainer, ...]] = (None, ())
 
     # --- the engine connection -------------------------------------------------------
 
@@ -262,25 +262,22 @@ class DockerManager:
 
     # --- reading ---------------------------------------------------------------------
 
-    def list_managed(self, claim_id: str | None = None) -> list[ManagedContainer]:
+    def list_managed(self, claim_id: str | None = None) -> Sequence[ManagedContainer]:
         """Every managed container in any state (or the claim's), from the node view when it can be
-        trusted, else from the engine (see node_view.py). Allocation decisions never come here: see `holders_of`."""
-        containers = self._view_rows()
-        if containers is None:
-            containers = [ManagedContainer.from_state(ContainerState.from_inspect(info))
-                          for row in self.managed_rows(claim_id) if (info := self.inspect(row["Id"])) is not None]
-        if claim_id is None:
-            return containers
-        return [c for c in containers if c.claim_id == claim_id]
+        trusted, else from the engine (see node_view.py). Allocation decisions never come here: see `holders_of`.
 
-    def _view_rows(self) -> list[ManagedContainer] | None:
-        """The trusted view as records of the contract, made once per published view."""
+        The whole list is the same tuple for as long as the view does not change, so a caller may
+        keep what it derives from it (the list route keeps its JSON) until it gets another one.
+        """
         snapshot = self.view.snapshot()
         if snapshot is None:
-            return None
+            states = [ContainerState.from_inspect(info) for row in self.managed_rows(claim_id) if (info := self.inspect(row["Id"])) is not None]
+            return tuple(ManagedContainer.from_state(state) for state in states)
+        if claim_id is not None:
+            return tuple(ManagedContainer.from_state(s) for s in snapshot.labelled(CLAIM_LABEL, claim_id))
         presented_from, containers = self._presented
         if presented_from is not snapshot:
-            containers = [ManagedContainer.from_state(state) for state in snapshot.containers]
+            containers = tuple(ManagedContainer.from_state(state) for state in snapshot.containers)
             self._presented = (snapshot, containers)
         return containers
 
@@ -294,9 +291,9 @@ class DockerManager:
     def find_claim(self, claim_id: str, fresh: bool = False) -> str | None:
         """The id of the claim's container, if it has one: the node view when trusted, else the
         engine's list filtered by the claim's label (small, whatever the number of claims)."""
-        known = None if fresh else self._view_rows()
-        if known is not None:
-            return next((c.id for c in known if c.claim_id == claim_id), None)
+        snapshot = None if fresh else self.view.snapshot()
+        if snapshot is not None:
+            return next((s.id for s in snapshot.labelled(CLAIM_LABEL, claim_id)), None)
         holders = self.holders_of(f"{CLAIM_LABEL}={claim_id}")
         return holders[0][0] if holders else None
 
@@ -304,9 +301,10 @@ class DockerManager:
         """One managed container by full id or unique prefix of 12+ hex digits; 404 otherwise."""
         if not re.fullmatch(CONTAINER_ID_PATTERN, container_id):
             raise NotManaged(f"no managed container {container_id!r}: ids are 12 to 64 hex digits")
-        matches = [c for c in self._view_rows() or () if c.id.startswith(container_id)]
-        if len(matches) == 1:
-            return matches[0]
+        if (snapshot := self.view.snapshot()) is not None:
+            matches = snapshot.with_prefix(container_id)
+            if len(matches) == 1:
+                return ManagedContainer.from_state(matches[0])
         try:
             with self._engine_call("inspect container"):
                 info = self._engine().api.inspect_container(container_id)

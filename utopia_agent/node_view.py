@@ -38,7 +38,7 @@ log = logging.getLogger("utopia_agent.view")
 # Engine events that change what an inspect of the container shows.
 VIEW_EVENTS = ("create", "start", "restart", "die", "oom", "pause", "unpause", "rename", "update", "destroy")
 # While no event comes, the watcher proves this often that the engine still answers...
-HEARTBEAT_SECONDS = 0.5
+HEARTBEAT_SECONDS = 1.0
 # ...and the view is trusted this long after the last proof (as /health trusts a recent answer):
 # a hung engine sends no event and no error, only silence.
 TRUST_SECONDS = 2.0
@@ -115,29 +115,51 @@ class ContainerState:
         return cls(**{**data, "endpoints": tuple(data.get("endpoints") or ())})
 
 
-@dataclass(frozen=True)
 class Snapshot:
-    """One published view: its generation and the containers, newest first."""
+    """One published view: its generation, the last event it includes, the containers newest first.
 
-    generation: int
-    containers: tuple[ContainerState, ...]
-    event_ns: int = 0
+    Read from the file, a record stays JSON until asked for: a worker that shows one container
+    right after a change builds that one, not all of them.
+    """
 
-    @cached_property
-    def by_id(self) -> dict[str, ContainerState]:
-        return {c.id: c for c in self.containers}
+    def __init__(self, generation: int, event_ns: int, records: dict[str, dict[str, Any]]):
+        self.generation = generation
+        self.event_ns = event_ns
+        self._records = records
+
+    @classmethod
+    def of(cls, generation: int, event_ns: int, containers: tuple[ContainerState, ...]) -> "Snapshot":
+        snapshot = cls(generation, event_ns, {c.id: c.to_json() for c in containers})
+        snapshot.__dict__["containers"] = containers
+        return snapshot
 
     @classmethod
     def read(cls, path: Path) -> "Snapshot":
         data = json.loads(path.read_bytes())
-        return cls(data["generation"], tuple(ContainerState.from_json(c) for c in data["containers"]), data["event_ns"])
+        return cls(data["generation"], data["event_ns"], {c["id"]: c for c in data["containers"]})
 
     def write(self, path: Path) -> None:
         """Write beside the view and rename over it: readers see the old view or this one."""
-        body = {"generation": self.generation, "event_ns": self.event_ns, "containers": [c.to_json() for c in self.containers]}
+        body = {"generation": self.generation, "event_ns": self.event_ns, "containers": list(self._records.values())}
         temporary = path.with_name(path.name + ".tmp")
         temporary.write_text(json.dumps(body, separators=(",", ":")))
         os.replace(temporary, path)
+
+    @cached_property
+    def containers(self) -> tuple[ContainerState, ...]:
+        return tuple(ContainerState.from_json(record) for record in self._records.values())
+
+    def get(self, container_id: str) -> ContainerState | None:
+        record = self._records.get(container_id)
+        return ContainerState.from_json(record) if record is not None else None
+
+    def with_prefix(self, prefix: str) -> list[ContainerState]:
+        if (exact := self.get(prefix)) is not None:
+            return [exact]
+        return [ContainerState.from_json(r) for cid, r in self._records.items() if cid.startswith(prefix)]
+
+    def labelled(self, key: str, value: str) -> list[ContainerState]:
+        return [ContainerState.from_json(r) for r in self._records.values() if r["labels"].get(key) == value]
 
 
 class ViewEngine(Protocol):
@@ -270,7 +292,7 @@ class NodeView:
     def _await(self, container_id: str, shown: Callable[[ContainerState | None], bool], change: str) -> None:
         give_up = time.monotonic_ns() + self._wait_ns
         while (snapshot := self.snapshot()) is not None:
-            if shown(snapshot.by_id.get(container_id)):
+            if shown(snapshot.get(container_id)):
                 return
             if time.monotonic_ns() >= give_up:
                 log.warning("the node view did not show the %s of container %s in time; asking for a full resync", change, container_id[:12])
@@ -520,7 +542,7 @@ class _Watcher:
             return
         self._generation += 1
         containers = tuple(sorted(self._records.values(), key=lambda c: (-c.created, c.id)))
-        snapshot = Snapshot(self._generation, containers, self._event_ns)
+        snapshot = Snapshot.of(self._generation, self._event_ns, containers)
         snapshot.write(self._path)
         self._header.set(self._header.GENERATION, self._generation)
         self._on_publish(snapshot)
