@@ -16,9 +16,13 @@ TOKEN = "test-token-0123456789abcdef"
 
 
 class AgentProcess:
-    """`gunicorn -c gunicorn.conf.py wsgi:app` on a loopback port, with its log in a file."""
+    """`gunicorn -c gunicorn.conf.py wsgi:app` on a loopback port, with its log in a file.
 
-    def __init__(self, state_dir: Path, port: int, env: dict[str, str], workers: int = 2):
+    `app` serves another WSGI app under the same config (the benchmark's bare floor).
+    """
+
+    def __init__(self, state_dir: Path, port: int, env: dict[str, str], workers: int = 2, app: str = "wsgi:app"):
+        self.app = app
         self.state_dir = state_dir
         self.port = port
         self.base_url = f"http://127.0.0.1:{port}"
@@ -34,24 +38,24 @@ class AgentProcess:
         self.process: subprocess.Popen | None = None
         self.session = requests.Session()
 
-    def start(self, wait: bool = True) -> "AgentProcess":
+    def start(self, wait: bool = True, ready_path: str = "/openapi.json") -> "AgentProcess":
         self.state_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
+                [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", self.app],
                 cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
         if wait:
-            self.wait_until_serving()
+            self.wait_until_serving(ready_path=ready_path)
         return self
 
-    def wait_until_serving(self, timeout: float = 30) -> None:
+    def wait_until_serving(self, timeout: float = 30, ready_path: str = "/openapi.json") -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"agent exited with {self.process.returncode}:\n{self.log()[-3000:]}")
             try:
-                requests.get(self.base_url + "/openapi.json", timeout=1)
+                requests.get(self.base_url + ready_path, timeout=1)
                 return
             except (requests.ConnectionError, requests.Timeout):  # workers still booting on a busy machine
                 time.sleep(0.1)
