@@ -6,7 +6,6 @@ can say how many inspects a restart or a worker's death cost.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -22,7 +21,7 @@ from tests.support.polling import wait_for
 from tests.support.relay import EVENTS, INSPECT, EngineRelay
 from utopia_agent.config import Config
 from utopia_agent.docker_manager import DockerManager
-from utopia_agent.node_view import TRUST_SECONDS, ContainerState
+from utopia_agent.node_view import TRUST_SECONDS, ContainerState, Snapshot
 
 pytestmark = pytest.mark.docker
 
@@ -171,6 +170,22 @@ def test_a_frozen_watcher_sends_reads_to_the_engine_until_it_thaws(agent_factory
         assert listed() == {ids[1]}, "a frozen watcher's view was served"
     finally:
         os.kill(watcher, signal.SIGCONT)
-    assert wait_for(lambda: (snapshot := json.loads((agent.state_dir / "view.json").read_text()))
-                    and {c["id"] for c in snapshot["containers"]} & set(ids) == {ids[1]}, timeout=5, interval=0.05)
+    assert wait_for(lambda: {c.id for c in Snapshot.read(agent.state_dir / "view.jsonl").containers} & set(ids) == {ids[1]}, timeout=5, interval=0.05)
     assert listed() == {ids[1]}
+
+
+def test_a_snapshot_round_trips_and_keeps_the_records_that_did_not_change(tmp_path):
+    """The view file is read a line at a time: unchanged lines give the very same records."""
+    def state(n: int, status: str = "running") -> ContainerState:
+        return ContainerState(id=f"{n:02x}" * 32, name=f"utopia-c{n}", image="i", status=status, created=n, started=n, finished=0,
+                              exit_code=0, oom_killed=False, restart_count=0, error="", labels={"utopia.claim_id": f'c"{n}'})
+    path = tmp_path / "view.jsonl"
+    Snapshot.of(1, 7, (state(1), state(2))).write(path)
+    first = Snapshot.read(path)
+    assert (first.generation, first.event_ns, first.containers) == (1, 7, (state(1), state(2)))
+    assert first.with_prefix(state(2).id[:12]) == [state(2)] and first.labelled("utopia.claim_id", 'c"1') == [state(1)]
+
+    Snapshot.of(2, 9, (state(1), state(2, "exited"))).write(path)
+    second = Snapshot.read(path, previous=first)
+    assert second.get(state(2).id).status == "exited"
+    assert second.containers[0] is first.containers[0] and second.containers[1] == state(2, "exited")

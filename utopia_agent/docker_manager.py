@@ -132,6 +132,8 @@ class ManagedContainer:
     created: int
     started: int
     labels: dict[str, str]
+    # Everything the engine's inspect said (exit code, restart count, ...), beyond the contract.
+    state: ContainerState | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_state(cls, state: ContainerState) -> "ManagedContainer":
@@ -147,6 +149,7 @@ class ManagedContainer:
             created=state.created,
             started=state.started,
             labels=state.labels,
+            state=state,
         )
 
     @property
@@ -277,7 +280,9 @@ class DockerManager:
             return tuple(ManagedContainer.from_state(s) for s in snapshot.labelled(CLAIM_LABEL, claim_id))
         presented_from, containers = self._presented
         if presented_from is not snapshot:
-            containers = tuple(ManagedContainer.from_state(state) for state in snapshot.containers)
+            # A record the view did not change is the same object: so is its ManagedContainer.
+            known = {id(c.state): c for c in containers}
+            containers = tuple(known.get(id(state)) or ManagedContainer.from_state(state) for state in snapshot.containers)
             self._presented = (snapshot, containers)
         return containers
 

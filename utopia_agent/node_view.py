@@ -2,7 +2,7 @@
 
 The model is Kubernetes' informer: one list, then the engine's event stream, each event
 re-reading (inspecting) only the container it names. One worker per node watches: the one
-that holds a flock on STATE_DIR/view.lock. It writes the view to STATE_DIR/view.json (a new
+that holds a flock on STATE_DIR/view.lock. It writes the view to STATE_DIR/view.jsonl (a new
 file renamed into place, so a reader gets the old view or the new one, never half of one) and
 publishes its state in a few words that every worker maps (STATE_DIR/view.state): a
 generation bumped after each write, whether the view is live, until when the watcher vouches
@@ -118,48 +118,74 @@ class ContainerState:
 class Snapshot:
     """One published view: its generation, the last event it includes, the containers newest first.
 
-    Read from the file, a record stays JSON until asked for: a worker that shows one container
-    right after a change builds that one, not all of them.
+    On disk it is JSON lines: a header, then one container per line, each line starting with the
+    container's id. A reader parses a line only when asked for it, and keeps the records of the
+    lines that did not change since its last snapshot: right after a change, showing one container
+    parses one line, and listing builds only the records that changed.
     """
 
-    def __init__(self, generation: int, event_ns: int, records: dict[str, dict[str, Any]]):
+    def __init__(self, generation: int, event_ns: int, lines: dict[str, bytes], previous: "Snapshot | None" = None):
         self.generation = generation
         self.event_ns = event_ns
-        self._records = records
+        self._lines = lines
+        self._known = previous._parsed() if previous is not None else {}
 
     @classmethod
     def of(cls, generation: int, event_ns: int, containers: tuple[ContainerState, ...]) -> "Snapshot":
-        snapshot = cls(generation, event_ns, {c.id: c.to_json() for c in containers})
+        snapshot = cls(generation, event_ns, {c.id: _line(c) for c in containers})
         snapshot.__dict__["containers"] = containers
         return snapshot
 
     @classmethod
-    def read(cls, path: Path) -> "Snapshot":
-        data = json.loads(path.read_bytes())
-        return cls(data["generation"], data["event_ns"], {c["id"]: c for c in data["containers"]})
+    def read(cls, path: Path, previous: "Snapshot | None" = None) -> "Snapshot":
+        header, *records = path.read_bytes().split(b"\n")
+        meta = json.loads(header)
+        lines = {line[_ID_AT:line.index(b'"', _ID_AT)].decode(): line for line in records if line}
+        return cls(meta["generation"], meta["event_ns"], lines, previous)
 
     def write(self, path: Path) -> None:
         """Write beside the view and rename over it: readers see the old view or this one."""
-        body = {"generation": self.generation, "event_ns": self.event_ns, "containers": list(self._records.values())}
+        header = json.dumps({"generation": self.generation, "event_ns": self.event_ns}).encode()
         temporary = path.with_name(path.name + ".tmp")
-        temporary.write_text(json.dumps(body, separators=(",", ":")))
+        temporary.write_bytes(b"\n".join([header, *self._lines.values()]) + b"\n")
         os.replace(temporary, path)
 
     @cached_property
     def containers(self) -> tuple[ContainerState, ...]:
-        return tuple(ContainerState.from_json(record) for record in self._records.values())
+        known, self._known = self._known, {}
+        return tuple(known.get(line) or _parse(line) for line in self._lines.values())
+
+    def _parsed(self) -> dict[bytes, ContainerState]:
+        """Records already built, by their line: this snapshot's, else those it inherited."""
+        if "containers" not in self.__dict__:
+            return self._known
+        return {self._lines[c.id]: c for c in self.__dict__["containers"]}
 
     def get(self, container_id: str) -> ContainerState | None:
-        record = self._records.get(container_id)
-        return ContainerState.from_json(record) if record is not None else None
+        line = self._lines.get(container_id)
+        return _parse(line) if line is not None else None
 
     def with_prefix(self, prefix: str) -> list[ContainerState]:
-        if (exact := self.get(prefix)) is not None:
-            return [exact]
-        return [ContainerState.from_json(r) for cid, r in self._records.items() if cid.startswith(prefix)]
+        if prefix in self._lines:
+            return [_parse(self._lines[prefix])]
+        return [_parse(line) for cid, line in self._lines.items() if cid.startswith(prefix)]
 
     def labelled(self, key: str, value: str) -> list[ContainerState]:
-        return [ContainerState.from_json(r) for r in self._records.values() if r["labels"].get(key) == value]
+        """The containers whose label `key` is `value`; only lines that mention the pair are parsed."""
+        pair = json.dumps({key: value})[1:-1].encode()
+        return [c for line in self._lines.values() if pair in line and (c := _parse(line)).labels.get(key) == value]
+
+
+_ID_AT = len(b'{"id": "')
+
+
+def _line(container: ContainerState) -> bytes:
+    """One container's line of the view file; it starts with its id (see Snapshot.read)."""
+    return json.dumps(container.to_json()).encode()
+
+
+def _parse(line: bytes) -> ContainerState:
+    return ContainerState.from_json(json.loads(line))
 
 
 class ViewEngine(Protocol):
@@ -208,7 +234,7 @@ class NodeView:
     """What every worker reads; the worker that volunteers also watches, when no one else does."""
 
     def __init__(self, state_dir: Path, engine: ViewEngine, wait_seconds: float):
-        self._path = state_dir / "view.json"
+        self._path = state_dir / "view.jsonl"
         self._header = _Header(state_dir / "view.state")
         self._lock_fd = os.open(state_dir / "view.lock", os.O_RDWR | os.O_CREAT, 0o600)
         self._engine = engine
@@ -268,7 +294,7 @@ class NodeView:
             loaded = self._loaded
             if loaded is None or loaded.generation != generation:
                 try:
-                    loaded = self._loaded = Snapshot.read(self._path)
+                    loaded = self._loaded = Snapshot.read(self._path, previous=loaded)
                 except (OSError, ValueError, KeyError, TypeError) as exc:
                     log.warning("the node view file cannot be read (%s); reading the engine", type(exc).__name__)
                     return None
@@ -504,16 +530,19 @@ class _Watcher:
     # --- the records -------------------------------------------------------------------
 
     def _apply(self, events: list[dict[str, Any]]) -> None:
-        """Each container named in the batch is inspected once (a destroyed one is just dropped)."""
+        """Each container named in the batch is inspected once (a destroyed one is just dropped).
+
+        The view's last event moves only once the whole batch is applied: if an inspect fails,
+        the reconnection replays the batch. A batch that changed no record is saved under the same
+        generation, so no worker reads the file again for it."""
         last_action: dict[str, str] = {}
         for event in events:
             container_id = event.get("id") or (event.get("Actor") or {}).get("ID")
             if container_id:
                 last_action[container_id] = event.get("Action", "")
-            self._event_ns = max(self._event_ns, int(event.get("timeNano") or 0))
-        for container_id, action in last_action.items():
-            self._refresh(container_id, gone=action == "destroy")
-        self._publish()
+        changed = [self._refresh(container_id, gone=action == "destroy") for container_id, action in last_action.items()]
+        self._event_ns = max(self._event_ns, *(int(event.get("timeNano") or 0) for event in events))
+        self._publish(bump=any(changed))
 
     def _reconcile(self, rows: list[dict[str, Any]], syncing: bool = False) -> int:
         """Make the records agree with one list call: drop what is gone, inspect only what is new or
@@ -523,26 +552,34 @@ class _Watcher:
         for container_id in gone:
             del self._records[container_id]
         stale = [cid for cid, row in listed.items() if cid not in self._records or not self._records[cid].agrees_with(row)]
+        changed = len(gone)
         for container_id in stale:
-            self._refresh(container_id)
+            changed += self._refresh(container_id)
             if syncing:
                 self._syncing()
-        return len(gone) + len(stale)
+        return changed
 
-    def _refresh(self, container_id: str, gone: bool = False) -> None:
+    def _refresh(self, container_id: str, gone: bool = False) -> bool:
+        """Inspect one container into the records; True when its record changed."""
         info = None if gone else self._engine.inspect(container_id)
         if info is None:
-            self._records.pop(container_id, None)
-        else:
-            self._records[container_id] = ContainerState.from_inspect(info)
+            return self._records.pop(container_id, None) is not None
+        state = ContainerState.from_inspect(info)
+        if self._records.get(container_id) == state:
+            return False
+        self._records[container_id] = state
+        return True
 
-    def _publish(self) -> None:
-        """Write the view, then bump the generation: a reader that sees the new number finds the new file."""
+    def _publish(self, bump: bool = True) -> None:
+        """Write the view, then bump the generation: a reader that sees the new number finds the new file.
+
+        Without `bump` only the last event time moved: the records are the published ones."""
         if self._closed.is_set():  # the lock may be another worker's already
             return
-        self._generation += 1
+        self._generation += bump
         containers = tuple(sorted(self._records.values(), key=lambda c: (-c.created, c.id)))
         snapshot = Snapshot.of(self._generation, self._event_ns, containers)
         snapshot.write(self._path)
-        self._header.set(self._header.GENERATION, self._generation)
-        self._on_publish(snapshot)
+        if bump:
+            self._header.set(self._header.GENERATION, self._generation)
+            self._on_publish(snapshot)
