@@ -2,8 +2,8 @@
 
 The model is Kubernetes' informer: one list, then the engine's event stream, each event
 re-reading (inspecting) only the container it names. One worker per node watches: the one
-that holds a flock on STATE_DIR/view.lock. It writes the view to STATE_DIR/view.jsonl (a new
-file renamed into place, so a reader gets the old view or the new one, never half of one) and
+that holds a flock on STATE_DIR/view.lock. It writes the view to STATE_DIR/view.jsonl (JSON
+lines in a new file renamed into place, so a reader gets the old view or the new one) and
 publishes its state in a few words that every worker maps (STATE_DIR/view.state): a
 generation bumped after each write, whether the view is live, until when the watcher vouches
 for it, and a resync request. Readers re-read the file only when the generation moved, and
