@@ -3,7 +3,10 @@
 Starts the agent as production does (gunicorn from gunicorn.conf.py, 4 workers) on the
 stand-in NVML with 8 GPUs and the real engine, puts managed containers on the node, and
 times each endpoint interleaved with the engine call it wraps (A, B, A, B, ...), so both
-see the same machine noise. Prints a markdown table and the machine it ran on, and writes
+see the same machine noise. The floor of the stack is a bare app (benchmarks/bare_app.py)
+under the same gunicorn config: what /health and GET one cost above it is the agent's own.
+Reads are timed settled and on the first read after a change, with a keep-alive client and
+with a fresh connection per request (which lands on any worker). Prints a markdown table and the machine it ran on, and writes
 the figures as JSON. It asserts nothing: a missed target is reported, not raised.
 Every container it makes carries a claim id with a prefix unique to the run and is
 removed at the end, also on Ctrl-C or failure.
@@ -67,6 +70,7 @@ class Plan:
     samples: int  # list, inspect, metrics rounds
     scaling_samples: int  # rounds at the largest claim count
     create_samples: int  # create/delete rounds
+    change_rounds: int  # changes per path in the "right after a change" figures
     health_samples: int  # /health at rest
     pulls: int
     pull_payload_kib: int
@@ -75,10 +79,13 @@ class Plan:
     cpu_seconds: float
 
 
-FULL = Plan(claims=(10, 100, 500), samples=200, scaling_samples=60, create_samples=30, health_samples=400,
-            pulls=8, pull_payload_kib=4096, pull_kib_per_s=256, pull_window_s=10.0, cpu_seconds=60.0)
-QUICK = Plan(claims=(5, 20, 40), samples=20, scaling_samples=10, create_samples=3, health_samples=60,
+FULL = Plan(claims=(10, 100, 500), samples=200, scaling_samples=60, create_samples=30, change_rounds=16, health_samples=400,
+            pulls=8, pull_payload_kib=4096, pull_kib_per_s=256, pull_window_s=10.0, cpu_seconds=30.0)
+QUICK = Plan(claims=(5, 20, 40), samples=20, scaling_samples=10, create_samples=3, change_rounds=2, health_samples=60,
              pulls=8, pull_payload_kib=1024, pull_kib_per_s=128, pull_window_s=3.0, cpu_seconds=5.0)
+BURST = 8  # changes just before the "polled right after a burst" CPU figure
+LIST_LIMIT = 0.5  # list at the main claim count, on every path, against the engine's list
+FLOOR_LIMIT = 1.3  # /health and GET one, on every path, against the bare app
 
 
 class ReleasableSlowRegistry(SlowRegistry):
@@ -118,6 +125,17 @@ class ForeignEvents:
 
     def close(self) -> None:
         self._stream.close()
+
+
+def engine_process() -> psutil.Process | None:
+    """The dockerd serving DOCKER_HOST (the one on the default socket when it is unset), if it runs here."""
+    host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+    dockerds = [p for p in psutil.process_iter(["name", "cmdline"]) if p.info["name"] == "dockerd"]
+    for process in dockerds:
+        hosts = [arg.split("=", 1)[1] for arg in process.info["cmdline"] or () if arg.startswith("--host=")]
+        if host in hosts or (not hosts and host == "unix:///var/run/docker.sock"):
+            return process
+    return None
 
 
 class BenchError(RuntimeError):
@@ -262,6 +280,8 @@ class Bench:
         self.gpus = fake_gpus(GPUS)
         self.agent: AgentProcess | None = None
         self.http: AgentClient | None = None
+        self.bare: AgentClient | None = None
+        self._bare_process: AgentProcess | None = None
         self.registry: Registry | None = None
         self.slow: SlowRegistry | None = None
         self.images: list[str] = []
@@ -287,12 +307,22 @@ class Bench:
         self.agent.start()
         self.http = AgentClient(self.agent)
 
+    def start_bare_app(self) -> None:
+        """The floor: benchmarks/bare_app.py under the same gunicorn.conf.py (workers, gthread, threads, keep-alive)."""
+        state = self.tmp / "bare"
+        state.mkdir()
+        self._bare_process = AgentProcess(state, free_port(), dict(os.environ), workers=WORKERS, app="benchmarks.bare_app:app")
+        self._bare_process.start(ready_path="/health")
+        self.bare = AgentClient(self._bare_process)
+
     def close(self) -> None:
         """Release pulls, stop the agent and registries, remove this run's containers and images."""
         if self.slow is not None:
             self.slow.stop()
         if self.agent is not None:
             self.agent.stop()
+        if self._bare_process is not None:
+            self._bare_process.stop()
         if self.registry is not None:
             self.registry.stop()
         mine = [c["Id"] for c in self.api.containers(all=True, filters=MANAGED_FILTER)
@@ -396,24 +426,74 @@ class Bench:
         self.add(figure)
 
     def figure_list(self, claims: int, timings: dict) -> None:
-        self.add(compare(f"GET /api/v1/containers ({claims} claims)", timings["agent"], timings["engine"], 1.2,
+        self.add(compare(f"GET /api/v1/containers ({claims} claims), settled", timings["agent"], timings["engine"], LIST_LIMIT,
                          seen_note(claims, timings, "keep-alive session; baseline: engine list with label utopia.managed=true")))
-        self.add(compare(f"GET /api/v1/containers ({claims} claims), fresh connection", timings["agent_fresh"],
-                                    timings["engine"], None, "a new TCP connection per request"))
+        self.add(compare(f"GET /api/v1/containers ({claims} claims), settled, fresh connection", timings["agent_fresh"],
+                         timings["engine"], LIST_LIMIT, "a new TCP connection per request"))
 
-    def figure_inspect(self) -> None:
+    def figure_floor(self) -> None:
+        """/health and GET one (settled) against the bare app, on both paths; the bare app against the engine's inspect."""
         container_id = self.engine_list()[0]["Id"]
         path = f"/api/v1/containers/{container_id}"
         self.http.warm_all_workers(path)
+        self.http.warm_all_workers("/health")
+        self.bare.warm_all_workers("/health")
         timings = interleave({
-            "agent": lambda: self.http.get(path),
-            "agent_fresh": lambda: self.http.get(path, fresh=True),
+            "health": lambda: self.http.get("/health"),
+            "health_fresh": lambda: self.http.get("/health", fresh=True),
+            "show": lambda: self.http.get(path),
+            "show_fresh": lambda: self.http.get(path, fresh=True),
+            "bare": lambda: self.bare.get("/health"),
+            "bare_fresh": lambda: self.bare.get("/health", fresh=True),
             "engine": lambda: self.api.inspect_container(container_id),
         }, self.plan.samples)
-        self.add(compare("GET /api/v1/containers/<id>", timings["agent"], timings["engine"], 1.2,
-                                    "baseline: engine inspect of the same container"))
-        self.add(compare("GET /api/v1/containers/<id>, fresh connection", timings["agent_fresh"],
-                                    timings["engine"], None))
+        floor = "baseline: the bare app (benchmarks/bare_app.py, same gunicorn config)"
+        self.add(compare("GET /health", timings["health"], timings["bare"], FLOOR_LIMIT, f"keep-alive session; {floor}"))
+        self.add(compare("GET /health, fresh connection", timings["health_fresh"], timings["bare_fresh"], FLOOR_LIMIT, floor))
+        self.add(compare("GET /api/v1/containers/<id>, settled", timings["show"], timings["bare"], FLOOR_LIMIT, f"keep-alive session; {floor}"))
+        self.add(compare("GET /api/v1/containers/<id>, settled, fresh connection", timings["show_fresh"], timings["bare_fresh"], FLOOR_LIMIT, floor))
+        self.add(compare("the bare app vs the engine's inspect", timings["bare"], timings["engine"], None,
+                         "the floor itself: a keep-alive request to a gunicorn gthread app that does nothing"))
+        self.add(compare("GET /api/v1/containers/<id>, settled, vs the engine's inspect", timings["show"], timings["engine"], None,
+                         "for reference: the target is against the bare app"))
+
+    def figure_after_change(self, claims: int) -> None:
+        """List and show on the first read after a change, as an orchestrator reads: create or delete
+        through its keep-alive session, then read at once (on that session, or on a fresh connection,
+        which lands on any worker). Baselines are timed right after the same change."""
+        shown_id = self.engine_list()[-1]["Id"]
+        show_path = f"/api/v1/containers/{shown_id}"
+        reads = {
+            "list": lambda: self.http.get("/api/v1/containers"),
+            "list_fresh": lambda: self.http.get("/api/v1/containers", fresh=True),
+            "show": lambda: self.http.get(show_path),
+            "show_fresh": lambda: self.http.get(show_path, fresh=True),
+        }
+        baselines = {"engine": self.engine_list, "bare": lambda: self.bare.get("/health"),
+                     "bare_fresh": lambda: self.bare.get("/health", fresh=True)}
+        timings: dict[str, list[float]] = {name: [] for name in [*reads, *baselines]}
+        made: list[str] = []
+        rounds = self.plan.change_rounds * len(reads)
+        for i in range(rounds):
+            if i % 2 == 0:
+                made.append(self.http.create(self.claim("x"), self.image, 0))
+            else:
+                self.http.delete(made.pop())
+            read = list(reads)[(i // 2) % len(reads)]
+            order = [read, *baselines]
+            for name in order[i % len(order):] + order[:i % len(order)]:
+                timings[name].append(timed(reads.get(name) or baselines[name]))
+        for container_id in made:
+            self.http.delete(container_id)
+        note = f"{rounds} changes, creates and deletes in turn; baseline timed right after the same change"
+        self.add(compare(f"GET /api/v1/containers ({claims} claims), right after a change", timings["list"], timings["engine"],
+                         LIST_LIMIT, f"keep-alive session that made the change; {note}"))
+        self.add(compare(f"GET /api/v1/containers ({claims} claims), right after a change, fresh connection", timings["list_fresh"],
+                         timings["engine"], LIST_LIMIT, note))
+        self.add(compare("GET /api/v1/containers/<id>, right after a change", timings["show"], timings["bare"], FLOOR_LIMIT,
+                         f"keep-alive session that made the change; baseline: the bare app; {note}"))
+        self.add(compare("GET /api/v1/containers/<id>, right after a change, fresh connection", timings["show_fresh"],
+                         timings["bare_fresh"], FLOOR_LIMIT, f"baseline: the bare app, fresh connection; {note}"))
 
     def figure_metrics(self) -> None:
         self.http.warm_all_workers("/api/v1/metrics")
@@ -460,18 +540,24 @@ class Bench:
         return [master, *master.children()]
 
     def figure_cpu(self, seconds: float) -> None:
-        """CPU of master + workers while an orchestrator polls metrics and the list once a second.
+        """CPU of master + workers while an orchestrator polls metrics and the list once a second,
+        at rest and right after a burst of changes (BURST creates through the agent at once).
 
         A third as long (at most 20 s) is first measured without polling: the agent's own idle cost.
         """
         procs = self.agent_processes()
-        dockerd = next((p for p in psutil.process_iter(["name"]) if p.info["name"] == "dockerd"), None)
+        dockerd = engine_process()
 
-        def percent_of_core(ps, during: Callable[[], None]) -> tuple[float, float]:
-            before, started = sum(sum(p.cpu_times()[:2]) for p in ps), time.monotonic()
+        def cpu_seconds(ps) -> float:
+            return sum(sum(p.cpu_times()[:2]) for p in ps)
+
+        def percent_of_core(during: Callable[[], None]) -> tuple[float, float, float | None]:
+            """(agent % of a core, wall seconds, dockerd % of a core) while `during` runs."""
+            before, engine_before, started = cpu_seconds(procs), dockerd and cpu_seconds([dockerd]), time.monotonic()
             during()
             wall = time.monotonic() - started
-            return 100 * (sum(sum(p.cpu_times()[:2]) for p in ps) - before) / wall, wall
+            engine = 100 * (cpu_seconds([dockerd]) - engine_before) / wall if dockerd else None
+            return 100 * (cpu_seconds(procs) - before) / wall, wall, engine
 
         def poll() -> None:
             started = time.monotonic()
@@ -481,18 +567,31 @@ class Bench:
                 self.http.get("/api/v1/containers")
                 time.sleep(max(0.0, 1.0 - (time.monotonic() - tick)))
 
-        idle_pct, idle_s = percent_of_core(procs, lambda: time.sleep(min(20.0, seconds / 3)))
-        engine_before = sum(dockerd.cpu_times()[:2]) if dockerd else 0.0
-        agent_pct, wall = percent_of_core(procs, poll)
-        engine_pct = 100 * (sum(dockerd.cpu_times()[:2]) - engine_before) / wall if dockerd else None
-        self.add(Figure(
-            figure=f"CPU of the agent, polled once a second (metrics + list) for {seconds:g} s",
-            target="< 1% of a core", value=f"{agent_pct:.2f}% of a core", met=agent_pct < 1.0,
-            note=f"master + {len(procs) - 1} workers; idle (no polling) {idle_pct:.2f}% over {idle_s:.0f} s"
-                 + (f"; dockerd during polling {engine_pct:.2f}% of a core" if engine_pct is not None else ""),
-            extra={"agent_percent_of_core": round(agent_pct, 3), "idle_percent_of_core": round(idle_pct, 3),
-                   "dockerd_percent_of_core": engine_pct and round(engine_pct, 3), "seconds": round(wall, 1)},
-        ))
+        def burst() -> list[str]:
+            def create(_):
+                with requests.Session() as session:
+                    return self.http.create(self.claim("u"), self.image, 0, session)
+            with ThreadPoolExecutor(BURST) as pool:
+                return list(pool.map(create, range(BURST)))
+
+        idle_pct, idle_s, _ = percent_of_core(lambda: time.sleep(min(20.0, seconds / 3)))
+        rest_pct, rest_s, rest_engine = percent_of_core(poll)
+        made = burst()
+        after_pct, after_s, after_engine = percent_of_core(poll)
+        for container_id in made:
+            self.http.delete(container_id)
+        for name, pct, wall, engine, note in (
+            ("at rest", rest_pct, rest_s, rest_engine, f"idle (no polling) {idle_pct:.2f}% over {idle_s:.0f} s"),
+            (f"right after a burst of {BURST} creates", after_pct, after_s, after_engine, "measured from the last 201 on"),
+        ):
+            self.add(Figure(
+                figure=f"CPU of the agent, polled once a second (metrics + list) for {seconds:g} s, {name}",
+                target="≤ 1% of a core", value=f"{pct:.2f}% of a core", met=pct <= 1.0,
+                note=f"master + {len(procs) - 1} workers; {note}"
+                     + (f"; dockerd meanwhile {engine:.2f}% of a core" if engine is not None else ""),
+                extra={"agent_percent_of_core": round(pct, 3), "idle_percent_of_core": round(idle_pct, 3),
+                       "dockerd_percent_of_core": engine and round(engine, 3), "seconds": round(wall, 1)},
+            ))
 
     def figure_rss(self) -> None:
         workers = self.agent_processes()[1:]
@@ -590,8 +689,9 @@ class Bench:
     def run(self, say: Callable[[str], None]) -> None:
         few, main, many = self.plan.claims
         plan = self.plan
-        say("starting the agent (gunicorn, 4 workers, stand-in NVML with 8 GPUs)")
+        say("starting the agent (gunicorn, 4 workers, stand-in NVML with 8 GPUs) and the bare app")
         self.start_agent()
+        self.start_bare_app()
         say(f"{few} running claims through the agent")
         self.add_running_claims(few)
         self.figure_scaling(few, self.measure_list(plan.samples))
@@ -600,12 +700,15 @@ class Bench:
         timings = self.measure_list(plan.samples, fresh=True)
         self.figure_list(main, timings)
         self.figure_scaling(main, timings)
-        say("inspect and metrics")
-        self.figure_inspect()
+        say("/health and GET one against the bare app")
+        self.figure_floor()
+        say(f"list and show right after a change, {plan.change_rounds * 4} changes")
+        self.figure_after_change(main)
+        say("metrics")
         self.figure_metrics()
         say(f"create and delete, {plan.create_samples} rounds")
         self.figure_create_delete()
-        say(f"CPU while polled once a second for {plan.cpu_seconds:g} s")
+        say(f"CPU while polled once a second for {plan.cpu_seconds:g} s, at rest and after {BURST} creates")
         self.figure_cpu(plan.cpu_seconds)
         say(f"/health while {plan.pulls} image pulls are in flight")
         self.figure_health_under_pulls()
@@ -692,7 +795,7 @@ def report(bench: Bench, info: dict, output: Path, seconds: float, quick: bool) 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a short smoke run with few samples and claims")
-    parser.add_argument("--cpu-seconds", type=float, help="how long to poll for the CPU figure (default 60, 5 with --quick)")
+    parser.add_argument("--cpu-seconds", type=float, help="how long to poll for each CPU figure (default 30, 5 with --quick)")
     parser.add_argument("--stop-timeout", type=int, default=1,
                         help="grace seconds of DELETE (UTOPIA_AGENT_STOP_TIMEOUT) and of the baseline's stop (default 1)")
     parser.add_argument("--output", type=Path, help="JSON file (default benchmarks/results/latest.json, quick.json with --quick)")

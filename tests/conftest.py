@@ -12,6 +12,7 @@ import pytest
 from tests.fake_nvml import DEFAULT_TEST_GPUS, build_fake_nvml, fake_nvml_env, write_fake_nvml_config
 from tests.support.agent import AgentProcess, unmount_under
 from tests.support.prerequisites import require
+from tests.support.relay import EngineRelay
 from tests.support.engine import (
     TEST_IMAGE,
     EngineUnavailable,
@@ -56,6 +57,16 @@ def engine():
     remove_run_containers(handle.client)
     remove_new_dangling_images(handle.client, images_before)
     handle.stop()
+
+
+@pytest.fixture
+def relay(engine):
+    """A relay in front of the engine the tests use (counts requests, fails them on cue); closed after the test."""
+    upstream = engine.base_url or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+    require(upstream.startswith("unix://"), f"the relay forwards to a unix socket, not {upstream}")
+    running = EngineRelay(upstream).start()
+    yield running
+    running.close()
 
 
 @pytest.fixture(scope="session")

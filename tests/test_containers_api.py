@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import time
+from datetime import datetime, timezone
 
 import pytest
 import requests
@@ -99,7 +100,8 @@ def test_started_is_zero_for_a_container_that_never_started(agent, docker_client
     )
     shown = agent.get(f"/api/v1/containers/{container['Id']}").json()
     assert shown["status"] == "created" and shown["started"] == 0
-    [listed] = agent.get("/api/v1/containers", params={"claim_id": claim()}).json()
+    # Made behind the agent's back: the list shows it once the engine's create event arrives.
+    [listed] = wait_for(lambda: agent.get("/api/v1/containers", params={"claim_id": claim()}).json(), timeout=5, interval=0.05)
     assert listed["started"] == 0
 
 
@@ -282,46 +284,47 @@ def test_unknown_routes_and_methods_are_json(agent):
     assert set(wrong.headers["Allow"].split(", ")) >= {"GET", "POST"}
 
 
-def _sessions_on_every_worker(agent, count: int = 8) -> list[requests.Session]:
-    """Keep-alive sessions, each warmed with a list, so the workers behind them hold a listing."""
-    sessions = []
-    for _ in range(count):
-        session = requests.Session()
-        session.headers["Authorization"] = f"Bearer {agent.token}"
-        assert session.get(agent.base_url + "/api/v1/containers").status_code == 200
-        sessions.append(session)
-    return sessions
-
-
 def _listed_ids(session, agent) -> set[str]:
     return {c["id"] for c in session.get(agent.base_url + "/api/v1/containers").json()}
 
 
 def test_create_and_delete_show_at_once_on_every_worker(agent_factory, test_image, claim):
     agent = agent_factory(workers=4)
-    sessions = _sessions_on_every_worker(agent)
+    sessions = agent.sessions()
     container_id = agent.create(claim(), test_image, command=["sleep", "300"]).json()["container_id"]
     for session in sessions:
-        assert container_id in _listed_ids(session, agent)
-        assert session.get(f"{agent.base_url}/api/v1/containers/{container_id}").status_code == 200
+        [listed] = [c for c in session.get(agent.base_url + "/api/v1/containers").json() if c["id"] == container_id]
+        assert listed["status"] == "running" and listed["started"] > 0, "the 201 came before every worker's list showed the start"
+        assert session.get(f"{agent.base_url}/api/v1/containers/{container_id}").json()["status"] == "running"
     assert agent.delete(f"/api/v1/containers/{container_id}").status_code == 204
     for session in sessions:
         assert container_id not in _listed_ids(session, agent)
         assert session.get(f"{agent.base_url}/api/v1/containers/{container_id}").status_code == 404
 
 
-def test_changes_behind_the_agents_back_reach_the_listing(agent_factory, docker_client, test_image, claim):
+def test_changes_behind_the_agents_back_reach_every_worker(agent_factory, docker_client, test_image, claim):
+    """A container that dies, is started again, or is removed with the engine's own calls shows
+    so in every worker's list and show, within the time the engine's events take to arrive."""
     agent = agent_factory(workers=2)
-    sessions = _sessions_on_every_worker(agent, 4)
-    container_id = agent.create(claim(), test_image, command=["sleep", "1"]).json()["container_id"]
+    sessions = agent.sessions(4)
+    container_id = agent.create(claim(), test_image, command=["sleep", "2"]).json()["container_id"]
 
-    def status_everywhere(expected: str) -> bool:
+    def seen_everywhere(check) -> bool:
         for session in sessions:
-            [mine] = [c for c in session.get(agent.base_url + "/api/v1/containers").json() if c["id"] == container_id] or [{}]
-            if mine.get("status") != expected:
+            listed = [c for c in session.get(agent.base_url + "/api/v1/containers").json() if c["id"] == container_id]
+            shown = session.get(f"{agent.base_url}/api/v1/containers/{container_id}")
+            if not check(listed[0] if listed else None) or not check(shown.json() if shown.status_code == 200 else None):
                 return False
         return True
 
-    assert wait_for(lambda: status_everywhere("exited"), timeout=5, interval=0.05), ("a container that exits on its own shows as exited", [[(c["id"][:12], c["status"]) for c in s.get(agent.base_url + "/api/v1/containers").json()] for s in sessions], docker_client.api.inspect_container(container_id)["State"]["Status"])
+    def engine_started() -> int:
+        started = docker_client.api.inspect_container(container_id)["State"]["StartedAt"]
+        return int(datetime.fromisoformat(started[:19]).replace(tzinfo=timezone.utc).timestamp())
+
+    assert wait_for(lambda: seen_everywhere(lambda c: c and c["status"] == "exited"), timeout=10, interval=0.05), "a container that exits on its own shows as exited"
+    first_start = engine_started()
+    docker_client.api.start(container_id)
+    assert engine_started() > first_start
+    assert wait_for(lambda: seen_everywhere(lambda c: c and c["started"] == engine_started()), timeout=5, interval=0.05), "started again behind the agent's back"
     docker_client.api.remove_container(container_id, force=True)
-    assert wait_for(lambda: all(container_id not in _listed_ids(s, agent) for s in sessions), timeout=5, interval=0.05), "removed behind the agent's back"
+    assert wait_for(lambda: seen_everywhere(lambda c: c is None), timeout=5, interval=0.05), "removed behind the agent's back"

@@ -82,7 +82,9 @@ def test_outage_gives_503_and_the_agent_recovers_by_itself(private_engine, priva
     assert healthy, agent.log()[-3000:]
     assert agent.process.poll() is None
     listed = [c for c in agent.get("/api/v1/containers").json() if c["claim_id"] == claim("out")]
-    assert [(c["id"], c["gpu_ids"]) for c in listed] == [(container_id, before["gpu_ids"])]
+    assert [(c["id"], c["gpu_ids"], c["status"]) for c in listed] == [(container_id, before["gpu_ids"], "exited")], "the engine's restart stopped it"
+    assert agent.log().count("node view not trusted") == 1, "the outage is logged once, by the one watcher"
+    assert wait_for(lambda: agent.log().count("node view live") == 2, timeout=limit), "the view came back by itself"
     assert agent.get("/api/v1/containers", params={"claim_id": claim("down")}).json() == []
     assert agent.delete(f"/api/v1/containers/{container_id}").status_code == 204
 

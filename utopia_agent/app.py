@@ -28,6 +28,7 @@ def create_app(config: Config | None = None, gpus: GpuInventory | None = None) -
     configure_logging(config.log_format)
     prepare_state_dir(config)
     docker = DockerManager(config)
+    docker.view.volunteer()  # one worker of the node watches the engine's events for all of them
     gpus = gpus or make_inventory(config.gpu_backend, config.fake_gpu_count, partial(first_to_log, config))
     lock_timeout = 3 * config.engine_timeout
 

@@ -7,15 +7,13 @@ the agent rebuilds all of its state: the engine is the source of truth.
 
 from __future__ import annotations
 
-import copy
 import logging
 import re
 import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Iterable, Iterator, Sequence
 
 import docker
 import requests
@@ -36,7 +34,7 @@ from .errors import (
     NotManaged,
     PortTaken,
 )
-from .generation import SharedGeneration
+from .node_view import ContainerState, NodeView
 from .prometheus import PULL_DURATION
 from .resources import CONTAINER_INFINIBAND_DIR, format_cpu_list, parse_cpu_list
 from .schemas import CONTAINER_ID_PATTERN
@@ -68,23 +66,16 @@ DROPPED_CAPABILITIES = ("NET_RAW", "MKNOD", "AUDIT_WRITE", "SETFCAP", "SETPCAP",
 MANAGED_FILTER = f"{MANAGED_LABEL}=true"
 NAME_PREFIX = "utopia-"
 PULL_PROGRESS_INTERVAL = 5.0
-# The engine announces some changes ("die") a moment before its list call shows them.
-EVENT_SETTLE_SECONDS = 0.5
-# A listing older than this is read again even without events, in case the stream died silently.
-LISTING_MAX_AGE_SECONDS = 30.0
 # The NVIDIA runtime (often the engine's default) reads these from the container's environment,
 # where the image's ENV stands unless the create call sets the name: every nvidia/cuda image says
 # NVIDIA_VISIBLE_DEVICES=all. `void` makes the runtime act as plain runc: no GPU at all.
 NO_GPUS_ENV = "NVIDIA_VISIBLE_DEVICES=void"
 GPU_CAPABILITIES_ENV = "NVIDIA_DRIVER_CAPABILITIES=compute,utility"
-# Engine events that change what the list call shows for a container.
-LISTING_EVENTS = ("create", "start", "die", "destroy", "pause", "unpause", "rename", "update", "kill", "stop", "restart", "oom")
 # How the engine refuses an id prefix that several containers share: 500 from Docker 20.10
 # ("Multiple IDs found ..."), 400 from later engines ("multiple IDs found ...").
 AMBIGUOUS_PREFIX = "multiple ids found with provided prefix"
 PORT_TAKEN = ("port is already allocated", "address already in use")
 
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -211,6 +202,25 @@ class ManagedContainer:
     created: int
     started: int
     labels: dict[str, str]
+    # Everything the engine's inspect said (exit code, restart count, ...), beyond the contract.
+    state: ContainerState | None = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def from_state(cls, state: ContainerState) -> "ManagedContainer":
+        held = Holdings.from_labels(state.labels)
+        return cls(
+            id=state.id,
+            claim_id=held.claim_id,
+            image=state.image,
+            status=state.status,
+            gpu_ids=held.gpu_ids,
+            gpu_uuids=held.gpu_uuids,
+            port_mappings=held.port_mappings,
+            created=state.created,
+            started=state.started,
+            labels=state.labels,
+            state=state,
+        )
 
     @property
     def ports(self) -> dict[str, str]:
@@ -287,83 +297,6 @@ def _port_mappings(labels: dict[str, str]) -> tuple[PortMapping, ...]:
         return ()
 
 
-def _unix_seconds(stamp: str | None) -> int:
-    """Engine timestamps are RFC 3339 with nanoseconds; the zero time means never."""
-    if not stamp or stamp.startswith("0001-01-01"):
-        return 0
-    return int(datetime.fromisoformat(stamp[:19]).replace(tzinfo=timezone.utc).timestamp())
-
-
-_UPTIME_UNITS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400, "week": 7 * 86400, "month": 30 * 86400, "year": 365 * 86400}
-
-
-def _uptime_upper_bound(status_text: str) -> float:
-    """The longest uptime that the engine's human status ("Up 5 minutes") allows."""
-    text = status_text.lower()
-    if not text.startswith("up "):
-        return float("inf")
-    if "less than a second" in text:
-        return 1.0
-    if "about a minute" in text:
-        return 120.0
-    if "about an hour" in text:
-        return 2 * 3600.0
-    match = re.match(r"up (\d+) (second|minute|hour|day|week|month|year)", text)
-    if not match:
-        return float("inf")
-    return (int(match.group(1)) + 1) * _UPTIME_UNITS[match.group(2)]
-
-
-class _Listing:
-    """The last full list of managed containers, served while nothing can have changed it.
-
-    It is valid while the engine's event stream for managed containers is connected, no
-    worker has changed a container since it was read (the shared generation), and it was
-    read at least EVENT_SETTLE_SECONDS after the last event: the engine announces some
-    changes ("die") a moment before its list call shows them.
-    """
-
-    def __init__(self, generation: SharedGeneration):
-        self._shared = generation
-        self._lock = threading.Lock()
-        self._rows: list[ManagedContainer] | None = None
-        self._generation = b""
-        self._read_at = 0.0
-        self._settled_after = float("inf")
-        self._watching = False
-
-    def rows(self) -> list[ManagedContainer] | None:
-        with self._lock:
-            if (
-                self._watching
-                and self._rows is not None
-                and self._read_at >= self._settled_after
-                and time.monotonic() - self._read_at < LISTING_MAX_AGE_SECONDS
-                and self._generation == self._shared.read()
-            ):
-                return self._rows
-        return None
-
-    def begin_refresh(self) -> tuple[bytes, float]:
-        """Call just before listing: what changes after this point makes the result stale."""
-        with self._lock:
-            return self._shared.read(), time.monotonic()
-
-    def store(self, rows: list[ManagedContainer], token: tuple[bytes, float]) -> None:
-        with self._lock:
-            self._rows = rows
-            self._generation, self._read_at = token
-
-    def invalidate(self) -> None:
-        with self._lock:
-            self._settled_after = time.monotonic() + EVENT_SETTLE_SECONDS
-
-    def set_watching(self, watching: bool) -> None:
-        with self._lock:
-            self._watching = watching
-            self._settled_after = time.monotonic() + (EVENT_SETTLE_SECONDS if watching else float("inf"))
-
-
 class DockerManager:
     """Creates, lists and removes managed containers; one per gunicorn worker, safe across its threads."""
 
@@ -371,16 +304,11 @@ class DockerManager:
         self._config = config
         self._client: docker.DockerClient | None = None
         self._client_lock = threading.Lock()
-        self._started_cache: dict[str, tuple[str, int]] = {}
-        self._cache_lock = threading.Lock()
         self._answered_at = float("-inf")
         self._data_root: str | None = None
-        self._generation = SharedGeneration(config.state_dir / "generation")
-        self._listing = _Listing(self._generation)
-        self._refresh = _SharedCall()
-        self._watcher: threading.Thread | None = None
-        self._events = None
-        self._closed = threading.Event()
+        # Reads come from the node-wide view; `view.volunteer()` makes this process a candidate watcher.
+        self.view = NodeView(config.state_dir, self, config.engine_timeout)
+        self._presented: tuple[object, tuple[ManagedContainer, ...]] = (None, ())
 
     # --- the engine connection -------------------------------------------------------
 
@@ -426,51 +354,11 @@ class DockerManager:
         return version
 
     def close(self) -> None:
-        self._closed.set()
-        if self._events is not None:
-            self._events.close()
-        self._generation.close()
+        self.view.close()
         with self._client_lock:
             client, self._client = self._client, None
         if client is not None:
             client.close()
-
-    def _cached_rows(self) -> list[ManagedContainer] | None:
-        """The listing from memory when it is still exact, starting the event watcher on first use."""
-        if self._watcher is None:
-            with self._client_lock:  # also guards starting the watcher once per process
-                if self._watcher is None:
-                    self._watcher = threading.Thread(target=self._watch_events, name="engine-events", daemon=True)
-                    self._watcher.start()
-        return self._listing.rows()
-
-    def _watch_events(self) -> None:
-        """Follow the engine's events for managed containers; each one makes the listing stale.
-
-        While the stream is down (engine restarting, say) the listing is not served at all.
-        """
-        while not self._closed.is_set():
-            client = stream = None
-            try:
-                client = self._new_client(self._engine().api.api_version, timeout=None).api
-                stream = self._events = client.events(
-                    decode=True, filters={"type": ["container"], "label": [MANAGED_FILTER], "event": list(LISTING_EVENTS)}
-                )
-                self._listing.set_watching(True)
-                for event in stream:
-                    self._listing.invalidate()
-                    if event.get("Action") in ("start", "restart"):
-                        with self._cache_lock:
-                            self._started_cache.pop(event.get("id", ""), None)
-            except Exception as exc:  # the engine went away; retry below
-                log.debug("engine event stream ended: %s", type(exc).__name__)
-            finally:
-                self._listing.set_watching(False)
-                if stream is not None:
-                    stream.close()
-                if client is not None:
-                    client.close()
-            self._closed.wait(1.0)
 
     @contextmanager
     def _engine_call(self, what: str) -> Iterator[None]:
@@ -513,31 +401,25 @@ class DockerManager:
 
     # --- reading ---------------------------------------------------------------------
 
-    def list_managed(self, claim_id: str | None = None) -> list[ManagedContainer]:
-        """Every managed container in any state (or the claim's): at most one engine list call.
+    def list_managed(self, claim_id: str | None = None) -> Sequence[ManagedContainer]:
+        """Every managed container in any state (or the claim's), from the node view when it can be
+        trusted, else from the engine (see node_view.py). Allocation decisions never come here: see `holders_of`.
 
-        A full listing that nothing can have changed since is served from memory. The list
-        call lacks start times: a container this worker has not seen start costs one inspect,
-        once (see `_started`). Allocation decisions never come here: see `holders_of`.
+        The whole list is the same tuple for as long as the view does not change, so a caller may
+        keep what it derives from it (the list route keeps its JSON) until it gets another one.
         """
+        snapshot = self.view.snapshot()
+        if snapshot is None:
+            states = [ContainerState.from_inspect(info) for row in self.managed_rows(claim_id) if (info := self.inspect(row["Id"])) is not None]
+            return tuple(ManagedContainer.from_state(state) for state in states)
         if claim_id is not None:
-            with self._engine_call("list containers"):
-                rows = self._engine().api.containers(all=True, filters={"label": [MANAGED_FILTER, f"{CLAIM_LABEL}={claim_id}"]})
-            return [self._from_list_row(row) for row in rows]
-        if (cached := self._cached_rows()) is not None:
-            return cached
-        # Threads share one refresh instead of each asking the engine; never longer than a call may take.
-        return self._refresh.run(self._read_listing, self._config.engine_timeout, "list containers")
-
-    def _read_listing(self) -> list[ManagedContainer]:
-        if (cached := self._listing.rows()) is not None:
-            return cached
-        token = self._listing.begin_refresh()
-        with self._engine_call("list containers"):
-            rows = self._engine().api.containers(all=True, filters={"label": [MANAGED_FILTER]})
-        containers = [self._from_list_row(row) for row in rows]
-        self._forget_gone({c.id for c in containers})
-        self._listing.store(containers, token)
+            return tuple(ManagedContainer.from_state(s) for s in snapshot.labelled(CLAIM_LABEL, claim_id))
+        presented_from, containers = self._presented
+        if presented_from is not snapshot:
+            # A record the view did not change is the same object: so is its ManagedContainer.
+            known = {id(c.state): c for c in containers}
+            containers = tuple(known.get(id(state)) or ManagedContainer.from_state(state) for state in snapshot.containers)
+            self._presented = (snapshot, containers)
         return containers
 
     def holders_of(self, label: str) -> list[tuple[str, dict[str, str]]]:
@@ -566,11 +448,11 @@ class DockerManager:
         return self._data_root
 
     def find_claim(self, claim_id: str, fresh: bool = False) -> str | None:
-        """The id of the claim's container, if it has one: the listing when exact, else the engine's
-        list filtered by the claim's label (small, whatever the number of claims)."""
-        cached = None if fresh else self._cached_rows()
-        if cached is not None:
-            return next((c.id for c in cached if c.claim_id == claim_id), None)
+        """The id of the claim's container, if it has one: the node view when trusted, else the
+        engine's list filtered by the claim's label (small, whatever the number of claims)."""
+        snapshot = None if fresh else self.view.snapshot()
+        if snapshot is not None:
+            return next((s.id for s in snapshot.labelled(CLAIM_LABEL, claim_id)), None)
         holders = self.holders_of(f"{CLAIM_LABEL}={claim_id}")
         return holders[0][0] if holders else None
 
@@ -582,9 +464,10 @@ class DockerManager:
         """
         if not re.fullmatch(CONTAINER_ID_PATTERN, container_id):
             raise NotManaged(f"no managed container {container_id!r}: ids are 12 to 64 hex digits")
-        matches = [c for c in self._cached_rows() or () if c.id.startswith(container_id)]
-        if len(matches) == 1:
-            return matches[0]
+        if (snapshot := self.view.snapshot()) is not None:
+            matches = snapshot.with_prefix(container_id)
+            if len(matches) == 1:
+                return ManagedContainer.from_state(matches[0])
         try:
             with self._engine_call("inspect container"):
                 info = self._engine().api.inspect_container(container_id)
@@ -595,60 +478,37 @@ class DockerManager:
         labels = info["Config"].get("Labels") or {}
         if labels.get(MANAGED_LABEL) != "true" or not info["Id"].startswith(container_id):
             raise NotManaged(f"no managed container {container_id!r}")
-        state = info["State"]
-        started = _unix_seconds(state.get("StartedAt"))
-        self._remember_started(info["Id"], state["Status"], started)
-        return self._record(info["Id"], labels, info["Config"]["Image"], state["Status"], _unix_seconds(info["Created"]), started)
+        return ManagedContainer.from_state(ContainerState.from_inspect(info))
 
-    def _from_list_row(self, row: dict[str, Any]) -> ManagedContainer:
-        labels = row.get("Labels") or {}
-        started = self._started(row["Id"], row["State"], row.get("Status", ""))
-        return self._record(row["Id"], labels, row["Image"], row["State"], int(row["Created"]), started)
+    # --- what the node view reads (node_view.py) --------------------------------------
 
-    @staticmethod
-    def _record(container_id: str, labels: dict[str, str], image: str, status: str, created: int, started: int) -> ManagedContainer:
-        held = Holdings.from_labels(labels)
-        return ManagedContainer(
-            id=container_id,
-            claim_id=held.claim_id,
-            image=image,
-            status=status,
-            gpu_ids=held.gpu_ids,
-            gpu_uuids=held.gpu_uuids,
-            port_mappings=held.port_mappings,
-            created=created,
-            started=started,
-            labels=labels,
-        )
+    def managed_rows(self, claim_id: str | None = None) -> list[dict[str, Any]]:
+        """The engine's list rows of the managed containers (or the claim's), in any state."""
+        labels = [MANAGED_FILTER] + ([f"{CLAIM_LABEL}={claim_id}"] if claim_id is not None else [])
+        with self._engine_call("list containers"):
+            return self._engine().api.containers(all=True, filters={"label": labels})
 
-    def _started(self, container_id: str, state: str, status_text: str) -> int:
-        """The start time, which the list call lacks: inspected once, then kept while the list agrees.
-
-        The cache entry is dropped when the state changes or when the engine's "Up N minutes"
-        is too short for the remembered start, i.e. the container restarted since.
-        """
-        with self._cache_lock:
-            cached = self._started_cache.get(container_id)
-        if cached and cached[0] == state:
-            if state != "running" or time.time() - cached[1] <= _uptime_upper_bound(status_text) + 2:
-                return cached[1]
+    def inspect(self, container_id: str) -> dict[str, Any] | None:
+        """The engine's inspect of one container; None once it is gone."""
         try:
             with self._engine_call("inspect container"):
-                info = self._engine().api.inspect_container(container_id)
+                return self._engine().api.inspect_container(container_id)
         except _EngineNotFound:
-            return 0
-        started = _unix_seconds(info["State"].get("StartedAt"))
-        self._remember_started(container_id, info["State"]["Status"], started)
-        return started
+            return None
 
-    def _remember_started(self, container_id: str, state: str, started: int) -> None:
-        with self._cache_lock:
-            self._started_cache[container_id] = (state, started)
-
-    def _forget_gone(self, live_ids: set[str]) -> None:
-        with self._cache_lock:
-            for gone in set(self._started_cache) - live_ids:
-                del self._started_cache[gone]
+    def managed_events(self, since_ns: int | None, actions: Iterable[str]) -> "_EventStream":
+        """The engine's events of managed containers from `since_ns` (engine time) on, on a connection
+        of their own that never times out; `close()` ends the stream."""
+        version = self._engine().api.api_version  # no error mapping: the watcher retries quietly while the engine is down
+        client = docker.APIClient(version=version, timeout=None, **docker.utils.kwargs_from_env())
+        client.trust_env = False
+        since = f"{since_ns // 10**9}.{since_ns % 10**9:09d}" if since_ns else None
+        try:
+            stream = client.events(since=since, decode=True, filters={"type": ["container"], "label": [MANAGED_FILTER], "event": list(actions)})
+        except Exception:
+            client.close()
+            raise
+        return _EventStream(client, stream)
 
     # --- logs and processes ----------------------------------------------------------
 
@@ -818,7 +678,6 @@ class DockerManager:
         except (EngineUnavailable, _EngineFailed):
             self._remove_if_created(spec.name)
             raise
-        self._generation.bump()
         return created["Id"]
 
     def _remove_if_created(self, name: str) -> None:
@@ -832,20 +691,20 @@ class DockerManager:
         except AgentError:
             log.error("a create timed out and its container %s could not be checked; remove it by hand", name)
         finally:
-            self._generation.bump()
+            self.view.request_resync()
 
     def start(self, container_id: str) -> None:
         """Start a created container; a port the engine cannot bind is PortTaken."""
         try:
             with self._engine_call("start container"):
                 self._engine().api.start(container_id)
-            self._generation.bump()
         except (_EngineRejected, _EngineConflict, _EngineNotFound, _EngineFailed) as exc:
             if any(text in exc.reason for text in PORT_TAKEN):
                 raise PortTaken(f"a host port is already taken on the node: {exc.reason}") from None
             if isinstance(exc, _EngineFailed):
                 raise
             raise EngineRejected(f"the container did not start: {exc.reason}") from None
+        self.view.await_started(container_id)
 
     def remove(self, container_id: str, grace_seconds: int | None = None) -> None:
         """Stop within the grace period, then remove with its anonymous volumes."""
@@ -858,12 +717,11 @@ class DockerManager:
                     api.stop(container_id, timeout=grace)
             with self._engine_call("remove container"):
                 api.remove_container(container_id, v=True, force=True)
-        except (_EngineNotFound, _EngineConflict):  # gone already, or another request is removing it
+        except _EngineNotFound:  # gone already
             pass
-        finally:
-            self._generation.bump()
-        with self._cache_lock:
-            self._started_cache.pop(container_id, None)
+        except _EngineConflict:  # another request is removing it
+            return
+        self.view.await_removed(container_id)
 
     def delete_managed(self, container_id: str) -> ManagedContainer:
         """Remove a managed container; any other id is 404 and left alone."""
@@ -926,42 +784,19 @@ class _EngineFailed(EngineError):
         self.reason = reason
 
 
-class _SharedCall:
-    """Threads that want the same answer at once share one call: the first makes it, the others
-    wait for its outcome, never longer than `timeout`. No lock is held while the call runs."""
+class _EventStream:
+    """An engine event stream with the client it holds open; closing it closes both."""
 
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._pending: _Outcome | None = None
+    def __init__(self, client: docker.APIClient, stream):
+        self._client = client
+        self._stream = stream
 
-    def run(self, call: Callable[[], T], timeout: float, what: str) -> T:
-        with self._lock:
-            outcome, first = self._pending, self._pending is None
-            if first:
-                outcome = self._pending = _Outcome()
-        if first:
-            try:
-                outcome.value = call()
-                return outcome.value
-            except BaseException as exc:
-                outcome.error = exc
-                raise
-            finally:
-                with self._lock:
-                    self._pending = None
-                outcome.done.set()
-        if not outcome.done.wait(timeout):
-            raise EngineUnavailable(f"the Docker engine is slow to answer ({what})")
-        if outcome.error is not None:
-            raise copy.copy(outcome.error) from None
-        return outcome.value
+    def __iter__(self):
+        return iter(self._stream)
 
-
-@dataclass
-class _Outcome:
-    done: threading.Event = field(default_factory=threading.Event)
-    value: Any = None
-    error: BaseException | None = None
+    def close(self) -> None:
+        self._stream.close()
+        self._client.close()
 
 
 def _is_timeout(exc: BaseException) -> bool:

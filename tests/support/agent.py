@@ -31,9 +31,13 @@ def make_run_is_installed() -> bool:
 
 
 class AgentProcess:
-    """`gunicorn -c gunicorn.conf.py wsgi:app` on a loopback port, with its log in a file."""
+    """`gunicorn -c gunicorn.conf.py wsgi:app` on a loopback port, with its log in a file.
 
-    def __init__(self, state_dir: Path, port: int, env: dict[str, str], workers: int = 2):
+    `app` serves another WSGI app under the same config (the benchmark's bare floor).
+    """
+
+    def __init__(self, state_dir: Path, port: int, env: dict[str, str], workers: int = 2, app: str = "wsgi:app"):
+        self.app = app
         self.state_dir = state_dir
         self.port = port
         self.base_url = f"http://127.0.0.1:{port}"
@@ -49,24 +53,24 @@ class AgentProcess:
         self.process: subprocess.Popen | None = None
         self.session = requests.Session()
 
-    def start(self, wait: bool = True) -> "AgentProcess":
+    def start(self, wait: bool = True, ready_path: str = "/openapi.json") -> "AgentProcess":
         self.state_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
+                [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", self.app],
                 cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
         if wait:
-            self.wait_until_serving()
+            self.wait_until_serving(ready_path=ready_path)
         return self
 
-    def wait_until_serving(self, timeout: float = 30) -> None:
+    def wait_until_serving(self, timeout: float = 30, ready_path: str = "/openapi.json") -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"agent exited with {self.process.returncode}:\n{self.log()[-3000:]}")
             try:
-                requests.get(self.base_url + "/openapi.json", timeout=5)
+                requests.get(self.base_url + ready_path, timeout=5)
                 return
             except (requests.ConnectionError, requests.Timeout):
                 # Refused before the master binds; unanswered while the workers still load the app.
@@ -118,3 +122,13 @@ class AgentProcess:
 
     def create(self, claim_id: str, image: str, **fields) -> requests.Response:
         return self.post("/api/v1/containers", json={"claim_id": claim_id, "image": image, **fields})
+
+    def sessions(self, count: int = 8) -> list[requests.Session]:
+        """Keep-alive sessions, each warmed with a list: enough of them reach every worker."""
+        sessions = []
+        for _ in range(count):
+            session = requests.Session()
+            session.headers["Authorization"] = f"Bearer {self.token}"
+            assert session.get(self.base_url + "/api/v1/containers", timeout=60).status_code == 200
+            sessions.append(session)
+        return sessions

@@ -21,6 +21,9 @@ from http import HTTPStatus
 from pathlib import Path
 from urllib.parse import urlsplit
 
+# Request lines ("GET /v1.41/containers/<id>/json") a test counts with `calls`.
+INSPECT = re.compile(r"GET (/v[\d.]+)?/containers/[0-9a-f]+/json")
+EVENTS = re.compile(r"GET (/v[\d.]+)?/events\b")
 MAX_HEAD_BYTES = 64 * 1024
 # Request headers that would keep a connection open for a second request.
 HOP_HEADERS = (b"connection", b"keep-alive", b"proxy-connection")
@@ -91,6 +94,11 @@ class EngineRelay:
         """How many requests so far had a path matching `pattern` (and the method, when given)."""
         with self._lock:
             return sum(1 for seen_method, path in self._seen if (method is None or method == seen_method) and re.search(pattern, path))
+
+    def calls(self, pattern: re.Pattern) -> list[str]:
+        """The requests so far, as "METHOD path", that match `pattern` from their start."""
+        with self._lock:
+            return [f"{method} {path}" for method, path in self._seen if pattern.match(f"{method} {path}")]
 
     def close(self) -> None:
         self._closed.set()

@@ -6,7 +6,7 @@ import json
 import logging
 import threading
 
-from flask import Blueprint, Response, g, jsonify, request, url_for
+from flask import Blueprint, Response, current_app, g, jsonify, request, url_for
 
 from ..errors import AgentError, ClaimExists, InvalidRequest, TooManyFollowers
 from ..gpus import gpu_key_held, gpu_keys
@@ -78,10 +78,22 @@ def _create(payload) -> str:
     return container_id
 
 
+# The whole list's JSON, kept while list_managed gives the same tuple (the node view did not change).
+_rendered_list: tuple[object, bytes] = (None, b"")
+
+
 @blueprint.get("")
 def list_containers():
-    query = load_query(_list_query_schema, request.args)
-    return jsonify([c.to_dict() for c in services().docker.list_managed(claim_id=query.get("claim_id"))])
+    global _rendered_list
+    claim_id = load_query(_list_query_schema, request.args).get("claim_id")
+    containers = services().docker.list_managed(claim_id=claim_id)
+    if claim_id is not None:
+        return jsonify([c.to_dict() for c in containers])
+    rendered_from, body = _rendered_list
+    if rendered_from is not containers:
+        body = f"{current_app.json.dumps([c.to_dict() for c in containers])}\n".encode()
+        _rendered_list = (containers, body)
+    return current_app.response_class(body, mimetype="application/json")
 
 
 @blueprint.get("/<container_id>")

@@ -1,0 +1,178 @@
+"""The node-wide view: one watcher per node, shared by every worker, exact, and cheap to restart.
+
+The agent runs against the real engine through a relay that counts its API calls, so a test
+can say how many inspects a restart or a worker's death cost.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+
+import pytest
+import requests
+
+from tests.support.polling import wait_for
+from tests.support.relay import EVENTS, INSPECT
+from utopia_agent.config import Config
+from utopia_agent.docker_manager import DockerManager
+from utopia_agent.node_view import TRUST_SECONDS, ContainerState, Snapshot
+
+pytestmark = pytest.mark.docker
+
+WATCHING = re.compile(r"watching the engine's events for the node view \(pid (\d+)")
+
+
+@pytest.fixture
+def view_manager(engine, tmp_path):
+    """DockerManagers in this process that volunteer to watch, on one state dir; closed after the test."""
+    made = []
+
+    def make() -> DockerManager:
+        manager = DockerManager(Config(token="-", state_dir=tmp_path, engine_timeout=10))
+        manager.view.volunteer()
+        made.append(manager)
+        return manager
+
+    yield make
+    for manager in made:
+        manager.close()
+
+
+def watchers(agent) -> list[int]:
+    return [int(pid) for pid in WATCHING.findall(agent.log())]
+
+
+def inspected_ids(calls: list[str]) -> set[str]:
+    return {call.split("/containers/")[1].split("/")[0] for call in calls}
+
+
+def start_managed(docker_client, image: str, claim_id: str, command: list[str], **host_config) -> str:
+    """A managed container made and started with the engine's own calls, behind the agent's back."""
+    labels = {"utopia.managed": "true", "utopia.claim_id": claim_id}
+    created = docker_client.api.create_container(
+        image, command, name=f"utopia-{claim_id}", labels=labels, host_config=docker_client.api.create_host_config(**host_config)
+    )
+    docker_client.api.start(created["Id"])
+    return created["Id"]
+
+
+def shown_by(manager: DockerManager, container_id: str) -> ContainerState | None:
+    snapshot = manager.view.snapshot()
+    return snapshot.get(container_id) if snapshot else None
+
+
+def test_one_watcher_serves_every_worker_and_a_create_shows_at_once_on_the_others(agent_factory, relay, test_image, claim):
+    agent = agent_factory(workers=2, DOCKER_HOST=relay.base_url)
+    sessions = agent.sessions()
+    for suffix in "abc":
+        created = agent.create(claim(suffix), test_image, command=["sleep", "300"])
+        assert created.status_code == 201, created.text
+        container_id = created.json()["container_id"]
+        for session in sessions:
+            listed = {c["id"]: c for c in session.get(agent.base_url + "/api/v1/containers").json()}
+            assert listed[container_id]["status"] == "running" and listed[container_id]["started"] > 0
+    assert len(watchers(agent)) == 1, agent.log()[-2000:]
+    assert len(relay.calls(EVENTS)) == 1, "one event stream for the node, not one per worker"
+
+
+def test_a_restarted_agent_and_a_new_watcher_inspect_only_what_changed(agent_factory, relay, docker_client, test_image, claim):
+    agent = agent_factory(workers=2, DOCKER_HOST=relay.base_url)
+    ids = [start_managed(docker_client, test_image, claim(str(i)), ["sleep", "300"]) for i in range(6)]
+
+    def listed() -> dict[str, tuple[str, int]]:
+        """Over a fresh connection, so any live worker answers (a killed one's connection would fail)."""
+        rows = requests.get(agent.base_url + "/api/v1/containers", headers={"Authorization": f"Bearer {agent.token}", "Connection": "close"}, timeout=60).json()
+        return {c["id"]: (c["status"], c["started"]) for c in rows if c["id"] in ids}
+
+    def engine_view() -> dict[str, tuple[str, int]]:
+        return {i: (s.status, s.started) for i in ids if (s := ContainerState.from_inspect(docker_client.api.inspect_container(i)))}
+
+    assert wait_for(lambda: listed() == engine_view(), timeout=5, interval=0.05)
+    agent.stop()
+    changed = ids[0]
+    docker_client.api.restart(changed, timeout=0)
+    calls_before = len(relay.calls(INSPECT))
+
+    agent.start()
+    for session in agent.sessions():
+        rows = {c["id"]: (c["status"], c["started"]) for c in session.get(agent.base_url + "/api/v1/containers").json() if c["id"] in ids}
+        assert rows == engine_view()
+    assert inspected_ids(relay.calls(INSPECT)[calls_before:]) <= {changed}, "the restarted agent inspected containers nothing changed"
+
+    watcher = watchers(agent)[-1]
+    calls_before = len(relay.calls(INSPECT))
+    os.kill(watcher, signal.SIGKILL)
+    assert wait_for(lambda: listed() == engine_view() and watchers(agent)[-1] != watcher, timeout=15, interval=0.1), agent.log()[-2000:]
+    assert relay.calls(INSPECT)[calls_before:] == [], "the worker that took over the watch inspected containers nothing changed"
+
+
+def test_the_view_holds_what_an_inspect_gives(view_manager, docker_client, test_image, claim):
+    manager = view_manager()
+    container_id = start_managed(
+        docker_client, test_image, claim(), ["sh", "-c", "sleep 0.2; exit 3"], restart_policy={"Name": "on-failure", "MaximumRetryCount": 1}
+    )
+    assert wait_for(lambda: (c := shown_by(manager, container_id)) and c.status == "exited" and c.restart_count == 1, timeout=15, interval=0.05)
+    state = shown_by(manager, container_id)
+    assert state == ContainerState.from_inspect(docker_client.api.inspect_container(container_id))
+    assert (state.exit_code, state.oom_killed, state.error) == (3, False, "")
+    assert state.finished >= state.started >= state.created > 0
+    assert state.labels["utopia.claim_id"] == claim() and state.name == f"utopia-{claim()}"
+
+
+def test_a_new_watcher_replays_the_events_it_missed(view_manager, docker_client, test_image, claim):
+    """A container that ran and stopped again while no one watched looks the same in a list call
+    (exited, no network endpoint); only the events since the view's last one tell the new exit code."""
+    first = view_manager()
+    script = "test -f /ran && exit 4; touch /ran; exit 3"
+    container_id = start_managed(docker_client, test_image, claim(), ["sh", "-c", script])
+    assert wait_for(lambda: (c := shown_by(first, container_id)) and c.status == "exited", timeout=10, interval=0.05)
+    assert shown_by(first, container_id).exit_code == 3
+    first.close()
+
+    docker_client.api.start(container_id)
+    assert docker_client.api.wait(container_id, timeout=30)["StatusCode"] == 4
+    second = view_manager()
+    assert wait_for(lambda: (c := shown_by(second, container_id)) and c.exit_code == 4, timeout=10, interval=0.05), shown_by(second, container_id)
+
+
+def test_a_frozen_watcher_sends_reads_to_the_engine_until_it_thaws(agent_factory, docker_client, test_image, claim):
+    """The view is trusted only while its watcher vouches for it: a stopped watcher stops vouching,
+    the other worker reads the engine (exact, if slower), and the view comes back by itself."""
+    agent = agent_factory(workers=2)
+    ids = [start_managed(docker_client, test_image, claim(str(i)), ["sleep", "300"]) for i in range(2)]
+
+    def listed() -> set[str]:
+        rows = requests.get(agent.base_url + "/api/v1/containers", headers={"Authorization": f"Bearer {agent.token}", "Connection": "close"}, timeout=60).json()
+        return {c["id"] for c in rows if c["id"] in ids}
+
+    assert wait_for(lambda: listed() == set(ids), timeout=5, interval=0.05)
+    [watcher] = watchers(agent)
+    os.kill(watcher, signal.SIGSTOP)
+    try:
+        time.sleep(TRUST_SECONDS)
+        docker_client.api.remove_container(ids[0], force=True)
+        assert listed() == {ids[1]}, "a frozen watcher's view was served"
+    finally:
+        os.kill(watcher, signal.SIGCONT)
+    assert wait_for(lambda: {c.id for c in Snapshot.read(agent.state_dir / "view.jsonl").containers} & set(ids) == {ids[1]}, timeout=5, interval=0.05)
+    assert listed() == {ids[1]}
+
+
+def test_a_snapshot_round_trips_and_keeps_the_records_that_did_not_change(tmp_path):
+    """The view file is read a line at a time: unchanged lines give the very same records."""
+    def state(n: int, status: str = "running") -> ContainerState:
+        return ContainerState(id=f"{n:02x}" * 32, name=f"utopia-c{n}", image="i", status=status, created=n, started=n, finished=0,
+                              exit_code=0, oom_killed=False, restart_count=0, error="", labels={"utopia.claim_id": f'c"{n}'})
+    path = tmp_path / "view.jsonl"
+    Snapshot.of(1, 7, (state(1), state(2))).write(path)
+    first = Snapshot.read(path)
+    assert (first.generation, first.event_ns, first.containers) == (1, 7, (state(1), state(2)))
+    assert first.with_prefix(state(2).id[:12]) == [state(2)] and first.labelled("utopia.claim_id", 'c"1') == [state(1)]
+
+    Snapshot.of(2, 9, (state(1), state(2, "exited"))).write(path)
+    second = Snapshot.read(path, previous=first)
+    assert second.get(state(2).id).status == "exited"
+    assert second.containers[0] is first.containers[0] and second.containers[1] == state(2, "exited")

@@ -1,0 +1,585 @@
+"""One exact view of the node's managed containers, kept by one watcher and read by every worker.
+
+The model is Kubernetes' informer: one list, then the engine's event stream, each event
+re-reading (inspecting) only the container it names. One worker per node watches: the one
+that holds a flock on STATE_DIR/view.lock. It writes the view to STATE_DIR/view.jsonl (JSON
+lines in a new file renamed into place, so a reader gets the old view or the new one) and
+publishes its state in a few words that every worker maps (STATE_DIR/view.state): a
+generation bumped after each write, whether the view is live, until when the watcher vouches
+for it, and a resync request. Readers re-read the file only when the generation moved, and
+read the engine itself whenever the view cannot be trusted.
+
+Why a file for the records and not shared memory: the view grows and shrinks with the node,
+a rename replaces it whole without making readers lock, and it outlives the agent. A
+restarted agent, or the worker that takes over from a watcher that died, resumes the event
+stream from the view's last event (`since`) and checks the view against one list call, so it
+inspects only the containers that changed meanwhile, never every container.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import mmap
+import os
+import queue
+import struct
+import threading
+import time
+from dataclasses import dataclass, fields
+from datetime import datetime, timezone
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Callable, Iterable, Protocol
+
+log = logging.getLogger("utopia_agent.view")
+
+# Engine events that change what an inspect of the container shows.
+VIEW_EVENTS = ("create", "start", "restart", "die", "oom", "pause", "unpause", "rename", "update", "destroy")
+# While no event comes, the watcher proves this often that the engine still answers...
+HEARTBEAT_SECONDS = 1.0
+# ...and the view is trusted this long after the last proof (as /health trusts a recent answer):
+# a hung engine sends no event and no error, only silence.
+TRUST_SECONDS = 2.0
+# A list call compared with the view now and then, though the event stream said nothing changed.
+RESYNC_SECONDS = 60.0
+RECONNECT_SECONDS = 1.0
+POLL_SECONDS = 0.002
+
+DOWN, SYNCING, LIVE = 0, 1, 2
+
+
+def unix_seconds(stamp: str | None) -> int:
+    """Engine timestamps are RFC 3339 with nanoseconds; the zero time means never."""
+    if not stamp or stamp.startswith("0001-01-01"):
+        return 0
+    return int(datetime.fromisoformat(stamp[:19]).replace(tzinfo=timezone.utc).timestamp())
+
+
+def _endpoints(network_settings: dict | None) -> tuple[str, ...]:
+    """The container's network endpoint ids: the engine makes new ones at every start, and its
+    list call shows them, so a list can tell a container that restarted since it was inspected."""
+    networks = (network_settings or {}).get("Networks") or {}
+    return tuple(sorted(n["EndpointID"] for n in networks.values() if n and n.get("EndpointID")))
+
+
+@dataclass(frozen=True)
+class ContainerState:
+    """A managed container as the engine's inspect last showed it (times in Unix seconds, 0 for never)."""
+
+    id: str
+    name: str
+    image: str
+    status: str
+    created: int
+    started: int
+    finished: int
+    exit_code: int
+    oom_killed: bool
+    restart_count: int
+    error: str
+    labels: dict[str, str]
+    endpoints: tuple[str, ...] = ()
+
+    @classmethod
+    def from_inspect(cls, info: dict[str, Any]) -> "ContainerState":
+        state = info.get("State") or {}
+        config = info.get("Config") or {}
+        return cls(
+            id=info["Id"],
+            name=info.get("Name", "").lstrip("/"),
+            image=config.get("Image", ""),
+            status=state.get("Status", ""),
+            created=unix_seconds(info.get("Created")),
+            started=unix_seconds(state.get("StartedAt")),
+            finished=unix_seconds(state.get("FinishedAt")),
+            exit_code=int(state.get("ExitCode") or 0),
+            oom_killed=bool(state.get("OOMKilled")),
+            restart_count=int(info.get("RestartCount") or 0),
+            error=state.get("Error") or "",
+            labels=dict(config.get("Labels") or {}),
+            endpoints=_endpoints(info.get("NetworkSettings")),
+        )
+
+    def agrees_with(self, row: dict[str, Any]) -> bool:
+        """True when the engine's list row shows nothing this record lacks: same state, name and start."""
+        names = [name.lstrip("/") for name in row.get("Names") or ()]
+        return row.get("State") == self.status and self.name in names and _endpoints(row.get("NetworkSettings")) == self.endpoints
+
+    def to_json(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "ContainerState":
+        return cls(**{**data, "endpoints": tuple(data.get("endpoints") or ())})
+
+
+class Snapshot:
+    """One published view: its generation, the last event it includes, the containers newest first.
+
+    On disk it is JSON lines: a header, then one container per line, each line starting with the
+    container's id. A reader parses a line only when asked for it, and keeps the records of the
+    lines that did not change since its last snapshot: right after a change, showing one container
+    parses one line, and listing builds only the records that changed.
+    """
+
+    def __init__(self, generation: int, event_ns: int, lines: dict[str, bytes], previous: "Snapshot | None" = None):
+        self.generation = generation
+        self.event_ns = event_ns
+        self._lines = lines
+        self._known = previous._parsed() if previous is not None else {}
+
+    @classmethod
+    def of(cls, generation: int, event_ns: int, containers: tuple[ContainerState, ...]) -> "Snapshot":
+        snapshot = cls(generation, event_ns, {c.id: _line(c) for c in containers})
+        snapshot.__dict__["containers"] = containers
+        return snapshot
+
+    @classmethod
+    def read(cls, path: Path, previous: "Snapshot | None" = None) -> "Snapshot":
+        header, *records = path.read_bytes().split(b"\n")
+        meta = json.loads(header)
+        lines = {line[_ID_AT:line.index(b'"', _ID_AT)].decode(): line for line in records if line}
+        return cls(meta["generation"], meta["event_ns"], lines, previous)
+
+    def write(self, path: Path) -> None:
+        """Write beside the view and rename over it: readers see the old view or this one."""
+        header = json.dumps({"generation": self.generation, "event_ns": self.event_ns}).encode()
+        temporary = path.with_name(path.name + ".tmp")
+        temporary.write_bytes(b"\n".join([header, *self._lines.values()]) + b"\n")
+        os.replace(temporary, path)
+
+    @cached_property
+    def containers(self) -> tuple[ContainerState, ...]:
+        known, self._known = self._known, {}
+        return tuple(known.get(line) or _parse(line) for line in self._lines.values())
+
+    def _parsed(self) -> dict[bytes, ContainerState]:
+        """Records already built, by their line: this snapshot's, else those it inherited."""
+        if "containers" not in self.__dict__:
+            return self._known
+        return {self._lines[c.id]: c for c in self.__dict__["containers"]}
+
+    def get(self, container_id: str) -> ContainerState | None:
+        line = self._lines.get(container_id)
+        return _parse(line) if line is not None else None
+
+    def with_prefix(self, prefix: str) -> list[ContainerState]:
+        if prefix in self._lines:
+            return [_parse(self._lines[prefix])]
+        return [_parse(line) for cid, line in self._lines.items() if cid.startswith(prefix)]
+
+    def labelled(self, key: str, value: str) -> list[ContainerState]:
+        """The containers whose label `key` is `value`; only lines that mention the pair are parsed."""
+        pair = json.dumps({key: value})[1:-1].encode()
+        return [c for line in self._lines.values() if pair in line and (c := _parse(line)).labels.get(key) == value]
+
+
+_ID_AT = len(b'{"id": "')
+
+
+def _line(container: ContainerState) -> bytes:
+    """One container's line of the view file; it starts with its id (see Snapshot.read)."""
+    return json.dumps(container.to_json()).encode()
+
+
+def _parse(line: bytes) -> ContainerState:
+    return ContainerState.from_json(json.loads(line))
+
+
+class ViewEngine(Protocol):
+    """The engine calls the view needs (DockerManager provides them); failures raise."""
+
+    def managed_rows(self) -> list[dict[str, Any]]: ...
+
+    def inspect(self, container_id: str) -> dict[str, Any] | None: ...
+
+    def managed_events(self, since_ns: int | None, actions: Iterable[str]) -> Any: ...
+
+    def ping(self) -> None: ...
+
+
+class _Header:
+    """A few words shared by every worker through a mapped file; each word has one writer.
+
+    The watcher writes the generation, state, deadline and resync_done; any worker writes
+    resync_asked. Each word is 8 aligned bytes, written and read whole, so a reader sees
+    it old or new.
+    """
+
+    SIZE = 64
+    GENERATION, STATE, DEADLINE, RESYNC_ASKED, RESYNC_DONE = (8 * i for i in range(5))
+
+    def __init__(self, path: Path):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            if os.fstat(fd).st_size < self.SIZE:
+                os.ftruncate(fd, self.SIZE)
+            self._map = mmap.mmap(fd, self.SIZE)
+        finally:
+            os.close(fd)
+
+    def get(self, offset: int) -> int:
+        return struct.unpack_from("Q", self._map, offset)[0]
+
+    def set(self, offset: int, value: int) -> None:
+        struct.pack_into("Q", self._map, offset, value)
+
+    def close(self) -> None:
+        self._map.close()
+
+
+class NodeView:
+    """What every worker reads; the worker that volunteers also watches, when no one else does."""
+
+    def __init__(self, state_dir: Path, engine: ViewEngine, wait_seconds: float):
+        self._path = state_dir / "view.jsonl"
+        self._header = _Header(state_dir / "view.state")
+        self._lock_fd = os.open(state_dir / "view.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        self._engine = engine
+        self._wait_ns = int(wait_seconds * 1e9)
+        self._volunteer = False
+        self._watcher: _Watcher | None = None
+        self._takeover = threading.Lock()
+        self._loaded: Snapshot | None = None
+        self._load_lock = threading.Lock()
+
+    def volunteer(self) -> None:
+        """Watch whenever no one else does: now, or at the first read after the watcher went away."""
+        self._volunteer = True
+        self._someone_watches()
+
+    def _someone_watches(self) -> bool:
+        """True while a watcher holds the lock; a volunteer takes it over when it is free."""
+        if self._watcher is not None:
+            return True
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        if not self._volunteer:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            return False
+        with self._takeover:
+            if self._watcher is None:
+                self._watcher = _Watcher(self._path, self._header, self._engine, self._wait_ns, self._published)
+        return True
+
+    def snapshot(self) -> Snapshot | None:
+        """The view when it can be trusted, waiting out a sync in progress; None: read the engine."""
+        give_up = None
+        while self._someone_watches():
+            header = self._header
+            state, deadline = header.get(header.STATE), header.get(header.DEADLINE)
+            settled = header.get(header.RESYNC_ASKED) == header.get(header.RESYNC_DONE)
+            now = time.monotonic_ns()
+            if state == LIVE and now < deadline and settled:
+                return self._load()
+            if state == DOWN or now >= deadline:
+                return None
+            give_up = give_up or now + self._wait_ns
+            if now >= give_up:
+                return None
+            time.sleep(POLL_SECONDS)
+        return None
+
+    def _load(self) -> Snapshot | None:
+        """The published view, read from the file only when its generation moved."""
+        generation = self._header.get(self._header.GENERATION)
+        loaded = self._loaded
+        if loaded is not None and loaded.generation == generation:
+            return loaded
+        with self._load_lock:
+            loaded = self._loaded
+            if loaded is None or loaded.generation != generation:
+                try:
+                    loaded = self._loaded = Snapshot.read(self._path, previous=loaded)
+                except (OSError, ValueError, KeyError, TypeError) as exc:
+                    log.warning("the node view file cannot be read (%s); reading the engine", type(exc).__name__)
+                    return None
+        return loaded
+
+    def _published(self, snapshot: Snapshot) -> None:
+        """The watcher's own worker takes what it wrote without reading the file back."""
+        self._loaded = snapshot
+
+    # --- read-your-writes --------------------------------------------------------------
+
+    def await_started(self, container_id: str) -> None:
+        """Return once the view shows the container started (or the view is not trusted, so
+        reads go to the engine): a 201 is answered only when every worker's list shows it."""
+        self._await(container_id, lambda c: c is not None and c.status != "created", "start")
+
+    def await_removed(self, container_id: str) -> None:
+        """Return once the view no longer shows the container (see `await_started`)."""
+        self._await(container_id, lambda c: c is None, "removal")
+
+    def _await(self, container_id: str, shown: Callable[[ContainerState | None], bool], change: str) -> None:
+        give_up = time.monotonic_ns() + self._wait_ns
+        while (snapshot := self.snapshot()) is not None:
+            if shown(snapshot.get(container_id)):
+                return
+            if time.monotonic_ns() >= give_up:
+                log.warning("the node view did not show the %s of container %s in time; asking for a full resync", change, container_id[:12])
+                self.request_resync()
+                return
+            time.sleep(POLL_SECONDS)
+
+    def request_resync(self) -> None:
+        """Distrust the view until the watcher has checked it against a fresh list call."""
+        self._header.set(self._header.RESYNC_ASKED, int.from_bytes(os.urandom(8), "little"))
+
+    def close(self) -> None:
+        if self._lock_fd < 0:
+            return
+        if self._watcher is not None:
+            self._watcher.close()
+        os.close(self._lock_fd)  # releases the lock: another worker takes over at its next read
+        self._lock_fd = -1
+        self._header.close()
+
+
+class _StreamEnded(Exception):
+    """The engine's event stream ended: the engine went away, or the watcher closed it."""
+
+
+class _EventFeed:
+    """The engine's event stream, read on a thread of its own so the watcher can wait on it with a
+    timeout. Opening may hang on a hung engine: the watcher starts no second feed while one hangs."""
+
+    _END = object()
+
+    def __init__(self, engine: ViewEngine, since_ns: int | None):
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._opened = threading.Event()
+        self._lock = threading.Lock()
+        self._stream = None
+        self._closed = False
+        self._ended = False
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._read, args=(engine, since_ns), name="node-view-events", daemon=True)
+        self.thread.start()
+
+    def wait_opened(self, timeout: float) -> None:
+        if not self._opened.wait(timeout) or self._ended_early():
+            self.close()
+            raise _StreamEnded(self.reason() if self._opened.is_set() else "the engine did not open its event stream in time")
+
+    def _ended_early(self) -> bool:
+        return self.error is not None or not self.thread.is_alive()
+
+    def reason(self) -> str:
+        if self.error is None:
+            return "the engine's event stream ended"
+        return getattr(self.error, "message", None) or f"the engine's event stream failed ({type(self.error).__name__})"
+
+    def _read(self, engine: ViewEngine, since_ns: int | None) -> None:
+        try:
+            stream = engine.managed_events(since_ns, VIEW_EVENTS)
+            with self._lock:
+                self._stream = stream
+                if self._closed:
+                    stream.close()
+                    return
+            self._opened.set()
+            for event in stream:
+                self._queue.put(event)
+        except Exception as exc:  # the engine went away, or close() cut the stream
+            self.error = exc
+        finally:
+            self._opened.set()
+            self._queue.put(self._END)
+
+    def next_batch(self, timeout: float) -> list[dict[str, Any]] | None:
+        """The events that came within `timeout` (all that are waiting); None once the stream ended."""
+        if self._ended:
+            return None
+        try:
+            first = self._queue.get(timeout=timeout)
+        except queue.Empty:
+            return []
+        batch = []
+        item = first
+        while item is not self._END:
+            batch.append(item)
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return batch
+        self._ended = True
+        return batch or None
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            if self._stream is not None:
+                self._stream.close()
+
+
+class _Watcher:
+    """Keeps the view: one list when it (re)connects, then one inspect per changed container."""
+
+    def __init__(self, path: Path, header: _Header, engine: ViewEngine, wait_ns: int, on_publish: Callable[[Snapshot], None]):
+        self._path = path
+        self._header = header
+        self._engine = engine
+        self._wait_ns = wait_ns
+        self._on_publish = on_publish
+        self._closed = threading.Event()
+        self._feed: _EventFeed | None = None
+        self._live = False
+        self._records: dict[str, ContainerState] = {}
+        self._event_ns = 0
+        self._generation = header.get(header.GENERATION)
+        try:
+            previous = Snapshot.read(path)
+            self._records = {c.id: c for c in previous.containers}
+            self._event_ns = previous.event_ns
+            self._generation = max(self._generation, previous.generation)
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        self._syncing()
+        log.info("watching the engine's events for the node view (pid %d, %d containers known)", os.getpid(), len(self._records))
+        self._thread = threading.Thread(target=self._run, name="node-view", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._closed.set()
+        if self._feed is not None:
+            self._feed.close()
+        self._thread.join(timeout=2 * HEARTBEAT_SECONDS)
+        self._header.set(self._header.STATE, DOWN)
+
+    # --- the header --------------------------------------------------------------------
+
+    def _syncing(self) -> None:
+        """Readers wait for the sync while it progresses (each engine answer moves the deadline)."""
+        if self._closed.is_set():
+            return
+        self._header.set(self._header.DEADLINE, time.monotonic_ns() + self._wait_ns)
+        self._header.set(self._header.STATE, SYNCING)
+
+    def _vouch(self, answered_since: int) -> None:
+        """The engine answered (or sent events) after `answered_since`: trust the view a while from then."""
+        if self._closed.is_set():
+            return
+        self._header.set(self._header.DEADLINE, answered_since + int(TRUST_SECONDS * 1e9))
+        self._header.set(self._header.STATE, LIVE)
+
+    def _down(self, reason: str) -> None:
+        self._header.set(self._header.STATE, DOWN)
+        if self._live and not self._closed.is_set():
+            log.warning("node view not trusted: %s; workers read the engine until its events are back", reason)
+        self._live = False
+
+    # --- the loop ----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._closed.is_set():
+            try:
+                self._connect()
+                self._follow()
+            except Exception as exc:  # the engine went away or failed; try again below
+                reason = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+                self._down(reason)
+            finally:
+                if self._feed is not None:
+                    self._feed.close()
+            self._closed.wait(RECONNECT_SECONDS)
+
+    def _connect(self) -> None:
+        """Open the event stream from the last event seen, then bring the records up to one list call."""
+        previous = self._feed
+        while previous is not None and previous.thread.is_alive():
+            if self._closed.wait(HEARTBEAT_SECONDS):
+                return
+        self._syncing()
+        self._feed = _EventFeed(self._engine, self._event_ns + 1 if self._event_ns else None)
+        self._feed.wait_opened(self._wait_ns / 1e9)
+        started = time.monotonic_ns()
+        asked = self._header.get(self._header.RESYNC_ASKED)
+        changed = self._reconcile(self._engine.managed_rows(), syncing=True)
+        self._publish()
+        self._header.set(self._header.RESYNC_DONE, asked)
+        self._vouch(started)
+        if not self._live:
+            log.info("node view live: %d managed containers, %d changed since it was last written", len(self._records), changed)
+        self._live = True
+
+    def _follow(self) -> None:
+        """Apply events as they come; while none come, prove that the engine still answers."""
+        next_resync = time.monotonic() + RESYNC_SECONDS
+        while not self._closed.is_set():
+            batch = self._feed.next_batch(HEARTBEAT_SECONDS)
+            if batch is None:
+                raise _StreamEnded(self._feed.reason())
+            started = time.monotonic_ns()
+            asked = self._header.get(self._header.RESYNC_ASKED)
+            if batch:
+                self._apply(batch)
+            elif asked != self._header.get(self._header.RESYNC_DONE) or time.monotonic() >= next_resync:
+                if self._reconcile(self._engine.managed_rows()):
+                    self._publish()
+                self._header.set(self._header.RESYNC_DONE, asked)
+                next_resync = time.monotonic() + RESYNC_SECONDS
+            else:
+                self._engine.ping()
+            self._vouch(started)
+
+    # --- the records -------------------------------------------------------------------
+
+    def _apply(self, events: list[dict[str, Any]]) -> None:
+        """Each container named in the batch is inspected once (a destroyed one is just dropped).
+
+        The view's last event moves only once the whole batch is applied: if an inspect fails,
+        the reconnection replays the batch. A batch that changed no record is saved under the same
+        generation, so no worker reads the file again for it."""
+        last_action: dict[str, str] = {}
+        for event in events:
+            container_id = event.get("id") or (event.get("Actor") or {}).get("ID")
+            if container_id:
+                last_action[container_id] = event.get("Action", "")
+        changed = [self._refresh(container_id, gone=action == "destroy") for container_id, action in last_action.items()]
+        self._event_ns = max(self._event_ns, *(int(event.get("timeNano") or 0) for event in events))
+        self._publish(bump=any(changed))
+
+    def _reconcile(self, rows: list[dict[str, Any]], syncing: bool = False) -> int:
+        """Make the records agree with one list call: drop what is gone, inspect only what is new or
+        changed. Returns how many records changed."""
+        listed = {row["Id"]: row for row in rows}
+        gone = set(self._records) - set(listed)
+        for container_id in gone:
+            del self._records[container_id]
+        stale = [cid for cid, row in listed.items() if cid not in self._records or not self._records[cid].agrees_with(row)]
+        changed = len(gone)
+        for container_id in stale:
+            changed += self._refresh(container_id)
+            if syncing:
+                self._syncing()
+        return changed
+
+    def _refresh(self, container_id: str, gone: bool = False) -> bool:
+        """Inspect one container into the records; True when its record changed."""
+        info = None if gone else self._engine.inspect(container_id)
+        if info is None:
+            return self._records.pop(container_id, None) is not None
+        state = ContainerState.from_inspect(info)
+        if self._records.get(container_id) == state:
+            return False
+        self._records[container_id] = state
+        return True
+
+    def _publish(self, bump: bool = True) -> None:
+        """Write the view, then bump the generation: a reader that sees the new number finds the new file.
+
+        Without `bump` only the last event time moved: the records are the published ones."""
+        if self._closed.is_set():  # the lock may be another worker's already
+            return
+        self._generation += bump
+        containers = tuple(sorted(self._records.values(), key=lambda c: (-c.created, c.id)))
+        snapshot = Snapshot.of(self._generation, self._event_ns, containers)
+        snapshot.write(self._path)
+        if bump:
+            self._header.set(self._header.GENERATION, self._generation)
+            self._on_publish(snapshot)
