@@ -77,7 +77,7 @@ def test_container_object_has_the_contract_shape(agent, test_image, claim):
     shown = agent.get(f"/api/v1/containers/{container_id}").json()
     by_prefix = agent.get(f"/api/v1/containers/{container_id[:12]}").json()
     for obj in (mine, shown, by_prefix):
-        assert set(obj) == {"id", "claim_id", "image", "status", "gpu_ids", "ports", "created", "started", "labels", "resources"}
+        assert set(obj) == {"id", "claim_id", "image", "status", "gpu_ids", "ports", "created", "started", "labels", "resources", "exit_code", "oom_killed", "restart_count", "finished", "error"}
         assert obj["id"] == container_id
         assert obj["claim_id"] == claim()
         assert obj["image"] == test_image
@@ -328,3 +328,9 @@ def test_changes_behind_the_agents_back_reach_every_worker(agent_factory, docker
     assert wait_for(lambda: seen_everywhere(lambda c: c and c["started"] == engine_started()), timeout=5, interval=0.05), "started again behind the agent's back"
     docker_client.api.remove_container(container_id, force=True)
     assert wait_for(lambda: seen_everywhere(lambda c: c is None), timeout=5, interval=0.05), "removed behind the agent's back"
+
+
+def test_a_container_that_never_exited_reports_no_outcome(agent, test_image, claim):
+    created = agent.create(claim(), test_image, command=["sleep", "300"])
+    shown = agent.get(f"/api/v1/containers/{created.json()['container_id']}").json()
+    assert (shown["exit_code"], shown["oom_killed"], shown["restart_count"], shown["finished"], shown["error"]) == (None, False, 0, 0, "")

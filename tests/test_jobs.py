@@ -49,6 +49,20 @@ def exited(docker_client, container_id: str, timeout: float = 60) -> dict:
     return state
 
 
+def reported(agent, container_id: str, check, timeout: float = 15) -> dict:
+    """The container object as the agent's show and list give it, once `check` holds for both: the
+    node view takes the outcome from the engine's events, a moment after the engine has it."""
+
+    def both():
+        shown = agent.get(f"/api/v1/containers/{container_id}").json()
+        listed = next((c for c in agent.get("/api/v1/containers").json() if c["id"] == container_id), {})
+        return shown if check(shown) and listed == shown else None
+
+    found = wait_for(both, timeout, 0.3)
+    assert found, agent.get(f"/api/v1/containers/{container_id}").json()
+    return found
+
+
 def local_cpus(first: int, last: int) -> str:
     """The stand-in's CPUs first..last as the agent may use them: clipped to the CPUs this machine has."""
     return format_cpu_list(set(range(first, last + 1)) & set(NODE_CPUS))
@@ -108,6 +122,8 @@ def test_going_over_the_memory_limit_is_an_oom_kill(agent, docker_client, test_i
     container_id = created(agent.create(claim(), test_image, memory_mb=64, restart_policy="no", command=["sh", "-c", allocate]))
     state = exited(docker_client, container_id)
     assert state["OOMKilled"] is True and state["ExitCode"] == 137, state
+    shown = reported(agent, container_id, lambda c: c["finished"] > 0)
+    assert (shown["oom_killed"], shown["exit_code"], shown["status"]) == (True, 137, "exited")
     assert "survived" not in agent.get(f"/api/v1/containers/{container_id}/logs").text
 
 
@@ -118,6 +134,9 @@ def test_one_shot_job_keeps_its_exit_code(agent_factory, docker_client, test_ima
     assert state["ExitCode"] == 7 and not state["FinishedAt"].startswith("0001")
     attrs = inspect(docker_client, container_id)
     assert attrs["RestartCount"] == 0 and attrs["HostConfig"]["RestartPolicy"]["Name"] in ("", "no")
+    shown = reported(agent, container_id, lambda c: c["finished"] > 0)
+    assert (shown["exit_code"], shown["oom_killed"], shown["restart_count"], shown["error"]) == (7, False, 0, "")
+    assert shown["finished"] >= shown["started"] > 0
     default = created(agent.create(claim("default"), test_image, command=["sleep", "300"]))
     assert inspect(docker_client, default)["HostConfig"]["RestartPolicy"]["Name"] == "always", "the node's policy when none is asked"
 
@@ -126,6 +145,8 @@ def test_on_failure_restarts_and_the_count_grows(agent, docker_client, test_imag
     container_id = created(agent.create(claim(), test_image, restart_policy="on-failure", command=["sh", "-c", "echo attempt; exit 3"]))
     assert wait_for(lambda: inspect(docker_client, container_id)["RestartCount"] >= 2, 60, 0.5), inspect(docker_client, container_id)["State"]
     assert inspect(docker_client, container_id)["State"]["ExitCode"] == 3
+    shown = reported(agent, container_id, lambda c: c["restart_count"] >= 2)
+    assert shown["exit_code"] == 3 and shown["finished"] > 0
     assert agent.get(f"/api/v1/containers/{container_id}/logs").text.count("attempt") >= 2
 
 

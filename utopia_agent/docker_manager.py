@@ -233,6 +233,15 @@ class ManagedContainer:
     def resources(self) -> dict[str, Any]:
         return resources_from_labels(self.labels)
 
+    def outcome(self) -> dict[str, Any]:
+        """How the container last ended, from the node view's record of its inspect: no call per container."""
+        state = self.state
+        if state is None or not state.finished:
+            return {"exit_code": None, "oom_killed": bool(state and state.oom_killed), "restart_count": state.restart_count if state else 0,
+                    "finished": 0, "error": state.error if state else ""}
+        return {"exit_code": state.exit_code, "oom_killed": state.oom_killed, "restart_count": state.restart_count,
+                "finished": state.finished, "error": state.error}
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "id": self.id,
@@ -245,6 +254,7 @@ class ManagedContainer:
             "started": self.started,
             "labels": self.labels,
             "resources": self.resources,
+            **self.outcome(),
         }
 
 

@@ -195,6 +195,11 @@ CONTAINER_EXAMPLE = {
     "created": 1764000000,
     "started": 1764000001,
     "resources": {"cpus": 12.0, "memory_mb": 245760, "shm_size_mb": 122880, "cpuset": "0-11"},
+    "exit_code": None,
+    "oom_killed": False,
+    "restart_count": 0,
+    "finished": 0,
+    "error": "",
     "labels": {
         "utopia.managed": "true",
         "utopia.claim_id": "claim-42",
@@ -245,6 +250,11 @@ class ContainerSchema(Schema):
         metadata={"description": "Its labels: `utopia.managed`, `utopia.claim_id`, and the GPUs and ports it holds."},
     )
     resources = fields.Nested(ResourcesSchema, required=True, metadata={"description": "CPUs, memory, shm and cpuset as applied."})
+    exit_code = fields.Integer(allow_none=True, required=True, metadata={"description": "Exit code of its last run; null until it first exits."})
+    oom_killed = fields.Boolean(required=True, metadata={"description": "True when its last run was killed for going over its memory limit."})
+    restart_count = fields.Integer(required=True, metadata={"description": "How many times the engine restarted it (its restart policy)."})
+    finished = fields.Integer(required=True, metadata={"description": "When its last run ended, in Unix seconds; 0 until it first exits."})
+    error = fields.String(required=True, metadata={"description": "The engine's error text for its last start, or \"\"."})
 
 
 class LogsQuerySchema(Schema):
