@@ -20,8 +20,11 @@ from typing import Iterator
 
 from .docker_manager import GPU_IDS_LABEL, PORTS_LABEL, VOLUMES_LABEL, ContainerSpec, DockerManager, Holdings
 from .errors import AllocationBusy, ClaimExists, NodeFault, NoGpusFree, PolicyViolation, PortTaken
+from .gpu_health import GpuHealth, views_of
+from .gpu_sampler import GpuSample
 from .gpu_selection import choose_gpus
-from .gpus import GpuInventory, GpuStatus, gpu_key_held, gpu_keys
+from .gpus import gpu_keys, holders_of_containers
+from .node_state import NodeDrain
 from .policy import check_volumes_apart
 from .volumes import MountPins, VolumeRefused
 
@@ -112,37 +115,43 @@ def port_is_free(port: int, protocol: str) -> bool:
 class Allocator:
     """Chooses GPUs, checks ports and pins volumes for a claim, and creates its container under the lock."""
 
-    def __init__(self, state_dir: Path, docker: DockerManager, inventory: GpuInventory, lock_timeout: float, pins: MountPins):
+    def __init__(self, state_dir: Path, docker: DockerManager, gpus: GpuHealth, node: NodeDrain, lock_timeout: float, pins: MountPins):
         self._state_dir = state_dir
         self._docker = docker
-        self._inventory = inventory
+        self._gpus = gpus
+        self._node = node
         self._lock_timeout = lock_timeout
         self._pins = pins
 
-    def held_gpu_keys(self) -> set[str]:
-        """GPUs held by managed containers (see gpu_keys), for `busy`: from the listing, served from memory when exact."""
-        return {key for container in self._docker.list_managed() for key in gpu_keys(container)}
+    def admit(self, gpu_count: int) -> None:
+        """Refuse early (before any pull) what the lock would refuse anyway: any create while the
+        node drains, and one that needs GPUs while NVML is hung."""
+        self._node.refuse_if_draining()
+        if gpu_count:
+            self._gpus.sampler.for_allocation()
 
     def create(self, spec: ContainerSpec, gpu_count: int) -> tuple[str, ContainerSpec]:
         """Create the claim's container with `gpu_count` free GPUs; the lock spans decide + create.
 
         Each check reads the engine afresh: the claim by its container name, and only the
-        containers that hold ports, GPUs or volumes (labels the others do not carry). The GPUs
-        are read from NVML before the lock: under it only UUIDs and health are compared.
+        containers that hold ports, GPUs or volumes (labels the others do not carry). NVML is
+        never called here: the GPUs come from the sampler's last sample (503 while NVML is hung),
+        and under the lock only UUIDs, holders, quarantines and cleanliness are compared.
         """
-        gpus = self._inventory.snapshot() if gpu_count else []
+        sample = self._gpus.sampler.for_allocation() if gpu_count else None
         engine_root = self._docker.data_root() if spec.volumes else None
         with allocation_lock(self._state_dir, self._lock_timeout):
+            self._node.refuse_if_draining()
             holder = self._docker.find_claim(spec.claim_id, fresh=True)
             if holder:
                 raise ClaimExists.held_by(spec.claim_id, holder)
             if spec.port_mappings:
                 self._check_ports(spec, NodeAllocations.from_labels(self._docker.holders_of(PORTS_LABEL)))
             if gpu_count:
-                allocations = NodeAllocations.from_labels(self._docker.holders_of(GPU_IDS_LABEL))
-                for gpu, holders in allocations.double_allocations().items():
+                rows = self._docker.holders_of(GPU_IDS_LABEL)
+                for gpu, holders in NodeAllocations.from_labels(rows).double_allocations().items():
                     log.error("gpu allocated twice gpu=%s containers=%s", gpu, ",".join(c[:12] for c in holders))
-                spec = self._with_gpus(spec, gpu_count, gpus, allocations)
+                spec = self._with_gpus(spec, gpu_count, sample, holders_of_containers(Holdings.from_labels(labels) for _, labels in rows))
             if not spec.volumes:
                 return self._docker.create(spec), spec
             check_volumes_apart(spec.volumes, NodeAllocations.from_labels(self._docker.holders_of(VOLUMES_LABEL)).volume_holders, engine_root)
@@ -193,14 +202,17 @@ class Allocator:
             if not port_is_free(mapping.host_port, mapping.protocol):
                 raise PortTaken(f"host port {mapping.host_port}/{mapping.protocol} is in use on the node", host_port=mapping.host_port)
 
-    def _with_gpus(self, spec: ContainerSpec, gpu_count: int, snapshot: list[GpuStatus], allocations: NodeAllocations) -> ContainerSpec:
-        gpus = {gpu.index: gpu for gpu in snapshot}
-        free = sorted(i for i, gpu in gpus.items() if gpu.healthy and gpu.uuid and not gpu_key_held(gpu, allocations.gpu_holders))
+    def _with_gpus(self, spec: ContainerSpec, gpu_count: int, sample: GpuSample, holders: dict[str, str]) -> ContainerSpec:
+        """Only free GPUs (see gpu_health: not lost, quarantined, held or dirty) are candidates;
+        quarantines are read here, under the lock, so one recorded before the lock is never missed."""
+        views = views_of(sample, self._gpus.facts(), holders, self._gpus.records.read())
+        uuids = {view.status.index: view.status.uuid for view in views}
+        free = sorted(view.status.index for view in views if view.state == "free")
         if len(free) < gpu_count:
             raise NoGpusFree(
-                f"{gpu_count} GPUs requested, {len(free)} free of {len(gpus)}",
+                f"{gpu_count} GPUs requested, {len(free)} free of {len(views)}",
                 requested=gpu_count,
                 free_gpus=len(free),
             )
-        chosen = choose_gpus(free, gpu_count, self._inventory.distance)
-        return replace(spec, gpu_ids=tuple(chosen), gpu_uuids=tuple(gpus[i].uuid for i in chosen))
+        chosen = choose_gpus(free, gpu_count, self._gpus.sampler.inventory.distance)
+        return replace(spec, gpu_ids=tuple(chosen), gpu_uuids=tuple(uuids[i] for i in chosen))

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 from flask import Flask, current_app
 
-from .allocator import Allocator
+from .allocator import Allocator, allocation_lock
 from .config import Config, load_config, prepare_state_dir
 from .docker_manager import DockerManager
 from .errors import register_error_handlers
+from .gpu_health import GpuHealth
+from .gpu_sampler import GpuSampler
 from .gpus import GpuInventory, make_inventory
 from .janitor import Janitor
 from .logs import configure_logging
+from .node_state import NodeDrain
+from .nvml_watchdog import NvmlWatchdog
 from .requests_log import register_request_hooks
 from .system_metrics import SystemMetrics
 from .volumes import MountPins
@@ -24,7 +29,8 @@ class Services:
 
     config: Config
     docker: DockerManager
-    gpus: GpuInventory
+    gpus: GpuHealth
+    node: NodeDrain
     allocator: Allocator
     system: SystemMetrics
     janitor: Janitor
@@ -45,21 +51,28 @@ def create_app(config: Config | None = None, gpus: GpuInventory | None = None) -
     configure_logging(config.log_format)
     prepare_state_dir(config)
     docker = DockerManager(config)
-    gpus = gpus or make_inventory(config.gpu_backend, config.fake_gpu_count)
+    watchdog = NvmlWatchdog(config.nvml_timeout)
+    sampler = GpuSampler(lambda: gpus or make_inventory(config.gpu_backend, config.fake_gpu_count, watchdog), watchdog)
+    sampler.start(wait=config.nvml_timeout)
     lock_timeout = 3 * config.engine_timeout
+    lock = partial(allocation_lock, config.state_dir, lock_timeout)
+    health = GpuHealth(config.state_dir, sampler, docker, lock, config.gpu_release_seconds)
+    node = NodeDrain(config.state_dir, lock)
 
     app = Flask("utopia_agent")
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
     app.json.sort_keys = False
-    allocator = Allocator(config.state_dir, docker, gpus, lock_timeout, MountPins(config.mounts_dir))
+    allocator = Allocator(config.state_dir, docker, health, node, lock_timeout, MountPins(config.mounts_dir))
     app.extensions["utopia"] = Services(
         config=config,
         docker=docker,
-        gpus=gpus,
+        gpus=health,
+        node=node,
         allocator=allocator,
         system=SystemMetrics(),
         janitor=Janitor(allocator, config.state_dir / "janitor.stamp", config.unstarted_seconds).start(),
     )
+    health.monitor.start()
     register_error_handlers(app)
     register_request_hooks(app)
 

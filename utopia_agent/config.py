@@ -56,6 +56,8 @@ class Config:
     log_max_files: int = 3
     restart_policy: str = "unless-stopped"
     unstarted_seconds: float = 60.0
+    gpu_release_seconds: float = 60.0
+    nvml_timeout: float = 5.0
     # Resolved at load: what no volume may reach (SYSTEM_PATHS, the agent's code and token).
     denied_paths: tuple[str, ...] = ()
 
@@ -202,6 +204,8 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         log_max_files=_int(env, "UTOPIA_AGENT_LOG_MAX_FILES", 3, high=100),
         restart_policy=_choice(env, "UTOPIA_AGENT_RESTART_POLICY", "unless-stopped", RESTART_POLICIES),
         unstarted_seconds=_seconds(env, "UTOPIA_AGENT_UNSTARTED_SECONDS", 60.0),
+        gpu_release_seconds=_seconds(env, "UTOPIA_AGENT_GPU_RELEASE_SECONDS", 60.0),
+        nvml_timeout=_seconds(env, "UTOPIA_AGENT_NVML_TIMEOUT", 5.0),
         denied_paths=denied,
     )
 

@@ -13,6 +13,7 @@ ENV_ENTRY_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*=[^\x00]*$"
 CONTAINER_ID_PATTERN = r"^[0-9a-f]{12,64}$"
 NO_NUL_PATTERN = r"^[^\x00]*$"
 ABSOLUTE_PATH_PATTERN = r"^/[^\x00]*$"
+REASON_PATTERN = r"^[^\x00]*[^\s\x00][^\x00]*$"
 # The engine's reference grammar (distribution/reference), kept to what an orchestrator sends.
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 # As there, a first component is a registry only with a dot, a port, or as `localhost`;
@@ -132,6 +133,82 @@ class ContainerSchema(Schema):
     labels = fields.Dict(keys=fields.String(), values=fields.String(), required=True)
 
 
+class ReasonSchema(Schema):
+    """The body of POST /api/v1/gpus/<uuid>/quarantine and POST /api/v1/node/drain."""
+
+    reason = fields.String(
+        required=True,
+        validate=[validate.Length(min=1, max=512), FullMatch(REASON_PATTERN, error="must say something, without NUL characters")],
+        metadata={"description": "Why, for the operator who reads it later (kept with the record)."},
+    )
+
+
+GPU_STATES = ["free", "allocated", "releasing", "quarantined", "lost"]
+
+
+class XidEventSchema(Schema):
+    time = fields.Integer(required=True, metadata={"description": "Unix seconds when the agent received it."})
+    code = fields.Integer(required=True, metadata={"description": "The Xid."})
+
+
+class GpuSchema(Schema):
+    """One GPU of GET /api/v1/gpus."""
+
+    index = fields.Integer(required=True, metadata={"description": "NVML index."})
+    uuid = fields.String(allow_none=True, required=True)
+    name = fields.String(allow_none=True, required=True)
+    pci_bus_id = fields.String(allow_none=True, required=True)
+    numa_node = fields.Integer(allow_none=True, required=True)
+    state = fields.String(required=True, metadata={"enum": GPU_STATES, "description": "Only a free GPU is given to a claim."})
+    claim_id = fields.String(allow_none=True, required=True, metadata={"description": "The claim whose container holds it."})
+    reason = fields.String(allow_none=True, required=True, metadata={"description": "Why it is quarantined, releasing or lost."})
+    xid_events = fields.List(fields.Nested(XidEventSchema), required=True, metadata={"description": "Its recent Xids, oldest first."})
+
+
+class DrainSchema(Schema):
+    draining = fields.Boolean(required=True)
+    reason = fields.String(allow_none=True, required=True)
+    since = fields.Integer(allow_none=True, required=True, metadata={"description": "Unix seconds."})
+
+
+class NodeGpuSchema(Schema):
+    index = fields.Integer(required=True)
+    uuid = fields.String(allow_none=True, required=True)
+    name = fields.String(allow_none=True, required=True)
+    pci_bus_id = fields.String(allow_none=True, required=True)
+    numa_node = fields.Integer(allow_none=True, required=True)
+    compute_capability = fields.String(allow_none=True, required=True, metadata={"description": "CUDA compute capability, e.g. 9.0."})
+
+
+class NumaNodeSchema(Schema):
+    id = fields.Integer(required=True)
+    cpus = fields.List(fields.Integer(), required=True)
+    memory_total_mb = fields.Integer(allow_none=True, required=True)
+
+
+class NodeSchema(Schema):
+    """GET /api/v1/node."""
+
+    agent_version = fields.String(required=True)
+    node_id = fields.String(required=True)
+    gpu_backend = fields.String(required=True, metadata={"enum": ["nvml", "fake", "none", "auto"], "description": "auto only while NVML is still opening."})
+    driver_version = fields.String(allow_none=True, required=True)
+    cuda_driver_version = fields.String(allow_none=True, required=True)
+    nvml_version = fields.String(allow_none=True, required=True)
+    nvml_hung = fields.String(allow_none=True, required=True, metadata={"description": "Why NVML counts as hung, or null."})
+    engine_version = fields.String(allow_none=True, required=True, metadata={"description": "Null while the engine does not answer."})
+    cpu_count = fields.Integer(required=True)
+    memory_total_mb = fields.Integer(required=True)
+    numa_nodes = fields.List(fields.Nested(NumaNodeSchema), required=True)
+    gpus = fields.List(fields.Nested(NodeGpuSchema), required=True)
+    topology = fields.List(
+        fields.List(fields.String(allow_none=True)),
+        required=True,
+        metadata={"description": "GPU by GPU in index order, as `nvidia-smi topo -m` names the link: X, NV<links>, PIX, PXB, PHB, NODE, SYS, BOARD; null where NVML cannot say."},
+    )
+    drain = fields.Nested(DrainSchema, required=True)
+
+
 class GpuMetricsSchema(Schema):
     id = fields.Integer(required=True)
     temperature_c = fields.Integer(allow_none=True, required=True)
@@ -139,9 +216,10 @@ class GpuMetricsSchema(Schema):
     memory_used_mb = fields.Integer(allow_none=True, required=True)
     name = fields.String(allow_none=True, required=True)
     uuid = fields.String(allow_none=True, required=True)
-    busy = fields.Boolean(required=True)
+    busy = fields.Boolean(required=True, metadata={"description": "Not free: the allocator would not give it now."})
     usage_percent = fields.Float(allow_none=True, required=True)
-    healthy = fields.Boolean(required=True)
+    healthy = fields.Boolean(required=True, metadata={"description": "Neither lost nor quarantined."})
+    state = fields.String(required=True, metadata={"enum": GPU_STATES})
 
 
 class SystemMetricsSchema(Schema):
@@ -159,12 +237,15 @@ class MetricsSchema(Schema):
     cpu_usage_percent = fields.Float(required=True)
     memory_usage_percent = fields.Float(required=True)
     gpus = fields.List(fields.Nested(GpuMetricsSchema), required=True)
+    gpus_stale = fields.Boolean(required=True, metadata={"description": "True while NVML is hung: the GPU figures are the last good sample."})
+    gpus_sampled_at = fields.Float(allow_none=True, required=True, metadata={"description": "Unix time of the GPU sample."})
     system = fields.Nested(SystemMetricsSchema, required=True)
 
 
 class HealthSchema(Schema):
     status = fields.String(required=True, validate=validate.OneOf(["healthy", "unhealthy"]))
     timestamp = fields.String(required=True)
+    draining = fields.Boolean(required=True, metadata={"description": "The node takes no new claims; it stays healthy."})
     reason = fields.String()
 
 
@@ -172,7 +253,7 @@ class ErrorSchema(Schema):
     error = fields.String(required=True, metadata={"description": "A stable machine-readable code."})
     message = fields.String(required=True)
     errors = fields.Dict(metadata={"description": "Per-field messages, for 400."})
-    claim_id = fields.String(metadata={"description": "The claim, for 409 claim_exists."})
+    claim_id = fields.String(metadata={"description": "The claim, for 409 claim_exists and 409 gpu_held."})
     container_id = fields.String(
         allow_none=True,
         metadata={"description": "The existing container, for 409 claim_exists (null when it went away meanwhile)."},
@@ -181,6 +262,7 @@ class ErrorSchema(Schema):
     free_gpus = fields.Integer(metadata={"description": "How many GPUs are free, for 409 no_gpus_free."})
     host_port = fields.Integer(metadata={"description": "The host port that is taken, for 409 port_taken."})
     image = fields.String(metadata={"description": "The image that could not be pulled, for 502 image_pull_failed."})
+    reason = fields.String(metadata={"description": "The operator's reason, for 409 node_draining."})
 
 
 def load_request(schema: Schema, payload) -> dict:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 
@@ -13,6 +12,7 @@ from ..errors import AgentError, ClaimExists, InvalidRequest
 from ..policy import build_spec
 from ..prometheus import CREATES, DELETES
 from ..schemas import CLAIM_ID_PATTERN, CreateContainerSchema, load_request
+from .bodies import json_body
 
 log = logging.getLogger("utopia_agent.containers")
 blueprint = Blueprint("containers", __name__, url_prefix="/containers")
@@ -22,7 +22,7 @@ _create_schema = CreateContainerSchema()
 @blueprint.post("")
 def create_container():
     try:
-        container_id = _create(_json_body())
+        container_id = _create(json_body())
     except AgentError as error:
         CREATES.labels(error.code).inc()
         raise
@@ -33,20 +33,13 @@ def create_container():
     return response
 
 
-def _json_body():
-    """The body as JSON, whatever Content-Type says; anything unparsable (or absurdly nested) is a 400."""
-    try:
-        return json.loads(request.get_data(cache=False))
-    except (ValueError, RecursionError):
-        raise InvalidRequest("the body must be JSON", errors={"_schema": ["expected a JSON object"]}) from None
-
-
 def _create(payload) -> str:
     """Validate, apply policy, pull, allocate and create under the lock, then start or roll back."""
     data = load_request(_create_schema, payload)
     g.claim_id = data["claim_id"]
     agent = services()
     spec = build_spec(data, agent.config)
+    agent.allocator.admit(data["gpu_count"])
     existing = agent.docker.find_claim(spec.claim_id)
     if existing:
         raise ClaimExists.held_by(spec.claim_id, existing)

@@ -15,9 +15,13 @@ from ..schemas import (
     ContainerSchema,
     CreateContainerSchema,
     CreatedSchema,
+    DrainSchema,
     ErrorSchema,
+    GpuSchema,
     HealthSchema,
     MetricsSchema,
+    NodeSchema,
+    ReasonSchema,
 )
 
 blueprint = Blueprint("openapi", __name__)
@@ -27,15 +31,19 @@ _ERRORS = {
     401: "Missing, malformed or wrong bearer token.",
     403: "Forbidden by node policy (volume, port range, reserved env var).",
     404: "No managed container with that id.",
-    409: "The claim already has a container, not enough GPUs are free, or a host port is taken.",
+    409: "The claim already has a container, not enough GPUs are free, a host port is taken, or the node is draining (node_draining, with the reason).",
     413: "The body is larger than the node allows.",
     502: "The image could not be pulled, or the engine failed.",
-    503: "The Docker engine is unreachable; retry after Retry-After seconds.",
+    503: "The Docker engine is unreachable, or (for a create with GPUs) NVML is hung; retry after Retry-After seconds.",
 }
 
 
-def _error_responses(*statuses: int) -> dict:
-    return {str(s): {"description": _ERRORS[s], "content": {"application/json": {"schema": "Error"}}} for s in statuses}
+def _error_responses(*statuses: int, **descriptions: str) -> dict:
+    """Error responses of the given statuses; `e404="..."` and the like say what that status means here."""
+    return {
+        str(s): {"description": descriptions.get(f"e{s}", _ERRORS[s]), "content": {"application/json": {"schema": "Error"}}}
+        for s in statuses
+    }
 
 
 def _json(description: str, schema) -> dict:
@@ -49,6 +57,14 @@ _CONTAINER_ID = {
     "description": "The full container id or a unique prefix of at least 12 hex digits.",
     "schema": {"type": "string", "pattern": CONTAINER_ID_PATTERN},
 }
+_GPU_UUID = {
+    "name": "uuid",
+    "in": "path",
+    "required": True,
+    "description": "The GPU's UUID, as NVML reports it (GPU-...).",
+    "schema": {"type": "string"},
+}
+_REASON_BODY = {"required": True, "content": {"application/json": {"schema": "Reason"}}}
 _CLAIM_FILTER = {
     "name": "claim_id",
     "in": "query",
@@ -74,6 +90,10 @@ def build_spec() -> dict:
         ("Created", CreatedSchema),
         ("Container", ContainerSchema),
         ("Metrics", MetricsSchema),
+        ("Gpu", GpuSchema),
+        ("Drain", DrainSchema),
+        ("Node", NodeSchema),
+        ("Reason", ReasonSchema),
         ("Health", HealthSchema),
         ("Error", ErrorSchema),
     ]:
@@ -127,13 +147,71 @@ def build_spec() -> dict:
         },
     )
     spec.path(
+        path="/api/v1/gpus",
+        operations={
+            "get": {
+                "summary": "Every GPU with its state (free, allocated, releasing, quarantined, lost) and why",
+                "security": secured,
+                "responses": {"200": _json("Every GPU, in index order.", {"type": "array", "items": "Gpu"}), **_error_responses(401, 503)},
+            }
+        },
+    )
+    no_gpu = "No GPU with that UUID on this node."
+    spec.path(
+        path="/api/v1/gpus/{uuid}/quarantine",
+        operations={
+            "post": {
+                "summary": "Quarantine a GPU: it is never given to a claim until released (a claim holding it keeps it)",
+                "security": secured,
+                "parameters": [_GPU_UUID],
+                "requestBody": _REASON_BODY,
+                "responses": {"200": _json("Quarantined.", "Gpu"), **_error_responses(400, 401, 404, 503, e404=no_gpu)},
+            },
+            "delete": {
+                "summary": "Release a GPU's quarantine, whatever put it there",
+                "security": secured,
+                "parameters": [_GPU_UUID],
+                "responses": {
+                    "200": _json("Released (or was not quarantined).", "Gpu"),
+                    **_error_responses(401, 404, 409, 503, e404=no_gpu, e409="A claim still holds the GPU (gpu_held, naming the claim)."),
+                },
+            },
+        },
+    )
+    spec.path(
+        path="/api/v1/node",
+        operations={
+            "get": {
+                "summary": "The node: versions, CPUs, memory, NUMA nodes, GPUs with their topology, drain state",
+                "security": secured,
+                "responses": {"200": _json("The node.", "Node"), **_error_responses(401)},
+            }
+        },
+    )
+    spec.path(
+        path="/api/v1/node/drain",
+        operations={
+            "post": {
+                "summary": "Drain: creates get 409 node_draining with the reason; everything else works; kept across restarts",
+                "security": secured,
+                "requestBody": _REASON_BODY,
+                "responses": {"200": _json("Draining.", "Drain"), **_error_responses(400, 401, 503)},
+            },
+            "delete": {
+                "summary": "Resume taking claims",
+                "security": secured,
+                "responses": {"200": _json("Taking claims.", "Drain"), **_error_responses(401, 503)},
+            },
+        },
+    )
+    spec.path(
         path="/health",
         operations={
             "get": {
                 "summary": "Liveness for load balancers; no auth",
                 "responses": {
-                    "200": _json("The engine answers.", "Health"),
-                    "503": _json("The engine does not answer.", "Health"),
+                    "200": _json("The engine answers and NVML is not hung (a draining node is healthy).", "Health"),
+                    "503": _json("The engine does not answer, or NVML is hung; `reason` says which.", "Health"),
                 },
             }
         },
