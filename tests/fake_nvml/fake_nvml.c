@@ -85,6 +85,7 @@ enum {
 #define EVENT_TYPE_DOUBLE_BIT_ECC 0x2ULL
 #define EVENT_TYPE_XID 0x8ULL
 #define SUPPORTED_EVENTS (EVENT_TYPE_SINGLE_BIT_ECC | EVENT_TYPE_DOUBLE_BIT_ECC | EVENT_TYPE_XID)
+#define EVENT_POLL_MS 50
 #define NA (-1LL)
 #define MIB (1024ULL * 1024ULL)
 #define NVML_MEMORY_V2_VERSION 0x02000028u
@@ -883,6 +884,7 @@ static int next_event_locked(nvmlEventSet_t set, nvmlEventData_t *data)
     return found;
 }
 
+/* Polls the events file every EVENT_POLL_MS (the driver blocks in the kernel instead). */
 nvmlReturn_t nvmlEventSetWait_v2(nvmlEventSet_t set, nvmlEventData_t *data, unsigned int timeout_ms)
 {
     if (set == NULL || data == NULL)
@@ -892,14 +894,14 @@ nvmlReturn_t nvmlEventSetWait_v2(nvmlEventSet_t set, nvmlEventData_t *data, unsi
         nvmlReturn_t ret = enter();
         if (ret != NVML_SUCCESS)
             return ret;
-        int found = next_event_locked(set, data);
+        int found = events_file_size() > set->offset && next_event_locked(set, data);
         leave(NVML_SUCCESS);
         if (found)
             return NVML_SUCCESS;
         if (waited >= (long)timeout_ms)
             return NVML_ERROR_TIMEOUT;
-        sleep_ms(10);
-        waited += 10;
+        sleep_ms(EVENT_POLL_MS);
+        waited += EVENT_POLL_MS;
     }
 }
 
