@@ -259,6 +259,8 @@ def test_a_draining_node_refuses_creates_and_stays_healthy(agent_factory, test_i
         refused = agent.create(claim(f"during{gpu_count}"), test_image, gpu_count=gpu_count)
         assert refused.status_code == 409, refused.text
         assert refused.json()["error"] == "node_draining" and refused.json()["reason"] == "maintenance window"
+    retried = agent.create(claim("before"), test_image, command=["sleep", "300"])
+    assert retried.json()["error"] == "claim_exists", "a retry of a claim that exists learns its container"
     for _ in range(4):
         health = agent.get("/health", auth=False)
         assert health.status_code == 200 and health.json()["draining"] is True

@@ -124,8 +124,9 @@ class Allocator:
         self._pins = pins
 
     def admit(self, gpu_count: int) -> None:
-        """Refuse early (before any pull) what the lock would refuse anyway: any create while the
-        node drains, and one that needs GPUs while NVML is hung."""
+        """Refuse early (before any pull) what the lock would refuse anyway: any new claim while the
+        node drains, and one that needs GPUs while NVML is hung. A claim that exists is told so
+        first (409 claim_exists naming its container), so a caller's retry learns it either way."""
         self._node.refuse_if_draining()
         if gpu_count:
             self._gpus.sampler.for_allocation()
@@ -141,10 +142,10 @@ class Allocator:
         sample = self._gpus.sampler.for_allocation() if gpu_count else None
         engine_root = self._docker.data_root() if spec.volumes else None
         with allocation_lock(self._state_dir, self._lock_timeout):
-            self._node.refuse_if_draining()
             holder = self._docker.find_claim(spec.claim_id, fresh=True)
             if holder:
                 raise ClaimExists.held_by(spec.claim_id, holder)
+            self._node.refuse_if_draining()
             if spec.port_mappings:
                 self._check_ports(spec, NodeAllocations.from_labels(self._docker.holders_of(PORTS_LABEL)))
             if gpu_count:

@@ -39,10 +39,10 @@ def _create(payload) -> str:
     g.claim_id = data["claim_id"]
     agent = services()
     spec = build_spec(data, agent.config)
-    agent.allocator.admit(data["gpu_count"])
     existing = agent.docker.find_claim(spec.claim_id)
     if existing:
         raise ClaimExists.held_by(spec.claim_id, existing)
+    agent.allocator.admit(data["gpu_count"])
     agent.docker.ensure_image(spec.image)
     container_id, spec = agent.allocator.create(spec, data["gpu_count"])
     event = {"claim_id": spec.claim_id, "container_id": container_id, "gpu_ids": list(spec.gpu_ids)}
