@@ -1,11 +1,13 @@
-"""Unit tests of the allocation pieces that need no engine."""
+"""Unit tests of the allocation pieces that need no engine: ports, labels, GPU states and quarantines."""
 
 from __future__ import annotations
 
 import socket
 
 from utopia_agent.allocator import NodeAllocations, port_is_free
-from utopia_agent.gpus import GpuStatus, gpu_key_held
+from utopia_agent.gpu_health import _quarantine_in, views_of
+from utopia_agent.gpu_sampler import GpuSample
+from utopia_agent.gpus import GpuStatus, gpu_holder
 
 
 def _gpu(index: int, uuid: str) -> GpuStatus:
@@ -42,6 +44,34 @@ def test_allocations_come_from_labels_and_double_claims_are_reported():
     ])
     assert allocations.double_allocations() == {"GPU-1": ("a" * 64, "b" * 64)}
     assert allocations.port_holders == {(31001, "tcp"): "a" * 64}
-    assert gpu_key_held(_gpu(0, "GPU-0"), allocations.gpu_holders)
-    assert gpu_key_held(_gpu(5, "GPU-5"), allocations.gpu_holders), "a label without UUIDs holds by index"
-    assert not gpu_key_held(_gpu(2, "GPU-2"), allocations.gpu_holders)
+    assert gpu_holder(_gpu(0, "GPU-0"), allocations.gpu_holders) == ("a" * 64,)
+    assert gpu_holder(_gpu(5, "GPU-5"), allocations.gpu_holders) == ("c" * 64,), "a label without UUIDs holds by index"
+    assert gpu_holder(_gpu(2, "GPU-2"), allocations.gpu_holders) is None
+
+
+def test_a_gpu_has_one_state_and_only_free_ones_are_given():
+    gpus = tuple(_gpu(i, f"GPU-{i}") for i in range(5))
+    gpus = (*gpus[:4], GpuStatus(4, None, "GPU", 100, None, None, None, False, False))
+    sample = GpuSample(gpus, {}, dirty={"GPU-2": "compute processes are running", "GPU-3": "512 MiB of memory still in use"})
+    records = {"quarantined": {"GPU-1": {"reason": "Xid 79"}, "GPU-3": {"reason": "fan"}}, "xid_events": {"GPU-1": [{"time": 1, "code": 79}]}}
+    views = views_of(sample, [], {"GPU-0": "claim-a", "GPU-1": "claim-b"}, records)
+    assert [(v.state, v.claim_id, v.reason) for v in views] == [
+        ("allocated", "claim-a", None),
+        ("quarantined", "claim-b", "Xid 79"),
+        ("releasing", None, "compute processes are running"),
+        ("quarantined", None, "fan"),
+        ("lost", None, "NVML cannot read the GPU's UUID"),
+    ]
+    assert views[1].xid_events == [{"time": 1, "code": 79}]
+
+
+def test_a_quarantine_that_lifts_itself_gives_way_to_one_for_the_operator():
+    records: dict = {}
+    assert _quarantine_in(records, "GPU-0", "stray processes", "release", automatic_release=True)
+    assert not _quarantine_in(records, "GPU-0", "stray processes again", "release", automatic_release=True)
+    assert _quarantine_in(records, "GPU-0", "Xid 79", "xid")
+    assert not _quarantine_in(records, "GPU-0", "stray processes", "release", automatic_release=True)
+    assert not _quarantine_in(records, "GPU-0", "double-bit ECC error", "double_bit_ecc"), "the first fault is kept"
+    assert records["quarantined"]["GPU-0"]["reason"] == "Xid 79" and not records["quarantined"]["GPU-0"]["automatic_release"]
+    assert _quarantine_in(records, "GPU-0", "by hand", "operator", replace=True)
+    assert records["quarantined"]["GPU-0"]["reason"] == "by hand"

@@ -23,8 +23,23 @@ def test_gpu_series_use_dcgm_exporter_names_and_labels(agent):
     assert sample(families, "DCGM_FI_DEV_FB_FREE", gpu="0") == 81559
     assert sample(families, "DCGM_FI_DEV_FB_USED", gpu="0") == 0
     assert sample(families, "DCGM_FI_DEV_GPU_UTIL", gpu="0") == 0
-    assert sample(families, "utopia_agent_gpus", state="unhealthy") == 1
+    assert sample(families, "utopia_agent_gpus", state="lost") == 1
+    assert {s.labels["state"] for s in families["utopia_agent_gpus"]} == {"free", "allocated", "releasing", "quarantined", "lost"}
     assert sample(families, "utopia_agent_engine_up") == 1
+    assert sample(families, "utopia_agent_nvml_hung") == 0
+
+
+def test_gpu_health_series_use_dcgm_exporter_names(agent):
+    families = scrape(agent)
+    for name in (
+        "DCGM_FI_DEV_ECC_DBE_VOL_TOTAL", "DCGM_FI_DEV_RETIRED_PENDING", "DCGM_FI_DEV_CORRECTABLE_REMAPPED_ROWS",
+        "DCGM_FI_DEV_UNCORRECTABLE_REMAPPED_ROWS", "DCGM_FI_DEV_ROW_REMAP_PENDING", "DCGM_FI_DEV_ROW_REMAP_FAILURE",
+    ):
+        assert sample(families, name, gpu="0", UUID=DEFAULT_TEST_GPUS[0].uuid) == 0
+        assert "6" not in {s.labels["gpu"] for s in families[name]}, "a lost GPU reports no counters"
+    assert sample(families, "DCGM_FI_DEV_XID_ERRORS", gpu="0") == 0
+    assert 0 <= sample(families, "utopia_agent_gpu_sample_age_seconds") < 30
+    assert sample(families, "utopia_agent_node_draining") == 0
 
 
 def test_request_histograms_add_up_across_workers(agent):

@@ -202,12 +202,12 @@ def test_auto_without_nvml_says_so_once_per_agent(tmp_path):
     env = dict(os.environ, UTOPIA_AGENT_GPU_BACKEND="auto", LD_LIBRARY_PATH=str(tmp_path))
     env.pop("FAKE_NVML_CONFIG", None)
     agent = AgentProcess(tmp_path / "state", free_port(), env, workers=3)
-    generation = str(agent.state_dir / "generation")
+    view_state = str(agent.state_dir / "view.state")
 
     def every_worker_built_its_app() -> bool:
-        # A worker maps the shared generation while it builds its services, just before its GPU inventory.
+        # A worker maps the node view's state while it builds its services, just before its GPU inventory.
         pids = agent.worker_pids()
-        return len(pids) == 3 and all(generation in mapped_files(pid) for pid in pids)
+        return len(pids) == 3 and all(view_state in mapped_files(pid) for pid in pids)
 
     try:
         agent.start()

@@ -20,7 +20,7 @@ def imports_of(path: Path) -> set[str]:
     name = module_name(path)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in _runtime_nodes(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names if alias.name.startswith("utopia_agent"))
         elif isinstance(node, ast.ImportFrom):
@@ -32,6 +32,16 @@ def imports_of(path: Path) -> set[str]:
                 submodule = f"{target}.{alias.name}"
                 found.add(submodule if (PACKAGE.parent / submodule.replace(".", "/")).with_suffix(".py").exists() else target)
     return found - {name}
+
+
+def _runtime_nodes(tree: ast.AST):
+    """Every node that runs: what sits under `if TYPE_CHECKING:` is for type checkers only."""
+    for node in ast.iter_child_nodes(tree):
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+            yield from (n for child in node.orelse for n in [child, *_runtime_nodes(child)])
+            continue
+        yield node
+        yield from _runtime_nodes(node)
 
 
 def import_graph() -> dict[str, set[str]]:

@@ -23,8 +23,11 @@ from typing import Iterator
 from .config import Config
 from .docker_manager import CPUS_LABEL, GPU_IDS_LABEL, MEMORY_LABEL, PORTS_LABEL, VOLUMES_LABEL, ContainerSpec, DockerManager, Holdings
 from .errors import AllocationBusy, ClaimExists, NodeFault, NoGpusFree, PolicyViolation, PortTaken
+from .gpu_health import GpuHealth, views_of
+from .gpu_sampler import GpuSample
 from .gpu_selection import choose_gpus
-from .gpus import GpuInventory, GpuStatus, Locality, gpu_key_held, gpu_keys
+from .gpus import GpuInventory, Locality, gpu_keys, holders_of_containers
+from .node_state import NodeDrain
 from .policy import check_volumes_apart
 from .resources import NodeResources, check_fits, choose_exclusive_cpus, default_shm_mb, gpu_share, numa_placement, reserved_cpu_ids
 from .volumes import MountPins, VolumeRefused
@@ -117,42 +120,52 @@ class Allocator:
     """Chooses GPUs, CPUs and memory, checks ports and pins volumes for a claim, and creates its
     container under the lock."""
 
-    def __init__(self, config: Config, docker: DockerManager, inventory: GpuInventory, lock_timeout: float, pins: MountPins, node: NodeResources):
+    def __init__(
+        self, config: Config, docker: DockerManager, gpus: GpuHealth, drain: NodeDrain, lock_timeout: float, pins: MountPins, node: NodeResources
+    ):
         self._config = config
         self._state_dir = config.state_dir
         self._docker = docker
-        self._inventory = inventory
+        self._gpus = gpus
+        self._drain = drain
         self._lock_timeout = lock_timeout
         self._pins = pins
         self._node = node
 
-    def held_gpu_keys(self) -> set[str]:
-        """GPUs held by managed containers (see gpu_keys), for `busy`: from the listing, served from memory when exact."""
-        return {key for container in self._docker.list_managed() for key in gpu_keys(container)}
+    def admit(self, gpu_count: int) -> None:
+        """Refuse early (before any pull) what the lock would refuse anyway: any new claim while the
+        node drains, and one that needs GPUs while NVML is hung. A claim that exists is told so
+        first (409 claim_exists naming its container), so a caller's retry learns it either way."""
+        self._drain.refuse_if_draining()
+        if gpu_count:
+            self._gpus.sampler.for_allocation()
 
     def create(self, spec: ContainerSpec, gpu_count: int) -> tuple[str, ContainerSpec]:
         """Create the claim's container with `gpu_count` free GPUs; the lock spans decide + create.
 
         Each check reads the engine afresh: the claim by its container name, and only the
         containers that hold ports, GPUs, CPUs, memory or volumes (labels the others do not
-        carry). The GPUs are read from NVML before the lock: under it only UUIDs and health are
-        compared.
+        carry). NVML is never called here: the GPUs come from the sampler's last sample (503 while
+        NVML is hung), and under the lock only UUIDs, holders, quarantines and cleanliness are compared.
         """
-        gpus = self._inventory.snapshot() if gpu_count else []
+        sample = self._gpus.sampler.for_allocation() if gpu_count else None
         engine_root = self._docker.data_root() if spec.volumes else None
         with allocation_lock(self._state_dir, self._lock_timeout):
             holder = self._docker.find_claim(spec.claim_id, fresh=True)
             if holder:
                 raise ClaimExists.held_by(spec.claim_id, holder)
+            self._drain.refuse_if_draining()
             if spec.port_mappings:
                 self._check_ports(spec, NodeAllocations.from_labels(self._docker.holders_of(PORTS_LABEL)))
             limited = self._resource_holders() if gpu_count or spec.cpus or spec.memory_mb else []
             if gpu_count:
-                allocations = NodeAllocations.from_labels(self._docker.holders_of(GPU_IDS_LABEL))
-                for gpu, holders in allocations.double_allocations().items():
+                rows = self._docker.holders_of(GPU_IDS_LABEL)
+                for gpu, holders in NodeAllocations.from_labels(rows).double_allocations().items():
                     log.error("gpu allocated twice gpu=%s containers=%s", gpu, ",".join(c[:12] for c in holders))
-                spec = self._with_gpus(spec, gpu_count, gpus, allocations, self._has_free_cores(limited))
-            spec = self._with_resources(spec, len(gpus), limited)
+                spec = self._with_gpus(
+                    spec, gpu_count, sample, holders_of_containers(Holdings.from_labels(labels) for _, labels in rows), self._has_free_cores(limited)
+                )
+            spec = self._with_resources(spec, len(sample.gpus) if sample else 0, limited)
             if not spec.volumes:
                 return self._docker.create(spec), spec
             check_volumes_apart(spec.volumes, NodeAllocations.from_labels(self._docker.holders_of(VOLUMES_LABEL)).volume_holders, engine_root)
@@ -204,24 +217,25 @@ class Allocator:
                 raise PortTaken(f"host port {mapping.host_port}/{mapping.protocol} is in use on the node", host_port=mapping.host_port)
 
     def _with_gpus(
-        self, spec: ContainerSpec, gpu_count: int, snapshot: list[GpuStatus], allocations: NodeAllocations, preferred: Callable[[int], bool]
+        self, spec: ContainerSpec, gpu_count: int, sample: GpuSample, holders: dict[str, str], preferred: Callable[[int], bool]
     ) -> ContainerSpec:
-        """The closest free GPUs, among the `preferred` ones (with free cores near them) when enough are."""
-        gpus = {gpu.index: gpu for gpu in snapshot}
-        if not gpus:
-            raise NoGpusFree(
-                f"this node has no GPUs (GPU backend {self._inventory.backend})", requested=gpu_count, free_gpus=0
-            )
-        free = sorted(i for i, gpu in gpus.items() if gpu.healthy and gpu.uuid and not gpu_key_held(gpu, allocations.gpu_holders))
+        """The closest free GPUs (see gpu_health: not lost, quarantined, held or dirty), among the
+        `preferred` ones (with free cores near them) when enough are; quarantines are read here,
+        under the lock, so one recorded before the lock is never missed."""
+        if not sample.gpus:
+            raise NoGpusFree(f"this node has no GPUs (GPU backend {self._inventory().backend})", requested=gpu_count, free_gpus=0)
+        views = views_of(sample, self._gpus.facts(), holders, self._gpus.records.read())
+        uuids = {view.status.index: view.status.uuid for view in views}
+        free = sorted(view.status.index for view in views if view.state == "free")
         if len(free) < gpu_count:
             raise NoGpusFree(
-                f"{gpu_count} GPUs requested, {len(free)} free of {len(gpus)}",
+                f"{gpu_count} GPUs requested, {len(free)} free of {len(views)}",
                 requested=gpu_count,
                 free_gpus=len(free),
             )
         near_free_cores = [i for i in free if preferred(i)]
-        chosen = choose_gpus(near_free_cores if len(near_free_cores) >= gpu_count else free, gpu_count, self._inventory.distance)
-        return replace(spec, gpu_ids=tuple(chosen), gpu_uuids=tuple(gpus[i].uuid for i in chosen))
+        chosen = choose_gpus(near_free_cores if len(near_free_cores) >= gpu_count else free, gpu_count, self._inventory().distance)
+        return replace(spec, gpu_ids=tuple(chosen), gpu_uuids=tuple(uuids[i] for i in chosen))
 
     def _resource_holders(self) -> list[Holdings]:
         """What every managed container with a CPU or memory limit holds: two label-filtered lists."""
@@ -236,7 +250,7 @@ class Allocator:
         free = set(self._node.cpus) - _exclusively_held(holders) - reserved_cpu_ids(self._node, self._config.reserved_cpus)
 
         def near_free_core(index: int) -> bool:
-            local = self._inventory.locality([index]).cpus
+            local = self._inventory().locality([index]).cpus
             return local is None or bool(local & free)
 
         return near_free_core
@@ -251,7 +265,7 @@ class Allocator:
             share_cpus, share_memory_mb = gpu_share(capacity, len(spec.gpu_ids), node_gpus)
             cpus = share_cpus if cpus is None else cpus
             memory_mb = share_memory_mb if memory_mb is None else memory_mb
-        locality = self._inventory.locality(spec.gpu_ids) if spec.gpu_ids else Locality()
+        locality = self._inventory().locality(spec.gpu_ids) if spec.gpu_ids else Locality()
         cpuset: tuple[int, ...] = ()
         memory_nodes: tuple[int, ...] = ()
         if config.cpu_pinning == "exclusive" and cpus is not None:
@@ -273,6 +287,11 @@ class Allocator:
             cpu_pinning=config.cpu_pinning if cpuset else "",
         )
 
+    def _inventory(self) -> GpuInventory:
+        """This worker's NVML inventory, which the sampler opens; GPU decisions only run once it has a sample."""
+        return self._gpus.sampler.inventory or GpuInventory()
+
 
 def _exclusively_held(holders: list[Holdings]) -> set[int]:
     return {cpu for held in holders for cpu in held.exclusive_cpus}
+

@@ -6,14 +6,18 @@ from functools import partial
 
 from flask import Flask
 
-from .allocator import Allocator
+from .allocator import Allocator, allocation_lock
 from .claim_usage import ClaimUsage
 from .config import Config, load_config, prepare_state_dir
 from .docker_manager import DockerManager
 from .errors import register_error_handlers
+from .gpu_health import GpuHealth
+from .gpu_sampler import GpuSampler
 from .gpus import GpuInventory, make_inventory
 from .janitor import Janitor
 from .logs import configure_logging
+from .node_state import NodeDrain
+from .nvml_watchdog import NvmlWatchdog
 from .requests_log import register_request_hooks
 from .services import Services
 from .state_dir import first_to_log
@@ -29,22 +33,31 @@ def create_app(config: Config | None = None, gpus: GpuInventory | None = None) -
     prepare_state_dir(config)
     docker = DockerManager(config)
     docker.view.volunteer()  # one worker of the node watches the engine's events for all of them
-    gpus = gpus or make_inventory(config.gpu_backend, config.fake_gpu_count, partial(first_to_log, config))
+    watchdog = NvmlWatchdog(config.nvml_timeout)
+    sampler = GpuSampler(
+        lambda: gpus or make_inventory(config.gpu_backend, config.fake_gpu_count, watchdog, partial(first_to_log, config)), watchdog
+    )
+    sampler.start(wait=config.nvml_timeout)
     lock_timeout = 3 * config.engine_timeout
+    lock = partial(allocation_lock, config.state_dir, lock_timeout)
+    health = GpuHealth(config.state_dir, sampler, docker, lock, config.gpu_release_seconds)
+    node = NodeDrain(config.state_dir, lock)
 
     app = Flask("utopia_agent")
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
     app.json.sort_keys = False
-    allocator = Allocator(config, docker, gpus, lock_timeout, MountPins(config.mounts_dir), NodeResources.read())
+    allocator = Allocator(config, docker, health, node, lock_timeout, MountPins(config.mounts_dir), NodeResources.read())
     app.extensions["utopia"] = Services(
         config=config,
         docker=docker,
-        gpus=gpus,
+        gpus=health,
+        node=node,
         allocator=allocator,
         system=SystemMetrics(),
         janitor=Janitor(allocator, config.state_dir / "janitor.stamp", config.unstarted_seconds).start(),
         usage=ClaimUsage(docker, config.state_dir).start(),
     )
+    health.monitor.start()
     register_error_handlers(app)
     register_request_hooks(app)
 

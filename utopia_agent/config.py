@@ -68,6 +68,8 @@ class Config:
     cpu_pinning: str = "numa"
     log_follow_seconds: float = 300.0
     infiniband_dir: Path = Path("/dev/infiniband")
+    gpu_release_seconds: float = 60.0
+    nvml_timeout: float = 5.0
     # Resolved at load: what no volume may reach (SYSTEM_PATHS, the agent's code and token).
     denied_paths: tuple[str, ...] = ()
 
@@ -258,6 +260,8 @@ def load_config(env: Mapping[str, str] | None = None, ephemeral_ports_path: Path
         cpu_pinning=_choice(env, "UTOPIA_AGENT_CPU_PINNING", "numa", PINNING_MODES),
         log_follow_seconds=_seconds(env, "UTOPIA_AGENT_LOG_FOLLOW_SECONDS", 300.0),
         infiniband_dir=Path(env.get("UTOPIA_AGENT_INFINIBAND_DIR") or "/dev/infiniband"),
+        gpu_release_seconds=_seconds(env, "UTOPIA_AGENT_GPU_RELEASE_SECONDS", 60.0),
+        nvml_timeout=_seconds(env, "UTOPIA_AGENT_NVML_TIMEOUT", 5.0),
         denied_paths=denied,
     )
 

@@ -109,6 +109,23 @@ class NoGpusFree(Conflict):
     code = "no_gpus_free"
 
 
+class NodeDraining(Conflict):
+    """The operator drains the node: no new claims until it resumes; the body gives the reason."""
+
+    code = "node_draining"
+
+
+class GpuHeld(Conflict):
+    """A quarantine cannot be released while a claim holds the GPU; the body names the claim."""
+
+    code = "gpu_held"
+
+
+class GpuNotFound(AgentError):
+    status = 404
+    code = "gpu_not_found"
+
+
 class PortTaken(Conflict):
     code = "port_taken"
 
@@ -162,6 +179,17 @@ class EngineUnavailable(AgentError):
 
     status = 503
     code = "engine_unavailable"
+    retry_after_seconds = 5
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_seconds)}
+
+
+class NvmlHung(AgentError):
+    """An NVML call has not returned within UTOPIA_AGENT_NVML_TIMEOUT: GPUs cannot be judged now."""
+
+    status = 503
+    code = "nvml_hung"
     retry_after_seconds = 5
 
     def headers(self) -> dict[str, str]:

@@ -2,19 +2,24 @@
 
 This is the only module that imports pynvml (nvidia-ml-py). Each gunicorn worker builds its
 own inventory after the fork, because an NVML session must not cross a fork. Facts that never
-change while the driver is loaded (handle, name, UUID, total memory, topology) are read once
-per inventory; changing fields are read on every snapshot. Every optional read goes through
+change while the driver is loaded (handle, name, UUID, total memory, PCI address, NUMA node,
+compute capability, topology, driver versions) are read once per inventory; changing fields
+are read on every snapshot, memory-health counters when asked. Every optional read goes through
 one guarded helper, as gpustat does: a field NVML cannot read is None, and a GPU that fails
 (lost, or without a readable UUID) is still listed, marked unhealthy so it is never allocated.
+Every call is registered with the NVML watchdog while it runs, so a hung driver shows.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from .nvml_watchdog import NvmlWatchdog
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +30,9 @@ NVML_FALLBACK_NOTE = "nvml-fallback"
 # measure counts as far apart as NVML knows, so selection never prefers it by accident.
 DISTANCE_SAME_GPU = 0
 DISTANCE_UNKNOWN = 50
+
+# nvidia-smi's names for the levels of NVML's topology, as `nvidia-smi topo -m` prints them.
+TOPOLOGY_NAMES = {0: "BOARD", 10: "PIX", 20: "PXB", 30: "PHB", 40: "NODE", 50: "SYS"}
 
 _MIB = 1024 * 1024
 
@@ -71,6 +79,61 @@ class Locality:
     memory_nodes: frozenset[int] | None = None
 
 
+@dataclass(frozen=True)
+class GpuFacts:
+    """What a GPU is, read once: for /api/v1/gpus and /api/v1/node; None where NVML cannot say."""
+
+    index: int
+    uuid: str | None
+    name: str | None
+    pci_bus_id: str | None
+    numa_node: int | None
+    compute_capability: str | None
+
+
+@dataclass(frozen=True)
+class DriverFacts:
+    """The driver's versions, read once; None where NVML cannot say (or without NVML)."""
+
+    driver_version: str | None = None
+    cuda_driver_version: str | None = None
+    nvml_version: str | None = None
+
+
+@dataclass(frozen=True)
+class GpuCounters:
+    """A GPU's memory-health counters (None: this GPU cannot report it): what dcgm-exporter
+    exports as DCGM_FI_DEV_ECC_DBE_VOL_TOTAL, _RETIRED_PENDING and the remapped-row series."""
+
+    ecc_dbe_volatile: int | None = None
+    retired_pages_pending: int | None = None
+    rows_correctable: int | None = None
+    rows_uncorrectable: int | None = None
+    row_remap_pending: int | None = None
+    row_remap_failure: int | None = None
+
+
+@dataclass(frozen=True)
+class GpuEvent:
+    """One driver event: `kind` is "xid" (with the Xid as `code`) or "double_bit_ecc"."""
+
+    uuid: str | None
+    kind: str
+    code: int
+
+
+class GpuEvents:
+    """A stream of driver events for this process; `wait` answers None when none came in time."""
+
+    watched = 0  # GPUs whose events come here
+
+    def wait(self) -> GpuEvent | None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release the event set; safe to call twice."""
+
+
 class GpuBackendError(Exception):
     """The requested GPU backend cannot serve this node; the message says why."""
 
@@ -91,6 +154,27 @@ class GpuInventory:
     def locality(self, indices) -> Locality:
         """The CPUs and memory nodes local to the GPUs `indices` (the union over them)."""
         return Locality()
+
+    def facts(self) -> list[GpuFacts]:
+        """What each GPU is, in index order."""
+        return []
+
+    def driver(self) -> DriverFacts:
+        return DriverFacts()
+
+    def topology(self) -> list[list[str | None]]:
+        """How every pair of GPUs is connected, as `nvidia-smi topo -m` names it ("X" on the
+        diagonal, "NV<links>" for NVLink, else the PCIe level); None where NVML cannot say."""
+        count = len(self.facts())
+        return [["X" if a == b else None for b in range(count)] for a in range(count)]
+
+    def counters(self) -> dict[int, GpuCounters]:
+        """Memory-health counters by GPU index, freshly read."""
+        return {}
+
+    def open_events(self) -> GpuEvents | None:
+        """Driver events (Xids, double-bit ECC errors) for this process; None without NVML."""
+        return None
 
     def close(self) -> None:
         """Release what the inventory holds; safe to call twice."""
@@ -120,6 +204,9 @@ class FakeGpuInventory(GpuInventory):
     def snapshot(self) -> list[GpuStatus]:
         return list(self._gpus)
 
+    def facts(self) -> list[GpuFacts]:
+        return [GpuFacts(gpu.index, gpu.uuid, gpu.name, None, None, None) for gpu in self._gpus]
+
 
 @dataclass
 class _StaticFacts:
@@ -132,6 +219,9 @@ class _StaticFacts:
     memory_total_mb: int | None
     failed: bool
     locality: Locality = Locality()
+    pci_bus_id: str | None = None
+    numa_node: int | None = None
+    compute_capability: str | None = None
 
 
 class _FieldReader:
@@ -142,8 +232,9 @@ class _FieldReader:
     each would only fail again, and a lost GPU can make the driver slow to answer.
     """
 
-    def __init__(self, pynvml: Any, failed: bool = False) -> None:
+    def __init__(self, pynvml: Any, watchdog: NvmlWatchdog, failed: bool = False) -> None:
         self._nvml = pynvml
+        self._watchdog = watchdog
         # Newer bindings raise NVMLLibraryMismatchError (not an NVMLError) for a function the
         # driver lacks behind an unversioned name; older ones raise NVMLError_FunctionNotFound.
         mismatch = getattr(pynvml, "NVMLLibraryMismatchError", pynvml.NVMLError)
@@ -157,7 +248,8 @@ class _FieldReader:
             return None
         self.error = None
         try:
-            return call(*args)
+            with self._watchdog.watch(call.__name__):
+                return call(*args)
         except self._field_errors as exc:
             self.error = getattr(exc, "value", self._nvml.NVML_ERROR_FUNCTION_NOT_FOUND)
             self.failed = self.error == self._nvml.NVML_ERROR_GPU_IS_LOST
@@ -169,39 +261,55 @@ class NvmlGpuInventory(GpuInventory):
 
     backend = "nvml"
 
-    def __init__(self) -> None:
+    def __init__(self, watchdog: NvmlWatchdog | None = None) -> None:
         import pynvml
 
         self._nvml = pynvml
+        self._watchdog = watchdog or NvmlWatchdog()
         self._lock = threading.Lock()
         self._memory_v2 = True
-        pynvml.nvmlInit()
+        with self._watchdog.watch("nvmlInit"):
+            pynvml.nvmlInit()
         self._open = True
         try:
-            count = pynvml.nvmlDeviceGetCount()
+            with self._watchdog.watch("nvmlDeviceGetCount"):
+                count = pynvml.nvmlDeviceGetCount()
             self._gpus = [self._read_static(i) for i in range(count)]
             self._distances = self._read_topology()
+            self._nvlinks = self._read_nvlinks()
+            self._driver = self._read_driver()
         except BaseException:
             self.close()
             raise
 
+    def _reader(self, failed: bool = False) -> _FieldReader:
+        return _FieldReader(self._nvml, self._watchdog, failed)
+
     def _read_static(self, index: int) -> _StaticFacts:
-        reader = _FieldReader(self._nvml)
-        handle = reader.read(self._nvml.nvmlDeviceGetHandleByIndex, index)
+        nvml = self._nvml
+        reader = self._reader()
+        handle = reader.read(nvml.nvmlDeviceGetHandleByIndex, index)
         reader.failed = reader.failed or handle is None
-        uuid = reader.read(self._nvml.nvmlDeviceGetUUID, handle)
-        name = reader.read(self._nvml.nvmlDeviceGetName, handle)
-        memory = reader.read(self._nvml.nvmlDeviceGetMemoryInfo, handle)
-        cpus = reader.read(self._nvml.nvmlDeviceGetCpuAffinity, handle, _AFFINITY_WORDS)
-        nodes = reader.read(self._nvml.nvmlDeviceGetMemoryAffinity, handle, _AFFINITY_WORDS, _NVML_AFFINITY_SCOPE_NODE)
+        uuid = reader.read(nvml.nvmlDeviceGetUUID, handle)
+        name = reader.read(nvml.nvmlDeviceGetName, handle)
+        memory = reader.read(nvml.nvmlDeviceGetMemoryInfo, handle)
+        failed = reader.failed
+        cpus = reader.read(nvml.nvmlDeviceGetCpuAffinity, handle, _AFFINITY_WORDS)
+        nodes = reader.read(nvml.nvmlDeviceGetMemoryAffinity, handle, _AFFINITY_WORDS, _NVML_AFFINITY_SCOPE_NODE)
+        pci = reader.read(nvml.nvmlDeviceGetPciInfo, handle)
+        numa = reader.read(nvml.nvmlDeviceGetNumaNodeId, handle)
+        capability = reader.read(nvml.nvmlDeviceGetCudaComputeCapability, handle)
         return _StaticFacts(
             index=index,
             handle=handle,
             uuid=uuid,
             name=name,
             memory_total_mb=_mib(memory, "total"),
-            failed=reader.failed,
+            failed=failed,
             locality=Locality(_mask_bits(cpus), _mask_bits(nodes)),
+            pci_bus_id=_text(pci.busId) if pci is not None else None,
+            numa_node=int(numa) if numa is not None and numa >= 0 else None,
+            compute_capability=f"{capability[0]}.{capability[1]}" if capability is not None else None,
         )
 
     def _read_topology(self) -> dict[tuple[int, int], int]:
@@ -210,12 +318,85 @@ class NvmlGpuInventory(GpuInventory):
         distances = {}
         for i, a in enumerate(readable):
             for b in readable[i + 1 :]:
-                level = _FieldReader(self._nvml).read(
-                    self._nvml.nvmlDeviceGetTopologyCommonAncestor, a.handle, b.handle
-                )
+                level = self._reader().read(self._nvml.nvmlDeviceGetTopologyCommonAncestor, a.handle, b.handle)
                 if level is not None:
                     distances[(a.index, b.index)] = int(level)
         return distances
+
+    def _read_nvlinks(self) -> dict[tuple[int, int], int]:
+        """Active NVLinks from each readable GPU to each other GPU, found by the far end's PCI address."""
+        nvml = self._nvml
+        by_bus_id = {gpu.pci_bus_id: gpu.index for gpu in self._gpus if gpu.pci_bus_id}
+        links: dict[tuple[int, int], int] = {}
+        for gpu in (g for g in self._gpus if not g.failed):
+            reader = self._reader()
+            for link in range(nvml.NVML_NVLINK_MAX_LINKS):
+                active = reader.read(nvml.nvmlDeviceGetNvLinkState, gpu.handle, link)
+                if reader.error is not None:  # no NVLink here, or no more links on this GPU
+                    break
+                remote = reader.read(nvml.nvmlDeviceGetNvLinkRemotePciInfo, gpu.handle, link) if active else None
+                peer = by_bus_id.get(_text(remote.busId)) if remote is not None else None
+                if peer is not None and peer != gpu.index:
+                    links[(gpu.index, peer)] = links.get((gpu.index, peer), 0) + 1
+        return links
+
+    def _read_driver(self) -> DriverFacts:
+        nvml = self._nvml
+        reader = self._reader()
+        cuda = reader.read(nvml.nvmlSystemGetCudaDriverVersion)
+        return DriverFacts(
+            driver_version=_text(reader.read(nvml.nvmlSystemGetDriverVersion)),
+            cuda_driver_version=f"{cuda // 1000}.{cuda % 1000 // 10}" if cuda else None,
+            nvml_version=_text(reader.read(nvml.nvmlSystemGetNVMLVersion)),
+        )
+
+    def facts(self) -> list[GpuFacts]:
+        return [
+            GpuFacts(gpu.index, gpu.uuid, gpu.name, gpu.pci_bus_id, gpu.numa_node, gpu.compute_capability)
+            for gpu in self._gpus
+        ]
+
+    def driver(self) -> DriverFacts:
+        return self._driver
+
+    def topology(self) -> list[list[str | None]]:
+        indices = [gpu.index for gpu in self._gpus]
+        return [[self._connection(a, b) for b in indices] for a in indices]
+
+    def _connection(self, a: int, b: int) -> str | None:
+        if a == b:
+            return "X"
+        if self._nvlinks.get((a, b)):
+            return f"NV{self._nvlinks[(a, b)]}"
+        level = self._distances.get((min(a, b), max(a, b)))
+        return TOPOLOGY_NAMES.get(level) if level is not None else None
+
+    def counters(self) -> dict[int, GpuCounters]:
+        with self._lock:
+            if not self._open:
+                return {}
+            return {gpu.index: self._read_counters(gpu) for gpu in self._gpus if not gpu.failed}
+
+    def _read_counters(self, gpu: _StaticFacts) -> GpuCounters:
+        nvml = self._nvml
+        reader = self._reader()
+        dbe = reader.read(nvml.nvmlDeviceGetTotalEccErrors, gpu.handle, nvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED, nvml.NVML_VOLATILE_ECC)
+        pending = reader.read(nvml.nvmlDeviceGetRetiredPagesPendingStatus, gpu.handle)
+        rows = reader.read(nvml.nvmlDeviceGetRemappedRows, gpu.handle) or (None,) * 4
+        return GpuCounters(
+            ecc_dbe_volatile=dbe,
+            retired_pages_pending=pending,
+            rows_correctable=rows[0],
+            rows_uncorrectable=rows[1],
+            row_remap_pending=rows[2],
+            row_remap_failure=rows[3],
+        )
+
+    def open_events(self) -> GpuEvents | None:
+        with self._lock:
+            if not self._open:
+                return None
+        return _NvmlEvents(self._nvml, self._watchdog, [gpu for gpu in self._gpus if not gpu.failed])
 
     def snapshot(self) -> list[GpuStatus]:
         with self._lock:
@@ -225,7 +406,7 @@ class NvmlGpuInventory(GpuInventory):
 
     def _read_status(self, gpu: _StaticFacts) -> GpuStatus:
         nvml = self._nvml
-        reader = _FieldReader(nvml, failed=gpu.failed)
+        reader = self._reader(failed=gpu.failed)
         memory_used = self._read_memory_used(reader, gpu.handle)
         temperature = reader.read(nvml.nvmlDeviceGetTemperature, gpu.handle, nvml.NVML_TEMPERATURE_GPU)
         utilisation = reader.read(nvml.nvmlDeviceGetUtilizationRates, gpu.handle)
@@ -276,25 +457,89 @@ class NvmlGpuInventory(GpuInventory):
                 return
             self._open = False
             try:
-                self._nvml.nvmlShutdown()
+                with self._watchdog.watch("nvmlShutdown"):
+                    self._nvml.nvmlShutdown()
             except self._nvml.NVMLError as exc:
                 log.debug("nvmlShutdown failed: %s", exc)
 
 
-def _open_nvml() -> NvmlGpuInventory:
+class _NvmlEvents(GpuEvents):
+    """An NVML event set registered for Xids and double-bit ECC errors on every readable GPU.
+
+    The driver gives each event set every event that comes after it was made, so every process
+    that watches sees every event: the agent keeps one watcher per node (gpu_health)."""
+
+    WAIT_MS = 1000
+
+    def __init__(self, nvml: Any, watchdog: NvmlWatchdog, gpus: list[_StaticFacts]):
+        self._nvml = nvml
+        self._watchdog = watchdog
+        wanted = nvml.nvmlEventTypeXidCriticalError | nvml.nvmlEventTypeDoubleBitEccError
+        with watchdog.watch("nvmlEventSetCreate"):
+            self._set = nvml.nvmlEventSetCreate()
+        self._uuids: dict[int | None, str | None] = {}
+        for gpu in gpus:
+            reader = _FieldReader(nvml, watchdog)
+            supported = reader.read(nvml.nvmlDeviceGetSupportedEventTypes, gpu.handle)
+            if supported is None or not supported & wanted:
+                log.info("NVML reports no Xid or ECC events for gpu=%s; its counters are still read", gpu.index)
+                continue
+            reader.read(nvml.nvmlDeviceRegisterEvents, gpu.handle, supported & wanted, self._set)
+            if reader.error is None:
+                self._uuids[_address(gpu.handle)] = gpu.uuid
+        self.watched = len(self._uuids)
+
+    def wait(self) -> GpuEvent | None:
+        nvml = self._nvml
+        try:
+            with self._watchdog.watch("nvmlEventSetWait_v2", allowance=self.WAIT_MS / 1000):
+                data = nvml.nvmlEventSetWait_v2(self._set, self.WAIT_MS)
+        except nvml.NVMLError as exc:
+            if exc.value == nvml.NVML_ERROR_TIMEOUT:
+                return None
+            raise
+        uuid = self._uuids.get(_address(data.device))
+        if data.eventType & nvml.nvmlEventTypeXidCriticalError:
+            return GpuEvent(uuid, "xid", int(data.eventData))
+        return GpuEvent(uuid, "double_bit_ecc", int(data.eventData))
+
+    def close(self) -> None:
+        if self._set is None:
+            return
+        event_set, self._set = self._set, None
+        try:
+            with self._watchdog.watch("nvmlEventSetFree"):
+                self._nvml.nvmlEventSetFree(event_set)
+        except self._nvml.NVMLError as exc:
+            log.debug("nvmlEventSetFree failed: %s", exc)
+
+
+def _address(handle: Any) -> int | None:
+    """A device handle's address: how an event's device is matched to a GPU."""
+    return ctypes.cast(handle, ctypes.c_void_p).value if handle is not None else None
+
+
+def _text(value: Any) -> str | None:
+    """NVML strings come back as bytes from some calls and str from others."""
+    if value is None:
+        return None
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def _open_nvml(watchdog: NvmlWatchdog | None) -> NvmlGpuInventory:
     """An NVML inventory, or GpuBackendError saying why NVML cannot serve this node."""
     try:
         import pynvml
     except ImportError as exc:
         raise GpuBackendError(f"nvidia-ml-py is not installed ({exc})") from exc
     try:
-        return NvmlGpuInventory()
+        return NvmlGpuInventory(watchdog)
     except pynvml.NVMLError as exc:
         raise GpuBackendError(f"NVML did not load: {exc}") from exc
 
 
 def make_inventory(
-    backend: str, fake_gpu_count: int = 0, first_to_log: Callable[[str], bool] = lambda note: True
+    backend: str, fake_gpu_count: int = 0, watchdog: NvmlWatchdog | None = None, first_to_log: Callable[[str], bool] = lambda note: True
 ) -> GpuInventory:
     """The inventory for UTOPIA_AGENT_GPU_BACKEND: auto, nvml, fake or none.
 
@@ -306,10 +551,10 @@ def make_inventory(
     if backend == "fake":
         return FakeGpuInventory(fake_gpu_count)
     if backend == "nvml":
-        return _open_nvml()
+        return _open_nvml(watchdog)
     if backend == "auto":
         try:
-            return _open_nvml()
+            return _open_nvml(watchdog)
         except GpuBackendError as exc:
             if first_to_log(NVML_FALLBACK_NOTE):
                 log.warning("GPU backend auto: %s; serving no GPUs", exc)
@@ -325,6 +570,11 @@ def gpu_keys(held) -> tuple[str, ...]:
     return tuple(f"#{index}" for index in held.gpu_ids)
 
 
-def gpu_key_held(gpu, keys: set[str] | dict) -> bool:
-    """Whether a GPU of the inventory is among the held `keys` (see gpu_keys)."""
-    return gpu.uuid in keys or f"#{gpu.index}" in keys
+def holders_of_containers(containers) -> dict[str, str]:
+    """GPU key (see gpu_keys) -> the claim holding it, from ManagedContainers or Holdings."""
+    return {key: held.claim_id for held in containers for key in gpu_keys(held)}
+
+
+def gpu_holder(gpu: GpuStatus, holders: dict):
+    """Who holds a GPU of the inventory among `holders` (keyed as gpu_keys says), or None."""
+    return holders.get(gpu.uuid) if gpu.uuid in holders else holders.get(f"#{gpu.index}")

@@ -9,7 +9,9 @@ serves the scrape, so they never go stale or get summed across workers.
 from __future__ import annotations
 
 import os
-from typing import Iterable
+import time
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -17,7 +19,12 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from .errors import AgentError
-from .gpus import gpu_key_held, gpu_keys
+from .gpus import gpu_keys, holders_of_containers
+from .schemas import GPU_STATES
+
+if TYPE_CHECKING:  # the docker manager imports this module, and gpu_health imports the docker manager
+    from .gpu_health import GpuView
+    from .gpu_sampler import GpuSample
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -57,27 +64,30 @@ class NodeCollector(Collector):
             containers, engine_up = None, 0.0
         yield GaugeMetricFamily("utopia_agent_engine_up", "1 when the Docker engine answered this scrape.", value=engine_up)
 
-        gpus = agent.gpus.snapshot()
-        holders: dict[str, int] = {}
-        claim_of: dict[str, str] = {}
-        for container in containers or ():
-            for key in gpu_keys(container):
-                holders[key] = holders.get(key, 0) + 1
-                claim_of[key] = container.claim_id
-        yield from self._dcgm_families(gpus, hostname, claim_of)
-        yield from self._claim_families(agent.usage.samples())
-        states = GaugeMetricFamily("utopia_agent_gpus", "GPUs by state: allocated, free or unhealthy.", labels=["state"])
-        unhealthy = sum(1 for g in gpus if not g.healthy)
-        taken = sum(1 for g in gpus if g.healthy and gpu_key_held(g, holders))
-        states.add_metric(["allocated"], taken)
-        states.add_metric(["free"], len(gpus) - unhealthy - taken)
-        states.add_metric(["unhealthy"], unhealthy)
+        sample = agent.gpus.sampler.latest()
+        views = agent.gpus.views(holders_of_containers(containers or ()), sample)
+        yield from self._dcgm_families(views, sample, agent.gpus.records.read().get("xid_events", {}), hostname)
+        states = GaugeMetricFamily("utopia_agent_gpus", "GPUs by state; only free ones are given to claims.", labels=["state"])
+        for state in GPU_STATES:
+            states.add_metric([state], sum(1 for view in views if view.state == state))
         yield states
+        holders: dict[str, int] = {}
+        for key in (key for c in containers or () for key in gpu_keys(c)):
+            holders[key] = holders.get(key, 0) + 1
+        yield from self._claim_families(agent.usage.samples())
         yield GaugeMetricFamily(
             "utopia_agent_gpus_allocated_twice",
             "GPUs that more than one managed container claims (should always be 0).",
             value=sum(1 for count in holders.values() if count > 1),
         )
+        yield GaugeMetricFamily(
+            "utopia_agent_nvml_hung",
+            "1 while an NVML call has not returned within UTOPIA_AGENT_NVML_TIMEOUT (GPU figures are then stale).",
+            value=1.0 if agent.gpus.sampler.hung() is not None else 0.0,
+        )
+        if sample is not None:
+            yield GaugeMetricFamily("utopia_agent_gpu_sample_age_seconds", "Age of the GPU figures in this scrape.", value=max(0.0, time.time() - sample.taken_at))
+        yield GaugeMetricFamily("utopia_agent_node_draining", "1 while the operator drains the node (creates are refused).", value=1.0 if agent.node.state()["draining"] else 0.0)
 
         if containers is not None:
             by_state = GaugeMetricFamily("utopia_agent_containers", "Managed containers by Docker state.", labels=["state"])
@@ -113,24 +123,34 @@ class NodeCollector(Collector):
         return cpu, used, limit
 
     @staticmethod
-    def _dcgm_families(gpus, hostname: str, claim_of: dict[str, str]) -> Iterable[GaugeMetricFamily]:
-        """The gauges under dcgm-exporter's names and labels, so its dashboards work unchanged, plus
-        `claim_id` (empty for a free GPU), as dcgm-exporter adds the pod that holds a GPU."""
+    def _dcgm_families(views: list[GpuView], sample: GpuSample | None, xid_events: dict, hostname: str) -> Iterable[GaugeMetricFamily]:
+        """The gauges under dcgm-exporter's names and labels, so its dashboards and alerts work unchanged,
+        plus `claim_id` (empty for a GPU no claim holds), as dcgm-exporter adds the pod that holds a GPU."""
         labels = ["gpu", "UUID", "modelName", "Hostname", "claim_id"]
         families = {
             "temp": GaugeMetricFamily("DCGM_FI_DEV_GPU_TEMP", "GPU temperature (in C).", labels=labels),
             "used": GaugeMetricFamily("DCGM_FI_DEV_FB_USED", "Framebuffer memory used (in MiB).", labels=labels),
             "free": GaugeMetricFamily("DCGM_FI_DEV_FB_FREE", "Framebuffer memory free (in MiB).", labels=labels),
             "util": GaugeMetricFamily("DCGM_FI_DEV_GPU_UTIL", "GPU utilization (in %).", labels=labels),
+            "xid": GaugeMetricFamily("DCGM_FI_DEV_XID_ERRORS", "Value of the last XID error encountered.", labels=labels),
+            "ecc_dbe_volatile": GaugeMetricFamily("DCGM_FI_DEV_ECC_DBE_VOL_TOTAL", "Total number of double-bit volatile ECC errors.", labels=labels),
+            "retired_pages_pending": GaugeMetricFamily("DCGM_FI_DEV_RETIRED_PENDING", "Whether pages are pending retirement (1) or not (0).", labels=labels),
+            "rows_correctable": GaugeMetricFamily("DCGM_FI_DEV_CORRECTABLE_REMAPPED_ROWS", "Number of remapped rows for correctable errors.", labels=labels),
+            "rows_uncorrectable": GaugeMetricFamily("DCGM_FI_DEV_UNCORRECTABLE_REMAPPED_ROWS", "Number of remapped rows for uncorrectable errors.", labels=labels),
+            "row_remap_pending": GaugeMetricFamily("DCGM_FI_DEV_ROW_REMAP_PENDING", "Whether a row remapping is pending (1) or not (0).", labels=labels),
+            "row_remap_failure": GaugeMetricFamily("DCGM_FI_DEV_ROW_REMAP_FAILURE", "Whether remapping of rows has failed.", labels=labels),
         }
-        for gpu in gpus:
-            claim = claim_of.get(gpu.uuid or "") or claim_of.get(f"#{gpu.index}", "")
-            values = [str(gpu.index), gpu.uuid or "", gpu.name or "", hostname, claim]
+        for view in views:
+            gpu = view.status
+            values = [str(gpu.index), gpu.uuid or "", gpu.name or "", hostname, view.claim_id or ""]
+            counters = sample.counters.get(gpu.index) if sample is not None else None
             readings = {
                 "temp": gpu.temperature_c,
                 "used": gpu.memory_used_mb,
                 "free": None if gpu.memory_total_mb is None or gpu.memory_used_mb is None else gpu.memory_total_mb - gpu.memory_used_mb,
                 "util": gpu.usage_percent,
+                "xid": (xid_events.get(gpu.uuid) or [{"code": 0}])[-1]["code"] if gpu.uuid else None,
+                **(asdict(counters) if counters is not None else {}),
             }
             for key, value in readings.items():
                 if value is not None:

@@ -15,6 +15,7 @@ ENV_ENTRY_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*=[^\x00]*$"
 CONTAINER_ID_PATTERN = r"^[0-9a-f]{12,64}$"
 NO_NUL_PATTERN = r"^[^\x00]*$"
 ABSOLUTE_PATH_PATTERN = r"^/[^\x00]*$"
+REASON_PATTERN = r"^[^\x00]*[^\s\x00][^\x00]*$"
 # The engine's reference grammar (distribution/reference), kept to what an orchestrator sends.
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 # As there, a first component is a registry only with a dot, a port, or as `localhost`;
@@ -280,6 +281,82 @@ class ContainerStatsSchema(Schema):
     gpus = fields.List(fields.Nested(ContainerGpuStatsSchema), required=True, metadata={"description": "The figures of the container's own GPUs."})
 
 
+class ReasonSchema(Schema):
+    """The body of POST /api/v1/gpus/<uuid>/quarantine and POST /api/v1/node/drain."""
+
+    reason = fields.String(
+        required=True,
+        validate=[validate.Length(min=1, max=512), FullMatch(REASON_PATTERN, error="must say something, without NUL characters")],
+        metadata={"description": "Why, for the operator who reads it later (kept with the record)."},
+    )
+
+
+GPU_STATES = ["free", "allocated", "releasing", "quarantined", "lost"]
+
+
+class XidEventSchema(Schema):
+    time = fields.Integer(required=True, metadata={"description": "Unix seconds when the agent received it."})
+    code = fields.Integer(required=True, metadata={"description": "The Xid."})
+
+
+class GpuSchema(Schema):
+    """One GPU of GET /api/v1/gpus."""
+
+    index = fields.Integer(required=True, metadata={"description": "NVML index."})
+    uuid = fields.String(allow_none=True, required=True, metadata={"description": "GPU UUID; null when unreadable."})
+    name = fields.String(allow_none=True, required=True, metadata={"description": "Product name; null when unreadable."})
+    pci_bus_id = fields.String(allow_none=True, required=True, metadata={"description": "PCI bus id; null when unreadable."})
+    numa_node = fields.Integer(allow_none=True, required=True, metadata={"description": "The NUMA node it sits on; null when NVML cannot say."})
+    state = fields.String(required=True, metadata={"enum": GPU_STATES, "description": "Only a free GPU is given to a claim."})
+    claim_id = fields.String(allow_none=True, required=True, metadata={"description": "The claim whose container holds it."})
+    reason = fields.String(allow_none=True, required=True, metadata={"description": "Why it is quarantined, releasing or lost."})
+    xid_events = fields.List(fields.Nested(XidEventSchema), required=True, metadata={"description": "Its recent Xids, oldest first."})
+
+
+class DrainSchema(Schema):
+    draining = fields.Boolean(required=True, metadata={"description": "True while the node takes no new claims."})
+    reason = fields.String(allow_none=True, required=True, metadata={"description": "The operator's reason; null when not draining."})
+    since = fields.Integer(allow_none=True, required=True, metadata={"description": "Unix seconds."})
+
+
+class NodeGpuSchema(Schema):
+    index = fields.Integer(required=True, metadata={"description": "NVML index."})
+    uuid = fields.String(allow_none=True, required=True, metadata={"description": "GPU UUID; null when unreadable."})
+    name = fields.String(allow_none=True, required=True, metadata={"description": "Product name; null when unreadable."})
+    pci_bus_id = fields.String(allow_none=True, required=True, metadata={"description": "PCI bus id; null when unreadable."})
+    numa_node = fields.Integer(allow_none=True, required=True, metadata={"description": "The NUMA node it sits on; null when NVML cannot say."})
+    compute_capability = fields.String(allow_none=True, required=True, metadata={"description": "CUDA compute capability, e.g. 9.0."})
+
+
+class NumaNodeSchema(Schema):
+    id = fields.Integer(required=True, metadata={"description": "NUMA node id."})
+    cpus = fields.List(fields.Integer(), required=True, metadata={"description": "Its CPUs."})
+    memory_total_mb = fields.Integer(allow_none=True, required=True, metadata={"description": "Its memory in MiB; null when unknown."})
+
+
+class NodeSchema(Schema):
+    """GET /api/v1/node."""
+
+    agent_version = fields.String(required=True, metadata={"description": "The agent's version."})
+    node_id = fields.String(required=True, metadata={"description": "UTOPIA_AGENT_NODE_ID, by default the hostname."})
+    gpu_backend = fields.String(required=True, metadata={"enum": ["nvml", "fake", "none", "auto"], "description": "auto only while NVML is still opening."})
+    driver_version = fields.String(allow_none=True, required=True, metadata={"description": "The NVIDIA driver's version; null without NVML."})
+    cuda_driver_version = fields.String(allow_none=True, required=True, metadata={"description": "The NVIDIA driver's version; null without NVML."})
+    nvml_version = fields.String(allow_none=True, required=True, metadata={"description": "NVML's version; null without NVML."})
+    nvml_hung = fields.String(allow_none=True, required=True, metadata={"description": "Why NVML counts as hung, or null."})
+    engine_version = fields.String(allow_none=True, required=True, metadata={"description": "Null while the engine does not answer."})
+    cpu_count = fields.Integer(required=True, metadata={"description": "CPUs the node has."})
+    memory_total_mb = fields.Integer(required=True, metadata={"description": "Memory in MiB."})
+    numa_nodes = fields.List(fields.Nested(NumaNodeSchema), required=True, metadata={"description": "The NUMA nodes with their CPUs."})
+    gpus = fields.List(fields.Nested(NodeGpuSchema), required=True, metadata={"description": "Every GPU, in index order."})
+    topology = fields.List(
+        fields.List(fields.String(allow_none=True)),
+        required=True,
+        metadata={"description": "GPU by GPU in index order, as `nvidia-smi topo -m` names the link: X, NV<links>, PIX, PXB, PHB, NODE, SYS, BOARD; null where NVML cannot say."},
+    )
+    drain = fields.Nested(DrainSchema, required=True, metadata={"description": "Whether the node takes claims."})
+
+
 class GpuMetricsSchema(Schema):
     id = fields.Integer(required=True, metadata={"description": "NVML index."})
     temperature_c = fields.Integer(allow_none=True, required=True, metadata={"description": "Degrees Celsius; null when NVML cannot read it."})
@@ -287,9 +364,10 @@ class GpuMetricsSchema(Schema):
     memory_used_mb = fields.Integer(allow_none=True, required=True, metadata={"description": "Used memory in MiB; null when unreadable."})
     name = fields.String(allow_none=True, required=True, metadata={"description": "Product name; null when unreadable."})
     uuid = fields.String(allow_none=True, required=True, metadata={"description": "GPU UUID; null when unreadable (such a GPU is never given)."})
-    busy = fields.Boolean(required=True, metadata={"description": "Held by a managed container, or running compute processes."})
+    busy = fields.Boolean(required=True, metadata={"description": "Not free: the allocator would not give it now (see `state`)."})
     usage_percent = fields.Float(allow_none=True, required=True, metadata={"description": "Utilisation in percent; null when unreadable."})
-    healthy = fields.Boolean(required=True, metadata={"description": "False when NVML reports it failing; such a GPU is never given."})
+    healthy = fields.Boolean(required=True, metadata={"description": "Neither lost nor quarantined."})
+    state = fields.String(required=True, metadata={"enum": GPU_STATES, "description": "free, allocated, releasing (not yet clean after its claim), quarantined or lost."})
 
 
 class SystemMetricsSchema(Schema):
@@ -307,14 +385,17 @@ class MetricsSchema(Schema):
     cpu_usage_percent = fields.Float(required=True, metadata={"description": "CPU use in percent, as in `system`."})
     memory_usage_percent = fields.Float(required=True, metadata={"description": "Memory use in percent, as in `system`."})
     gpus = fields.List(fields.Nested(GpuMetricsSchema), required=True, metadata={"description": "Every GPU, in index order."})
+    gpus_stale = fields.Boolean(required=True, metadata={"description": "True while NVML is hung: the GPU figures are the last good sample."})
+    gpus_sampled_at = fields.Float(allow_none=True, required=True, metadata={"description": "Unix time of the GPU sample."})
     system = fields.Nested(SystemMetricsSchema, required=True, metadata={"description": "The node's own figures."})
 
 
 class HealthSchema(Schema):
     status = fields.String(
-        required=True, validate=validate.OneOf(["healthy", "unhealthy"]), metadata={"description": "`unhealthy` while the engine does not answer."}
+        required=True, validate=validate.OneOf(["healthy", "unhealthy"]), metadata={"description": "`unhealthy` while the engine does not answer or NVML is hung."}
     )
     timestamp = fields.String(required=True, metadata={"description": "When it was answered, ISO 8601 in UTC."})
+    draining = fields.Boolean(required=True, metadata={"description": "The node takes no new claims; it stays healthy."})
     reason = fields.String(metadata={"description": "Why it is unhealthy."})
 
 
@@ -326,7 +407,7 @@ class ErrorSchema(Schema):
     )
     message = fields.String(required=True, metadata={"description": "What went wrong, for a human."})
     errors = fields.Dict(metadata={"description": "Per-field (or per-parameter) messages, for 400 and 403."})
-    claim_id = fields.String(metadata={"description": "The claim, for 409 claim_exists."})
+    claim_id = fields.String(metadata={"description": "The claim, for 409 claim_exists and 409 gpu_held."})
     container_id = fields.String(
         allow_none=True,
         metadata={"description": "The existing container, for 409 claim_exists (null when it went away meanwhile)."},
@@ -338,18 +419,8 @@ class ErrorSchema(Schema):
     free_memory_mb = fields.Integer(metadata={"description": "Memory free for claims, for 409 not_enough_resources."})
     free_cpuset = fields.String(metadata={"description": "Whole cores free near the GPUs, for 409 not_enough_resources under exclusive pinning."})
     image = fields.String(metadata={"description": "The image that could not be pulled, for 502 image_pull_failed."})
+    reason = fields.String(metadata={"description": "The operator's reason, for 409 node_draining."})
     max_body_bytes = fields.Integer(metadata={"description": "The node's UTOPIA_AGENT_MAX_BODY_BYTES, for 413 body_too_large."})
-
-
-def load_query(schema: Schema, args) -> dict:
-    """Validate query parameters (a werkzeug MultiDict) with `schema`; a repeated one is refused."""
-    repeated = [key for key, values in args.lists() if len(values) > 1]
-    if repeated:
-        raise InvalidRequest("a query parameter is given twice", errors={key: ["given more than once"] for key in repeated})
-    try:
-        return schema.load(args.to_dict())
-    except ValidationError as exc:
-        raise InvalidRequest("the query parameters are invalid", errors=exc.messages) from None
 
 
 def load_request(schema: Schema, payload) -> dict:

@@ -14,8 +14,9 @@ from .allocator import Allocator
 from .claim_usage import ClaimUsage
 from .config import Config
 from .docker_manager import DockerManager
-from .gpus import GpuInventory
+from .gpu_health import GpuHealth
 from .janitor import Janitor
+from .node_state import NodeDrain
 from .system_metrics import SystemMetrics
 
 
@@ -25,7 +26,8 @@ class Services:
 
     config: Config
     docker: DockerManager
-    gpus: GpuInventory
+    gpus: GpuHealth
+    node: NodeDrain
     allocator: Allocator
     system: SystemMetrics
     janitor: Janitor

@@ -1,10 +1,11 @@
-"""Node CPU, memory, disk, load and uptime from psutil, without ever sleeping in a request."""
+"""Node CPU, memory, disk, load and uptime from psutil, without ever sleeping in a request; NUMA nodes from sysfs."""
 
 from __future__ import annotations
 
 import os
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -47,3 +48,37 @@ class SystemMetrics:
             "load_average": round(os.getloadavg()[0], 2),
             "uptime": int(time.time() - self._boot_time),
         }
+
+
+def numa_nodes(root: Path = Path("/sys/devices/system/node")) -> list[dict[str, Any]]:
+    """The node's NUMA nodes with their CPUs and memory, from sysfs; [] where the kernel has none."""
+    nodes = []
+    for path in sorted(root.glob("node[0-9]*"), key=lambda p: int(p.name[4:])):
+        try:
+            cpus = _cpu_list((path / "cpulist").read_text())
+        except OSError:
+            continue
+        nodes.append({"id": int(path.name[4:]), "cpus": cpus, "memory_total_mb": _node_memory_mb(path / "meminfo")})
+    return nodes
+
+
+def _cpu_list(text: str) -> list[int]:
+    """'0-3,8-11' -> [0, 1, 2, 3, 8, 9, 10, 11]."""
+    cpus: list[int] = []
+    for part in text.strip().split(","):
+        if part:
+            low, _, high = part.partition("-")
+            cpus.extend(range(int(low), int(high or low) + 1))
+    return cpus
+
+
+def _node_memory_mb(meminfo: Path) -> int | None:
+    """MemTotal of one NUMA node ('Node 0 MemTotal:  32768 kB'), in MiB."""
+    try:
+        for line in meminfo.read_text().splitlines():
+            fields = line.split()
+            if len(fields) >= 4 and fields[2] == "MemTotal:":
+                return int(fields[3]) // 1024
+    except (OSError, ValueError):
+        pass
+    return None

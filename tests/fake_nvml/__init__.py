@@ -4,7 +4,8 @@
 that directory runs the real nvidia-ml-py against the GPUs described in the file named by
 FAKE_NVML_CONFIG. glibc reads LD_LIBRARY_PATH only when a process starts, so the code under
 test must run in a child process (a `python -c` probe, or the agent under gunicorn) started
-with `fake_nvml_env(...)`.
+with `fake_nvml_env(...)`. While it runs, a test may rewrite the scenario, append driver
+events (`inject_event`) and make every NVML call block (`hung_nvml`).
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ from __future__ import annotations
 import os
 import subprocess
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Iterator
 
 SOURCE = Path(__file__).with_name("fake_nvml.c")
 LIBRARY_NAME = "libnvidia-ml.so.1"
@@ -22,6 +25,10 @@ LIBRARY_NAME = "libnvidia-ml.so.1"
 NVML_ERROR_DRIVER_NOT_LOADED = 9
 NVML_ERROR_FUNCTION_NOT_FOUND = 13
 NVML_ERROR_ARGUMENT_VERSION_MISMATCH = 25
+
+# NVML event types (nvmlEventType*) a test may inject.
+EVENT_DOUBLE_BIT_ECC = 0x2
+EVENT_XID = 0x8
 
 
 @dataclass(frozen=True)
@@ -40,6 +47,14 @@ class FakeGpu:
     pci_bus_id: str = ""
     switch: int = 0
     numa: int = 0
+    ecc_dbe: int | None = 0
+    retired_pending: int | None = 0
+    rows_correctable: int | None = 0
+    rows_uncorrectable: int | None = 0
+    remap_pending: int = 0
+    remap_failure: int = 0
+    # The NVML index at the far end of each NVLink; empty: no NVLink.
+    nvlink_peers: tuple[int, ...] = ()
 
     def config_line(self) -> str:
         fields = [
@@ -55,6 +70,13 @@ class FakeGpu:
             self.pci_bus_id,
             self.switch,
             self.numa,
+            self.ecc_dbe,
+            self.retired_pending,
+            self.rows_correctable,
+            self.rows_uncorrectable,
+            self.remap_pending,
+            self.remap_failure,
+            " ".join(str(peer) for peer in self.nvlink_peers),
         ]
         text = ["NA" if value is None else str(value) for value in fields]
         if any("|" in value or "\n" in value for value in text):
@@ -115,6 +137,28 @@ def write_fake_nvml_config(
         out.write("\n".join(lines) + "\n")
     os.replace(tmp, path)
     return path
+
+
+def inject_event(config_path: str | os.PathLike, uuid: str, event_type: int, data: int = 0) -> None:
+    """Raise a driver event on the GPU `uuid` (EVENT_XID with the Xid as data, or
+    EVENT_DOUBLE_BIT_ECC): every event set made before it receives it once."""
+    line = f"{uuid}|{event_type}|{data}\n".encode()
+    fd = os.open(f"{config_path}.events", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def hung_nvml(config_path: str | os.PathLike) -> Iterator[None]:
+    """Every NVML call of the processes on this scenario blocks until the block ends."""
+    switch = Path(f"{config_path}.hang")
+    switch.touch()
+    try:
+        yield
+    finally:
+        switch.unlink(missing_ok=True)
 
 
 def build_fake_nvml(dest_dir: str | os.PathLike) -> Path:

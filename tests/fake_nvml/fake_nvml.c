@@ -13,6 +13,12 @@
  * order; any other line is a global "key=value".
  *
  *   name|uuid|mem_total_mib|mem_used_mib|mem_reserved_mib|temp_c|util_pct|procs|lost|pci_bus_id|switch|numa
+ *       |ecc_dbe|retired_pending|rows_correctable|rows_uncorrectable|remap_pending|remap_failure|nvlink_peers
+ *
+ * The fields after numa are optional (0 when left out): the volatile double-bit ECC count, whether
+ * retired pages are pending, the remapped-row counters and flags, and the NVML indices of the
+ * GPUs at the far end of each NVLink, space-separated ("1 1 1 1": four links to GPU 1; empty: no
+ * NVLink, and the NVLink queries answer Not Supported).
  *
  * Any numeric field, and name or uuid, may be "NA": that query answers NVML_ERROR_NOT_SUPPORTED
  * (an NA memory field makes the whole memory query Not Supported). lost=1 makes every
@@ -33,12 +39,25 @@
  *   numa_cpus=0-31;32-63  the CPUs of each numa node, ';' between nodes (node 0 first), each a
  *                         Linux CPU list ("0-3,8-11"); "NA" makes both affinity queries Not
  *                         Supported. The default is two nodes of 32 CPUs, as above.
+ *
+ * Two more files beside the config, which tests write while the process runs:
+ *
+ *   <config>.hang         while it exists, every call blocks (a wedged driver); removing it lets
+ *                         the blocked calls return.
+ *   <config>.events       lines "uuid|event_type|event_data", appended (e.g. "GPU-...|8|79" is Xid
+ *                         79, "GPU-...|2|0" a double-bit ECC error). As with the real driver, an
+ *                         event set receives the events that come after it was created, once, for
+ *                         the devices and event types registered on it; so every process that
+ *                         watches sees every event once.
  */
 #include <pthread.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
 
 typedef int nvmlReturn_t;
 
@@ -50,6 +69,7 @@ enum {
     NVML_ERROR_NOT_FOUND = 6,
     NVML_ERROR_INSUFFICIENT_SIZE = 7,
     NVML_ERROR_DRIVER_NOT_LOADED = 9,
+    NVML_ERROR_TIMEOUT = 10,
     NVML_ERROR_FUNCTION_NOT_FOUND = 13,
     NVML_ERROR_GPU_IS_LOST = 15,
     NVML_ERROR_ARGUMENT_VERSION_MISMATCH = 25,
@@ -67,6 +87,13 @@ enum {
 #define MAX_NUMA 16
 #define MAX_CPUS 1024
 #define MASK_BITS 64
+#define MAX_LINKS 18
+#define FIELDS 19
+#define EVENT_TYPE_SINGLE_BIT_ECC 0x1ULL
+#define EVENT_TYPE_DOUBLE_BIT_ECC 0x2ULL
+#define EVENT_TYPE_XID 0x8ULL
+#define SUPPORTED_EVENTS (EVENT_TYPE_SINGLE_BIT_ECC | EVENT_TYPE_DOUBLE_BIT_ECC | EVENT_TYPE_XID)
+#define EVENT_POLL_MS 50
 #define NA (-1LL)
 #define MIB (1024ULL * 1024ULL)
 #define NVML_MEMORY_V2_VERSION 0x02000028u
@@ -113,6 +140,9 @@ struct fake_gpu {
     char pci_bus_id[32];
     int pci_bus;
     int sw, numa;
+    long long ecc_dbe, retired_pending, rows_correctable, rows_uncorrectable, remap_pending, remap_failure;
+    int nvlink_peers[MAX_LINKS];
+    int nvlinks;
 };
 
 typedef struct fake_gpu *nvmlDevice_t;
@@ -217,10 +247,10 @@ static void parse_gpu_line(char *line)
         return;
     struct fake_gpu *g = &gpus[gpu_count];
     set_default_gpu(g, gpu_count);
-    char *field[12] = {0};
+    char *field[FIELDS] = {0};
     int n = 0;
     char *tok;
-    while (n < 12 && (tok = strsep(&line, "|")) != NULL)
+    while (n < FIELDS && (tok = strsep(&line, "|")) != NULL)
         field[n++] = trim(tok);
 
     copy_text(g->name, sizeof(g->name), field[0], &g->name_na);
@@ -240,6 +270,17 @@ static void parse_gpu_line(char *line)
     }
     g->sw = (int)parse_num(field[10], g->sw);
     g->numa = (int)parse_num(field[11], g->numa);
+    g->ecc_dbe = parse_num(field[12], 0);
+    g->retired_pending = parse_num(field[13], 0);
+    g->rows_correctable = parse_num(field[14], 0);
+    g->rows_uncorrectable = parse_num(field[15], 0);
+    g->remap_pending = parse_num(field[16], 0);
+    g->remap_failure = parse_num(field[17], 0);
+    char *peers = field[18];
+    while (peers != NULL && g->nvlinks < MAX_LINKS && (tok = strsep(&peers, " ")) != NULL) {
+        if (*tok != '\0')
+            g->nvlink_peers[g->nvlinks++] = (int)strtol(tok, NULL, 0);
+    }
     gpu_count++;
 }
 
@@ -311,9 +352,35 @@ static void refresh_locked(int force)
         config_stat = st;
 }
 
+/* "<config><suffix>", or "" without a config. */
+static void beside_config(char *dst, size_t size, const char *suffix)
+{
+    const char *path = getenv("FAKE_NVML_CONFIG");
+    if (path == NULL || *path == '\0')
+        *dst = '\0';
+    else
+        snprintf(dst, size, "%s%s", path, suffix);
+}
+
+static void sleep_ms(long ms)
+{
+    struct timespec pause = {ms / 1000, (ms % 1000) * 1000000L};
+    nanosleep(&pause, NULL);
+}
+
+/* Block while the hang switch exists, as a call into a wedged driver does. */
+static void wait_while_hung(void)
+{
+    char path[4096];
+    beside_config(path, sizeof(path), ".hang");
+    while (*path != '\0' && access(path, F_OK) == 0)
+        sleep_ms(20);
+}
+
 /* Lock the state, refresh it, and check the library is initialised. */
 static nvmlReturn_t enter(void)
 {
+    wait_while_hung();
     pthread_mutex_lock(&state_lock);
     if (init_refcount == 0) {
         pthread_mutex_unlock(&state_lock);
@@ -355,6 +422,7 @@ static nvmlReturn_t copy_out(char *dst, unsigned int length, const char *src)
 nvmlReturn_t nvmlInitWithFlags(unsigned int flags)
 {
     (void)flags;
+    wait_while_hung();
     pthread_mutex_lock(&state_lock);
     if (init_refcount == 0)
         refresh_locked(1);
@@ -393,6 +461,7 @@ const char *nvmlErrorString(nvmlReturn_t result)
     case NVML_ERROR_NOT_FOUND: return "Not Found";
     case NVML_ERROR_INSUFFICIENT_SIZE: return "Insufficient Size";
     case NVML_ERROR_DRIVER_NOT_LOADED: return "Driver Not Loaded";
+    case NVML_ERROR_TIMEOUT: return "Timeout";
     case NVML_ERROR_FUNCTION_NOT_FOUND: return "Function Not Found";
     case NVML_ERROR_GPU_IS_LOST: return "GPU is lost";
     case NVML_ERROR_ARGUMENT_VERSION_MISMATCH: return "Argument version mismatch";
@@ -655,6 +724,239 @@ nvmlReturn_t nvmlDeviceGetTopologyCommonAncestor(nvmlDevice_t device1, nvmlDevic
         *level = NVML_TOPOLOGY_MULTIPLE;
     else
         *level = NVML_TOPOLOGY_SYSTEM;
+    return leave(NVML_SUCCESS);
+}
+
+nvmlReturn_t nvmlDeviceGetNumaNodeId(nvmlDevice_t device, unsigned int *node)
+{
+    nvmlReturn_t ret = enter_device(device);
+    if (ret != NVML_SUCCESS)
+        return ret;
+    if (node == NULL)
+        return leave(NVML_ERROR_INVALID_ARGUMENT);
+    *node = (unsigned int)device->numa;
+    return leave(NVML_SUCCESS);
+}
+
+nvmlReturn_t nvmlDeviceGetCudaComputeCapability(nvmlDevice_t device, int *major, int *minor)
+{
+    nvmlReturn_t ret = enter_device(device);
+    if (ret != NVML_SUCCESS)
+        return ret;
+    if (major == NULL || minor == NULL)
+        return leave(NVML_ERROR_INVALID_ARGUMENT);
+    *major = 9;
+    *minor = 0;
+    return leave(NVML_SUCCESS);
+}
+
+/* Error type 1 is uncorrected (double-bit); counter type 0 volatile, 1 aggregate: both report ecc_dbe. */
+nvmlReturn_t nvmlDeviceGetTotalEccErrors(nvmlDevice_t device, unsigned int error_type, unsigned int counter_type,
+                                         unsigned long long *count)
+{
+    nvmlReturn_t ret = enter_device(device);
+    if (ret != NVML_SUCCESS)
+        return ret;
+    if (count == NULL || error_type > 1 || counter_type > 1)
+        return leave(NVML_ERROR_INVALID_ARGUMENT);
+    if (device->ecc_dbe == NA)
+        return leave(NVML_ERROR_NOT_SUPPORTED);
+    *count = error_type == 1 ? (unsigned long long)device->ecc_dbe : 0;
+    return leave(NVML_SUCCESS);
+}
+
+nvmlReturn_t nvmlDeviceGetRetiredPagesPendingStatus(nvmlDevice_t device, unsigned int *pending)
+{
+    nvmlReturn_t ret = enter_device(device);
+    if (ret != NVML_SUCCESS)
+        return ret;
+    if (pending == NULL)
+        return leave(NVML_ERROR_INVALID_ARGUMENT);
+    if (device->retired_pending == NA)
+        return leave(NVML_ERROR_NOT_SUPPORTED);
+    *pending = device->retired_pending ? 1 : 0;
+    return leave(NVML_SUCCESS);
+}
+
+nvmlReturn_t nvmlDeviceGetRemappedRows(nvmlDevice_t device, unsigned int *correctable, unsigned int *uncorrectable,
+                                       unsigned int *pending, unsigned int *failure)
+{
+    nvmlReturn_t ret = enter_device(device);
+    if (ret != NVML_SUCCESS)
+        return ret;
+    if (correctable == NULL || uncorrectable == NULL || pending == NULL || failure == NULL)
+        return leave(NVML_ERROR_INVALID_ARGUMENT);
+    if (device->rows_correctable == NA || device->rows_uncorrectable == NA)
+        return leave(NVML_ERROR_NOT_SUPPORTED);
+    *correctable = (unsigned int)device->rows_correctable;
+    *uncorrectable = (unsigned int)device->rows_uncorrectable;
+    *pending = device->remap_pending ? 1 : 0;
+    *failure = device->remap_failure ? 1 : 0;
+    return leave(NVML_SUCCESS);
+}
+
+nvmlReturn_t nvmlDeviceGetNvLinkState(nvmlDevice_t device, unsigned int link, unsigned int *active)
+{
+    nvmlReturn_t ret = enter_device(device);
+    if (ret != NVML_SUCCESS)
+        return ret;
+    if (active == NULL)
+        return leave(NVML_ERROR_INVALID_ARGUMENT);
+    if (device->nvlinks == 0)
+        return leave(NVML_ERROR_NOT_SUPPORTED);
+    if (link >= MAX_LINKS)
+        return leave(NVML_ERROR_INVALID_ARGUMENT);
+    *active = link < (unsigned int)device->nvlinks;
+    return leave(NVML_SUCCESS);
+}
+
+nvmlReturn_t nvmlDeviceGetNvLinkRemotePciInfo_v2(nvmlDevice_t device, unsigned int link, nvmlPciInfo_t *pci)
+{
+    nvmlReturn_t ret = enter_device(device);
+    if (ret != NVML_SUCCESS)
+        return ret;
+    if (pci == NULL || link >= (unsigned int)device->nvlinks)
+        return leave(NVML_ERROR_INVALID_ARGUMENT);
+    int peer = device->nvlink_peers[link];
+    if (peer < 0 || (unsigned int)peer >= gpu_count)
+        return leave(NVML_ERROR_INVALID_ARGUMENT);
+    memset(pci, 0, sizeof(*pci));
+    snprintf(pci->busId, sizeof(pci->busId), "%s", gpus[peer].pci_bus_id);
+    pci->bus = (unsigned int)gpus[peer].pci_bus;
+    return leave(NVML_SUCCESS);
+}
+
+nvmlReturn_t nvmlDeviceGetSupportedEventTypes(nvmlDevice_t device, unsigned long long *types)
+{
+    nvmlReturn_t ret = enter_device(device);
+    if (ret != NVML_SUCCESS)
+        return ret;
+    if (types == NULL)
+        return leave(NVML_ERROR_INVALID_ARGUMENT);
+    *types = SUPPORTED_EVENTS;
+    return leave(NVML_SUCCESS);
+}
+
+typedef struct {
+    nvmlDevice_t device;
+    unsigned long long eventType;
+    unsigned long long eventData;
+    unsigned int gpuInstanceId;
+    unsigned int computeInstanceId;
+} nvmlEventData_t;
+
+/* An event set reads the events file from where it stood when the set was made. */
+struct fake_event_set {
+    long offset;
+    unsigned long long registered[MAX_GPUS];
+};
+
+typedef struct fake_event_set *nvmlEventSet_t;
+
+static long events_file_size(void)
+{
+    char path[4096];
+    struct stat st;
+    beside_config(path, sizeof(path), ".events");
+    return *path != '\0' && stat(path, &st) == 0 ? (long)st.st_size : 0;
+}
+
+nvmlReturn_t nvmlEventSetCreate(nvmlEventSet_t *set)
+{
+    nvmlReturn_t ret = enter();
+    if (ret != NVML_SUCCESS)
+        return ret;
+    if (set == NULL)
+        return leave(NVML_ERROR_INVALID_ARGUMENT);
+    *set = calloc(1, sizeof(**set));
+    if (*set == NULL)
+        return leave(NVML_ERROR_UNKNOWN);
+    (*set)->offset = events_file_size();
+    return leave(NVML_SUCCESS);
+}
+
+nvmlReturn_t nvmlDeviceRegisterEvents(nvmlDevice_t device, unsigned long long types, nvmlEventSet_t set)
+{
+    nvmlReturn_t ret = enter_device(device);
+    if (ret != NVML_SUCCESS)
+        return ret;
+    if (set == NULL)
+        return leave(NVML_ERROR_INVALID_ARGUMENT);
+    if (types & ~SUPPORTED_EVENTS)
+        return leave(NVML_ERROR_NOT_SUPPORTED);
+    set->registered[device - gpus] |= types;
+    return leave(NVML_SUCCESS);
+}
+
+/* The next whole line of the events file that the set is registered for; 1 when one was found. */
+static int next_event_locked(nvmlEventSet_t set, nvmlEventData_t *data)
+{
+    char path[4096], line[512];
+    beside_config(path, sizeof(path), ".events");
+    FILE *f = *path != '\0' ? fopen(path, "r") : NULL;
+    if (f == NULL)
+        return 0;
+    int found = 0;
+    if (fseek(f, set->offset, SEEK_SET) == 0) {
+        while (!found && fgets(line, sizeof(line), f) != NULL) {
+            size_t length = strlen(line);
+            if (length == 0 || line[length - 1] != '\n')
+                break; /* a line still being written: read it next time */
+            set->offset += (long)length;
+            char *rest = trim(line);
+            char *uuid = strsep(&rest, "|"), *type = strsep(&rest, "|"), *value = rest;
+            if (type == NULL || value == NULL)
+                continue;
+            unsigned long long event_type = strtoull(type, NULL, 0);
+            for (unsigned int i = 0; i < gpu_count; i++) {
+                if (!gpus[i].uuid_na && strcmp(gpus[i].uuid, trim(uuid)) == 0 && (set->registered[i] & event_type)) {
+                    data->device = &gpus[i];
+                    data->eventType = event_type;
+                    data->eventData = strtoull(value, NULL, 0);
+                    data->gpuInstanceId = 0xFFFFFFFFu;
+                    data->computeInstanceId = 0xFFFFFFFFu;
+                    found = 1;
+                    break;
+                }
+            }
+        }
+    }
+    fclose(f);
+    return found;
+}
+
+/* Polls the events file every EVENT_POLL_MS (the driver blocks in the kernel instead). */
+nvmlReturn_t nvmlEventSetWait_v2(nvmlEventSet_t set, nvmlEventData_t *data, unsigned int timeout_ms)
+{
+    if (set == NULL || data == NULL)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    long waited = 0;
+    for (;;) {
+        nvmlReturn_t ret = enter();
+        if (ret != NVML_SUCCESS)
+            return ret;
+        int found = events_file_size() > set->offset && next_event_locked(set, data);
+        leave(NVML_SUCCESS);
+        if (found)
+            return NVML_SUCCESS;
+        if (waited >= (long)timeout_ms)
+            return NVML_ERROR_TIMEOUT;
+        sleep_ms(EVENT_POLL_MS);
+        waited += EVENT_POLL_MS;
+    }
+}
+
+nvmlReturn_t nvmlEventSetWait(nvmlEventSet_t set, nvmlEventData_t *data, unsigned int timeout_ms)
+{
+    return nvmlEventSetWait_v2(set, data, timeout_ms);
+}
+
+nvmlReturn_t nvmlEventSetFree(nvmlEventSet_t set)
+{
+    nvmlReturn_t ret = enter();
+    if (ret != NVML_SUCCESS)
+        return ret;
+    free(set);
     return leave(NVML_SUCCESS);
 }
 

@@ -4,7 +4,7 @@ from flask import Blueprint
 
 from ..services import services
 from ..auth import require_token
-from . import containers, metrics
+from . import containers, gpus, metrics, node
 
 blueprint = Blueprint("api_v1", __name__, url_prefix="/api/v1")
 
@@ -16,3 +16,5 @@ def authenticate():
 
 blueprint.register_blueprint(containers.blueprint)
 blueprint.register_blueprint(metrics.blueprint)
+blueprint.register_blueprint(gpus.blueprint)
+blueprint.register_blueprint(node.blueprint)

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 
 from flask import Blueprint, Response, current_app, g, jsonify, request, url_for
 
-from ..errors import AgentError, ClaimExists, InvalidRequest, TooManyFollowers
-from ..gpus import gpu_key_held, gpu_keys
+from ..errors import AgentError, ClaimExists, TooManyFollowers
+from ..gpus import gpu_holder, gpu_keys
 from ..policy import build_spec, check_image_labels
 from ..prometheus import CREATES, DELETES
 from ..schemas import CreateContainerSchema, ListContainersQuerySchema, LogsQuerySchema, load_query, load_request
 from ..services import services
+from .bodies import json_body
 
 log = logging.getLogger("utopia_agent.containers")
 blueprint = Blueprint("containers", __name__, url_prefix="/containers")
@@ -30,7 +30,7 @@ _followers = threading.BoundedSemaphore(MAX_FOLLOWERS_PER_WORKER)
 @blueprint.post("")
 def create_container():
     try:
-        container_id = _create(_json_body())
+        container_id = _create(json_body())
     except AgentError as error:
         CREATES.labels(error.code).inc()
         raise
@@ -41,23 +41,18 @@ def create_container():
     return response
 
 
-def _json_body():
-    """The body as JSON, whatever Content-Type says; anything unparsable (or absurdly nested) is a 400."""
-    try:
-        return json.loads(request.get_data(cache=False))
-    except (ValueError, RecursionError):
-        raise InvalidRequest("the body must be JSON", errors={"_schema": ["expected a JSON object"]}) from None
-
-
 def _create(payload) -> str:
     """Validate, apply policy, pull, allocate and create under the lock, then start or roll back."""
     data = load_request(_create_schema, payload)
     g.claim_id = data["claim_id"]
     agent = services()
     spec = build_spec(data, agent.config)
-    existing = agent.docker.find_claim(spec.claim_id)
+    # The node view answers at no cost; a container it still shows may have gone a moment ago
+    # (removed behind the agent's back), so a 409 is only answered once the engine confirms it.
+    existing = agent.docker.find_claim(spec.claim_id) and agent.docker.find_claim(spec.claim_id, fresh=True)
     if existing:
         raise ClaimExists.held_by(spec.claim_id, existing)
+    agent.allocator.admit(data["gpu_count"])
     check_image_labels(spec.image, agent.docker.ensure_image(spec.image))
     container_id, spec = agent.allocator.create(spec, data["gpu_count"])
     event = {"claim_id": spec.claim_id, "container_id": container_id, "gpu_ids": list(spec.gpu_ids)}
@@ -155,7 +150,7 @@ def container_logs(container_id: str):
 
 @blueprint.get("/<container_id>/stats")
 def container_stats(container_id: str):
-    """CPU and memory from the container's cgroup, and its GPUs' figures from NVML."""
+    """CPU and memory from the container's cgroup, and its GPUs' figures from the last NVML sample."""
     agent = services()
     container = agent.docker.get_managed(container_id)
     g.claim_id = container.claim_id
@@ -165,10 +160,11 @@ def container_stats(container_id: str):
         limit_mb = usage.memory_limit_bytes // _MIB if usage.memory_limit_bytes is not None else None
     else:
         used_mb, limit_mb = 0, container.resources["memory_mb"]
-    held = set(gpu_keys(container))
+    held = dict.fromkeys(gpu_keys(container), container.claim_id)
+    sample = agent.gpus.sampler.latest()  # the background sampler's: never NVML on the request path
     gpus = [
         {"id": gpu.index, "uuid": gpu.uuid, "memory_used_mb": gpu.memory_used_mb, "usage_percent": gpu.usage_percent}
-        for gpu in agent.gpus.snapshot()
-        if gpu_key_held(gpu, held)
+        for gpu in (sample.gpus if sample is not None else ())
+        if gpu_holder(gpu, held)
     ]
     return jsonify({"cpu_percent": cpu_percent, "memory_used_mb": used_mb, "memory_limit_mb": limit_mb, "gpus": gpus})

@@ -1,4 +1,4 @@
-"""/health for load balancers: no auth, and no engine round trip when a recent call answered."""
+"""/health for load balancers: no auth, no NVML call, and no engine round trip when a recent call answered."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from datetime import datetime, timezone
 
 from flask import Blueprint, jsonify
 
+from ..errors import EngineUnavailable, NvmlHung
 from ..services import services
-from ..errors import EngineUnavailable
 
 blueprint = Blueprint("health", __name__)
 
@@ -17,14 +17,22 @@ TRUST_RECENT_ANSWER_SECONDS = 2.0
 
 @blueprint.get("/health")
 def health():
-    timestamp = datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
-    docker = services().docker
-    if not docker.answered_within(TRUST_RECENT_ANSWER_SECONDS):
-        try:
-            docker.ping()
-        except EngineUnavailable as error:
-            response = jsonify({"status": "unhealthy", "timestamp": timestamp, "reason": error.message})
-            response.status_code = 503
-            response.headers.update(error.headers())
-            return response
-    return jsonify({"status": "healthy", "timestamp": timestamp})
+    """503 while NVML is hung or the engine does not answer; a draining node stays healthy."""
+    agent = services()
+    body = {
+        "status": "healthy",
+        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        "draining": agent.node.state()["draining"],
+    }
+    try:
+        hung = agent.gpus.sampler.hung()
+        if hung is not None:
+            raise NvmlHung(hung)
+        if not agent.docker.answered_within(TRUST_RECENT_ANSWER_SECONDS):
+            agent.docker.ping()
+    except (NvmlHung, EngineUnavailable) as error:
+        response = jsonify({**body, "status": "unhealthy", "reason": error.message})
+        response.status_code = 503
+        response.headers.update(error.headers())
+        return response
+    return jsonify(body)

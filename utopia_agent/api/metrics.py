@@ -1,43 +1,48 @@
-"""Node metrics: system figures from psutil and per-GPU figures from the inventory."""
+"""Node metrics: system figures from psutil and per-GPU figures from the GPU sampler's last sample."""
 
 from __future__ import annotations
 
 from flask import Blueprint, jsonify
 
 from ..services import services
-from ..gpus import gpu_key_held
 from ..errors import AgentError
+from ..gpus import holders_of_containers
 
 blueprint = Blueprint("metrics", __name__, url_prefix="/metrics")
 
 
 def node_metrics() -> dict:
-    """The metrics object; answers with what it can read even while the engine is down."""
+    """The metrics object; answers with what it can read while the engine is down or NVML is hung
+    (then the GPU figures are the last good sample, and `gpus_stale` says so)."""
     agent = services()
     try:
-        held = agent.allocator.held_gpu_keys()
+        holders = holders_of_containers(agent.docker.list_managed())
     except AgentError:
-        held = set()
+        holders = {}
+    sample = agent.gpus.sampler.latest()
     system = agent.system.read()
     gpus = [
         {
-            "id": gpu.index,
-            "temperature_c": gpu.temperature_c,
-            "memory_total_mb": gpu.memory_total_mb,
-            "memory_used_mb": gpu.memory_used_mb,
-            "name": gpu.name,
-            "uuid": gpu.uuid,
-            "busy": gpu_key_held(gpu, held) or gpu.compute_processes,
-            "usage_percent": gpu.usage_percent,
-            "healthy": gpu.healthy,
+            "id": view.status.index,
+            "temperature_c": view.status.temperature_c,
+            "memory_total_mb": view.status.memory_total_mb,
+            "memory_used_mb": view.status.memory_used_mb,
+            "name": view.status.name,
+            "uuid": view.status.uuid,
+            "busy": view.state != "free",
+            "usage_percent": view.status.usage_percent,
+            "healthy": view.state not in ("lost", "quarantined"),
+            "state": view.state,
         }
-        for gpu in agent.gpus.snapshot()
+        for view in agent.gpus.views(holders, sample)
     ]
     return {
         "node_id": agent.config.node_id,
         "cpu_usage_percent": system["cpu_usage_percent"],
         "memory_usage_percent": system["memory_usage_percent"],
         "gpus": gpus,
+        "gpus_stale": sample is None or agent.gpus.sampler.hung() is not None,
+        "gpus_sampled_at": round(sample.taken_at, 3) if sample is not None else None,
         "system": system,
     }
 

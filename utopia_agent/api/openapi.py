@@ -20,6 +20,10 @@ from ..errors import (
     EngineUnavailable,
     ImagePullFailed,
     InvalidRequest,
+    GpuHeld,
+    GpuNotFound,
+    NodeDraining,
+    NvmlHung,
     NodeFault,
     NotEnoughResources,
     NoGpusFree,
@@ -36,11 +40,15 @@ from ..schemas import (
     ContainerStatsSchema,
     CreateContainerSchema,
     CreatedSchema,
+    DrainSchema,
     ErrorSchema,
+    GpuSchema,
     HealthSchema,
     ListContainersQuerySchema,
     LogsQuerySchema,
     MetricsSchema,
+    NodeSchema,
+    ReasonSchema,
 )
 
 blueprint = Blueprint("openapi", __name__)
@@ -48,6 +56,7 @@ blueprint = Blueprint("openapi", __name__)
 TAGS = [
     {"name": "containers", "description": "The containers of claims: create, list, show, delete."},
     {"name": "node", "description": "The node's CPU, memory, disk and GPU figures, as JSON and for Prometheus."},
+    {"name": "gpus", "description": "Each GPU's state, and the operator's quarantine."},
     {"name": "service", "description": "Liveness and this document; no token needed."},
 ]
 
@@ -81,6 +90,14 @@ _CONTAINER_ID = {
     "description": "The full container id or a unique prefix of at least 12 hex digits.",
     "schema": {"type": "string", "pattern": CONTAINER_ID_PATTERN},
 }
+_GPU_UUID = {
+    "name": "uuid",
+    "in": "path",
+    "required": True,
+    "description": "The GPU's UUID, as NVML reports it (GPU-...).",
+    "schema": {"type": "string"},
+}
+_REASON_BODY = {"required": True, "content": {"application/json": {"schema": "Reason"}}}
 
 
 @lru_cache(maxsize=1)
@@ -100,6 +117,10 @@ def build_spec() -> dict:
         ("Created", CreatedSchema),
         ("ContainerStats", ContainerStatsSchema),
         ("Metrics", MetricsSchema),
+        ("Gpu", GpuSchema),
+        ("Drain", DrainSchema),
+        ("Node", NodeSchema),
+        ("Reason", ReasonSchema),
         ("Health", HealthSchema),
         ("Error", ErrorSchema),
     ]:
@@ -133,8 +154,8 @@ def build_spec() -> dict:
                     **_failure(
                         "The claim already has a container (the body names it), not enough GPUs, CPUs or memory are "
                         "free (or the node has no GPUs), a host port is taken, or the container's name is held by a "
-                        "container the agent does not manage.",
-                        ClaimExists, NoGpusFree, NotEnoughResources, PortTaken, Conflict,
+                        "container the agent does not manage, or the node is draining (`node_draining`, with the reason).",
+                        ClaimExists, NoGpusFree, NotEnoughResources, PortTaken, NodeDraining, Conflict,
                     ),
                     **_failure("The body is larger than the node's UTOPIA_AGENT_MAX_BODY_BYTES.", BodyTooLarge),
                     **_failure("The node failed the request: the agent could not pin the claim's volumes.", NodeFault),
@@ -144,9 +165,9 @@ def build_spec() -> dict:
                         ImagePullFailed, EngineError,
                     ),
                     **_failure(
-                        "The Docker engine is unreachable or slow, or other creates held the allocation lock too "
-                        "long; retry after Retry-After seconds.",
-                        EngineUnavailable, AllocationBusy,
+                        "The Docker engine is unreachable or slow, other creates held the allocation lock too "
+                        "long, or (for a create with GPUs) NVML is hung; retry after Retry-After seconds.",
+                        EngineUnavailable, AllocationBusy, NvmlHung,
                     ),
                 },
             },
@@ -244,6 +265,94 @@ def build_spec() -> dict:
         },
     )
     spec.path(
+        path="/api/v1/gpus",
+        operations={
+            "get": {
+                "operationId": "listGpus",
+                "tags": ["gpus"],
+                "summary": "Every GPU with its state (free, allocated, releasing, quarantined, lost) and why",
+                "security": secured,
+                "responses": {"200": _json("Every GPU, in index order.", {"type": "array", "items": "Gpu"}), **_UNAUTHORIZED, **_ENGINE_DOWN},
+            }
+        },
+    )
+    no_gpu = _failure("No GPU with that UUID on this node.", GpuNotFound)
+    spec.path(
+        path="/api/v1/gpus/{uuid}/quarantine",
+        operations={
+            "post": {
+                "operationId": "quarantineGpu",
+                "tags": ["gpus"],
+                "summary": "Quarantine a GPU: it is never given to a claim until released (a claim holding it keeps it)",
+                "security": secured,
+                "parameters": [_GPU_UUID],
+                "requestBody": _REASON_BODY,
+                "responses": {
+                    "200": _json("Quarantined.", "Gpu"),
+                    **_failure("The body is not JSON or has no valid `reason`; `errors` names the field.", InvalidRequest),
+                    **_UNAUTHORIZED,
+                    **no_gpu,
+                    **_failure("The allocation lock or the GPUs' state could not be had in time; retry after Retry-After seconds.", EngineUnavailable, AllocationBusy),
+                },
+            },
+            "delete": {
+                "operationId": "releaseGpu",
+                "tags": ["gpus"],
+                "summary": "Release a GPU's quarantine, whatever put it there",
+                "security": secured,
+                "parameters": [_GPU_UUID],
+                "responses": {
+                    "200": _json("Released (or was not quarantined).", "Gpu"),
+                    **_UNAUTHORIZED,
+                    **no_gpu,
+                    **_failure("A claim still holds the GPU; the body names the claim.", GpuHeld),
+                    **_failure("The allocation lock or the GPUs' state could not be had in time; retry after Retry-After seconds.", EngineUnavailable, AllocationBusy),
+                },
+            },
+        },
+    )
+    spec.path(
+        path="/api/v1/node",
+        operations={
+            "get": {
+                "operationId": "getNode",
+                "tags": ["node"],
+                "summary": "The node: versions, CPUs, memory, NUMA nodes, GPUs with their topology, drain state",
+                "security": secured,
+                "responses": {"200": _json("The node.", "Node"), **_UNAUTHORIZED},
+            }
+        },
+    )
+    spec.path(
+        path="/api/v1/node/drain",
+        operations={
+            "post": {
+                "operationId": "drainNode",
+                "tags": ["node"],
+                "summary": "Drain: creates get 409 node_draining with the reason; everything else works; kept across restarts",
+                "security": secured,
+                "requestBody": _REASON_BODY,
+                "responses": {
+                    "200": _json("Draining.", "Drain"),
+                    **_failure("The body is not JSON or has no valid `reason`; `errors` names the field.", InvalidRequest),
+                    **_UNAUTHORIZED,
+                    **_failure("The allocation lock could not be had in time; retry after Retry-After seconds.", AllocationBusy),
+                },
+            },
+            "delete": {
+                "operationId": "resumeNode",
+                "tags": ["node"],
+                "summary": "Resume taking claims",
+                "security": secured,
+                "responses": {
+                    "200": _json("Taking claims.", "Drain"),
+                    **_UNAUTHORIZED,
+                    **_failure("The allocation lock could not be had in time; retry after Retry-After seconds.", AllocationBusy),
+                },
+            },
+        },
+    )
+    spec.path(
         path="/health",
         operations={
             "get": {
@@ -251,8 +360,8 @@ def build_spec() -> dict:
                 "tags": ["service"],
                 "summary": "Liveness for load balancers; no auth",
                 "responses": {
-                    "200": _json("The engine answers.", "Health"),
-                    "503": _json("The engine does not answer.", "Health"),
+                    "200": _json("The engine answers and NVML is not hung (a draining node is healthy).", "Health"),
+                    "503": _json("The engine does not answer, or NVML is hung; `reason` says which.", "Health"),
                 },
             }
         },

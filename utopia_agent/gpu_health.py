@@ -1,0 +1,384 @@
+"""What state each GPU is in, its quarantine, and the one health watcher per node.
+
+A GPU's state, by UUID, in order of precedence:
+
+  lost         NVML reports it failing (GPU is lost, or no readable UUID)
+  quarantined  recorded in STATE_DIR/gpu-health.json with its reason: never given until released
+  allocated    a managed container holds it (the engine's labels say so)
+  releasing    no container holds it, but NVML shows compute processes or memory above idle
+  free         none of these: the only state the allocator gives
+
+There is one meaning of busy everywhere: not free. The allocator, /api/v1/gpus, the metrics
+and the scrape all derive states through `views_of`.
+
+Quarantine is kept with its reason in the state dir, shared by every worker and across
+restarts, and written under the allocation lock. Critical Xids, double-bit ECC errors, pending
+page retirement or row remapping and failed row remapping quarantine a GPU until the operator
+releases it; a GPU still dirty UTOPIA_AGENT_GPU_RELEASE_SECONDS after its claim ended is
+quarantined for `stray processes` and released by itself once NVML shows it clean.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from .docker_manager import GPU_IDS_LABEL, DockerManager, Holdings
+from .errors import AgentError, GpuHeld, GpuNotFound
+from .gpu_sampler import GpuSample, GpuSampler
+from .gpus import GpuEvent, GpuEvents, GpuFacts, GpuStatus, gpu_holder, holders_of_containers
+from .state_file import StateFile
+
+log = logging.getLogger("utopia_agent.gpu_health")
+
+# Xids that are the application's fault (NVIDIA's k8s device plugin skips the same ones):
+# a bad memory access, a page fault, a preempted context... The GPU itself is fine.
+APPLICATION_XIDS = frozenset({13, 31, 43, 45, 68, 109})
+RECENT_XIDS = 16
+STRAY_PROCESSES = "stray processes"
+# Counters whose rise quarantines a GPU, with what the quarantine says.
+COUNTER_QUARANTINES = (
+    ("ecc_dbe_volatile", "double-bit ECC errors"),
+    ("retired_pages_pending", "retired pages pending: reset the GPU"),
+    ("row_remap_pending", "row remapping pending: reset the GPU"),
+    ("row_remap_failure", "row remapping failed"),
+)
+MONITOR_CHECK_SECONDS = 1.0
+LEADER_RETRY_SECONDS = 5.0
+
+
+@dataclass(frozen=True)
+class GpuView:
+    """One GPU as the API shows it: what it is, its state, and why."""
+
+    status: GpuStatus
+    facts: GpuFacts | None
+    state: str
+    claim_id: str | None
+    reason: str | None
+    xid_events: list[dict[str, int]]
+
+    def to_dict(self) -> dict[str, Any]:
+        facts = self.facts
+        return {
+            "index": self.status.index,
+            "uuid": self.status.uuid,
+            "name": self.status.name,
+            "pci_bus_id": facts.pci_bus_id if facts else None,
+            "numa_node": facts.numa_node if facts else None,
+            "state": self.state,
+            "claim_id": self.claim_id,
+            "reason": self.reason,
+            "xid_events": self.xid_events,
+        }
+
+
+def views_of(sample: GpuSample | None, facts: list[GpuFacts], holders: Mapping[str, str], records: dict[str, Any]) -> list[GpuView]:
+    """Every GPU of the sample with its state; the single definition of the states."""
+    if sample is None:
+        return []
+    facts_by_index = {f.index: f for f in facts}
+    quarantined = records.get("quarantined", {})
+    xids = records.get("xid_events", {})
+    views = []
+    for gpu in sample.gpus:
+        claim = gpu_holder(gpu, holders)
+        quarantine = quarantined.get(gpu.uuid) if gpu.uuid else None
+        if not gpu.healthy:
+            state, reason = "lost", "NVML reports the GPU lost" if gpu.uuid else "NVML cannot read the GPU's UUID"
+        elif quarantine is not None:
+            state, reason = "quarantined", quarantine["reason"]
+        elif claim is not None:
+            state, reason = "allocated", None
+        elif gpu.uuid in sample.dirty:
+            state, reason = "releasing", sample.dirty[gpu.uuid]
+        else:
+            state, reason = "free", None
+        views.append(GpuView(gpu, facts_by_index.get(gpu.index), state, claim, reason, list(xids.get(gpu.uuid, []))))
+    return views
+
+
+class GpuHealth:
+    """GPU states for this worker's requests, and the operator's quarantine."""
+
+    def __init__(self, state_dir: Path, sampler: GpuSampler, docker: DockerManager, lock: Callable[[], AbstractContextManager], release_seconds: float):
+        self.sampler = sampler
+        self.records = StateFile(state_dir / "gpu-health.json")
+        self._docker = docker
+        self._lock = lock
+        self.monitor = HealthMonitor(self, state_dir / "gpu-monitor.lock", release_seconds)
+
+    def facts(self) -> list[GpuFacts]:
+        inventory = self.sampler.inventory
+        return inventory.facts() if inventory is not None else []
+
+    def views(self, holders: Mapping[str, str] | None = None, sample: GpuSample | None = None) -> list[GpuView]:
+        """Every GPU as of `sample` (by default the last); holders default to the listing of managed containers."""
+        if holders is None:
+            holders = self.listed_holders()
+        return views_of(sample or self.sampler.latest(), self.facts(), holders, self.records.read())
+
+    def listed_holders(self) -> dict[str, str]:
+        """Who holds which GPU, from the listing of managed containers (served from memory when exact)."""
+        return holders_of_containers(self._docker.list_managed())
+
+    def fresh_holders(self) -> dict[str, str]:
+        """Who holds which GPU, straight from the engine: what decisions under the lock use."""
+        return holders_of_containers(Holdings.from_labels(labels) for _, labels in self._docker.holders_of(GPU_IDS_LABEL))
+
+    def view(self, uuid: str) -> GpuView:
+        for view in self.views():
+            if view.status.uuid == uuid:
+                return view
+        raise GpuNotFound(f"no GPU with UUID {uuid!r} on this node")
+
+    def quarantine(self, uuid: str, reason: str) -> GpuView:
+        """The operator's quarantine: it replaces any other, and only the operator releases it."""
+        self.view(uuid)
+        self.record_quarantine(uuid, reason, source="operator", replace=True)
+        return self.view(uuid)
+
+    def release(self, uuid: str) -> GpuView:
+        """Lift the quarantine (409 while a claim holds the GPU). The counters it shows now are
+        acknowledged, so only a further rise quarantines it again."""
+        self.view(uuid)
+        sample = self.sampler.latest()
+        with self._lock():
+            records = self.records.read()
+            if uuid in records.get("quarantined", {}):
+                claim = self.fresh_holders().get(uuid)
+                if claim is not None:
+                    raise GpuHeld(f"GPU {uuid} is held by claim {claim}; delete its container first", claim_id=claim)
+                lifted = records["quarantined"].pop(uuid)
+                records.setdefault("acknowledged", {})[uuid] = _counters_of(sample, uuid)
+                self.records.write(records)
+                log.warning("gpu quarantine released by the operator uuid=%s was=%s", uuid, lifted["reason"], extra={"gpu_uuid": uuid})
+        return self.view(uuid)
+
+    def record_quarantine(self, uuid: str, reason: str, source: str, automatic_release: bool = False, replace: bool = False) -> bool:
+        """Quarantine `uuid` (see _quarantine_in); True when recorded. Idempotent, so every worker
+        may come to the same conclusion."""
+        with self._lock():
+            records = self.records.read()
+            if not _quarantine_in(records, uuid, reason, source, automatic_release, replace):
+                return False
+            self.records.write(records)
+        log.warning("gpu quarantined uuid=%s source=%s reason=%s", uuid, source, reason, extra={"gpu_uuid": uuid})
+        return True
+
+    def record_event(self, event: GpuEvent) -> None:
+        """Keep an Xid among the GPU's recent ones, and quarantine the GPU unless it is the application's."""
+        critical = event.kind != "xid" or event.code not in APPLICATION_XIDS
+        reason = f"Xid {event.code}" if event.kind == "xid" else "double-bit ECC error"
+        with self._lock():
+            records = self.records.read()
+            if event.kind == "xid":
+                recent = records.setdefault("xid_events", {}).setdefault(event.uuid, [])
+                recent.append({"time": int(time.time()), "code": event.code})
+                del recent[:-RECENT_XIDS]
+            newly = critical and _quarantine_in(records, event.uuid, reason, event.kind)
+            self.records.write(records)
+        level = logging.WARNING if critical else logging.INFO
+        outcome = "quarantined" if newly else "already quarantined" if critical else "application error, not quarantined"
+        log.log(level, "gpu event uuid=%s %s: %s", event.uuid, reason, outcome, extra={"gpu_uuid": event.uuid})
+
+    def lift_automatic(self, uuid: str) -> None:
+        """Release a quarantine that allows it (stray processes), now that NVML shows the GPU clean."""
+        with self._lock():
+            records = self.records.read()
+            quarantine = records.get("quarantined", {}).get(uuid)
+            if quarantine is None or not quarantine.get("automatic_release"):
+                return
+            del records["quarantined"][uuid]
+            self.records.write(records)
+        log.warning("gpu recovered uuid=%s was=%s", uuid, quarantine["reason"], extra={"gpu_uuid": uuid})
+
+    def close(self) -> None:
+        """Stop the watcher, then the sampler (which shuts NVML down)."""
+        self.monitor.close()
+        self.sampler.close()
+
+
+def _quarantine_in(records: dict[str, Any], uuid: str, reason: str, source: str, automatic_release: bool = False, replace: bool = False) -> bool:
+    """Record a quarantine in `records` unless the GPU has one already; True when recorded.
+    `replace` (the operator) always records; a quarantine only the operator may lift always
+    replaces one that would lift itself, so a faulty GPU is never released as merely dirty."""
+    quarantined = records.setdefault("quarantined", {})
+    existing = quarantined.get(uuid)
+    if existing is not None and not replace and (automatic_release or not existing.get("automatic_release")):
+        return False
+    quarantined[uuid] = {"reason": reason, "source": source, "since": int(time.time()), "automatic_release": automatic_release}
+    return True
+
+
+def _counters_of(sample: GpuSample | None, uuid: str) -> dict[str, int]:
+    if sample is None:
+        return {}
+    for gpu in sample.gpus:
+        if gpu.uuid == uuid and gpu.index in sample.counters:
+            return {name: value for name, value in asdict(sample.counters[gpu.index]).items() if value is not None}
+    return {}
+
+
+class HealthMonitor:
+    """The node's one GPU health watcher: NVML events, the memory-health counters, releases.
+
+    Every worker starts one; the one that holds the flock on STATE_DIR/gpu-monitor.lock does the
+    work and the others try again now and then, so when that worker dies another takes over.
+    NVML gives every event to every process that registered for it: with one watcher per node
+    each event is recorded once. Events that come while no worker watches (a hand-over) are not
+    seen; the counters, read again by the next watcher, still show double-bit ECC errors.
+    """
+
+    def __init__(self, health: GpuHealth, lock_path: Path, release_seconds: float):
+        self._health = health
+        self._lock_path = lock_path
+        self._release_seconds = release_seconds
+        self._lock_fd: int | None = None
+        self._closed = threading.Event()
+        self._pending: list[GpuEvent] = []
+        self._dirty_since: dict[str, float] = {}
+        self._last_claim: dict[str, str] = {}
+        self._next_check = 0.0
+        self._thread = threading.Thread(target=self._run, name="gpu-monitor", daemon=True)
+
+    def start(self) -> "HealthMonitor":
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self._closed.set()
+        self._thread.join(timeout=2.0)
+
+    def _lead(self) -> bool:
+        """Hold the node's watcher lock for the life of this process; False while another holds it."""
+        if self._lock_fd is not None:
+            return True
+        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self._lock_fd = fd
+        return True
+
+    def _run(self) -> None:
+        events: GpuEvents | None = None
+        opened = False
+        try:
+            while not self._closed.is_set():
+                inventory = self._health.sampler.inventory
+                if not self._lead():
+                    self._closed.wait(LEADER_RETRY_SECONDS)
+                elif inventory is None:  # NVML still opening
+                    self._closed.wait(MONITOR_CHECK_SECONDS)
+                else:
+                    if not opened:
+                        events, opened = self._open_events(inventory), True
+                    self._watch_once(events)
+        finally:
+            if events is not None:
+                events.close()
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+
+    def _watch_once(self, events: GpuEvents | None) -> None:
+        """Wait up to about a second for an event, record what came, and run the checks when due."""
+        try:
+            if events is None:
+                self._closed.wait(MONITOR_CHECK_SECONDS)
+            elif (event := events.wait()) is not None:
+                self._pending.append(event)
+            self._record_pending()
+            if time.monotonic() >= self._next_check:
+                self._next_check = time.monotonic() + MONITOR_CHECK_SECONDS
+                self._check()
+        except AgentError as error:  # the allocation lock stayed busy, or the engine is away
+            log.warning("gpu health check deferred: %s", error.message)
+            self._closed.wait(MONITOR_CHECK_SECONDS)
+        except Exception:
+            log.exception("gpu health check failed")
+            self._closed.wait(MONITOR_CHECK_SECONDS)
+
+    def _open_events(self, inventory) -> GpuEvents | None:
+        try:
+            events = inventory.open_events()
+        except Exception as exc:  # NVML without event support: the counters still show ECC errors
+            log.warning("NVML events unavailable (%s); reading the memory-health counters only", exc)
+            return None
+        if events is not None:
+            log.info("watching NVML events on %d GPUs", events.watched)
+        return events
+
+    def _record_pending(self) -> None:
+        while self._pending:
+            event = self._pending[0]
+            if event.uuid is None:
+                log.warning("NVML event %s %d on a device the agent does not know", event.kind, event.code)
+            else:
+                self._health.record_event(event)
+            self._pending.pop(0)
+
+    def _check(self) -> None:
+        """Quarantine on counters, time releases, and lift quarantines that allow it once clean."""
+        sampler = self._health.sampler
+        sample = sampler.latest()
+        if sample is None or sampler.hung():
+            return
+        records = self._health.records.read()
+        quarantined = records.get("quarantined", {})
+        acknowledged = records.get("acknowledged", {})
+        for gpu in sample.gpus:
+            counters = sample.counters.get(gpu.index)
+            for_operator = gpu.uuid in quarantined and not quarantined[gpu.uuid].get("automatic_release")
+            if gpu.uuid and counters is not None and not for_operator:
+                self._check_counters(gpu.uuid, asdict(counters), acknowledged.get(gpu.uuid, {}))
+        dirty = {uuid: why for uuid, why in sample.dirty.items() if uuid not in quarantined}
+        recoverable = [
+            uuid for uuid, quarantine in quarantined.items()
+            if quarantine.get("automatic_release") and uuid not in sample.dirty and quarantine["since"] < sample.taken_at
+            and any(gpu.uuid == uuid and gpu.healthy for gpu in sample.gpus)
+        ]
+        if not dirty and not recoverable and not self._dirty_since:
+            return
+        holders = self._health.listed_holders()
+        self._time_releases(dirty, holders)
+        for uuid in recoverable:
+            if uuid not in holders:
+                self._health.lift_automatic(uuid)
+
+    def _check_counters(self, uuid: str, counters: dict[str, int | None], acknowledged: dict[str, int]) -> None:
+        for name, what in COUNTER_QUARANTINES:
+            value = counters.get(name)
+            if value is not None and value > acknowledged.get(name, 0):
+                reason = f"{what} ({value})" if name == "ecc_dbe_volatile" else what
+                self._health.record_quarantine(uuid, reason, source="counters")
+                return
+
+    def _time_releases(self, dirty: dict[str, str], holders: Mapping[str, str]) -> None:
+        """A GPU no claim holds that stays dirty for the release time is quarantined."""
+        now = time.monotonic()
+        self._last_claim.update({key: claim for key, claim in holders.items() if not key.startswith("#")})
+        for uuid in list(self._dirty_since):
+            if uuid not in dirty or uuid in holders:
+                del self._dirty_since[uuid]
+        for uuid, why in dirty.items():
+            if uuid in holders:
+                continue
+            if uuid not in self._dirty_since:
+                self._dirty_since[uuid] = now
+                log.info("gpu releasing uuid=%s after=%s: %s", uuid, self._last_claim.get(uuid, "-"), why, extra={"gpu_uuid": uuid})
+            elif now - self._dirty_since[uuid] >= self._release_seconds:
+                ended = f"claim {self._last_claim[uuid]} ended" if uuid in self._last_claim else "release"
+                reason = f"{STRAY_PROCESSES}: {why} {self._release_seconds:g} s after {ended}"
+                self._health.record_quarantine(uuid, reason, source="release", automatic_release=True)
+                del self._dirty_since[uuid]

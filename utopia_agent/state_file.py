@@ -1,0 +1,51 @@
+"""Small JSON records in the state dir that every worker shares and a restart keeps.
+
+Writers hold the allocation lock (so a create that decides after a write sees it) and replace
+the file atomically, so a reader never sees half a record and needs no lock. Readers read the
+file afresh each time: it is a few hundred bytes, and a stat-keyed cache could miss a rewrite
+that lands on a reused inode within the same timestamp tick.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("utopia_agent.state")
+
+
+class StateFile:
+    def __init__(self, path: Path):
+        self.path = path
+
+    def read(self) -> dict[str, Any]:
+        """The record, or {} when there is none. A record that does not parse is reported and read as
+        {}: it can only come from a hand edit, since writes are atomic."""
+        try:
+            data = json.loads(self.path.read_bytes())
+        except FileNotFoundError:
+            return {}
+        except ValueError as exc:
+            log.error("state file %s does not parse (%s); reading it as empty", self.path, exc)
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def write(self, data: dict[str, Any]) -> None:
+        """Replace the record atomically (and durably: it must survive a power cut)."""
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
+        try:
+            with os.fdopen(fd, "w") as out:
+                json.dump(data, out, sort_keys=True)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
