@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from flask import Flask, current_app
 
 from .allocator import Allocator
+from .api.error_handlers import register_error_handlers
 from .config import Config, load_config, prepare_state_dir
 from .docker_manager import DockerManager
-from .errors import register_error_handlers
 from .gpus import GpuInventory, make_inventory
 from .janitor import Janitor
 from .logs import configure_logging

@@ -1,14 +1,11 @@
-"""Domain errors, and the one place where each becomes a JSON response."""
+"""Domain errors: each fixes its status, its stable `error` code and the fields of its body.
+
+No Flask here, so the client (utopia_agent.client) loads the schemas without the server;
+api/error_handlers.py is the one place where an error becomes a JSON response."""
 
 from __future__ import annotations
 
-import logging
 from typing import Any
-
-from flask import Flask, jsonify
-from werkzeug.exceptions import HTTPException
-
-log = logging.getLogger("utopia_agent.errors")
 
 
 class AgentError(Exception):
@@ -125,31 +122,3 @@ class AllocationBusy(EngineUnavailable):
 
     code = "allocation_busy"
     retry_after_seconds = 1
-
-
-def error_response(error: AgentError):
-    response = jsonify(error.body())
-    response.status_code = error.status
-    response.headers.update(error.headers())
-    return response
-
-
-def register_error_handlers(app: Flask) -> None:
-    """Turn domain errors, HTTP errors and surprises into JSON bodies; never a stack trace."""
-
-    @app.errorhandler(AgentError)
-    def handle_agent_error(error: AgentError):
-        return error_response(error)
-
-    @app.errorhandler(HTTPException)
-    def handle_http_error(error: HTTPException):
-        response = jsonify({"error": error.name.lower().replace(" ", "_"), "message": error.description})
-        response.status_code = error.code or 500
-        if error.code == 405 and error.valid_methods:
-            response.headers["Allow"] = ", ".join(error.valid_methods)
-        return response
-
-    @app.errorhandler(Exception)
-    def handle_unexpected(error: Exception):
-        log.exception("unhandled error: %s", type(error).__name__)
-        return error_response(AgentError("internal error; see the agent's log"))
