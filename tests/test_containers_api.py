@@ -10,6 +10,7 @@ import requests
 
 from tests.support.engine import free_host_port
 from tests.support.polling import wait_for
+from utopia_agent.client import AgentClient, NotFound
 
 pytestmark = pytest.mark.docker
 
@@ -253,46 +254,46 @@ def test_unknown_routes_and_methods_are_json(agent):
     assert wrong.status_code == 405 and wrong.json()["message"]
 
 
-def _sessions_on_every_worker(agent, count: int = 8) -> list[requests.Session]:
-    """Keep-alive sessions, each warmed with a list, so the workers behind them hold a listing."""
-    sessions = []
+def _clients_on_every_worker(agent, count: int = 8) -> list[AgentClient]:
+    """Clients on keep-alive sessions of their own, each warmed with a list, so the workers behind them hold a listing."""
+    clients = []
     for _ in range(count):
-        session = requests.Session()
-        session.headers["Authorization"] = f"Bearer {agent.token}"
-        assert session.get(agent.base_url + "/api/v1/containers").status_code == 200
-        sessions.append(session)
-    return sessions
+        client = agent.new_client()
+        client.list()
+        clients.append(client)
+    return clients
 
 
-def _listed_ids(session, agent) -> set[str]:
-    return {c["id"] for c in session.get(agent.base_url + "/api/v1/containers").json()}
+def _listed_ids(client: AgentClient) -> set[str]:
+    return {c.id for c in client.list()}
 
 
 def test_create_and_delete_show_at_once_on_every_worker(agent_factory, test_image, claim):
     agent = agent_factory(workers=4)
-    sessions = _sessions_on_every_worker(agent)
+    clients = _clients_on_every_worker(agent)
     container_id = agent.create(claim(), test_image, command=["sleep", "300"]).json()["container_id"]
-    for session in sessions:
-        assert container_id in _listed_ids(session, agent)
-        assert session.get(f"{agent.base_url}/api/v1/containers/{container_id}").status_code == 200
+    for client in clients:
+        assert container_id in _listed_ids(client)
+        assert client.get(container_id).id == container_id
     assert agent.delete(f"/api/v1/containers/{container_id}").status_code == 204
-    for session in sessions:
-        assert container_id not in _listed_ids(session, agent)
-        assert session.get(f"{agent.base_url}/api/v1/containers/{container_id}").status_code == 404
+    for client in clients:
+        assert container_id not in _listed_ids(client)
+        with pytest.raises(NotFound):
+            client.get(container_id)
 
 
 def test_changes_behind_the_agents_back_reach_the_listing(agent_factory, docker_client, test_image, claim):
     agent = agent_factory(workers=2)
-    sessions = _sessions_on_every_worker(agent, 4)
+    clients = _clients_on_every_worker(agent, 4)
     container_id = agent.create(claim(), test_image, command=["sleep", "1"]).json()["container_id"]
 
     def status_everywhere(expected: str) -> bool:
-        for session in sessions:
-            [mine] = [c for c in session.get(agent.base_url + "/api/v1/containers").json() if c["id"] == container_id] or [{}]
-            if mine.get("status") != expected:
+        for client in clients:
+            [mine] = [c for c in client.list() if c.id == container_id] or [None]
+            if mine is None or mine.status != expected:
                 return False
         return True
 
-    assert wait_for(lambda: status_everywhere("exited"), timeout=5, interval=0.05), ("a container that exits on its own shows as exited", [[(c["id"][:12], c["status"]) for c in s.get(agent.base_url + "/api/v1/containers").json()] for s in sessions], docker_client.api.inspect_container(container_id)["State"]["Status"])
+    assert wait_for(lambda: status_everywhere("exited"), timeout=5, interval=0.05), ("a container that exits on its own shows as exited", [[(c.id[:12], c.status) for c in client.list()] for client in clients], docker_client.api.inspect_container(container_id)["State"]["Status"])
     docker_client.api.remove_container(container_id, force=True)
-    assert wait_for(lambda: all(container_id not in _listed_ids(s, agent) for s in sessions), timeout=5, interval=0.05), "removed behind the agent's back"
+    assert wait_for(lambda: all(container_id not in _listed_ids(client) for client in clients), timeout=5, interval=0.05), "removed behind the agent's back"

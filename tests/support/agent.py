@@ -11,6 +11,8 @@ from pathlib import Path
 
 import requests
 
+from utopia_agent.client import AgentClient
+
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "test-token-0123456789abcdef"
 
@@ -41,7 +43,12 @@ class AgentProcess:
         }
         self.token = self.env["UTOPIA_AGENT_TOKEN"]
         self.process: subprocess.Popen | None = None
-        self.session = requests.Session()
+        self.client = self.new_client()
+
+    def new_client(self, **options) -> AgentClient:
+        """A client of this agent on a session (and so a keep-alive connection) of its own."""
+        options.setdefault("timeout", 60)
+        return AgentClient(self.base_url, token=self.token, **options)
 
     def start(self, wait: bool = True) -> "AgentProcess":
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -60,7 +67,7 @@ class AgentProcess:
             if self.process.poll() is not None:
                 raise RuntimeError(f"agent exited with {self.process.returncode}:\n{self.log()[-3000:]}")
             try:
-                requests.get(self.base_url + "/openapi.json", timeout=5)
+                self.client.send("GET", "/openapi.json", auth=False, timeout=5)
                 return
             except (requests.ConnectionError, requests.Timeout):
                 # Refused before the master binds; unanswered while the workers still load the app.
@@ -81,7 +88,7 @@ class AgentProcess:
             os.killpg(self.process.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        self.session.close()
+        self.client.close()
         unmount_under(self.state_dir / "mounts")
         return self.process.returncode
 
@@ -93,11 +100,8 @@ class AgentProcess:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def request(self, method: str, path: str, auth: bool = True, **kwargs) -> requests.Response:
-        headers = kwargs.pop("headers", {})
-        if auth:
-            headers.setdefault("Authorization", f"Bearer {self.token}")
-        kwargs.setdefault("timeout", 60)
-        return self.session.request(method, self.base_url + path, headers=headers, **kwargs)
+        """The raw answer, as tests of malformed or refused requests need it (the client's `send`)."""
+        return self.client.send(method, path, auth=auth, **kwargs)
 
     def get(self, path: str, **kwargs) -> requests.Response:
         return self.request("GET", path, **kwargs)
