@@ -759,8 +759,10 @@ def draw(results: dict, png: Path) -> Path:
         ax.set_title(f"{panel['figure']}{ratio}", fontsize=9, loc="left")
     axes[-1, 0].set_xlabel("milliseconds (log scale)")
     info = results["machine"]
+    load = info.get("load_average_at_start", [None])[0], info.get("load_average_at_end", [None])[0]
     figure.suptitle(f"make bench{' --quick' if results.get('quick') else ''}, {results['when'][:10]}: {info['cpu_model']}, "
-                    f"{info['cores']} cores, Docker {info['engine_version']}", fontsize=9)
+                    f"{info['cores']} cores, Docker {info['engine_version']}"
+                    + (f"; load average {load[0]} at start, {load[1]} at end" if None not in load else ""), fontsize=9)
     figure.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(png, dpi=110)
