@@ -41,8 +41,17 @@ class AgentProcess:
             "UTOPIA_AGENT_WORKERS": str(workers),
             "UTOPIA_AGENT_STATE_DIR": str(state_dir),
         }
-        self.token = self.env["UTOPIA_AGENT_TOKEN"]
         self.process: subprocess.Popen | None = None
+        self.token = self.env["UTOPIA_AGENT_TOKEN"]
+
+    @property
+    def token(self) -> str:
+        return self._token
+
+    @token.setter
+    def token(self, token: str) -> None:
+        """The token the tests send; `client` (the one `request` uses) follows it."""
+        self._token = token
         self.client = self.new_client()
 
     def new_client(self, **options) -> AgentClient:
