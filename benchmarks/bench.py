@@ -200,6 +200,12 @@ class Figure:
     tail: str = "p95"
     note: str = ""
     extra: dict = field(default_factory=dict)
+    # Every timing of the figure's path, by series (the agent, its baseline, the bare stack), for the picture.
+    samples: dict[str, list[float]] = field(default_factory=dict)
+
+    def keep_samples(self, **series: list[float]) -> "Figure":
+        self.samples = {name.replace("_", " "): [round(ms, 3) for ms in values] for name, values in series.items()}
+        return self
 
 
 def seen_note(claims: int, timings: dict, note: str) -> str:
@@ -230,26 +236,29 @@ def expect(response: requests.Response, status: int) -> requests.Response:
     return response
 
 
-class AgentClient:
-    """The agent over HTTP: a keep-alive session (one worker) or a fresh connection per call (any worker)."""
+class TimedCalls:
+    """The agent calls the figures time, sent as they are on the project's client (its `send`):
+    no retries and no schema loading, so a figure is the agent's latency and nothing of the client's.
+
+    Two sessions: one keep-alive connection (one worker), and one whose every request asks
+    for `Connection: close`, so the next opens a fresh connection (any worker).
+    """
 
     def __init__(self, agent: AgentProcess):
-        self.base_url = agent.base_url
-        self.auth = {"Authorization": f"Bearer {agent.token}"}
-        self.session = requests.Session()
+        self.keepalive = agent.new_client()
+        self.fresh = agent.new_client()
 
     def get(self, path: str, fresh: bool = False) -> requests.Response:
         if fresh:
-            return expect(requests.get(self.base_url + path, headers={**self.auth, "Connection": "close"}, timeout=60), 200)
-        return expect(self.session.get(self.base_url + path, headers=self.auth, timeout=60), 200)
+            return expect(self.fresh.send("GET", path, headers={"Connection": "close"}), 200)
+        return expect(self.keepalive.send("GET", path), 200)
 
-    def create(self, claim_id: str, image: str, gpu_count: int, session: requests.Session | None = None) -> str:
+    def create(self, claim_id: str, image: str, gpu_count: int) -> str:
         body = {"claim_id": claim_id, "image": image, "command": SLEEP, "gpu_count": gpu_count}
-        response = (session or self.session).post(self.base_url + "/api/v1/containers", json=body, headers=self.auth, timeout=300)
-        return expect(response, 201).json()["container_id"]
+        return expect(self.keepalive.send("POST", "/api/v1/containers", json=body, timeout=300), 201).json()["container_id"]
 
     def delete(self, container_id: str) -> None:
-        expect(self.session.delete(f"{self.base_url}/api/v1/containers/{container_id}", headers=self.auth, timeout=60), 204)
+        expect(self.keepalive.send("DELETE", f"/api/v1/containers/{container_id}"), 204)
 
     def warm_all_workers(self, path: str, rounds: int = 8 * WORKERS) -> None:
         """Fresh connections land on any worker: enough of them fill every worker's caches."""
@@ -257,6 +266,10 @@ class AgentClient:
             self.get(path, fresh=True)
         for _ in range(5):
             self.get(path)
+
+    def close(self) -> None:
+        self.keepalive.close()
+        self.fresh.close()
 
 
 # --------------------------------------------------------------------------- the run
@@ -279,8 +292,8 @@ class Bench:
         self.tmp = Path(tempfile.mkdtemp(prefix="utopia-bench-"))
         self.gpus = fake_gpus(GPUS)
         self.agent: AgentProcess | None = None
-        self.http: AgentClient | None = None
-        self.bare: AgentClient | None = None
+        self.http: TimedCalls | None = None
+        self.bare: TimedCalls | None = None
         self._bare_process: AgentProcess | None = None
         self.registry: Registry | None = None
         self.slow: SlowRegistry | None = None
@@ -305,7 +318,11 @@ class Bench:
         }
         self.agent = AgentProcess(state, free_port(), fake_nvml_env(nvml_dir, nvml_config, env), workers=WORKERS)
         self.agent.start()
-        self.http = AgentClient(self.agent)
+        self.http = TimedCalls(self.agent)
+
+    def bare_floor(self) -> requests.Response:
+        """GET /health of the bare app on its keep-alive connection: what any request through gunicorn costs."""
+        return self.bare.get("/health")
 
     def start_bare_app(self) -> None:
         """The floor: benchmarks/bare_app.py under the same gunicorn.conf.py (workers, gthread, threads, keep-alive)."""
@@ -313,12 +330,14 @@ class Bench:
         state.mkdir()
         self._bare_process = AgentProcess(state, free_port(), dict(os.environ), workers=WORKERS, app="benchmarks.bare_app:app")
         self._bare_process.start(ready_path="/health")
-        self.bare = AgentClient(self._bare_process)
+        self.bare = TimedCalls(self._bare_process)
 
     def close(self) -> None:
         """Release pulls, stop the agent and registries, remove this run's containers and images."""
         if self.slow is not None:
             self.slow.stop()
+        if self.http is not None:
+            self.http.close()
         if self.agent is not None:
             self.agent.stop()
         if self._bare_process is not None:
@@ -344,8 +363,8 @@ class Bench:
     def add_running_claims(self, count: int) -> None:
         """Running claims made through the agent (4 at a time), as an orchestrator would."""
         def create(_):
-            with requests.Session() as session:
-                return self.http.create(self.claim("r"), self.image, 0, session)
+            with self.agent.new_client() as client:
+                return client.create(self.claim("r"), self.image, command=SLEEP).container_id
         with ThreadPoolExecutor(4) as pool:
             list(pool.map(create, range(count)))
 
@@ -404,7 +423,7 @@ class Bench:
         seen_engine = len(self.engine_list())
         if seen_agent != seen_engine:
             raise BenchError(f"the agent lists {seen_agent} containers, the engine {seen_engine}")
-        calls = {"agent": lambda: self.http.get("/api/v1/containers"), "engine": self.engine_list}
+        calls = {"agent": lambda: self.http.get("/api/v1/containers"), "engine": self.engine_list, "bare": self.bare_floor}
         if fresh:
             calls["agent_fresh"] = lambda: self.http.get("/api/v1/containers", fresh=True)
         timings = interleave(calls, samples)
@@ -427,7 +446,9 @@ class Bench:
 
     def figure_list(self, claims: int, timings: dict) -> None:
         self.add(compare(f"GET /api/v1/containers ({claims} claims), settled", timings["agent"], timings["engine"], LIST_LIMIT,
-                         seen_note(claims, timings, "keep-alive session; baseline: engine list with label utopia.managed=true")))
+                         seen_note(claims, timings, "keep-alive session; baseline: engine list with label utopia.managed=true"))
+                 .keep_samples(agent=timings["agent"], agent_new_connection=timings["agent_fresh"],
+                               engine_list=timings["engine"], bare_stack=timings["bare"]))
         self.add(compare(f"GET /api/v1/containers ({claims} claims), settled, fresh connection", timings["agent_fresh"],
                          timings["engine"], LIST_LIMIT, "a new TCP connection per request"))
 
@@ -450,7 +471,9 @@ class Bench:
         floor = "baseline: the bare app (benchmarks/bare_app.py, same gunicorn config)"
         self.add(compare("GET /health", timings["health"], timings["bare"], FLOOR_LIMIT, f"keep-alive session; {floor}"))
         self.add(compare("GET /health, fresh connection", timings["health_fresh"], timings["bare_fresh"], FLOOR_LIMIT, floor))
-        self.add(compare("GET /api/v1/containers/<id>, settled", timings["show"], timings["bare"], FLOOR_LIMIT, f"keep-alive session; {floor}"))
+        self.add(compare("GET /api/v1/containers/<id>, settled", timings["show"], timings["bare"], FLOOR_LIMIT, f"keep-alive session; {floor}")
+                 .keep_samples(agent=timings["show"], agent_new_connection=timings["show_fresh"],
+                               engine_inspect=timings["engine"], bare_stack=timings["bare"]))
         self.add(compare("GET /api/v1/containers/<id>, settled, fresh connection", timings["show_fresh"], timings["bare_fresh"], FLOOR_LIMIT, floor))
         self.add(compare("the bare app vs the engine's inspect", timings["bare"], timings["engine"], None,
                          "the floor itself: a keep-alive request to a gunicorn gthread app that does nothing"))
@@ -503,13 +526,15 @@ class Bench:
         }, self.plan.samples)
         gpus = len(self.http.get("/api/v1/metrics").json()["gpus"])
         self.add(compare(f"GET /api/v1/metrics, {gpus} GPUs", timings["agent"], timings["health"], 2,
-                                    "baseline: GET /health on the same keep-alive session"))
+                                    "baseline: GET /health on the same keep-alive session")
+                 .keep_samples(agent=timings["agent"], bare_stack=timings["health"]))
 
     def figure_create_delete(self) -> None:
         """POST (image present, 1 GPU) vs raw create + start, then DELETE vs raw stop + remove, interleaved."""
         self.http.warm_all_workers("/api/v1/containers", rounds=2 * WORKERS)
         creates: dict[str, list[float]] = {"agent": [], "engine": []}
         deletes: dict[str, list[float]] = {"agent": [], "engine": []}
+        bare: list[float] = []
         baseline_gpu = GPUS - 1  # the agent sees it held (labels) and picks another
         for i in range(self.plan.create_samples + 2):
             made: dict[str, str] = {}
@@ -526,14 +551,17 @@ class Bench:
                 else:
                     self.raw_stop_remove(made[who])
                 deletes[who].append((time.perf_counter() - start) * 1000)
-        for series in (*creates.values(), *deletes.values()):
+            bare.append(timed(self.bare_floor))
+        for series in (*creates.values(), *deletes.values(), bare):
             del series[:2]  # the first two rounds are warm-up
         self.add(compare("POST /api/v1/containers, image present, 1 GPU", creates["agent"], creates["engine"], 1.05,
                                     "baseline: SDK create + start of the same config (busybox sleep 3600, "
-                                    "1 GPU by DeviceRequest nvidia/UUID, same labels and host config)"))
+                                    "1 GPU by DeviceRequest nvidia/UUID, same labels and host config)")
+                 .keep_samples(agent=creates["agent"], engine_create_and_start=creates["engine"], bare_stack=bare))
         self.add(compare("DELETE /api/v1/containers/<id>", deletes["agent"], deletes["engine"], 1.05,
                                     f"baseline: SDK stop (timeout {self.stop_timeout} s) + remove; "
-                                    f"agent UTOPIA_AGENT_STOP_TIMEOUT={self.stop_timeout}"))
+                                    f"agent UTOPIA_AGENT_STOP_TIMEOUT={self.stop_timeout}")
+                 .keep_samples(agent=deletes["agent"], engine_stop_and_remove=deletes["engine"], bare_stack=bare))
 
     def agent_processes(self) -> list[psutil.Process]:
         master = psutil.Process(self.agent.process.pid)
@@ -641,8 +669,8 @@ class Bench:
 
         def pull_create(ref: str) -> None:
             try:
-                with requests.Session() as session:
-                    results[ref] = self.http.create(self.claim("p"), ref, 0, session)
+                with self.agent.new_client(create_timeout=300) as client:
+                    results[ref] = client.create(self.claim("p"), ref, command=SLEEP).container_id
             except Exception as exc:  # reported below; the thread must not die silently
                 results[ref] = exc
             done_at[ref] = time.monotonic()
@@ -682,7 +710,7 @@ class Bench:
                      else "NOT VALID: a pull finished inside the window")),
             extra={"pulls_in_flight_whole_window": in_flight, "window_s": round(window_end - window_start, 2),
                    "limit": 3, "pull_seconds": sorted(round(t - window_start, 1) for t in done_at.values())},
-        ))
+        ).keep_samples(health_during_pulls=busy, bare_stack_at_rest=at_rest))
 
     # --- the whole run -----------------------------------------------------------------
 
@@ -779,7 +807,7 @@ def report(bench: Bench, info: dict, output: Path, seconds: float, quick: bool) 
           f"run took {seconds:.0f} s{' (--quick)' if quick else ''}; "
           f"{bench.foreign.count} engine events of managed containers not made by this run (other agents or tests).")
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps({
+    results = {
         "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "quick": quick,
         "seconds": round(seconds, 1),
@@ -788,8 +816,60 @@ def report(bench: Bench, info: dict, output: Path, seconds: float, quick: bool) 
         "stop_timeout_s": bench.stop_timeout,
         "foreign_events": bench.foreign.count,
         "figures": [asdict(f) for f in figures],
-    }, indent=2) + "\n")
-    print(f"JSON: {output.relative_to(ROOT) if output.is_relative_to(ROOT) else output}")
+    }
+    output.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"JSON: {shown_path(output)}")
+    print(f"PNG: {shown_path(draw(results, output.with_suffix('.png')))}")
+
+
+def shown_path(path: Path) -> Path:
+    return path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+
+
+# Series whose name starts with one of these share its colour in every panel.
+SERIES_COLOURS = {"agent": "#1f77b4", "engine": "#ff7f0e", "bare": "#7f7f7f", "health": "#1f77b4"}
+
+
+def draw(results: dict, png: Path) -> Path:
+    """One panel per timed path: each series' distribution (box: quartiles, whiskers: p5-p95, dots
+    beyond), so where the agent sits between the engine's own call and the bare HTTP stack shows at a glance."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+    from matplotlib.ticker import FuncFormatter
+
+    plain = FuncFormatter(lambda value, _: f"{value:g}")
+
+    panels = [f for f in results["figures"] if f.get("samples")]
+    rows = [len(panel["samples"]) + 1 for panel in panels]  # a row per series, one for the title
+    figure, axes = pyplot.subplots(len(panels), 1, figsize=(10, 0.8 + 0.42 * sum(rows)), squeeze=False,
+                                   gridspec_kw={"height_ratios": rows})
+    for ax, panel in zip(axes[:, 0], panels):
+        names = list(panel["samples"])[::-1]  # the agent on top
+        boxes = ax.boxplot([panel["samples"][name] for name in names], orientation="horizontal", whis=(5, 95), widths=0.6,
+                           patch_artist=True, flierprops={"markersize": 2, "alpha": 0.4}, medianprops={"color": "black"})
+        for box, name in zip(boxes["boxes"], names):
+            box.set_facecolor(next((c for key, c in SERIES_COLOURS.items() if name.startswith(key)), "#2ca02c"))
+            box.set_alpha(0.75)
+        ax.set_yticks(range(1, len(names) + 1), names, fontsize=8)
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(plain)
+        ax.xaxis.set_minor_formatter(FuncFormatter(lambda value, _: f"{value:g}" if str(f"{value:g}")[0] in "25" else ""))
+        ax.grid(axis="x", which="both", alpha=0.3)
+        ratio = f"; ratio {panel['ratio']:.2f}× (target {panel['target']})" if panel.get("ratio") is not None else ""
+        ax.set_title(f"{panel['figure']}{ratio}", fontsize=9, loc="left")
+    axes[-1, 0].set_xlabel("milliseconds (log scale)")
+    info = results["machine"]
+    load = info.get("load_average_at_start", [None])[0], info.get("load_average_at_end", [None])[0]
+    figure.suptitle(f"make bench{' --quick' if results.get('quick') else ''}, {results['when'][:10]}: {info['cpu_model']}, "
+                    f"{info['cores']} cores, Docker {info['engine_version']}"
+                    + (f"; load average {load[0]} at start, {load[1]} at end" if None not in load else ""), fontsize=9)
+    figure.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(png, dpi=110)
+    pyplot.close(figure)
+    return png
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -798,8 +878,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpu-seconds", type=float, help="how long to poll for each CPU figure (default 30, 5 with --quick)")
     parser.add_argument("--stop-timeout", type=int, default=1,
                         help="grace seconds of DELETE (UTOPIA_AGENT_STOP_TIMEOUT) and of the baseline's stop (default 1)")
-    parser.add_argument("--output", type=Path, help="JSON file (default benchmarks/results/latest.json, quick.json with --quick)")
+    parser.add_argument("--output", type=Path,
+                        help="JSON file, the PNG beside it (default benchmarks/results/latest.json, quick.json with --quick)")
+    parser.add_argument("--draw", type=Path, metavar="JSON", help="only draw the PNG of an earlier run's JSON (beside it, or at --output)")
     args = parser.parse_args(argv)
+    if args.draw:
+        png = (args.output or args.draw).with_suffix(".png")
+        print(f"PNG: {shown_path(draw(json.loads(args.draw.read_text()), png))}")
+        return 0
     plan = QUICK if args.quick else FULL
     if args.cpu_seconds is not None:
         plan = Plan(**{**asdict(plan), "cpu_seconds": args.cpu_seconds})

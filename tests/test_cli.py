@@ -1,7 +1,8 @@
-"""`utopia-agent check | gpus | serve`, run as an operator runs them: a separate process."""
+"""`utopia-agent` commands, run as an operator runs them: a separate process, against the real agent and engine."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -11,14 +12,14 @@ import pytest
 
 from tests.fake_nvml import DEFAULT_TEST_GPUS, fake_nvml_env, write_fake_nvml_config
 from tests.support.agent import ROOT, TOKEN, AgentProcess
-from tests.support.engine import free_port
+from tests.support.engine import free_host_port, free_port
 from utopia_agent import cli
 
 
 def run_cli(*args: str, env: dict[str, str], cwd=ROOT) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "utopia_agent.cli", *args],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=60,
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=60, check=False,
     )
 
 
@@ -34,6 +35,7 @@ def cli_env(tmp_path, fake_nvml_dir) -> dict[str, str]:
         "UTOPIA_AGENT_TOKEN": TOKEN,
         "UTOPIA_AGENT_STATE_DIR": str(tmp_path / "state"),
         "UTOPIA_AGENT_GPU_BACKEND": "nvml",
+        "UTOPIA_AGENT_BIND": f"127.0.0.1:{free_port()}",
     })
     nvml_config = write_fake_nvml_config(tmp_path / "nvml.conf", DEFAULT_TEST_GPUS)
     return fake_nvml_env(fake_nvml_dir, nvml_config, base)
@@ -201,3 +203,105 @@ def test_make_run_defaults_are_used_only_where_nothing_else_says(make_run_checko
     assert "UTOPIA_AGENT_STATE_DIR" not in cli.with_make_run_defaults({})[0]
     monkeypatch.chdir(make_run_checkout.parent)
     assert cli.with_make_run_defaults({}) == ({}, []), "outside a checkout nothing is filled in"
+
+
+# --------------------------------------------------------------------------- through the API
+
+
+def api_env(agent, **change: str | None) -> dict[str, str]:
+    """The agent's own environment (its token and bind address), as an operator's shell on the node has it."""
+    env = {**agent.env, **change}
+    return {k: v for k, v in env.items() if v is not None}
+
+
+def table_rows(stdout: str) -> list[list[str]]:
+    return [line.split() for line in stdout.splitlines()[1:]]
+
+
+@pytest.mark.usefixtures("nvidia_path")
+def test_ps_show_and_rm_through_the_agent(agent, test_image, claim):
+    port = free_host_port()
+    created = agent.create(claim(), test_image, gpu_count=1, command=["sleep", "300"],
+                           port_mappings=[{"host_port": port, "container_port": 8080}])
+    assert created.status_code == 201, created.text
+    container_id = created.json()["container_id"]
+    env = api_env(agent)
+
+    ps = run_cli("ps", "--claim", claim(), env=env)
+    assert ps.returncode == 0, ps.stderr
+    assert ps.stdout.splitlines()[0].split() == ["CONTAINER", "CLAIM", "IMAGE", "STATUS", "GPUS", "PORTS", "CREATED"]
+    [row] = table_rows(ps.stdout)
+    assert row[:4] == [container_id[:12], claim(), test_image, "running"] and row[5] == f"{port}->8080/tcp"
+    [listed] = json.loads(run_cli("ps", "--claim", claim(), "--json", env=env).stdout)
+    assert listed["id"] == container_id and len(listed["gpu_ids"]) == 1
+
+    show = run_cli("show", container_id[:12], env=env)
+    assert show.returncode == 0, show.stderr
+    fields = dict(line.split(":", 1) for line in show.stdout.splitlines())
+    assert fields["id"].strip() == container_id and fields["claim_id"].strip() == claim()
+    assert json.loads(run_cli("show", container_id, "--json", env=env).stdout) == listed
+
+    rm = run_cli("rm", container_id, env=env)
+    assert (rm.returncode, rm.stdout.strip()) == (0, container_id)
+    gone = run_cli("show", container_id, env=env)
+    assert gone.returncode == 5
+    assert stderr_lines(gone) == [f"utopia-agent: 404 not_found: {agent.get(f'/api/v1/containers/{container_id}').json()['message']}"]
+    assert TOKEN not in ps.stdout + show.stdout + gone.stderr
+
+
+def test_exit_codes_tell_failures_apart(agent, agent_factory, tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text(agent.token + "\n")
+    unreachable = run_cli("ps", "--url", f"http://127.0.0.1:{free_port()}", env=api_env(agent))
+    assert unreachable.returncode == 3 and len(stderr_lines(unreachable)) == 1
+    assert run_cli("ps", env=api_env(agent, UTOPIA_AGENT_TOKEN="wrong")).returncode == 4
+    assert run_cli("ps", "--token-file", str(token_file), env=api_env(agent, UTOPIA_AGENT_TOKEN="wrong")).returncode == 0
+    no_token = run_cli("ps", env=api_env(agent, UTOPIA_AGENT_TOKEN=None))
+    assert no_token.returncode == 2 and "no token" in no_token.stderr
+    assert run_cli("show", "0" * 12, env=api_env(agent)).returncode == 5
+    assert run_cli("show", "--no-such-option", env=api_env(agent)).returncode == 2
+    down = agent_factory(workers=1, DOCKER_HOST=f"unix://{tmp_path}/no-engine.sock", UTOPIA_AGENT_ENGINE_TIMEOUT="2")
+    unavailable = run_cli("ps", env=api_env(down))
+    assert unavailable.returncode == 7
+    assert stderr_lines(unavailable)[0].startswith("utopia-agent: 503 engine_unavailable: ")
+
+
+def test_gpus_reads_the_node_when_the_agent_does_not_answer(cli_env):
+    result = run_cli("gpus", env={**cli_env, "UTOPIA_AGENT_BIND": f"127.0.0.1:{free_port()}"})
+    assert result.returncode == 0, result.stderr
+    assert "the agent cannot list its GPUs" in result.stderr
+    assert sorted(gpu_rows(result.stdout)) == list(range(8))
+
+
+def test_gpus_shows_the_agents_states_and_quarantine(agent_factory):
+    node = agent_factory(workers=1)
+    env = api_env(node)
+    uuid = DEFAULT_TEST_GPUS[0].uuid
+    assert run_cli("quarantine", uuid, "--reason", "bad fan", env=env).returncode == 0
+    result = run_cli("gpus", env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0].split() == ["GPU", "UUID", "NAME", "STATE", "CLAIM", "REASON"]
+    gpus = {gpu["uuid"]: gpu for gpu in json.loads(run_cli("gpus", "--json", env=env).stdout)}
+    assert gpus[uuid]["state"] == "quarantined" and gpus[uuid]["reason"] == "bad fan"
+    assert run_cli("release", uuid, env=env).returncode == 0
+    assert json.loads(run_cli("gpus", "--json", env=env).stdout)[0]["state"] == "free"
+
+
+def test_logs_prints_and_follows_the_output(agent, test_image, claim):
+    created = agent.create(claim(), test_image, command=["sh", "-c", "echo one; sleep 2; echo two"])
+    container_id = created.json()["container_id"]
+    followed = run_cli("logs", "-f", container_id, env=api_env(agent))
+    assert (followed.returncode, followed.stdout) == (0, "one\ntwo\n")
+    last = run_cli("logs", "--tail", "1", container_id, env=api_env(agent))
+    assert (last.returncode, last.stdout) == (0, "two\n")
+
+
+def test_drain_and_resume(agent_factory, test_image, claim):
+    node = agent_factory(workers=1)
+    env = api_env(node)
+    assert run_cli("drain", "--reason", "maintenance", env=env).returncode == 0
+    assert node.get("/health", auth=False).json()["draining"] is True
+    assert node.create(claim(), test_image).json()["error"] == "node_draining"
+    assert run_cli("node", "--json", env=env).returncode == 0
+    assert run_cli("resume", env=env).returncode == 0
+    assert node.get("/health", auth=False).json().get("draining") is False

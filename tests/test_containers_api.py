@@ -11,6 +11,7 @@ import requests
 
 from tests.support.engine import free_host_port
 from tests.support.polling import wait_for
+from utopia_agent.client import AgentClient
 
 pytestmark = pytest.mark.docker
 

@@ -196,7 +196,7 @@ class Supervisor:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        self.agent.session.close()
+        self.agent.client.close()
         assert not leftovers, f"supervisord left agent processes behind: {leftovers}"
 
 
@@ -259,9 +259,8 @@ def test_sigterm_lets_in_flight_creates_finish(supervisor, docker_client, slow_i
     def create(claim_id: str) -> None:
         body = {"claim_id": claim_id, "image": slow_image, "gpu_count": 2, "command": ["sleep", "600"]}
         try:
-            responses[claim_id] = requests.post(
-                agent.base_url + "/api/v1/containers", json=body, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=120,
-            )
+            with agent.new_client() as client:
+                responses[claim_id] = client.send("POST", "/api/v1/containers", json=body, timeout=120)
         except requests.RequestException as exc:
             responses[claim_id] = exc
         finished[claim_id] = time.monotonic()

@@ -143,12 +143,12 @@ def _burst(agent, test_image, prefix: str, count: int, seed: int) -> dict[str, r
     def create(plan):
         claim_id, gpus = plan
         try:
-            return claim_id, requests.post(
-                agent.base_url + "/api/v1/containers",
-                json={"claim_id": claim_id, "image": test_image, "gpu_count": gpus, "command": ["sleep", "300"]},
-                headers={"Authorization": f"Bearer {agent.token}"},
-                timeout=120,
-            )
+            with agent.new_client() as client:
+                return claim_id, client.send(
+                    "POST", "/api/v1/containers",
+                    json={"claim_id": claim_id, "image": test_image, "gpu_count": gpus, "command": ["sleep", "300"]},
+                    timeout=120,
+                )
         except requests.RequestException as exc:
             return claim_id, exc
 

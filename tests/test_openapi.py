@@ -13,7 +13,7 @@ import pytest
 
 import utopia_agent.docker_manager  # noqa: F401  (its private error classes count among the agent's errors)
 from tests.support.agent import ROOT
-from tests.support.engine import free_host_port, free_port
+from tests.support.engine import free_host_port
 from utopia_agent.errors import AgentError
 from utopia_agent.schemas import CONTAINER_EXAMPLE, ContainerSchema
 

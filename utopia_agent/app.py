@@ -7,10 +7,10 @@ from functools import partial
 from flask import Flask
 
 from .allocator import Allocator, allocation_lock
+from .api.error_handlers import register_error_handlers
 from .claim_usage import ClaimUsage
 from .config import Config, load_config, prepare_state_dir
 from .docker_manager import DockerManager
-from .errors import register_error_handlers
 from .gpu_health import GpuHealth
 from .gpu_sampler import GpuSampler
 from .gpus import GpuInventory, make_inventory

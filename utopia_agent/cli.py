@@ -1,29 +1,61 @@
-"""`utopia-agent`: what an operator runs on a node around the agent itself.
+"""`utopia-agent`: what an operator types, on a node or from a laptop.
+
+On the node, around the agent:
 
     utopia-agent check   configuration, engine and GPUs, as the agent will see them at start
-    utopia-agent gpus    every GPU with the claim that holds it
     utopia-agent serve   exec gunicorn with the shipped gunicorn.conf.py
+
+Through the agent's API (utopia_agent.client), at --url (default: UTOPIA_AGENT_BIND, with a
+wildcard address read as 127.0.0.1) with the token of --token-file (default:
+UTOPIA_AGENT_TOKEN, else UTOPIA_AGENT_TOKEN_FILE):
+
+    utopia-agent ps [--claim C]          the managed containers
+    utopia-agent show ID                 one container
+    utopia-agent logs [-f] ID            its output
+    utopia-agent rm ID...                stop and remove
+    utopia-agent gpus [--local]          every GPU with its state and claim (--local, no token, or an
+                                         agent that cannot be asked: read from NVML and the engine here)
+    utopia-agent quarantine UUID --reason R | release UUID
+    utopia-agent node                    the node's versions, hardware and drain state
+    utopia-agent drain --reason R | resume
+
+Each prints a table (or `key: value` lines) by default and JSON with --json, and never
+prints the token. Exit codes tell failures apart, each with one line on stderr that says why:
+
+    0  done
+    1  failed: the engine or the GPUs (check, gpus --local), or the agent refused or failed
+       the request (400, 403, 413, 500, 502)
+    2  usage or configuration error (the code gunicorn.conf.py uses), or no token to send
+    3  the agent did not answer (refused, timed out) or answered outside the contract
+    4  the agent refused the token (401)
+    5  no such container or GPU (404)
+    6  conflict with the node's state (409: the claim exists, no GPUs free, a port taken,
+       the node draining, a GPU held)
+    7  the agent is unavailable: its engine is down (503, after the client's retries) or too
+       many log followers (429); try again later
 
 Each reads the same UTOPIA_AGENT_* environment as the agent, prints plain text and never
 prints the token. Run from a checkout where `make run` runs, they fill in what `make run`
 fills in (the token file .run/token and, not as root, the state dir .run/state) when the
 environment does not say; and where an agent holds the state dir, they use its GPU backend
-unless UTOPIA_AGENT_GPU_BACKEND says otherwise, so they describe the agent that runs. `check` and `gpus` exit 0 when all is well, 1 when the engine or the GPUs
-fail, and 2 on a configuration error (the code gunicorn.conf.py uses), each failure with
-one line on stderr that says why.
+unless UTOPIA_AGENT_GPU_BACKEND says otherwise, so they describe the agent that runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import os
 import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Sequence
+from typing import Any
 
 from . import __version__
+from . import client as api
 from .config import Config, ConfigError, load_config, prepare_state_dir
 from .docker_manager import DockerManager
 from .errors import EngineUnavailable
@@ -33,6 +65,19 @@ from .state_dir import RunningAgent, running_agent
 PROG = "utopia-agent"
 EXIT_FAILED = 1
 EXIT_CONFIG = 2
+EXIT_UNREACHABLE = 3
+EXIT_UNAUTHORIZED = 4
+EXIT_NOT_FOUND = 5
+EXIT_CONFLICT = 6
+EXIT_UNAVAILABLE = 7
+EXIT_BY_ERROR: dict[type[api.ApiError], int] = {
+    api.Unauthorized: EXIT_UNAUTHORIZED,
+    api.NotFound: EXIT_NOT_FOUND,
+    api.Conflict: EXIT_CONFLICT,
+    api.EngineUnavailable: EXIT_UNAVAILABLE,
+    api.TooManyFollowers: EXIT_UNAVAILABLE,
+}
+DEFAULT_PORT = 8600
 SERVE_FILES = ("gunicorn.conf.py", "wsgi.py")
 # Where `make run` keeps its token and (not as root) its state dir, in the checkout.
 MAKE_RUN_DIR = ".run"
@@ -172,8 +217,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_gpus(args: argparse.Namespace) -> int:
-    """The GPU table with each GPU's claim, from the managed containers' labels.
+def cmd_local_gpus(args: argparse.Namespace) -> int:
+    """The GPU table with each GPU's claim, from NVML and the managed containers' labels.
 
     Reading GPUs and labels needs no token, so a missing one is filled in here and `gpus`
     works from an operator's shell that lacks the agent's token file.
@@ -200,10 +245,218 @@ def cmd_gpus(args: argparse.Namespace) -> int:
     finally:
         docker.close()
 
-    print(f"gpus: {len(gpus)} found (backend {inventory.backend})")
-    if gpus:
-        _print_table(_gpu_rows(gpus, claims))
+    if args.json:
+        _print_json([{
+            "index": gpu.index, "uuid": gpu.uuid, "name": gpu.name, "healthy": gpu.healthy,
+            "memory_used_mb": gpu.memory_used_mb, "memory_total_mb": gpu.memory_total_mb,
+            "temperature_c": gpu.temperature_c,
+            "claims": None if claims is None else claims.get(gpu.uuid, []) + claims.get(f"#{gpu.index}", []),
+        } for gpu in gpus])
+    else:
+        print(f"gpus: {len(gpus)} found (backend {inventory.backend})")
+        if gpus:
+            _print_table(_gpu_rows(gpus, claims))
     return 0 if claims is not None else EXIT_FAILED
+
+
+# --------------------------------------------------------------------------- through the API
+
+
+def agent_url(env: dict[str, str]) -> str:
+    """The agent's URL from UTOPIA_AGENT_BIND, as the agent binds it; a wildcard address is reached on loopback."""
+    bind = env.get("UTOPIA_AGENT_BIND") or f"0.0.0.0:{DEFAULT_PORT}"
+    if bind.startswith(("unix:", "fd:")):
+        raise CheckFailed(f"UTOPIA_AGENT_BIND={bind} is not a TCP address; pass --url", EXIT_CONFIG)
+    host, _, port = bind.rpartition(":")
+    if not port.isdigit():
+        host, port = bind, str(DEFAULT_PORT)
+    if host in ("", "0.0.0.0", "*"):
+        host = "127.0.0.1"
+    elif host in ("[::]", "::"):
+        host = "[::1]"
+    return f"http://{host}:{port}"
+
+
+def agent_token(args: argparse.Namespace, env: dict[str, str]) -> str | None:
+    """The token to send: --token-file, else UTOPIA_AGENT_TOKEN, else UTOPIA_AGENT_TOKEN_FILE; None without one."""
+    path = args.token_file or (None if env.get("UTOPIA_AGENT_TOKEN") else env.get("UTOPIA_AGENT_TOKEN_FILE"))
+    if not path:
+        return env.get("UTOPIA_AGENT_TOKEN") or None
+    try:
+        token = Path(path).read_text().strip()
+    except OSError as error:
+        raise CheckFailed(f"cannot read the token file {path}: {error.strerror}", EXIT_CONFIG) from None
+    if not token:
+        raise CheckFailed(f"the token file {path} is empty", EXIT_CONFIG)
+    return token
+
+
+def agent_client(args: argparse.Namespace, env: dict[str, str] | None = None) -> api.AgentClient:
+    env = with_make_run_defaults(dict(os.environ))[0] if env is None else env
+    token = agent_token(args, env)
+    if token is None:
+        raise CheckFailed("no token: pass --token-file, or set UTOPIA_AGENT_TOKEN or UTOPIA_AGENT_TOKEN_FILE", EXIT_CONFIG)
+    # An operator at a terminal would rather see an outage than wait out an orchestrator's retries.
+    return api.AgentClient(args.url or agent_url(env), token=token, retries=1, max_retry_wait=2.0)
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, default=lambda record: dataclasses.asdict(record)))
+
+
+def _since(seconds: int) -> str:
+    """How long ago a Unix time was, as `docker ps` says it; '-' for never."""
+    if not seconds:
+        return "-"
+    ago = max(0, int(time.time()) - seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if ago >= size:
+            return f"{ago // size}{unit} ago"
+    return f"{ago}s ago"
+
+
+def _status(container: api.Container) -> str:
+    if container.status != "exited" or container.exit_code is None:
+        return container.status
+    return f"exited ({'oom' if container.oom_killed else container.exit_code})"
+
+
+def _ports(container: api.Container) -> str:
+    mappings = sorted(container.port_mappings, key=lambda m: (m.host_port, m.protocol))
+    return ",".join(f"{m.host_port}->{m.container_port}/{m.protocol}" for m in mappings) or "-"
+
+
+def _ids(values: Iterable[int]) -> str:
+    return ",".join(map(str, values)) or "-"
+
+
+def cmd_ps(args: argparse.Namespace) -> int:
+    with agent_client(args) as client:
+        containers = sorted(client.list(claim_id=args.claim), key=lambda c: c.created, reverse=True)
+    if args.json:
+        _print_json(containers)
+        return 0
+    rows = [["CONTAINER", "CLAIM", "IMAGE", "STATUS", "GPUS", "PORTS", "CREATED"]]
+    rows += [[c.id[:12], c.claim_id, c.image, _status(c), _ids(c.gpu_ids), _ports(c), _since(c.created)] for c in containers]
+    _print_table(rows)
+    return 0
+
+
+def _print_fields(values: dict[str, Any]) -> None:
+    """`key: value` lines; a nested value as one line of JSON."""
+    width = max(map(len, values), default=0)
+    for key, value in values.items():
+        text = value if isinstance(value, str) else json.dumps(value)
+        print(f"{key + ':':<{width + 1}} {text}")
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    with agent_client(args) as client:
+        container = client.get(args.container)
+    if args.json:
+        _print_json(container)
+        return 0
+    fields = dataclasses.asdict(container)
+    fields.update(status=_status(container), gpu_ids=_ids(container.gpu_ids), ports=_ports(container),
+                  created=f"{container.created} ({_since(container.created)})",
+                  started=f"{container.started} ({_since(container.started)})")
+    _print_fields(fields)
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    options = {"tail": args.tail, "since": args.since, "timestamps": args.timestamps}
+    with agent_client(args) as client:
+        if not args.follow:
+            sys.stdout.write(client.logs(args.container, **options))
+            return 0
+        for text in client.follow_logs(args.container, **options):
+            sys.stdout.write(text)
+            sys.stdout.flush()
+    return 0
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    with agent_client(args) as client:
+        for container in args.containers:
+            client.delete(container)
+            print(json.dumps({"deleted": container}) if args.json else container)
+    return 0
+
+
+def cmd_gpus(args: argparse.Namespace) -> int:
+    """The agent's view of its GPUs (state, claim, quarantine reason); the node's own reading
+    (cmd_local_gpus) with --local, without a token, or when the agent cannot be asked."""
+    env = with_make_run_defaults(dict(os.environ))[0]
+    if args.local or agent_token(args, env) is None:
+        return cmd_local_gpus(args)
+    try:
+        with agent_client(args, env) as client:
+            gpus = client.gpus()
+    except api.NotFound:
+        print(f"{PROG}: note: the agent cannot list its GPUs (it predates GET /api/v1/gpus); reading them on this node", file=sys.stderr)
+        return cmd_local_gpus(args)
+    except api.AgentUnreachable as error:
+        print(f"{PROG}: note: the agent cannot list its GPUs ({error}); reading them on this node", file=sys.stderr)
+        return cmd_local_gpus(args)
+    if args.json:
+        _print_json(gpus)
+        return 0
+    rows = [["GPU", "UUID", "NAME", "STATE", "CLAIM", "REASON"]]
+    rows += [[str(g.index), g.uuid or "?", g.name or "?", g.state, g.claim_id or "-", g.reason or "-"] for g in gpus]
+    _print_table(rows)
+    return 0
+
+
+def cmd_quarantine(args: argparse.Namespace) -> int:
+    with agent_client(args) as client:
+        client.quarantine(args.uuid, args.reason)
+    print(json.dumps({"quarantined": args.uuid}) if args.json else f"{args.uuid}: quarantined")
+    return 0
+
+
+def cmd_release(args: argparse.Namespace) -> int:
+    with agent_client(args) as client:
+        client.release(args.uuid)
+    print(json.dumps({"released": args.uuid}) if args.json else f"{args.uuid}: released")
+    return 0
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    with agent_client(args) as client:
+        node = client.node()
+    if args.json:
+        _print_json(node)
+    else:
+        _print_fields(node)
+    return 0
+
+
+def cmd_drain(args: argparse.Namespace) -> int:
+    with agent_client(args) as client:
+        client.drain(args.reason)
+    print(json.dumps({"draining": True}) if args.json else "draining: the node takes no new claims until `resume`")
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    with agent_client(args) as client:
+        client.resume()
+    print(json.dumps({"draining": False}) if args.json else "resumed: the node takes new claims")
+    return 0
+
+
+def api_failure(error: api.AgentClientError) -> CheckFailed:
+    """The one line and exit code of a failed API call."""
+    if not isinstance(error, api.ApiError):
+        return CheckFailed(str(error), EXIT_UNREACHABLE)
+    details = ""
+    if isinstance(error, api.InvalidRequest) and error.errors:
+        details = " (" + "; ".join(f"{field}: {messages}" for field, messages in error.errors.items()) + ")"
+    elif isinstance(error, api.ClaimExists) and error.container_id:
+        details = f" (container {error.container_id[:12]})"
+    code = next((code for cls, code in EXIT_BY_ERROR.items() if isinstance(error, cls)), EXIT_FAILED)
+    return CheckFailed(f"{error.status_code} {error.error}: {error.message}{details}", code)
 
 
 def serve_root(explicit: str | None = None) -> Path:
@@ -234,18 +487,54 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return EXIT_FAILED  # only reached when execv is mocked
 
 
+def _api_command(commands, name: str, run: Callable[[argparse.Namespace], int], help_text: str,
+                 connection: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    command = commands.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".",
+                                  parents=[connection])
+    command.set_defaults(run=run)
+    return command
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description="The Utopia node agent's operator commands.")
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="The Utopia node agent's operator commands.",
+        epilog="Exit codes: 0 done, 1 failed, 2 usage or configuration, 3 agent unreachable, 4 token refused, "
+               "5 not found, 6 conflict, 7 unavailable (retry later).",
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    connection = argparse.ArgumentParser(add_help=False)
+    connection.add_argument("--url", help="the agent, e.g. http://gpu-node-1:8600 (default: from UTOPIA_AGENT_BIND)")
+    connection.add_argument("--token-file", help="file holding the token (default: UTOPIA_AGENT_TOKEN, UTOPIA_AGENT_TOKEN_FILE)")
+    connection.add_argument("--json", action="store_true", help="print JSON for scripts")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.add_parser(
         "check", help="check configuration, engine and GPUs (run before starting the agent)",
         description="Check the configuration, reach the Docker engine and load the GPU inventory.",
     ).set_defaults(run=cmd_check)
-    commands.add_parser(
-        "gpus", help="list the GPUs with the claim holding each",
-        description="List the GPUs with the claim that holds each ('-' free, '?' engine unreachable).",
-    ).set_defaults(run=cmd_gpus)
+    ps = _api_command(commands, "ps", cmd_ps, "list the managed containers, newest first", connection)
+    ps.add_argument("--claim", help="only the container of this claim")
+    show = _api_command(commands, "show", cmd_show, "show one container", connection)
+    show.add_argument("container", help="container id or a unique prefix of 12 or more hex digits")
+    logs = _api_command(commands, "logs", cmd_logs, "print a container's output", connection)
+    logs.add_argument("container", help="container id or a unique prefix of 12 or more hex digits")
+    logs.add_argument("-f", "--follow", action="store_true", help="go on printing until the container stops or the agent ends the stream")
+    logs.add_argument("--tail", type=int, help="only the last N lines (the agent's default: 100)")
+    logs.add_argument("--since", type=int, help="only lines since this Unix time")
+    logs.add_argument("-t", "--timestamps", action="store_true", help="prefix each line with its time")
+    rm = _api_command(commands, "rm", cmd_rm, "stop and remove containers, freeing their GPUs and ports", connection)
+    rm.add_argument("containers", nargs="+", metavar="container", help="container id or a unique prefix")
+    gpus = _api_command(commands, "gpus", cmd_gpus, "list the GPUs with their state and the claim holding each", connection)
+    gpus.add_argument("--local", action="store_true",
+                      help="read NVML and the engine on this node instead of asking the agent ('-' free, '?' engine unreachable)")
+    quarantine = _api_command(commands, "quarantine", cmd_quarantine, "never give a GPU again until it is released", connection)
+    quarantine.add_argument("uuid", help="the GPU's UUID")
+    quarantine.add_argument("--reason", required=True, help="why, for the next operator")
+    release = _api_command(commands, "release", cmd_release, "lift a GPU's quarantine", connection)
+    release.add_argument("uuid", help="the GPU's UUID")
+    _api_command(commands, "node", cmd_node, "show the node: versions, CPUs, memory, GPU topology, drain state", connection)
+    drain = _api_command(commands, "drain", cmd_drain, "take no new claims until resumed (running claims go on)", connection)
+    drain.add_argument("--reason", required=True, help="why, for the next operator")
+    _api_command(commands, "resume", cmd_resume, "take new claims again after a drain", connection)
     serve = commands.add_parser(
         "serve", help="start the agent: exec gunicorn with the shipped gunicorn.conf.py",
         description="Exec `gunicorn -c <root>/gunicorn.conf.py wsgi:app` from the agent's checkout.",
@@ -259,7 +548,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _route_logs()
     try:
-        return args.run(args)
+        try:
+            return args.run(args)
+        except api.AgentClientError as error:
+            raise api_failure(error) from None
+    except KeyboardInterrupt:
+        return 130
     except CheckFailed as failure:
         print(f"{PROG}: {failure}", file=sys.stderr)
         return failure.code

@@ -1,14 +1,11 @@
-"""Domain errors, and the one place where each becomes a JSON response."""
+"""Domain errors: each fixes its status, its stable `error` code and the fields of its body.
+
+No Flask here, so the client (utopia_agent.client) loads the schemas without the server;
+api/error_handlers.py is the one place where an error becomes a JSON response."""
 
 from __future__ import annotations
 
-import logging
 from typing import Any
-
-from flask import Flask, jsonify
-from werkzeug.exceptions import HTTPException
-
-log = logging.getLogger("utopia_agent.errors")
 
 
 class AgentError(Exception):
@@ -211,42 +208,3 @@ def error_codes() -> list[str]:
         codes.add(cls.code)
         pending.extend(cls.__subclasses__())
     return sorted(codes)
-
-
-def from_http_exception(error: HTTPException, max_body_bytes: int) -> AgentError:
-    """Werkzeug's own refusals (unknown route, wrong method, body too large) as our errors."""
-    if error.code == 404:
-        return NotFound("no such route; see /openapi.json")
-    if error.code == 405:
-        return MethodNotAllowed(error.description, list(error.valid_methods or []))
-    if error.code == 413:
-        return BodyTooLarge.over(max_body_bytes)
-    if error.code is not None and 400 <= error.code < 500:
-        refused = InvalidRequest(error.description)
-        refused.status = error.code
-        return refused
-    return AgentError("internal error; see the agent's log")
-
-
-def error_response(error: AgentError):
-    response = jsonify(error.body())
-    response.status_code = error.status
-    response.headers.update(error.headers())
-    return response
-
-
-def register_error_handlers(app: Flask) -> None:
-    """Turn domain errors, HTTP errors and surprises into JSON bodies; never a stack trace."""
-
-    @app.errorhandler(AgentError)
-    def handle_agent_error(error: AgentError):
-        return error_response(error)
-
-    @app.errorhandler(HTTPException)
-    def handle_http_error(error: HTTPException):
-        return error_response(from_http_exception(error, app.config["MAX_CONTENT_LENGTH"]))
-
-    @app.errorhandler(Exception)
-    def handle_unexpected(error: Exception):
-        log.exception("unhandled error: %s", type(error).__name__)
-        return error_response(AgentError("internal error; see the agent's log"))

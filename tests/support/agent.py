@@ -11,6 +11,8 @@ from pathlib import Path
 
 import requests
 
+from utopia_agent.client import AgentClient
+
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "test-token-0123456789abcdef"
 
@@ -49,9 +51,23 @@ class AgentProcess:
             "UTOPIA_AGENT_WORKERS": str(workers),
             "UTOPIA_AGENT_STATE_DIR": str(state_dir),
         }
-        self.token = self.env["UTOPIA_AGENT_TOKEN"]
         self.process: subprocess.Popen | None = None
-        self.session = requests.Session()
+        self.token = self.env["UTOPIA_AGENT_TOKEN"]
+
+    @property
+    def token(self) -> str:
+        return self._token
+
+    @token.setter
+    def token(self, token: str) -> None:
+        """The token the tests send; `client` (the one `request` uses) follows it."""
+        self._token = token
+        self.client = self.new_client()
+
+    def new_client(self, **options) -> AgentClient:
+        """A client of this agent on a session (and so a keep-alive connection) of its own."""
+        options.setdefault("timeout", 60)
+        return AgentClient(self.base_url, token=self.token, **options)
 
     def start(self, wait: bool = True, ready_path: str = "/openapi.json") -> "AgentProcess":
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -70,7 +86,7 @@ class AgentProcess:
             if self.process.poll() is not None:
                 raise RuntimeError(f"agent exited with {self.process.returncode}:\n{self.log()[-3000:]}")
             try:
-                requests.get(self.base_url + ready_path, timeout=5)
+                self.client.send("GET", ready_path, auth=False, timeout=5)
                 return
             except (requests.ConnectionError, requests.Timeout):
                 # Refused before the master binds; unanswered while the workers still load the app.
@@ -93,7 +109,7 @@ class AgentProcess:
             os.killpg(self.process.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        self.session.close()
+        self.client.close()
         unmount_under(self.state_dir / "mounts")
         return self.process.returncode
 
@@ -105,11 +121,8 @@ class AgentProcess:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def request(self, method: str, path: str, auth: bool = True, **kwargs) -> requests.Response:
-        headers = kwargs.pop("headers", {})
-        if auth:
-            headers.setdefault("Authorization", f"Bearer {self.token}")
-        kwargs.setdefault("timeout", 60)
-        return self.session.request(method, self.base_url + path, headers=headers, **kwargs)
+        """The raw answer, as tests of malformed or refused requests need it (the client's `send`)."""
+        return self.client.send(method, path, auth=auth, **kwargs)
 
     def get(self, path: str, **kwargs) -> requests.Response:
         return self.request("GET", path, **kwargs)
