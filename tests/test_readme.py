@@ -90,9 +90,10 @@ def test_the_offline_quickstart_works_as_written(docker_client, nvidia_path, tmp
         assert '"claim_id":"demo"' in out.replace(" ", "") and '"status":"running"' in out.replace(" ", "")
         [visible] = re.findall(r"^NVIDIA_VISIBLE_DEVICES=(.*)$", out, flags=re.MULTILINE)
         assert len(visible.split(",")) == 2 and all(uuid.startswith("GPU-fake-") for uuid in visible.split(","))
-        assert "gpus: 8 found (backend fake)" in out
-        held = [line for line in out.splitlines() if line.split()[-1:] == ["demo"]]
-        assert len(held) == 2 and {line.split()[1] for line in held} == set(visible.split(","))
+        gpu_rows = [line for line in out.splitlines() if re.match(r"\d+\s+GPU-fake-", line)]
+        assert len(gpu_rows) == 8, out
+        held = [line for line in gpu_rows if re.search(r"\sallocated\s+demo\s", line)]
+        assert len(held) == 2 and {re.search(r"GPU-fake-\S+", line).group() for line in held} == set(visible.split(","))
         assert out.rstrip().splitlines()[-1] == "204"
         assert not docker_client.containers.list(all=True, filters={"name": f"^/{CONTAINER}$"})
     finally:
