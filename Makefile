@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 RUN_DIR ?= .run
 STAMP := $(VENV)/.installed-$(shell cat setup.cfg setup.py | cksum | cut -d' ' -f1)
 
-.PHONY: run test machine bench lint clean
+.PHONY: run test check machine bench lint clean
 
 $(STAMP): setup.cfg setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -29,6 +29,11 @@ run: $(STAMP)
 ## install what the tests need and run them against the real engine
 test: machine $(STAMP)
 	$(PY) -m pytest
+
+## check: the edit loop: the tests that need no engine (seconds) and the lint (ruff.toml)
+check: $(STAMP)
+	$(PY) -m pytest -q -m "not docker"
+	$(PY) -m ruff check utopia_agent tests benchmarks wsgi.py gunicorn.conf.py
 
 machine:
 	@tests/support/prepare-machine

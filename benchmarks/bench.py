@@ -29,9 +29,9 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import psutil
 import requests
@@ -203,7 +203,7 @@ class Figure:
     # Every timing of the figure's path, by series (the agent, its baseline, the bare stack), for the picture.
     samples: dict[str, list[float]] = field(default_factory=dict)
 
-    def keep_samples(self, **series: list[float]) -> "Figure":
+    def keep_samples(self, **series: list[float]) -> Figure:
         self.samples = {name.replace("_", " "): [round(ms, 3) for ms in values] for name, values in series.items()}
         return self
 
@@ -808,7 +808,7 @@ def report(bench: Bench, info: dict, output: Path, seconds: float, quick: bool) 
           f"{bench.foreign.count} engine events of managed containers not made by this run (other agents or tests).")
     output.parent.mkdir(parents=True, exist_ok=True)
     results = {
-        "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
         "quick": quick,
         "seconds": round(seconds, 1),
         "machine": info,
@@ -845,11 +845,11 @@ def draw(results: dict, png: Path) -> Path:
     rows = [len(panel["samples"]) + 1 for panel in panels]  # a row per series, one for the title
     figure, axes = pyplot.subplots(len(panels), 1, figsize=(10, 0.8 + 0.42 * sum(rows)), squeeze=False,
                                    gridspec_kw={"height_ratios": rows})
-    for ax, panel in zip(axes[:, 0], panels):
+    for ax, panel in zip(axes[:, 0], panels, strict=True):
         names = list(panel["samples"])[::-1]  # the agent on top
         boxes = ax.boxplot([panel["samples"][name] for name in names], orientation="horizontal", whis=(5, 95), widths=0.6,
                            patch_artist=True, flierprops={"markersize": 2, "alpha": 0.4}, medianprops={"color": "black"})
-        for box, name in zip(boxes["boxes"], names):
+        for box, name in zip(boxes["boxes"], names, strict=True):
             box.set_facecolor(next((c for key, c in SERIES_COLOURS.items() if name.startswith(key)), "#2ca02c"))
             box.set_alpha(0.75)
         ax.set_yticks(range(1, len(names) + 1), names, fontsize=8)

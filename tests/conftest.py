@@ -87,7 +87,8 @@ def test_image(docker_client):
 @pytest.fixture(scope="session")
 def nvidia_path(docker_client, test_image) -> None:
     """The engine attaches GPUs through its NVIDIA device path (dockerd started with the stand-in hook on its PATH)."""
-    require(engine_has_nvidia_driver(docker_client, test_image), "the engine has no nvidia device driver: start dockerd with tests/support on its PATH (make test does)")
+    require(engine_has_nvidia_driver(docker_client, test_image),
+        "the engine has no nvidia device driver: start dockerd with tests/support on its PATH (make test does)")
 
 
 @pytest.fixture(scope="session")
@@ -96,7 +97,7 @@ def fake_nvml_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def claim(request) -> "ClaimNames":
+def claim(request) -> ClaimNames:
     """Claim ids unique to this run and test, so cleanup never touches anyone else's."""
     return ClaimNames(f"t{RUN_ID}-{request.node.name[:24]}".replace("[", "-").replace("]", "").replace("_", "-"))
 

@@ -162,7 +162,8 @@ def test_check_and_gpus_from_a_make_run_checkout_describe_the_running_agent(make
     (but the state dir as root, where `make run` uses the default /var/lib/utopia-agent, as the CLI does)."""
     run_dir = make_run_checkout / ".run"
     plain = {k: v for k, v in os.environ.items() if not k.startswith("UTOPIA_AGENT_")}
-    agent = AgentProcess(run_dir / "state", free_port(), {**plain, "UTOPIA_AGENT_GPU_BACKEND": "fake", "UTOPIA_AGENT_TOKEN_FILE": str(run_dir / "token")}, workers=1)
+    agent = AgentProcess(run_dir / "state", free_port(), {**plain, "UTOPIA_AGENT_GPU_BACKEND": "fake",
+        "UTOPIA_AGENT_TOKEN_FILE": str(run_dir / "token")}, workers=1)
     agent.env.pop("UTOPIA_AGENT_TOKEN")
     agent.token = "made-by-make-run-0123456789"
     cli_env = dict(plain, UTOPIA_AGENT_STATE_DIR=str(run_dir / "state")) if os.geteuid() == 0 else plain
@@ -266,6 +267,7 @@ def test_exit_codes_tell_failures_apart(agent, agent_factory, tmp_path):
     assert stderr_lines(unavailable)[0].startswith("utopia-agent: 503 engine_unavailable: ")
 
 
+@pytest.mark.docker  # the command then asks the engine itself which claims hold the GPUs
 def test_gpus_reads_the_node_when_the_agent_does_not_answer(cli_env):
     result = run_cli("gpus", env={**cli_env, "UTOPIA_AGENT_BIND": f"127.0.0.1:{free_port()}"})
     assert result.returncode == 0, result.stderr

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import socket
 import time
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 
 import pytest
 import requests
 
 from tests.support.engine import free_host_port
 from tests.support.polling import wait_for
-from utopia_agent.client import AgentClient
 
 pytestmark = pytest.mark.docker
 
@@ -78,7 +77,8 @@ def test_container_object_has_the_contract_shape(agent, test_image, claim):
     shown = agent.get(f"/api/v1/containers/{container_id}").json()
     by_prefix = agent.get(f"/api/v1/containers/{container_id[:12]}").json()
     for obj in (mine, shown, by_prefix):
-        assert set(obj) == {"id", "claim_id", "image", "status", "gpu_ids", "ports", "created", "started", "labels", "resources", "exit_code", "oom_killed", "restart_count", "finished", "error"}
+        assert set(obj) == {"id", "claim_id", "image", "status", "gpu_ids", "ports", "created", "started", "labels", "resources", "exit_code",
+            "oom_killed", "restart_count", "finished", "error"}
         assert obj["id"] == container_id
         assert obj["claim_id"] == claim()
         assert obj["image"] == test_image
@@ -252,7 +252,8 @@ def test_a_gpu_request_on_a_node_without_gpus_says_so(agent_factory, docker_clie
 )
 def test_bad_tokens_are_401(agent, header):
     headers = {} if header is None else {"Authorization": header}
-    for method, path in [("GET", "/api/v1/containers"), ("POST", "/api/v1/containers"), ("GET", "/api/v1/metrics"), ("DELETE", "/api/v1/containers/0123456789ab")]:
+    for method, path in [("GET", "/api/v1/containers"), ("POST", "/api/v1/containers"), ("GET", "/api/v1/metrics"), ("DELETE",
+        "/api/v1/containers/0123456789ab")]:
         response = agent.request(method, path, auth=False, headers=dict(headers))
         assert response.status_code == 401, (method, path)
         assert response.headers["WWW-Authenticate"].startswith("Bearer")
@@ -320,13 +321,15 @@ def test_changes_behind_the_agents_back_reach_every_worker(agent_factory, docker
 
     def engine_started() -> int:
         started = docker_client.api.inspect_container(container_id)["State"]["StartedAt"]
-        return int(datetime.fromisoformat(started[:19]).replace(tzinfo=timezone.utc).timestamp())
+        return int(datetime.fromisoformat(started[:19]).replace(tzinfo=UTC).timestamp())
 
-    assert wait_for(lambda: seen_everywhere(lambda c: c and c["status"] == "exited"), timeout=10, interval=0.05), "a container that exits on its own shows as exited"
+    assert wait_for(lambda: seen_everywhere(lambda c: c and c["status"] == "exited"), timeout=10,
+        interval=0.05), "a container that exits on its own shows as exited"
     first_start = engine_started()
     docker_client.api.start(container_id)
     assert engine_started() > first_start
-    assert wait_for(lambda: seen_everywhere(lambda c: c and c["started"] == engine_started()), timeout=5, interval=0.05), "started again behind the agent's back"
+    assert wait_for(lambda: seen_everywhere(lambda c: c and c["started"] == engine_started()), timeout=5,
+        interval=0.05), "started again behind the agent's back"
     docker_client.api.remove_container(container_id, force=True)
     assert wait_for(lambda: seen_everywhere(lambda c: c is None), timeout=5, interval=0.05), "removed behind the agent's back"
 

@@ -125,7 +125,7 @@ class Supervisor:
         self.process: subprocess.Popen | None = None
         self.seen_pids: set[int] = set()
 
-    def start(self) -> "Supervisor":
+    def start(self) -> Supervisor:
         env = {k: v for k, v in os.environ.items() if not k.startswith("UTOPIA_AGENT_")}
         with open(self.dir / "supervisord.out", "ab") as out:
             self.process = subprocess.Popen(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from functools import partial
 
 import pytest
 
@@ -70,7 +71,7 @@ def test_outage_gives_503_and_the_agent_recovers_by_itself(private_engine, priva
             ("DELETE", f"/api/v1/containers/{container_id}", None),
             ("POST", "/api/v1/containers", {"claim_id": claim("down"), "image": test_image}),
         ]:
-            response, took = timed(lambda: agent.request(method, path, json=body))
+            response, took = timed(partial(agent.request, method, path, json=body))
             assert response.status_code == 503, (method, path, response.text)
             assert int(response.headers["Retry-After"]) > 0 and response.json()["message"]
             assert took < limit, (method, path, took)
@@ -114,7 +115,7 @@ def test_a_hung_engine_gives_503_within_the_engine_timeout(private_engine, priva
     try:
         time.sleep(HEALTH_TRUST)
         for method, path in [("GET", "/health"), ("GET", "/api/v1/containers"), ("GET", "/api/v1/containers/0123456789ab")]:
-            response, took = timed(lambda: agent.request(method, path))
+            response, took = timed(partial(agent.request, method, path))
             assert response.status_code == 503 and int(response.headers["Retry-After"]) > 0, (path, response.text)
             assert ENGINE_TIMEOUT * 0.9 < took < ENGINE_TIMEOUT + MARGIN, (path, took)
         metrics, took = timed(lambda: agent.get("/api/v1/metrics"))

@@ -182,7 +182,9 @@ def test_a_released_gpu_is_releasing_until_nvml_shows_it_clean(agent_factory, te
     container_id = created.json()["container_id"]
     [index] = agent.get(f"/api/v1/containers/{container_id}").json()["gpu_ids"]
     script(agent, **{f"gpu{index}": {"compute_processes": 1, "memory_used_mib": 30000}})
-    assert wait_for(lambda: gpus(agent)[index]["state"] == "allocated" and agent.get("/api/v1/metrics").json()["gpus"][index]["memory_used_mb"] == 30000, SETTLE)
+    assert wait_for(
+        lambda: gpus(agent)[index]["state"] == "allocated" and agent.get("/api/v1/metrics").json()["gpus"][index]["memory_used_mb"] == 30000, SETTLE
+    )
     assert agent.delete(f"/api/v1/containers/{container_id}").status_code == 204
     releasing = gpus(agent)[index]
     assert releasing["state"] == "releasing" and releasing["reason"] == "compute processes are running"
@@ -305,7 +307,8 @@ def test_the_node_endpoint_describes_the_node(agent_factory, docker_client):
     assert node["gpu_backend"] == "nvml" and node["nvml_hung"] is None and node["drain"]["draining"] is False
     assert node["cpu_count"] >= 1 and node["memory_total_mb"] > 0 and node["agent_version"] and node["node_id"]
     assert all(numa["cpus"] for numa in node["numa_nodes"])
-    assert [(g["index"], g["compute_capability"], g["numa_node"]) for g in node["gpus"]] == [(0, "9.0", 0), (1, "9.0", 0), (2, "9.0", 0), (3, None, None), (4, "9.0", 1)]
+    assert [(g["index"], g["compute_capability"], g["numa_node"]) for g in node["gpus"]] == [(0, "9.0", 0), (1, "9.0", 0), (2, "9.0", 0), (3, None,
+        None), (4, "9.0", 1)]
     assert node["gpus"][2]["pci_bus_id"] == "00000000:38:00.0"
     assert node["topology"] == [
         ["X", "NV4", "PXB", None, "SYS"],

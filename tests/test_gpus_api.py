@@ -71,7 +71,8 @@ def test_metrics_report_every_gpu_including_odd_ones(agent):
     assert gpus[0]["memory_total_mb"] == 81559 and gpus[0]["temperature_c"] == 30
     assert gpus[3]["temperature_c"] is None and gpus[3]["healthy"] is True
     assert gpus[LOST_GPU]["healthy"] is False
-    assert set(body["system"]) == {"cpu_usage_percent", "memory_usage_percent", "memory_total_mb", "memory_used_mb", "disk_usage_percent", "load_average", "uptime"}
+    assert set(body["system"]) == {"cpu_usage_percent", "memory_usage_percent", "memory_total_mb", "memory_used_mb", "disk_usage_percent",
+        "load_average", "uptime"}
     assert body["cpu_usage_percent"] == body["system"]["cpu_usage_percent"]
     assert body["system"]["uptime"] > 0 and body["node_id"]
 

@@ -236,7 +236,7 @@ def test_exclusive_pinning_never_gives_a_core_twice(agent_factory, docker_client
 
     cpusets = [inspect(docker_client, c)["HostConfig"]["CpusetCpus"] for c in won]
     assert sorted(cpusets) == sorted([str(first), str(second)]), "whole cores, each to one claim"
-    for container_id, cpuset in zip(won, cpusets):
+    for container_id, cpuset in zip(won, cpusets, strict=True):
         obj = agent.get(f"/api/v1/containers/{container_id}").json()
         assert obj["labels"]["utopia.cpu_pinning"] == "exclusive"
         assert obj["resources"]["cpus"] == 1.0 and obj["resources"]["cpuset"] == cpuset

@@ -73,7 +73,7 @@ class StalledClients:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> "StalledClients":
+    def __enter__(self) -> StalledClients:
         self._thread.start()
         return self
 

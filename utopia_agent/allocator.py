@@ -18,7 +18,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator
+from collections.abc import Iterator
 
 from .config import Config
 from .docker_manager import CPUS_LABEL, GPU_IDS_LABEL, MEMORY_LABEL, PORTS_LABEL, VOLUMES_LABEL, ContainerSpec, DockerManager, Holdings
@@ -81,7 +81,7 @@ class NodeAllocations:
     volume_holders: dict[str, str]
 
     @classmethod
-    def from_labels(cls, containers: list[tuple[str, dict[str, str]]]) -> "NodeAllocations":
+    def from_labels(cls, containers: list[tuple[str, dict[str, str]]]) -> NodeAllocations:
         """Built from each managed container's id and labels, which record everything it holds."""
         gpus: dict[str, list[str]] = {}
         ports: dict[tuple[int, str], str] = {}

@@ -26,12 +26,13 @@ from .system_metrics import SystemMetrics
 from .volumes import MountPins
 
 
-def create_app(config: Config | None = None, gpus: GpuInventory | None = None) -> Flask:
-    """Build the agent; tests pass their own config (and may pass a GPU inventory)."""
+def create_app(config: Config | None = None, gpus: GpuInventory | None = None, docker: DockerManager | None = None) -> Flask:
+    """Build the agent; tests pass their own config, and may pass a GPU inventory and an engine
+    (anything with DockerManager's interface, such as tests/support/memory_engine.MemoryEngine)."""
     config = config or load_config()
     configure_logging(config.log_format)
     prepare_state_dir(config)
-    docker = DockerManager(config)
+    docker = docker or DockerManager(config)
     docker.view.volunteer()  # one worker of the node watches the engine's events for all of them
     watchdog = NvmlWatchdog(config.nvml_timeout)
     sampler = GpuSampler(

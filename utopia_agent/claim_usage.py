@@ -74,7 +74,7 @@ class CgroupFiles:
     memory_v1: bool
 
     @classmethod
-    def of_pid(cls, pid: int, mountinfo: str | None = None) -> "CgroupFiles | None":
+    def of_pid(cls, pid: int, mountinfo: str | None = None) -> CgroupFiles | None:
         """From /proc/<pid>/cgroup; None when the process is gone or no hierarchy has the controllers."""
         try:
             lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
@@ -151,7 +151,7 @@ class ClaimUsage:
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._run, name="claim-usage", daemon=True)
 
-    def start(self) -> "ClaimUsage":
+    def start(self) -> ClaimUsage:
         self._thread.start()
         return self
 

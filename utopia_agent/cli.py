@@ -185,7 +185,7 @@ def _gpu_rows(gpus: list[GpuStatus], claims: dict[str, list[str]] | None) -> lis
 def _print_table(rows: list[list[str]], indent: str = "") -> None:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
-        print(indent + "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+        print(indent + "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
 
 
 def cmd_check(args: argparse.Namespace) -> int:

@@ -8,7 +8,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from collections.abc import Mapping
 
 from .gpus import BACKENDS as GPU_BACKENDS
 from .resources import PINNING_MODES, NodeResources

@@ -13,7 +13,8 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
+from collections.abc import Iterable, Iterator, Sequence
 
 import docker
 import requests
@@ -92,7 +93,7 @@ class PortMapping:
         return f"{self.host_port}:{self.container_key}"
 
     @classmethod
-    def parse(cls, text: str) -> "PortMapping":
+    def parse(cls, text: str) -> PortMapping:
         host, _, container = text.partition(":")
         port, _, protocol = container.partition("/")
         return cls(int(host), int(port), protocol or "tcp")
@@ -173,7 +174,7 @@ class Holdings:
     exclusive_cpus: tuple[int, ...] = ()
 
     @classmethod
-    def from_labels(cls, labels: dict[str, str]) -> "Holdings":
+    def from_labels(cls, labels: dict[str, str]) -> Holdings:
         resources = resources_from_labels(labels)
         exclusive = labels.get(PINNING_LABEL) == "exclusive"
         return cls(
@@ -206,7 +207,7 @@ class ManagedContainer:
     state: ContainerState | None = field(default=None, repr=False, compare=False)
 
     @classmethod
-    def from_state(cls, state: ContainerState) -> "ManagedContainer":
+    def from_state(cls, state: ContainerState) -> ManagedContainer:
         held = Holdings.from_labels(state.labels)
         return cls(
             id=state.id,
@@ -506,7 +507,7 @@ class DockerManager:
         except _EngineNotFound:
             return None
 
-    def managed_events(self, since_ns: int | None, actions: Iterable[str]) -> "_EventStream":
+    def managed_events(self, since_ns: int | None, actions: Iterable[str]) -> _EventStream:
         """The engine's events of managed containers from `since_ns` (engine time) on, on a connection
         of their own that never times out; `close()` ends the stream."""
         version = self._engine().api.api_version  # no error mapping: the watcher retries quietly while the engine is down
@@ -527,7 +528,7 @@ class DockerManager:
         with self._logs_call(container_id):
             return self._engine().api.logs(container_id, stdout=True, stderr=True, timestamps=timestamps, tail=tail, since=since)
 
-    def follow_logs(self, container_id: str, *, tail: int, since: float | None, timestamps: bool) -> "LogStream":
+    def follow_logs(self, container_id: str, *, tail: int, since: float | None, timestamps: bool) -> LogStream:
         """The logs so far, then new lines as they come, until the container stops or the stream is closed."""
         with self._logs_call(container_id):
             stream = self._engine().api.logs(
@@ -587,7 +588,7 @@ class DockerManager:
         PULL_DURATION.labels("ok").observe(progress.elapsed())
         log.info("image pull finished image=%s seconds=%.1f %s", image, progress.elapsed(), progress.summary(), extra={"image": image})
 
-    def _stream_pull(self, image: str, progress: "_PullProgress") -> None:
+    def _stream_pull(self, image: str, progress: _PullProgress) -> None:
         """The engine's pull request, with a read timeout equal to the no-progress timeout.
 
         docker-py's `pull` sends `timeout=None` and would wait on a stalled registry forever,

@@ -98,7 +98,7 @@ class ClaimExists(Conflict):
     code = "claim_exists"
 
     @classmethod
-    def held_by(cls, claim_id: str, container_id: str | None) -> "ClaimExists":
+    def held_by(cls, claim_id: str, container_id: str | None) -> ClaimExists:
         return cls(f"claim {claim_id} already has a container", claim_id=claim_id, container_id=container_id)
 
 

@@ -250,7 +250,7 @@ class HealthMonitor:
         self._next_check = 0.0
         self._thread = threading.Thread(target=self._run, name="gpu-monitor", daemon=True)
 
-    def start(self) -> "HealthMonitor":
+    def start(self) -> HealthMonitor:
         self._thread.start()
         return self
 

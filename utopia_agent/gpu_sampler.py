@@ -60,7 +60,7 @@ class GpuSampler:
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="gpu-sampler", daemon=True)
 
-    def start(self, wait: float) -> "GpuSampler":
+    def start(self, wait: float) -> GpuSampler:
         """Start sampling; wait up to `wait` seconds for the inventory to open and the first sample.
 
         An inventory that fails to open raises its GpuBackendError here (the worker must not

@@ -29,7 +29,7 @@ class Janitor:
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._run, name="janitor", daemon=True)
 
-    def start(self) -> "Janitor":
+    def start(self) -> Janitor:
         self._thread.start()
         return self
 

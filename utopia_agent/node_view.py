@@ -28,10 +28,11 @@ import struct
 import threading
 import time
 from dataclasses import dataclass, fields
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Protocol
+from collections.abc import Callable, Iterable
 
 log = logging.getLogger("utopia_agent.view")
 
@@ -54,7 +55,7 @@ def unix_seconds(stamp: str | None) -> int:
     """Engine timestamps are RFC 3339 with nanoseconds; the zero time means never."""
     if not stamp or stamp.startswith("0001-01-01"):
         return 0
-    return int(datetime.fromisoformat(stamp[:19]).replace(tzinfo=timezone.utc).timestamp())
+    return int(datetime.fromisoformat(stamp[:19]).replace(tzinfo=UTC).timestamp())
 
 
 def _endpoints(network_settings: dict | None) -> tuple[str, ...]:
@@ -83,7 +84,7 @@ class ContainerState:
     endpoints: tuple[str, ...] = ()
 
     @classmethod
-    def from_inspect(cls, info: dict[str, Any]) -> "ContainerState":
+    def from_inspect(cls, info: dict[str, Any]) -> ContainerState:
         state = info.get("State") or {}
         config = info.get("Config") or {}
         return cls(
@@ -111,7 +112,7 @@ class ContainerState:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "ContainerState":
+    def from_json(cls, data: dict[str, Any]) -> ContainerState:
         return cls(**{**data, "endpoints": tuple(data.get("endpoints") or ())})
 
 
@@ -124,20 +125,20 @@ class Snapshot:
     parses one line, and listing builds only the records that changed.
     """
 
-    def __init__(self, generation: int, event_ns: int, lines: dict[str, bytes], previous: "Snapshot | None" = None):
+    def __init__(self, generation: int, event_ns: int, lines: dict[str, bytes], previous: Snapshot | None = None):
         self.generation = generation
         self.event_ns = event_ns
         self._lines = lines
         self._known = previous._parsed() if previous is not None else {}
 
     @classmethod
-    def of(cls, generation: int, event_ns: int, containers: tuple[ContainerState, ...]) -> "Snapshot":
+    def of(cls, generation: int, event_ns: int, containers: tuple[ContainerState, ...]) -> Snapshot:
         snapshot = cls(generation, event_ns, {c.id: _line(c) for c in containers})
         snapshot.__dict__["containers"] = containers
         return snapshot
 
     @classmethod
-    def read(cls, path: Path, previous: "Snapshot | None" = None) -> "Snapshot":
+    def read(cls, path: Path, previous: Snapshot | None = None) -> Snapshot:
         header, *records = path.read_bytes().split(b"\n")
         meta = json.loads(header)
         lines = {line[_ID_AT:line.index(b'"', _ID_AT)].decode(): line for line in records if line}

@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import asdict
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING
+from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -86,8 +87,10 @@ class NodeCollector(Collector):
             value=1.0 if agent.gpus.sampler.hung() is not None else 0.0,
         )
         if sample is not None:
-            yield GaugeMetricFamily("utopia_agent_gpu_sample_age_seconds", "Age of the GPU figures in this scrape.", value=max(0.0, time.time() - sample.taken_at))
-        yield GaugeMetricFamily("utopia_agent_node_draining", "1 while the operator drains the node (creates are refused).", value=1.0 if agent.node.state()["draining"] else 0.0)
+            yield GaugeMetricFamily("utopia_agent_gpu_sample_age_seconds", "Age of the GPU figures in this scrape.",
+                                    value=max(0.0, time.time() - sample.taken_at))
+        yield GaugeMetricFamily("utopia_agent_node_draining", "1 while the operator drains the node (creates are refused).",
+            value=1.0 if agent.node.state()["draining"] else 0.0)
 
         if containers is not None:
             by_state = GaugeMetricFamily("utopia_agent_containers", "Managed containers by Docker state.", labels=["state"])
@@ -112,7 +115,8 @@ class NodeCollector(Collector):
     def _claim_families(samples: dict) -> Iterable:
         """Each running claim's CPU time and memory, from the background sample (never read per scrape)."""
         cpu = CounterMetricFamily("utopia_agent_claim_cpu_seconds", "CPU time the claim's container used.", labels=["claim_id"])
-        used = GaugeMetricFamily("utopia_agent_claim_memory_used_bytes", "Memory the claim's container uses, without reclaimable page cache.", labels=["claim_id"])
+        used = GaugeMetricFamily("utopia_agent_claim_memory_used_bytes", "Memory the claim's container uses, without reclaimable page cache.",
+            labels=["claim_id"])
         limit = GaugeMetricFamily("utopia_agent_claim_memory_limit_bytes", "The claim's memory limit (no sample: no limit).", labels=["claim_id"])
         for entry in samples.get("claims", {}).values():
             claim = [entry["claim_id"]]
@@ -136,7 +140,8 @@ class NodeCollector(Collector):
             "ecc_dbe_volatile": GaugeMetricFamily("DCGM_FI_DEV_ECC_DBE_VOL_TOTAL", "Total number of double-bit volatile ECC errors.", labels=labels),
             "retired_pages_pending": GaugeMetricFamily("DCGM_FI_DEV_RETIRED_PENDING", "Whether pages are pending retirement (1) or not (0).", labels=labels),
             "rows_correctable": GaugeMetricFamily("DCGM_FI_DEV_CORRECTABLE_REMAPPED_ROWS", "Number of remapped rows for correctable errors.", labels=labels),
-            "rows_uncorrectable": GaugeMetricFamily("DCGM_FI_DEV_UNCORRECTABLE_REMAPPED_ROWS", "Number of remapped rows for uncorrectable errors.", labels=labels),
+            "rows_uncorrectable": GaugeMetricFamily("DCGM_FI_DEV_UNCORRECTABLE_REMAPPED_ROWS", "Number of remapped rows for uncorrectable errors.",
+                labels=labels),
             "row_remap_pending": GaugeMetricFamily("DCGM_FI_DEV_ROW_REMAP_PENDING", "Whether a row remapping is pending (1) or not (0).", labels=labels),
             "row_remap_failure": GaugeMetricFamily("DCGM_FI_DEV_ROW_REMAP_FAILURE", "Whether remapping of rows has failed.", labels=labels),
         }

@@ -40,7 +40,7 @@ class NodeResources:
     memory_nodes: frozenset[int] | None
 
     @classmethod
-    def read(cls) -> "NodeResources":
+    def read(cls) -> NodeResources:
         cpus = tuple(sorted(os.sched_getaffinity(0)))
         return cls(
             cpus=cpus,

@@ -150,7 +150,8 @@ class CreateContainerSchema(Schema):
     )
     memory_mb = StrictInteger(
         validate=validate.Range(MIN_MEMORY_MB, MAX_MEMORY_MB),
-        metadata={"description": "Memory limit in MiB; going over it kills the job. Default: a GPU claim gets its share of the node, any other claim no limit."},
+        metadata={"description": "Memory limit in MiB; going over it kills the job. "
+                                 "Default: a GPU claim gets its share of the node, any other claim no limit."},
     )
     shm_size_mb = StrictInteger(
         validate=validate.Range(1, MAX_MEMORY_MB),
@@ -352,7 +353,8 @@ class NodeSchema(Schema):
     topology = fields.List(
         fields.List(fields.String(allow_none=True)),
         required=True,
-        metadata={"description": "GPU by GPU in index order, as `nvidia-smi topo -m` names the link: X, NV<links>, PIX, PXB, PHB, NODE, SYS, BOARD; null where NVML cannot say."},
+        metadata={"description": "GPU by GPU in index order, as `nvidia-smi topo -m` names the link: "
+                                 "X, NV<links>, PIX, PXB, PHB, NODE, SYS, BOARD; null where NVML cannot say."},
     )
     drain = fields.Nested(DrainSchema, required=True, metadata={"description": "Whether the node takes claims."})
 
@@ -367,7 +369,8 @@ class GpuMetricsSchema(Schema):
     busy = fields.Boolean(required=True, metadata={"description": "Not free: the allocator would not give it now (see `state`)."})
     usage_percent = fields.Float(allow_none=True, required=True, metadata={"description": "Utilisation in percent; null when unreadable."})
     healthy = fields.Boolean(required=True, metadata={"description": "Neither lost nor quarantined."})
-    state = fields.String(required=True, metadata={"enum": GPU_STATES, "description": "free, allocated, releasing (not yet clean after its claim), quarantined or lost."})
+    state = fields.String(required=True, metadata={"enum": GPU_STATES,
+        "description": "free, allocated, releasing (not yet clean after its claim), quarantined or lost."})
 
 
 class SystemMetricsSchema(Schema):
@@ -392,7 +395,8 @@ class MetricsSchema(Schema):
 
 class HealthSchema(Schema):
     status = fields.String(
-        required=True, validate=validate.OneOf(["healthy", "unhealthy"]), metadata={"description": "`unhealthy` while the engine does not answer or NVML is hung."}
+        required=True, validate=validate.OneOf(["healthy", "unhealthy"]),
+            metadata={"description": "`unhealthy` while the engine does not answer or NVML is hung."}
     )
     timestamp = fields.String(required=True, metadata={"description": "When it was answered, ISO 8601 in UTC."})
     draining = fields.Boolean(required=True, metadata={"description": "The node takes no new claims; it stays healthy."})

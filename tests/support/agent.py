@@ -69,7 +69,7 @@ class AgentProcess:
         options.setdefault("timeout", 60)
         return AgentClient(self.base_url, token=self.token, **options)
 
-    def start(self, wait: bool = True, ready_path: str = "/openapi.json") -> "AgentProcess":
+    def start(self, wait: bool = True, ready_path: str = "/openapi.json") -> AgentProcess:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
@@ -91,8 +91,6 @@ class AgentProcess:
             except (requests.ConnectionError, requests.Timeout):
                 # Refused before the master binds; unanswered while the workers still load the app.
                 time.sleep(0.1)
-            except requests.Timeout:
-                pass  # the master accepts before a worker has loaded the app; a busy machine is slow to
         raise RuntimeError(f"agent did not serve within {timeout}s:\n{self.log()[-3000:]}")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int | None:

@@ -402,7 +402,7 @@ class Registry(_LocalServer):
         except (OSError, urllib.error.URLError):
             return False
 
-    def start(self) -> "Registry":
+    def start(self) -> Registry:
         binary = shutil.which("docker-registry")
         if binary is None:
             raise FileNotFoundError("docker-registry is not installed (apt-get install docker-registry)")
@@ -467,7 +467,7 @@ class SilentRegistry(_LocalServer):
         self._thread: threading.Thread | None = None
         self.port = 0
 
-    def start(self) -> "SilentRegistry":
+    def start(self) -> SilentRegistry:
         self._listener = socket.create_server(("127.0.0.1", 0))
         self._listener.settimeout(0.2)
         self.port = self._listener.getsockname()[1]
@@ -479,7 +479,7 @@ class SilentRegistry(_LocalServer):
         while not self._stopping.is_set():
             try:
                 conn, _ = self._listener.accept()
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:
                 return
@@ -578,7 +578,7 @@ class SlowRegistry(_LocalServer):
         self._thread: threading.Thread | None = None
         self._released = threading.Event()
 
-    def start(self) -> "SlowRegistry":
+    def start(self) -> SlowRegistry:
         handler = type("Proxy", (_ThrottlingProxy,), {
             "upstream_port": self.upstream.port, "bytes_per_s": self.kib_per_s * 1024,
             "released": self._released,

@@ -14,7 +14,7 @@ import tempfile
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from collections.abc import Iterator
 
 import docker
 
@@ -68,7 +68,7 @@ class PrivateEngine:
         _ip("addr", "add", f"{self.subnet}.{third}.1/24", "dev", self.bridge)
         _ip("link", "set", self.bridge, "up")
 
-    def start(self) -> "PrivateEngine":
+    def start(self) -> PrivateEngine:
         self.handle = ensure_engine(base_url=self.base_url, dockerd_args=self.args, env=self.env, client_timeout=30)
         assert self.handle.started_by_us, "something else answered on the private engine's socket"
         self.logs.append(self.handle.log_path)

@@ -62,7 +62,7 @@ class EngineRelay:
         self._closed = threading.Event()
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 
-    def start(self) -> "EngineRelay":
+    def start(self) -> EngineRelay:
         self._listener.bind(str(self.socket_path))
         self._listener.listen(64)
         self._listener.settimeout(0.2)
@@ -120,7 +120,7 @@ class EngineRelay:
         while not self._closed.is_set():
             try:
                 client, _ = self._listener.accept()
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:
                 return

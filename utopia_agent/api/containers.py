@@ -65,7 +65,8 @@ def _create(payload) -> str:
             agent.docker.remove(container_id, grace_seconds=0)
             agent.allocator.release(spec.claim_id)
         except AgentError as cleanup:
-            log.error("container rollback failed claim=%s container=%s gpus=%s reason=%s cleanup=%s", spec.claim_id, container_id[:12], gpus, reason, cleanup.code, extra=event)
+            log.error("container rollback failed claim=%s container=%s gpus=%s reason=%s cleanup=%s", spec.claim_id, container_id[:12], gpus, reason,
+                cleanup.code, extra=event)
             raise error from None
         log.warning("container rolled back claim=%s container=%s gpus=%s reason=%s", spec.claim_id, container_id[:12], gpus, reason, extra=event)
         raise

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 
 from flask import Blueprint, jsonify
 
@@ -21,7 +21,7 @@ def health():
     agent = services()
     body = {
         "status": "healthy",
-        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        "timestamp": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
         "draining": agent.node.state()["draining"],
     }
     try:

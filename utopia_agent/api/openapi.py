@@ -200,7 +200,8 @@ def build_spec() -> dict:
                 "summary": "Show one managed container",
                 "security": secured,
                 "parameters": [_CONTAINER_ID],
-                "responses": {"200": _json("The container.", "Container"), **_UNAUTHORIZED, **_NOT_MANAGED, **_failure("The engine failed to inspect the container.", EngineError), **_ENGINE_DOWN},
+                "responses": {"200": _json("The container.", "Container"), **_UNAUTHORIZED, **_NOT_MANAGED,
+                    **_failure("The engine failed to inspect the container.", EngineError), **_ENGINE_DOWN},
             },
             "delete": {
                 "operationId": "deleteContainer",
@@ -248,7 +249,8 @@ def build_spec() -> dict:
                 "summary": "The container's CPU and memory (from its cgroup) and its GPUs' figures",
                 "security": secured,
                 "parameters": [_CONTAINER_ID],
-                "responses": {"200": _json("The container's usage.", "ContainerStats"), **_UNAUTHORIZED, **_NOT_MANAGED, **_failure("The engine failed to inspect the container.", EngineError), **_ENGINE_DOWN},
+                "responses": {"200": _json("The container's usage.", "ContainerStats"), **_UNAUTHORIZED, **_NOT_MANAGED,
+                    **_failure("The engine failed to inspect the container.", EngineError), **_ENGINE_DOWN},
             }
         },
     )
@@ -292,7 +294,8 @@ def build_spec() -> dict:
                     **_failure("The body is not JSON or has no valid `reason`; `errors` names the field.", InvalidRequest),
                     **_UNAUTHORIZED,
                     **no_gpu,
-                    **_failure("The allocation lock or the GPUs' state could not be had in time; retry after Retry-After seconds.", EngineUnavailable, AllocationBusy),
+                    **_failure("The allocation lock or the GPUs' state could not be had in time; retry after Retry-After seconds.",
+                        EngineUnavailable, AllocationBusy),
                 },
             },
             "delete": {
@@ -306,7 +309,8 @@ def build_spec() -> dict:
                     **_UNAUTHORIZED,
                     **no_gpu,
                     **_failure("A claim still holds the GPU; the body names the claim.", GpuHeld),
-                    **_failure("The allocation lock or the GPUs' state could not be had in time; retry after Retry-After seconds.", EngineUnavailable, AllocationBusy),
+                    **_failure("The allocation lock or the GPUs' state could not be had in time; retry after Retry-After seconds.",
+                        EngineUnavailable, AllocationBusy),
                 },
             },
         },
