@@ -77,12 +77,13 @@ class Plan:
     pull_kib_per_s: int
     pull_window_s: float
     cpu_seconds: float
+    burst_rounds: int  # rounds of 16 concurrent creates, each way
 
 
 FULL = Plan(claims=(10, 100, 500), samples=200, scaling_samples=60, create_samples=30, change_rounds=16, health_samples=400,
-            pulls=8, pull_payload_kib=4096, pull_kib_per_s=256, pull_window_s=10.0, cpu_seconds=30.0)
+            pulls=8, pull_payload_kib=4096, pull_kib_per_s=256, pull_window_s=10.0, cpu_seconds=30.0, burst_rounds=6)
 QUICK = Plan(claims=(5, 20, 40), samples=20, scaling_samples=10, create_samples=3, change_rounds=2, health_samples=60,
-             pulls=8, pull_payload_kib=1024, pull_kib_per_s=128, pull_window_s=3.0, cpu_seconds=5.0)
+             pulls=8, pull_payload_kib=1024, pull_kib_per_s=128, pull_window_s=3.0, cpu_seconds=5.0, burst_rounds=1)
 BURST = 8  # changes just before the "polled right after a burst" CPU figure
 LIST_LIMIT = 0.5  # list at the main claim count, on every path, against the engine's list
 FLOOR_LIMIT = 1.3  # /health and GET one, on every path, against the bare app
@@ -377,26 +378,28 @@ class Bench:
         with ThreadPoolExecutor(4) as pool:
             list(pool.map(create, range(count)))
 
-    def raw_host_config(self, gpu_uuid: str) -> dict:
+    def raw_host_config(self, gpu_uuid: str | None) -> dict:
         """The host config the agent gives a container, built the same way from the same defaults."""
         d = self.defaults
         return self.api.create_host_config(
             binds={}, port_bindings={},
-            device_requests=[DeviceRequest(driver="nvidia", device_ids=[gpu_uuid], capabilities=[["gpu"]])],
+            device_requests=[DeviceRequest(driver="nvidia", device_ids=[gpu_uuid], capabilities=[["gpu"]])] if gpu_uuid else None,
             privileged=False, security_opt=["no-new-privileges"], pids_limit=d.pids_limit,
             log_config=LogConfig(type="json-file", config={"max-size": d.log_max_size, "max-file": str(d.log_max_files)}),
             restart_policy={"Name": d.restart_policy} if d.restart_policy != "no" else None,
         )
 
-    def raw_create_start(self, gpu_index: int) -> str:
+    def raw_create_start(self, gpu_index: int | None) -> str:
         """What POST does, minus the agent: one create (same labels and config) and one start."""
         claim = self.claim("b")
-        gpu = self.gpus[gpu_index]
-        labels = {"utopia.managed": "true", "utopia.claim_id": claim, "utopia.gpu_ids": str(gpu_index),
-                  "utopia.gpu_uuids": gpu.uuid, "utopia.ports": ""}
+        labels = {"utopia.managed": "true", "utopia.claim_id": claim}
+        gpu_uuid = None
+        if gpu_index is not None:
+            gpu_uuid = self.gpus[gpu_index].uuid
+            labels.update({"utopia.gpu_ids": str(gpu_index), "utopia.gpu_uuids": gpu_uuid, "utopia.ports": ""})
         created = self.api.create_container(
             self.image, command=SLEEP, environment=[], labels=labels, name=f"utopia-{claim}", ports=[],
-            host_config=self.raw_host_config(gpu.uuid), detach=True,
+            host_config=self.raw_host_config(gpu_uuid), detach=True,
         )
         self.api.start(created["Id"])
         return created["Id"]
@@ -562,6 +565,33 @@ class Bench:
                                     f"baseline: SDK stop (timeout {self.stop_timeout} s) + remove; "
                                     f"agent UTOPIA_AGENT_STOP_TIMEOUT={self.stop_timeout}")
                  .keep_samples(agent=deletes["agent"], engine_stop_and_remove=deletes["engine"], bare_stack=bare))
+
+    def figure_create_burst(self, count: int = 16) -> None:
+        """`count` creates without GPUs at once, each on a connection of its own, against the engine
+        doing the same `count` create + starts at once: the allocation lock must not serialise what
+        need not be. Rounds alternate which goes first; each round's containers are removed after it."""
+        agent_times: list[float] = []
+        engine_times: list[float] = []
+
+        def burst(make) -> float:
+            start = time.perf_counter()
+            with ThreadPoolExecutor(count) as pool:
+                made = list(pool.map(lambda _: make(), range(count)))
+            elapsed = (time.perf_counter() - start) * 1000
+            with ThreadPoolExecutor(4) as pool:
+                list(pool.map(lambda container_id: self.api.remove_container(container_id, v=True, force=True), made))
+            return elapsed
+
+        def through_agent() -> str:
+            with self.agent.new_client() as client:
+                return client.create(self.claim("u"), self.image, command=SLEEP).container_id
+
+        for i in range(self.plan.burst_rounds):
+            rounds = [(agent_times, through_agent), (engine_times, lambda: self.raw_create_start(None))]
+            for times, make in (rounds if i % 2 == 0 else rounds[::-1]):
+                times.append(burst(make))
+        self.add(compare(f"{count} concurrent POSTs without GPUs, until all are answered", agent_times, engine_times, 1.3,
+                         f"baseline: {count} concurrent SDK create + start of the same config; {self.plan.burst_rounds} rounds"))
 
     def agent_processes(self) -> list[psutil.Process]:
         master = psutil.Process(self.agent.process.pid)
@@ -736,6 +766,8 @@ class Bench:
         self.figure_metrics()
         say(f"create and delete, {plan.create_samples} rounds")
         self.figure_create_delete()
+        say(f"16 concurrent creates without GPUs, {plan.burst_rounds} rounds")
+        self.figure_create_burst()
         say(f"CPU while polled once a second for {plan.cpu_seconds:g} s, at rest and after {BURST} creates")
         self.figure_cpu(plan.cpu_seconds)
         say(f"/health while {plan.pulls} image pulls are in flight")
