@@ -99,7 +99,9 @@ def test_api_conforms_to_its_openapi_document(agent_factory, docker_client, test
         "--header", f"Authorization: Bearer {fuzz_agent.token}",
         "--max-examples", str(EXAMPLES_PER_OPERATION),
         "--max-time", str(TIME_BUDGET_SECONDS),
-        "--workers", "2",
+        # One worker: with threads, CPython 3.11's ast module can fail schemathesis' own code
+        # ("AST constructor recursion depth mismatch", python/cpython#106905), a flake of the tool.
+        "--workers", "1",
         "--seed", "1",
         "--generation-database", "none",
         "--request-timeout", "60",
