@@ -627,8 +627,8 @@ class Bench:
 
         def burst() -> list[str]:
             def create(_):
-                with requests.Session() as session:
-                    return self.http.create(self.claim("u"), self.image, 0, session)
+                with self.agent.new_client() as client:
+                    return client.create(self.claim("u"), self.image, command=SLEEP).container_id
             with ThreadPoolExecutor(BURST) as pool:
                 return list(pool.map(create, range(BURST)))
 
