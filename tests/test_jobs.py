@@ -143,9 +143,12 @@ def test_one_shot_job_keeps_its_exit_code(agent_factory, docker_client, test_ima
 
 def test_on_failure_restarts_and_the_count_grows(agent, docker_client, test_image, claim):
     container_id = created(agent.create(claim(), test_image, restart_policy="on-failure", command=["sh", "-c", "echo attempt; exit 3"]))
-    assert wait_for(lambda: inspect(docker_client, container_id)["RestartCount"] >= 2, 60, 0.5), inspect(docker_client, container_id)["State"]
-    assert inspect(docker_client, container_id)["State"]["ExitCode"] == 3
     # A run that starts again reads exit code 0 until it ends (the engine resets it on start): wait for an end.
+    def between_runs():
+        attrs = inspect(docker_client, container_id)
+        return attrs["RestartCount"] >= 2 and attrs["State"]["ExitCode"] == 3
+
+    assert wait_for(between_runs, 60, 0.1), inspect(docker_client, container_id)["State"]
     shown = reported(agent, container_id, lambda c: c["restart_count"] >= 2 and c["exit_code"] == 3, timeout=30)
     assert shown["finished"] > 0
     assert agent.get(f"/api/v1/containers/{container_id}/logs").text.count("attempt") >= 2
