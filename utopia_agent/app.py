@@ -36,7 +36,9 @@ def create_app(config: Config | None = None, gpus: GpuInventory | None = None, d
     docker.view.volunteer()  # one worker of the node watches the engine's events for all of them
     watchdog = NvmlWatchdog(config.nvml_timeout)
     sampler = GpuSampler(
-        lambda: gpus or make_inventory(config.gpu_backend, config.fake_gpu_count, watchdog, partial(first_to_log, config)), watchdog
+        lambda: gpus or make_inventory(config.gpu_backend, config.fake_gpu_count, watchdog, partial(first_to_log, config)),
+        watchdog,
+        config.state_dir,
     )
     sampler.start(wait=config.nvml_timeout)
     lock_timeout = 3 * config.engine_timeout

@@ -20,9 +20,7 @@ quarantined for `stray processes` and released by itself once NVML shows it clea
 
 from __future__ import annotations
 
-import fcntl
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -35,6 +33,7 @@ from .docker_manager import GPU_IDS_LABEL, DockerManager, Holdings
 from .errors import AgentError, GpuHeld, GpuNotFound
 from .gpu_sampler import GpuSample, GpuSampler
 from .gpus import GpuEvent, GpuEvents, GpuFacts, GpuStatus, gpu_holder, holders_of_containers
+from .node_role import NodeRole
 from .state_file import StateFile
 
 log = logging.getLogger("utopia_agent.gpu_health")
@@ -240,9 +239,8 @@ class HealthMonitor:
 
     def __init__(self, health: GpuHealth, lock_path: Path, release_seconds: float):
         self._health = health
-        self._lock_path = lock_path
+        self._role = NodeRole(lock_path)
         self._release_seconds = release_seconds
-        self._lock_fd: int | None = None
         self._closed = threading.Event()
         self._pending: list[GpuEvent] = []
         self._dirty_since: dict[str, float] = {}
@@ -258,26 +256,13 @@ class HealthMonitor:
         self._closed.set()
         self._thread.join(timeout=2.0)
 
-    def _lead(self) -> bool:
-        """Hold the node's watcher lock for the life of this process; False while another holds it."""
-        if self._lock_fd is not None:
-            return True
-        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return False
-        self._lock_fd = fd
-        return True
-
     def _run(self) -> None:
         events: GpuEvents | None = None
         opened = False
         try:
             while not self._closed.is_set():
                 inventory = self._health.sampler.inventory
-                if not self._lead():
+                if not self._role.take():
                     self._closed.wait(LEADER_RETRY_SECONDS)
                 elif inventory is None:  # NVML still opening
                     self._closed.wait(MONITOR_CHECK_SECONDS)
@@ -288,8 +273,7 @@ class HealthMonitor:
         finally:
             if events is not None:
                 events.close()
-            if self._lock_fd is not None:
-                os.close(self._lock_fd)
+            self._role.release()
 
     def _watch_once(self, events: GpuEvents | None) -> None:
         """Wait up to about a second for an event, record what came, and run the checks when due."""

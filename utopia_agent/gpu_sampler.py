@@ -1,31 +1,46 @@
-"""GPU figures for requests come from here: a background thread per worker reads NVML, requests
-read its last sample.
+"""GPU figures for requests come from here: one worker of the node reads NVML in the background,
+every worker's requests read its last sample.
 
-The thread opens the inventory (nvmlInit and the static facts), then samples every GPU every
-SAMPLE_INTERVAL_SECONDS and their memory-health counters every COUNTERS_INTERVAL_SECONDS.
-Every NVML call is timed by the watchdog: while one is overdue, `hung()` says why, the last
-good sample is served and marked stale, and creates that need GPUs are refused (503).
+Each worker opens its own inventory (nvmlInit and the static facts). The worker that holds the
+sampler role (an flock on STATE_DIR/gpu-sample.lock) samples every GPU every
+SAMPLE_INTERVAL_SECONDS and their memory-health counters every COUNTERS_INTERVAL_SECONDS, and
+replaces STATE_DIR/gpu-sample.json with each sample; the others read that file, so NVML is read
+once per node, not once per worker. When the sampling worker dies, another takes the role over
+within an interval.
+
+Every NVML call is timed by the watchdog: while one is overdue, `hung()` says why, the last good
+sample is served and marked stale, and creates that need GPUs are refused (503). A worker that
+does not sample counts NVML as hung once the node's sample is older than the NVML timeout and an
+interval: the sampling worker is then stuck in a call (or gone without a successor).
 
 A GPU is clean when it runs no compute process and uses no more memory than its idle level,
-the least this worker has seen it use without processes (so leftover memory that was there
+the least the sampler has seen it use without processes (so leftover memory that was there
 before the agent started counts as idle until the GPU is once seen lower).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
 
 from .errors import NvmlHung
 from .gpus import GpuBackendError, GpuCounters, GpuInventory, GpuStatus
+from .node_role import NodeRole
 from .nvml_watchdog import NvmlWatchdog
 
 log = logging.getLogger("utopia_agent.gpus")
 
 SAMPLE_INTERVAL_SECONDS = 1.0
+# How often a worker that waits for the node's first sample looks for it.
+FIRST_SAMPLE_POLL_SECONDS = 0.05
 COUNTERS_INTERVAL_SECONDS = 5.0
 # A GPU without compute processes is clean when its used memory is within this of the least
 # it was seen using without any (its idle level: the driver's own use, which v1 counts too).
@@ -42,13 +57,82 @@ class GpuSample:
     dirty: dict[str, str]
     taken_at: float = field(default_factory=time.time)
 
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "gpus": [asdict(gpu) for gpu in self.gpus],
+            "counters": {str(index): asdict(counters) for index, counters in self.counters.items()},
+            "dirty": self.dirty,
+            "taken_at": self.taken_at,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> GpuSample:
+        return cls(
+            gpus=tuple(GpuStatus(**gpu) for gpu in data["gpus"]),
+            counters={int(index): GpuCounters(**counters) for index, counters in data["counters"].items()},
+            dirty=data["dirty"],
+            taken_at=data["taken_at"],
+        )
+
+
+class SharedSample:
+    """The node's last GPU sample, in a file that the sampling worker replaces whole (a reader never
+    sees half of one and needs no lock). It is not synced to disk: a sample is worth a second.
+
+    A sample names the agent (the gunicorn master) that took it, so a worker never serves one
+    left by an earlier run of the agent. Readers keep the parsed sample until the file changes."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._agent = os.getppid()
+        self._key: tuple[int, int] | None = None
+        self._read: tuple[GpuSample, dict[str, int]] | None = None
+        self._lock = threading.Lock()
+
+    def write(self, sample: GpuSample, idle_mb: dict[str, int]) -> None:
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
+        try:
+            with os.fdopen(fd, "w") as out:
+                json.dump({"agent": self._agent, "idle_mb": idle_mb, **sample.to_json()}, out)
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def read(self) -> tuple[GpuSample, dict[str, int]] | None:
+        """This agent's last sample with the idle memory levels it was judged by; None before the first."""
+        try:
+            stat = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        key = (stat.st_ino, stat.st_mtime_ns)
+        with self._lock:
+            if key != self._key:
+                self._key, self._read = key, self._parse()
+            return self._read
+
+    def _parse(self) -> tuple[GpuSample, dict[str, int]] | None:
+        try:
+            data = json.loads(self.path.read_bytes())
+            if data.get("agent") != self._agent:
+                return None
+            return GpuSample.from_json(data), data["idle_mb"]
+        except FileNotFoundError:
+            return None
+        except (ValueError, KeyError, TypeError) as exc:
+            log.error("GPU sample %s does not parse (%s); waiting for the next", self.path, exc)
+            return None
+
 
 class GpuSampler:
-    """Owns this worker's inventory and the thread that reads it."""
+    """Owns this worker's inventory, and the thread that samples it while this worker holds the role."""
 
-    def __init__(self, open_inventory: Callable[[], GpuInventory], watchdog: NvmlWatchdog):
+    def __init__(self, open_inventory: Callable[[], GpuInventory], watchdog: NvmlWatchdog, state_dir: Path):
         self._open_inventory = open_inventory
         self.watchdog = watchdog
+        self._role = NodeRole(state_dir / "gpu-sample.lock")
+        self._shared = SharedSample(state_dir / "gpu-sample.json")
+        self._started = time.monotonic()
         self.inventory: GpuInventory | None = None
         self._sample: GpuSample | None = None
         self._counters: dict[int, GpuCounters] = {}
@@ -74,18 +158,31 @@ class GpuSampler:
         return self
 
     def latest(self) -> GpuSample | None:
-        """The last good sample (None before the first)."""
-        return self._sample
+        """The node's last good sample (None before the first)."""
+        if self._role.held and self._sample is not None:
+            return self._sample
+        shared = self._shared.read()  # also what a worker that just took the role over serves until it samples
+        return shared[0] if shared else None
 
     def hung(self) -> str | None:
-        return self.watchdog.hung()
+        """Why NVML counts as hung: a call of this worker's is overdue, or the node's sample is."""
+        reason = self.watchdog.hung()
+        if reason is not None or self._role.held:
+            return reason
+        sample = self.latest()
+        limit = self.watchdog.timeout + SAMPLE_INTERVAL_SECONDS
+        if sample is not None and (age := time.time() - sample.taken_at) > limit:
+            return f"NVML is hung: the node's GPU sample has not been renewed for {age:.1f} s"
+        if sample is None and (waited := time.monotonic() - self._started) > limit:
+            return f"NVML is hung: no GPU sample in the {waited:.1f} s since this worker started"
+        return None
 
     def for_allocation(self) -> GpuSample:
         """The sample an allocation decides on; NvmlHung while NVML is hung or not read yet."""
         reason = self.hung()
         if reason is not None:
             raise NvmlHung(f"GPUs cannot be allocated: {reason}")
-        sample = self._sample
+        sample = self.latest()
         if sample is None:
             raise NvmlHung("GPUs cannot be allocated: NVML has not been read yet")
         return sample
@@ -105,14 +202,29 @@ class GpuSampler:
             return
         try:
             while not self._closed.is_set():
-                try:
-                    self._sample = self._read(self.inventory)
-                except Exception:  # a bug in one read must not stop the sampling for good
-                    log.exception("GPU sample failed")
-                self._opened.set()
-                self._wake.wait(SAMPLE_INTERVAL_SECONDS)
+                if self._role.held or self._take_role():
+                    try:
+                        self._sample = self._read(self.inventory)
+                        self._shared.write(self._sample, self._idle_mb)
+                    except Exception:  # a bug in one read must not stop the sampling for good
+                        log.exception("GPU sample failed")
+                    self._opened.set()
+                elif self._shared.read() is not None:
+                    self._opened.set()
+                self._wake.wait(SAMPLE_INTERVAL_SECONDS if self._opened.is_set() else FIRST_SAMPLE_POLL_SECONDS)
         finally:
+            self._role.release()
             self.inventory.close()
+
+    def _take_role(self) -> bool:
+        """Become the node's sampler when no worker is; carry on from the last sample's idle levels."""
+        if not self._role.take():
+            return False
+        shared = self._shared.read()
+        if shared is not None:
+            self._idle_mb = dict(shared[1])
+        log.info("this worker samples the node's GPUs (pid %d)", os.getpid())
+        return True
 
     def _read(self, inventory: GpuInventory) -> GpuSample:
         gpus = tuple(inventory.snapshot())
