@@ -2,13 +2,13 @@
 the engine's stats stream (which measures for a second per call).
 
 A background sampler reads every running claim every SAMPLE_SECONDS into one file in the state
-dir; every worker runs one, and a lock lets one of them sample per interval for the whole node,
-so whichever worker serves a scrape serves the same figures, and CPU seconds never go backwards.
+dir; every worker runs one, and the one holding the node's role (see node_role.py) samples for
+the whole node, so whichever worker serves a scrape serves the same figures, and CPU seconds
+never go backwards.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import AgentError
+from .node_role import NodeRole
 
 log = logging.getLogger("utopia_agent.usage")
 
@@ -143,7 +144,8 @@ class ClaimUsage:
     def __init__(self, docker, state_dir: Path, interval: float = SAMPLE_SECONDS):
         self._docker = docker
         self._path = state_dir / "claim-usage.json"
-        self._lock_path = state_dir / "claim-usage.lock"
+        # One worker samples for the node, so each container's cgroup is looked up (one inspect) once.
+        self._role = NodeRole(state_dir / "claim-usage.lock")
         self._interval = interval
         self._cgroups: dict[str, CgroupFiles] = {}
         self._cgroups_lock = threading.Lock()
@@ -214,22 +216,18 @@ class ClaimUsage:
                 log.debug("claim usage not sampled: %s", error.message)
             except OSError as error:
                 log.warning("claim usage not sampled: %s", error)
+        self._role.release()
 
     def sample_if_due(self) -> bool:
-        """Sample every running claim unless another worker did within the interval; True when this one did."""
-        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return False
-            previous = self.samples()
-            if time.time() - previous.get("time", 0.0) < self._interval * 0.9:
-                return False
-            self._write(self._sample(previous))
-            return True
-        finally:
-            os.close(fd)
+        """Sample every running claim when this worker samples for the node and the interval has
+        passed since the last sample (an earlier holder's included); True when it did."""
+        if not self._role.take():
+            return False
+        previous = self.samples()
+        if time.time() - previous.get("time", 0.0) < self._interval * 0.9:
+            return False
+        self._write(self._sample(previous))
+        return True
 
     def _sample(self, previous: dict) -> dict:
         running = [c for c in self._docker.list_managed() if c.status == "running"]
