@@ -50,11 +50,13 @@
  *                         the devices and event types registered on it; so every process that
  *                         watches sees every event once.
  */
+#include <poll.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/inotify.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -925,12 +927,42 @@ static int next_event_locked(nvmlEventSet_t set, nvmlEventData_t *data)
     return found;
 }
 
-/* Polls the events file every EVENT_POLL_MS (the driver blocks in the kernel instead). */
+static long now_ms(void)
+{
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return now.tv_sec * 1000L + now.tv_nsec / 1000000L;
+}
+
+/* Block up to `ms` until a file beside the config changes (an event appended, the hang switch
+ * made): in the kernel, as the driver blocks, so a waiting watcher costs no CPU. Without a
+ * config, or when inotify fails, it sleeps in steps of EVENT_POLL_MS instead. */
+static void wait_for_change(long ms)
+{
+    char dir[4096];
+    beside_config(dir, sizeof(dir), "");
+    char *slash = strrchr(dir, '/');
+    int fd = -1;
+    if (slash != NULL) {
+        *slash = '\0';
+        fd = inotify_init1(IN_CLOEXEC);
+    }
+    if (fd < 0 || inotify_add_watch(fd, *dir ? dir : "/", IN_MODIFY | IN_CREATE | IN_MOVED_TO) < 0) {
+        if (fd >= 0)
+            close(fd);
+        sleep_ms(ms < EVENT_POLL_MS ? ms : EVENT_POLL_MS);
+        return;
+    }
+    struct pollfd changed = {fd, POLLIN, 0};
+    poll(&changed, 1, (int)ms);
+    close(fd);
+}
+
 nvmlReturn_t nvmlEventSetWait_v2(nvmlEventSet_t set, nvmlEventData_t *data, unsigned int timeout_ms)
 {
     if (set == NULL || data == NULL)
         return NVML_ERROR_INVALID_ARGUMENT;
-    long waited = 0;
+    long deadline = now_ms() + (long)timeout_ms;
     for (;;) {
         nvmlReturn_t ret = enter();
         if (ret != NVML_SUCCESS)
@@ -939,10 +971,10 @@ nvmlReturn_t nvmlEventSetWait_v2(nvmlEventSet_t set, nvmlEventData_t *data, unsi
         leave(NVML_SUCCESS);
         if (found)
             return NVML_SUCCESS;
-        if (waited >= (long)timeout_ms)
+        long left = deadline - now_ms();
+        if (left <= 0)
             return NVML_ERROR_TIMEOUT;
-        sleep_ms(EVENT_POLL_MS);
-        waited += EVENT_POLL_MS;
+        wait_for_change(left);
     }
 }
 
