@@ -51,7 +51,6 @@ COUNTER_QUARANTINES = (
     ("row_remap_failure", "row remapping failed"),
 )
 MONITOR_CHECK_SECONDS = 1.0
-LEADER_RETRY_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -231,7 +230,7 @@ class HealthMonitor:
     """The node's one GPU health watcher: NVML events, the memory-health counters, releases.
 
     Every worker starts one; the one that holds the flock on STATE_DIR/gpu-monitor.lock does the
-    work and the others try again now and then, so when that worker dies another takes over.
+    work and the others wait for its lock, so when that worker dies another takes over at once.
     NVML gives every event to every process that registered for it: with one watcher per node
     each event is recorded once. Events that come while no worker watches (a hand-over) are not
     seen; the counters, read again by the next watcher, still show double-bit ECC errors.
@@ -261,10 +260,11 @@ class HealthMonitor:
         opened = False
         try:
             while not self._closed.is_set():
+                self._role.take(block=True)  # asleep in the kernel while another worker watches
                 inventory = self._health.sampler.inventory
-                if not self._role.take():
-                    self._closed.wait(LEADER_RETRY_SECONDS)
-                elif inventory is None:  # NVML still opening
+                if self._closed.is_set():
+                    break
+                if inventory is None:  # NVML still opening
                     self._closed.wait(MONITOR_CHECK_SECONDS)
                 else:
                     if not opened:

@@ -202,23 +202,29 @@ class GpuSampler:
             return
         try:
             while not self._closed.is_set():
-                if self._role.held or self._take_role():
+                # Once the node's first sample is there, a worker that does not sample sleeps in
+                # the kernel until the role is free (the sampling worker died or stopped).
+                if self._role.held or self._take_role(block=self._opened.is_set()):
+                    if self._closed.is_set():
+                        break
                     try:
                         self._sample = self._read(self.inventory)
                         self._shared.write(self._sample, self._idle_mb)
                     except Exception:  # a bug in one read must not stop the sampling for good
                         log.exception("GPU sample failed")
                     self._opened.set()
+                    self._wake.wait(SAMPLE_INTERVAL_SECONDS)
                 elif self._shared.read() is not None:
                     self._opened.set()
-                self._wake.wait(SAMPLE_INTERVAL_SECONDS if self._opened.is_set() else FIRST_SAMPLE_POLL_SECONDS)
+                else:
+                    self._wake.wait(FIRST_SAMPLE_POLL_SECONDS)
         finally:
             self._role.release()
             self.inventory.close()
 
-    def _take_role(self) -> bool:
+    def _take_role(self, block: bool) -> bool:
         """Become the node's sampler when no worker is; carry on from the last sample's idle levels."""
-        if not self._role.take():
+        if not self._role.take(block):
             return False
         shared = self._shared.read()
         if shared is not None:

@@ -21,13 +21,15 @@ class NodeRole:
     def held(self) -> bool:
         return self._fd is not None
 
-    def take(self) -> bool:
-        """Hold the role from now on for the life of this process; False while another holds it."""
+    def take(self, block: bool = False) -> bool:
+        """Hold the role from now on for the life of this process; False while another holds it.
+
+        With `block`, wait (asleep in the kernel, without the GIL) until the holder lets it go."""
         if self._fd is not None:
             return True
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if block else fcntl.LOCK_NB))
         except BlockingIOError:
             os.close(fd)
             return False
