@@ -10,13 +10,14 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
 from typing import Any
 
+from . import container_logs
 from .config import Config
 from .container_config import create_arguments
-from .engine_connection import EngineConnection, EventStream, LogStream
+from .container_logs import LogStream
+from .engine_connection import EngineConnection, EventStream
 from .engine_errors import EngineConflict, EngineFailure, EngineNotFound, EngineRefusal
 from .errors import AgentError, ClaimExists, Conflict, EngineRejected, EngineUnavailable, ImagePullFailed, NotManaged, PortTaken
 from .image_pulls import pull
@@ -162,36 +163,15 @@ class DockerManager:
     def managed_events(self, since_ns: int | None, actions: Iterable[str]) -> EventStream:
         """The engine's events of managed containers from `since_ns` (engine time) on, on a connection
         of their own that never times out; `close()` ends the stream."""
-        client = self._engine.streaming_client()
-        since = f"{since_ns // 10**9}.{since_ns % 10**9:09d}" if since_ns else None
-        try:
-            stream = client.events(since=since, decode=True, filters={"type": ["container"], "label": [MANAGED_FILTER], "event": list(actions)})
-        except Exception:
-            client.close()
-            raise
-        return EventStream(client, stream)
+        return self._engine.events(since_ns, {"type": ["container"], "label": [MANAGED_FILTER], "event": list(actions)})
 
-    # --- logs and processes ----------------------------------------------------------
+    # --- logs (container_logs.py) and processes ----------------------------------------------------------
 
     def logs(self, container_id: str, *, tail: int, since: float | None, timestamps: bool) -> bytes:
-        """What the engine kept of the container's stdout and stderr, interleaved as they were logged."""
-        with self._logs_call(container_id) as api:
-            return api.logs(container_id, stdout=True, stderr=True, timestamps=timestamps, tail=tail, since=since)
+        return container_logs.read_logs(self._engine, container_id, tail=tail, since=since, timestamps=timestamps)
 
     def follow_logs(self, container_id: str, *, tail: int, since: float | None, timestamps: bool) -> LogStream:
-        """The logs so far, then new lines as they come, until the container stops or the stream is closed."""
-        with self._logs_call(container_id) as api:
-            stream = api.logs(container_id, stdout=True, stderr=True, timestamps=timestamps, tail=tail, since=since, stream=True, follow=True)
-        return LogStream(stream)
-
-    @contextmanager
-    def _logs_call(self, container_id: str) -> Iterator[Any]:
-        """A container being removed has no logs to give (the engine answers 409): for the caller it is gone."""
-        try:
-            with self._engine.call("container logs") as api:
-                yield api
-        except EngineConflict:
-            raise NotManaged(f"container {container_id[:12]} is being removed") from None
+        return container_logs.follow_logs(self._engine, container_id, tail=tail, since=since, timestamps=timestamps)
 
     def container_pid(self, container_id: str) -> int:
         """The host PID of the container's main process; 0 when it is not running or gone."""

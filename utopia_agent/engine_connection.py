@@ -1,5 +1,5 @@
-"""The connection to the Docker engine: one client per process, made on first use, and the
-streams (logs, events) that hold a connection open.
+"""The connection to the Docker engine: one client per process, made on first use, and a
+client of its own for an event stream that lasts.
 
 Every engine call goes through `EngineConnection.call`, which maps the engine's failures to
 domain errors (engine_errors.py) and notes each answer, so a health probe can trust a recent one.
@@ -14,10 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import docker
-import requests
-import urllib3
 from docker.constants import MINIMUM_DOCKER_API_VERSION
-from docker.errors import DockerException
 
 from .engine_errors import engine_errors
 from .errors import EngineError
@@ -52,12 +49,17 @@ class EngineConnection:
         """True when an engine call succeeded in the last `seconds`: a probe can trust it."""
         return time.monotonic() - self._answered_at <= seconds
 
-    def streaming_client(self) -> docker.APIClient:
-        """A client of its own that never times out, for a stream that lasts; no error mapping:
-        the node view's watcher retries quietly while the engine is down."""
+    def events(self, since_ns: int | None, filters: dict[str, list[str]]) -> EventStream:
+        """The engine's events from `since_ns` (engine time) on, on a client of its own that never
+        times out; no error mapping: the node view's watcher retries quietly while the engine is down."""
         client = docker.APIClient(version=self._engine().api.api_version, timeout=None, **docker.utils.kwargs_from_env())
         client.trust_env = False
-        return client
+        since = f"{since_ns // 10**9}.{since_ns % 10**9:09d}" if since_ns else None
+        try:
+            return EventStream(client, client.events(since=since, decode=True, filters=filters))
+        except Exception:
+            client.close()
+            raise
 
     def close(self) -> None:
         with self._client_lock:
@@ -105,31 +107,6 @@ class EngineConnection:
         if not version:
             raise EngineError("the Docker engine did not say which API version it speaks")
         return version
-
-
-class LogStream:
-    """A followed log: iterate for chunks of bytes; `close` (from any thread) ends the iteration at once."""
-
-    def __init__(self, stream):
-        self._stream = stream
-        self._closed = threading.Event()
-
-    def __iter__(self) -> Iterator[bytes]:
-        try:
-            yield from self._stream
-        except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, DockerException, OSError, ValueError):
-            if not self._closed.is_set():
-                log.info("log stream ended by the engine")
-
-    def close(self) -> None:
-        """Shut the engine connection down, waking a read that waits for the next line."""
-        if self._closed.is_set():
-            return
-        self._closed.set()
-        try:
-            self._stream.close()
-        except (OSError, DockerException, AttributeError):
-            pass
 
 
 class EventStream:
