@@ -8,6 +8,11 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "utopia_agent"
 # Modules that serve HTTP (the factory, the routes, the services they share): nothing below may import them.
 UPPER = ("utopia_agent.app", "utopia_agent.services", "utopia_agent.api")
+# The engine layer under DockerManager: the only modules that import docker.
+ENGINE = {
+    "utopia_agent.engine_connection", "utopia_agent.engine_errors", "utopia_agent.container_config",
+    "utopia_agent.container_logs", "utopia_agent.image_pulls",
+}
 
 
 def module_name(path: Path) -> str:
@@ -73,6 +78,10 @@ def test_lower_layers_never_import_the_http_layer():
             continue
         upward = sorted(t for t in targets if t.startswith(UPPER))
         assert not upward, f"{module} imports {upward}"
+
+
+def test_only_the_engine_layer_imports_docker():
+    assert {module for module in import_graph() if "docker" in _top_level_imports(module)} == ENGINE
 
 
 def test_the_records_and_who_holds_what_need_no_docker():
