@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import socket
 
-from utopia_agent.allocator import NodeAllocations, port_is_free
+from utopia_agent.allocator import port_is_free
 from utopia_agent.gpu_health import _quarantine_in, views_of
 from utopia_agent.gpu_sampler import GpuSample
-from utopia_agent.gpus import GpuStatus, gpu_holder
+from utopia_agent.gpus import GpuStatus
+from utopia_agent.holders import claims_on, gpu_claims, gpu_holder, gpus_held_twice, port_holders
+from utopia_agent.records import Holdings
 
 
 def _gpu(index: int, uuid: str) -> GpuStatus:
@@ -36,17 +38,20 @@ def test_udp_ports_are_probed_as_udp():
         assert port_is_free(port, "tcp")
 
 
-def test_allocations_come_from_labels_and_double_claims_are_reported():
-    allocations = NodeAllocations.from_labels([
-        ("a" * 64, {"utopia.claim_id": "a", "utopia.gpu_ids": "0,1", "utopia.gpu_uuids": "GPU-0,GPU-1", "utopia.ports": "31001:80/tcp"}),
-        ("b" * 64, {"utopia.claim_id": "b", "utopia.gpu_ids": "1", "utopia.gpu_uuids": "GPU-1"}),
-        ("c" * 64, {"utopia.claim_id": "c", "utopia.gpu_ids": "5"}),
-    ])
-    assert allocations.double_allocations() == {"GPU-1": ("a" * 64, "b" * 64)}
-    assert allocations.port_holders == {(31001, "tcp"): "a" * 64}
-    assert gpu_holder(_gpu(0, "GPU-0"), allocations.gpu_holders) == ("a" * 64,)
-    assert gpu_holder(_gpu(5, "GPU-5"), allocations.gpu_holders) == ("c" * 64,), "a label without UUIDs holds by index"
-    assert gpu_holder(_gpu(2, "GPU-2"), allocations.gpu_holders) is None
+def test_holders_come_from_labels_and_double_claims_are_reported():
+    holdings = [
+        Holdings.from_labels({"utopia.claim_id": "a", "utopia.gpu_ids": "0,1", "utopia.gpu_uuids": "GPU-0,GPU-1", "utopia.ports": "31001:80/tcp"}, "a" * 64),
+        Holdings.from_labels({"utopia.claim_id": "b", "utopia.gpu_ids": "1", "utopia.gpu_uuids": "GPU-1"}, "b" * 64),
+        Holdings.from_labels({"utopia.claim_id": "c", "utopia.gpu_ids": "5"}, "c" * 64),
+    ]
+    assert gpus_held_twice(holdings) == {"GPU-1": ("a" * 64, "b" * 64)}
+    assert port_holders(holdings) == {(31001, "tcp"): "a" * 64}
+    claims = gpu_claims(holdings)
+    assert gpu_holder(_gpu(0, "GPU-0"), claims) == "a"
+    assert gpu_holder(_gpu(5, "GPU-5"), claims) == "c", "a label without UUIDs holds by index"
+    assert gpu_holder(_gpu(2, "GPU-2"), claims) is None
+    assert claims_on(_gpu(1, "GPU-1"), holdings) == ["a", "b"], "every claim on a GPU held twice"
+    assert claims_on(_gpu(5, "GPU-5"), holdings) == ["c"]
 
 
 def test_a_gpu_has_one_state_and_only_free_ones_are_given():

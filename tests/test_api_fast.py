@@ -12,7 +12,7 @@ import pytest
 from tests.support.memory_engine import MemoryEngine
 from utopia_agent.app import create_app
 from utopia_agent.config import load_config
-from utopia_agent.docker_manager import GPU_IDS_LABEL
+from utopia_agent.records import GPU_IDS_LABEL
 from utopia_agent.errors import EngineError, EngineUnavailable
 from utopia_agent.gpus import GpuInventory
 from utopia_agent.policy import RESERVED_ENV_NAMES

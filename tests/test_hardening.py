@@ -9,7 +9,7 @@ import pytest
 
 from tests.support.polling import wait_for
 from utopia_agent.allocator import allocation_lock
-from utopia_agent.docker_manager import DROPPED_CAPABILITIES
+from utopia_agent.container_config import DROPPED_CAPABILITIES
 from utopia_agent.errors import AllocationBusy
 
 # Bit numbers in /proc/<pid>/status CapEff (linux/capability.h).

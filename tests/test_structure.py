@@ -8,6 +8,11 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "utopia_agent"
 # Modules that serve HTTP (the factory, the routes, the services they share): nothing below may import them.
 UPPER = ("utopia_agent.app", "utopia_agent.services", "utopia_agent.api")
+# The engine layer under DockerManager: the only modules that import docker.
+ENGINE = {
+    "utopia_agent.engine_connection", "utopia_agent.engine_errors", "utopia_agent.container_config",
+    "utopia_agent.container_logs", "utopia_agent.image_pulls",
+}
 
 
 def module_name(path: Path) -> str:
@@ -73,3 +78,36 @@ def test_lower_layers_never_import_the_http_layer():
             continue
         upward = sorted(t for t in targets if t.startswith(UPPER))
         assert not upward, f"{module} imports {upward}"
+
+
+def test_only_the_engine_layer_imports_docker():
+    assert {module for module in import_graph() if "docker" in _top_level_imports(module)} == ENGINE
+
+
+def test_the_records_and_who_holds_what_need_no_docker():
+    """The client and the policy read the records: neither they nor anything they import may import docker."""
+    graph = import_graph()
+    for start in ("utopia_agent.records", "utopia_agent.holders"):
+        reached, pending = set(), [start]
+        while pending:
+            module = pending.pop()
+            if module not in reached:
+                reached.add(module)
+                pending.extend(graph.get(module, ()))
+        with_docker = sorted(m for m in reached if "docker" in _top_level_imports(m))
+        assert not with_docker, f"{start} reaches docker through {with_docker}"
+
+
+def _top_level_imports(module: str) -> set[str]:
+    """The top-level names of the packages outside this one that `module` imports at run time."""
+    relative = Path(*module.split("."))
+    path = PACKAGE.parent / relative.with_suffix(".py")
+    if not path.exists():
+        path = PACKAGE.parent / relative / "__init__.py"
+    found: set[str] = set()
+    for node in _runtime_nodes(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            found.add(node.module.split(".")[0])
+    return found

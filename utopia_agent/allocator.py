@@ -16,19 +16,21 @@ import socket
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from collections.abc import Iterator
 
 from .config import Config
-from .docker_manager import CPUS_LABEL, GPU_IDS_LABEL, MEMORY_LABEL, PORTS_LABEL, VOLUMES_LABEL, ContainerSpec, DockerManager, Holdings
+from .docker_manager import DockerManager
 from .errors import AllocationBusy, ClaimExists, NodeFault, NoGpusFree, PolicyViolation, PortTaken
 from .gpu_health import GpuHealth, views_of
 from .gpu_sampler import GpuSample
 from .gpu_selection import choose_gpus
-from .gpus import GpuInventory, Locality, gpu_keys, holders_of_containers
+from .gpus import GpuInventory, Locality
+from .holders import exclusive_cpus, gpu_claims, gpus_held_twice, port_holders, volume_holders
 from .node_state import NodeDrain
 from .policy import check_volumes_apart
+from .records import CPUS_LABEL, GPU_IDS_LABEL, MEMORY_LABEL, PORTS_LABEL, VOLUMES_LABEL, ContainerSpec, Holdings
 from .resources import NodeResources, check_fits, choose_exclusive_cpus, default_shm_mb, gpu_share, numa_placement, reserved_cpu_ids
 from .volumes import MountPins, VolumeRefused
 
@@ -70,34 +72,6 @@ def _same_file(fd: int, path: Path) -> bool:
         return False
     held = os.fstat(fd)
     return (held.st_dev, held.st_ino) == (named.st_dev, named.st_ino)
-
-
-@dataclass(frozen=True)
-class NodeAllocations:
-    """Who holds which GPU and host port, as the engine's labels say."""
-
-    gpu_holders: dict[str, tuple[str, ...]]
-    port_holders: dict[tuple[int, str], str]
-    volume_holders: dict[str, str]
-
-    @classmethod
-    def from_labels(cls, containers: list[tuple[str, dict[str, str]]]) -> NodeAllocations:
-        """Built from each managed container's id and labels, which record everything it holds."""
-        gpus: dict[str, list[str]] = {}
-        ports: dict[tuple[int, str], str] = {}
-        volumes: dict[str, str] = {}
-        for container_id, labels in containers:
-            held = Holdings.from_labels(labels)
-            for key in gpu_keys(held):
-                gpus.setdefault(key, []).append(container_id)
-            for mapping in held.port_mappings:
-                ports[(mapping.host_port, mapping.protocol)] = container_id
-            volumes.update(dict.fromkeys(held.volume_hosts, container_id))
-        return cls({gpu: tuple(ids) for gpu, ids in gpus.items()}, ports, volumes)
-
-    def double_allocations(self) -> dict[str, tuple[str, ...]]:
-        """GPUs that more than one container claims: reported, never silently merged."""
-        return {gpu: ids for gpu, ids in self.gpu_holders.items() if len(ids) > 1}
 
 
 def port_is_free(port: int, protocol: str) -> bool:
@@ -156,19 +130,17 @@ class Allocator:
                 raise ClaimExists.held_by(spec.claim_id, holder)
             self._drain.refuse_if_draining()
             if spec.port_mappings:
-                self._check_ports(spec, NodeAllocations.from_labels(self._docker.holders_of(PORTS_LABEL)))
+                self._check_ports(spec, port_holders(self._docker.holders_of(PORTS_LABEL)))
             limited = self._resource_holders() if gpu_count or spec.cpus or spec.memory_mb else []
             if gpu_count:
-                rows = self._docker.holders_of(GPU_IDS_LABEL)
-                for gpu, holders in NodeAllocations.from_labels(rows).double_allocations().items():
+                gpu_holders = self._docker.holders_of(GPU_IDS_LABEL)
+                for gpu, holders in gpus_held_twice(gpu_holders).items():
                     log.error("gpu allocated twice gpu=%s containers=%s", gpu, ",".join(c[:12] for c in holders))
-                spec = self._with_gpus(
-                    spec, gpu_count, sample, holders_of_containers(Holdings.from_labels(labels) for _, labels in rows), self._has_free_cores(limited)
-                )
+                spec = self._with_gpus(spec, gpu_count, sample, gpu_claims(gpu_holders), self._has_free_cores(limited))
             spec = self._with_resources(spec, len(sample.gpus) if sample else 0, limited)
             if not spec.volumes:
                 return self._docker.create(spec), spec
-            check_volumes_apart(spec.volumes, NodeAllocations.from_labels(self._docker.holders_of(VOLUMES_LABEL)).volume_holders, engine_root)
+            check_volumes_apart(spec.volumes, volume_holders(self._docker.holders_of(VOLUMES_LABEL)), engine_root)
             spec = replace(spec, mount_sources=tuple(self._pin(spec)))
             try:
                 return self._docker.create(spec), spec
@@ -202,15 +174,15 @@ class Allocator:
                 self._docker.remove(container_id, grace_seconds=0)
             pinned = self._pins.claims()
             if pinned:
-                live = {Holdings.from_labels(labels).claim_id for _, labels in self._docker.holders_of(VOLUMES_LABEL)}
+                live = {held.claim_id for held in self._docker.holders_of(VOLUMES_LABEL)}
                 for claim_id in set(pinned) - live:
                     log.info("unpinning the volumes of a claim without a container claim=%s", claim_id)
                     self._pins.release(claim_id)
 
     @staticmethod
-    def _check_ports(spec: ContainerSpec, allocations: NodeAllocations) -> None:
+    def _check_ports(spec: ContainerSpec, holders: dict[tuple[int, str], str]) -> None:
         for mapping in spec.port_mappings:
-            holder = allocations.port_holders.get((mapping.host_port, mapping.protocol))
+            holder = holders.get((mapping.host_port, mapping.protocol))
             if holder:
                 raise PortTaken(f"host port {mapping.host_port}/{mapping.protocol} is taken by container {holder[:12]}", host_port=mapping.host_port)
             if not port_is_free(mapping.host_port, mapping.protocol):
@@ -239,15 +211,15 @@ class Allocator:
 
     def _resource_holders(self) -> list[Holdings]:
         """What every managed container with a CPU or memory limit holds: two label-filtered lists."""
-        by_id = dict(self._docker.holders_of(CPUS_LABEL))
-        by_id.update(self._docker.holders_of(MEMORY_LABEL))
-        return [Holdings.from_labels(labels) for labels in by_id.values()]
+        by_id = {held.container_id: held for held in self._docker.holders_of(CPUS_LABEL)}
+        by_id.update((held.container_id, held) for held in self._docker.holders_of(MEMORY_LABEL))
+        return list(by_id.values())
 
     def _has_free_cores(self, holders: list[Holdings]) -> Callable[[int], bool]:
         """Under exclusive pinning: whether a GPU still has a whole core near it that no claim holds."""
         if self._config.cpu_pinning != "exclusive":
             return lambda index: True
-        free = set(self._node.cpus) - _exclusively_held(holders) - reserved_cpu_ids(self._node, self._config.reserved_cpus)
+        free = set(self._node.cpus) - exclusive_cpus(holders) - reserved_cpu_ids(self._node, self._config.reserved_cpus)
 
         def near_free_core(index: int) -> bool:
             local = self._inventory().locality([index]).cpus
@@ -270,7 +242,7 @@ class Allocator:
         memory_nodes: tuple[int, ...] = ()
         if config.cpu_pinning == "exclusive" and cpus is not None:
             reserved = reserved_cpu_ids(node, config.reserved_cpus)
-            cpuset = choose_exclusive_cpus(node, math.ceil(cpus - 1e-9), locality.cpus, _exclusively_held(holders), reserved)
+            cpuset = choose_exclusive_cpus(node, math.ceil(cpus - 1e-9), locality.cpus, exclusive_cpus(holders), reserved)
             memory_nodes = numa_placement(node, None, locality.memory_nodes)[1]
             cpus = float(len(cpuset))
         elif config.cpu_pinning != "none" and spec.gpu_ids:
@@ -290,8 +262,3 @@ class Allocator:
     def _inventory(self) -> GpuInventory:
         """This worker's NVML inventory, which the sampler opens; GPU decisions only run once it has a sample."""
         return self._gpus.sampler.inventory or GpuInventory()
-
-
-def _exclusively_held(holders: list[Holdings]) -> set[int]:
-    return {cpu for held in holders for cpu in held.exclusive_cpus}
-

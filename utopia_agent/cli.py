@@ -59,7 +59,9 @@ from . import client as api
 from .config import Config, ConfigError, load_config, prepare_state_dir
 from .docker_manager import DockerManager
 from .errors import EngineUnavailable
-from .gpus import GpuBackendError, GpuInventory, GpuStatus, gpu_keys, make_inventory
+from .gpus import GpuBackendError, GpuInventory, GpuStatus, make_inventory
+from .holders import claims_on
+from .records import Holdings
 from .state_dir import RunningAgent, running_agent
 
 PROG = "utopia-agent"
@@ -165,11 +167,11 @@ def _mib(used: int | None, total: int | None) -> str:
     return f"{'?' if used is None else used}/{'?' if total is None else total} MiB"
 
 
-def _gpu_rows(gpus: list[GpuStatus], claims: dict[str, list[str]] | None) -> list[list[str]]:
-    """Table rows; without `claims` (engine down) the claim column says '?' rather than '-'."""
+def _gpu_rows(gpus: list[GpuStatus], holdings: list[Holdings] | None) -> list[list[str]]:
+    """Table rows; without `holdings` (engine down) the claim column says '?' rather than '-'."""
     rows = [["GPU", "UUID", "NAME", "MEMORY", "TEMP", "HEALTH", "CLAIM"]]
     for gpu in gpus:
-        claim = "?" if claims is None else ",".join(claims.get(gpu.uuid, []) + claims.get(f"#{gpu.index}", [])) or "-"
+        claim = "?" if holdings is None else ",".join(claims_on(gpu, holdings)) or "-"
         rows.append([
             str(gpu.index),
             gpu.uuid or "?",
@@ -213,7 +215,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     failed = sum(not gpu.healthy for gpu in gpus)
     print(f"gpus: {len(gpus)} found (backend {inventory.backend})" + (f", {failed} failed and never allocated" if failed else ""))
     if gpus:
-        _print_table([row[:-1] for row in _gpu_rows(gpus, {})], indent="  ")
+        _print_table([row[:-1] for row in _gpu_rows(gpus, [])], indent="  ")
     return 0
 
 
@@ -234,13 +236,11 @@ def cmd_local_gpus(args: argparse.Namespace) -> int:
         inventory.close()
 
     docker = DockerManager(config)
-    claims: dict[str, list[str]] | None = {}
+    holdings: list[Holdings] | None
     try:
-        for container in docker.list_managed():
-            for key in gpu_keys(container):
-                claims.setdefault(key, []).append(container.claim_id)
+        holdings = [container.holdings for container in docker.list_managed()]
     except EngineUnavailable as error:
-        claims = None
+        holdings = None
         print(f"{PROG}: {error.message} at {_engine_location()}; claims unknown", file=sys.stderr)
     finally:
         docker.close()
@@ -250,13 +250,13 @@ def cmd_local_gpus(args: argparse.Namespace) -> int:
             "index": gpu.index, "uuid": gpu.uuid, "name": gpu.name, "healthy": gpu.healthy,
             "memory_used_mb": gpu.memory_used_mb, "memory_total_mb": gpu.memory_total_mb,
             "temperature_c": gpu.temperature_c,
-            "claims": None if claims is None else claims.get(gpu.uuid, []) + claims.get(f"#{gpu.index}", []),
+            "claims": None if holdings is None else claims_on(gpu, holdings),
         } for gpu in gpus])
     else:
         print(f"gpus: {len(gpus)} found (backend {inventory.backend})")
         if gpus:
-            _print_table(_gpu_rows(gpus, claims))
-    return 0 if claims is not None else EXIT_FAILED
+            _print_table(_gpu_rows(gpus, holdings))
+    return 0 if holdings is not None else EXIT_FAILED
 
 
 # --------------------------------------------------------------------------- through the API

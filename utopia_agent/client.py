@@ -34,6 +34,7 @@ import requests
 from marshmallow import INCLUDE, Schema, ValidationError
 
 from . import __version__
+from .records import PORTS_LABEL, PortMapping, parse_ports
 from .schemas import (
     ContainerSchema,
     CreatedSchema,
@@ -48,7 +49,6 @@ DEFAULT_CREATE_TIMEOUT = 1900.0
 DEFAULT_RETRIES = 3
 DEFAULT_MAX_RETRY_WAIT = 30.0
 BACKOFF_FIRST_SECONDS = 0.5
-PORTS_LABEL = "utopia.ports"
 
 R = TypeVar("R")
 
@@ -331,20 +331,6 @@ def _load(schema: Schema, data: Any, many: bool = False) -> Any:
 
 
 @dataclass(frozen=True)
-class PortMapping:
-    host_port: int
-    container_port: int
-    protocol: str = "tcp"
-
-    @classmethod
-    def parse(cls, text: str) -> Self:
-        """One entry of the `utopia.ports` label: `31001:8888/tcp`."""
-        host, rest = text.split(":", 1)
-        container, _, protocol = rest.partition("/")
-        return cls(int(host), int(container), protocol or "tcp")
-
-
-@dataclass(frozen=True)
 class Container:
     """A managed container (GET /api/v1/containers[/<id>])."""
 
@@ -367,8 +353,7 @@ class Container:
     @property
     def port_mappings(self) -> frozenset[PortMapping]:
         """Every published port, from the `utopia.ports` label (`ports` keeps one host port per container port)."""
-        label = self.labels.get(PORTS_LABEL, "")
-        return frozenset(PortMapping.parse(entry) for entry in label.split(",") if entry)
+        return frozenset(parse_ports(self.labels.get(PORTS_LABEL, "")))
 
 
 @dataclass(frozen=True)

@@ -29,11 +29,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .docker_manager import GPU_IDS_LABEL, DockerManager, Holdings
+from .docker_manager import DockerManager
 from .errors import AgentError, GpuHeld, GpuNotFound
 from .gpu_sampler import GpuSample, GpuSampler
-from .gpus import GpuEvent, GpuEvents, GpuFacts, GpuStatus, gpu_holder, holders_of_containers
+from .gpus import GpuEvent, GpuEvents, GpuFacts, GpuStatus
+from .holders import gpu_claims, gpu_holder
 from .node_role import NodeRole
+from .records import GPU_IDS_LABEL
 from .state_file import StateFile
 
 log = logging.getLogger("utopia_agent.gpu_health")
@@ -126,11 +128,11 @@ class GpuHealth:
 
     def listed_holders(self) -> dict[str, str]:
         """Who holds which GPU, from the listing of managed containers (served from memory when exact)."""
-        return holders_of_containers(self._docker.list_managed())
+        return gpu_claims(container.holdings for container in self._docker.list_managed())
 
     def fresh_holders(self) -> dict[str, str]:
         """Who holds which GPU, straight from the engine: what decisions under the lock use."""
-        return holders_of_containers(Holdings.from_labels(labels) for _, labels in self._docker.holders_of(GPU_IDS_LABEL))
+        return gpu_claims(self._docker.holders_of(GPU_IDS_LABEL))
 
     def view(self, uuid: str) -> GpuView:
         for view in self.views():

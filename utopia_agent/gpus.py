@@ -560,21 +560,3 @@ def make_inventory(
                 log.warning("GPU backend auto: %s; serving no GPUs", exc)
             return GpuInventory()
     raise ValueError(f"unknown GPU backend {backend!r}; expected one of {', '.join(BACKENDS)}")
-
-
-def gpu_keys(held) -> tuple[str, ...]:
-    """How the GPUs a container holds (Holdings or ManagedContainer) are told apart: by UUID,
-    which survives NVML renumbering after a reboot; by '#<index>' only for labels without UUIDs."""
-    if held.gpu_uuids and len(held.gpu_uuids) == len(held.gpu_ids):
-        return tuple(held.gpu_uuids)
-    return tuple(f"#{index}" for index in held.gpu_ids)
-
-
-def holders_of_containers(containers) -> dict[str, str]:
-    """GPU key (see gpu_keys) -> the claim holding it, from ManagedContainers or Holdings."""
-    return {key: held.claim_id for held in containers for key in gpu_keys(held)}
-
-
-def gpu_holder(gpu: GpuStatus, holders: dict):
-    """Who holds a GPU of the inventory among `holders` (keyed as gpu_keys says), or None."""
-    return holders.get(gpu.uuid) if gpu.uuid in holders else holders.get(f"#{gpu.index}")

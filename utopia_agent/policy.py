@@ -10,7 +10,7 @@ from dataclasses import replace
 from typing import Any
 
 from .config import Config
-from .docker_manager import LABEL_PREFIX, ContainerSpec, PortMapping
+from .records import LABEL_PREFIX, ContainerSpec, PortMapping
 from .errors import PolicyViolation
 from .resources import infiniband_devices, memlock_limit
 from .volumes import Volume, VolumeRefused, overlap, parse_volume, within

@@ -20,10 +20,10 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from .errors import AgentError
-from .gpus import gpu_keys, holders_of_containers
+from .holders import gpu_claims, gpus_held_twice
 from .schemas import GPU_STATES
 
-if TYPE_CHECKING:  # the docker manager imports this module, and gpu_health imports the docker manager
+if TYPE_CHECKING:  # image pulls (under the docker manager) import this module, and gpu_health imports the docker manager
     from .gpu_health import GpuView
     from .gpu_sampler import GpuSample
 
@@ -66,20 +66,18 @@ class NodeCollector(Collector):
         yield GaugeMetricFamily("utopia_agent_engine_up", "1 when the Docker engine answered this scrape.", value=engine_up)
 
         sample = agent.gpus.sampler.latest()
-        views = agent.gpus.views(holders_of_containers(containers or ()), sample)
+        holdings = [container.holdings for container in containers or ()]
+        views = agent.gpus.views(gpu_claims(holdings), sample)
         yield from self._dcgm_families(views, sample, agent.gpus.records.read().get("xid_events", {}), hostname)
         states = GaugeMetricFamily("utopia_agent_gpus", "GPUs by state; only free ones are given to claims.", labels=["state"])
         for state in GPU_STATES:
             states.add_metric([state], sum(1 for view in views if view.state == state))
         yield states
-        holders: dict[str, int] = {}
-        for key in (key for c in containers or () for key in gpu_keys(c)):
-            holders[key] = holders.get(key, 0) + 1
         yield from self._claim_families(agent.usage.samples())
         yield GaugeMetricFamily(
             "utopia_agent_gpus_allocated_twice",
             "GPUs that more than one managed container claims (should always be 0).",
-            value=sum(1 for count in holders.values() if count > 1),
+            value=len(gpus_held_twice(holdings)),
         )
         yield GaugeMetricFamily(
             "utopia_agent_nvml_hung",

@@ -14,7 +14,7 @@ import time
 import uuid
 from collections.abc import Iterator
 
-from utopia_agent.docker_manager import CLAIM_LABEL, MANAGED_LABEL, ContainerSpec, ManagedContainer
+from utopia_agent.records import CLAIM_LABEL, MANAGED_LABEL, ContainerSpec, Holdings, ManagedContainer
 from utopia_agent.errors import AgentError, ClaimExists, ImagePullFailed, NotManaged
 from utopia_agent.node_view import ContainerState
 from utopia_agent.schemas import CONTAINER_ID_PATTERN
@@ -85,12 +85,12 @@ class MemoryEngine:
         self._call("list_managed")
         return tuple(ManagedContainer.from_state(state) for state in self._managed(claim_id))
 
-    def holders_of(self, label: str) -> list[tuple[str, dict[str, str]]]:
+    def holders_of(self, label: str) -> list[Holdings]:
         """`label` is `key` or `key=value`, as the engine's label filter takes it."""
         self._call("holders_of")
         key, has_value, value = label.partition("=")
         return [
-            (state.id, state.labels) for state in self._managed()
+            Holdings.from_labels(state.labels, state.id) for state in self._managed()
             if key in state.labels and (not has_value or state.labels[key] == value)
         ]
 

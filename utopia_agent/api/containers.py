@@ -8,7 +8,7 @@ import threading
 from flask import Blueprint, Response, current_app, g, jsonify, request, url_for
 
 from ..errors import AgentError, ClaimExists, TooManyFollowers
-from ..gpus import gpu_holder, gpu_keys
+from ..holders import gpu_claims, gpu_holder
 from ..policy import build_spec, check_image_labels
 from ..prometheus import CREATES, DELETES
 from ..schemas import CreateContainerSchema, ListContainersQuerySchema, LogsQuerySchema, load_query, load_request
@@ -161,7 +161,7 @@ def container_stats(container_id: str):
         limit_mb = usage.memory_limit_bytes // _MIB if usage.memory_limit_bytes is not None else None
     else:
         used_mb, limit_mb = 0, container.resources["memory_mb"]
-    held = dict.fromkeys(gpu_keys(container), container.claim_id)
+    held = gpu_claims([container.holdings])
     sample = agent.gpus.sampler.latest()  # the background sampler's: never NVML on the request path
     gpus = [
         {"id": gpu.index, "uuid": gpu.uuid, "memory_used_mb": gpu.memory_used_mb, "usage_percent": gpu.usage_percent}

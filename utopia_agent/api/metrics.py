@@ -6,7 +6,7 @@ from flask import Blueprint, jsonify
 
 from ..services import services
 from ..errors import AgentError
-from ..gpus import holders_of_containers
+from ..holders import gpu_claims
 
 blueprint = Blueprint("metrics", __name__, url_prefix="/metrics")
 
@@ -16,7 +16,7 @@ def node_metrics() -> dict:
     (then the GPU figures are the last good sample, and `gpus_stale` says so)."""
     agent = services()
     try:
-        holders = holders_of_containers(agent.docker.list_managed())
+        holders = gpu_claims(container.holdings for container in agent.docker.list_managed())
     except AgentError:
         holders = {}
     sample = agent.gpus.sampler.latest()

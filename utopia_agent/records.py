@@ -1,0 +1,283 @@
+"""The agent's records of its containers, and the labels they are written to and read from.
+
+Every container the agent creates carries labels from which the agent rebuilds all of its
+state (the engine is the source of truth); this module writes and reads them. It imports no
+`docker`: the HTTP client and the policy use it as well as the engine layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+from .resources import format_cpu_list, parse_cpu_list
+from .volumes import Volume, decode_hosts, encode_hosts
+
+if TYPE_CHECKING:  # a ManagedContainer is made from the node view's record; the view itself is not needed
+    from .node_view import ContainerState
+
+# Every label the agent reads starts with this; an image may carry none of them (see policy.py).
+LABEL_PREFIX = "utopia."
+MANAGED_LABEL = "utopia.managed"
+CLAIM_LABEL = "utopia.claim_id"
+GPU_IDS_LABEL = "utopia.gpu_ids"
+GPU_UUIDS_LABEL = "utopia.gpu_uuids"
+PORTS_LABEL = "utopia.ports"
+VOLUMES_LABEL = "utopia.volumes"
+# What the container was given, as applied (see ContainerSpec.labels); a limit's label is left
+# out when it has none, so the engine can list just the holders of CPUs or memory.
+CPUS_LABEL = "utopia.cpus"
+MEMORY_LABEL = "utopia.memory_mb"
+SHM_LABEL = "utopia.shm_size_mb"
+CPUSET_LABEL = "utopia.cpuset"
+PINNING_LABEL = "utopia.cpu_pinning"
+MANAGED_FILTER = f"{MANAGED_LABEL}=true"
+NAME_PREFIX = "utopia-"
+# The NVIDIA runtime (often the engine's default) reads these from the container's environment,
+# where the image's ENV stands unless the create call sets the name: every nvidia/cuda image says
+# NVIDIA_VISIBLE_DEVICES=all. `void` makes the runtime act as plain runc: no GPU at all.
+NO_GPUS_ENV = "NVIDIA_VISIBLE_DEVICES=void"
+GPU_CAPABILITIES_ENV = "NVIDIA_DRIVER_CAPABILITIES=compute,utility"
+
+
+@dataclass(frozen=True)
+class PortMapping:
+    host_port: int
+    container_port: int
+    protocol: str = "tcp"
+
+    @property
+    def container_key(self) -> str:
+        return f"{self.container_port}/{self.protocol}"
+
+    def __str__(self) -> str:
+        return f"{self.host_port}:{self.container_key}"
+
+    @classmethod
+    def parse(cls, text: str) -> PortMapping:
+        """One entry of the `utopia.ports` label: `31001:8888/tcp`."""
+        host, _, container = text.partition(":")
+        port, _, protocol = container.partition("/")
+        return cls(int(host), int(port), protocol or "tcp")
+
+
+@dataclass(frozen=True)
+class ContainerSpec:
+    """What a claim asked for, after validation and node policy."""
+
+    claim_id: str
+    image: str
+    gpu_ids: tuple[int, ...] = ()
+    gpu_uuids: tuple[str, ...] = ()
+    port_mappings: tuple[PortMapping, ...] = ()
+    env_vars: tuple[str, ...] = ()
+    command: tuple[str, ...] = ()
+    working_dir: str = ""
+    volumes: tuple[Volume, ...] = ()
+    # Where the allocator pinned each volume (see volumes.MountPins): what the engine mounts.
+    mount_sources: tuple[str, ...] = ()
+    cpus: float | None = None
+    memory_mb: int | None = None
+    shm_size_mb: int | None = None
+    restart_policy: str = "no"
+    # CPUs and memory nodes the container is confined to (empty: anywhere), and why: numa or exclusive.
+    cpuset: tuple[int, ...] = ()
+    memory_nodes: tuple[int, ...] = ()
+    cpu_pinning: str = ""
+    # The node's InfiniBand character devices (host paths), passed through with IPC_LOCK and this memlock (-1: unlimited).
+    infiniband_devices: tuple[str, ...] = ()
+    memlock_bytes: int = -1
+
+    @property
+    def name(self) -> str:
+        return container_name(self.claim_id)
+
+    def environment(self) -> list[str]:
+        """The caller's variables, then the agent's NVIDIA variables, which replace the image's:
+        the container sees the GPUs it was given and no others."""
+        if not self.gpu_uuids:
+            return [*self.env_vars, NO_GPUS_ENV]
+        return [*self.env_vars, "NVIDIA_VISIBLE_DEVICES=" + ",".join(self.gpu_uuids), GPU_CAPABILITIES_ENV]
+
+    def labels(self) -> dict[str, str]:
+        """The labels record what the container holds; a label is left out when it holds none,
+        so the engine can list just the holders of GPUs or ports (`label=<key>` filters)."""
+        labels = {MANAGED_LABEL: "true", CLAIM_LABEL: self.claim_id}
+        if self.gpu_ids:
+            labels[GPU_IDS_LABEL] = ",".join(str(i) for i in self.gpu_ids)
+            labels[GPU_UUIDS_LABEL] = ",".join(self.gpu_uuids)
+        if self.port_mappings:
+            labels[PORTS_LABEL] = ",".join(str(m) for m in self.port_mappings)
+        if self.volumes:
+            labels[VOLUMES_LABEL] = encode_hosts(self.volumes)
+        if self.cpus is not None:
+            labels[CPUS_LABEL] = f"{self.cpus:g}"
+        if self.memory_mb is not None:
+            labels[MEMORY_LABEL] = str(self.memory_mb)
+        if self.shm_size_mb is not None:
+            labels[SHM_LABEL] = str(self.shm_size_mb)
+        if self.cpuset:
+            labels[CPUSET_LABEL] = format_cpu_list(self.cpuset)
+            labels[PINNING_LABEL] = self.cpu_pinning
+        return labels
+
+
+@dataclass(frozen=True)
+class Holdings:
+    """What a managed container holds, as its labels record it: the engine is the only record."""
+
+    claim_id: str
+    gpu_ids: tuple[int, ...]
+    gpu_uuids: tuple[str, ...]
+    port_mappings: tuple[PortMapping, ...]
+    volume_hosts: tuple[str, ...] = ()
+    cpus: float = 0.0
+    memory_mb: int = 0
+    exclusive_cpus: tuple[int, ...] = ()
+    container_id: str = ""
+
+    @classmethod
+    def from_labels(cls, labels: dict[str, str], container_id: str = "") -> Holdings:
+        resources = resources_from_labels(labels)
+        exclusive = labels.get(PINNING_LABEL) == "exclusive"
+        return cls(
+            container_id=container_id,
+            claim_id=labels.get(CLAIM_LABEL, ""),
+            gpu_ids=_gpu_ids(labels),
+            gpu_uuids=tuple(_split(labels.get(GPU_UUIDS_LABEL, ""))),
+            port_mappings=_port_mappings(labels),
+            volume_hosts=tuple(decode_hosts(labels.get(VOLUMES_LABEL, "[]"))),
+            cpus=resources["cpus"] or 0.0,
+            memory_mb=resources["memory_mb"] or 0,
+            exclusive_cpus=_cpu_ids(labels.get(CPUSET_LABEL, "")) if exclusive else (),
+        )
+
+
+@dataclass(frozen=True)
+class ManagedContainer:
+    """A container carrying `utopia.managed=true`, in the terms of the contract."""
+
+    id: str
+    claim_id: str
+    image: str
+    status: str
+    gpu_ids: tuple[int, ...]
+    gpu_uuids: tuple[str, ...]
+    port_mappings: tuple[PortMapping, ...]
+    created: int
+    started: int
+    labels: dict[str, str]
+    # Everything the engine's inspect said (exit code, restart count, ...), beyond the contract.
+    state: ContainerState | None = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def from_state(cls, state: ContainerState) -> ManagedContainer:
+        held = Holdings.from_labels(state.labels)
+        return cls(
+            id=state.id,
+            claim_id=held.claim_id,
+            image=state.image,
+            status=state.status,
+            gpu_ids=held.gpu_ids,
+            gpu_uuids=held.gpu_uuids,
+            port_mappings=held.port_mappings,
+            created=state.created,
+            started=state.started,
+            labels=state.labels,
+            state=state,
+        )
+
+    @property
+    def ports(self) -> dict[str, str]:
+        ports: dict[str, str] = {}
+        for mapping in self.port_mappings:
+            ports.setdefault(mapping.container_key, str(mapping.host_port))
+        return ports
+
+    @property
+    def resources(self) -> dict[str, Any]:
+        return resources_from_labels(self.labels)
+
+    @cached_property
+    def holdings(self) -> Holdings:
+        """What it holds, for the questions of holders.py; read from the labels once."""
+        return Holdings.from_labels(self.labels, self.id)
+
+    def outcome(self) -> dict[str, Any]:
+        """How the container last ended, from the node view's record of its inspect: no call per container."""
+        state = self.state
+        if state is None or not state.finished:
+            return {"exit_code": None, "oom_killed": bool(state and state.oom_killed), "restart_count": state.restart_count if state else 0,
+                    "finished": 0, "error": state.error if state else ""}
+        return {"exit_code": state.exit_code, "oom_killed": state.oom_killed, "restart_count": state.restart_count,
+                "finished": state.finished, "error": state.error}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "claim_id": self.claim_id,
+            "image": self.image,
+            "status": self.status,
+            "gpu_ids": list(self.gpu_ids),
+            "ports": self.ports,
+            "created": self.created,
+            "started": self.started,
+            "labels": self.labels,
+            "resources": self.resources,
+            **self.outcome(),
+        }
+
+
+def resources_from_labels(labels: dict[str, str]) -> dict[str, Any]:
+    """The container object's `resources`, from the labels written at create: no inspect per container.
+    A label that is missing or mangled reads as null (no limit, or a container from before they were recorded)."""
+
+    def number(key: str, kind):
+        try:
+            return kind(labels[key])
+        except (KeyError, ValueError):
+            return None
+
+    cpuset = labels.get(CPUSET_LABEL) or None
+    return {
+        "cpus": number(CPUS_LABEL, float),
+        "memory_mb": number(MEMORY_LABEL, int),
+        "shm_size_mb": number(SHM_LABEL, int),
+        "cpuset": cpuset if cpuset and _cpu_ids(cpuset) else None,
+    }
+
+
+def _cpu_ids(text: str) -> tuple[int, ...]:
+    try:
+        return parse_cpu_list(text)
+    except ValueError:
+        return ()
+
+
+def container_name(claim_id: str) -> str:
+    """One name per claim, so the engine itself refuses a second container for it."""
+    return NAME_PREFIX + claim_id
+
+
+def _split(text: str) -> list[str]:
+    return [part for part in text.split(",") if part]
+
+
+def _gpu_ids(labels: dict[str, str]) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in _split(labels.get(GPU_IDS_LABEL, "")))
+    except ValueError:
+        return ()
+
+
+def parse_ports(label: str) -> tuple[PortMapping, ...]:
+    """Every mapping of a `utopia.ports` label; ValueError for an entry that is not one."""
+    return tuple(PortMapping.parse(part) for part in _split(label))
+
+
+def _port_mappings(labels: dict[str, str]) -> tuple[PortMapping, ...]:
+    try:
+        return parse_ports(labels.get(PORTS_LABEL, ""))
+    except ValueError:
+        return ()
