@@ -30,6 +30,7 @@ import docker
 import docker.errors
 from docker.types import DeviceRequest
 
+from tests.support.polling import wait_for
 from utopia_agent.allocator import port_is_free
 from utopia_agent.config import DEFAULT_HOST_PORT_RANGE
 
@@ -78,16 +79,6 @@ def free_host_port() -> int:
         if port_is_free(port, "tcp") and port_is_free(port, "udp"):
             return port
     raise RuntimeError(f"no free port in {low}-{high}")
-
-
-def _wait_until(check, timeout: float, interval: float = 0.2) -> bool:
-    deadline = time.monotonic() + timeout
-    while True:
-        if check():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(interval)
 
 
 def _tail(path: Path, lines: int = 20) -> str:
@@ -197,7 +188,7 @@ def ensure_engine(
             found.append(c)
         return bool(found)
 
-    _wait_until(answers, timeout, 0.5)
+    wait_for(answers, timeout, 0.5)
     if not found:
         if process.poll() is None:
             what = f"did not answer at {target} within {timeout:.0f}s"
@@ -418,7 +409,7 @@ class Registry(_LocalServer):
                     [binary, "serve", str(config)], stdout=log, stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL, start_new_session=True,
                 )
-            if _wait_until(lambda: self.process.poll() is not None or self._answers(), self.start_timeout):
+            if wait_for(lambda: self.process.poll() is not None or self._answers(), self.start_timeout):
                 if self.process.poll() is None:
                     return self
                 continue
