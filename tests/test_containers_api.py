@@ -12,8 +12,6 @@ import requests
 from tests.support.engine import free_host_port
 from tests.support.polling import wait_for
 
-pytestmark = pytest.mark.docker
-
 
 def managed_ids(docker_client, claim_id: str) -> list[str]:
     return [c.id for c in docker_client.containers.list(all=True, filters={"label": f"utopia.claim_id={claim_id}"})]

@@ -12,8 +12,6 @@ from tests.support.polling import wait_for
 from tests.support.scrape import sample, scrape
 from utopia_agent.state_dir import METRICS_DIR
 
-pytestmark = pytest.mark.docker
-
 REQUESTS = "utopia_agent_http_request_duration_seconds"
 
 

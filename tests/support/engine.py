@@ -506,6 +506,7 @@ class _ThrottlingProxy(BaseHTTPRequestHandler):
     upstream_port: int
     bytes_per_s: int
     released: threading.Event
+    holding: threading.Event
 
     def do_GET(self) -> None:
         self._forward(send_body=True)
@@ -537,6 +538,7 @@ class _ThrottlingProxy(BaseHTTPRequestHandler):
     def _copy(self, resp: http.client.HTTPResponse, throttle: bool) -> None:
         throttle = throttle and not self.released.is_set()
         if throttle and self.bytes_per_s == 0:
+            self.holding.set()
             self.released.wait()
             throttle = False
         chunk = max(1024, self.bytes_per_s // 10) if throttle else 64 * 1024
@@ -558,7 +560,8 @@ class SlowRegistry(_LocalServer):
     `kib_per_s=0` stalls every blob body until stop(): a pull that connects, reads
     the manifest, then makes no progress (for the pull idle timeout). stop() lets
     transfers in flight finish at full speed, so the engine's pull ends instead of
-    retrying a broken download for a minute.
+    retrying a broken download for a minute. `holding` is set once a blob body is held back:
+    then a pull is in flight.
     """
 
     def __init__(self, upstream: Registry, kib_per_s: int = 64):
@@ -568,11 +571,12 @@ class SlowRegistry(_LocalServer):
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self._released = threading.Event()
+        self.holding = threading.Event()
 
     def start(self) -> SlowRegistry:
         handler = type("Proxy", (_ThrottlingProxy,), {
             "upstream_port": self.upstream.port, "bytes_per_s": self.kib_per_s * 1024,
-            "released": self._released,
+            "released": self._released, "holding": self.holding,
         })
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self._server.daemon_threads = True
