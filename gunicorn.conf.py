@@ -66,14 +66,10 @@ preload_app = False
 class AgentLogger(Logger):
     """gunicorn's logger without its access log: the agent logs each request itself, with its request id."""
 
-    def _compute_access_log_enabled(self):
-        return False
-
     def access(self, resp, req, environ, request_time):
         pass
 
 
-accesslog = None
 logger_class = AgentLogger
 logconfig_dict = logging_dict(_agent.log_format)
 proc_name = "utopia-agent"

@@ -31,7 +31,8 @@ RUN_ID = uuid.uuid4().hex[:6]
 
 def pytest_collection_modifyitems(items):
     """A test that reaches the engine (through any fixture) is a `docker` test: `-m "not docker"`
-    then selects exactly what runs on a machine without one."""
+    then selects exactly what runs on a machine without one. This is the only place the marker is
+    set: a test that needs the engine asks for the `engine` fixture (directly or through another)."""
     for item in items:
         if "engine" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.docker)

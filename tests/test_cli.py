@@ -267,7 +267,7 @@ def test_exit_codes_tell_failures_apart(agent, agent_factory, tmp_path):
     assert stderr_lines(unavailable)[0].startswith("utopia-agent: 503 engine_unavailable: ")
 
 
-@pytest.mark.docker  # the command then asks the engine itself which claims hold the GPUs
+@pytest.mark.usefixtures("engine")  # the command then asks the engine itself which claims hold the GPUs
 def test_gpus_reads_the_node_when_the_agent_does_not_answer(cli_env):
     result = run_cli("gpus", env={**cli_env, "UTOPIA_AGENT_BIND": f"127.0.0.1:{free_port()}"})
     assert result.returncode == 0, result.stderr

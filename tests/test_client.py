@@ -66,7 +66,6 @@ def test_an_unknown_code_is_raised_as_the_class_of_its_status():
     assert (error.error, error.body["claim_id"], error.request_id) == ("some_future_conflict", "c1", "r1")
 
 
-@pytest.mark.docker
 @pytest.mark.usefixtures("nvidia_path")
 def test_containers_come_back_as_typed_records(agent, test_image, claim):
     port = free_host_port()
@@ -92,7 +91,6 @@ def test_containers_come_back_as_typed_records(agent, test_image, claim):
         assert missing.value.status_code == 404 and missing.value.message and missing.value.request_id
 
 
-@pytest.mark.docker
 @pytest.mark.usefixtures("nvidia_path")
 def test_a_create_sent_again_returns_the_claims_container(agent, docker_client, test_image, claim):
     """The retry after a lost answer: the same spec gets the container the first call made."""
@@ -104,7 +102,6 @@ def test_a_create_sent_again_returns_the_claims_container(agent, docker_client, 
     assert [c.id for c in docker_client.containers.list(all=True, filters={"label": f"utopia.claim_id={claim()}"})] == [first.container_id]
 
 
-@pytest.mark.docker
 @pytest.mark.usefixtures("nvidia_path")
 @pytest.mark.parametrize("change", ["gpu_count", "port_mappings", "image"])
 def test_a_create_of_another_spec_raises_claim_exists(agent, test_image, claim, change):
@@ -121,7 +118,6 @@ def test_a_create_of_another_spec_raises_claim_exists(agent, test_image, claim, 
     assert exists.value.container_id == first.container_id and exists.value.claim_id == claim()
 
 
-@pytest.mark.docker
 @pytest.mark.usefixtures("nvidia_path")
 def test_errors_carry_the_fields_of_the_body(agent, test_image, claim):
     port = free_host_port()
@@ -143,7 +139,6 @@ def test_errors_carry_the_fields_of_the_body(agent, test_image, claim):
         wrong.list()
 
 
-@pytest.mark.docker
 def test_503_is_retried_after_retry_after_and_then_raised(agent_factory, tmp_path):
     down = agent_factory(workers=1, DOCKER_HOST=f"unix://{tmp_path}/no-engine.sock", UTOPIA_AGENT_ENGINE_TIMEOUT="2")
     with down.new_client(retries=1) as client:
@@ -165,7 +160,6 @@ def test_a_refused_connection_is_retried_a_bounded_number_of_times():
     assert time.monotonic() - started >= 0.4, "two waits of at most 0.2 s"
 
 
-@pytest.mark.docker
 def test_logs_and_stats_of_a_container(agent, test_image, claim):
     with agent.new_client() as client:
         done = client.create(claim("done"), test_image, command=["sh", "-c", "echo one; echo two"])
@@ -177,7 +171,6 @@ def test_logs_and_stats_of_a_container(agent, test_image, claim):
         assert stats.memory_used_mb is not None and stats.gpus == []
 
 
-@pytest.mark.docker
 def test_gpus_can_be_quarantined_and_released(agent_factory, test_image):
     node = agent_factory(workers=1)
     with node.new_client() as client:
@@ -191,7 +184,6 @@ def test_gpus_can_be_quarantined_and_released(agent_factory, test_image):
         assert next(g for g in client.gpus() if g.uuid == target.uuid).state == "free"
 
 
-@pytest.mark.docker
 def test_a_draining_node_refuses_creates_until_resumed(agent_factory, test_image, claim):
     node = agent_factory(workers=1)
     with node.new_client() as client:

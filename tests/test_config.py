@@ -1,10 +1,16 @@
-"""Configuration checks that need no agent: the read timeout and the host port range."""
+"""Configuration checks that need no agent: each bad variable, the read timeout and the host port range.
+
+gunicorn.conf.py runs the same checks in the master and turns a ConfigError into one line and
+exit code 2; tests/test_startup.py proves that exit once under a real gunicorn.
+"""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
-from utopia_agent.config import ConfigError, load_config
+from utopia_agent.config import ConfigError, load_config, prepare_state_dir
 
 
 @pytest.fixture
@@ -17,6 +23,37 @@ def ephemeral(tmp_path):
         return path
 
     return write
+
+
+@pytest.mark.parametrize(
+    "env,variable",
+    [
+        ({}, "UTOPIA_AGENT_TOKEN"),
+        ({"UTOPIA_AGENT_TOKEN_FILE": "/nonexistent/token"}, "UTOPIA_AGENT_TOKEN_FILE"),
+        ({"UTOPIA_AGENT_TOKEN": "t", "UTOPIA_AGENT_HOST_PORT_RANGE": "40000-30000"}, "UTOPIA_AGENT_HOST_PORT_RANGE"),
+        ({"UTOPIA_AGENT_TOKEN": "t", "UTOPIA_AGENT_HOST_PORT_RANGE": "lots"}, "UTOPIA_AGENT_HOST_PORT_RANGE"),
+        ({"UTOPIA_AGENT_TOKEN": "t", "UTOPIA_AGENT_GPU_BACKEND": "cuda"}, "UTOPIA_AGENT_GPU_BACKEND"),
+        ({"UTOPIA_AGENT_TOKEN": "t", "UTOPIA_AGENT_WORKERS": "many"}, "UTOPIA_AGENT_WORKERS"),
+        ({"UTOPIA_AGENT_TOKEN": "t", "UTOPIA_AGENT_STATE_DIR": "/proc/utopia"}, "UTOPIA_AGENT_STATE_DIR"),
+        ({"UTOPIA_AGENT_TOKEN": "t", "UTOPIA_AGENT_STATE_DIR": "relative/state"}, "UTOPIA_AGENT_STATE_DIR"),
+        ({"UTOPIA_AGENT_TOKEN": "t", "UTOPIA_AGENT_PULL_IDLE_TIMEOUT": "0"}, "UTOPIA_AGENT_PULL_IDLE_TIMEOUT"),
+        ({"UTOPIA_AGENT_TOKEN": "t", "UTOPIA_AGENT_VOLUME_ROOTS": "/"}, "UTOPIA_AGENT_VOLUME_ROOTS"),
+        ({"UTOPIA_AGENT_TOKEN": "t", "UTOPIA_AGENT_READ_TIMEOUT": "soon"}, "UTOPIA_AGENT_READ_TIMEOUT"),
+        ({"UTOPIA_AGENT_TOKEN": "t", "UTOPIA_AGENT_RESERVED_CPUS": str(len(os.sched_getaffinity(0)))}, "UTOPIA_AGENT_RESERVED_CPUS"),
+        ({"UTOPIA_AGENT_TOKEN": "t", "UTOPIA_AGENT_RESERVED_CPUS": "-1"}, "UTOPIA_AGENT_RESERVED_CPUS"),
+        ({"UTOPIA_AGENT_TOKEN": "t", "UTOPIA_AGENT_RESERVED_MEMORY_MB": "1e12"}, "UTOPIA_AGENT_RESERVED_MEMORY_MB"),
+        ({"UTOPIA_AGENT_TOKEN": "t", "UTOPIA_AGENT_CPU_PINNING": "always"}, "UTOPIA_AGENT_CPU_PINNING"),
+        ({"UTOPIA_AGENT_TOKEN": "t", "UTOPIA_AGENT_DEFAULT_SHM_MB": "0"}, "UTOPIA_AGENT_DEFAULT_SHM_MB"),
+        ({"UTOPIA_AGENT_TOKEN": "t", "UTOPIA_AGENT_LOG_FOLLOW_SECONDS": "forever"}, "UTOPIA_AGENT_LOG_FOLLOW_SECONDS"),
+    ],
+)
+def test_a_bad_variable_is_refused_by_name_in_one_line_and_nothing_else_is_said(env, variable, tmp_path, capsys, caplog):
+    """The checks the agent's master runs before any worker starts, in its order (a ConfigError ends them)."""
+    with pytest.raises(ConfigError) as refused:
+        prepare_state_dir(load_config({"UTOPIA_AGENT_STATE_DIR": str(tmp_path / "state"), **env}))
+    assert refused.value.variable == variable
+    assert str(refused.value).startswith(variable + ": ") and "\n" not in str(refused.value)
+    assert capsys.readouterr() == ("", "") and caplog.records == [], "the agent's one line is the error's"
 
 
 def config(ephemeral_ports_path, **env: str):

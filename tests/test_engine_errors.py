@@ -16,8 +16,6 @@ import pytest
 from tests.fake_nvml import fake_gpus
 from tests.test_engine_faults import ENGINE_TIMEOUT, MARGIN, timed
 
-pytestmark = pytest.mark.docker
-
 REASON = "injected: devicemapper thin pool has no free data space"
 UNKNOWN_ID = "0123456789ab"
 NODE_GPUS = 2
@@ -63,6 +61,7 @@ def test_the_relay_copies_a_stream_as_it_arrives(relay, docker_client, test_imag
     assert relay.count(r"/events$") == 1
 
 
+@pytest.mark.usefixtures("nvidia_path")
 def test_engine_failure_on_show_and_delete_is_502_and_the_container_stays(relayed_agent, relay, docker_client, test_image, claim):
     agent = relayed_agent()
     created = agent.create(claim(), test_image, gpu_count=NODE_GPUS, command=["sleep", "600"])

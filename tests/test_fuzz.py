@@ -24,13 +24,10 @@ import time
 
 import docker
 import docker.errors
-import pytest
 import schemathesis
 
 from tests.support.agent import ROOT
 from utopia_agent.schemas import CLAIM_ID_PATTERN, CONTAINER_ID_PATTERN, IMAGE_PATTERN
-
-pytestmark = pytest.mark.docker
 
 EXAMPLES_PER_OPERATION = 100
 TIME_BUDGET_SECONDS = 100

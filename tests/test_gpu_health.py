@@ -25,8 +25,6 @@ from tests.support.polling import wait_for
 from tests.support.scrape import sample, scrape
 from tests.test_gpus_api import _burst, assert_exclusive, gpu_labels
 
-pytestmark = pytest.mark.docker
-
 UUIDS = [gpu.uuid for gpu in DEFAULT_TEST_GPUS]
 LOST_GPU = 6
 HEALTHY = 7
@@ -109,6 +107,7 @@ def test_double_bit_ecc_quarantines_from_an_event_or_the_counters(agent_factory)
     assert wait_for_gpu(agent, 5, "quarantined")["reason"] == "double-bit ECC errors (3)", "a further error quarantines again"
 
 
+@pytest.mark.usefixtures("nvidia_path")
 def test_the_operator_quarantines_and_releases_but_not_under_a_claim(agent, docker_client, test_image, claim):
     created = agent.create(claim("a"), test_image, gpu_count=1, command=["sleep", "300"])
     assert created.status_code == 201, created.text
@@ -175,6 +174,7 @@ def test_quarantine_and_drain_survive_a_restart(agent_factory, test_image, claim
     assert refused.status_code == 409 and refused.json() | {"message": ""} == {"error": "node_draining", "reason": "kernel upgrade", "message": ""}
 
 
+@pytest.mark.usefixtures("nvidia_path")
 def test_a_released_gpu_is_releasing_until_nvml_shows_it_clean(agent_factory, test_image, claim):
     agent = agent_factory(workers=1)
     created = agent.create(claim("job"), test_image, gpu_count=1, command=["sleep", "300"])
@@ -198,6 +198,7 @@ def test_a_released_gpu_is_releasing_until_nvml_shows_it_clean(agent_factory, te
     assert agent.create(claim("all2"), test_image, gpu_count=HEALTHY, command=["sleep", "300"]).status_code == 201
 
 
+@pytest.mark.usefixtures("nvidia_path")
 def test_a_gpu_still_dirty_after_the_release_time_is_quarantined_and_recovers_once_clean(agent_factory, test_image, claim):
     agent = agent_factory(workers=2, UTOPIA_AGENT_GPU_RELEASE_SECONDS="2")
     created = agent.create(claim("leaky"), test_image, gpu_count=1, command=["sleep", "300"])
@@ -214,6 +215,7 @@ def test_a_gpu_still_dirty_after_the_release_time_is_quarantined_and_recovers_on
     assert "gpu recovered" in agent.log()
 
 
+@pytest.mark.usefixtures("nvidia_path")
 def test_a_compute_process_of_no_claim_blocks_its_gpu(agent_factory, test_image, claim):
     agent = agent_factory(workers=1)
     script(agent, gpu0={"compute_processes": 1})
@@ -225,6 +227,7 @@ def test_a_compute_process_of_no_claim_blocks_its_gpu(agent_factory, test_image,
     assert 0 not in agent.get(f"/api/v1/containers/{rest.json()['container_id']}").json()["gpu_ids"]
 
 
+@pytest.mark.usefixtures("nvidia_path")
 def test_a_hung_nvml_makes_health_503_quickly_and_only_gpu_creates_wait(agent_factory, test_image, claim):
     agent = agent_factory(workers=2, UTOPIA_AGENT_NVML_TIMEOUT="1")
     with hung_nvml(agent.nvml_config):
@@ -274,6 +277,7 @@ def test_a_draining_node_refuses_creates_and_stays_healthy(agent_factory, test_i
     assert agent.create(claim("after"), test_image, command=["sleep", "300"]).status_code == 201
 
 
+@pytest.mark.usefixtures("nvidia_path")
 def test_a_gpu_quarantined_mid_burst_is_never_given_after(agent_factory, docker_client, test_image, claim):
     """16 creates race across 4 workers; GPU 7 is quarantined while they run. Any container holding
     it must have been created before the quarantine answered."""

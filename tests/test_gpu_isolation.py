@@ -18,8 +18,6 @@ from tests.fake_nvml import DEFAULT_TEST_GPUS
 from tests.support.engine import HOOK_DIR, make_image_with
 from tests.support.private_engine import running_private_engine
 
-pytestmark = pytest.mark.docker
-
 RECORDER = HOOK_DIR / "nvidia-runtime-recorder"
 CUDA_LIKE_IMAGE = "utopia-test/cuda-like:latest"
 UUIDS = [gpu.uuid for gpu in DEFAULT_TEST_GPUS]

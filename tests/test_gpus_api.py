@@ -16,7 +16,7 @@ from tests.fake_nvml import DEFAULT_TEST_GPUS
 from tests.support.polling import wait_for
 
 # Every GPU create goes through the engine's NVIDIA device path: these tests need the stand-in hook.
-pytestmark = [pytest.mark.docker, pytest.mark.usefixtures("nvidia_path")]
+pytestmark = pytest.mark.usefixtures("nvidia_path")
 
 UUIDS = [gpu.uuid for gpu in DEFAULT_TEST_GPUS]
 LOST_GPU = 6

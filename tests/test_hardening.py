@@ -16,7 +16,6 @@ from utopia_agent.errors import AllocationBusy
 CAPABILITY_BITS = {"CHOWN": 0, "KILL": 5, "SETPCAP": 8, "NET_RAW": 13, "SYS_CHROOT": 18, "MKNOD": 27, "AUDIT_WRITE": 29, "SETFCAP": 31}
 
 
-@pytest.mark.docker
 def test_containers_drop_needless_capabilities_and_never_gain_privileges(agent, docker_client, test_image, claim):
     response = agent.create(claim(), test_image, command=["sh", "-c", "grep -E '^(CapEff|NoNewPrivs)' /proc/self/status; sleep 300"])
     assert response.status_code == 201, response.text
@@ -30,7 +29,7 @@ def test_containers_drop_needless_capabilities_and_never_gain_privileges(agent, 
     assert status["NoNewPrivs"] == "1"
 
 
-@pytest.mark.docker
+@pytest.mark.usefixtures("nvidia_path")
 def test_a_container_created_but_never_started_is_removed_and_frees_its_gpus(agent_factory, docker_client, test_image, claim):
     """A worker that died between create and start leaves a created container holding GPUs."""
     agent = agent_factory(workers=2, UTOPIA_AGENT_UNSTARTED_SECONDS="2", gpus=None)

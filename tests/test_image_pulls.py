@@ -8,13 +8,9 @@ import time
 import pytest
 import requests
 
-from tests.support.polling import wait_for
-
 from tests.conftest import RUN_ID, remove_run_containers
 from tests.support.scrape import sample, scrape
 from tests.support.engine import Registry, SlowRegistry, free_port, make_image_with, make_unique_image, remove_images
-
-pytestmark = pytest.mark.docker
 
 
 @pytest.fixture(scope="module")
@@ -89,9 +85,11 @@ def test_stalled_pull_ends_within_the_idle_timeout_and_frees_the_worker(agent_fa
         creator = threading.Thread(target=create)
         started = time.monotonic()
         creator.start()
-        assert wait_for(lambda: "image pull started" in agent.log(), timeout=10), "the pull is in flight"
+        assert stalled.holding.wait(10), "the engine is downloading a layer the registry holds back"
+        assert "image pull started" in agent.log()
         probe = requests.get(agent.base_url + "/health", timeout=5)
         assert probe.status_code == 200, "the one worker still answers probes while its other thread pulls"
+        assert creator.is_alive(), "the probe was answered while the create waited on the pull"
         creator.join(60)
         elapsed = time.monotonic() - started
     remove_images(docker_client, [ref])

@@ -16,8 +16,6 @@ from tests.fake_nvml import fake_gpus
 from tests.support.polling import wait_for
 from utopia_agent.resources import format_cpu_list
 
-pytestmark = pytest.mark.docker
-
 MIB = 1024 * 1024
 NODE_CPUS = sorted(os.sched_getaffinity(0))
 NODE_MEMORY_MB = psutil.virtual_memory().total // MIB

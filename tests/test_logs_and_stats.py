@@ -11,8 +11,6 @@ import requests
 from tests.support.polling import wait_for
 from tests.support.scrape import sample, scrape
 
-pytestmark = pytest.mark.docker
-
 MIB = 1024 * 1024
 TICKER = ["sh", "-c", "i=0; while :; do i=$((i+1)); echo tick$i; sleep 0.5; done"]
 

@@ -160,7 +160,6 @@ def substitute(expr: str) -> str:
     return expr
 
 
-@pytest.mark.docker
 @pytest.mark.parametrize("panel", panel_params())
 def test_every_panel_query_returns_data(prometheus, panel):
     for target in panel["targets"]:
@@ -181,7 +180,6 @@ def alert_params() -> list:
     return [pytest.param(rule, id=rule["alert"]) for rule in alert_rules()]
 
 
-@pytest.mark.docker
 @pytest.mark.parametrize("rule", alert_params())
 def test_every_alert_reads_series_the_agent_serves(prometheus, rule):
     """Each metric an alert reads is in Prometheus after scraping the agent (the unit tests only prove the logic)."""
@@ -191,7 +189,6 @@ def test_every_alert_reads_series_the_agent_serves(prometheus, rule):
         assert prometheus.query(f"count({name})"), f"{rule['alert']}: Prometheus has no {name}"
 
 
-@pytest.mark.docker
 def test_an_alert_goes_pending_on_the_agents_real_series(prometheus):
     """The stand-in NVML has one lost GPU (index 6): the GPU-lost alert matches it, and waits out its `for`."""
     pending = wait_for(lambda: prometheus.query('ALERTS{alertname="UtopiaGpuLost", alertstate="pending"}'), 30)

@@ -20,8 +20,6 @@ from utopia_agent.config import Config
 from utopia_agent.docker_manager import DockerManager
 from utopia_agent.node_view import TRUST_SECONDS, ContainerState, Snapshot
 
-pytestmark = pytest.mark.docker
-
 WATCHING = re.compile(r"watching the engine's events for the node view \(pid (\d+)")
 
 

@@ -17,8 +17,6 @@ from tests.support.engine import free_host_port
 from utopia_agent.errors import AgentError
 from utopia_agent.schemas import CONTAINER_EXAMPLE, ContainerSchema
 
-pytestmark = pytest.mark.docker
-
 OPERATION_IDS = {
     ("post", "/api/v1/containers"): "createContainer",
     ("get", "/api/v1/containers"): "listContainers",

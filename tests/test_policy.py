@@ -16,8 +16,6 @@ from tests.support.engine import free_host_port, make_image_with, remove_images
 from utopia_agent.policy import RESERVED_ENV_NAMES
 from utopia_agent.schemas import MAX_LIST_ITEMS, MAX_STRING
 
-pytestmark = pytest.mark.docker
-
 SECRET_ENV_VALUE = "s3cret-env-value-7f1e9a"
 
 
@@ -241,6 +239,7 @@ def forged_image(docker_client, test_image):
     remove_images(docker_client, [tag])
 
 
+@pytest.mark.usefixtures("nvidia_path")
 def test_an_image_with_the_agents_labels_is_403_and_holds_nothing(agent, docker_client, test_image, forged_image, claim):
     response = agent.create(claim(), forged_image, command=["sleep", "300"])
     assert_refused(response, 403, "image", docker_client, claim())

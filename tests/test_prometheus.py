@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 
 import pytest
+from prometheus_client.mmap_dict import MmapedDict
 
 from tests.fake_nvml import DEFAULT_TEST_GPUS
+from tests.support.polling import wait_for
 from tests.support.scrape import sample, scrape
+from utopia_agent.state_dir import METRICS_DIR
 
-pytestmark = pytest.mark.docker
+REQUESTS = "utopia_agent_http_request_duration_seconds"
 
 
 def test_gpu_series_use_dcgm_exporter_names_and_labels(agent):
@@ -41,19 +44,44 @@ def test_gpu_health_series_use_dcgm_exporter_names(agent):
     assert sample(families, "utopia_agent_node_draining") == 0
 
 
-def test_request_histograms_add_up_across_workers(agent):
+def requests_per_worker(agent, route: str) -> dict[int, float]:
+    """Each worker's own count of answered GETs on `route`, from its prometheus-client file
+    (one per worker pid); a scrape must sum these."""
+    counts: dict[int, float] = {}
+    for path in (agent.state_dir / METRICS_DIR).glob("histogram_*.db"):
+        for key, value, _, _ in MmapedDict.read_all_values_from_file(str(path)):
+            _, sample_name, labels, _ = json.loads(key)
+            labels.pop("le", None)  # each bucket is stored apart: together they count every request
+            if sample_name == f"{REQUESTS}_bucket" and labels == {"route": route, "method": "GET", "status": "200"} and value:
+                pid = int(path.stem.removeprefix("histogram_"))
+                counts[pid] = counts.get(pid, 0) + value
+    return counts
+
+
+def test_request_histograms_add_up_across_workers(agent_factory):
+    agent = agent_factory(workers=2)
     route = "/api/v1/containers"
-    before = scrape(agent)
-    try:
-        start = sample(before, "utopia_agent_http_request_duration_seconds_count", route=route, method="GET", status="200")
-    except KeyError:
-        start = 0
-    for _ in range(40):
+    sent = []
+
+    def send_one_more() -> None:
         # A fresh connection each time, so the requests spread over the workers.
         assert agent.get(route, headers={"Connection": "close"}).status_code == 200
-    after = scrape(agent)
-    assert sample(after, "utopia_agent_http_request_duration_seconds_count", route=route, method="GET", status="200") == start + 40
-    assert agent.log().count('"route": "/api/v1/containers"') >= 40
+        sent.append(route)
+
+    def each_worker_answered() -> bool:
+        if len(requests_per_worker(agent, route)) == 2:
+            return True
+        send_one_more()
+        return False
+
+    for _ in range(40):
+        send_one_more()
+    both_answered = wait_for(each_worker_answered, timeout=30, interval=0)
+    per_worker = requests_per_worker(agent, route)
+    assert both_answered and all(per_worker.values()), f"one worker answered all {len(sent)}: {per_worker}"
+    assert sum(per_worker.values()) == len(sent)
+    assert sample(scrape(agent), f"{REQUESTS}_count", route=route, method="GET", status="200") == len(sent)
+    assert agent.log().count(f'"route": "{route}"') == len(sent), "one log line per request"
 
 
 @pytest.mark.usefixtures("nvidia_path")

@@ -23,8 +23,6 @@ from tests.support.engine import free_port, remove_images
 from tests.support.polling import wait_for
 from tests.support.prerequisites import require
 
-pytestmark = pytest.mark.docker
-
 SECTION = "## Offline quickstart"
 README_ADDRESS = "127.0.0.1:8600"
 IMAGE = "quickstart/busybox:latest"

@@ -64,7 +64,6 @@ def mounted_points() -> str:
     return Path("/proc/self/mountinfo").read_text()
 
 
-@pytest.mark.docker
 def test_a_read_only_volume_cannot_be_written(agent, docker_client, test_image, claim):
     data = make_dir(agent, claim())
     (data / "model.bin").write_text("weights")
@@ -78,7 +77,6 @@ def test_a_read_only_volume_cannot_be_written(agent, docker_client, test_image, 
     assert b"WROTE" not in container.logs() and not (data / "x").exists()
 
 
-@pytest.mark.docker
 def test_a_file_can_be_a_volume(agent, docker_client, test_image, claim):
     data = make_dir(agent, claim())
     (data / "config.yaml").write_text("lr: 0.1\n")
@@ -88,7 +86,6 @@ def test_a_file_can_be_a_volume(agent, docker_client, test_image, claim):
     wait_for(lambda: b"lr: 0.1" in container.logs(), timeout=20)
 
 
-@pytest.mark.docker
 def test_a_swapped_symlink_cannot_redirect_the_mount_on_restart(agent_factory, docker_client, test_image, claim):
     """The engine mounts the agent's pin of the directory that was checked: after the tenant swaps
     that path for a symlink to `/`, every restart of the container still sees the same directory."""
@@ -107,7 +104,6 @@ def test_a_swapped_symlink_cannot_redirect_the_mount_on_restart(agent_factory, d
     assert all(run.split() == ["marker"] for run in runs), runs
 
 
-@pytest.mark.docker
 def test_pins_are_released_with_the_claim(agent, docker_client, test_image, claim):
     data = make_dir(agent, claim())
     response = agent.create(claim(), test_image, command=["sleep", "300"], volumes={str(data): "/data"})
@@ -120,7 +116,6 @@ def test_pins_are_released_with_the_claim(agent, docker_client, test_image, clai
     assert data.exists(), "the host directory itself is never removed"
 
 
-@pytest.mark.docker
 def test_pins_of_a_container_removed_behind_the_agents_back_are_swept(agent_factory, docker_client, test_image, claim):
     agent = agent_factory(workers=2, UTOPIA_AGENT_UNSTARTED_SECONDS="2")
     data = make_dir(agent, claim())

@@ -52,7 +52,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from . import __version__
 from . import client as api
@@ -477,14 +477,13 @@ def serve_root(explicit: str | None = None) -> Path:
     raise CheckFailed(f"no {' and '.join(SERVE_FILES)} in {tried}; run from the agent's checkout or pass --root")
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
+def cmd_serve(args: argparse.Namespace) -> NoReturn:
     """Replace this process by gunicorn, so a supervisor's signals reach the master directly."""
     root = serve_root(args.root)
     os.chdir(root)
     argv = [sys.executable, "-m", "gunicorn", "-c", str(root / "gunicorn.conf.py"), "wsgi:app"]
     sys.stdout.flush()
     os.execv(sys.executable, argv)
-    return EXIT_FAILED  # only reached when execv is mocked
 
 
 def _api_command(commands, name: str, run: Callable[[argparse.Namespace], int], help_text: str,

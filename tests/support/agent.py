@@ -6,11 +6,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import requests
 
+from tests.support.polling import wait_for
 from utopia_agent.client import AgentClient
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -81,17 +81,17 @@ class AgentProcess:
         return self
 
     def wait_until_serving(self, timeout: float = 30, ready_path: str = "/openapi.json") -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def serving() -> bool:
             if self.process.poll() is not None:
                 raise RuntimeError(f"agent exited with {self.process.returncode}:\n{self.log()[-3000:]}")
             try:
                 self.client.send("GET", ready_path, auth=False, timeout=5)
-                return
+                return True
             except (requests.ConnectionError, requests.Timeout):
-                # Refused before the master binds; unanswered while the workers still load the app.
-                time.sleep(0.1)
-        raise RuntimeError(f"agent did not serve within {timeout}s:\n{self.log()[-3000:]}")
+                return False  # refused before the master binds; unanswered while the workers still load the app
+
+        if not wait_for(serving, timeout, interval=0.1):
+            raise RuntimeError(f"agent did not serve within {timeout}s:\n{self.log()[-3000:]}")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int | None:
         """Stop the master and wait for it and its workers (the whole process group)."""

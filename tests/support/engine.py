@@ -30,6 +30,7 @@ import docker
 import docker.errors
 from docker.types import DeviceRequest
 
+from tests.support.polling import wait_for
 from utopia_agent.allocator import port_is_free
 from utopia_agent.config import DEFAULT_HOST_PORT_RANGE
 
@@ -78,16 +79,6 @@ def free_host_port() -> int:
         if port_is_free(port, "tcp") and port_is_free(port, "udp"):
             return port
     raise RuntimeError(f"no free port in {low}-{high}")
-
-
-def _wait_until(check, timeout: float, interval: float = 0.2) -> bool:
-    deadline = time.monotonic() + timeout
-    while True:
-        if check():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(interval)
 
 
 def _tail(path: Path, lines: int = 20) -> str:
@@ -197,7 +188,7 @@ def ensure_engine(
             found.append(c)
         return bool(found)
 
-    _wait_until(answers, timeout, 0.5)
+    wait_for(answers, timeout, 0.5)
     if not found:
         if process.poll() is None:
             what = f"did not answer at {target} within {timeout:.0f}s"
@@ -418,7 +409,7 @@ class Registry(_LocalServer):
                     [binary, "serve", str(config)], stdout=log, stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL, start_new_session=True,
                 )
-            if _wait_until(lambda: self.process.poll() is not None or self._answers(), self.start_timeout):
+            if wait_for(lambda: self.process.poll() is not None or self._answers(), self.start_timeout):
                 if self.process.poll() is None:
                     return self
                 continue
@@ -515,6 +506,7 @@ class _ThrottlingProxy(BaseHTTPRequestHandler):
     upstream_port: int
     bytes_per_s: int
     released: threading.Event
+    holding: threading.Event
 
     def do_GET(self) -> None:
         self._forward(send_body=True)
@@ -546,6 +538,7 @@ class _ThrottlingProxy(BaseHTTPRequestHandler):
     def _copy(self, resp: http.client.HTTPResponse, throttle: bool) -> None:
         throttle = throttle and not self.released.is_set()
         if throttle and self.bytes_per_s == 0:
+            self.holding.set()
             self.released.wait()
             throttle = False
         chunk = max(1024, self.bytes_per_s // 10) if throttle else 64 * 1024
@@ -567,7 +560,8 @@ class SlowRegistry(_LocalServer):
     `kib_per_s=0` stalls every blob body until stop(): a pull that connects, reads
     the manifest, then makes no progress (for the pull idle timeout). stop() lets
     transfers in flight finish at full speed, so the engine's pull ends instead of
-    retrying a broken download for a minute.
+    retrying a broken download for a minute. `holding` is set once a blob body is held back:
+    then a pull is in flight.
     """
 
     def __init__(self, upstream: Registry, kib_per_s: int = 64):
@@ -577,11 +571,12 @@ class SlowRegistry(_LocalServer):
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self._released = threading.Event()
+        self.holding = threading.Event()
 
     def start(self) -> SlowRegistry:
         handler = type("Proxy", (_ThrottlingProxy,), {
             "upstream_port": self.upstream.port, "bytes_per_s": self.kib_per_s * 1024,
-            "released": self._released,
+            "released": self._released, "holding": self.holding,
         })
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self._server.daemon_threads = True
