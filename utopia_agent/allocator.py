@@ -15,6 +15,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -30,7 +31,7 @@ from .gpus import GpuInventory, Locality
 from .holders import exclusive_cpus, gpu_claims, gpus_held_twice, port_holders, volume_holders
 from .node_state import NodeDrain
 from .policy import check_volumes_apart
-from .records import CPUS_LABEL, GPU_IDS_LABEL, MEMORY_LABEL, PORTS_LABEL, VOLUMES_LABEL, ContainerSpec, Holdings
+from .records import CLAIM_LABEL, CPUS_LABEL, GPU_IDS_LABEL, MEMORY_LABEL, PORTS_LABEL, VOLUMES_LABEL, ContainerSpec, Holdings
 from .resources import NodeResources, check_fits, choose_exclusive_cpus, default_shm_mb, gpu_share, numa_placement, reserved_cpu_ids
 from .volumes import MountPins, VolumeRefused
 
@@ -105,6 +106,7 @@ class Allocator:
         self._lock_timeout = lock_timeout
         self._pins = pins
         self._node = node
+        self._engine_reads = ThreadPoolExecutor(max_workers=6, thread_name_prefix="allocation-reads")
 
     def admit(self, gpu_count: int) -> None:
         """Refuse early (before any pull) what the lock would refuse anyway: any new claim while the
@@ -117,30 +119,34 @@ class Allocator:
     def create(self, spec: ContainerSpec, gpu_count: int) -> tuple[str, ContainerSpec]:
         """Create the claim's container with `gpu_count` free GPUs; the lock spans decide + create.
 
-        Each check reads the engine afresh: the claim by its container name, and only the
-        containers that hold ports, GPUs, CPUs, memory or volumes (labels the others do not
-        carry). NVML is never called here: the GPUs come from the sampler's last sample (503 while
-        NVML is hung), and under the lock only UUIDs, holders, quarantines and cleanliness are compared.
+        Each check reads the engine afresh, all lists at once: the containers of the claim, and
+        only those that hold ports, GPUs, CPUs, memory or volumes (labels the others do not carry).
+        NVML is never called here: the GPUs come from the sampler's last sample (503 while NVML is
+        hung), and under the lock only UUIDs, holders, quarantines and cleanliness are compared.
         """
         sample = self._gpus.sampler.for_allocation() if gpu_count else None
         engine_root = self._docker.data_root() if spec.volumes else None
+        claim_label = f"{CLAIM_LABEL}={spec.claim_id}"
+        limits = gpu_count or spec.cpus or spec.memory_mb
+        wanted = [claim_label, *[PORTS_LABEL] * bool(spec.port_mappings), *[CPUS_LABEL, MEMORY_LABEL] * bool(limits),
+                  *[GPU_IDS_LABEL] * bool(gpu_count), *[VOLUMES_LABEL] * bool(spec.volumes)]
         with allocation_lock(self._state_dir, self._lock_timeout):
-            holder = self._docker.find_claim(spec.claim_id, fresh=True)
-            if holder:
-                raise ClaimExists.held_by(spec.claim_id, holder)
+            held = self._holders_now(wanted)
+            if held[claim_label]:
+                raise ClaimExists.held_by(spec.claim_id, held[claim_label][0].container_id)
             self._drain.refuse_if_draining()
             if spec.port_mappings:
-                self._check_ports(spec, port_holders(self._docker.holders_of(PORTS_LABEL)))
-            limited = self._resource_holders() if gpu_count or spec.cpus or spec.memory_mb else []
+                self._check_ports(spec, port_holders(held[PORTS_LABEL]))
+            limited = self._resource_holders(held[CPUS_LABEL], held[MEMORY_LABEL]) if limits else []
             if gpu_count:
-                gpu_holders = self._docker.holders_of(GPU_IDS_LABEL)
+                gpu_holders = held[GPU_IDS_LABEL]
                 for gpu, holders in gpus_held_twice(gpu_holders).items():
                     log.error("gpu allocated twice gpu=%s containers=%s", gpu, ",".join(c[:12] for c in holders))
                 spec = self._with_gpus(spec, gpu_count, sample, gpu_claims(gpu_holders), self._has_free_cores(limited))
             spec = self._with_resources(spec, len(sample.gpus) if sample else 0, limited)
             if not spec.volumes:
                 return self._docker.create(spec), spec
-            check_volumes_apart(spec.volumes, volume_holders(self._docker.holders_of(VOLUMES_LABEL)), engine_root)
+            check_volumes_apart(spec.volumes, volume_holders(held[VOLUMES_LABEL]), engine_root)
             spec = replace(spec, mount_sources=tuple(self._pin(spec)))
             try:
                 return self._docker.create(spec), spec
@@ -209,10 +215,17 @@ class Allocator:
         chosen = choose_gpus(near_free_cores if len(near_free_cores) >= gpu_count else free, gpu_count, self._inventory().distance)
         return replace(spec, gpu_ids=tuple(chosen), gpu_uuids=tuple(uuids[i] for i in chosen))
 
-    def _resource_holders(self) -> list[Holdings]:
-        """What every managed container with a CPU or memory limit holds: two label-filtered lists."""
-        by_id = {held.container_id: held for held in self._docker.holders_of(CPUS_LABEL)}
-        by_id.update((held.container_id, held) for held in self._docker.holders_of(MEMORY_LABEL))
+    def _holders_now(self, labels: list[str]) -> dict[str, list[Holdings]]:
+        """What the managed containers carrying each label hold, straight from the engine. The lists
+        are asked for at once, so under the lock they cost about one list's time, not one each."""
+        asked = {label: self._engine_reads.submit(self._docker.holders_of, label) for label in labels}
+        return {label: answer.result() for label, answer in asked.items()}
+
+    @staticmethod
+    def _resource_holders(cpu_holders: list[Holdings], memory_holders: list[Holdings]) -> list[Holdings]:
+        """What every managed container with a CPU or memory limit holds, each container once."""
+        by_id = {held.container_id: held for held in cpu_holders}
+        by_id.update((held.container_id, held) for held in memory_holders)
         return list(by_id.values())
 
     def _has_free_cores(self, holders: list[Holdings]) -> Callable[[int], bool]:
