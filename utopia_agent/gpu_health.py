@@ -255,7 +255,8 @@ class HealthMonitor:
 
     def close(self) -> None:
         self._closed.set()
-        self._thread.join(timeout=2.0)
+        if self._role.held:  # a worker that does not watch sleeps in flock: nothing to wait for
+            self._thread.join(timeout=2.0)
 
     def _run(self) -> None:
         events: GpuEvents | None = None

@@ -191,7 +191,8 @@ class GpuSampler:
         """Stop sampling; the thread shuts NVML down on its way out (unless a call is hung)."""
         self._closed.set()
         self._wake.set()
-        self._thread.join(timeout=self.watchdog.timeout)
+        if self._role.held or not self._opened.is_set():  # else it sleeps in flock, with nothing to shut down
+            self._thread.join(timeout=self.watchdog.timeout)
 
     def _run(self) -> None:
         try:
