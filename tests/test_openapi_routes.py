@@ -6,8 +6,11 @@ Flask's test client and the in-memory engine: no engine, no gunicorn.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from flask import Flask
+from marshmallow import Schema
 
 from tests.support.memory_engine import MemoryEngine
 from tests.test_api_fast import CONTAINERS, IMAGE, auth, make_app
@@ -15,7 +18,7 @@ from utopia_agent.api import containers as containers_api
 from utopia_agent.api.api_v1 import blueprint as api_v1
 from utopia_agent.api.openapi import IMPLICIT_METHODS, describe_api, openapi_path
 from utopia_agent.errors import EngineUnavailable, Unauthorized
-from utopia_agent.schemas import HealthSchema
+from utopia_agent.schemas import HealthSchema, ResponseSchema
 
 
 class SteadyEngine(MemoryEngine):
@@ -79,7 +82,16 @@ def test_a_path_parameter_the_declaration_does_not_document_fails_the_document(c
         describe_api(app)
 
 
-def test_every_json_answer_fits_the_schema_its_route_declares(client):
+def test_every_json_answer_fits_the_schema_its_route_declares(client, monkeypatch):
+    """...and each dump by ResponseSchema's plan is the JSON marshmallow's own dump would give."""
+    planned = ResponseSchema._serialize
+
+    def compared(schema, obj, *, many=False):
+        dumped = planned(schema, obj, many=many)
+        assert json.dumps(dumped) == json.dumps(Schema._serialize(schema, obj, many=many)), type(schema).__name__
+        return dumped
+
+    monkeypatch.setattr(ResponseSchema, "_serialize", compared)
     app = client.application
     created = client.post(CONTAINERS, json={"claim_id": "shapes", "image": IMAGE, "gpu_count": 2}, headers=auth())
     assert created.status_code == 201, created.get_data(as_text=True)

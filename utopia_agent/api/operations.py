@@ -62,6 +62,8 @@ class Reply:
 
 @dataclass(frozen=True)
 class Operation:
+    """What a route takes and answers: api/openapi.py documents it, `operation` enforces it."""
+
     operation_id: str
     tag: str
     summary: str
@@ -93,18 +95,18 @@ class Operation:
 
 def operation(operation_id: str, *, tag: str, summary: str, responds: Responds | tuple[Responds, ...], **declared: Any) -> Callable:
     """Declare a view (see Operation); the view gets the loaded `query` and `body` as keyword arguments."""
-    spec = Operation(operation_id, tag, summary, responds if isinstance(responds, tuple) else (responds,), **declared)
+    declaration = Operation(operation_id, tag, summary, responds if isinstance(responds, tuple) else (responds,), **declared)
 
     def decorate(view: Callable) -> Callable:
         @wraps(view)
         def declared_view(**arguments: Any) -> Response:
-            if spec.query is not None:
-                arguments["query"] = load_query(spec.query, request.args)
-            if spec.body is not None:
-                arguments["body"] = load_body(spec.body)
-            return spec.respond(view(**arguments))
+            if declaration.query is not None:
+                arguments["query"] = load_query(declaration.query, request.args)
+            if declaration.body is not None:
+                arguments["body"] = load_body(declaration.body)
+            return declaration.respond(view(**arguments))
 
-        declared_view.operation = spec
+        declared_view.operation = declaration
         return declared_view
 
     return decorate
