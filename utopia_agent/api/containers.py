@@ -45,7 +45,7 @@ from ..schemas import (
     LogsQuerySchema,
 )
 from ..services import services
-from .operations import RenderedWhileSame, Reply, Responds, fails, operation
+from .operations import ENGINE_DOWN, RenderedWhileSame, Reply, Responds, fails, operation
 
 log = logging.getLogger("utopia_agent.containers")
 blueprint = Blueprint("containers", __name__, url_prefix="/containers")
@@ -53,7 +53,6 @@ _container = ContainerSchema()
 _containers = ContainerSchema(many=True)
 _full_list = RenderedWhileSame(_containers)
 _path = ContainerPathSchema()
-ENGINE_DOWN = fails("The Docker engine is unreachable or slow; retry after Retry-After seconds.", EngineUnavailable)
 NOT_MANAGED = fails("No managed container with that id; containers the agent does not manage are never shown or touched.", NotManaged)
 _MIB = 1024 * 1024
 # Followed logs each hold one of a worker's 8 threads for minutes: at most this many per worker,

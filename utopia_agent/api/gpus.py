@@ -8,7 +8,7 @@ from ..errors import AllocationBusy, EngineUnavailable, GpuHeld, GpuNotFound, In
 from ..gpu_health import GpuView
 from ..schemas import GpuPathSchema, GpuSchema, ReasonSchema
 from ..services import services
-from .operations import Responds, fails, operation
+from .operations import ENGINE_DOWN, Responds, fails, operation
 
 blueprint = Blueprint("gpus", __name__, url_prefix="/gpus")
 _gpu = GpuSchema()
@@ -23,7 +23,7 @@ BUSY = fails("The allocation lock or the GPUs' state could not be had in time; r
     tag="gpus",
     summary="Every GPU with its state (free, allocated, releasing, quarantined, lost) and why",
     responds=Responds(200, "Every GPU, in index order.", GpuSchema(many=True)),
-    failures=(fails("The Docker engine is unreachable or slow; retry after Retry-After seconds.", EngineUnavailable),),
+    failures=(ENGINE_DOWN,),
 )
 def list_gpus() -> list[GpuView]:
     return services().gpus.views()

@@ -15,7 +15,7 @@ from typing import Any
 from flask import Response, current_app, request
 from marshmallow import Schema
 
-from ..errors import AgentError
+from ..errors import AgentError, EngineUnavailable
 from ..schemas import load_query
 from .bodies import load_body
 
@@ -38,6 +38,10 @@ def fails(description: str, *errors: type[AgentError]) -> Failure:
     if len(statuses) != 1:
         raise ValueError(f"one status per response, got {statuses}")
     return Failure(description, errors)
+
+
+# What every route that waits on the engine may answer.
+ENGINE_DOWN = fails("The Docker engine is unreachable or slow; retry after Retry-After seconds.", EngineUnavailable)
 
 
 @dataclass(frozen=True)
