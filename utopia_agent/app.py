@@ -46,7 +46,7 @@ def create_app(config: Config | None = None, gpus: GpuInventory | None = None, d
     health = GpuHealth(config.state_dir, sampler, docker, lock, config.gpu_release_seconds)
     node = NodeDrain(config.state_dir, lock)
 
-    app = Flask("utopia_agent")
+    app = Flask("utopia_agent", static_folder=None)  # every route is declared (api/operations.py); no static files
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
     app.json.sort_keys = False
     allocator = Allocator(config, docker, health, node, lock_timeout, MountPins(config.mounts_dir), NodeResources.read())

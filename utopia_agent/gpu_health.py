@@ -66,20 +66,6 @@ class GpuView:
     reason: str | None
     xid_events: list[dict[str, int]]
 
-    def to_dict(self) -> dict[str, Any]:
-        facts = self.facts
-        return {
-            "index": self.status.index,
-            "uuid": self.status.uuid,
-            "name": self.status.name,
-            "pci_bus_id": facts.pci_bus_id if facts else None,
-            "numa_node": facts.numa_node if facts else None,
-            "state": self.state,
-            "claim_id": self.claim_id,
-            "reason": self.reason,
-            "xid_events": self.xid_events,
-        }
-
 
 def views_of(sample: GpuSample | None, facts: list[GpuFacts], holders: Mapping[str, str], records: dict[str, Any]) -> list[GpuView]:
     """Every GPU of the sample with its state; the single definition of the states."""

@@ -99,7 +99,7 @@ def check_volumes_apart(volumes: tuple[Volume, ...], mounted: dict[str, str], en
             raise _field_error("volumes", f"{volume.host} overlaps the engine's data root {engine_root}")
 
 
-def build_spec(request: dict[str, Any], config: Config) -> ContainerSpec:
+def build_container_spec(request: dict[str, Any], config: Config) -> ContainerSpec:
     """Apply the node policy to a validated create request and return what to create."""
     check_env_vars(request["env_vars"])
     check_ports(request["port_mappings"], config)

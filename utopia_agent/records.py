@@ -213,21 +213,6 @@ class ManagedContainer:
         return {"exit_code": state.exit_code, "oom_killed": state.oom_killed, "restart_count": state.restart_count,
                 "finished": state.finished, "error": state.error}
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "claim_id": self.claim_id,
-            "image": self.image,
-            "status": self.status,
-            "gpu_ids": list(self.gpu_ids),
-            "ports": self.ports,
-            "created": self.created,
-            "started": self.started,
-            "labels": self.labels,
-            "resources": self.resources,
-            **self.outcome(),
-        }
-
 
 def resources_from_labels(labels: dict[str, str]) -> dict[str, Any]:
     """The container object's `resources`, from the labels written at create: no inspect per container.

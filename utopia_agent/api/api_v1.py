@@ -2,11 +2,13 @@
 
 from flask import Blueprint
 
-from ..services import services
 from ..auth import require_token
+from ..services import services
 from . import containers, gpus, metrics, node
 
 blueprint = Blueprint("api_v1", __name__, url_prefix="/api/v1")
+# What the OpenAPI document says of every route under this blueprint.
+SECURITY = ({"bearer": []},)
 
 
 @blueprint.before_request

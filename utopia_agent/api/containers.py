@@ -4,22 +4,57 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import wraps
 
-from flask import Blueprint, Response, current_app, g, jsonify, request, url_for
+from flask import Blueprint, Response, g, url_for
 
-from ..errors import AgentError, ClaimExists, TooManyFollowers
+from ..records import ManagedContainer
+from ..errors import (
+    AgentError,
+    AllocationBusy,
+    BodyTooLarge,
+    ClaimExists,
+    Conflict,
+    EngineError,
+    EngineRejected,
+    EngineUnavailable,
+    ImagePullFailed,
+    InvalidRequest,
+    NodeDraining,
+    NodeFault,
+    NoGpusFree,
+    NotEnoughResources,
+    NotManaged,
+    NvmlHung,
+    PolicyViolation,
+    PortTaken,
+    TooManyFollowers,
+)
+from ..gpus import GpuStatus
 from ..holders import gpu_claims, gpu_holder
-from ..policy import build_spec, check_image_labels
+from ..policy import build_container_spec, check_image_labels
 from ..prometheus import CREATES, DELETES
-from ..schemas import CreateContainerSchema, ListContainersQuerySchema, LogsQuerySchema, load_query, load_request
+from ..schemas import (
+    ContainerPathSchema,
+    ContainerSchema,
+    ContainerStatsSchema,
+    CreateContainerSchema,
+    CreatedSchema,
+    ListContainersQuerySchema,
+    LogsQuerySchema,
+)
 from ..services import services
-from .bodies import json_body
+from .operations import ENGINE_DOWN, RenderedWhileSame, Reply, Responds, fails, operation
 
 log = logging.getLogger("utopia_agent.containers")
 blueprint = Blueprint("containers", __name__, url_prefix="/containers")
-_create_schema = CreateContainerSchema()
-_list_query_schema = ListContainersQuerySchema()
-_logs_query = LogsQuerySchema()
+_container = ContainerSchema()
+_containers = ContainerSchema(many=True)
+_full_list = RenderedWhileSame(_containers)
+_path = ContainerPathSchema()
+NOT_MANAGED = fails("No managed container with that id; containers the agent does not manage are never shown or touched.", NotManaged)
 _MIB = 1024 * 1024
 # Followed logs each hold one of a worker's 8 threads for minutes: at most this many per worker,
 # so /health and every other request always find a free thread.
@@ -27,34 +62,81 @@ MAX_FOLLOWERS_PER_WORKER = 2
 _followers = threading.BoundedSemaphore(MAX_FOLLOWERS_PER_WORKER)
 
 
+@dataclass(frozen=True)
+class Created:
+    container_id: str
+
+
+def counted_as_create(view: Callable) -> Callable:
+    """Count every create by its outcome, refusals of the body included."""
+
+    @wraps(view)
+    def counted(**arguments):
+        try:
+            response = view(**arguments)
+        except AgentError as error:
+            CREATES.labels(error.code).inc()
+            raise
+        CREATES.labels("created").inc()
+        return response
+
+    return counted
+
+
 @blueprint.post("")
-def create_container():
-    try:
-        container_id = _create(json_body())
-    except AgentError as error:
-        CREATES.labels(error.code).inc()
-        raise
-    CREATES.labels("created").inc()
-    response = jsonify({"container_id": container_id})
-    response.status_code = 201
-    response.headers["Location"] = url_for("api_v1.containers.get_container", container_id=container_id)
-    return response
-
-
-def _create(payload) -> str:
-    """Validate, apply policy, pull, allocate and create under the lock, then start or roll back."""
-    data = load_request(_create_schema, payload)
-    g.claim_id = data["claim_id"]
+@counted_as_create
+@operation(
+    "createContainer",
+    tag="containers",
+    summary="Create and start the container of a claim",
+    body=CreateContainerSchema(),
+    responds=Responds(201, "Created and started.", CreatedSchema()),
+    failures=(
+        fails(
+            "The body is not JSON, or a field is missing, unknown, of the wrong type or out of range, with "
+            "per-field `errors`; or the engine refused the container as asked (say, a command not found "
+            "in the image, or a working dir it cannot use), with the engine's reason.",
+            InvalidRequest, EngineRejected,
+        ),
+        fails(
+            "Forbidden by node policy: a volume outside the volume roots, missing, through a symlink or "
+            "overlapping another, a reserved env var, a host port outside the node's range, or an image "
+            "carrying utopia.* labels.",
+            PolicyViolation,
+        ),
+        fails(
+            "The claim already has a container (the body names it), not enough GPUs, CPUs or memory are "
+            "free (or the node has no GPUs), a host port is taken, or the container's name is held by a "
+            "container the agent does not manage, or the node is draining (`node_draining`, with the reason).",
+            ClaimExists, NoGpusFree, NotEnoughResources, PortTaken, NodeDraining, Conflict,
+        ),
+        fails("The body is larger than the node's UTOPIA_AGENT_MAX_BODY_BYTES.", BodyTooLarge),
+        fails("The node failed the request: the agent could not pin the claim's volumes.", NodeFault),
+        fails(
+            "The image could not be pulled (the registry's reason), or the engine failed on the node's "
+            "side: network, storage or runtime.",
+            ImagePullFailed, EngineError,
+        ),
+        fails(
+            "The Docker engine is unreachable or slow, other creates held the allocation lock too "
+            "long, or (for a create with GPUs) NVML is hung; retry after Retry-After seconds.",
+            EngineUnavailable, AllocationBusy, NvmlHung,
+        ),
+    ),
+)
+def create_container(body: dict):
+    """Apply policy, pull, allocate and create under the lock, then start or roll back."""
+    g.claim_id = body["claim_id"]
     agent = services()
-    spec = build_spec(data, agent.config)
+    spec = build_container_spec(body, agent.config)
     # The node view answers at no cost; a container it still shows may have gone a moment ago
     # (removed behind the agent's back), so a 409 is only answered once the engine confirms it.
     existing = agent.docker.find_claim(spec.claim_id) and agent.docker.find_claim(spec.claim_id, fresh=True)
     if existing:
         raise ClaimExists.held_by(spec.claim_id, existing)
-    agent.allocator.admit(data["gpu_count"])
+    agent.allocator.admit(body["gpu_count"])
     check_image_labels(spec.image, agent.docker.ensure_image(spec.image))
-    container_id, spec = agent.allocator.create(spec, data["gpu_count"])
+    container_id, spec = agent.allocator.create(spec, body["gpu_count"])
     event = {"claim_id": spec.claim_id, "container_id": container_id, "gpu_ids": list(spec.gpu_ids)}
     gpus = ",".join(map(str, spec.gpu_ids)) or "-"
     try:
@@ -71,35 +153,53 @@ def _create(payload) -> str:
         log.warning("container rolled back claim=%s container=%s gpus=%s reason=%s", spec.claim_id, container_id[:12], gpus, reason, extra=event)
         raise
     log.info("container created claim=%s container=%s gpus=%s", spec.claim_id, container_id[:12], gpus, extra=event)
-    return container_id
-
-
-# The whole list's JSON, kept while list_managed gives the same tuple (the node view did not change).
-_rendered_list: tuple[object, bytes] = (None, b"")
+    return Reply(Created(container_id), 201, {"Location": url_for("api_v1.containers.get_container", container_id=container_id)})
 
 
 @blueprint.get("")
-def list_containers():
-    global _rendered_list
-    claim_id = load_query(_list_query_schema, request.args).get("claim_id")
+@operation(
+    "listContainers",
+    tag="containers",
+    summary="List the managed containers",
+    query=ListContainersQuerySchema(),
+    responds=Responds(200, "Every managed container.", _containers),
+    failures=(
+        fails("A query parameter is unknown or repeated, or `claim_id` is not a valid claim id; `errors` names each.", InvalidRequest),
+        fails("The engine failed to list the containers.", EngineError),
+        ENGINE_DOWN,
+    ),
+)
+def list_containers(query: dict):
+    claim_id = query.get("claim_id")
     containers = services().docker.list_managed(claim_id=claim_id)
-    if claim_id is not None:
-        return jsonify([c.to_dict() for c in containers])
-    rendered_from, body = _rendered_list
-    if rendered_from is not containers:
-        body = f"{current_app.json.dumps([c.to_dict() for c in containers])}\n".encode()
-        _rendered_list = (containers, body)
-    return current_app.response_class(body, mimetype="application/json")
+    # The whole list is the same tuple while the node view does not change: dumped once per generation.
+    return containers if claim_id is not None else _full_list.response(containers)
 
 
 @blueprint.get("/<container_id>")
-def get_container(container_id: str):
+@operation(
+    "getContainer",
+    tag="containers",
+    summary="Show one managed container",
+    path=_path,
+    responds=Responds(200, "The container.", _container),
+    failures=(NOT_MANAGED, fails("The engine failed to inspect the container.", EngineError), ENGINE_DOWN),
+)
+def get_container(container_id: str) -> ManagedContainer:
     container = services().docker.get_managed(container_id)
     g.claim_id = container.claim_id
-    return jsonify(container.to_dict())
+    return container
 
 
 @blueprint.delete("/<container_id>")
+@operation(
+    "deleteContainer",
+    tag="containers",
+    summary="Stop and remove a managed container, freeing its GPUs and ports",
+    path=_path,
+    responds=Responds(204, "Removed.", content_type=None),
+    failures=(NOT_MANAGED, fails("The engine failed to stop or remove the container.", EngineError), ENGINE_DOWN),
+)
 def delete_container(container_id: str):
     agent = services()
     container = agent.docker.delete_managed(container_id)
@@ -111,14 +211,28 @@ def delete_container(container_id: str):
         container.claim_id, container.id[:12], ",".join(map(str, container.gpu_ids)) or "-",
         extra={"claim_id": container.claim_id, "container_id": container.id, "gpu_ids": list(container.gpu_ids)},
     )
-    return "", 204
+    return Reply(None, 204)
 
 
 @blueprint.get("/<container_id>/logs")
-def container_logs(container_id: str):
+@operation(
+    "getContainerLogs",
+    tag="containers",
+    summary="The container's stdout and stderr, interleaved as the engine kept them",
+    path=_path,
+    query=LogsQuerySchema(),
+    responds=Responds(200, "The log lines (streamed with follow).", content_type="text/plain"),
+    failures=(
+        fails("A query parameter is unknown, repeated or out of range; `errors` names each.", InvalidRequest),
+        NOT_MANAGED,
+        fails("This worker already streams as many followed logs as it may; retry after Retry-After seconds.", TooManyFollowers),
+        fails("The engine failed to read the logs.", EngineError),
+        ENGINE_DOWN,
+    ),
+)
+def container_logs(container_id: str, query: dict):
     """stdout and stderr as the engine kept them; with follow, new lines until the container stops
     or UTOPIA_AGENT_LOG_FOLLOW_SECONDS pass, whichever comes first."""
-    query = load_query(_logs_query, request.args)
     agent = services()
     container = agent.docker.get_managed(container_id)
     g.claim_id = container.claim_id
@@ -149,8 +263,24 @@ def container_logs(container_id: str):
     return response
 
 
+@dataclass(frozen=True)
+class ContainerStats:
+    cpu_percent: float
+    memory_used_mb: int
+    memory_limit_mb: int | None
+    gpus: list[GpuStatus]
+
+
 @blueprint.get("/<container_id>/stats")
-def container_stats(container_id: str):
+@operation(
+    "getContainerStats",
+    tag="containers",
+    summary="The container's CPU and memory (from its cgroup) and its GPUs' figures",
+    path=_path,
+    responds=Responds(200, "The container's usage.", ContainerStatsSchema()),
+    failures=(NOT_MANAGED, fails("The engine failed to inspect the container.", EngineError), ENGINE_DOWN),
+)
+def container_stats(container_id: str) -> ContainerStats:
     """CPU and memory from the container's cgroup, and its GPUs' figures from the last NVML sample."""
     agent = services()
     container = agent.docker.get_managed(container_id)
@@ -163,9 +293,5 @@ def container_stats(container_id: str):
         used_mb, limit_mb = 0, container.resources["memory_mb"]
     held = gpu_claims([container.holdings])
     sample = agent.gpus.sampler.latest()  # the background sampler's: never NVML on the request path
-    gpus = [
-        {"id": gpu.index, "uuid": gpu.uuid, "memory_used_mb": gpu.memory_used_mb, "usage_percent": gpu.usage_percent}
-        for gpu in (sample.gpus if sample is not None else ())
-        if gpu_holder(gpu, held)
-    ]
-    return jsonify({"cpu_percent": cpu_percent, "memory_used_mb": used_mb, "memory_limit_mb": limit_mb, "gpus": gpus})
+    gpus = [gpu for gpu in (sample.gpus if sample is not None else ()) if gpu_holder(gpu, held)]
+    return ContainerStats(cpu_percent, used_mb, limit_mb, gpus)

@@ -2,27 +2,55 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, jsonify
+from flask import Blueprint
 
+from ..errors import AllocationBusy, EngineUnavailable, GpuHeld, GpuNotFound, InvalidRequest
+from ..gpu_health import GpuView
+from ..schemas import GpuPathSchema, GpuSchema, ReasonSchema
 from ..services import services
-from ..schemas import ReasonSchema
-from .bodies import load_body
+from .operations import ENGINE_DOWN, Responds, fails, operation
 
 blueprint = Blueprint("gpus", __name__, url_prefix="/gpus")
-_reason_schema = ReasonSchema()
+_gpu = GpuSchema()
+_path = GpuPathSchema()
+NO_GPU = fails("No GPU with that UUID on this node.", GpuNotFound)
+BUSY = fails("The allocation lock or the GPUs' state could not be had in time; retry after Retry-After seconds.", EngineUnavailable, AllocationBusy)
 
 
 @blueprint.get("")
-def list_gpus():
-    return jsonify([view.to_dict() for view in services().gpus.views()])
+@operation(
+    "listGpus",
+    tag="gpus",
+    summary="Every GPU with its state (free, allocated, releasing, quarantined, lost) and why",
+    responds=Responds(200, "Every GPU, in index order.", GpuSchema(many=True)),
+    failures=(ENGINE_DOWN,),
+)
+def list_gpus() -> list[GpuView]:
+    return services().gpus.views()
 
 
 @blueprint.post("/<uuid>/quarantine")
-def quarantine_gpu(uuid: str):
-    reason = load_body(_reason_schema)["reason"]
-    return jsonify(services().gpus.quarantine(uuid, reason).to_dict())
+@operation(
+    "quarantineGpu",
+    tag="gpus",
+    summary="Quarantine a GPU: it is never given to a claim until released (a claim holding it keeps it)",
+    path=_path,
+    body=ReasonSchema(),
+    responds=Responds(200, "Quarantined.", _gpu),
+    failures=(fails("The body is not JSON or has no valid `reason`; `errors` names the field.", InvalidRequest), NO_GPU, BUSY),
+)
+def quarantine_gpu(uuid: str, body: dict) -> GpuView:
+    return services().gpus.quarantine(uuid, body["reason"])
 
 
 @blueprint.delete("/<uuid>/quarantine")
-def release_gpu(uuid: str):
-    return jsonify(services().gpus.release(uuid).to_dict())
+@operation(
+    "releaseGpu",
+    tag="gpus",
+    summary="Release a GPU's quarantine, whatever put it there",
+    path=_path,
+    responds=Responds(200, "Released (or was not quarantined).", _gpu),
+    failures=(NO_GPU, fails("A claim still holds the GPU; the body names the claim.", GpuHeld), BUSY),
+)
+def release_gpu(uuid: str) -> GpuView:
+    return services().gpus.release(uuid)

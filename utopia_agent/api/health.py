@@ -2,28 +2,45 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from datetime import datetime, UTC
 
-from flask import Blueprint, jsonify
+from flask import Blueprint
 
 from ..errors import EngineUnavailable, NvmlHung
+from ..schemas import HealthSchema
 from ..services import services
+from .operations import Reply, Responds, operation
 
 blueprint = Blueprint("health", __name__)
+_health = HealthSchema()
 
 # An engine call that succeeded this recently is proof enough that the engine answers.
 TRUST_RECENT_ANSWER_SECONDS = 2.0
 
 
+@dataclass(frozen=True)
+class Health:
+    status: str
+    timestamp: str
+    draining: bool
+    reason: str | None = None
+
+
 @blueprint.get("/health")
+@operation(
+    "getHealth",
+    tag="service",
+    summary="Liveness for load balancers; no auth",
+    responds=(
+        Responds(200, "The engine answers and NVML is not hung (a draining node is healthy).", _health),
+        Responds(503, "The engine does not answer, or NVML is hung; `reason` says which.", _health),
+    ),
+)
 def health():
     """503 while NVML is hung or the engine does not answer; a draining node stays healthy."""
     agent = services()
-    body = {
-        "status": "healthy",
-        "timestamp": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
-        "draining": agent.node.state()["draining"],
-    }
+    healthy = Health("healthy", datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"), agent.node.state()["draining"])
     try:
         hung = agent.gpus.sampler.hung()
         if hung is not None:
@@ -31,8 +48,5 @@ def health():
         if not agent.docker.answered_within(TRUST_RECENT_ANSWER_SECONDS):
             agent.docker.ping()
     except (NvmlHung, EngineUnavailable) as error:
-        response = jsonify({**body, "status": "unhealthy", "reason": error.message})
-        response.status_code = 503
-        response.headers.update(error.headers())
-        return response
-    return jsonify(body)
+        return Reply(replace(healthy, status="unhealthy", reason=error.message), 503, error.headers())
+    return healthy

@@ -3,64 +3,85 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from typing import Any
 
 import psutil
-from flask import Blueprint, jsonify
+from flask import Blueprint
 
 from .. import __version__
+from ..errors import AgentError, AllocationBusy, InvalidRequest
+from ..gpus import DriverFacts, GpuFacts
+from ..schemas import DrainSchema, NodeSchema, ReasonSchema
 from ..services import services
-from ..errors import AgentError
-from ..gpus import DriverFacts
-from ..schemas import ReasonSchema
 from ..system_metrics import numa_nodes
-from .bodies import load_body
+from .operations import Responds, fails, operation
 
 blueprint = Blueprint("node", __name__, url_prefix="/node")
-_reason_schema = ReasonSchema()
+_drain = DrainSchema()
+LOCK_BUSY = fails("The allocation lock could not be had in time; retry after Retry-After seconds.", AllocationBusy)
+
+
+@dataclass(frozen=True)
+class NodeDescription:
+    agent_version: str
+    node_id: str
+    gpu_backend: str
+    driver: DriverFacts
+    nvml_hung: str | None
+    engine_version: str | None
+    cpu_count: int
+    memory_total_mb: int
+    numa_nodes: list[dict[str, Any]]
+    gpus: list[GpuFacts]
+    topology: list[list[str | None]]
+    drain: dict[str, Any]
 
 
 @blueprint.get("")
-def get_node():
+@operation(
+    "getNode",
+    tag="node",
+    summary="The node: versions, CPUs, memory, NUMA nodes, GPUs with their topology, drain state",
+    responds=Responds(200, "The node.", NodeSchema()),
+)
+def get_node() -> NodeDescription:
     agent = services()
     inventory = agent.gpus.sampler.inventory
-    driver = inventory.driver() if inventory is not None else DriverFacts()
     try:
         engine_version = agent.docker.engine_version()
     except AgentError:
         engine_version = None
-    return jsonify({
-        "agent_version": __version__,
-        "node_id": agent.config.node_id,
-        "gpu_backend": inventory.backend if inventory is not None else agent.config.gpu_backend,
-        "driver_version": driver.driver_version,
-        "cuda_driver_version": driver.cuda_driver_version,
-        "nvml_version": driver.nvml_version,
-        "nvml_hung": agent.gpus.sampler.hung(),
-        "engine_version": engine_version,
-        "cpu_count": os.cpu_count() or 0,
-        "memory_total_mb": psutil.virtual_memory().total // (1024 * 1024),
-        "numa_nodes": numa_nodes(),
-        "gpus": [
-            {
-                "index": facts.index,
-                "uuid": facts.uuid,
-                "name": facts.name,
-                "pci_bus_id": facts.pci_bus_id,
-                "numa_node": facts.numa_node,
-                "compute_capability": facts.compute_capability,
-            }
-            for facts in agent.gpus.facts()
-        ],
-        "topology": inventory.topology() if inventory is not None else [],
-        "drain": agent.node.state(),
-    })
+    return NodeDescription(
+        agent_version=__version__,
+        node_id=agent.config.node_id,
+        gpu_backend=inventory.backend if inventory is not None else agent.config.gpu_backend,
+        driver=inventory.driver() if inventory is not None else DriverFacts(),
+        nvml_hung=agent.gpus.sampler.hung(),
+        engine_version=engine_version,
+        cpu_count=os.cpu_count() or 0,
+        memory_total_mb=psutil.virtual_memory().total // (1024 * 1024),
+        numa_nodes=numa_nodes(),
+        gpus=agent.gpus.facts(),
+        topology=inventory.topology() if inventory is not None else [],
+        drain=agent.node.state(),
+    )
 
 
 @blueprint.post("/drain")
-def drain_node():
-    return jsonify(services().node.drain(load_body(_reason_schema)["reason"]))
+@operation(
+    "drainNode",
+    tag="node",
+    summary="Drain: creates get 409 node_draining with the reason; everything else works; kept across restarts",
+    body=ReasonSchema(),
+    responds=Responds(200, "Draining.", _drain),
+    failures=(fails("The body is not JSON or has no valid `reason`; `errors` names the field.", InvalidRequest), LOCK_BUSY),
+)
+def drain_node(body: dict) -> dict[str, Any]:
+    return services().node.drain(body["reason"])
 
 
 @blueprint.delete("/drain")
-def resume_node():
-    return jsonify(services().node.resume())
+@operation("resumeNode", tag="node", summary="Resume taking claims", responds=Responds(200, "Taking claims.", _drain), failures=(LOCK_BUSY,))
+def resume_node() -> dict[str, Any]:
+    return services().node.resume()

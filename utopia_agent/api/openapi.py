@@ -1,55 +1,21 @@
-"""GET /openapi.json: the OpenAPI 3 document, generated from the marshmallow schemas."""
+"""GET /openapi.json: the OpenAPI 3 document, written from the app's URL map and each route's
+declaration (api/operations.py), so it lists exactly the routes the app serves."""
 
 from __future__ import annotations
 
-from functools import lru_cache
+import re
+from collections.abc import Iterator
 
 from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
-from flask import Blueprint, jsonify
+from flask import Blueprint, Flask, current_app
+from werkzeug.routing import Rule
 
 from .. import __version__
-from ..errors import (
-    AgentError,
-    AllocationBusy,
-    BodyTooLarge,
-    ClaimExists,
-    Conflict,
-    EngineError,
-    EngineRejected,
-    EngineUnavailable,
-    ImagePullFailed,
-    InvalidRequest,
-    GpuHeld,
-    GpuNotFound,
-    NodeDraining,
-    NvmlHung,
-    NodeFault,
-    NotEnoughResources,
-    NoGpusFree,
-    NotManaged,
-    PolicyViolation,
-    PortTaken,
-    TooManyFollowers,
-    Unauthorized,
-)
-from ..schemas import (
-    CONTAINER_EXAMPLE,
-    CONTAINER_ID_PATTERN,
-    ContainerSchema,
-    ContainerStatsSchema,
-    CreateContainerSchema,
-    CreatedSchema,
-    DrainSchema,
-    ErrorSchema,
-    GpuSchema,
-    HealthSchema,
-    ListContainersQuerySchema,
-    LogsQuerySchema,
-    MetricsSchema,
-    NodeSchema,
-    ReasonSchema,
-)
+from ..errors import Unauthorized
+from ..schemas import CONTAINER_EXAMPLE, ContainerSchema, ErrorSchema
+from . import api_v1
+from .operations import Failure, Operation, Responds, fails, operation
 
 blueprint = Blueprint("openapi", __name__)
 
@@ -59,50 +25,72 @@ TAGS = [
     {"name": "gpus", "description": "Each GPU's state, and the operator's quarantine."},
     {"name": "service", "description": "Liveness and this document; no token needed."},
 ]
+EXAMPLES = {ContainerSchema: CONTAINER_EXAMPLE}
+# A route that may need the token may answer this.
+UNAUTHORIZED = fails("Missing, malformed or wrong bearer token.", Unauthorized)
+# Flask answers these for every route by itself.
+IMPLICIT_METHODS = {"HEAD", "OPTIONS"}
+# A schemaless body, by its content type.
+FREE_FORM = {"application/json": {"type": "object"}, "text/plain": {"type": "string"}}
 
 
-def _failure(description: str, *errors: type[AgentError]) -> dict:
-    """One error response of an operation: its status, and the `error` codes it may carry, come
-    from the error classes; the description says when this operation answers it."""
-    statuses = {error.status for error in errors}
-    assert len(statuses) == 1, f"one status per response, got {statuses}"
-    codes = ", ".join(f"`{error.code}`" for error in errors)
-    return {
-        str(statuses.pop()): {
-            "description": f"{description} (`error`: {codes})",
-            "content": {"application/json": {"schema": "Error"}},
-        }
-    }
+def openapi_path(rule: Rule) -> str:
+    """`/containers/<container_id>` as OpenAPI writes it: `/containers/{container_id}`."""
+    return re.sub(r"<(?:[^<>:]+:)?([^<>]+)>", r"{\1}", rule.rule)
 
 
-def _json(description: str, schema) -> dict:
-    return {"description": description, "content": {"application/json": {"schema": schema}}}
+def declared_routes(app: Flask) -> Iterator[tuple[Rule, str, Operation]]:
+    """Every route and method the app serves, with its declaration; a route without one is a mistake."""
+    for rule in app.url_map.iter_rules():
+        declared: Operation | None = getattr(app.view_functions[rule.endpoint], "operation", None)
+        if declared is None:
+            raise LookupError(f"route {rule.rule} ({rule.endpoint}) has no declaration: see utopia_agent/api/operations.py")
+        documented = set(declared.path.fields) if declared.path is not None else set()
+        if documented != set(rule.arguments):
+            raise LookupError(f"route {rule.rule} has path parameters {sorted(rule.arguments)}, its declaration {sorted(documented)}")
+        for method in sorted(rule.methods - IMPLICIT_METHODS):
+            yield rule, method.lower(), declared
 
 
-_UNAUTHORIZED = _failure("Missing, malformed or wrong bearer token.", Unauthorized)
-_ENGINE_DOWN = _failure("The Docker engine is unreachable or slow; retry after Retry-After seconds.", EngineUnavailable)
-_NOT_MANAGED = _failure("No managed container with that id; containers the agent does not manage are never shown or touched.", NotManaged)
-
-_CONTAINER_ID = {
-    "name": "container_id",
-    "in": "path",
-    "required": True,
-    "description": "The full container id or a unique prefix of at least 12 hex digits.",
-    "schema": {"type": "string", "pattern": CONTAINER_ID_PATTERN},
-}
-_GPU_UUID = {
-    "name": "uuid",
-    "in": "path",
-    "required": True,
-    "description": "The GPU's UUID, as NVML reports it (GPU-...).",
-    "schema": {"type": "string"},
-}
-_REASON_BODY = {"required": True, "content": {"application/json": {"schema": "Reason"}}}
+def security_of(rule: Rule, declared: Operation) -> tuple[dict[str, list], ...]:
+    if declared.security is not None:
+        return declared.security
+    return api_v1.SECURITY if rule.endpoint.startswith(f"{api_v1.blueprint.name}.") else ()
 
 
-@lru_cache(maxsize=1)
-def build_spec() -> dict:
-    """The whole document; built once per process, since schemas do not change at run time."""
+def success(response: Responds) -> dict:
+    described: dict = {"description": response.description}
+    if response.content_type is not None:
+        schema = response.schema if response.schema is not None else FREE_FORM[response.content_type]
+        described["content"] = {response.content_type: {"schema": schema}}
+    return described
+
+
+def failure(failed: Failure) -> dict:
+    codes = ", ".join(f"`{error.code}`" for error in failed.errors)
+    return {"description": f"{failed.description} (`error`: {codes})", "content": {"application/json": {"schema": ErrorSchema}}}
+
+
+def describe_operation(declared: Operation, security: tuple[dict[str, list], ...]) -> dict:
+    described: dict = {"operationId": declared.operation_id, "tags": [declared.tag], "summary": declared.summary}
+    if declared.description:
+        described["description"] = declared.description
+    if security:
+        described["security"] = list(security)
+    parameters = [{"in": place, "schema": schema} for place, schema in (("path", declared.path), ("query", declared.query)) if schema is not None]
+    if parameters:
+        described["parameters"] = parameters
+    if declared.body is not None:
+        described["requestBody"] = {"required": True, "content": {"application/json": {"schema": declared.body}}}
+    failures = declared.failures + ((UNAUTHORIZED,) if any("bearer" in requirement for requirement in security) else ())
+    responses = {response.status: success(response) for response in declared.responses}
+    responses.update((failed.status, failure(failed)) for failed in failures)
+    described["responses"] = {str(status): responses[status] for status in sorted(responses)}
+    return described
+
+
+def describe_api(app: Flask) -> dict:
+    """The whole document, from the app's routes and their declarations."""
     spec = APISpec(
         title="Utopia node agent",
         version=__version__,
@@ -112,294 +100,22 @@ def build_spec() -> dict:
         tags=TAGS,
     )
     spec.components.security_scheme("bearer", {"type": "http", "scheme": "bearer"})
-    for name, schema in [
-        ("CreateContainer", CreateContainerSchema),
-        ("Created", CreatedSchema),
-        ("ContainerStats", ContainerStatsSchema),
-        ("Metrics", MetricsSchema),
-        ("Gpu", GpuSchema),
-        ("Drain", DrainSchema),
-        ("Node", NodeSchema),
-        ("Reason", ReasonSchema),
-        ("Health", HealthSchema),
-        ("Error", ErrorSchema),
-    ]:
-        spec.components.schema(name, schema=schema)
-    spec.components.schema("Container", component={"example": CONTAINER_EXAMPLE}, schema=ContainerSchema)
-    secured = [{"bearer": []}]
-    spec.path(
-        path="/api/v1/containers",
-        operations={
-            "post": {
-                "operationId": "createContainer",
-                "tags": ["containers"],
-                "summary": "Create and start the container of a claim",
-                "security": secured,
-                "requestBody": {"required": True, "content": {"application/json": {"schema": "CreateContainer"}}},
-                "responses": {
-                    "201": _json("Created and started.", "Created"),
-                    **_failure(
-                        "The body is not JSON, or a field is missing, unknown, of the wrong type or out of range, with "
-                        "per-field `errors`; or the engine refused the container as asked (say, a command not found "
-                        "in the image, or a working dir it cannot use), with the engine's reason.",
-                        InvalidRequest, EngineRejected,
-                    ),
-                    **_UNAUTHORIZED,
-                    **_failure(
-                        "Forbidden by node policy: a volume outside the volume roots, missing, through a symlink or "
-                        "overlapping another, a reserved env var, a host port outside the node's range, or an image "
-                        "carrying utopia.* labels.",
-                        PolicyViolation,
-                    ),
-                    **_failure(
-                        "The claim already has a container (the body names it), not enough GPUs, CPUs or memory are "
-                        "free (or the node has no GPUs), a host port is taken, or the container's name is held by a "
-                        "container the agent does not manage, or the node is draining (`node_draining`, with the reason).",
-                        ClaimExists, NoGpusFree, NotEnoughResources, PortTaken, NodeDraining, Conflict,
-                    ),
-                    **_failure("The body is larger than the node's UTOPIA_AGENT_MAX_BODY_BYTES.", BodyTooLarge),
-                    **_failure("The node failed the request: the agent could not pin the claim's volumes.", NodeFault),
-                    **_failure(
-                        "The image could not be pulled (the registry's reason), or the engine failed on the node's "
-                        "side: network, storage or runtime.",
-                        ImagePullFailed, EngineError,
-                    ),
-                    **_failure(
-                        "The Docker engine is unreachable or slow, other creates held the allocation lock too "
-                        "long, or (for a create with GPUs) NVML is hung; retry after Retry-After seconds.",
-                        EngineUnavailable, AllocationBusy, NvmlHung,
-                    ),
-                },
-            },
-            "get": {
-                "operationId": "listContainers",
-                "tags": ["containers"],
-                "summary": "List the managed containers",
-                "security": secured,
-                "parameters": [{"in": "query", "schema": ListContainersQuerySchema}],
-                "responses": {
-                    "200": _json("Every managed container.", {"type": "array", "items": "Container"}),
-                    **_failure(
-                        "A query parameter is unknown or repeated, or `claim_id` is not a valid claim id; "
-                        "`errors` names each.",
-                        InvalidRequest,
-                    ),
-                    **_UNAUTHORIZED,
-                    **_failure("The engine failed to list the containers.", EngineError),
-                    **_ENGINE_DOWN,
-                },
-            },
-        },
-    )
-    spec.path(
-        path="/api/v1/containers/{container_id}",
-        operations={
-            "get": {
-                "operationId": "getContainer",
-                "tags": ["containers"],
-                "summary": "Show one managed container",
-                "security": secured,
-                "parameters": [_CONTAINER_ID],
-                "responses": {"200": _json("The container.", "Container"), **_UNAUTHORIZED, **_NOT_MANAGED,
-                    **_failure("The engine failed to inspect the container.", EngineError), **_ENGINE_DOWN},
-            },
-            "delete": {
-                "operationId": "deleteContainer",
-                "tags": ["containers"],
-                "summary": "Stop and remove a managed container, freeing its GPUs and ports",
-                "security": secured,
-                "parameters": [_CONTAINER_ID],
-                "responses": {
-                    "204": {"description": "Removed."},
-                    **_UNAUTHORIZED,
-                    **_NOT_MANAGED,
-                    **_failure("The engine failed to stop or remove the container.", EngineError),
-                    **_ENGINE_DOWN,
-                },
-            },
-        },
-    )
-    spec.path(
-        path="/api/v1/containers/{container_id}/logs",
-        operations={
-            "get": {
-                "operationId": "getContainerLogs",
-                "tags": ["containers"],
-                "summary": "The container's stdout and stderr, interleaved as the engine kept them",
-                "security": secured,
-                "parameters": [_CONTAINER_ID, {"in": "query", "schema": LogsQuerySchema}],
-                "responses": {
-                    "200": {"description": "The log lines (streamed with follow).", "content": {"text/plain": {"schema": {"type": "string"}}}},
-                    **_failure("A query parameter is unknown, repeated or out of range; `errors` names each.", InvalidRequest),
-                    **_UNAUTHORIZED,
-                    **_NOT_MANAGED,
-                    **_failure("This worker already streams as many followed logs as it may; retry after Retry-After seconds.", TooManyFollowers),
-                    **_failure("The engine failed to read the logs.", EngineError),
-                    **_ENGINE_DOWN,
-                },
-            }
-        },
-    )
-    spec.path(
-        path="/api/v1/containers/{container_id}/stats",
-        operations={
-            "get": {
-                "operationId": "getContainerStats",
-                "tags": ["containers"],
-                "summary": "The container's CPU and memory (from its cgroup) and its GPUs' figures",
-                "security": secured,
-                "parameters": [_CONTAINER_ID],
-                "responses": {"200": _json("The container's usage.", "ContainerStats"), **_UNAUTHORIZED, **_NOT_MANAGED,
-                    **_failure("The engine failed to inspect the container.", EngineError), **_ENGINE_DOWN},
-            }
-        },
-    )
-    spec.path(
-        path="/api/v1/metrics",
-        operations={
-            "get": {
-                "operationId": "getNodeMetrics",
-                "tags": ["node"],
-                "summary": "Node and GPU metrics",
-                "security": secured,
-                "responses": {"200": _json("The node's figures, also while the engine is down.", "Metrics"), **_UNAUTHORIZED},
-            }
-        },
-    )
-    spec.path(
-        path="/api/v1/gpus",
-        operations={
-            "get": {
-                "operationId": "listGpus",
-                "tags": ["gpus"],
-                "summary": "Every GPU with its state (free, allocated, releasing, quarantined, lost) and why",
-                "security": secured,
-                "responses": {"200": _json("Every GPU, in index order.", {"type": "array", "items": "Gpu"}), **_UNAUTHORIZED, **_ENGINE_DOWN},
-            }
-        },
-    )
-    no_gpu = _failure("No GPU with that UUID on this node.", GpuNotFound)
-    spec.path(
-        path="/api/v1/gpus/{uuid}/quarantine",
-        operations={
-            "post": {
-                "operationId": "quarantineGpu",
-                "tags": ["gpus"],
-                "summary": "Quarantine a GPU: it is never given to a claim until released (a claim holding it keeps it)",
-                "security": secured,
-                "parameters": [_GPU_UUID],
-                "requestBody": _REASON_BODY,
-                "responses": {
-                    "200": _json("Quarantined.", "Gpu"),
-                    **_failure("The body is not JSON or has no valid `reason`; `errors` names the field.", InvalidRequest),
-                    **_UNAUTHORIZED,
-                    **no_gpu,
-                    **_failure("The allocation lock or the GPUs' state could not be had in time; retry after Retry-After seconds.",
-                        EngineUnavailable, AllocationBusy),
-                },
-            },
-            "delete": {
-                "operationId": "releaseGpu",
-                "tags": ["gpus"],
-                "summary": "Release a GPU's quarantine, whatever put it there",
-                "security": secured,
-                "parameters": [_GPU_UUID],
-                "responses": {
-                    "200": _json("Released (or was not quarantined).", "Gpu"),
-                    **_UNAUTHORIZED,
-                    **no_gpu,
-                    **_failure("A claim still holds the GPU; the body names the claim.", GpuHeld),
-                    **_failure("The allocation lock or the GPUs' state could not be had in time; retry after Retry-After seconds.",
-                        EngineUnavailable, AllocationBusy),
-                },
-            },
-        },
-    )
-    spec.path(
-        path="/api/v1/node",
-        operations={
-            "get": {
-                "operationId": "getNode",
-                "tags": ["node"],
-                "summary": "The node: versions, CPUs, memory, NUMA nodes, GPUs with their topology, drain state",
-                "security": secured,
-                "responses": {"200": _json("The node.", "Node"), **_UNAUTHORIZED},
-            }
-        },
-    )
-    spec.path(
-        path="/api/v1/node/drain",
-        operations={
-            "post": {
-                "operationId": "drainNode",
-                "tags": ["node"],
-                "summary": "Drain: creates get 409 node_draining with the reason; everything else works; kept across restarts",
-                "security": secured,
-                "requestBody": _REASON_BODY,
-                "responses": {
-                    "200": _json("Draining.", "Drain"),
-                    **_failure("The body is not JSON or has no valid `reason`; `errors` names the field.", InvalidRequest),
-                    **_UNAUTHORIZED,
-                    **_failure("The allocation lock could not be had in time; retry after Retry-After seconds.", AllocationBusy),
-                },
-            },
-            "delete": {
-                "operationId": "resumeNode",
-                "tags": ["node"],
-                "summary": "Resume taking claims",
-                "security": secured,
-                "responses": {
-                    "200": _json("Taking claims.", "Drain"),
-                    **_UNAUTHORIZED,
-                    **_failure("The allocation lock could not be had in time; retry after Retry-After seconds.", AllocationBusy),
-                },
-            },
-        },
-    )
-    spec.path(
-        path="/health",
-        operations={
-            "get": {
-                "operationId": "getHealth",
-                "tags": ["service"],
-                "summary": "Liveness for load balancers; no auth",
-                "responses": {
-                    "200": _json("The engine answers and NVML is not hung (a draining node is healthy).", "Health"),
-                    "503": _json("The engine does not answer, or NVML is hung; `reason` says which.", "Health"),
-                },
-            }
-        },
-    )
-    spec.path(
-        path="/metrics",
-        operations={
-            "get": {
-                "operationId": "getPrometheusMetrics",
-                "tags": ["node"],
-                "summary": "Prometheus text exposition: dcgm-exporter's GPU series and utopia_agent_* series",
-                "description": "Needs the bearer token unless UTOPIA_AGENT_PROMETHEUS_AUTH=none.",
-                "security": [{"bearer": []}, {}],
-                "responses": {
-                    "200": {"description": "The exposition.", "content": {"text/plain": {"schema": {"type": "string"}}}},
-                    **_UNAUTHORIZED,
-                },
-            }
-        },
-    )
-    spec.path(
-        path="/openapi.json",
-        operations={
-            "get": {
-                "operationId": "getOpenApiDocument",
-                "tags": ["service"],
-                "summary": "This document; no auth",
-                "responses": {"200": {"description": "OpenAPI 3.", "content": {"application/json": {"schema": {"type": "object"}}}}},
-            }
-        },
-    )
+    spec.components.schema("Error", schema=ErrorSchema)
+    for schema, example in EXAMPLES.items():
+        spec.components.schema(schema.__name__.removesuffix("Schema"), component={"example": example}, schema=schema)
+    paths: dict[str, dict[str, dict]] = {}
+    for rule, method, declared in declared_routes(app):
+        paths.setdefault(openapi_path(rule), {})[method] = describe_operation(declared, security_of(rule, declared))
+    for path, operations in paths.items():
+        spec.path(path=path, operations=operations)
     return spec.to_dict()
 
 
 @blueprint.get("/openapi.json")
+@operation("getOpenApiDocument", tag="service", summary="This document; no auth", responds=Responds(200, "OpenAPI 3."))
 def openapi_document():
-    return jsonify(build_spec())
+    """Written once per process: the routes and schemas do not change at run time."""
+    document = current_app.extensions.get("openapi")
+    if document is None:
+        document = current_app.extensions["openapi"] = describe_api(current_app)
+    return current_app.json.response(document)

@@ -5,14 +5,23 @@ from __future__ import annotations
 from flask import Blueprint, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from ..services import services
 from ..auth import require_token
 from ..prometheus import exposition
+from ..services import services
+from .operations import Responds, operation
 
 blueprint = Blueprint("prometheus", __name__)
 
 
 @blueprint.get("/metrics")
+@operation(
+    "getPrometheusMetrics",
+    tag="node",
+    summary="Prometheus text exposition: dcgm-exporter's GPU series and utopia_agent_* series",
+    description="Needs the bearer token unless UTOPIA_AGENT_PROMETHEUS_AUTH=none.",
+    security=({"bearer": []}, {}),
+    responds=Responds(200, "The exposition.", content_type="text/plain"),
+)
 def prometheus_metrics():
     agent = services()
     if agent.config.prometheus_auth == "token":

@@ -1,0 +1,132 @@
+"""Each route's declaration: the schemas of its path, query and body, its responses, and the errors it may answer.
+
+`operation` wraps a view so the declared schemas load its request and dump its response, and
+api/openapi.py writes the document from the same declarations and the app's URL map: the
+document cannot describe a route the app lacks, nor a shape the route does not answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import wraps
+from typing import Any
+
+from flask import Response, current_app, request
+from marshmallow import Schema
+
+from ..errors import AgentError, EngineUnavailable
+from ..schemas import load_query
+from .bodies import load_body
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Error responses of one status: the error classes fix the status and the `error` codes,
+    the description says when this operation answers them."""
+
+    description: str
+    errors: tuple[type[AgentError], ...]
+
+    @property
+    def status(self) -> int:
+        return self.errors[0].status
+
+
+def fails(description: str, *errors: type[AgentError]) -> Failure:
+    statuses = {error.status for error in errors}
+    if len(statuses) != 1:
+        raise ValueError(f"one status per response, got {statuses}")
+    return Failure(description, errors)
+
+
+# What every route that waits on the engine may answer.
+ENGINE_DOWN = fails("The Docker engine is unreachable or slow; retry after Retry-After seconds.", EngineUnavailable)
+
+
+@dataclass(frozen=True)
+class Responds:
+    """A success response: `schema` dumps its JSON body; without one the view writes the body
+    itself, in `content_type` (None: no body at all)."""
+
+    status: int
+    description: str
+    schema: Schema | None = None
+    content_type: str | None = "application/json"
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A body with its status and headers, where the first declared status alone will not do."""
+
+    body: Any
+    status: int
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Operation:
+    """What a route takes and answers: api/openapi.py documents it, `operation` enforces it."""
+
+    operation_id: str
+    tag: str
+    summary: str
+    responses: tuple[Responds, ...]
+    failures: tuple[Failure, ...] = ()
+    path: Schema | None = None
+    query: Schema | None = None
+    body: Schema | None = None
+    description: str | None = None
+    # None: the security of the route's blueprint (the bearer token under /api/v1, else none).
+    security: tuple[dict[str, list], ...] | None = None
+
+    def respond(self, result: Any) -> Response:
+        """The view's result as a response: a Response as it is (a stream, a cached body), else the
+        body, or a Reply, dumped by the schema declared for its status."""
+        if isinstance(result, Response):
+            return result
+        reply = result if isinstance(result, Reply) else Reply(result, self.responses[0].status)
+        result, status, headers = reply.body, reply.status, reply.headers
+        declared = next(response for response in self.responses if response.status == status)
+        if declared.schema is None:
+            response = current_app.response_class(status=status)
+        else:
+            response = current_app.json.response(declared.schema.dump(result))
+            response.status_code = status
+        response.headers.update(headers)
+        return response
+
+
+def operation(operation_id: str, *, tag: str, summary: str, responds: Responds | tuple[Responds, ...], **declared: Any) -> Callable:
+    """Declare a view (see Operation); the view gets the loaded `query` and `body` as keyword arguments."""
+    declaration = Operation(operation_id, tag, summary, responds if isinstance(responds, tuple) else (responds,), **declared)
+
+    def decorate(view: Callable) -> Callable:
+        @wraps(view)
+        def declared_view(**arguments: Any) -> Response:
+            if declaration.query is not None:
+                arguments["query"] = load_query(declaration.query, request.args)
+            if declaration.body is not None:
+                arguments["body"] = load_body(declaration.body)
+            return declaration.respond(view(**arguments))
+
+        declared_view.operation = declaration
+        return declared_view
+
+    return decorate
+
+
+class RenderedWhileSame:
+    """A JSON body dumped by `schema` and kept while the view gives the very same object:
+    the container list is one tuple per node-view generation, so it is dumped once per generation."""
+
+    def __init__(self, schema: Schema):
+        self._schema = schema
+        self._rendered: tuple[object, bytes] = (None, b"")
+
+    def response(self, obj: object) -> Response:
+        rendered_from, body = self._rendered
+        if rendered_from is not obj:
+            body = f"{current_app.json.dumps(self._schema.dump(obj))}\n".encode()
+            self._rendered = (obj, body)
+        return current_app.response_class(body, mimetype="application/json")
