@@ -166,7 +166,7 @@ def test_bad_commands_are_400(client, memory, command):
     assert_refused(create(client, command=command), 400, "invalid_request", "command", memory)
 
 
-@pytest.mark.parametrize("working_dir", ["srv", "./srv", "/" + "w" * MAX_STRING, "/srv\x00", 7])
+@pytest.mark.parametrize("working_dir", ["srv", "./srv", "/" + "w" * MAX_STRING, "/srv/" + "w" * 256, "/srv\x00", 7])
 def test_bad_working_dirs_are_400(client, memory, working_dir):
     assert_refused(create(client, command=["true"], working_dir=working_dir), 400, "invalid_request", "working_dir", memory)
 
@@ -288,8 +288,8 @@ def test_container_paths_may_not_shadow_system_paths(client, memory, volumes_dir
     assert_refused(create(client, command=["true"], volumes={str(volumes_dir / "data"): inside}), 403, "forbidden_by_policy", "volumes", memory)
 
 
-@pytest.mark.parametrize("inside", ["data", "./data", "", "~/data", "/data\x00"])
-def test_container_paths_must_be_absolute(client, memory, volumes_dir, inside):
+@pytest.mark.parametrize("inside", ["data", "./data", "", "~/data", "/data\x00", "/data/" + "d" * 256])
+def test_container_paths_must_be_absolute_with_names_that_fit(client, memory, volumes_dir, inside):
     assert_refused(create(client, command=["true"], volumes={str(volumes_dir / "data"): inside}), 400, "invalid_request", "volumes", memory)
 
 

@@ -30,6 +30,7 @@ IMAGE_PATTERN = rf"^{_REGISTRY}?{_COMPONENT}(?:/{_COMPONENT})*(?::[A-Za-z0-9_][A
 
 MAX_LIST_ITEMS = 256
 MAX_STRING = 4096
+NAME_MAX = 255  # bytes in one part of a path (a file or directory name)
 MAX_ENV_ENTRY = 32 * 1024
 MAX_VOLUMES = 32
 MAX_CPUS = 4096
@@ -80,6 +81,12 @@ class FullMatch(validate.Regexp):
 
 _NO_NUL = FullMatch(NO_NUL_PATTERN, error="must not contain NUL characters")
 _ABSOLUTE_PATH = FullMatch(ABSOLUTE_PATH_PATTERN, error="must be an absolute path without NUL characters")
+
+
+def _names_fit(path: str) -> None:
+    """Linux refuses a path with a part longer than NAME_MAX: say so here, not as the engine's 502."""
+    if any(len(part.encode()) > NAME_MAX for part in path.split("/")):
+        raise ValidationError(f"each part of the path must be at most {NAME_MAX} bytes")
 
 
 def _at_most_volumes(value: dict) -> None:
@@ -222,12 +229,16 @@ class CreateContainerSchema(Schema):
     )
     working_dir = fields.String(
         load_default="",
-        validate=[validate.Length(max=MAX_STRING), FullMatch(r"^(/[^\x00]*)?$", error="must be empty or an absolute path without NUL characters")],
+        validate=[
+            validate.Length(max=MAX_STRING),
+            FullMatch(r"^(/[^\x00]*)?$", error="must be empty or an absolute path without NUL characters"),
+            _names_fit,
+        ],
         metadata={"description": "Absolute working directory in the container; empty keeps the image's."},
     )
     volumes = fields.Dict(
-        keys=fields.String(validate=[validate.Length(min=1, max=MAX_STRING), _ABSOLUTE_PATH]),
-        values=fields.String(validate=[validate.Length(min=1, max=MAX_STRING), _ABSOLUTE_PATH]),
+        keys=fields.String(validate=[validate.Length(min=1, max=MAX_STRING), _ABSOLUTE_PATH, _names_fit]),
+        values=fields.String(validate=[validate.Length(min=1, max=MAX_STRING), _ABSOLUTE_PATH, _names_fit]),
         load_default=dict,
         validate=_at_most_volumes,
         metadata={
