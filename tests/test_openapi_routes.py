@@ -6,7 +6,9 @@ Flask's test client and the in-memory engine: no engine, no gunicorn.
 
 from __future__ import annotations
 
+import ast
 import json
+from pathlib import Path
 
 import pytest
 from flask import Flask
@@ -17,8 +19,9 @@ from tests.test_api_fast import CONTAINERS, IMAGE, auth, make_app
 from utopia_agent.api import containers as containers_api
 from utopia_agent.api.api_v1 import blueprint as api_v1
 from utopia_agent.api.openapi import IMPLICIT_METHODS, describe_api, openapi_path
+from utopia_agent import errors
 from utopia_agent.errors import EngineUnavailable, Unauthorized
-from utopia_agent.schemas import HealthSchema, ResponseSchema
+from utopia_agent.schemas import ErrorSchema, HealthSchema, ResponseSchema
 
 
 class SteadyEngine(MemoryEngine):
@@ -140,3 +143,22 @@ def test_the_whole_list_is_dumped_once_per_view_generation(client, monkeypatch):
     second = client.get(CONTAINERS, headers=auth()).get_json()
     assert len(dumps) == 2 and first[0] == first[1] == first[2]
     assert sorted(container["claim_id"] for container in second) == ["one", "two"]
+
+
+def test_every_field_an_error_is_raised_with_is_a_field_of_the_error_schema():
+    """Error bodies are dumped through ErrorSchema, which keeps only its own fields: a detail given
+    to an error anywhere in the package and missing from the schema would vanish from the answer."""
+    error_classes = {name for name, value in vars(errors).items() if isinstance(value, type) and issubclass(value, errors.AgentError)}
+    given: dict[str, set[str]] = {}
+    for path in Path(errors.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Call):
+                continue
+            name = node.func.id if isinstance(node.func, ast.Name) else getattr(node.func, "attr", "")
+            if name in error_classes or (name == "cls" and path.name == "errors.py"):
+                for keyword in node.keywords:
+                    if keyword.arg is not None:
+                        given.setdefault(keyword.arg, set()).add(f"{path.name}:{node.lineno}")
+    assert {"claim_id", "free_gpus", "errors"} <= set(given), "the scan finds the details errors are raised with"
+    missing = {field: sorted(places) for field, places in given.items() if field not in ErrorSchema().fields}
+    assert not missing, missing

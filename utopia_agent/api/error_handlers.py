@@ -8,8 +8,10 @@ from flask import Flask, jsonify
 from werkzeug.exceptions import HTTPException
 
 from ..errors import AgentError, BodyTooLarge, InvalidRequest, MethodNotAllowed, NotFound
+from ..schemas import ErrorSchema
 
 log = logging.getLogger("utopia_agent.errors")
+ERROR_BODY = ErrorSchema()
 
 
 def from_http_exception(error: HTTPException, max_body_bytes: int) -> AgentError:
@@ -28,7 +30,7 @@ def from_http_exception(error: HTTPException, max_body_bytes: int) -> AgentError
 
 
 def error_response(error: AgentError):
-    response = jsonify(error.body())
+    response = jsonify(ERROR_BODY.dump(error.body()))
     response.status_code = error.status
     response.headers.update(error.headers())
     return response
