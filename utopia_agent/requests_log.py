@@ -15,35 +15,45 @@ log = logging.getLogger("utopia_agent.requests")
 
 REQUEST_ID_HEADER = "X-Request-ID"
 _VALID_REQUEST_ID = re.compile(r"[\x20-\x7e]{1,128}")
+_REQUEST_ID_ENVIRON = "HTTP_" + REQUEST_ID_HEADER.upper().replace("-", "_")
+_ID, _STARTED_AT = "utopia_agent.request_id", "utopia_agent.started_at"
 
 
 def register_request_hooks(app: Flask) -> None:
-    """Give every request an id (the caller's, when it is sane) and log it when answered."""
+    """Give every request an id (the caller's, when it is sane) and log it when answered.
+
+    These run on every request, /health probes included, so they read the request once and keep
+    what they need in its WSGI environ rather than going through Flask's proxies again."""
 
     @app.before_request
     def assign_request_id():
-        given = request.headers.get(REQUEST_ID_HEADER, "")
-        g.request_id = given if _VALID_REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
-        g.started_at = time.monotonic()
+        environ = request.environ
+        given = environ.get(_REQUEST_ID_ENVIRON, "")
+        environ[_ID] = given if _VALID_REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        environ[_STARTED_AT] = time.monotonic()
 
     @app.after_request
     def log_request(response):
-        request_id = g.get("request_id") or uuid.uuid4().hex
+        answered = request._get_current_object()
+        environ = answered.environ
+        request_id = environ.get(_ID) or uuid.uuid4().hex
         response.headers[REQUEST_ID_HEADER] = request_id
-        route = request.url_rule.rule if request.url_rule else "unmatched"
-        duration_ms = (time.monotonic() - g.get("started_at", time.monotonic())) * 1000
-        REQUEST_DURATION.labels(route, request.method, str(response.status_code)).observe(duration_ms / 1000)
+        route = answered.url_rule.rule if answered.url_rule else "unmatched"
+        method, status = answered.method, response.status_code
+        duration = time.monotonic() - environ.get(_STARTED_AT, time.monotonic())
+        REQUEST_DURATION.labels(route, method, str(status)).observe(duration)
+        duration_ms = duration * 1000
         log.info(
             "%s %s %d %.1fms",
-            request.method,
+            method,
             route,
-            response.status_code,
+            status,
             duration_ms,
             extra={
                 "request_id": request_id,
-                "method": request.method,
+                "method": method,
                 "route": route,
-                "status": response.status_code,
+                "status": status,
                 "duration_ms": round(duration_ms, 2),
                 "claim_id": g.get("claim_id"),
             },
