@@ -24,13 +24,15 @@ HEALTHY_GPUS = [i for i in range(8) if i != LOST_GPU]
 
 
 def gpu_labels(docker_client, prefix: str) -> dict[str, tuple[list[int], list[str]]]:
-    """claim -> (gpu ids, gpu uuids), as the engine's labels say."""
+    """claim -> (gpu ids, gpu uuids), as the engine's labels say: from one list call, since the
+    SDK's `containers.list` inspects each row and fails on one a rolled-back create removed meanwhile."""
     found = {}
-    for c in docker_client.containers.list(all=True, filters={"label": "utopia.managed=true"}):
-        claim_id = c.labels["utopia.claim_id"]
+    for row in docker_client.api.containers(all=True, filters={"label": "utopia.managed=true"}):
+        labels = row.get("Labels") or {}
+        claim_id = labels["utopia.claim_id"]
         if claim_id.startswith(prefix):
-            ids = [int(i) for i in c.labels.get("utopia.gpu_ids", "").split(",") if i]
-            uuids = [u for u in c.labels.get("utopia.gpu_uuids", "").split(",") if u]
+            ids = [int(i) for i in labels.get("utopia.gpu_ids", "").split(",") if i]
+            uuids = [u for u in labels.get("utopia.gpu_uuids", "").split(",") if u]
             found[claim_id] = (ids, uuids)
     return found
 

@@ -42,7 +42,7 @@ def test_a_container_created_but_never_started_is_removed_and_frees_its_gpus(age
     orphan = docker_client.api.create_container(test_image, ["sleep", "300"], name=f"utopia-{claim('orphan')}", labels=labels)["Id"]
     blocked = agent.create(claim("blocked"), test_image, gpu_count=1, command=["sleep", "300"])
     assert blocked.status_code == 409, "the orphan holds every GPU until it is swept"
-    wait_for(lambda: not docker_client.containers.list(all=True, filters={"id": orphan}), timeout=40)
+    wait_for(lambda: not docker_client.containers.list(all=True, filters={"id": orphan}, ignore_removed=True), timeout=40)
     assert "removing a container that never started" in agent.log()
     assert agent.create(claim("after"), test_image, gpu_count=1, command=["sleep", "300"]).status_code == 201
 

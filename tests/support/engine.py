@@ -294,7 +294,7 @@ def make_unique_image(client: docker.DockerClient, tag: str, payload_kib: int = 
 def remove_containers(client: docker.DockerClient, label: str) -> int:
     """Force-remove every container carrying `label` ("key" or "key=value"); returns how many."""
     removed = 0
-    for container in client.containers.list(all=True, filters={"label": label}):
+    for container in client.containers.list(all=True, filters={"label": label}, ignore_removed=True):
         try:
             container.remove(force=True, v=True)
             removed += 1
