@@ -182,23 +182,6 @@ def test_oversized_body_is_413_naming_the_limit(agent):
     assert "65536 bytes" in response.json()["message"] and "UTOPIA_AGENT_MAX_BODY_BYTES" in response.json()["message"]
 
 
-@pytest.mark.parametrize(
-    "query,names",
-    [
-        ({"claim": "x"}, ["claim"]),
-        ({"claim_id": "x", "status": "running", "all": "1"}, ["all", "status"]),
-        ([("claim_id", "a"), ("claim_id", "b")], ["claim_id"]),
-        ({"claim_id": "not a claim!"}, ["claim_id"]),
-    ],
-)
-def test_unknown_repeated_or_bad_query_parameters_are_400_naming_them(agent, query, names):
-    response = agent.get("/api/v1/containers", params=query)
-    assert response.status_code == 400, response.text
-    body = response.json()
-    assert body["error"] == "invalid_request" and sorted(body["errors"]) == names
-    assert all(name in body["message"] for name in names) and "body" not in body["message"]
-
-
 def test_a_gpu_request_on_a_node_without_gpus_says_so(agent_factory, docker_client, test_image, claim):
     gpuless = agent_factory(workers=1, UTOPIA_AGENT_GPU_BACKEND="none")
     response = gpuless.create(claim(), test_image, gpu_count=1, command=["sleep", "300"])
