@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import json
 import threading
+import time
+from dataclasses import replace
 
 import pytest
 
 from tests.support.polling import wait_for
-from utopia_agent.gpu_sampler import SAMPLE_INTERVAL_SECONDS, GpuSampler
+from utopia_agent.config import load_config
+from utopia_agent.gpu_sampler import SAMPLE_INTERVAL_SECONDS, GpuSample, GpuSampler, SharedSample
+from utopia_agent.state_dir import GPU_SAMPLE_FILE, hold_state_dir, release_state_dir, start_fresh
 from utopia_agent.gpus import FakeGpuInventory
 from utopia_agent.nvml_watchdog import NvmlWatchdog
 
@@ -71,14 +75,33 @@ def test_another_worker_takes_over_when_the_sampling_one_stops(workers):
     assert wait_for(lambda: second.latest().taken_at > renewed, 5 * SAMPLE_INTERVAL_SECONDS)
 
 
-def test_a_sample_left_by_an_earlier_run_of_the_agent_is_never_served(workers, tmp_path):
+def test_a_sample_left_by_an_earlier_run_of_the_agent_is_removed_when_the_next_starts(workers, tmp_path):
+    workers()[0].close()
+    assert (tmp_path / GPU_SAMPLE_FILE).exists()
+    config = load_config({"UTOPIA_AGENT_TOKEN": "t", "UTOPIA_AGENT_STATE_DIR": str(tmp_path)})
+    assert hold_state_dir(config)
+    try:
+        start_fresh(config)
+    finally:
+        release_state_dir(config)
+    assert not (tmp_path / GPU_SAMPLE_FILE).exists(), "the master's start never lets a worker serve it"
+
+
+def test_staleness_is_judged_on_the_monotonic_clock_not_the_wall_clock(workers, tmp_path):
     first, _ = workers()
-    left = json.loads((tmp_path / "gpu-sample.json").read_text())
-    first.close()
-    (tmp_path / "gpu-sample.json").write_text(json.dumps({**left, "agent": left["agent"] + 1}))
-    worker, gpus = workers()
-    assert gpus.snapshots >= 1 and worker.latest() is not None
-    assert json.loads((tmp_path / "gpu-sample.json").read_text())["agent"] == left["agent"], "replaced by this run's"
+    second, _ = workers()
+    first.close()  # nobody renews the sample; rewrite it as if the wall clock had jumped a day ahead
+    left = json.loads((tmp_path / GPU_SAMPLE_FILE).read_text())
+    SharedSample(tmp_path / GPU_SAMPLE_FILE).write(replace(GpuSample.from_json(left), taken_at=left["taken_at"] - 86400,
+                                                           monotonic_at=time.monotonic()), left["idle_mb"])
+    assert second.hung() is None
+
+
+def test_a_sampler_whose_reads_keep_failing_says_nvml_is_hung(workers):
+    sampler, gpus = workers()
+    gpus.snapshot = lambda: 1 / 0  # a bug or a driver error that is not a hang: no new sample comes
+    reason = wait_for(sampler.hung, 5 * SAMPLE_INTERVAL_SECONDS + NVML_TIMEOUT)
+    assert reason and "has not been renewed" in reason, reason
 
 
 def test_a_worker_that_does_not_sample_sees_nvml_hang_in_the_one_that_does(workers):

@@ -35,6 +35,7 @@ from .errors import NvmlHung
 from .gpus import GpuBackendError, GpuCounters, GpuInventory, GpuStatus
 from .node_role import NodeRole
 from .nvml_watchdog import NvmlWatchdog
+from .state_dir import GPU_SAMPLE_FILE
 
 log = logging.getLogger("utopia_agent.gpus")
 
@@ -56,6 +57,9 @@ class GpuSample:
     # UUID -> why the GPU is not clean (compute processes, or memory above its idle level).
     dirty: dict[str, str]
     taken_at: float = field(default_factory=time.time)
+    # When, on the clock every process of this boot shares: what staleness is judged by, so a step
+    # of the wall clock never makes NVML look hung.
+    monotonic_at: float = field(default_factory=time.monotonic)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -63,6 +67,7 @@ class GpuSample:
             "counters": {str(index): asdict(counters) for index, counters in self.counters.items()},
             "dirty": self.dirty,
             "taken_at": self.taken_at,
+            "monotonic_at": self.monotonic_at,
         }
 
     @classmethod
@@ -72,6 +77,7 @@ class GpuSample:
             counters={int(index): GpuCounters(**counters) for index, counters in data["counters"].items()},
             dirty=data["dirty"],
             taken_at=data["taken_at"],
+            monotonic_at=data["monotonic_at"],
         )
 
 
@@ -79,12 +85,11 @@ class SharedSample:
     """The node's last GPU sample, in a file that the sampling worker replaces whole (a reader never
     sees half of one and needs no lock). It is not synced to disk: a sample is worth a second.
 
-    A sample names the agent (the gunicorn master) that took it, so a worker never serves one
-    left by an earlier run of the agent. Readers keep the parsed sample until the file changes."""
+    The file belongs to one run of the agent: the master removes it at start (state_dir.start_fresh).
+    Readers keep the parsed sample until the file changes."""
 
     def __init__(self, path: Path):
         self.path = path
-        self._agent = os.getppid()
         self._key: tuple[int, int] | None = None
         self._read: tuple[GpuSample, dict[str, int]] | None = None
         self._lock = threading.Lock()
@@ -93,14 +98,14 @@ class SharedSample:
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
         try:
             with os.fdopen(fd, "w") as out:
-                json.dump({"agent": self._agent, "idle_mb": idle_mb, **sample.to_json()}, out)
+                json.dump({"idle_mb": idle_mb, **sample.to_json()}, out)
             os.replace(tmp, self.path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
 
     def read(self) -> tuple[GpuSample, dict[str, int]] | None:
-        """This agent's last sample with the idle memory levels it was judged by; None before the first."""
+        """The last sample with the idle memory levels it was judged by; None before the first."""
         try:
             stat = os.stat(self.path)
         except FileNotFoundError:
@@ -114,8 +119,6 @@ class SharedSample:
     def _parse(self) -> tuple[GpuSample, dict[str, int]] | None:
         try:
             data = json.loads(self.path.read_bytes())
-            if data.get("agent") != self._agent:
-                return None
             return GpuSample.from_json(data), data["idle_mb"]
         except FileNotFoundError:
             return None
@@ -131,7 +134,7 @@ class GpuSampler:
         self._open_inventory = open_inventory
         self.watchdog = watchdog
         self._role = NodeRole(state_dir / "gpu-sample.lock")
-        self._shared = SharedSample(state_dir / "gpu-sample.json")
+        self._shared = SharedSample(state_dir / GPU_SAMPLE_FILE)
         self._started = time.monotonic()
         self.inventory: GpuInventory | None = None
         self._sample: GpuSample | None = None
@@ -165,13 +168,14 @@ class GpuSampler:
         return shared[0] if shared else None
 
     def hung(self) -> str | None:
-        """Why NVML counts as hung: a call of this worker's is overdue, or the node's sample is."""
+        """Why NVML counts as hung: a call of this worker's is overdue, or the node's sample is (the
+        sampling worker is stuck in a call, or its reads keep failing)."""
         reason = self.watchdog.hung()
-        if reason is not None or self._role.held:
+        if reason is not None:
             return reason
         sample = self.latest()
         limit = self.watchdog.timeout + SAMPLE_INTERVAL_SECONDS
-        if sample is not None and (age := time.time() - sample.taken_at) > limit:
+        if sample is not None and (age := time.monotonic() - sample.monotonic_at) > limit:
             return f"NVML is hung: the node's GPU sample has not been renewed for {age:.1f} s"
         if sample is None and (waited := time.monotonic() - self._started) > limit:
             return f"NVML is hung: no GPU sample in the {waited:.1f} s since this worker started"

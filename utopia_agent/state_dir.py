@@ -22,6 +22,8 @@ METRICS_DIR = "prometheus"
 # Notes that are logged once per agent, not once per worker: a worker that creates the
 # file logs; the others find it. Emptied when the agent starts.
 LOGGED_ONCE_DIR = "logged-once"
+# The node's last GPU sample (gpu_sampler.py): one run's, never served to the next.
+GPU_SAMPLE_FILE = "gpu-sample.json"
 
 # State dirs this process holds, by path: gunicorn runs its config file again on HUP, in the
 # same master, and that must neither fail on its own lock nor empty the metrics again.
@@ -104,13 +106,15 @@ def metrics_dir(config: Config) -> Path:
 
 
 def start_fresh(config: Config) -> None:
-    """Empty what belongs to one run of the agent (the metrics files must start empty).
+    """Empty what belongs to one run of the agent (the metrics files must start empty, and the GPU
+    sample of an earlier run, perhaps of another boot, must never be served).
     Only the holder of the state dir may do this."""
     if config.state_dir not in _held:
         raise RuntimeError(f"start_fresh without holding {config.state_dir}")
     for per_run in (metrics_dir(config), config.state_dir / LOGGED_ONCE_DIR):
         shutil.rmtree(per_run, ignore_errors=True)
         per_run.mkdir(parents=True)
+    (config.state_dir / GPU_SAMPLE_FILE).unlink(missing_ok=True)
 
 
 def first_to_log(config: Config, note: str) -> bool:
