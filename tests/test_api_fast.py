@@ -8,8 +8,10 @@ container afterwards. What only a real engine proves stays in the `docker` suite
 from __future__ import annotations
 
 import pytest
+from flask import request
 
 from tests.support.memory_engine import MemoryEngine
+from utopia_agent.api.openapi import security_of
 from utopia_agent.app import create_app
 from utopia_agent.config import load_config
 from utopia_agent.records import GPU_IDS_LABEL
@@ -39,7 +41,21 @@ def make_app(tmp_path, memory: MemoryEngine, gpus: GpuInventory | None = None, *
         },
         ephemeral_ports_path=tmp_path / "no-ephemeral-ports",
     )
-    return create_app(config, gpus=gpus, docker=memory)
+    app = create_app(config, gpus=gpus, docker=memory)
+    app.extensions["undeclared"] = []
+
+    @app.after_request
+    def note_undeclared_status(response):
+        """Every answer of a route must be one its declaration (and so /openapi.json) lists."""
+        rule = request.url_rule
+        if rule is not None:
+            declared = app.view_functions[rule.endpoint].operation
+            failures = declared.all_failures(behind_token=bool(security_of(rule, declared)))
+            if response.status_code not in {r.status for r in declared.responses} | {f.status for f in failures}:
+                app.extensions["undeclared"].append((request.method, rule.rule, response.status_code))
+        return response
+
+    return app
 
 
 @pytest.fixture
@@ -52,6 +68,7 @@ def app(tmp_path, memory):
     made = make_app(tmp_path, memory)
     yield made
     made.extensions["utopia"].close()
+    assert made.extensions["undeclared"] == [], "statuses the routes answered without declaring them"
 
 
 @pytest.fixture
@@ -115,8 +132,10 @@ def test_bodies_that_are_not_a_json_object_are_400(client, memory, raw):
     assert_refused(response, 400, "invalid_request", None, memory)
 
 
-def test_oversized_body_is_413_naming_the_limit(client, memory):
-    response = create(client, command=["y" * 4000] * 100)
+@pytest.mark.parametrize("path", [CONTAINERS, "/api/v1/gpus/GPU-fake-0000-0000-0000-000000000000/quarantine", "/api/v1/node/drain"])
+def test_oversized_body_is_413_naming_the_limit(client, memory, path):
+    """On every route that takes a body (and declares so, see the app fixture)."""
+    response = client.post(path, json={"claim_id": CLAIM, "image": IMAGE, "reason": "y" * 70000}, headers=auth())
     body = assert_refused(response, 413, "body_too_large", None, memory)
     assert body["max_body_bytes"] == 65536
     assert "65536 bytes" in body["message"] and "UTOPIA_AGENT_MAX_BODY_BYTES" in body["message"]
@@ -463,9 +482,23 @@ def test_a_failed_start_rolls_back(client, memory, error, status, code):
     assert create(client, command=["sleep", "60"], gpu_count=8).status_code == 201, "the rolled-back claim's GPUs are free again"
 
 
-def test_an_engine_failure_while_listing_is_503(client, memory):
-    memory.fail_next("list_managed", EngineUnavailable("the Docker engine is unreachable (test)"))
-    assert_refused(client.get(CONTAINERS, headers=auth()), 503, "engine_unavailable", None, memory)
+FAKE_GPU = "GPU-fake-0000-0000-0000-000000000000"
+READS_OF_THE_ENGINE = [
+    ("GET", CONTAINERS, None),
+    ("GET", "/api/v1/gpus", None),
+    ("POST", f"/api/v1/gpus/{FAKE_GPU}/quarantine", {"reason": "fan"}),
+    ("DELETE", f"/api/v1/gpus/{FAKE_GPU}/quarantine", None),
+]
+
+
+@pytest.mark.parametrize("error,status,code", ENGINE_FAULTS, ids=["unavailable", "failed"])
+@pytest.mark.parametrize("method,path,body", READS_OF_THE_ENGINE, ids=lambda value: value if isinstance(value, str) else "")
+def test_an_engine_failure_while_reading_the_containers_is_503_or_502(client, memory, error, status, code, method, path, body):
+    """The GPU routes ask the engine who holds each GPU: its failure is theirs, declared (the app
+    fixture fails the test on an answer a route does not declare)."""
+    for engine_call in ("list_managed", "holders_of"):
+        memory.fail_next(engine_call, error)
+    assert_refused(client.open(path, method=method, json=body, headers=auth()), status, code, None, memory)
 
 
 def test_create_show_list_delete_round_trip(client, memory):

@@ -20,7 +20,7 @@ from utopia_agent.api import containers as containers_api
 from utopia_agent.api.api_v1 import blueprint as api_v1
 from utopia_agent.api.openapi import IMPLICIT_METHODS, describe_api, openapi_path
 from utopia_agent import errors
-from utopia_agent.errors import EngineUnavailable, Unauthorized
+from utopia_agent.errors import BodyTooLarge, EngineUnavailable, Unauthorized
 from utopia_agent.schemas import ErrorSchema, HealthSchema, ResponseSchema
 
 
@@ -57,6 +57,8 @@ def expected_routes(app: Flask) -> dict[tuple[str, str], set[str]]:
         statuses = {response.status for response in declared.responses} | {failure.status for failure in declared.failures}
         if rule.endpoint.startswith(f"{api_v1.name}.") or declared.security:
             statuses.add(Unauthorized.status)
+        if declared.body is not None:
+            statuses.add(BodyTooLarge.status)
         for method in rule.methods - IMPLICIT_METHODS:
             routes[(openapi_path(rule), method.lower())] = {str(status) for status in statuses}
     return routes

@@ -14,7 +14,6 @@ from ..records import ManagedContainer
 from ..errors import (
     AgentError,
     AllocationBusy,
-    BodyTooLarge,
     ClaimExists,
     Conflict,
     EngineError,
@@ -110,7 +109,6 @@ def counted_as_create(view: Callable) -> Callable:
             "container the agent does not manage, or the node is draining (`node_draining`, with the reason).",
             ClaimExists, NoGpusFree, NotEnoughResources, PortTaken, NodeDraining, Conflict,
         ),
-        fails("The body is larger than the node's UTOPIA_AGENT_MAX_BODY_BYTES.", BodyTooLarge),
         fails("The node failed the request: the agent could not pin the claim's volumes.", NodeFault),
         fails(
             "The image could not be pulled (the registry's reason), or the engine failed on the node's "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import Blueprint
 
-from ..errors import AllocationBusy, EngineUnavailable, GpuHeld, GpuNotFound, InvalidRequest
+from ..errors import AllocationBusy, EngineError, EngineUnavailable, GpuHeld, GpuNotFound, InvalidRequest
 from ..gpu_health import GpuView
 from ..schemas import GpuPathSchema, GpuSchema, ReasonSchema
 from ..services import services
@@ -14,6 +14,8 @@ blueprint = Blueprint("gpus", __name__, url_prefix="/gpus")
 _gpu = GpuSchema()
 _path = GpuPathSchema()
 NO_GPU = fails("No GPU with that UUID on this node.", GpuNotFound)
+# Every GPU route asks the engine which containers hold GPUs.
+ENGINE_FAILED = fails("The engine failed to list the containers that hold GPUs.", EngineError)
 BUSY = fails("The allocation lock or the GPUs' state could not be had in time; retry after Retry-After seconds.", EngineUnavailable, AllocationBusy)
 
 
@@ -23,7 +25,7 @@ BUSY = fails("The allocation lock or the GPUs' state could not be had in time; r
     tag="gpus",
     summary="Every GPU with its state (free, allocated, releasing, quarantined, lost) and why",
     responds=Responds(200, "Every GPU, in index order.", GpuSchema(many=True)),
-    failures=(ENGINE_DOWN,),
+    failures=(ENGINE_FAILED, ENGINE_DOWN),
 )
 def list_gpus() -> list[GpuView]:
     return services().gpus.views()
@@ -37,7 +39,7 @@ def list_gpus() -> list[GpuView]:
     path=_path,
     body=ReasonSchema(),
     responds=Responds(200, "Quarantined.", _gpu),
-    failures=(fails("The body is not JSON or has no valid `reason`; `errors` names the field.", InvalidRequest), NO_GPU, BUSY),
+    failures=(fails("The body is not JSON or has no valid `reason`; `errors` names the field.", InvalidRequest), NO_GPU, ENGINE_FAILED, BUSY),
 )
 def quarantine_gpu(uuid: str, body: dict) -> GpuView:
     return services().gpus.quarantine(uuid, body["reason"])
@@ -50,7 +52,7 @@ def quarantine_gpu(uuid: str, body: dict) -> GpuView:
     summary="Release a GPU's quarantine, whatever put it there",
     path=_path,
     responds=Responds(200, "Released (or was not quarantined).", _gpu),
-    failures=(NO_GPU, fails("A claim still holds the GPU; the body names the claim.", GpuHeld), BUSY),
+    failures=(NO_GPU, fails("A claim still holds the GPU; the body names the claim.", GpuHeld), ENGINE_FAILED, BUSY),
 )
 def release_gpu(uuid: str) -> GpuView:
     return services().gpus.release(uuid)

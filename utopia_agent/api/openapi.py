@@ -12,10 +12,9 @@ from flask import Blueprint, Flask, current_app
 from werkzeug.routing import Rule
 
 from .. import __version__
-from ..errors import Unauthorized
 from ..schemas import CONTAINER_EXAMPLE, ContainerSchema, ErrorSchema
 from . import api_v1
-from .operations import Failure, Operation, Responds, fails, operation
+from .operations import Failure, Operation, Responds, operation
 
 blueprint = Blueprint("openapi", __name__)
 
@@ -27,7 +26,6 @@ TAGS = [
 ]
 EXAMPLES = {ContainerSchema: CONTAINER_EXAMPLE}
 # A route that may need the token may answer this.
-UNAUTHORIZED = fails("Missing, malformed or wrong bearer token.", Unauthorized)
 # Flask answers these for every route by itself.
 IMPLICIT_METHODS = {"HEAD", "OPTIONS"}
 # A schemaless body, by its content type.
@@ -82,7 +80,7 @@ def describe_operation(declared: Operation, security: tuple[dict[str, list], ...
         described["parameters"] = parameters
     if declared.body is not None:
         described["requestBody"] = {"required": True, "content": {"application/json": {"schema": declared.body}}}
-    failures = declared.failures + ((UNAUTHORIZED,) if any("bearer" in requirement for requirement in security) else ())
+    failures = declared.all_failures(behind_token=any("bearer" in requirement for requirement in security))
     responses = {response.status: success(response) for response in declared.responses}
     responses.update((failed.status, failure(failed)) for failed in failures)
     described["responses"] = {str(status): responses[status] for status in sorted(responses)}

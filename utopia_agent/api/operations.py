@@ -15,7 +15,7 @@ from typing import Any
 from flask import Response, current_app, request
 from marshmallow import Schema
 
-from ..errors import AgentError, EngineUnavailable
+from ..errors import AgentError, BodyTooLarge, EngineUnavailable, Unauthorized
 from ..schemas import load_query
 from .bodies import load_body
 
@@ -42,6 +42,9 @@ def fails(description: str, *errors: type[AgentError]) -> Failure:
 
 # What every route that waits on the engine may answer.
 ENGINE_DOWN = fails("The Docker engine is unreachable or slow; retry after Retry-After seconds.", EngineUnavailable)
+# What every route answers without a word in its declaration: behind the token, and with a body.
+UNAUTHORIZED = fails("Missing, malformed or wrong bearer token.", Unauthorized)
+BODY_TOO_LARGE = fails("The body is larger than the node's UTOPIA_AGENT_MAX_BODY_BYTES.", BodyTooLarge)
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,12 @@ class Operation:
     # None: the security of the route's blueprint (the bearer token under /api/v1, else none).
     security: tuple[dict[str, list], ...] | None = None
 
+    def all_failures(self, behind_token: bool) -> tuple[Failure, ...]:
+        """Its declared failures, and those that come with its kind of route: 401 behind the token,
+        413 where it takes a body (Flask refuses an oversized body before the view runs)."""
+        implied = ((UNAUTHORIZED,) if behind_token else ()) + ((BODY_TOO_LARGE,) if self.body is not None else ())
+        return self.failures + implied
+
     def respond(self, result: Any) -> Response:
         """The view's result as a response: a Response as it is (a stream, a cached body), else the
         body, or a Reply, dumped by the schema declared for its status."""
@@ -87,7 +96,9 @@ class Operation:
             return result
         reply = result if isinstance(result, Reply) else Reply(result, self.responses[0].status)
         result, status, headers = reply.body, reply.status, reply.headers
-        declared = next(response for response in self.responses if response.status == status)
+        declared = next((response for response in self.responses if response.status == status), None)
+        if declared is None:
+            raise LookupError(f"{self.operation_id} answered {status}, which it does not declare")
         if declared.schema is None:
             response = current_app.response_class(status=status)
         else:
