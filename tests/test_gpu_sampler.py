@@ -15,6 +15,7 @@ from utopia_agent.config import load_config
 from utopia_agent.gpu_sampler import SAMPLE_INTERVAL_SECONDS, GpuSample, GpuSampler, SharedSample
 from utopia_agent.state_dir import GPU_SAMPLE_FILE, hold_state_dir, release_state_dir, start_fresh
 from utopia_agent.gpus import FakeGpuInventory
+from utopia_agent.node_role import NodeRole
 from utopia_agent.nvml_watchdog import NvmlWatchdog
 
 NVML_TIMEOUT = 0.3
@@ -88,13 +89,23 @@ def test_a_sample_left_by_an_earlier_run_of_the_agent_is_removed_when_the_next_s
 
 
 def test_staleness_is_judged_on_the_monotonic_clock_not_the_wall_clock(workers, tmp_path):
+    """This test holds the sampler role itself, so the worker only reads what the test writes."""
     first, _ = workers()
-    second, _ = workers()
-    first.close()  # nobody renews the sample; rewrite it as if the wall clock had jumped a day ahead
-    left = json.loads((tmp_path / GPU_SAMPLE_FILE).read_text())
-    SharedSample(tmp_path / GPU_SAMPLE_FILE).write(replace(GpuSample.from_json(left), taken_at=left["taken_at"] - 86400,
-                                                           monotonic_at=time.monotonic()), left["idle_mb"])
-    assert second.hung() is None
+    left = GpuSample.from_json(json.loads((tmp_path / GPU_SAMPLE_FILE).read_text()))
+    first.close()
+    role = NodeRole(tmp_path / "gpu-sample.lock")
+    assert role.take()
+    try:
+        shared = SharedSample(tmp_path / GPU_SAMPLE_FILE)
+        reader, _ = workers()
+        shared.write(replace(left, taken_at=time.time() - 86400, monotonic_at=time.monotonic()), {})
+        assert wait_for(lambda: reader.latest() is not None and reader.latest().taken_at < time.time() - 3600, 5)
+        assert reader.hung() is None, "a wall clock a day ahead of the sample is not a hang"
+        shared.write(replace(left, taken_at=time.time(), monotonic_at=time.monotonic() - 3600), {})
+        reason = wait_for(reader.hung, 5)
+        assert reason and "has not been renewed" in reason, reason
+    finally:
+        role.release()
 
 
 def test_a_sampler_whose_reads_keep_failing_says_nvml_is_hung(workers):

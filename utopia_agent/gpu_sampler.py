@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -36,6 +35,7 @@ from .gpus import GpuBackendError, GpuCounters, GpuInventory, GpuStatus
 from .node_role import NodeRole
 from .nvml_watchdog import NvmlWatchdog
 from .state_dir import GPU_SAMPLE_FILE
+from .state_file import StateFile
 
 log = logging.getLogger("utopia_agent.gpus")
 
@@ -86,7 +86,9 @@ class SharedSample:
     sees half of one and needs no lock). It is not synced to disk: a sample is worth a second.
 
     The file belongs to one run of the agent: the master removes it at start (state_dir.start_fresh).
-    Readers keep the parsed sample until the file changes."""
+    Readers keep the parsed sample until the file's inode or mtime changes. Unlike the small
+    records of state_file.py, which are read afresh each time, a missed rewrite here costs at
+    most one interval: the next sample comes a second later as another file."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -95,14 +97,7 @@ class SharedSample:
         self._lock = threading.Lock()
 
     def write(self, sample: GpuSample, idle_mb: dict[str, int]) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
-        try:
-            with os.fdopen(fd, "w") as out:
-                json.dump({"idle_mb": idle_mb, **sample.to_json()}, out)
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        StateFile(self.path).write({"idle_mb": idle_mb, **sample.to_json()}, durable=False)
 
     def read(self) -> tuple[GpuSample, dict[str, int]] | None:
         """The last sample with the idle memory levels it was judged by; None before the first."""
@@ -213,8 +208,9 @@ class GpuSampler:
                     if self._closed.is_set():
                         break
                     try:
-                        self._sample = self._read(self.inventory)
-                        self._shared.write(self._sample, self._idle_mb)
+                        sample = self._read(self.inventory)
+                        self._shared.write(sample, self._idle_mb)
+                        self._sample = sample  # only once every worker can serve it too
                     except Exception:  # a bug in one read must not stop the sampling for good
                         log.exception("GPU sample failed")
                     self._opened.set()

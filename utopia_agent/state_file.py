@@ -34,14 +34,16 @@ class StateFile:
             return {}
         return data if isinstance(data, dict) else {}
 
-    def write(self, data: dict[str, Any]) -> None:
-        """Replace the record atomically (and durably: it must survive a power cut)."""
+    def write(self, data: dict[str, Any], durable: bool = True) -> None:
+        """Replace the record atomically, and durably (it survives a power cut) unless it is worth
+        no more than a moment, as a sample taken each second is."""
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
         try:
             with os.fdopen(fd, "w") as out:
                 json.dump(data, out, sort_keys=True)
-                out.flush()
-                os.fsync(out.fileno())
+                if durable:
+                    out.flush()
+                    os.fsync(out.fileno())
             os.replace(tmp, self.path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
