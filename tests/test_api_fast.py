@@ -14,7 +14,7 @@ from tests.support.memory_engine import MemoryEngine
 from utopia_agent.api.openapi import security_of
 from utopia_agent.app import create_app
 from utopia_agent.config import load_config
-from utopia_agent.records import GPU_IDS_LABEL
+from utopia_agent.records import GPU_IDS_LABEL, PORTS_LABEL
 from utopia_agent.errors import EngineError, EngineUnavailable
 from utopia_agent.gpus import GpuInventory
 from utopia_agent.policy import RESERVED_ENV_NAMES
@@ -473,6 +473,22 @@ def test_engine_failures_while_creating_leave_nothing(client, memory, error, sta
     response = create(client, command=["sleep", "60"], gpu_count=1)
     assert_refused(response, status, code, None, memory)
     assert ("Retry-After" in response.headers) == (status == 503)
+
+
+def test_a_failed_read_under_the_lock_never_hides_the_claims_own_container(client, memory, monkeypatch):
+    """The allocation lists are read at once; the claim's own is still judged first, as if read alone."""
+    existing = create(client, command=["sleep", "60"]).get_json()["container_id"]
+    monkeypatch.setattr(memory, "find_claim", lambda claim_id, fresh=False: None)  # the early check missed it
+    read = memory.holders_of
+
+    def ports_fail(label: str):
+        if label == PORTS_LABEL:
+            raise EngineUnavailable("the ports list failed (test)")
+        return read(label)
+
+    monkeypatch.setattr(memory, "holders_of", ports_fail)
+    response = create(client, command=["sleep", "60"], port_mappings=[{"host_port": 21007, "container_port": 80}])
+    assert response.status_code == 409 and response.get_json()["container_id"] == existing, response.get_json()
 
 
 @pytest.mark.parametrize("error,status,code", ENGINE_FAULTS, ids=["unavailable", "failed"])

@@ -15,7 +15,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -128,25 +128,32 @@ class Allocator:
         engine_root = self._docker.data_root() if spec.volumes else None
         claim_label = f"{CLAIM_LABEL}={spec.claim_id}"
         limits = gpu_count or spec.cpus or spec.memory_mb
-        wanted = [claim_label, *[PORTS_LABEL] * bool(spec.port_mappings), *[CPUS_LABEL, MEMORY_LABEL] * bool(limits),
-                  *[GPU_IDS_LABEL] * bool(gpu_count), *[VOLUMES_LABEL] * bool(spec.volumes)]
+        wanted = [claim_label]
+        if spec.port_mappings:
+            wanted.append(PORTS_LABEL)
+        if limits:
+            wanted += [CPUS_LABEL, MEMORY_LABEL]
+        if gpu_count:
+            wanted.append(GPU_IDS_LABEL)
+        if spec.volumes:
+            wanted.append(VOLUMES_LABEL)
         with allocation_lock(self._state_dir, self._lock_timeout):
             held = self._holders_now(wanted)
-            if held[claim_label]:
-                raise ClaimExists.held_by(spec.claim_id, held[claim_label][0].container_id)
+            if claimed := held(claim_label):
+                raise ClaimExists.held_by(spec.claim_id, claimed[0].container_id)
             self._drain.refuse_if_draining()
             if spec.port_mappings:
-                self._check_ports(spec, port_holders(held[PORTS_LABEL]))
-            limited = self._resource_holders(held[CPUS_LABEL], held[MEMORY_LABEL]) if limits else []
+                self._check_ports(spec, port_holders(held(PORTS_LABEL)))
+            limited = self._resource_holders(held(CPUS_LABEL), held(MEMORY_LABEL)) if limits else []
             if gpu_count:
-                gpu_holders = held[GPU_IDS_LABEL]
+                gpu_holders = held(GPU_IDS_LABEL)
                 for gpu, holders in gpus_held_twice(gpu_holders).items():
                     log.error("gpu allocated twice gpu=%s containers=%s", gpu, ",".join(c[:12] for c in holders))
                 spec = self._with_gpus(spec, gpu_count, sample, gpu_claims(gpu_holders), self._has_free_cores(limited))
             spec = self._with_resources(spec, len(sample.gpus) if sample else 0, limited)
             if not spec.volumes:
                 return self._docker.create(spec), spec
-            check_volumes_apart(spec.volumes, volume_holders(held[VOLUMES_LABEL]), engine_root)
+            check_volumes_apart(spec.volumes, volume_holders(held(VOLUMES_LABEL)), engine_root)
             spec = replace(spec, mount_sources=tuple(self._pin(spec)))
             try:
                 return self._docker.create(spec), spec
@@ -215,11 +222,16 @@ class Allocator:
         chosen = choose_gpus(near_free_cores if len(near_free_cores) >= gpu_count else free, gpu_count, self._inventory().distance)
         return replace(spec, gpu_ids=tuple(chosen), gpu_uuids=tuple(uuids[i] for i in chosen))
 
-    def _holders_now(self, labels: list[str]) -> dict[str, list[Holdings]]:
+    def _holders_now(self, labels: list[str]) -> Callable[[str], list[Holdings]]:
         """What the managed containers carrying each label hold, straight from the engine. The lists
-        are asked for at once, so under the lock they cost about one list's time, not one each."""
+        are asked for at once, so under the lock they cost about one list's time, not one each.
+
+        Every read has ended when this returns (none outlives the lock), and each answer, or its
+        engine error, comes out when the check that needs it asks: the claim's first, as if read
+        one after another."""
         asked = {label: self._engine_reads.submit(self._docker.holders_of, label) for label in labels}
-        return {label: answer.result() for label, answer in asked.items()}
+        wait(asked.values())
+        return lambda label: asked[label].result()
 
     @staticmethod
     def _resource_holders(cpu_holders: list[Holdings], memory_holders: list[Holdings]) -> list[Holdings]:
