@@ -180,7 +180,9 @@ class ClaimUsage:
         second old, or since it started when no sample is; (None, 0.0) when it is not running."""
         cgroup = self._cgroup(container_id)
         usage = cgroup.read() if cgroup else None
-        if usage is None:
+        if usage is None:  # stopped or gone: a worker that does not sample forgets it here
+            with self._cgroups_lock:
+                self._cgroups.pop(container_id, None)
             return None, 0.0
         now = time.time()
         entry = self.samples().get("claims", {}).get(container_id, {})
