@@ -12,6 +12,7 @@ import pytest
 from tests.fake_nvml import DEFAULT_TEST_GPUS, build_fake_nvml, fake_nvml_env, write_fake_nvml_config
 from tests.support.agent import AgentProcess, unmount_under
 from tests.support.prerequisites import require
+from tests.support.polling import wait_for
 from tests.support.relay import EngineRelay
 from tests.support.engine import (
     TEST_IMAGE,
@@ -111,22 +112,37 @@ class ClaimNames:
         return f"{self.prefix}-{suffix}"
 
 
-def remove_run_containers(client) -> None:
-    """Remove every managed container whose claim this run made."""
+def remove_run_containers(client) -> set[str]:
+    """Remove every managed container whose claim this run made; return their claim ids."""
+    removed = set()
     for container in client.containers.list(all=True, filters={"label": "utopia.managed=true"}, ignore_removed=True):
-        if container.labels.get("utopia.claim_id", "").startswith(f"t{RUN_ID}-"):
+        claim_id = container.labels.get("utopia.claim_id", "")
+        if claim_id.startswith(f"t{RUN_ID}-"):
             try:
                 container.remove(force=True, v=True)
             except docker.errors.NotFound:
                 pass
+            removed.add(claim_id)
+    return removed
 
 
 @pytest.fixture(autouse=True)
 def _remove_test_containers(request):
-    """After each test, remove the containers it made through the agent."""
+    """After each test, remove the containers it made through the agent.
+
+    The shared agent learns of removals made behind its back from the engine's events; the next
+    test starts once its list no longer shows them, so no test reads the previous one's GPUs."""
     yield
-    if "docker_client" in request.fixturenames:
-        remove_run_containers(request.getfixturevalue("docker_client"))
+    if "docker_client" not in request.fixturenames:
+        return
+    removed = remove_run_containers(request.getfixturevalue("docker_client"))
+    if removed and "agent" in request.fixturenames:
+        agent = request.getfixturevalue("agent")
+
+        def forgotten() -> bool:
+            return not removed & {shown["claim_id"] for shown in agent.get("/api/v1/containers").json()}
+
+        assert wait_for(forgotten, timeout=10), f"the shared agent still lists {sorted(removed)}"
 
 
 class AgentFactory:
