@@ -6,6 +6,7 @@ import logging
 import re
 import time
 import uuid
+from dataclasses import dataclass
 
 from flask import Flask, g, request
 
@@ -20,7 +21,7 @@ _ID, _STARTED_AT = "utopia_agent.request_id", "utopia_agent.started_at"
 
 
 def register_request_hooks(app: Flask) -> None:
-    """Give every request an id (the caller's, when it is sane) and log it when answered.
+    """Give every request an id (the caller's, when it is sane) and log it once answered.
 
     These run on every request, /health probes included, so they read the request once and keep
     what they need in its WSGI environ rather than going through Flask's proxies again."""
@@ -38,24 +39,40 @@ def register_request_hooks(app: Flask) -> None:
         environ = answered.environ
         request_id = environ.get(_ID) or uuid.uuid4().hex
         response.headers[REQUEST_ID_HEADER] = request_id
-        route = answered.url_rule.rule if answered.url_rule else "unmatched"
-        method, status = answered.method, response.status_code
         duration = time.monotonic() - environ.get(_STARTED_AT, time.monotonic())
-        REQUEST_DURATION.labels(route, method, str(status)).observe(duration)
-        duration_ms = duration * 1000
+        route = answered.url_rule.rule if answered.url_rule else "unmatched"
+        answer = Answered(request_id, answered.method, route, response.status_code, duration, g.get("claim_id"))
+        # The server calls this once the answer is written out: the caller does not wait on the log.
+        response.call_on_close(answer.record)
+        return response
+
+
+@dataclass(frozen=True, slots=True)
+class Answered:
+    """What the request's log line and its duration histogram say, taken when its answer was made."""
+
+    request_id: str
+    method: str
+    route: str
+    status: int
+    duration: float
+    claim_id: str | None
+
+    def record(self) -> None:
+        REQUEST_DURATION.labels(self.route, self.method, str(self.status)).observe(self.duration)
+        duration_ms = self.duration * 1000
         log.info(
             "%s %s %d %.1fms",
-            method,
-            route,
-            status,
+            self.method,
+            self.route,
+            self.status,
             duration_ms,
             extra={
-                "request_id": request_id,
-                "method": method,
-                "route": route,
-                "status": status,
+                "request_id": self.request_id,
+                "method": self.method,
+                "route": self.route,
+                "status": self.status,
                 "duration_ms": round(duration_ms, 2),
-                "claim_id": g.get("claim_id"),
+                "claim_id": self.claim_id,
             },
         )
-        return response
