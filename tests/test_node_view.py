@@ -18,7 +18,7 @@ from tests.support.polling import wait_for
 from tests.support.relay import EVENTS, INSPECT
 from utopia_agent.config import Config
 from utopia_agent.docker_manager import DockerManager
-from utopia_agent.node_view import TRUST_SECONDS, ContainerState, Snapshot
+from utopia_agent.node_view import HEARTBEAT_SECONDS, TRUST_SECONDS, ContainerState, Snapshot
 
 WATCHING = re.compile(r"watching the engine's events for the node view \(pid (\d+)")
 
@@ -74,6 +74,18 @@ def test_one_watcher_serves_every_worker_and_a_create_shows_at_once_on_the_other
             assert listed[container_id]["status"] == "running" and listed[container_id]["started"] > 0
     assert len(watchers(agent)) == 1, agent.log()[-2000:]
     assert len(relay.calls(EVENTS)) == 1, "one event stream for the node, not one per worker"
+
+
+def test_probes_take_the_watchers_heartbeat_for_the_engine_answering(agent_factory, relay):
+    """/health on every worker trusts the one watcher's heartbeat: no worker pings the engine itself."""
+    agent = agent_factory(workers=4, DOCKER_HOST=relay.base_url)
+    assert wait_for(lambda: len(watchers(agent)) == 1, timeout=10)
+    pings_before, started = relay.count(r"/_ping$"), time.monotonic()
+    while time.monotonic() - started < 3 * TRUST_SECONDS:
+        assert requests.get(agent.base_url + "/health", timeout=10).status_code == 200  # a new connection: any worker
+        time.sleep(0.02)
+    heartbeats = (time.monotonic() - started) / HEARTBEAT_SECONDS
+    assert relay.count(r"/_ping$") - pings_before <= heartbeats + 2, "only the watcher's heartbeat pings"
 
 
 def test_a_restarted_agent_and_a_new_watcher_inspect_only_what_changed(agent_factory, relay, docker_client, test_image, claim):
@@ -168,7 +180,7 @@ def test_a_snapshot_round_trips_and_keeps_the_records_that_did_not_change(tmp_pa
     Snapshot.of(1, 7, (state(1), state(2))).write(path)
     first = Snapshot.read(path)
     assert (first.generation, first.event_ns, first.containers) == (1, 7, (state(1), state(2)))
-    assert first.with_prefix(state(2).id[:12]) == [state(2)] and first.labelled("utopia.claim_id", 'c"1') == [state(1)]
+    assert first.get(state(2).id) == state(2) and first.labelled("utopia.claim_id", 'c"1') == [state(1)]
 
     Snapshot.of(2, 9, (state(1), state(2, "exited"))).write(path)
     second = Snapshot.read(path, previous=first)

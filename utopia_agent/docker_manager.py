@@ -21,7 +21,7 @@ from .engine_connection import EngineConnection, EventStream
 from .engine_errors import EngineConflict, EngineFailure, EngineNotFound, EngineRefusal
 from .errors import AgentError, ClaimExists, Conflict, EngineRejected, EngineUnavailable, ImagePullFailed, NotManaged, PortTaken
 from .image_pulls import pull
-from .node_view import ContainerState, NodeView
+from .node_view import ContainerState, NodeView, Snapshot
 from .records import CLAIM_LABEL, MANAGED_FILTER, MANAGED_LABEL, ContainerSpec, Holdings, ManagedContainer
 from .schemas import CONTAINER_ID_PATTERN
 
@@ -42,15 +42,16 @@ class DockerManager:
         self._data_root: str | None = None
         # Reads come from the node-wide view; `view.volunteer()` makes this process a candidate watcher.
         self.view = NodeView(config.state_dir, self, config.engine_timeout)
-        self._presented: tuple[object, tuple[ManagedContainer, ...]] = (None, ())
+        self._presented: tuple[object, dict[str, ManagedContainer]] = (None, {})
 
     def close(self) -> None:
         self.view.close()
         self._engine.close()
 
     def answered_within(self, seconds: float) -> bool:
-        """True when an engine call succeeded in the last `seconds`: a probe can trust it."""
-        return self._engine.answered_within(seconds)
+        """True when an engine call succeeded in the last `seconds`, this worker's or the node view
+        watcher's (its heartbeat): a probe can trust it without a round trip of its own."""
+        return self._engine.answered_within(seconds) or self.view.engine_answered_within(seconds)
 
     def ping(self) -> None:
         """Raise EngineUnavailable unless the engine answers within the engine timeout."""
@@ -78,11 +79,16 @@ class DockerManager:
             return tuple(ManagedContainer.from_state(state) for state in states)
         if claim_id is not None:
             return tuple(ManagedContainer.from_state(s) for s in snapshot.labelled(CLAIM_LABEL, claim_id))
+        return tuple(self._presented_from(snapshot).values())
+
+    def _presented_from(self, snapshot: Snapshot) -> dict[str, ManagedContainer]:
+        """The view's containers by id, newest first. A record the view did not change is the same
+        object, and so is its ManagedContainer: what a caller derives from one (a route's JSON)
+        it may keep until it gets another."""
         presented_from, containers = self._presented
         if presented_from is not snapshot:
-            # A record the view did not change is the same object: so is its ManagedContainer.
-            known = {id(c.state): c for c in containers}
-            containers = tuple(known.get(id(state)) or ManagedContainer.from_state(state) for state in snapshot.containers)
+            known = {id(c.state): c for c in containers.values()}
+            containers = {state.id: known.get(id(state)) or ManagedContainer.from_state(state) for state in snapshot.containers}
             self._presented = (snapshot, containers)
         return containers
 
@@ -129,9 +135,12 @@ class DockerManager:
         if not re.fullmatch(CONTAINER_ID_PATTERN, container_id):
             raise NotManaged(f"no managed container {container_id!r}: ids are 12 to 64 hex digits")
         if (snapshot := self.view.snapshot()) is not None:
-            matches = snapshot.with_prefix(container_id)
+            shown = self._presented_from(snapshot)
+            if container_id in shown:
+                return shown[container_id]
+            matches = [c for full_id, c in shown.items() if full_id.startswith(container_id)]
             if len(matches) == 1:
-                return ManagedContainer.from_state(matches[0])
+                return matches[0]
         try:
             with self._engine.call("inspect container") as api:
                 info = api.inspect_container(container_id)

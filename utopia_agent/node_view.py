@@ -166,11 +166,6 @@ class Snapshot:
         line = self._lines.get(container_id)
         return _parse(line) if line is not None else None
 
-    def with_prefix(self, prefix: str) -> list[ContainerState]:
-        if prefix in self._lines:
-            return [_parse(self._lines[prefix])]
-        return [_parse(line) for cid, line in self._lines.items() if cid.startswith(prefix)]
-
     def labelled(self, key: str, value: str) -> list[ContainerState]:
         """The containers whose label `key` is `value`; only lines that mention the pair are parsed."""
         pair = json.dumps({key: value})[1:-1].encode()
@@ -284,6 +279,15 @@ class NodeView:
                 return None
             time.sleep(POLL_SECONDS)
         return None
+
+    def engine_answered_within(self, seconds: float) -> bool:
+        """True when the node's watcher heard from the engine in the last `seconds` (it vouches for
+        TRUST_SECONDS after each answer or event): any worker may take that as the engine answering."""
+        header = self._header
+        if header.get(header.STATE) != LIVE:
+            return False
+        answered_at = header.get(header.DEADLINE) - int(TRUST_SECONDS * 1e9)
+        return time.monotonic_ns() - answered_at <= seconds * 1e9
 
     def _load(self) -> Snapshot | None:
         """The published view, read from the file only when its generation moved."""

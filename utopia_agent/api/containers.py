@@ -10,7 +10,6 @@ from functools import wraps
 
 from flask import Blueprint, Response, g, url_for
 
-from ..records import ManagedContainer
 from ..errors import (
     AgentError,
     AllocationBusy,
@@ -52,6 +51,7 @@ blueprint = Blueprint("containers", __name__, url_prefix="/containers")
 _container = ContainerSchema()
 _containers = ContainerSchema(many=True)
 _full_list = RenderedWhileSame(_containers)
+_shown = RenderedWhileSame(_container)
 _path = ContainerPathSchema()
 NOT_MANAGED = fails("No managed container with that id; containers the agent does not manage are never shown or touched.", NotManaged)
 _MIB = 1024 * 1024
@@ -183,10 +183,10 @@ def list_containers(query: dict):
     responds=Responds(200, "The container.", _container),
     failures=(NOT_MANAGED, fails("The engine failed to inspect the container.", EngineError), ENGINE_DOWN),
 )
-def get_container(container_id: str) -> ManagedContainer:
+def get_container(container_id: str) -> Response:
     container = services().docker.get_managed(container_id)
     g.claim_id = container.claim_id
-    return container
+    return _shown.response(container, key=container.id)
 
 
 @blueprint.delete("/<container_id>")

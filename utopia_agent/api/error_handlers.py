@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 
-from flask import Flask, jsonify
+from flask import Flask
 from werkzeug.exceptions import HTTPException
 
 from ..errors import AgentError, BodyTooLarge, InvalidRequest, MethodNotAllowed, NotFound
 from ..schemas import ErrorSchema
+from .operations import json_response
 
 log = logging.getLogger("utopia_agent.errors")
 ERROR_BODY = ErrorSchema()
@@ -30,8 +31,7 @@ def from_http_exception(error: HTTPException, max_body_bytes: int) -> AgentError
 
 
 def error_response(error: AgentError):
-    response = jsonify(ERROR_BODY.dump(error.body()))
-    response.status_code = error.status
+    response = json_response(ERROR_BODY.dump(error.body()), error.status)
     response.headers.update(error.headers())
     return response
 

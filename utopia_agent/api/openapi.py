@@ -14,7 +14,7 @@ from werkzeug.routing import Rule
 from .. import __version__
 from ..schemas import CONTAINER_EXAMPLE, ContainerSchema, ErrorSchema
 from . import api_v1
-from .operations import Failure, Operation, Responds, operation
+from .operations import Failure, Operation, Responds, json_body, operation
 
 blueprint = Blueprint("openapi", __name__)
 
@@ -112,8 +112,8 @@ def describe_api(app: Flask) -> dict:
 @blueprint.get("/openapi.json")
 @operation("getOpenApiDocument", tag="service", summary="This document; no auth", responds=Responds(200, "OpenAPI 3."))
 def openapi_document():
-    """Written once per process: the routes and schemas do not change at run time."""
-    document = current_app.extensions.get("openapi")
-    if document is None:
-        document = current_app.extensions["openapi"] = describe_api(current_app)
-    return current_app.json.response(document)
+    """Written and encoded once per process: the routes and schemas do not change at run time."""
+    body = current_app.extensions.get("openapi")
+    if body is None:
+        body = current_app.extensions["openapi"] = json_body(describe_api(current_app))
+    return current_app.response_class(body, mimetype="application/json")

@@ -7,7 +7,8 @@ document cannot describe a route the app lacks, nor a shape the route does not a
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from functools import wraps
 from typing import Any
@@ -38,6 +39,19 @@ def fails(description: str, *errors: type[AgentError]) -> Failure:
     if len(statuses) != 1:
         raise ValueError(f"one status per response, got {statuses}")
     return Failure(description, errors)
+
+
+# Bodies as Flask's JSON provider writes them outside debug (compact, ASCII, keys in the
+# schema's order, a newline at the end), encoded without building a provider call per response.
+_encode = json.JSONEncoder(separators=(",", ":")).encode
+
+
+def json_body(data: Any) -> bytes:
+    return f"{_encode(data)}\n".encode()
+
+
+def json_response(data: Any, status: int = 200) -> Response:
+    return current_app.response_class(json_body(data), status=status, mimetype="application/json")
 
 
 # What every route that waits on the engine may answer.
@@ -102,8 +116,7 @@ class Operation:
         if declared.schema is None:
             response = current_app.response_class(status=status)
         else:
-            response = current_app.json.response(declared.schema.dump(result))
-            response.status_code = status
+            response = json_response(declared.schema.dump(result), status)
         response.headers.update(headers)
         return response
 
@@ -128,16 +141,21 @@ def operation(operation_id: str, *, tag: str, summary: str, responds: Responds |
 
 
 class RenderedWhileSame:
-    """A JSON body dumped by `schema` and kept while the view gives the very same object:
-    the container list is one tuple per node-view generation, so it is dumped once per generation."""
+    """JSON bodies dumped by `schema`, each kept while the view gives the very same object for its
+    key: the container list is one tuple per node-view generation, and each container one object
+    while the view does not change it (see DockerManager), so each is dumped once per change."""
+
+    # Bodies of containers long gone are dropped all at once past this many.
+    MAX_KEPT = 4096
 
     def __init__(self, schema: Schema):
         self._schema = schema
-        self._rendered: tuple[object, bytes] = (None, b"")
+        self._rendered: dict[Hashable, tuple[object, bytes]] = {}
 
-    def response(self, obj: object) -> Response:
-        rendered_from, body = self._rendered
-        if rendered_from is not obj:
-            body = f"{current_app.json.dumps(self._schema.dump(obj))}\n".encode()
-            self._rendered = (obj, body)
-        return current_app.response_class(body, mimetype="application/json")
+    def response(self, obj: object, key: Hashable = None) -> Response:
+        kept = self._rendered.get(key)
+        if kept is None or kept[0] is not obj:
+            if len(self._rendered) >= self.MAX_KEPT:
+                self._rendered.clear()
+            kept = self._rendered[key] = (obj, json_body(self._schema.dump(obj)))
+        return current_app.response_class(kept[1], mimetype="application/json")
