@@ -132,6 +132,25 @@ def test_the_view_holds_what_an_inspect_gives(view_manager, docker_client, test_
     assert state.labels["utopia.claim_id"] == claim() and state.name == f"utopia-{claim()}"
 
 
+def test_reads_give_the_same_objects_while_the_view_does_not_change(view_manager, docker_client, test_image, claim):
+    """Routes keep the JSON of what they were given while it is the very same object: the list is one
+    tuple per view, and a container nothing changed is one object, listed or shown."""
+    manager = view_manager()
+    first = start_managed(docker_client, test_image, claim("a"), ["sleep", "300"])
+    assert wait_for(lambda: (c := shown_by(manager, first)) and c.status == "running", timeout=10, interval=0.05)
+    listed = manager.list_managed()
+    assert manager.list_managed() is listed
+    [kept] = [c for c in listed if c.id == first]
+    assert manager.get_managed(first) is kept and manager.get_managed(first[:12]) is kept
+
+    second = start_managed(docker_client, test_image, claim("b"), ["sleep", "300"])
+    assert wait_for(lambda: (c := shown_by(manager, second)) and c.status == "running", timeout=10, interval=0.05)
+    relisted = manager.list_managed()
+    assert relisted is not listed and {first, second} <= {c.id for c in relisted}
+    assert manager.get_managed(first) is kept, "a record the change did not touch is the same object"
+    assert manager.get_managed(second).claim_id == claim("b")
+
+
 def test_a_new_watcher_replays_the_events_it_missed(view_manager, docker_client, test_image, claim):
     """A container that ran and stopped again while no one watched looks the same in a list call
     (exited, no network endpoint); only the events since the view's last one tell the new exit code."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -106,36 +107,48 @@ class CgroupFiles:
         return None
 
     def read(self) -> Usage | None:
-        """CPU time and memory now; None when the cgroup is gone (the container stopped)."""
+        """CPU time and memory now; None when the cgroup is gone (the container stopped).
+
+        The sampler reads every running claim every few seconds, so each file is read with one
+        open and one read, and memory.stat is searched for the one figure it gives."""
         try:
             if self.cpu_v1:
-                cpu_seconds = int((self.cpu_dir / "cpuacct.usage").read_text()) / 1e9
+                cpu_seconds = int(_read(self.cpu_dir / "cpuacct.usage")) / 1e9
             else:
-                cpu_seconds = _stat_file(self.cpu_dir / "cpu.stat")["usage_usec"] / 1e6
-            stats = _stat_file(self.memory_dir / "memory.stat")
+                cpu_seconds = _stat_value(_read(self.cpu_dir / "cpu.stat"), b"usage_usec") / 1e6
+            stats = _read(self.memory_dir / "memory.stat")
             if self.memory_v1:
-                used = int((self.memory_dir / "memory.usage_in_bytes").read_text())
-                limit_text = (self.memory_dir / "memory.limit_in_bytes").read_text().strip()
-                limit = int(limit_text) if int(limit_text) < _V1_UNLIMITED else None
-                inactive = stats.get("total_inactive_file", 0)
+                used = int(_read(self.memory_dir / "memory.usage_in_bytes"))
+                limit = int(_read(self.memory_dir / "memory.limit_in_bytes"))
+                limit = limit if limit < _V1_UNLIMITED else None
+                inactive = _stat_value(stats, b"total_inactive_file", default=0)
             else:
-                used = int((self.memory_dir / "memory.current").read_text())
-                limit_text = (self.memory_dir / "memory.max").read_text().strip()
-                limit = None if limit_text == "max" else int(limit_text)
-                inactive = stats.get("inactive_file", 0)
+                used = int(_read(self.memory_dir / "memory.current"))
+                limit_text = _read(self.memory_dir / "memory.max").strip()
+                limit = None if limit_text == b"max" else int(limit_text)
+                inactive = _stat_value(stats, b"inactive_file", default=0)
         except (OSError, ValueError, KeyError):
             return None
         # As `docker stats` does: page cache the kernel can drop is not what the job uses.
         return Usage(cpu_seconds, max(0, used - inactive), limit)
 
 
-def _stat_file(path: Path) -> dict[str, int]:
-    entries = {}
-    for line in path.read_text().splitlines():
-        key, _, value = line.partition(" ")
-        if value.strip().lstrip("-").isdigit():
-            entries[key] = int(value)
-    return entries
+def _read(path: Path) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.read(fd, 1 << 16)
+    finally:
+        os.close(fd)
+
+
+def _stat_value(stats: bytes, key: bytes, default: int | None = None) -> int:
+    """The value of `key` in a cgroup stat file ("key value" lines); KeyError when absent without a default."""
+    found = re.search(rb"^" + re.escape(key) + rb" (-?\d+)$", stats, re.MULTILINE)
+    if found is not None:
+        return int(found.group(1))
+    if default is None:
+        raise KeyError(key)
+    return default
 
 
 class ClaimUsage:

@@ -42,7 +42,7 @@ class DockerManager:
         self._data_root: str | None = None
         # Reads come from the node-wide view; `view.volunteer()` makes this process a candidate watcher.
         self.view = NodeView(config.state_dir, self, config.engine_timeout)
-        self._presented: tuple[object, dict[str, ManagedContainer]] = (None, {})
+        self._presented: tuple[object, dict[str, ManagedContainer], tuple[ManagedContainer, ...]] = (None, {}, ())
 
     def close(self) -> None:
         self.view.close()
@@ -79,18 +79,19 @@ class DockerManager:
             return tuple(ManagedContainer.from_state(state) for state in states)
         if claim_id is not None:
             return tuple(ManagedContainer.from_state(s) for s in snapshot.labelled(CLAIM_LABEL, claim_id))
-        return tuple(self._presented_from(snapshot).values())
+        return self._presented_from(snapshot)[1]
 
-    def _presented_from(self, snapshot: Snapshot) -> dict[str, ManagedContainer]:
-        """The view's containers by id, newest first. A record the view did not change is the same
-        object, and so is its ManagedContainer: what a caller derives from one (a route's JSON)
-        it may keep until it gets another."""
-        presented_from, containers = self._presented
+    def _presented_from(self, snapshot: Snapshot) -> tuple[dict[str, ManagedContainer], tuple[ManagedContainer, ...]]:
+        """The view's containers by id, and in order (newest first), made once per snapshot. A record
+        the view did not change is the same object, and so is its ManagedContainer: what a caller
+        derives from one (a route's JSON) it may keep until it gets another."""
+        presented_from, by_id, in_order = self._presented
         if presented_from is not snapshot:
-            known = {id(c.state): c for c in containers.values()}
-            containers = {state.id: known.get(id(state)) or ManagedContainer.from_state(state) for state in snapshot.containers}
-            self._presented = (snapshot, containers)
-        return containers
+            known = {id(c.state): c for c in in_order}
+            in_order = tuple(known.get(id(state)) or ManagedContainer.from_state(state) for state in snapshot.containers)
+            by_id = {c.id: c for c in in_order}
+            self._presented = (snapshot, by_id, in_order)
+        return by_id, in_order
 
     def holders_of(self, label: str) -> list[Holdings]:
         """What the managed containers carrying `label` (GPUs or ports) hold, straight from the
@@ -135,7 +136,7 @@ class DockerManager:
         if not re.fullmatch(CONTAINER_ID_PATTERN, container_id):
             raise NotManaged(f"no managed container {container_id!r}: ids are 12 to 64 hex digits")
         if (snapshot := self.view.snapshot()) is not None:
-            shown = self._presented_from(snapshot)
+            shown, _ = self._presented_from(snapshot)
             if container_id in shown:
                 return shown[container_id]
             matches = [c for full_id, c in shown.items() if full_id.startswith(container_id)]
