@@ -15,6 +15,7 @@ removed at the end, also on Ctrl-C or failure.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -301,7 +302,8 @@ class Bench:
         self.images: list[str] = []
         self.figures: list[Figure] = []
         self.foreign = ForeignEvents(self.api, self.prefix)
-        self._created = 0
+        # Claims are named from many threads at once: next() on a count is atomic, `+= 1` is not.
+        self._claim_numbers = itertools.count(1)
         self._foreign_seen = 0
 
     # --- setup and teardown ------------------------------------------------------------
@@ -358,8 +360,7 @@ class Bench:
     # --- containers --------------------------------------------------------------------
 
     def claim(self, kind: str) -> str:
-        self._created += 1
-        return f"{self.prefix}-{kind}{self._created:04d}"
+        return f"{self.prefix}-{kind}{next(self._claim_numbers):04d}"
 
     def add_running_claims(self, count: int) -> None:
         """Running claims made through the agent (4 at a time), as an orchestrator would."""
