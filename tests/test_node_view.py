@@ -79,7 +79,8 @@ def test_one_watcher_serves_every_worker_and_a_create_shows_at_once_on_the_other
 def test_probes_take_the_watchers_heartbeat_for_the_engine_answering(agent_factory, relay):
     """/health on every worker trusts the one watcher's heartbeat: no worker pings the engine itself."""
     agent = agent_factory(workers=4, DOCKER_HOST=relay.base_url)
-    assert wait_for(lambda: len(watchers(agent)) == 1, timeout=10)
+    # Counted once the view is live: until then a worker's probe asks the engine itself, as it must.
+    assert wait_for(lambda: len(watchers(agent)) == 1 and "node view live" in agent.log(), timeout=10), agent.log()[-2000:]
     pings_before, started = relay.count(r"/_ping$"), time.monotonic()
     while time.monotonic() - started < 3 * TRUST_SECONDS:
         assert requests.get(agent.base_url + "/health", timeout=10).status_code == 200  # a new connection: any worker
