@@ -206,3 +206,12 @@ def test_a_snapshot_round_trips_and_keeps_the_records_that_did_not_change(tmp_pa
     second = Snapshot.read(path, previous=first)
     assert second.get(state(2).id).status == "exited"
     assert second.containers[0] is first.containers[0] and second.containers[1] == state(2, "exited")
+
+    # Shown one at a time, never listed: a record is parsed once, and an unchanged one carries over.
+    Snapshot.of(3, 11, (state(1), state(2, "exited"), state(3))).write(path)
+    third = Snapshot.read(path, previous=Snapshot.read(path, previous=second))
+    shown = third.get(state(1).id)
+    assert third.get(state(1).id) is shown and third.with_prefix(state(3).id[:12]) == [state(3)]
+    Snapshot.of(4, 13, (state(1), state(3, "exited"))).write(path)
+    fourth = Snapshot.read(path, previous=third)
+    assert fourth.get(state(1).id) is shown and fourth.get(state(2).id) is None and fourth.get(state(3).id).status == "exited"

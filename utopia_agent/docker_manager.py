@@ -21,7 +21,7 @@ from .engine_connection import EngineConnection, EventStream
 from .engine_errors import EngineConflict, EngineFailure, EngineNotFound, EngineRefusal
 from .errors import AgentError, ClaimExists, Conflict, EngineRejected, EngineUnavailable, ImagePullFailed, NotManaged, PortTaken
 from .image_pulls import pull
-from .node_view import ContainerState, NodeView, Snapshot
+from .node_view import ContainerState, NodeView
 from .records import CLAIM_LABEL, MANAGED_FILTER, MANAGED_LABEL, ContainerSpec, Holdings, ManagedContainer
 from .schemas import CONTAINER_ID_PATTERN
 
@@ -31,6 +31,8 @@ log = logging.getLogger("utopia_agent.docker")
 # ("Multiple IDs found ..."), 400 from later engines ("multiple IDs found ...").
 AMBIGUOUS_PREFIX = "multiple ids found with provided prefix"
 PORT_TAKEN = ("port is already allocated", "address already in use")
+# Records of containers shown but never listed since they went are dropped all at once past this many.
+MAX_RECORDS_KEPT = 4096
 
 
 class DockerManager:
@@ -42,7 +44,8 @@ class DockerManager:
         self._data_root: str | None = None
         # Reads come from the node-wide view; `view.volunteer()` makes this process a candidate watcher.
         self.view = NodeView(config.state_dir, self, config.engine_timeout)
-        self._presented: tuple[object, dict[str, ManagedContainer], tuple[ManagedContainer, ...]] = (None, {}, ())
+        self._presented: tuple[object, tuple[ManagedContainer, ...]] = (None, ())
+        self._records: dict[str, ManagedContainer] = {}
 
     def close(self) -> None:
         self.view.close()
@@ -79,19 +82,22 @@ class DockerManager:
             return tuple(ManagedContainer.from_state(state) for state in states)
         if claim_id is not None:
             return tuple(ManagedContainer.from_state(s) for s in snapshot.labelled(CLAIM_LABEL, claim_id))
-        return self._presented_from(snapshot)[1]
-
-    def _presented_from(self, snapshot: Snapshot) -> tuple[dict[str, ManagedContainer], tuple[ManagedContainer, ...]]:
-        """The view's containers by id, and in order (newest first), made once per snapshot. A record
-        the view did not change is the same object, and so is its ManagedContainer: what a caller
-        derives from one (a route's JSON) it may keep until it gets another."""
-        presented_from, by_id, in_order = self._presented
+        presented_from, containers = self._presented
         if presented_from is not snapshot:
-            known = {id(c.state): c for c in in_order}
-            in_order = tuple(known.get(id(state)) or ManagedContainer.from_state(state) for state in snapshot.containers)
-            by_id = {c.id: c for c in in_order}
-            self._presented = (snapshot, by_id, in_order)
-        return by_id, in_order
+            containers = tuple(self._record(state) for state in snapshot.containers)
+            self._records = {c.id: c for c in containers}
+            self._presented = (snapshot, containers)
+        return containers
+
+    def _record(self, state: ContainerState) -> ManagedContainer:
+        """One ManagedContainer per container while the view's record of it stays the same, listed
+        or shown: what a caller derives from one (a route's JSON) it may keep until it gets another."""
+        kept = self._records.get(state.id)
+        if kept is None or (kept.state is not state and kept.state != state):
+            if len(self._records) >= MAX_RECORDS_KEPT:
+                self._records = {}
+            kept = self._records[state.id] = ManagedContainer.from_state(state)
+        return kept
 
     def holders_of(self, label: str) -> list[Holdings]:
         """What the managed containers carrying `label` (GPUs or ports) hold, straight from the
@@ -136,12 +142,9 @@ class DockerManager:
         if not re.fullmatch(CONTAINER_ID_PATTERN, container_id):
             raise NotManaged(f"no managed container {container_id!r}: ids are 12 to 64 hex digits")
         if (snapshot := self.view.snapshot()) is not None:
-            shown, _ = self._presented_from(snapshot)
-            if container_id in shown:
-                return shown[container_id]
-            matches = [c for full_id, c in shown.items() if full_id.startswith(container_id)]
+            matches = snapshot.with_prefix(container_id)
             if len(matches) == 1:
-                return matches[0]
+                return self._record(matches[0])
         try:
             with self._engine.call("inspect container") as api:
                 info = api.inspect_container(container_id)

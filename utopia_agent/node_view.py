@@ -129,12 +129,18 @@ class Snapshot:
         self.generation = generation
         self.event_ns = event_ns
         self._lines = lines
-        self._known = previous._parsed() if previous is not None else {}
+        known = previous._parsed() if previous is not None else {}
+        if len(known) > 2 * len(lines):  # records only shown, never listed, pile up: keep the current ones
+            current = set(lines.values())
+            known = {line: record for line, record in known.items() if line in current}
+        self._known = known
+        self._records: dict[str, ContainerState] = {}
 
     @classmethod
     def of(cls, generation: int, event_ns: int, containers: tuple[ContainerState, ...]) -> Snapshot:
         snapshot = cls(generation, event_ns, {c.id: _line(c) for c in containers})
         snapshot.__dict__["containers"] = containers
+        snapshot._records = {c.id: c for c in containers}
         return snapshot
 
     @classmethod
@@ -154,17 +160,28 @@ class Snapshot:
     @cached_property
     def containers(self) -> tuple[ContainerState, ...]:
         known, self._known = self._known, {}
-        return tuple(known.get(line) or _parse(line) for line in self._lines.values())
+        containers = tuple(self._records.get(cid) or known.get(line) or _parse(line) for cid, line in self._lines.items())
+        self._records = {c.id: c for c in containers}
+        return containers
 
     def _parsed(self) -> dict[bytes, ContainerState]:
-        """Records already built, by their line: this snapshot's, else those it inherited."""
-        if "containers" not in self.__dict__:
-            return self._known
-        return {self._lines[c.id]: c for c in self.__dict__["containers"]}
+        """Records already built, by their line: this snapshot's and those it inherited."""
+        return {**self._known, **{self._lines[cid]: record for cid, record in self._records.items()}}
 
     def get(self, container_id: str) -> ContainerState | None:
-        line = self._lines.get(container_id)
-        return _parse(line) if line is not None else None
+        """One record, its line parsed once per snapshot (and not at all when it did not change)."""
+        record = self._records.get(container_id)
+        if record is None:
+            line = self._lines.get(container_id)
+            if line is None:
+                return None
+            record = self._records[container_id] = self._known.get(line) or _parse(line)
+        return record
+
+    def with_prefix(self, prefix: str) -> list[ContainerState]:
+        if prefix in self._lines:
+            return [self.get(prefix)]
+        return [self.get(container_id) for container_id in self._lines if container_id.startswith(prefix)]
 
     def labelled(self, key: str, value: str) -> list[ContainerState]:
         """The containers whose label `key` is `value`; only lines that mention the pair are parsed."""
