@@ -16,6 +16,7 @@ import re
 import threading
 import time
 from dataclasses import dataclass
+from functools import cache, cached_property
 from pathlib import Path
 
 from .errors import AgentError
@@ -106,34 +107,36 @@ class CgroupFiles:
             return _join(v2_mount, v2_path), False
         return None
 
+    @cached_property
+    def _files(self) -> tuple[str, str, str, str]:
+        """CPU time, memory.stat, memory used and memory limit: the paths joined once, not at each
+        sample (pathlib's joining cost as much as the reads)."""
+        cpu = "cpuacct.usage" if self.cpu_v1 else "cpu.stat"
+        used, limit = ("memory.usage_in_bytes", "memory.limit_in_bytes") if self.memory_v1 else ("memory.current", "memory.max")
+        return str(self.cpu_dir / cpu), str(self.memory_dir / "memory.stat"), str(self.memory_dir / used), str(self.memory_dir / limit)
+
     def read(self) -> Usage | None:
         """CPU time and memory now; None when the cgroup is gone (the container stopped).
 
         The sampler reads every running claim every few seconds, so each file is read with one
         open and one read, and memory.stat is searched for the one figure it gives."""
+        cpu_file, stat_file, used_file, limit_file = self._files
         try:
-            if self.cpu_v1:
-                cpu_seconds = int(_read(self.cpu_dir / "cpuacct.usage")) / 1e9
-            else:
-                cpu_seconds = _stat_value(_read(self.cpu_dir / "cpu.stat"), b"usage_usec") / 1e6
-            stats = _read(self.memory_dir / "memory.stat")
-            if self.memory_v1:
-                used = int(_read(self.memory_dir / "memory.usage_in_bytes"))
-                limit = int(_read(self.memory_dir / "memory.limit_in_bytes"))
-                limit = limit if limit < _V1_UNLIMITED else None
-                inactive = _stat_value(stats, b"total_inactive_file", default=0)
-            else:
-                used = int(_read(self.memory_dir / "memory.current"))
-                limit_text = _read(self.memory_dir / "memory.max").strip()
-                limit = None if limit_text == b"max" else int(limit_text)
-                inactive = _stat_value(stats, b"inactive_file", default=0)
+            cpu = _read(cpu_file)
+            cpu_seconds = int(cpu) / 1e9 if self.cpu_v1 else _stat_value(cpu, b"usage_usec") / 1e6
+            inactive = _stat_value(_read(stat_file), b"total_inactive_file" if self.memory_v1 else b"inactive_file", default=0)
+            used = int(_read(used_file))
+            limit_text = _read(limit_file).strip()
+            limit = None if limit_text == b"max" else int(limit_text)
         except (OSError, ValueError, KeyError):
             return None
+        if limit is not None and limit >= _V1_UNLIMITED:  # v1 says "no limit" with a huge number
+            limit = None
         # As `docker stats` does: page cache the kernel can drop is not what the job uses.
         return Usage(cpu_seconds, max(0, used - inactive), limit)
 
 
-def _read(path: Path) -> bytes:
+def _read(path: str) -> bytes:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         return os.read(fd, 1 << 16)
@@ -143,12 +146,17 @@ def _read(path: Path) -> bytes:
 
 def _stat_value(stats: bytes, key: bytes, default: int | None = None) -> int:
     """The value of `key` in a cgroup stat file ("key value" lines); KeyError when absent without a default."""
-    found = re.search(rb"^" + re.escape(key) + rb" (-?\d+)$", stats, re.MULTILINE)
+    found = _stat_line(key).search(stats)
     if found is not None:
         return int(found.group(1))
     if default is None:
         raise KeyError(key)
     return default
+
+
+@cache
+def _stat_line(key: bytes) -> re.Pattern[bytes]:
+    return re.compile(rb"^" + re.escape(key) + rb" (-?\d+)$", re.MULTILINE)
 
 
 class ClaimUsage:
@@ -268,6 +276,9 @@ class ClaimUsage:
         return {"time": now, "claims": claims}
 
     def _write(self, samples: dict) -> None:
+        """Replace the node's samples; this worker keeps what it wrote, so its next sample does not
+        parse the file back."""
         tmp = self._path.with_name(f".{self._path.name}.{os.getpid()}")
         tmp.write_text(json.dumps(samples))
         os.replace(tmp, self._path)
+        self._cache = (os.stat(self._path).st_mtime, samples)
