@@ -215,3 +215,22 @@ def test_a_snapshot_round_trips_and_keeps_the_records_that_did_not_change(tmp_pa
     Snapshot.of(4, 13, (state(1), state(3, "exited"))).write(path)
     fourth = Snapshot.read(path, previous=third)
     assert fourth.get(state(1).id) is shown and fourth.get(state(2).id) is None and fourth.get(state(3).id).status == "exited"
+
+
+def test_a_snapshot_encodes_only_the_records_that_changed_since_the_previous_one(tmp_path):
+    """The watcher rewrites the view at every change: an unchanged record keeps its encoded line."""
+    def state(n: int, status: str = "running") -> ContainerState:
+        return ContainerState(id=f"{n:02x}" * 32, name=f"utopia-c{n}", image="i", status=status, created=n, started=n, finished=0,
+                              exit_code=0, oom_killed=False, restart_count=0, error="", labels={})
+    kept, changed = state(1), state(2)
+    first = Snapshot.of(1, 7, (kept, changed))
+    second = Snapshot.of(2, 9, (kept, state(2, "exited"), state(3)), previous=first)
+    assert second._lines[kept.id] is first._lines[kept.id]
+    assert second._lines[changed.id] != first._lines[changed.id]
+    path = tmp_path / "view.jsonl"
+    second.write(path)
+    assert Snapshot.read(path).containers == (kept, state(2, "exited"), state(3))
+    # An equal record that is another object is encoded again, and reads back the same.
+    third = Snapshot.of(3, 11, (state(1),), previous=second)
+    third.write(path)
+    assert Snapshot.read(path).containers == (state(1),)

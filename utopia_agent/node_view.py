@@ -46,7 +46,7 @@ TRUST_SECONDS = 2.0
 # A list call compared with the view now and then, though the event stream said nothing changed.
 RESYNC_SECONDS = 60.0
 RECONNECT_SECONDS = 1.0
-POLL_SECONDS = 0.002
+POLL_SECONDS = 0.001
 
 DOWN, SYNCING, LIVE = 0, 1, 2
 
@@ -137,8 +137,11 @@ class Snapshot:
         self._records: dict[str, ContainerState] = {}
 
     @classmethod
-    def of(cls, generation: int, event_ns: int, containers: tuple[ContainerState, ...]) -> Snapshot:
-        snapshot = cls(generation, event_ns, {c.id: _line(c) for c in containers})
+    def of(cls, generation: int, event_ns: int, containers: tuple[ContainerState, ...], previous: Snapshot | None = None) -> Snapshot:
+        """The snapshot of these records; a record `previous` holds (the same object) keeps its line."""
+        kept = previous._records if previous is not None else {}
+        lines = {c.id: previous._lines[c.id] if kept.get(c.id) is c else _line(c) for c in containers}
+        snapshot = cls(generation, event_ns, lines)
         snapshot.__dict__["containers"] = containers
         snapshot._records = {c.id: c for c in containers}
         return snapshot
@@ -452,6 +455,8 @@ class _Watcher:
         self._feed: _EventFeed | None = None
         self._live = False
         self._records: dict[str, ContainerState] = {}
+        # The last snapshot written: the lines of records that did not change are not encoded again.
+        self._last_written: Snapshot | None = None
         self._event_ns = 0
         self._generation = header.get(header.GENERATION)
         try:
@@ -600,7 +605,7 @@ class _Watcher:
             return
         self._generation += bump
         containers = tuple(sorted(self._records.values(), key=lambda c: (-c.created, c.id)))
-        snapshot = Snapshot.of(self._generation, self._event_ns, containers)
+        snapshot = self._last_written = Snapshot.of(self._generation, self._event_ns, containers, self._last_written)
         snapshot.write(self._path)
         if bump:
             self._header.set(self._header.GENERATION, self._generation)
