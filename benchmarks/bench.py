@@ -393,7 +393,7 @@ class Bench:
             info = self.api.inspect_container(container_id)
             self.http.delete(container_id)
             resources, host = resources_from_labels(info["Config"]["Labels"]), info["HostConfig"]
-            request = {"claim_id": "-", "image": self.image, "command": SLEEP, "env_vars": [], "port_mappings": [], "volumes": [], "working_dir": ""}
+            request = {"claim_id": "-", "image": self.image, "command": SLEEP, "env_vars": [], "port_mappings": [], "volumes": {}, "working_dir": ""}
             self._agent_specs[gpu_count] = replace(
                 build_container_spec(request, self.defaults),
                 cpus=resources["cpus"], memory_mb=resources["memory_mb"], shm_size_mb=resources["shm_size_mb"],

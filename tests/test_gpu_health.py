@@ -354,3 +354,25 @@ def test_an_nvml_hung_from_the_start_shows_in_health_and_passes(agent_factory):
         assert agent.get("/api/v1/gpus").json() == [] and agent.get("/api/v1/metrics").json()["gpus_stale"] is True
     assert wait_for(lambda: agent.get("/health").status_code == 200, SETTLE)
     assert len(gpus(agent)) == 8
+
+
+def test_gpu_holders_are_derived_once_per_listing_and_again_for_a_new_one(tmp_path):
+    """Metrics polled while nothing changes reuse the holders of the view's listing (the same tuple
+    until a change); a new listing is derived afresh, and a caller's own listing is used as given."""
+    from types import SimpleNamespace
+
+    from utopia_agent.gpu_health import GpuHealth
+    from utopia_agent.records import Holdings
+
+    def held(claim: str, uuid: str) -> SimpleNamespace:
+        labels = {"utopia.claim_id": claim, "utopia.gpu_ids": "0", "utopia.gpu_uuids": uuid}
+        return SimpleNamespace(holdings=Holdings.from_labels(labels, claim))
+
+    listing = SimpleNamespace(containers=(held("first", "GPU-a"),))
+    listing.list_managed = lambda: listing.containers
+    health = GpuHealth(tmp_path, sampler=None, docker=listing, lock=threading.Lock, release_seconds=1)
+    before = health.listed_holders()
+    assert health.listed_holders() is before and dict(before) == {"GPU-a": "first"}
+    listing.containers = (*listing.containers, held("second", "GPU-b"))
+    assert dict(health.listed_holders()) == {"GPU-a": "first", "GPU-b": "second"}
+    assert dict(health.listed_holders((held("third", "GPU-c"),))) == {"GPU-c": "third"}

@@ -23,10 +23,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from .docker_manager import DockerManager
@@ -35,7 +36,7 @@ from .gpu_sampler import GpuSample, GpuSampler
 from .gpus import GpuEvent, GpuEvents, GpuFacts, GpuStatus
 from .holders import gpu_claims, gpu_holder
 from .node_role import NodeRole
-from .records import GPU_IDS_LABEL
+from .records import GPU_IDS_LABEL, ManagedContainer
 from .state_file import StateFile
 
 log = logging.getLogger("utopia_agent.gpu_health")
@@ -100,6 +101,7 @@ class GpuHealth:
         self.records = StateFile(state_dir / "gpu-health.json")
         self._docker = docker
         self._lock = lock
+        self._listed: tuple[Sequence[ManagedContainer] | None, Mapping[str, str]] = (None, {})
         self.monitor = HealthMonitor(self, state_dir / "gpu-monitor.lock", release_seconds)
 
     def facts(self) -> list[GpuFacts]:
@@ -112,9 +114,16 @@ class GpuHealth:
             holders = self.listed_holders()
         return views_of(sample or self.sampler.latest(), self.facts(), holders, self.records.read())
 
-    def listed_holders(self) -> dict[str, str]:
-        """Who holds which GPU, from the listing of managed containers (served from memory when exact)."""
-        return gpu_claims(container.holdings for container in self._docker.list_managed())
+    def listed_holders(self, containers: Sequence[ManagedContainer] | None = None) -> Mapping[str, str]:
+        """Who holds which GPU, from the listing of managed containers (served from memory when
+        exact), or from `containers`, a listing the caller has; derived once per listing, since
+        the view hands out the same one until something changes."""
+        if containers is None:
+            containers = self._docker.list_managed()
+        listed = self._listed
+        if listed[0] is not containers:
+            listed = self._listed = (containers, MappingProxyType(gpu_claims(container.holdings for container in containers)))
+        return listed[1]
 
     def fresh_holders(self) -> dict[str, str]:
         """Who holds which GPU, straight from the engine: what decisions under the lock use."""

@@ -20,7 +20,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from .errors import AgentError
-from .holders import gpu_claims, gpus_held_twice
+from .holders import gpus_held_twice
 from .schemas import GPU_STATES
 
 if TYPE_CHECKING:  # image pulls (under the docker manager) import this module, and gpu_health imports the docker manager
@@ -67,7 +67,7 @@ class NodeCollector(Collector):
 
         sample = agent.gpus.sampler.latest()
         holdings = [container.holdings for container in containers or ()]
-        views = agent.gpus.views(gpu_claims(holdings), sample)
+        views = agent.gpus.views(agent.gpus.listed_holders(containers) if containers is not None else {}, sample)
         yield from self._dcgm_families(views, sample, agent.gpus.records.read().get("xid_events", {}), hostname)
         states = GaugeMetricFamily("utopia_agent_gpus", "GPUs by state; only free ones are given to claims.", labels=["state"])
         for state in GPU_STATES:

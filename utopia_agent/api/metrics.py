@@ -9,7 +9,6 @@ from flask import Blueprint
 
 from ..errors import AgentError
 from ..gpu_health import GpuView
-from ..holders import gpu_claims
 from ..schemas import MetricsSchema
 from ..services import services
 from .operations import Responds, operation
@@ -38,7 +37,7 @@ def get_metrics() -> NodeMetrics:
     figures are the last good sample, and `gpus_stale` says so)."""
     agent = services()
     try:
-        holders = gpu_claims(container.holdings for container in agent.docker.list_managed())
+        holders = agent.gpus.listed_holders()
     except AgentError:
         holders = {}
     sample = agent.gpus.sampler.latest()
