@@ -24,7 +24,9 @@ from .node_role import NodeRole
 
 log = logging.getLogger("utopia_agent.usage")
 
-SAMPLE_SECONDS = 5.0
+# Prometheus scrapes every 15 s or more: a sample every 10 s serves each scrape a fresh figure, and
+# at 100 claims costs about 0.08% of a core instead of 0.17% every 5 s.
+SAMPLE_SECONDS = 10.0
 # A v1 memory limit this large is "no limit" (the kernel's PAGE_COUNTER_MAX in bytes, page-rounded).
 _V1_UNLIMITED = 1 << 62
 # cpu_percent is measured over at least this long; a sample younger than it is too close to now.
