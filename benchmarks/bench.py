@@ -317,7 +317,10 @@ class Bench:
         nvml_dir = build_fake_nvml(self.tmp / "nvml")
         state = self.tmp / "agent"
         state.mkdir()
-        nvml_config = write_fake_nvml_config(state / "nvml.conf", self.gpus)
+        # The stand-in's event wait wakes on any change in its config's directory (real NVML blocks in
+        # the driver): beside the agent's state, each sample written there would wake it.
+        (self.tmp / "nvml-scenario").mkdir()
+        nvml_config = write_fake_nvml_config(self.tmp / "nvml-scenario" / "nvml.conf", self.gpus)
         env = {
             **os.environ,
             "UTOPIA_AGENT_GPU_BACKEND": "nvml",
