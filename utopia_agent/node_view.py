@@ -46,7 +46,11 @@ TRUST_SECONDS = 2.0
 # A list call compared with the view now and then, though the event stream said nothing changed.
 RESYNC_SECONDS = 60.0
 RECONNECT_SECONDS = 1.0
-POLL_SECONDS = 0.001
+# Readers waiting out a sync (after a restart: one inspect per changed container, seconds at
+# times, every request thread of every worker waiting) poll the header this often...
+SYNC_POLL_SECONDS = 0.002
+# ...and a create or delete waits for its own change in the view (a few ms) polling this often.
+CHANGE_POLL_SECONDS = 0.001
 
 DOWN, SYNCING, LIVE = 0, 1, 2
 
@@ -297,7 +301,7 @@ class NodeView:
             give_up = give_up or now + self._wait_ns
             if now >= give_up:
                 return None
-            time.sleep(POLL_SECONDS)
+            time.sleep(SYNC_POLL_SECONDS)
         return None
 
     def engine_answered_within(self, seconds: float) -> bool:
@@ -349,7 +353,7 @@ class NodeView:
                 log.warning("the node view did not show the %s of container %s in time; asking for a full resync", change, container_id[:12])
                 self.request_resync()
                 return
-            time.sleep(POLL_SECONDS)
+            time.sleep(CHANGE_POLL_SECONDS)
 
     def request_resync(self) -> None:
         """Distrust the view until the watcher has checked it against a fresh list call."""
