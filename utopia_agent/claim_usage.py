@@ -21,6 +21,7 @@ from pathlib import Path
 
 from .errors import AgentError
 from .node_role import NodeRole
+from .state_file import StateFile
 
 log = logging.getLogger("utopia_agent.usage")
 
@@ -280,7 +281,5 @@ class ClaimUsage:
     def _write(self, samples: dict) -> None:
         """Replace the node's samples; this worker keeps what it wrote, so its next sample does not
         parse the file back."""
-        tmp = self._path.with_name(f".{self._path.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(samples))
-        os.replace(tmp, self._path)
+        StateFile(self._path).write(samples, durable=False)
         self._cache = (os.stat(self._path).st_mtime, samples)
