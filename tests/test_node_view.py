@@ -234,3 +234,18 @@ def test_a_snapshot_encodes_only_the_records_that_changed_since_the_previous_one
     third = Snapshot.of(3, 11, (state(1),), previous=second)
     third.write(path)
     assert Snapshot.read(path).containers == (state(1),)
+
+
+def test_records_only_shown_do_not_pile_up_across_snapshots(tmp_path):
+    """A reader shown many containers that have since gone keeps at most about the current view's worth."""
+    def state(n: int) -> ContainerState:
+        return ContainerState(id=f"{n:02x}" * 32, name=f"utopia-c{n}", image="i", status="running", created=n, started=n, finished=0,
+                              exit_code=0, oom_killed=False, restart_count=0, error="", labels={})
+    path = tmp_path / "view.jsonl"
+    Snapshot.of(1, 1, tuple(state(n) for n in range(1, 11))).write(path)
+    many = Snapshot.read(path)
+    assert all(many.get(state(n).id) == state(n) for n in range(1, 11))
+    Snapshot.of(2, 2, (state(1), state(11))).write(path)
+    few = Snapshot.read(path, previous=many)
+    assert len(few._parsed()) <= 2, "the records of the ten gone or changed lines are dropped"
+    assert few.get(state(1).id) is many.get(state(1).id) and few.get(state(11).id) == state(11)
