@@ -6,6 +6,7 @@ can say how many inspects a restart or a worker's death cost.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -215,6 +216,29 @@ def test_a_snapshot_round_trips_and_keeps_the_records_that_did_not_change(tmp_pa
     Snapshot.of(4, 13, (state(1), state(3, "exited"))).write(path)
     fourth = Snapshot.read(path, previous=third)
     assert fourth.get(state(1).id) is shown and fourth.get(state(2).id) is None and fourth.get(state(3).id).status == "exited"
+
+
+def test_showing_one_container_finds_its_line_without_indexing_the_view(tmp_path):
+    """Right after a change a reader shows one container: its line is found in the file's bytes, the
+    other lines are neither split out nor parsed; prefixes and labels are found the same way."""
+    def state(n: int, claim: str) -> ContainerState:
+        return ContainerState(id=f"ab{n:02x}" * 16, name=f"utopia-c{n}", image="i", status="running", created=n, started=n, finished=0,
+                              exit_code=0, oom_killed=False, restart_count=0, error="", labels={"utopia.claim_id": claim})
+    path = tmp_path / "view.jsonl"
+    states = (state(1, "a"), state(2, "b"), state(3, "b"))
+    Snapshot.of(1, 7, states).write(path)
+    snapshot = Snapshot.read(path)
+    assert snapshot.get(states[1].id) == states[1] and snapshot.get("ab" * 32) is None
+    assert snapshot.with_prefix(states[2].id[:12]) == [states[2]]
+    assert snapshot.with_prefix("abab") == [] and len(snapshot.with_prefix("ab0")) == 3  # the caller refuses an ambiguous prefix
+    assert snapshot.labelled("utopia.claim_id", "b") == [states[1], states[2]] and snapshot.labelled("utopia.claim_id", "c") == []
+    assert "_lines" not in snapshot.__dict__, "showing built the index of every line"
+    assert snapshot.containers == states and snapshot.get(states[1].id) is snapshot.containers[1]
+
+    # A view written before its header counted the containers reads the same.
+    header, body = path.read_bytes().split(b"\n", 1)
+    path.write_bytes(json.dumps({k: v for k, v in json.loads(header).items() if k != "containers"}).encode() + b"\n" + body)
+    assert Snapshot.read(path).containers == states
 
 
 def test_a_snapshot_encodes_only_the_records_that_changed_since_the_previous_one(tmp_path):
