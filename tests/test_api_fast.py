@@ -528,3 +528,42 @@ def test_create_show_list_delete_round_trip(client, memory):
     assert [c["id"] for c in client.get(CONTAINERS, query_string={"claim_id": CLAIM}, headers=auth()).get_json()] == [container_id]
     assert client.delete(f"{CONTAINERS}/{container_id}", headers=auth()).status_code == 204
     assert memory.containers == {}
+
+
+def test_a_list_is_joined_from_kept_bodies_and_dumps_only_what_changed():
+    """The container list is the schema's many=True dump, byte for byte; a new list that keeps most
+    objects dumps only the new ones, and the same list is not joined again."""
+    from dataclasses import dataclass
+
+    from flask import Flask
+    from marshmallow import Schema, fields
+
+    from utopia_agent.api.operations import RenderedWhileSame, json_body
+
+    @dataclass(frozen=True)
+    class Item:
+        id: str
+        note: str
+
+    class ItemSchema(Schema):
+        id = fields.String()
+        note = fields.String()
+
+    dumped = []
+
+    class CountingSchema(ItemSchema):
+        def dump(self, obj, *args, **kwargs):
+            dumped.append(obj.id)
+            return super().dump(obj, *args, **kwargs)
+
+    rendered = RenderedWhileSame(CountingSchema())
+    first = tuple(Item(f"c{n}", 'says "hi" ü') for n in range(3))
+    with Flask("t").app_context():
+        body = rendered.list_response(first, key=lambda item: item.id).get_data()
+        assert body == json_body(ItemSchema(many=True).dump(first)) and dumped == ["c0", "c1", "c2"]
+        assert rendered.list_response(first, key=lambda item: item.id).get_data() == body and len(dumped) == 3
+        second = (first[0], Item("c1", "changed"), first[2], Item("c3", "new"))
+        assert rendered.list_response(second, key=lambda item: item.id).get_data() == json_body(ItemSchema(many=True).dump(second))
+        assert dumped[3:] == ["c1", "c3"], "only the changed and the new item are dumped again"
+        assert rendered.response(second[1], key="c1").get_data() == json_body(ItemSchema().dump(second[1])) and len(dumped) == 5
+        assert rendered.list_response((), key=lambda item: item.id).get_data() == b"[]\n"

@@ -21,23 +21,35 @@ from utopia_agent.api.api_v1 import blueprint as api_v1
 from utopia_agent.api.openapi import IMPLICIT_METHODS, describe_api, openapi_path
 from utopia_agent import errors
 from utopia_agent.errors import BodyTooLarge, EngineUnavailable, Unauthorized
+from utopia_agent.records import ManagedContainer
 from utopia_agent.schemas import ErrorSchema, HealthSchema, ResponseSchema
 
 
 class SteadyEngine(MemoryEngine):
-    """Gives the whole list as one tuple while no container changed, as the node view does."""
+    """As DockerManager on the node view: the whole list is one tuple while no container changed,
+    and each container one object while it did not change, listed or shown."""
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self._listed: tuple[tuple, tuple] = ((), ())
+        self._records: dict[str, tuple] = {}
+
+    def _record(self, state):
+        kept = self._records.get(state.id)
+        if kept is None or kept[0] != state:
+            kept = self._records[state.id] = (state, ManagedContainer.from_state(state))
+        return kept[1]
 
     def list_managed(self, claim_id=None):
         if claim_id is not None:
             return super().list_managed(claim_id)
-        states = tuple(self.containers.values())
+        states = tuple(self._managed())
         if self._listed[0] != states:
-            self._listed = (states, super().list_managed())
+            self._listed = (states, tuple(self._record(state) for state in states))
         return self._listed[1]
+
+    def get_managed(self, container_id):
+        return self._record(self.containers[super().get_managed(container_id).id])
 
 
 @pytest.fixture
@@ -135,15 +147,17 @@ def test_every_json_answer_fits_the_schema_its_route_declares(client, monkeypatc
     assert unhealthy.get_json()["reason"] == "the engine does not answer" and HealthSchema().validate(unhealthy.get_json()) == {}
 
 
-def test_the_whole_list_is_dumped_once_per_view_generation(client, monkeypatch):
-    dumps = []
-    dump = containers_api._containers.dump
-    monkeypatch.setattr(containers_api._containers, "dump", lambda obj: dumps.append(obj) or dump(obj))
-    assert client.post(CONTAINERS, json={"claim_id": "one", "image": IMAGE}, headers=auth()).status_code == 201
+def test_each_container_is_dumped_once_per_change_listed_or_shown(client, monkeypatch):
+    dumped = []
+    dump = containers_api._container.dump
+    monkeypatch.setattr(containers_api._container, "dump", lambda obj: dumped.append(obj.claim_id) or dump(obj))
+    created = client.post(CONTAINERS, json={"claim_id": "one", "image": IMAGE}, headers=auth())
+    assert created.status_code == 201
     first = [client.get(CONTAINERS, headers=auth()).get_data() for _ in range(3)]
+    assert client.get(f"{CONTAINERS}/{created.get_json()['container_id']}", headers=auth()).status_code == 200
     assert client.post(CONTAINERS, json={"claim_id": "two", "image": IMAGE}, headers=auth()).status_code == 201
     second = client.get(CONTAINERS, headers=auth()).get_json()
-    assert len(dumps) == 2 and first[0] == first[1] == first[2]
+    assert dumped == ["one", "two"] and first[0] == first[1] == first[2]
     assert sorted(container["claim_id"] for container in second) == ["one", "two"]
 
 

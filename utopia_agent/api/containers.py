@@ -7,6 +7,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import wraps
+from operator import attrgetter
 
 from flask import Blueprint, Response, g, url_for
 
@@ -50,8 +51,7 @@ log = logging.getLogger("utopia_agent.containers")
 blueprint = Blueprint("containers", __name__, url_prefix="/containers")
 _container = ContainerSchema()
 _containers = ContainerSchema(many=True)
-_full_list = RenderedWhileSame(_containers)
-_shown = RenderedWhileSame(_container)
+_rendered = RenderedWhileSame(_container)
 _path = ContainerPathSchema()
 NOT_MANAGED = fails("No managed container with that id; containers the agent does not manage are never shown or touched.", NotManaged)
 _MIB = 1024 * 1024
@@ -170,8 +170,7 @@ def create_container(body: dict):
 def list_containers(query: dict):
     claim_id = query.get("claim_id")
     containers = services().docker.list_managed(claim_id=claim_id)
-    # The whole list is the same tuple while the node view does not change: dumped once per generation.
-    return containers if claim_id is not None else _full_list.response(containers)
+    return containers if claim_id is not None else _rendered.list_response(containers, key=attrgetter("id"))
 
 
 @blueprint.get("/<container_id>")
@@ -186,7 +185,7 @@ def list_containers(query: dict):
 def get_container(container_id: str) -> Response:
     container = services().docker.get_managed(container_id)
     g.claim_id = container.claim_id
-    return _shown.response(container, key=container.id)
+    return _rendered.response(container, key=container.id)
 
 
 @blueprint.delete("/<container_id>")

@@ -14,7 +14,7 @@ from werkzeug.routing import Rule
 from .. import __version__
 from ..schemas import CONTAINER_EXAMPLE, ContainerSchema, ErrorSchema
 from . import api_v1
-from .operations import Failure, Operation, Responds, json_body, operation
+from .operations import Failure, Operation, Responds, encoded_response, json_body, operation
 
 blueprint = Blueprint("openapi", __name__)
 
@@ -116,4 +116,4 @@ def openapi_document():
     body = current_app.extensions.get("openapi")
     if body is None:
         body = current_app.extensions["openapi"] = json_body(describe_api(current_app))
-    return current_app.response_class(body, mimetype="application/json")
+    return encoded_response(body)

@@ -8,7 +8,7 @@ document cannot describe a route the app lacks, nor a shape the route does not a
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from functools import wraps
 from typing import Any
@@ -51,7 +51,12 @@ def json_body(data: Any) -> bytes:
 
 
 def json_response(data: Any, status: int = 200) -> Response:
-    return current_app.response_class(json_body(data), status=status, mimetype="application/json")
+    return encoded_response(json_body(data), status)
+
+
+def encoded_response(body: bytes, status: int = 200) -> Response:
+    """A JSON body already encoded."""
+    return current_app.response_class(body, status=status, mimetype="application/json")
 
 
 # What every route that waits on the engine may answer.
@@ -142,8 +147,10 @@ def operation(operation_id: str, *, tag: str, summary: str, responds: Responds |
 
 class RenderedWhileSame:
     """JSON bodies dumped by `schema`, each kept while the view gives the very same object for its
-    key: the container list is one tuple per node-view generation, and each container one object
-    while the view does not change it (see DockerManager), so each is dumped once per change."""
+    key: each container is one object while the view does not change it (see DockerManager), so it
+    is dumped once per change, shown alone or in a list; and the whole list is one tuple per
+    node-view generation, so a list is joined once per change from what is kept (right after a
+    change only the containers that changed are dumped: 1.0 ms of dumping at 100 containers)."""
 
     # Bodies of containers long gone are dropped all at once past this many.
     MAX_KEPT = 4096
@@ -151,11 +158,23 @@ class RenderedWhileSame:
     def __init__(self, schema: Schema):
         self._schema = schema
         self._rendered: dict[Hashable, tuple[object, bytes]] = {}
+        self._listed: tuple[object, bytes] = (None, b"")
 
-    def response(self, obj: object, key: Hashable = None) -> Response:
+    def _encoded(self, obj: object, key: Hashable) -> bytes:
         kept = self._rendered.get(key)
         if kept is None or kept[0] is not obj:
             if len(self._rendered) >= self.MAX_KEPT:
                 self._rendered.clear()
-            kept = self._rendered[key] = (obj, json_body(self._schema.dump(obj)))
-        return current_app.response_class(kept[1], mimetype="application/json")
+            kept = self._rendered[key] = (obj, _encode(self._schema.dump(obj)).encode())
+        return kept[1]
+
+    def response(self, obj: object, key: Hashable = None) -> Response:
+        return encoded_response(self._encoded(obj, key) + b"\n")
+
+    def list_response(self, objs: Sequence[Any], key: Callable[[Any], Hashable]) -> Response:
+        """The JSON array of `objs`, as `schema` with many=True would dump it."""
+        listed, body = self._listed
+        if listed is not objs:
+            body = b"[" + b",".join(self._encoded(obj, key(obj)) for obj in objs) + b"]\n"
+            self._listed = (objs, body)
+        return encoded_response(body)
