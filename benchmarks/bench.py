@@ -84,7 +84,7 @@ class Plan:
     burst_rounds: int  # rounds of 16 concurrent creates, each way
 
 
-FULL = Plan(claims=(10, 100, 500), samples=200, scaling_samples=60, create_samples=30, change_rounds=16, health_samples=400,
+FULL = Plan(claims=(10, 100, 500), samples=200, scaling_samples=60, create_samples=30, change_rounds=24, health_samples=400,
             pulls=8, pull_payload_kib=4096, pull_kib_per_s=256, pull_window_s=10.0, cpu_seconds=30.0, burst_rounds=6)
 QUICK = Plan(claims=(5, 20, 40), samples=20, scaling_samples=10, create_samples=3, change_rounds=2, health_samples=60,
              pulls=8, pull_payload_kib=1024, pull_kib_per_s=128, pull_window_s=3.0, cpu_seconds=5.0, burst_rounds=1)
@@ -497,7 +497,8 @@ class Bench:
     def figure_after_change(self, claims: int) -> None:
         """List and show on the first read after a change, as an orchestrator reads: create or delete
         through its keep-alive session, then read at once (on that session, or on a fresh connection,
-        which lands on any worker). Baselines are timed right after the same change."""
+        which lands on any worker). The reads take turns, one per change; each is compared with the
+        baselines timed in its own rounds, right after the same changes."""
         shown_id = self.engine_list()[-1]["Id"]
         show_path = f"/api/v1/containers/{shown_id}"
         reads = {
@@ -508,7 +509,8 @@ class Bench:
         }
         baselines = {"engine": self.engine_list, "bare": lambda: self.bare.get("/health"),
                      "bare_fresh": lambda: self.bare.get("/health", fresh=True)}
-        timings: dict[str, list[float]] = {name: [] for name in [*reads, *baselines]}
+        # For each read: its own timings and those of the baselines in the same rounds.
+        timings = {read: {name: [] for name in [read, *baselines]} for read in reads}
         made: list[str] = []
         rounds = self.plan.change_rounds * len(reads)
         for i in range(rounds):
@@ -517,20 +519,22 @@ class Bench:
             else:
                 self.http.delete(made.pop())
             read = list(reads)[(i // 2) % len(reads)]
-            order = [read, *baselines]
-            for name in order[i % len(order):] + order[:i % len(order)]:
-                timings[name].append(timed(reads.get(name) or baselines[name]))
+            # Which goes first turns once per cycle of changes, so the read and each of its baselines
+            # come first after a create, and after a delete, equally often.
+            order, shift = [read, *baselines], (i // (2 * len(reads))) % (1 + len(baselines))
+            for name in order[shift:] + order[:shift]:
+                timings[read][name].append(timed(reads.get(name) or baselines[name]))
         for container_id in made:
             self.http.delete(container_id)
-        note = f"{rounds} changes, creates and deletes in turn; baseline timed right after the same change"
-        self.add(compare(f"GET /api/v1/containers ({claims} claims), right after a change", timings["list"], timings["engine"],
-                         LIST_LIMIT, f"keep-alive session that made the change; {note}"))
-        self.add(compare(f"GET /api/v1/containers ({claims} claims), right after a change, fresh connection", timings["list_fresh"],
-                         timings["engine"], LIST_LIMIT, note))
-        self.add(compare("GET /api/v1/containers/<id>, right after a change", timings["show"], timings["bare"], FLOOR_LIMIT,
-                         f"keep-alive session that made the change; baseline: the bare app; {note}"))
-        self.add(compare("GET /api/v1/containers/<id>, right after a change, fresh connection", timings["show_fresh"],
-                         timings["bare_fresh"], FLOOR_LIMIT, f"baseline: the bare app, fresh connection; {note}"))
+        note = f"{rounds} changes, creates and deletes in turn; baselines timed right after the same changes as the read"
+        self.add(compare(f"GET /api/v1/containers ({claims} claims), right after a change", timings["list"]["list"],
+                         timings["list"]["engine"], LIST_LIMIT, f"keep-alive session that made the change; {note}"))
+        self.add(compare(f"GET /api/v1/containers ({claims} claims), right after a change, fresh connection",
+                         timings["list_fresh"]["list_fresh"], timings["list_fresh"]["engine"], LIST_LIMIT, note))
+        self.add(compare("GET /api/v1/containers/<id>, right after a change", timings["show"]["show"], timings["show"]["bare"],
+                         FLOOR_LIMIT, f"keep-alive session that made the change; baseline: the bare app; {note}"))
+        self.add(compare("GET /api/v1/containers/<id>, right after a change, fresh connection", timings["show_fresh"]["show_fresh"],
+                         timings["show_fresh"]["bare_fresh"], FLOOR_LIMIT, f"baseline: the bare app, fresh connection; {note}"))
 
     def figure_metrics(self) -> None:
         self.http.warm_all_workers("/api/v1/metrics")
