@@ -14,7 +14,7 @@ from tests.support.memory_engine import MemoryEngine
 from utopia_agent.api.openapi import security_of
 from utopia_agent.app import create_app
 from utopia_agent.config import load_config
-from utopia_agent.records import GPU_IDS_LABEL, PORTS_LABEL
+from utopia_agent.records import GPU_IDS_LABEL
 from utopia_agent.errors import EngineError, EngineUnavailable
 from utopia_agent.gpus import GpuInventory
 from utopia_agent.policy import RESERVED_ENV_NAMES
@@ -467,7 +467,7 @@ def test_an_engine_failure_while_removing_keeps_the_container(client, memory, er
 
 
 @pytest.mark.parametrize("error,status,code", ENGINE_FAULTS, ids=["unavailable", "failed"])
-@pytest.mark.parametrize("method", ["find_claim", "ensure_image", "holders_of", "create"])
+@pytest.mark.parametrize("method", ["find_claim", "ensure_image", "managed_rows", "create"])
 def test_engine_failures_while_creating_leave_nothing(client, memory, error, status, code, method):
     memory.fail_next(method, error)
     response = create(client, command=["sleep", "60"], gpu_count=1)
@@ -475,20 +475,17 @@ def test_engine_failures_while_creating_leave_nothing(client, memory, error, sta
     assert ("Retry-After" in response.headers) == (status == 503)
 
 
-def test_a_failed_read_under_the_lock_never_hides_the_claims_own_container(client, memory, monkeypatch):
-    """The allocation lists are read at once; the claim's own is still judged first, as if read alone."""
+def test_a_failed_read_under_the_lock_decides_nothing_and_the_retry_names_the_claims_container(client, memory, monkeypatch):
+    """Under the lock one engine list shows the claim's container and everything held: when it
+    fails nothing is decided (503, to retry), and the retry is told the claim's container."""
     existing = create(client, command=["sleep", "60"]).get_json()["container_id"]
     monkeypatch.setattr(memory, "find_claim", lambda claim_id, fresh=False: None)  # the early check missed it
-    read = memory.holders_of
-
-    def ports_fail(label: str):
-        if label == PORTS_LABEL:
-            raise EngineUnavailable("the ports list failed (test)")
-        return read(label)
-
-    monkeypatch.setattr(memory, "holders_of", ports_fail)
-    response = create(client, command=["sleep", "60"], port_mappings=[{"host_port": 21007, "container_port": 80}])
-    assert response.status_code == 409 and response.get_json()["container_id"] == existing, response.get_json()
+    memory.fail_next("managed_rows", EngineUnavailable("the list failed (test)"))
+    ports = [{"host_port": 21007, "container_port": 80}]
+    failed = create(client, command=["sleep", "60"], port_mappings=ports)
+    assert failed.status_code == 503 and "Retry-After" in failed.headers and list(memory.containers) == [existing]
+    retried = create(client, command=["sleep", "60"], port_mappings=ports)
+    assert retried.status_code == 409 and retried.get_json()["container_id"] == existing, retried.get_json()
 
 
 @pytest.mark.parametrize("error,status,code", ENGINE_FAULTS, ids=["unavailable", "failed"])

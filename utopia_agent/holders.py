@@ -1,19 +1,30 @@
 """Who holds which GPU, host port, volume and CPU: one function per question, from `Holdings`.
 
-The Holdings come from the engine's label-filtered lists when allocation decides under the
-lock (`DockerManager.holders_of`), or from the listing of managed containers
-(`ManagedContainer.holdings`) when the API, the metrics and the CLI show the node.
+The Holdings come from the engine's list of managed containers when allocation decides under
+the lock (`carrying`), from its label-filtered lists elsewhere (`DockerManager.holders_of`), or
+from the listing of managed containers (`ManagedContainer.holdings`) when the API, the metrics
+and the CLI show the node.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .records import Holdings
 
 if TYPE_CHECKING:  # only its uuid and index are read
     from .gpus import GpuStatus
+
+
+def carrying(rows: Iterable[Mapping[str, Any]], label: str) -> list[Holdings]:
+    """What the engine's list rows that carry `label` hold; `label` is `key` or `key=value`, matched
+    as the engine's label filter matches it."""
+    key, has_value, value = label.partition("=")
+    return [
+        Holdings.from_labels(labels, row["Id"]) for row in rows
+        if key in (labels := row.get("Labels") or {}) and (not has_value or labels[key] == value)
+    ]
 
 
 def gpu_keys(held: Holdings) -> tuple[str, ...]:

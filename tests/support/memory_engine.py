@@ -13,7 +13,9 @@ import re
 import time
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
+from utopia_agent.holders import carrying
 from utopia_agent.records import CLAIM_LABEL, MANAGED_LABEL, ContainerSpec, Holdings, ManagedContainer
 from utopia_agent.errors import AgentError, ClaimExists, ImagePullFailed, NotManaged
 from utopia_agent.node_view import ContainerState
@@ -88,11 +90,15 @@ class MemoryEngine:
     def holders_of(self, label: str) -> list[Holdings]:
         """`label` is `key` or `key=value`, as the engine's label filter takes it."""
         self._call("holders_of")
-        key, has_value, value = label.partition("=")
-        return [
-            Holdings.from_labels(state.labels, state.id) for state in self._managed()
-            if key in state.labels and (not has_value or state.labels[key] == value)
-        ]
+        return carrying(self._rows(), label)
+
+    def managed_rows(self, claim_id: str | None = None) -> list[dict[str, Any]]:
+        self._call("managed_rows")
+        return self._rows(claim_id)
+
+    def _rows(self, claim_id: str | None = None) -> list[dict[str, Any]]:
+        """The managed containers as the engine's list rows."""
+        return [{"Id": s.id, "Names": [f"/{s.name}"], "State": s.status, "Labels": dict(s.labels)} for s in self._managed(claim_id)]
 
     def stale_created(self, older_than: float) -> list[tuple[str, str]]:
         self._call("stale_created")
