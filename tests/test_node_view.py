@@ -273,3 +273,37 @@ def test_records_only_shown_do_not_pile_up_across_snapshots(tmp_path):
     few = Snapshot.read(path, previous=many)
     assert len(few._parsed()) <= 2, "the records of the ten gone or changed lines are dropped"
     assert few.get(state(1).id) is many.get(state(1).id) and few.get(state(11).id) == state(11)
+
+
+def test_records_kept_for_reuse_are_bounded_and_reused_while_unchanged(tmp_path, monkeypatch):
+    """A worker keeps one ManagedContainer per container while its record stays the same (routes
+    keep their JSON by it), and drops them all at once past the bound, so gone containers do not
+    pile up; the bound of the rendered bodies works the same way."""
+    from flask import Flask
+
+    from utopia_agent import docker_manager
+    from utopia_agent.api.operations import RenderedWhileSame
+    from utopia_agent.schemas import ContainerSchema
+
+    def state(n: int, status: str = "running") -> ContainerState:
+        return ContainerState(id=f"{n:02x}" * 32, name=f"utopia-c{n}", image="i", status=status, created=n, started=n, finished=0,
+                              exit_code=0, oom_killed=False, restart_count=0, error="", labels={"utopia.claim_id": f"c{n}"})
+
+    monkeypatch.setattr(docker_manager, "MAX_RECORDS_KEPT", 3)
+    manager = docker_manager.DockerManager(Config(token="t" * 32, state_dir=tmp_path))
+    try:
+        first = manager._record(state(1))
+        assert manager._record(state(1)) is first, "an equal record is the same object"
+        assert manager._record(state(1, "exited")) is not first
+        for n in range(2, 8):
+            manager._record(state(n))
+            assert len(manager._records) <= 3
+    finally:
+        manager.close()
+
+    rendered = RenderedWhileSame(ContainerSchema())
+    monkeypatch.setattr(rendered, "MAX_KEPT", 3)
+    with Flask("t").app_context():
+        for n in range(1, 8):
+            rendered.response(first, key=n)
+            assert len(rendered._rendered) <= 3
