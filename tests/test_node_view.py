@@ -241,6 +241,25 @@ def test_showing_one_container_finds_its_line_without_indexing_the_view(tmp_path
     assert Snapshot.read(path).containers == states
 
 
+def test_a_label_named_id_cannot_stand_in_for_another_container(tmp_path):
+    """Image labels are the tenant's, and the engine copies them onto the container: one named `id`
+    whose value is another container's id is written as `{"id": "<that id>` inside the tenant's own
+    line. Showing, finding by prefix and listing still give each container its own record."""
+    def state(n: int, labels: dict[str, str]) -> ContainerState:
+        return ContainerState(id=f"cd{n:02x}" * 16, name=f"utopia-c{n}", image="i", status="running", created=n, started=n, finished=0,
+                              exit_code=0, oom_killed=False, restart_count=0, error="", labels=labels)
+    victim = state(1, {"utopia.claim_id": "victim"})
+    hostile = state(2, {"id": victim.id, "utopia.claim_id": "hostile"})
+    shorter = state(3, {"id": victim.id[:20] + '", "status": "exited', "utopia.claim_id": "third"})
+    path = tmp_path / "view.jsonl"
+    Snapshot.of(1, 7, (hostile, shorter, victim)).write(path)
+    assert f'{{"id": "{victim.id}"'.encode() in path.read_bytes().split(b"\n")[1], "the label is written as the test means"
+    for read in (lambda: Snapshot.read(path), lambda: Snapshot.of(1, 7, (hostile, shorter, victim))):
+        snapshot = read()
+        assert snapshot.get(victim.id) == victim and snapshot.with_prefix(victim.id[:12]) == [victim]
+        assert snapshot.labelled("utopia.claim_id", "victim") == [victim] and snapshot.containers == (hostile, shorter, victim)
+
+
 def test_a_snapshot_encodes_only_the_records_that_changed_since_the_previous_one(tmp_path):
     """The watcher rewrites the view at every change: an unchanged record keeps its encoded line."""
     def state(n: int, status: str = "running") -> ContainerState:
