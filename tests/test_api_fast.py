@@ -7,6 +7,9 @@ container afterwards. What only a real engine proves stays in the `docker` suite
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import pytest
 from flask import request
 
@@ -564,3 +567,23 @@ def test_a_list_is_joined_from_kept_bodies_and_dumps_only_what_changed():
         assert dumped[3:] == ["c1", "c3"], "only the changed and the new item are dumped again"
         assert rendered.response(second[1], key="c1").get_data() == json_body(ItemSchema().dump(second[1])) and len(dumped) == 5
         assert rendered.list_response((), key=lambda item: item.id).get_data() == b"[]\n"
+
+
+def test_a_create_cut_short_by_its_workers_death_is_settled_before_the_next_decision(app, client, memory):
+    """A worker killed while the engine makes its container releases the lock at once, but the engine
+    may still finish: the next create finds the dead create's record, removes that container (nobody
+    was told of it) and only then gives out GPUs, so none is given twice; a record whose container
+    never came is dropped."""
+    state_dir = app.extensions["utopia"].config.state_dir
+    orphan = create(client, claim_id="cut-short", command=["sleep", "60"], gpu_count=8).get_json()["container_id"]
+    name = memory.containers[orphan].name
+    memory.containers[orphan] = dataclasses.replace(memory.containers[orphan], status="created", started=0)
+    (state_dir / "create-in-flight.json").write_text(json.dumps({"name": name, "pid": 4242}))
+    response = create(client, command=["sleep", "60"], gpu_count=8)
+    assert response.status_code == 201, response.get_json()
+    assert orphan not in memory.containers and not (state_dir / "create-in-flight.json").exists()
+
+    (state_dir / "create-in-flight.json").write_text(json.dumps({"name": "utopia-never-made", "pid": 4243}))
+    assert create(client, claim_id="after", command=["sleep", "60"]).status_code == 201
+    assert not (state_dir / "create-in-flight.json").exists()
+    assert len(memory.containers) == 2, "the record of a container never made removes nothing"

@@ -259,3 +259,29 @@ def test_deleting_the_old_lock_file_mid_burst_never_shares_a_gpu(agent_factory, 
         thread.join()
     assert all(isinstance(r, requests.Response) and r.status_code in (201, 409) for r in results.values()), results
     assert assert_exclusive(docker_client, claim("")) == set(HEALTHY_GPUS)
+
+
+def test_a_container_the_engine_makes_after_its_creator_died_is_waited_for_and_removed(docker_client, test_image, claim, tmp_path):
+    """What the next holder of the allocation lock does with a create cut short: the engine may make
+    the container a moment after its worker died; it is waited for and removed, and a name the
+    engine never makes is given up on once the wait is over."""
+    from utopia_agent.config import Config
+    from utopia_agent.docker_manager import DockerManager
+
+    manager = DockerManager(Config(token="-", state_dir=tmp_path, engine_timeout=10))
+    name = f"utopia-{claim('late')}"
+    late = threading.Timer(0.5, lambda: docker_client.api.create_container(
+        test_image, ["sleep", "60"], name=name, labels={"utopia.managed": "true", "utopia.claim_id": claim("late")}))
+    try:
+        late.start()
+        started = time.monotonic()
+        assert manager.remove_if_created(name, wait_seconds=10)
+        assert 0.4 < time.monotonic() - started < 10 and not docker_client.containers.list(all=True, filters={"name": f"^/{name}$"})
+        started = time.monotonic()
+        assert not manager.remove_if_created(f"utopia-{claim('never')}", wait_seconds=0.5)
+        assert time.monotonic() - started >= 0.5
+    finally:
+        late.join()
+        manager.close()
+        for leftover in docker_client.containers.list(all=True, filters={"name": name}):
+            leftover.remove(force=True)

@@ -31,6 +31,7 @@ from .holders import carrying, exclusive_cpus, gpu_claims, gpus_held_twice, port
 from .node_state import NodeDrain
 from .policy import check_volumes_apart
 from .records import CLAIM_LABEL, CPUS_LABEL, GPU_IDS_LABEL, MEMORY_LABEL, PORTS_LABEL, VOLUMES_LABEL, ContainerSpec, Holdings
+from .state_file import StateFile
 from .resources import NodeResources, check_fits, choose_exclusive_cpus, default_shm_mb, gpu_share, numa_placement, reserved_cpu_ids
 from .volumes import MountPins, VolumeRefused
 
@@ -105,6 +106,8 @@ class Allocator:
         self._lock_timeout = lock_timeout
         self._pins = pins
         self._node = node
+        # The name of the container being created under the lock, while the engine makes it.
+        self._in_flight = StateFile(config.state_dir / "create-in-flight.json")
 
     def admit(self, gpu_count: int) -> None:
         """Refuse early (before any pull) what the lock would refuse anyway: any new claim while the
@@ -127,6 +130,7 @@ class Allocator:
         claim_label = f"{CLAIM_LABEL}={spec.claim_id}"
         limits = gpu_count or spec.cpus or spec.memory_mb
         with allocation_lock(self._state_dir, self._lock_timeout):
+            self._settle_interrupted_create()
             held = self._holders_now()
             if claimed := held(claim_label):
                 raise ClaimExists.held_by(spec.claim_id, claimed[0].container_id)
@@ -141,14 +145,36 @@ class Allocator:
                 spec = self._with_gpus(spec, gpu_count, sample, gpu_claims(gpu_holders), self._has_free_cores(limited))
             spec = self._with_resources(spec, len(sample.gpus) if sample else 0, limited)
             if not spec.volumes:
-                return self._docker.create(spec), spec
+                return self._create(spec), spec
             check_volumes_apart(spec.volumes, volume_holders(held(VOLUMES_LABEL)), engine_root)
             spec = replace(spec, mount_sources=tuple(self._pin(spec)))
             try:
-                return self._docker.create(spec), spec
+                return self._create(spec), spec
             except BaseException:
                 self._pins.release(spec.claim_id)
                 raise
+
+    def _create(self, spec: ContainerSpec) -> str:
+        """The engine's create, with the container's name on record while the engine makes it: a
+        worker killed meanwhile releases the lock at once, but the engine may still finish."""
+        self._in_flight.write({"name": spec.name, "pid": os.getpid()}, durable=False)
+        try:
+            return self._docker.create(spec)
+        finally:
+            self._in_flight.remove()
+
+    def _settle_interrupted_create(self) -> None:
+        """A record left by a holder of the lock that died while the engine made its container: wait
+        (up to the engine timeout) for the engine to finish and remove the container, which nobody
+        was told of, before deciding; else the next list could miss it and give its GPUs again."""
+        interrupted = self._in_flight.read()
+        if not interrupted:
+            return
+        name = interrupted.get("name", "")
+        removed = self._docker.remove_if_created(name, wait_seconds=self._config.engine_timeout)
+        log.warning("a create interrupted by its worker's death pid=%s container=%s: %s", interrupted.get("pid"), name,
+                    "removed" if removed else "the engine never made it")
+        self._in_flight.remove()
 
     def _pin(self, spec: ContainerSpec) -> list[str]:
         try:

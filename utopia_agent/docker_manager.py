@@ -234,20 +234,29 @@ class DockerManager:
         except (EngineRefusal, EngineNotFound) as exc:
             raise EngineRejected(f"the engine refused the container: {exc.message}") from None
         except (EngineUnavailable, EngineFailure):
-            self._remove_if_created(spec.name)
+            self.remove_if_created(spec.name)
             raise
         return created["Id"]
 
-    def _remove_if_created(self, name: str) -> None:
-        """After a create that timed out or failed, the engine may still have made the container: take it away
-        (the caller holds the allocation lock), so it never holds GPUs nobody knows about."""
+    def remove_if_created(self, name: str, wait_seconds: float = 0.0) -> bool:
+        """Remove the container `name` should the engine have made it, after a create whose answer
+        never came back: it timed out, or the worker that sent it died (then wait up to
+        `wait_seconds` for the engine to finish making it). The caller holds the allocation lock,
+        so the container never holds GPUs nobody knows about. True when there was one."""
+        give_up = time.monotonic() + wait_seconds
         try:
-            with self._engine.call("remove container") as api:
-                api.remove_container(name, v=True, force=True)
-        except (EngineNotFound, EngineConflict):
-            pass
+            while True:
+                try:
+                    with self._engine.call("remove container") as api:
+                        api.remove_container(name, v=True, force=True)
+                    return True
+                except (EngineNotFound, EngineConflict):
+                    if time.monotonic() >= give_up:
+                        return False
+                    time.sleep(0.05)
         except AgentError:
-            log.error("a create timed out and its container %s could not be checked; remove it by hand", name)
+            log.error("a create's container %s could not be checked after its answer was lost; remove it by hand", name)
+            return False
         finally:
             self.view.request_resync()
 

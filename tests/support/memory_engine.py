@@ -158,6 +158,13 @@ class MemoryEngine:
         self._call("remove")
         self.containers.pop(container_id, None)
 
+    def remove_if_created(self, name: str, wait_seconds: float = 0.0) -> bool:
+        self._call("remove_if_created")
+        made = next((s.id for s in self.containers.values() if s.name == name), None)
+        if made is not None:
+            self.containers.pop(made)
+        return made is not None
+
     def delete_managed(self, container_id: str) -> ManagedContainer:
         container = self.get_managed(container_id)
         self.remove(container.id)
