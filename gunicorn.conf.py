@@ -13,9 +13,9 @@ import sys
 from gunicorn.glogging import Logger
 
 from utopia_agent.config import ConfigError, load_config, prepare_state_dir
-from utopia_agent.logs import logging_dict
-from utopia_agent.volumes import MountPins
-from utopia_agent.state_dir import (
+from utopia_agent.observability.logs import logging_dict
+from utopia_agent.claims.volumes import MountPins
+from utopia_agent.node.state_dir import (
     StateDirInUse,
     forget_inherited_holds,
     hold_state_dir,
@@ -53,7 +53,7 @@ workers = _agent.workers
 # long image pull; the gthread main loop heartbeats on its own, so a slow pull is no "hung" worker.
 # The agent's own gthread reads each request whole in that loop before a thread takes it, so
 # clients that send slowly or stall hold no thread (utopia_agent/worker.py).
-worker_class = "utopia_agent.worker.WholeRequestWorker"
+worker_class = "utopia_agent.server.worker.WholeRequestWorker"
 threads = 8
 timeout = 60
 # SIGTERM lets an in-flight create finish (or roll back) before the worker goes.

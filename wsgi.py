@@ -5,7 +5,7 @@ import sys
 
 from utopia_agent.app import create_app
 from utopia_agent.config import ConfigError
-from utopia_agent.gpus import GpuBackendError
+from utopia_agent.gpus.inventory import GpuBackendError
 
 try:
     app = create_app()

@@ -54,10 +54,10 @@ from tests.support.engine import (  # noqa: E402
     remove_new_dangling_images,
 )
 from utopia_agent.config import Config  # noqa: E402
-from utopia_agent.container_config import create_arguments  # noqa: E402
-from utopia_agent.policy import build_container_spec  # noqa: E402
-from utopia_agent.records import PINNING_LABEL, ContainerSpec, resources_from_labels  # noqa: E402
-from utopia_agent.resources import parse_cpu_list  # noqa: E402
+from utopia_agent.engine.container_config import create_arguments  # noqa: E402
+from utopia_agent.allocation.policy import build_container_spec  # noqa: E402
+from utopia_agent.claims.records import PINNING_LABEL, ContainerSpec, resources_from_labels  # noqa: E402
+from utopia_agent.claims.resources import parse_cpu_list  # noqa: E402
 
 MANAGED_FILTER = {"label": "utopia.managed=true"}
 WORKERS = 4

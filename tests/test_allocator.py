@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import socket
 
-from utopia_agent.allocator import port_is_free
-from utopia_agent.gpu_health import _quarantine_in, views_of
-from utopia_agent.gpu_sampler import GpuSample
-from utopia_agent.gpus import GpuStatus
-from utopia_agent.holders import claims_on, gpu_claims, gpu_holder, gpus_held_twice, port_holders
-from utopia_agent.records import Holdings
+from utopia_agent.allocation.allocator import port_is_free
+from utopia_agent.gpus.health import _quarantine_in, views_of
+from utopia_agent.gpus.sampler import GpuSample
+from utopia_agent.gpus.inventory import GpuStatus
+from utopia_agent.claims.holders import claims_on, gpu_claims, gpu_holder, gpus_held_twice, port_holders
+from utopia_agent.claims.records import Holdings
 
 
 def _gpu(index: int, uuid: str) -> GpuStatus:

@@ -17,10 +17,10 @@ from tests.support.memory_engine import MemoryEngine
 from utopia_agent.api.openapi import security_of
 from utopia_agent.app import create_app
 from utopia_agent.config import load_config
-from utopia_agent.records import GPU_IDS_LABEL
+from utopia_agent.claims.records import GPU_IDS_LABEL
 from utopia_agent.errors import EngineError, EngineUnavailable
-from utopia_agent.gpus import GpuInventory
-from utopia_agent.policy import RESERVED_ENV_NAMES
+from utopia_agent.gpus.inventory import GpuInventory
+from utopia_agent.allocation.policy import RESERVED_ENV_NAMES
 from utopia_agent.schemas import MAX_LIST_ITEMS, MAX_STRING
 
 TOKEN = "fast-test-token"

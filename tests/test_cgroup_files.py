@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from utopia_agent.claim_usage import CgroupFiles, Usage
+from utopia_agent.node.claim_usage import CgroupFiles, Usage
 
 
 def write(directory: Path, **files: str) -> Path:

@@ -361,8 +361,8 @@ def test_gpu_holders_are_derived_once_per_listing_and_again_for_a_new_one(tmp_pa
     until a change); a new listing is derived afresh, and a caller's own listing is used as given."""
     from types import SimpleNamespace
 
-    from utopia_agent.gpu_health import GpuHealth
-    from utopia_agent.records import Holdings
+    from utopia_agent.gpus.health import GpuHealth
+    from utopia_agent.claims.records import Holdings
 
     def held(claim: str, uuid: str) -> SimpleNamespace:
         labels = {"utopia.claim_id": claim, "utopia.gpu_ids": "0", "utopia.gpu_uuids": uuid}

@@ -26,7 +26,7 @@ from tests.fake_nvml import (
     write_fake_nvml_config,
 )
 
-from utopia_agent.gpus import GpuInventory, GpuStatus, make_inventory
+from utopia_agent.gpus.inventory import GpuInventory, GpuStatus, make_inventory
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SINGLE, MULTIPLE, SYSTEM = 10, 20, 50
@@ -55,7 +55,7 @@ if args.get("hide_library"):
         raise OSError(f"{name}: cannot open shared object file: No such file or directory")
     pynvml.CDLL = no_library
 
-from utopia_agent.gpus import GpuBackendError, make_inventory
+from utopia_agent.gpus.inventory import GpuBackendError, make_inventory
 
 try:
     inventory = make_inventory(args["backend"], args.get("fake_gpu_count", 0))

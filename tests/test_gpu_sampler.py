@@ -12,11 +12,11 @@ import pytest
 
 from tests.support.polling import wait_for
 from utopia_agent.config import load_config
-from utopia_agent.gpu_sampler import SAMPLE_INTERVAL_SECONDS, GpuSample, GpuSampler, SharedSample
-from utopia_agent.state_dir import GPU_SAMPLE_FILE, hold_state_dir, release_state_dir, start_fresh
-from utopia_agent.gpus import FakeGpuInventory
-from utopia_agent.node_role import NodeRole
-from utopia_agent.nvml_watchdog import NvmlWatchdog
+from utopia_agent.gpus.sampler import SAMPLE_INTERVAL_SECONDS, GpuSample, GpuSampler, SharedSample
+from utopia_agent.node.state_dir import GPU_SAMPLE_FILE, hold_state_dir, release_state_dir, start_fresh
+from utopia_agent.gpus.inventory import FakeGpuInventory
+from utopia_agent.node.role import NodeRole
+from utopia_agent.gpus.watchdog import NvmlWatchdog
 
 NVML_TIMEOUT = 0.3
 

@@ -2,7 +2,7 @@
 
 import itertools
 
-from utopia_agent.gpu_selection import choose_gpus
+from utopia_agent.gpus.selection import choose_gpus
 
 SINGLE, MULTIPLE, SYSTEM = 10, 20, 50
 

@@ -266,7 +266,7 @@ def test_a_container_the_engine_makes_after_its_creator_died_is_waited_for_and_r
     the container a moment after its worker died; it is waited for and removed, and a name the
     engine never makes is given up on once the wait is over."""
     from utopia_agent.config import Config
-    from utopia_agent.docker_manager import DockerManager
+    from utopia_agent.engine.manager import DockerManager
 
     manager = DockerManager(Config(token="-", state_dir=tmp_path, engine_timeout=10))
     name = f"utopia-{claim('late')}"

@@ -8,8 +8,8 @@ import threading
 import pytest
 
 from tests.support.polling import wait_for
-from utopia_agent.allocator import allocation_lock
-from utopia_agent.container_config import DROPPED_CAPABILITIES
+from utopia_agent.allocation.allocator import allocation_lock
+from utopia_agent.engine.container_config import DROPPED_CAPABILITIES
 from utopia_agent.errors import AllocationBusy
 
 # Bit numbers in /proc/<pid>/status CapEff (linux/capability.h).

@@ -14,7 +14,7 @@ import pytest
 
 from tests.fake_nvml import fake_gpus
 from tests.support.polling import wait_for
-from utopia_agent.resources import format_cpu_list
+from utopia_agent.claims.resources import format_cpu_list
 
 MIB = 1024 * 1024
 NODE_CPUS = sorted(os.sched_getaffinity(0))

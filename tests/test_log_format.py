@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from utopia_agent.logs import JsonFormatter
+from utopia_agent.observability.logs import JsonFormatter
 
 
 def record(created: float, message: str = "GET %s %d", args: tuple = ("/health", 200), **extra) -> logging.LogRecord:

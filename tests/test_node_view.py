@@ -18,8 +18,8 @@ import requests
 from tests.support.polling import wait_for
 from tests.support.relay import EVENTS, INSPECT
 from utopia_agent.config import Config
-from utopia_agent.docker_manager import DockerManager
-from utopia_agent.node_view import HEARTBEAT_SECONDS, TRUST_SECONDS, ContainerState, Snapshot
+from utopia_agent.engine.manager import DockerManager
+from utopia_agent.engine.node_view import HEARTBEAT_SECONDS, TRUST_SECONDS, ContainerState, Snapshot
 
 WATCHING = re.compile(r"watching the engine's events for the node view \(pid (\d+)")
 
@@ -300,7 +300,7 @@ def test_records_kept_for_reuse_are_bounded_and_reused_while_unchanged(tmp_path,
     pile up; the bound of the rendered bodies works the same way."""
     from flask import Flask
 
-    from utopia_agent import docker_manager
+    from utopia_agent.engine import manager as docker_manager
     from utopia_agent.api.operations import RenderedWhileSame
     from utopia_agent.schemas import ContainerSchema
 

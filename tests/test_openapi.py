@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-import utopia_agent.docker_manager  # noqa: F401  (its private error classes count among the agent's errors)
+import utopia_agent.engine.manager  # noqa: F401  (its private error classes count among the agent's errors)
 from tests.support.agent import ROOT
 from tests.support.engine import free_host_port
 from utopia_agent.errors import AgentError

@@ -21,7 +21,7 @@ from utopia_agent.api.api_v1 import blueprint as api_v1
 from utopia_agent.api.openapi import IMPLICIT_METHODS, describe_api, openapi_path
 from utopia_agent import errors
 from utopia_agent.errors import BodyTooLarge, EngineUnavailable, Unauthorized
-from utopia_agent.records import ManagedContainer
+from utopia_agent.claims.records import ManagedContainer
 from utopia_agent.schemas import ErrorSchema, HealthSchema, ResponseSchema
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import RUN_ID
 from tests.support.engine import free_host_port, make_image_with, remove_images
-from utopia_agent.policy import RESERVED_ENV_NAMES
+from utopia_agent.allocation.policy import RESERVED_ENV_NAMES
 from utopia_agent.schemas import MAX_LIST_ITEMS, MAX_STRING
 
 SECRET_ENV_VALUE = "s3cret-env-value-7f1e9a"

@@ -10,7 +10,7 @@ from prometheus_client.mmap_dict import MmapedDict
 from tests.fake_nvml import DEFAULT_TEST_GPUS
 from tests.support.polling import wait_for
 from tests.support.scrape import sample, scrape
-from utopia_agent.state_dir import METRICS_DIR
+from utopia_agent.node.state_dir import METRICS_DIR
 
 REQUESTS = "utopia_agent_http_request_duration_seconds"
 

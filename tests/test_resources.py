@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from utopia_agent.errors import NotEnoughResources
-from utopia_agent.resources import (
+from utopia_agent.claims.resources import (
     NodeResources,
     check_fits,
     choose_exclusive_cpus,

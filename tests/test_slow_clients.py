@@ -17,7 +17,7 @@ import pytest
 import requests
 
 from tests.support.polling import wait_for
-from utopia_agent.worker import IncomingRequest
+from utopia_agent.server.worker import IncomingRequest
 
 READ_TIMEOUT = 2.0
 STALLED = 64

@@ -16,7 +16,7 @@ from tests.support.polling import wait_for
 from tests.support.prerequisites import require
 from tests.support.scrape import sample, scrape
 from utopia_agent.config import ephemeral_port_range, load_config
-from utopia_agent.state_dir import METRICS_DIR, hold_state_dir, release_state_dir
+from utopia_agent.node.state_dir import METRICS_DIR, hold_state_dir, release_state_dir
 
 
 def run_gunicorn(env: dict[str, str], tmp_path) -> subprocess.CompletedProcess:

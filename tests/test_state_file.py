@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from utopia_agent.state_file import StateFile
+from utopia_agent.node.state_file import StateFile
 
 
 @pytest.mark.parametrize("durable", [True, False])

@@ -10,8 +10,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "utopia_agent"
 UPPER = ("utopia_agent.app", "utopia_agent.services", "utopia_agent.api")
 # The engine layer under DockerManager: the only modules that import docker.
 ENGINE = {
-    "utopia_agent.engine_connection", "utopia_agent.engine_errors", "utopia_agent.container_config",
-    "utopia_agent.container_logs", "utopia_agent.image_pulls",
+    "utopia_agent.engine.connection", "utopia_agent.engine.errors", "utopia_agent.engine.container_config",
+    "utopia_agent.engine.logs", "utopia_agent.images.pulls",
 }
 
 
@@ -87,7 +87,7 @@ def test_only_the_engine_layer_imports_docker():
 def test_the_records_and_who_holds_what_need_no_docker():
     """The client and the policy read the records: neither they nor anything they import may import docker."""
     graph = import_graph()
-    for start in ("utopia_agent.records", "utopia_agent.holders"):
+    for start in ("utopia_agent.claims.records", "utopia_agent.claims.holders"):
         reached, pending = set(), [start]
         while pending:
             module = pending.pop()

@@ -10,8 +10,8 @@ from tests.support.agent import ROOT
 from tests.support.polling import wait_for
 from utopia_agent.config import ConfigError, load_config
 from utopia_agent.errors import PolicyViolation
-from utopia_agent.policy import check_volumes_apart
-from utopia_agent.volumes import Volume
+from utopia_agent.allocation.policy import check_volumes_apart
+from utopia_agent.claims.volumes import Volume
 
 
 def config_env(tmp_path: Path, roots: str) -> dict[str, str]:

@@ -6,24 +6,24 @@ from functools import partial
 
 from flask import Flask
 
-from .allocator import Allocator, allocation_lock
+from .allocation.allocator import Allocator, allocation_lock
 from .api.error_handlers import register_error_handlers
-from .claim_usage import ClaimUsage
+from .node.claim_usage import ClaimUsage
 from .config import Config, load_config, prepare_state_dir
-from .docker_manager import DockerManager
-from .gpu_health import GpuHealth
-from .gpu_sampler import GpuSampler
-from .gpus import GpuInventory, make_inventory
-from .janitor import Janitor
-from .logs import configure_logging
-from .node_state import NodeDrain
-from .nvml_watchdog import NvmlWatchdog
-from .requests_log import register_request_hooks
+from .engine.manager import DockerManager
+from .gpus.health import GpuHealth
+from .gpus.sampler import GpuSampler
+from .gpus.inventory import GpuInventory, make_inventory
+from .allocation.janitor import Janitor
+from .observability.logs import configure_logging
+from .node.drain import NodeDrain
+from .gpus.watchdog import NvmlWatchdog
+from .observability.request_log import register_request_hooks
 from .services import Services
-from .state_dir import first_to_log
-from .resources import NodeResources
-from .system_metrics import SystemMetrics
-from .volumes import MountPins
+from .node.state_dir import first_to_log
+from .claims.resources import NodeResources
+from .node.system_metrics import SystemMetrics
+from .claims.volumes import MountPins
 
 
 def create_app(config: Config | None = None, gpus: GpuInventory | None = None, docker: DockerManager | None = None) -> Flask:

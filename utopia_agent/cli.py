@@ -57,12 +57,12 @@ from typing import Any, NoReturn
 from . import __version__
 from . import client as api
 from .config import Config, ConfigError, load_config, prepare_state_dir
-from .docker_manager import DockerManager
+from .engine.manager import DockerManager
 from .errors import EngineUnavailable
-from .gpus import GpuBackendError, GpuInventory, GpuStatus, make_inventory
-from .holders import claims_on
-from .records import Holdings
-from .state_dir import RunningAgent, running_agent
+from .gpus.inventory import GpuBackendError, GpuInventory, GpuStatus, make_inventory
+from .claims.holders import claims_on
+from .claims.records import Holdings
+from .node.state_dir import RunningAgent, running_agent
 
 PROG = "utopia-agent"
 EXIT_FAILED = 1

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from collections.abc import Mapping
 
-from .gpus import BACKENDS as GPU_BACKENDS
-from .resources import PINNING_MODES, NodeResources
+from .gpus.inventory import BACKENDS as GPU_BACKENDS
+from .claims.resources import PINNING_MODES, NodeResources
 
 LOG_FORMATS = ("json", "text")
 PROMETHEUS_AUTH_MODES = ("token", "none")

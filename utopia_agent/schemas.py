@@ -10,7 +10,7 @@ from marshmallow.utils import get_value
 
 from .config import RESTART_POLICIES
 from .errors import InvalidRequest, error_codes
-from .resources import MIN_MEMORY_MB
+from .claims.resources import MIN_MEMORY_MB
 
 # Every pattern is anchored and means the same in Python and in the OpenAPI document's
 # ECMA-262 dialect; `FullMatch` applies it to the whole value.

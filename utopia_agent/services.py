@@ -10,14 +10,14 @@ from dataclasses import dataclass
 
 from flask import current_app
 
-from .allocator import Allocator
-from .claim_usage import ClaimUsage
+from .allocation.allocator import Allocator
+from .node.claim_usage import ClaimUsage
 from .config import Config
-from .docker_manager import DockerManager
-from .gpu_health import GpuHealth
-from .janitor import Janitor
-from .node_state import NodeDrain
-from .system_metrics import SystemMetrics
+from .engine.manager import DockerManager
+from .gpus.health import GpuHealth
+from .allocation.janitor import Janitor
+from .node.drain import NodeDrain
+from .node.system_metrics import SystemMetrics
 
 
 @dataclass

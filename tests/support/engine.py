@@ -31,7 +31,7 @@ import docker.errors
 from docker.types import DeviceRequest
 
 from tests.support.polling import wait_for
-from utopia_agent.allocator import port_is_free
+from utopia_agent.allocation.allocator import port_is_free
 from utopia_agent.config import DEFAULT_HOST_PORT_RANGE
 
 TEST_IMAGE = "utopia-test/busybox:latest"

@@ -2,7 +2,7 @@
 
 from flask import Blueprint
 
-from ..auth import require_token
+from .auth import require_token
 from ..services import services
 from . import containers, gpus, metrics, node
 

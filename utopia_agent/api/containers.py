@@ -31,10 +31,10 @@ from ..errors import (
     PortTaken,
     TooManyFollowers,
 )
-from ..gpus import GpuStatus
-from ..holders import gpu_claims, gpu_holder
-from ..policy import build_container_spec, check_image_labels
-from ..prometheus import CREATES, DELETES
+from ..gpus.inventory import GpuStatus
+from ..claims.holders import gpu_claims, gpu_holder
+from ..allocation.policy import build_container_spec, check_image_labels
+from ..observability.prometheus import CREATES, DELETES
 from ..schemas import (
     ContainerPathSchema,
     ContainerSchema,

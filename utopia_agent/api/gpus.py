@@ -5,7 +5,7 @@ from __future__ import annotations
 from flask import Blueprint
 
 from ..errors import AllocationBusy, EngineError, EngineUnavailable, GpuHeld, GpuNotFound, InvalidRequest
-from ..gpu_health import GpuView
+from ..gpus.health import GpuView
 from ..schemas import GpuPathSchema, GpuSchema, ReasonSchema
 from ..services import services
 from .operations import ENGINE_DOWN, Responds, fails, operation

@@ -8,7 +8,7 @@ from typing import Any
 from flask import Blueprint
 
 from ..errors import AgentError
-from ..gpu_health import GpuView
+from ..gpus.health import GpuView
 from ..schemas import MetricsSchema
 from ..services import services
 from .operations import Responds, operation

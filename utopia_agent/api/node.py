@@ -11,10 +11,10 @@ from flask import Blueprint
 
 from .. import __version__
 from ..errors import AgentError, AllocationBusy, InvalidRequest
-from ..gpus import DriverFacts, GpuFacts
+from ..gpus.inventory import DriverFacts, GpuFacts
 from ..schemas import DrainSchema, NodeSchema, ReasonSchema
 from ..services import services
-from ..system_metrics import numa_nodes
+from ..node.system_metrics import numa_nodes
 from .operations import Responds, fails, operation
 
 blueprint = Blueprint("node", __name__, url_prefix="/node")

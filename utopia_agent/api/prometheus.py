@@ -5,8 +5,8 @@ from __future__ import annotations
 from flask import Blueprint, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from ..auth import require_token
-from ..prometheus import exposition
+from .auth import require_token
+from ..observability.prometheus import exposition
 from ..services import services
 from .operations import Responds, operation
 

@@ -19,9 +19,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .nvml_watchdog import NvmlWatchdog
+from .watchdog import NvmlWatchdog
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("utopia_agent.gpus")
 
 BACKENDS = ("auto", "nvml", "fake", "none")
 NVML_FALLBACK_NOTE = "nvml-fallback"

@@ -15,7 +15,7 @@ from .resources import format_cpu_list, parse_cpu_list
 from .volumes import Volume, decode_hosts, encode_hosts
 
 if TYPE_CHECKING:  # a ManagedContainer is made from the node view's record; the view itself is not needed
-    from .node_view import ContainerState
+    from ..engine.node_view import ContainerState
 
 # Every label the agent reads starts with this; an image may carry none of them (see policy.py).
 LABEL_PREFIX = "utopia."

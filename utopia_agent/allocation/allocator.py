@@ -20,20 +20,20 @@ from dataclasses import replace
 from pathlib import Path
 from collections.abc import Iterator
 
-from .config import Config
-from .docker_manager import DockerManager
-from .errors import AllocationBusy, ClaimExists, NodeFault, NoGpusFree, PolicyViolation, PortTaken
-from .gpu_health import GpuHealth, views_of
-from .gpu_sampler import GpuSample
-from .gpu_selection import choose_gpus
-from .gpus import GpuInventory, Locality
-from .holders import carrying, exclusive_cpus, gpu_claims, gpus_held_twice, port_holders, volume_holders
-from .node_state import NodeDrain
+from ..config import Config
+from ..engine.manager import DockerManager
+from ..errors import AllocationBusy, ClaimExists, NodeFault, NoGpusFree, PolicyViolation, PortTaken
+from ..gpus.health import GpuHealth, views_of
+from ..gpus.sampler import GpuSample
+from ..gpus.selection import choose_gpus
+from ..gpus.inventory import GpuInventory, Locality
+from ..claims.holders import carrying, exclusive_cpus, gpu_claims, gpus_held_twice, port_holders, volume_holders
+from ..node.drain import NodeDrain
 from .policy import check_volumes_apart
-from .records import CLAIM_LABEL, CPUS_LABEL, GPU_IDS_LABEL, MEMORY_LABEL, PORTS_LABEL, VOLUMES_LABEL, ContainerSpec, Holdings
-from .state_file import StateFile
-from .resources import NodeResources, check_fits, choose_exclusive_cpus, default_shm_mb, gpu_share, numa_placement, reserved_cpu_ids
-from .volumes import MountPins, VolumeRefused
+from ..claims.records import CLAIM_LABEL, CPUS_LABEL, GPU_IDS_LABEL, MEMORY_LABEL, PORTS_LABEL, VOLUMES_LABEL, ContainerSpec, Holdings
+from ..node.state_file import StateFile
+from ..claims.resources import NodeResources, check_fits, choose_exclusive_cpus, default_shm_mb, gpu_share, numa_placement, reserved_cpu_ids
+from ..claims.volumes import MountPins, VolumeRefused
 
 log = logging.getLogger("utopia_agent.allocator")
 

@@ -16,8 +16,8 @@ from contextlib import contextmanager
 import docker
 from docker.constants import MINIMUM_DOCKER_API_VERSION
 
-from .engine_errors import engine_errors
-from .errors import EngineError
+from .errors import engine_errors
+from ..errors import EngineError
 
 log = logging.getLogger("utopia_agent.docker")
 

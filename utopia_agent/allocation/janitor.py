@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from .allocator import Allocator
-from .errors import AgentError
+from ..errors import AgentError
 
 log = logging.getLogger("utopia_agent.janitor")
 

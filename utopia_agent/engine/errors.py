@@ -15,7 +15,7 @@ from contextlib import contextmanager
 import requests
 from docker.errors import APIError, DockerException, NotFound
 
-from .errors import AgentError, Conflict, EngineError, EngineUnavailable, NotManaged
+from ..errors import AgentError, Conflict, EngineError, EngineUnavailable, NotManaged
 
 log = logging.getLogger("utopia_agent.docker")
 

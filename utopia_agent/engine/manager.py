@@ -13,17 +13,17 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from . import container_logs
-from .config import Config
+from . import logs as container_logs
+from ..config import Config
 from .container_config import create_arguments
-from .container_logs import LogStream
-from .engine_connection import EngineConnection, EventStream
-from .engine_errors import EngineConflict, EngineFailure, EngineNotFound, EngineRefusal
-from .errors import AgentError, ClaimExists, Conflict, EngineRejected, EngineUnavailable, ImagePullFailed, NotManaged, PortTaken
-from .image_pulls import pull
+from .logs import LogStream
+from .connection import EngineConnection, EventStream
+from .errors import EngineConflict, EngineFailure, EngineNotFound, EngineRefusal
+from ..errors import AgentError, ClaimExists, Conflict, EngineRejected, EngineUnavailable, ImagePullFailed, NotManaged, PortTaken
+from ..images.pulls import pull
 from .node_view import ContainerState, NodeView
-from .records import CLAIM_LABEL, MANAGED_FILTER, MANAGED_LABEL, ContainerSpec, Holdings, ManagedContainer
-from .schemas import CONTAINER_ID_PATTERN
+from ..claims.records import CLAIM_LABEL, MANAGED_FILTER, MANAGED_LABEL, ContainerSpec, Holdings, ManagedContainer
+from ..schemas import CONTAINER_ID_PATTERN
 
 log = logging.getLogger("utopia_agent.docker")
 

@@ -15,7 +15,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
-from .errors import NodeDraining
+from ..errors import NodeDraining
 from .state_file import StateFile
 
 log = logging.getLogger("utopia_agent.node")

@@ -6,7 +6,7 @@ import hmac
 
 from flask import request
 
-from .errors import Unauthorized
+from ..errors import Unauthorized
 
 
 def bearer_token() -> str | None:

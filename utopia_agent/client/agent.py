@@ -33,9 +33,9 @@ from typing import Any, ClassVar, Self, TypeVar
 import requests
 from marshmallow import INCLUDE, Schema, ValidationError
 
-from . import __version__
-from .records import PORTS_LABEL, PortMapping, parse_ports
-from .schemas import (
+from .. import __version__
+from ..claims.records import PORTS_LABEL, PortMapping, parse_ports
+from ..schemas import (
     ContainerSchema,
     CreatedSchema,
     ErrorSchema,

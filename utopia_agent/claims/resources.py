@@ -14,7 +14,7 @@ from pathlib import Path
 
 import psutil
 
-from .errors import NotEnoughResources
+from ..errors import NotEnoughResources
 
 PINNING_MODES = ("numa", "exclusive", "none")
 # Docker's own floor is 6 MiB; below this no job starts.

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from functools import cache, cached_property
 from pathlib import Path
 
-from .errors import AgentError
-from .node_role import NodeRole
+from ..errors import AgentError
+from .role import NodeRole
 from .state_file import StateFile
 
 log = logging.getLogger("utopia_agent.usage")

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from .records import Holdings
 
 if TYPE_CHECKING:  # only its uuid and index are read
-    from .gpus import GpuStatus
+    from ..gpus.inventory import GpuStatus
 
 
 def carrying(rows: Iterable[Mapping[str, Any]], label: str) -> list[Holdings]:

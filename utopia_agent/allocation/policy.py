@@ -9,11 +9,11 @@ import os
 from dataclasses import replace
 from typing import Any
 
-from .config import Config
-from .records import LABEL_PREFIX, ContainerSpec, PortMapping
-from .errors import PolicyViolation
-from .resources import infiniband_devices, memlock_limit
-from .volumes import Volume, VolumeRefused, overlap, parse_volume, within
+from ..config import Config
+from ..claims.records import LABEL_PREFIX, ContainerSpec, PortMapping
+from ..errors import PolicyViolation
+from ..claims.resources import infiniband_devices, memlock_limit
+from ..claims.volumes import Volume, VolumeRefused, overlap, parse_volume, within
 
 SHADOWED_CONTAINER_PATHS = ("/proc", "/sys", "/dev")
 # Names that select or widen GPUs: the agent alone decides them. Every NVIDIA_* name belongs to

@@ -30,14 +30,14 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from .docker_manager import DockerManager
-from .errors import AgentError, GpuHeld, GpuNotFound
-from .gpu_sampler import GpuSample, GpuSampler
-from .gpus import GpuEvent, GpuEvents, GpuFacts, GpuStatus
-from .holders import gpu_claims, gpu_holder
-from .node_role import NodeRole
-from .records import GPU_IDS_LABEL, ManagedContainer
-from .state_file import StateFile
+from ..engine.manager import DockerManager
+from ..errors import AgentError, GpuHeld, GpuNotFound
+from .sampler import GpuSample, GpuSampler
+from .inventory import GpuEvent, GpuEvents, GpuFacts, GpuStatus
+from ..claims.holders import gpu_claims, gpu_holder
+from ..node.role import NodeRole
+from ..claims.records import GPU_IDS_LABEL, ManagedContainer
+from ..node.state_file import StateFile
 
 log = logging.getLogger("utopia_agent.gpu_health")
 

@@ -8,9 +8,9 @@ from typing import Any
 import docker
 from docker.types import DeviceRequest, LogConfig, Mount, Ulimit
 
-from .config import Config
-from .records import ContainerSpec
-from .resources import CONTAINER_INFINIBAND_DIR, format_cpu_list
+from ..config import Config
+from ..claims.records import ContainerSpec
+from ..claims.resources import CONTAINER_INFINIBAND_DIR, format_cpu_list
 
 _MIB = 1024 * 1024
 # Capabilities of Docker's default set that a job never needs: NET_RAW (raw sockets: ARP and

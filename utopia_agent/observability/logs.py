@@ -66,7 +66,7 @@ def make_formatter(log_format: str) -> logging.Formatter:
 
 def logging_dict(log_format: str) -> dict:
     """A logging.config dict for gunicorn and the agent alike, so every line has one format."""
-    formatter = "utopia_agent.logs.JsonFormatter" if log_format == "json" else "utopia_agent.logs.TextFormatter"
+    formatter = "utopia_agent.observability.logs.JsonFormatter" if log_format == "json" else "utopia_agent.observability.logs.TextFormatter"
     return {
         "version": 1,
         "disable_existing_loggers": False,

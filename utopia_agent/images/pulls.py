@@ -15,10 +15,10 @@ import requests
 import urllib3
 from docker.errors import APIError
 
-from .config import Config
-from .engine_errors import is_timeout
-from .errors import EngineUnavailable, ImagePullFailed
-from .prometheus import PULL_DURATION
+from ..config import Config
+from ..engine.errors import is_timeout
+from ..errors import EngineUnavailable, ImagePullFailed
+from ..observability.prometheus import PULL_DURATION
 
 log = logging.getLogger("utopia_agent.docker")
 

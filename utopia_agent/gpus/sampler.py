@@ -30,12 +30,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import NvmlHung
-from .gpus import GpuBackendError, GpuCounters, GpuInventory, GpuStatus
-from .node_role import NodeRole
-from .nvml_watchdog import NvmlWatchdog
-from .state_dir import GPU_SAMPLE_FILE
-from .state_file import StateFile
+from ..errors import NvmlHung
+from .inventory import GpuBackendError, GpuCounters, GpuInventory, GpuStatus
+from ..node.role import NodeRole
+from .watchdog import NvmlWatchdog
+from ..node.state_dir import GPU_SAMPLE_FILE
+from ..node.state_file import StateFile
 
 log = logging.getLogger("utopia_agent.gpus")
 

@@ -12,9 +12,9 @@ import requests
 import urllib3
 from docker.errors import DockerException
 
-from .engine_connection import EngineConnection
-from .engine_errors import EngineConflict
-from .errors import NotManaged
+from .connection import EngineConnection
+from .errors import EngineConflict
+from ..errors import NotManaged
 
 log = logging.getLogger("utopia_agent.docker")
 

@@ -19,13 +19,13 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
-from .errors import AgentError
-from .holders import gpus_held_twice
-from .schemas import GPU_STATES
+from ..errors import AgentError
+from ..claims.holders import gpus_held_twice
+from ..schemas import GPU_STATES
 
 if TYPE_CHECKING:  # image pulls (under the docker manager) import this module, and gpu_health imports the docker manager
-    from .gpu_health import GpuView
-    from .gpu_sampler import GpuSample
+    from ..gpus.health import GpuView
+    from ..gpus.sampler import GpuSample
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 

@@ -1,0 +1,1 @@
+"""Images: pulls within their timeouts, with progress logged and timed."""

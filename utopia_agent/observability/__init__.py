@@ -1,0 +1,1 @@
+"""Logs, the request log and Prometheus."""
