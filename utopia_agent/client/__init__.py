@@ -8,7 +8,7 @@
 answers as frozen records. Nothing here imports Flask or docker.
 """
 
-from .agent import PortMapping
+from ..claims.records import PortMapping
 from .agent import (
     BACKOFF_FIRST_SECONDS,
     DEFAULT_CREATE_TIMEOUT,
@@ -18,7 +18,7 @@ from .agent import (
     AgentClient,
     same_spec,
 )
-from .agent import (
+from .errors import (
     ERRORS_BY_CODE,
     ERRORS_BY_STATUS,
     AgentClientError,
@@ -50,7 +50,7 @@ from .agent import (
     UnexpectedAnswer,
     error_from_response,
 )
-from .agent import (
+from .records import (
     Container,
     ContainerGpuStats,
     ContainerStats,

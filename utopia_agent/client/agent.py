@@ -25,22 +25,33 @@ import dataclasses
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
-from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import Any, ClassVar, Self, TypeVar
+from typing import Any, Self
 
 import requests
-from marshmallow import INCLUDE, Schema, ValidationError
 
 from .. import __version__
-from ..claims.records import PORTS_LABEL, PortMapping, parse_ports
+from ..claims.records import PortMapping
 from ..schemas import (
     ContainerSchema,
     CreatedSchema,
-    ErrorSchema,
     HealthSchema,
     MetricsSchema,
+)
+from .errors import AgentUnreachable, ClaimExists, NotFound, UnexpectedAnswer, error_from_response, retry_after_seconds
+from .records import (
+    Container,
+    ContainerGpuStats,
+    ContainerStats,
+    Created,
+    Gpu,
+    GpuMetrics,
+    Health,
+    NodeMetrics,
+    SystemMetrics,
+    XidEvent,
+    load_answer,
+    make_record,
 )
 
 DEFAULT_TIMEOUT = 30.0
@@ -49,415 +60,6 @@ DEFAULT_CREATE_TIMEOUT = 1900.0
 DEFAULT_RETRIES = 3
 DEFAULT_MAX_RETRY_WAIT = 30.0
 BACKOFF_FIRST_SECONDS = 0.5
-
-R = TypeVar("R")
-
-
-# --------------------------------------------------------------------------- errors
-
-
-class AgentClientError(Exception):
-    """Anything this client raises."""
-
-
-class AgentUnreachable(AgentClientError):
-    """No answer: the connection failed or timed out. A create or delete may still have happened."""
-
-
-class UnexpectedAnswer(AgentClientError):
-    """The agent answered something that does not fit the contract (a proxy's page, say)."""
-
-
-class ApiError(AgentClientError):
-    """The agent answered an error: `status`, the stable `code`, `message` and the whole `body`.
-
-    Subclasses stand for one `error` code each (the server's utopia_agent/errors.py classes);
-    a code this client does not know is raised as the class of its HTTP status.
-    `retryable` says whether sending the same request later may succeed.
-    """
-
-    status: ClassVar[int] = 0
-    code: ClassVar[str] = ""
-    retryable: ClassVar[bool] = False
-
-    def __init__(self, status: int, body: dict[str, Any], request_id: str | None = None, retry_after: float | None = None):
-        self.status_code = status
-        self.body = body
-        self.error = body.get("error", "")
-        self.message = body.get("message", "")
-        self.request_id = request_id
-        self.retry_after = retry_after
-        super().__init__(f"{status} {self.error}: {self.message}")
-
-
-class InvalidRequest(ApiError):
-    """The body or query does not fit the schema; `errors` maps each field to its messages. Fix, do not retry."""
-
-    status, code = 400, "invalid_request"
-
-    @property
-    def errors(self) -> dict[str, Any]:
-        return self.body.get("errors") or {}
-
-
-class EngineRejected(ApiError):
-    """The engine refused the container as asked (a command that does not exist, say). Fix, do not retry."""
-
-    status, code = 400, "engine_rejected"
-
-
-class Unauthorized(ApiError):
-    """Missing or wrong token."""
-
-    status, code = 401, "unauthorized"
-
-
-class ForbiddenByPolicy(ApiError):
-    """The node's policy forbids the request (a volume, port or env var, or the image's labels)."""
-
-    status, code = 403, "forbidden_by_policy"
-
-
-class NotFound(ApiError):
-    """No managed container (or GPU, or route) of that id."""
-
-    status, code = 404, "not_found"
-
-
-class MethodNotAllowed(ApiError):
-    status, code = 405, "method_not_allowed"
-
-
-class Conflict(ApiError):
-    """The node's state refuses the request now; it may succeed once that state changes."""
-
-    status, code = 409, "conflict"
-
-
-class ClaimExists(Conflict):
-    """The claim already has a container: `container_id` names it (None if it went away meanwhile)."""
-
-    code = "claim_exists"
-
-    @property
-    def claim_id(self) -> str | None:
-        return self.body.get("claim_id")
-
-    @property
-    def container_id(self) -> str | None:
-        return self.body.get("container_id")
-
-
-class NoGpusFree(Conflict):
-    """Fewer healthy free GPUs than asked: `requested` and `free_gpus` say how many."""
-
-    code = "no_gpus_free"
-
-    @property
-    def requested(self) -> int | None:
-        return self.body.get("requested")
-
-    @property
-    def free_gpus(self) -> int | None:
-        return self.body.get("free_gpus")
-
-
-class PortTaken(Conflict):
-    """A host port is held by another claim or process: `host_port` names it."""
-
-    code = "port_taken"
-
-    @property
-    def host_port(self) -> int | None:
-        return self.body.get("host_port")
-
-
-class NodeDraining(Conflict):
-    """The node is draining: it takes no new claims until an operator resumes it."""
-
-    code = "node_draining"
-
-
-class GpuHeld(Conflict):
-    """A GPU's quarantine cannot be released while a claim holds it: `claim_id` names the claim."""
-
-    code = "gpu_held"
-
-    @property
-    def claim_id(self) -> str | None:
-        return self.body.get("claim_id")
-
-
-class NotEnoughResources(Conflict):
-    """The claim's CPUs or memory exceed what is free: `free_cpus` and `free_memory_mb` say what is."""
-
-    code = "not_enough_resources"
-
-    @property
-    def free_cpus(self) -> float | None:
-        return self.body.get("free_cpus")
-
-    @property
-    def free_memory_mb(self) -> int | None:
-        return self.body.get("free_memory_mb")
-
-
-class GpuNotFound(NotFound):
-    """No GPU of that UUID on the node."""
-
-    code = "gpu_not_found"
-
-
-class BodyTooLarge(ApiError):
-    status, code = 413, "body_too_large"
-
-
-class TooManyFollowers(ApiError):
-    """This worker already streams as many followed logs as it may; retry after Retry-After."""
-
-    status, code, retryable = 429, "too_many_followers", True
-
-
-class InternalError(ApiError):
-    status, code = 500, "internal_error"
-
-
-class NodeFault(ApiError):
-    """The node itself failed the request (not the caller's fault): tell its operator."""
-
-    status, code = 500, "node_fault"
-
-
-class ImagePullFailed(ApiError):
-    """The registry refused or never delivered `image`; the message has its reason."""
-
-    status, code = 502, "image_pull_failed"
-
-    @property
-    def image(self) -> str | None:
-        return self.body.get("image")
-
-
-class EngineError(ApiError):
-    """The engine failed the call; the state is unknown until a later read."""
-
-    status, code = 502, "engine_error"
-
-
-class EngineUnavailable(ApiError):
-    """The engine did not answer in time; nothing was done. Raised once the retries are spent."""
-
-    status, code, retryable = 503, "engine_unavailable", True
-
-
-class NvmlHung(EngineUnavailable):
-    """NVML does not answer on the node, so GPUs cannot be given now; nothing was done."""
-
-    code = "nvml_hung"
-
-
-class AllocationBusy(EngineUnavailable):
-    """Other creates held the node's allocation lock too long; nothing was done."""
-
-    code = "allocation_busy"
-
-
-def _error_classes() -> list[type[ApiError]]:
-    classes, pending = [], [ApiError]
-    while pending:
-        cls = pending.pop()
-        classes.append(cls)
-        pending.extend(cls.__subclasses__())
-    return classes
-
-
-ERRORS_BY_CODE: dict[str, type[ApiError]] = {cls.code: cls for cls in _error_classes() if cls.code}
-# A code this client does not know is raised as the most general class of its status.
-ERRORS_BY_STATUS: dict[int, type[ApiError]] = {
-    cls.status: cls
-    for cls in (InvalidRequest, Unauthorized, ForbiddenByPolicy, NotFound, MethodNotAllowed, Conflict, BodyTooLarge,
-                TooManyFollowers, InternalError, EngineError, EngineUnavailable)
-}
-
-
-def _retry_after(response: requests.Response) -> float | None:
-    """Retry-After as seconds: either delta-seconds or an HTTP date."""
-    value = response.headers.get("Retry-After")
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
-    except (TypeError, ValueError):
-        return None
-
-
-def error_from_response(response: requests.Response) -> ApiError:
-    """The ApiError subclass for an error answer, its body loaded through the server's ErrorSchema."""
-    try:
-        raw = response.json()
-        body = ErrorSchema().load(raw, unknown=INCLUDE) if isinstance(raw, dict) else {}
-    except ValidationError as invalid:
-        # A code newer than this client's schema knows is still an error of its status, with its fields.
-        body = dict(raw) if set(invalid.messages) == {"error"} and isinstance(raw.get("error"), str) else {}
-    except ValueError:
-        body = {}
-    if not body:
-        body = {"error": f"http_{response.status_code}", "message": response.text[:300] or response.reason or ""}
-    cls = ERRORS_BY_CODE.get(body["error"])
-    if cls is None or cls.status != response.status_code:
-        cls = ERRORS_BY_STATUS.get(response.status_code, ApiError)
-    return cls(response.status_code, body, response.headers.get("X-Request-ID"), _retry_after(response))
-
-
-# --------------------------------------------------------------------------- records
-
-
-def _record(cls: type[R], values: Mapping[str, Any]) -> R:
-    """`cls` from the fields it knows; fields it lacks are left out, so a newer server's additions do no harm."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{key: value for key, value in values.items() if key in known})
-
-
-def _load(schema: Schema, data: Any, many: bool = False) -> Any:
-    """Validate an answer with the server's schema; fields the schema does not know pass through."""
-    try:
-        return schema.load(data, unknown=INCLUDE, many=many)
-    except ValidationError as error:
-        raise UnexpectedAnswer(f"the answer does not fit {type(schema).__name__}: {error.messages}") from None
-
-
-@dataclass(frozen=True)
-class Container:
-    """A managed container (GET /api/v1/containers[/<id>])."""
-
-    id: str
-    claim_id: str
-    image: str
-    status: str
-    gpu_ids: list[int]
-    ports: dict[str, str]
-    created: int
-    started: int
-    labels: dict[str, str]
-    exit_code: int | None = None
-    oom_killed: bool = False
-    restart_count: int = 0
-    finished: int = 0
-    error: str = ""
-    resources: dict[str, Any] | None = None
-
-    @property
-    def port_mappings(self) -> frozenset[PortMapping]:
-        """Every published port, from the `utopia.ports` label (`ports` keeps one host port per container port)."""
-        return frozenset(parse_ports(self.labels.get(PORTS_LABEL, "")))
-
-
-@dataclass(frozen=True)
-class Created:
-    """POST /api/v1/containers: `existing` is true when the claim already had this very container."""
-
-    container_id: str
-    existing: bool = False
-
-
-@dataclass(frozen=True)
-class GpuMetrics:
-    id: int
-    temperature_c: int | None
-    memory_total_mb: int | None
-    memory_used_mb: int | None
-    name: str | None
-    uuid: str | None
-    busy: bool
-    usage_percent: float | None
-    healthy: bool = True
-
-
-@dataclass(frozen=True)
-class SystemMetrics:
-    cpu_usage_percent: float
-    memory_usage_percent: float
-    memory_total_mb: int
-    memory_used_mb: int
-    disk_usage_percent: float
-    load_average: float
-    uptime: int
-
-
-@dataclass(frozen=True)
-class NodeMetrics:
-    """GET /api/v1/metrics."""
-
-    node_id: str
-    cpu_usage_percent: float
-    memory_usage_percent: float
-    gpus: list[GpuMetrics]
-    system: SystemMetrics
-
-
-@dataclass(frozen=True)
-class Health:
-    """GET /health, healthy (200) or not (503): `reason` says why not."""
-
-    status: str
-    timestamp: str
-    reason: str | None = None
-    draining: bool = False
-
-    @property
-    def healthy(self) -> bool:
-        return self.status == "healthy"
-
-
-# The records below follow the contract's shapes for endpoints whose server schemas are not
-# in this tree yet (issues 14 and 15); they are built field by field from the answer until
-# those schemas land, and then loaded through them like the records above.
-
-
-@dataclass(frozen=True)
-class ContainerGpuStats:
-    id: int
-    uuid: str | None = None
-    memory_used_mb: int | None = None
-    usage_percent: float | None = None
-
-
-@dataclass(frozen=True)
-class ContainerStats:
-    """GET /api/v1/containers/<id>/stats."""
-
-    cpu_percent: float | None = None
-    memory_used_mb: int | None = None
-    memory_limit_mb: int | None = None
-    gpus: list[ContainerGpuStats] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class XidEvent:
-    time: Any = None
-    code: int | None = None
-
-
-@dataclass(frozen=True)
-class Gpu:
-    """One GPU of GET /api/v1/gpus: `state` is free, allocated, releasing, quarantined or lost."""
-
-    index: int
-    uuid: str
-    name: str | None = None
-    pci_bus_id: str | None = None
-    numa_node: int | None = None
-    state: str = ""
-    claim_id: str | None = None
-    reason: str | None = None
-    xid_events: list[XidEvent] = field(default_factory=list)
-
-
-# --------------------------------------------------------------------------- the client
 
 
 def same_spec(container: Container, image: str, gpu_count: int, port_mappings: Iterable[PortMapping],
@@ -541,7 +143,7 @@ class AgentClient:
             if response.status_code in expect or (maybe_done and response.status_code in gone_on_retry):
                 return response
             if response.status_code == 503 and attempt < self.retries:
-                self._wait(attempt, _retry_after(response))
+                self._wait(attempt, retry_after_seconds(response))
                 attempt += 1
                 continue
             raise error_from_response(response)
@@ -593,16 +195,16 @@ class AgentClient:
             if not same_spec(container, image, gpu_count, ports, resources):
                 raise
             return Created(container.id, existing=True)
-        return _record(Created, _load(CreatedSchema(), data))
+        return make_record(Created, load_answer(CreatedSchema(), data))
 
     def list(self, claim_id: str | None = None) -> list[Container]:
         params = {"claim_id": claim_id} if claim_id is not None else None
         data = self._json("GET", "/api/v1/containers", params=params)
-        return [_record(Container, item) for item in _load(ContainerSchema(), data, many=True)]
+        return [make_record(Container, item) for item in load_answer(ContainerSchema(), data, many=True)]
 
     def get(self, container_id: str) -> Container:
         """One container by its full id or a unique prefix of at least 12 hex digits."""
-        return _record(Container, _load(ContainerSchema(), self._json("GET", f"/api/v1/containers/{container_id}")))
+        return make_record(Container, load_answer(ContainerSchema(), self._json("GET", f"/api/v1/containers/{container_id}")))
 
     def find(self, claim_id: str) -> Container | None:
         """The container of a claim, or None."""
@@ -641,14 +243,14 @@ class AgentClient:
 
     def stats(self, container_id: str) -> ContainerStats:
         data = self._json("GET", f"/api/v1/containers/{container_id}/stats")
-        gpus = [_record(ContainerGpuStats, gpu) for gpu in data.get("gpus") or []]
-        return _record(ContainerStats, {**data, "gpus": gpus})
+        gpus = [make_record(ContainerGpuStats, gpu) for gpu in data.get("gpus") or []]
+        return make_record(ContainerStats, {**data, "gpus": gpus})
 
     # --- GPUs and the node --------------------------------------------------------------
 
     def gpus(self) -> list[Gpu]:
         data = self._json("GET", "/api/v1/gpus")
-        return [_record(Gpu, {**gpu, "xid_events": [_record(XidEvent, e) for e in gpu.get("xid_events") or []]}) for gpu in data]
+        return [make_record(Gpu, {**gpu, "xid_events": [make_record(XidEvent, e) for e in gpu.get("xid_events") or []]}) for gpu in data]
 
     def quarantine(self, gpu_uuid: str, reason: str) -> None:
         """Never give this GPU again until it is released."""
@@ -671,11 +273,11 @@ class AgentClient:
         self._call("DELETE", "/api/v1/node/drain", (200, 204))
 
     def metrics(self) -> NodeMetrics:
-        data = _load(MetricsSchema(), self._json("GET", "/api/v1/metrics"))
-        return _record(NodeMetrics, {
+        data = load_answer(MetricsSchema(), self._json("GET", "/api/v1/metrics"))
+        return make_record(NodeMetrics, {
             **data,
-            "gpus": [_record(GpuMetrics, gpu) for gpu in data["gpus"]],
-            "system": _record(SystemMetrics, data["system"]),
+            "gpus": [make_record(GpuMetrics, gpu) for gpu in data["gpus"]],
+            "system": make_record(SystemMetrics, data["system"]),
         })
 
     # --- no auth ------------------------------------------------------------------------
@@ -684,7 +286,7 @@ class AgentClient:
         """The agent's health, healthy or not; raises only when it cannot be asked."""
         response = self._call("GET", "/health", (200, 503), auth=False)
         try:
-            return _record(Health, _load(HealthSchema(), response.json()))
+            return make_record(Health, load_answer(HealthSchema(), response.json()))
         except ValueError:
             raise UnexpectedAnswer(f"/health answered {response.status_code} without JSON") from None
 
