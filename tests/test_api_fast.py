@@ -470,7 +470,7 @@ def test_an_engine_failure_while_removing_keeps_the_container(client, memory, er
 
 
 @pytest.mark.parametrize("error,status,code", ENGINE_FAULTS, ids=["unavailable", "failed"])
-@pytest.mark.parametrize("method", ["find_claim", "ensure_image", "managed_rows", "create"])
+@pytest.mark.parametrize("method", ["find_claim", "image_labels", "managed_rows", "create"])
 def test_engine_failures_while_creating_leave_nothing(client, memory, error, status, code, method):
     memory.fail_next(method, error)
     response = create(client, command=["sleep", "60"], gpu_count=1)

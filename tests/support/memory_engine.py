@@ -132,11 +132,13 @@ class MemoryEngine:
 
     # --- images, creating and removing -------------------------------------------------
 
-    def ensure_image(self, image: str) -> dict[str, str]:
-        self._call("ensure_image")
-        if image not in self.images:
-            raise ImagePullFailed(f"cannot pull {image}: not in the memory engine", image=image)
-        return self.images[image]
+    def image_labels(self, image: str) -> dict[str, str] | None:
+        self._call("image_labels")
+        return self.images.get(image)
+
+    def pull(self, image: str, on_event) -> None:
+        self._call("pull")
+        raise ImagePullFailed(f"cannot pull {image}: not in the memory engine", image=image)
 
     def create(self, spec: ContainerSpec) -> str:
         """A created container, labelled as the engine labels it: the image's labels, then the spec's."""

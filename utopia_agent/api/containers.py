@@ -32,6 +32,7 @@ from ..errors import (
     TooManyFollowers,
 )
 from ..gpus.inventory import GpuStatus
+from ..images.pulls import ensure_image
 from ..claims.holders import gpu_claims, gpu_holder
 from ..allocation.policy import build_container_spec, check_image_labels
 from ..observability.prometheus import CREATES, DELETES
@@ -133,7 +134,7 @@ def create_container(body: dict):
     if existing:
         raise ClaimExists.held_by(spec.claim_id, existing)
     agent.allocator.admit(body["gpu_count"])
-    check_image_labels(spec.image, agent.docker.ensure_image(spec.image))
+    check_image_labels(spec.image, ensure_image(agent.docker, spec.image))
     container_id, spec = agent.allocator.create(spec, body["gpu_count"])
     event = {"claim_id": spec.claim_id, "container_id": container_id, "gpu_ids": list(spec.gpu_ids)}
     gpus = ",".join(map(str, spec.gpu_ids)) or "-"

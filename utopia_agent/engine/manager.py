@@ -1,8 +1,8 @@
 """The thin layer over the Docker engine: its calls, in our own records and domain errors.
 
-It speaks in our own records (records.py) and raises our own domain errors (engine_errors.py), so
+It speaks in our own records (claims/records.py) and raises our own domain errors (engine/errors.py), so
 routes never see an engine exception. Reads come from the node-wide view when it can be trusted
-(node_view.py); what a container is given at create is container_config.py's, a pull is image_pulls.py's.
+(node_view.py); what a container is given at create is container_config.py's, the pull request image_pull.py's.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from . import logs as container_logs
@@ -18,9 +18,9 @@ from ..config import Config
 from .container_config import create_arguments
 from .logs import LogStream
 from .connection import EngineConnection, EventStream
+from .image_pull import stream_pull
 from .errors import EngineConflict, EngineFailure, EngineNotFound, EngineRefusal
-from ..errors import AgentError, ClaimExists, Conflict, EngineRejected, EngineUnavailable, ImagePullFailed, NotManaged, PortTaken
-from ..images.pulls import pull
+from ..errors import AgentError, ClaimExists, Conflict, EngineRejected, EngineUnavailable, NotManaged, PortTaken
 from .node_view import ContainerState, NodeView
 from ..claims.records import CLAIM_LABEL, MANAGED_FILTER, MANAGED_LABEL, ContainerSpec, Holdings, ManagedContainer
 from ..schemas import CONTAINER_ID_PATTERN
@@ -196,7 +196,7 @@ class DockerManager:
 
     # --- images ----------------------------------------------------------------------
 
-    def _image_labels(self, image: str) -> dict[str, str] | None:
+    def image_labels(self, image: str) -> dict[str, str] | None:
         """The image's labels, or None when the engine does not have it."""
         try:
             with self._engine.call("inspect image") as api:
@@ -205,17 +205,9 @@ class DockerManager:
             return None
         return (info.get("Config") or {}).get("Labels") or {}
 
-    def ensure_image(self, image: str) -> dict[str, str]:
-        """Pull `image` unless the engine has it, within the pull and no-progress timeouts; return
-        its labels, which the engine copies onto every container made from it."""
-        labels = self._image_labels(image)
-        if labels is None:
-            api = self._engine.api("pull image")
-            pull(api, image, self._config)
-            labels = self._image_labels(image)
-        if labels is None:
-            raise ImagePullFailed(f"cannot pull {image}: the engine lost it right after the pull", image=image)
-        return labels
+    def pull(self, image: str, on_event: Callable[[dict[str, Any]], None]) -> None:
+        """Pull `image` within the pull and no-progress timeouts, each progress event to `on_event`."""
+        stream_pull(self._engine.api("pull image"), image, self._config, on_event)
 
     # --- creating and removing -------------------------------------------------------
 
