@@ -1,4 +1,4 @@
-"""The package's shape: no import cycle, and the lower layers never import the upper ones."""
+"""The package's shape: one folder per concern, no import cycle, and no layer importing a layer above it."""
 
 from __future__ import annotations
 
@@ -6,13 +6,30 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "utopia_agent"
-# Modules that serve HTTP (the factory, the routes, the services they share): nothing below may import them.
-UPPER = ("utopia_agent.app", "utopia_agent.services", "utopia_agent.api")
-# The engine layer under DockerManager: the only modules that import docker.
-ENGINE = {
-    "utopia_agent.engine.connection", "utopia_agent.engine.errors", "utopia_agent.engine.container_config",
-    "utopia_agent.engine.logs", "utopia_agent.images.pulls",
-}
+# The package's folders and top-level modules, bottom-up: each may import itself and what is below
+# it, never what is above. The HTTP layer (api/) sits above the services it calls, which sit above
+# the rest; only the factory and the CLI, which put it all together, are above the routes.
+LAYERS = (
+    "errors",         # the domain errors (and the package's __init__: its version)
+    "claims",         # what a claim's container is: records, labels, holders, shares, volumes
+    "config",         # the UTOPIA_AGENT_* variables
+    "schemas",        # the contract's shapes
+    "observability",  # logs, the request log, Prometheus
+    "engine",         # the Docker engine
+    "node",           # node-wide state: state dir and files, drain, roles, system metrics, claim usage
+    "images",         # pulls
+    "gpus",           # NVML, health, selection
+    "allocation",     # decisions under the node's lock
+    "client",         # the typed client (needs only claims and schemas)
+    "services",       # what the routes call
+    "server",         # the gunicorn worker
+    "api",            # HTTP
+    "app",            # the factory
+    "cli",            # the command
+)
+# At most about 8 modules directly in the package; none over about 700 lines.
+MAX_TOP_LEVEL_MODULES = 8
+MAX_MODULE_LINES = 700
 
 
 def module_name(path: Path) -> str:
@@ -35,8 +52,19 @@ def imports_of(path: Path) -> set[str]:
                 continue
             for alias in node.names:
                 submodule = f"{target}.{alias.name}"
-                found.add(submodule if (PACKAGE.parent / submodule.replace(".", "/")).with_suffix(".py").exists() else target)
+                found.add(submodule if _is_module(submodule) else target)
     return found - {name}
+
+
+def _is_module(name: str) -> bool:
+    path = PACKAGE.parent / name.replace(".", "/")
+    return path.with_suffix(".py").exists() or (path / "__init__.py").exists()
+
+
+def layer_of(module: str) -> str:
+    """The folder (or top-level module) a module belongs to; the package itself counts as errors'."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "errors"
 
 
 def _runtime_nodes(tree: ast.AST):
@@ -72,16 +100,51 @@ def test_the_package_has_no_import_cycle():
             visit(module, [module])
 
 
-def test_lower_layers_never_import_the_http_layer():
-    for module, targets in import_graph().items():
-        if module.startswith(UPPER) or module == "utopia_agent.cli":
-            continue
-        upward = sorted(t for t in targets if t.startswith(UPPER))
-        assert not upward, f"{module} imports {upward}"
+def test_every_module_belongs_to_a_layer():
+    unplaced = sorted(module for module in import_graph() if layer_of(module) not in LAYERS)
+    assert not unplaced, f"add these to LAYERS (bottom-up) or move them into a folder: {unplaced}"
+
+
+def layer_violations(graph: dict[str, set[str]]) -> list[str]:
+    rank = {layer: index for index, layer in enumerate(LAYERS)}
+    return sorted(
+        f"{module} ({layer_of(module)}) imports {target} ({layer_of(target)}), a layer above it"
+        for module, targets in graph.items()
+        for target in targets
+        if rank[layer_of(target)] > rank[layer_of(module)]
+    )
+
+
+def test_no_layer_imports_a_layer_above_it():
+    assert layer_violations(import_graph()) == []
+
+
+def test_the_layer_rule_catches_an_upward_import():
+    """The check itself: the engine importing the allocator, or the API the factory, is caught."""
+    graph = {"utopia_agent.engine.manager": {"utopia_agent.allocation.allocator", "utopia_agent.config"},
+             "utopia_agent.api.containers": {"utopia_agent.app"}}
+    assert layer_violations(graph) == [
+        "utopia_agent.api.containers (api) imports utopia_agent.app (app), a layer above it",
+        "utopia_agent.engine.manager (engine) imports utopia_agent.allocation.allocator (allocation), a layer above it",
+    ]
 
 
 def test_only_the_engine_layer_imports_docker():
-    assert {module for module in import_graph() if "docker" in _top_level_imports(module)} == ENGINE
+    importers = {module for module in import_graph() if "docker" in _top_level_imports(module)}
+    assert importers and {layer_of(module) for module in importers} == {"engine"}
+
+
+def test_only_the_gpu_layer_imports_pynvml():
+    importers = {module for module in import_graph() if "pynvml" in _top_level_imports(module)}
+    assert importers and {layer_of(module) for module in importers} == {"gpus"}
+
+
+def test_the_package_root_stays_small_and_no_module_is_long():
+    top_level = sorted(path.name for path in PACKAGE.glob("*.py"))
+    assert len(top_level) <= MAX_TOP_LEVEL_MODULES + 1, f"{top_level}: put new modules in the folder of their concern"
+    long = sorted(f"{path.relative_to(PACKAGE)}: {lines}" for path in PACKAGE.rglob("*.py")
+                  if (lines := len(path.read_text().splitlines())) > MAX_MODULE_LINES)
+    assert not long, f"split these by what they hold: {long}"
 
 
 def test_the_records_and_who_holds_what_need_no_docker():

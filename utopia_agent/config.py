@@ -10,12 +10,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from collections.abc import Mapping
 
-from .gpus.inventory import BACKENDS as GPU_BACKENDS
 from .claims.resources import PINNING_MODES, NodeResources
 
 LOG_FORMATS = ("json", "text")
 PROMETHEUS_AUTH_MODES = ("token", "none")
 RESTART_POLICIES = ("no", "on-failure", "unless-stopped", "always")
+GPU_BACKENDS = ("auto", "nvml", "fake", "none")
 # Host paths no volume root may be, contain or lie in: the host's system, the engine's and
 # other orchestrators' state. The agent's own code, token and state are added at load.
 SYSTEM_PATHS = (

@@ -19,11 +19,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ..config import GPU_BACKENDS
 from .watchdog import NvmlWatchdog
 
 log = logging.getLogger("utopia_agent.gpus")
 
-BACKENDS = ("auto", "nvml", "fake", "none")
 NVML_FALLBACK_NOTE = "nvml-fallback"
 
 # NVML topology levels run from 0 (same board) to 50 (across CPU sockets); a pair we cannot
@@ -559,4 +559,4 @@ def make_inventory(
             if first_to_log(NVML_FALLBACK_NOTE):
                 log.warning("GPU backend auto: %s; serving no GPUs", exc)
             return GpuInventory()
-    raise ValueError(f"unknown GPU backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    raise ValueError(f"unknown GPU backend {backend!r}; expected one of {', '.join(GPU_BACKENDS)}")
