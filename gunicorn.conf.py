@@ -52,7 +52,7 @@ workers = _agent.workers
 # Threads keep /health and reads answering while other threads of the same worker wait on a
 # long image pull; the gthread main loop heartbeats on its own, so a slow pull is no "hung" worker.
 # The agent's own gthread reads each request whole in that loop before a thread takes it, so
-# clients that send slowly or stall hold no thread (utopia_agent/worker.py).
+# clients that send slowly or stall hold no thread (utopia_agent/server/worker.py).
 worker_class = "utopia_agent.server.worker.WholeRequestWorker"
 threads = 8
 timeout = 60

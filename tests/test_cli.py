@@ -7,6 +7,8 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -16,7 +18,13 @@ from tests.support.engine import free_host_port, free_port
 from utopia_agent import cli
 
 
-def run_cli(*args: str, env: dict[str, str], cwd=ROOT) -> subprocess.CompletedProcess:
+# Outside the checkout: run from it, the CLI would fill in what a developer's own `make run` left
+# in .run/ (its token), which these tests must not depend on. Tests of that filling-in make a
+# checkout of their own.
+OUTSIDE_THE_CHECKOUT = Path(tempfile.gettempdir())
+
+
+def run_cli(*args: str, env: dict[str, str], cwd=OUTSIDE_THE_CHECKOUT) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "utopia_agent.cli", *args],
         cwd=cwd, env=env, capture_output=True, text=True, timeout=60, check=False,

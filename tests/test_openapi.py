@@ -1,6 +1,7 @@
 """/openapi.json as a client's author meets it: names, descriptions, error codes, an example,
 and a client made from it by a third-party generator (openapi-python-client) that drives the
-live agent. The README's error and configuration tables are held to the code here too."""
+live agent. The error table of docs/api.md and the configuration table of docs/configuration.md
+are held to the code here too."""
 
 from __future__ import annotations
 
@@ -111,23 +112,23 @@ def test_the_container_example_fits_the_schema_and_a_real_container(agent, docum
     assert {key: type(value) for key, value in real.items()} == {key: type(value) for key, value in example.items()}
 
 
-def readme_table(heading: str) -> list[list[str]]:
-    """The rows of the first table under `heading`, as lists of cells."""
-    text = (ROOT / "README.md").read_text()
+def docs_table(name: str, heading: str) -> list[list[str]]:
+    """The rows of the first table under `heading` in docs/`name`, as lists of cells."""
+    text = (ROOT / "docs" / name).read_text()
     section = text[text.index(heading):]
     table = re.search(r"^\|.*?(?=^\s*$)", section, flags=re.DOTALL | re.MULTILINE).group(0)
     rows = [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in table.splitlines()]
     return rows[2:]
 
 
-def test_the_readme_error_table_lists_every_code_with_its_status():
-    table = {row[1].strip("`"): int(row[0]) for row in readme_table("### Errors")}
+def test_the_documented_error_table_lists_every_code_with_its_status():
+    table = {row[1].strip("`"): int(row[0]) for row in docs_table("api.md", "\n## Errors\n")}
     assert table == agent_error_statuses()
 
 
-def test_the_readme_configuration_table_lists_every_variable():
+def test_the_documented_configuration_table_lists_every_variable():
     read = set(re.findall(r'"(UTOPIA_AGENT_[A-Z_]+)"', (ROOT / "utopia_agent" / "config.py").read_text()))
-    listed = {name for row in readme_table("## Configuration") for name in re.findall(r"`(UTOPIA_AGENT_[A-Z_]+)`", " ".join(row[:2]))}
+    listed = {name for row in docs_table("configuration.md", "# Configuration\n") for name in re.findall(r"`(UTOPIA_AGENT_[A-Z_]+)`", " ".join(row[:2]))}
     assert read <= listed, sorted(read - listed)
 
 

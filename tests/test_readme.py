@@ -5,6 +5,10 @@ is started in the background (as in its own shell) and stopped with Ctrl-C's SIG
 blocks after it run as one shell script, as typed into a second shell. The test only moves
 the agent to a free loopback port and a temporary state dir, so it never meets an agent of
 the developer's.
+
+The README is the front door (at most 300 lines) and docs/ holds the rest: every file there is
+linked, from the README or (a picture) from a page of docs/, and every relative link of these
+pages leads to a file that exists and, with an anchor, to a heading of it.
 """
 
 from __future__ import annotations
@@ -27,11 +31,14 @@ SECTION = "## Offline quickstart"
 README_ADDRESS = "127.0.0.1:8600"
 IMAGE = "quickstart/busybox:latest"
 CONTAINER = "utopia-demo"
+README = ROOT / "README.md"
+DOCS = ROOT / "docs"
+README_MAX_LINES = 300
 
 
 def quickstart_blocks() -> list[str]:
     """The `sh` blocks of the quickstart section, in order."""
-    text = (ROOT / "README.md").read_text()
+    text = README.read_text()
     start = text.index(SECTION)
     end = text.find("\n## ", start + len(SECTION))
     section = text[start:end if end != -1 else None]
@@ -114,3 +121,55 @@ def test_the_offline_quickstart_works_as_written(docker_client, nvidia_path, tmp
             elif path.exists():
                 path.unlink()
     assert (tmp_path / "state" / "agent.lock").read_text() == "", "Ctrl-C stopped the agent cleanly"
+
+
+def pages() -> list:
+    """The README and every Markdown page of docs/."""
+    return [README, *sorted(DOCS.glob("*.md"))]
+
+
+def _without_code(text: str) -> str:
+    """`text` without its fenced blocks and inline code, where a `#` or `](` is no heading or link."""
+    text = re.sub(r"^```.*?^```$", "", text, flags=re.DOTALL | re.MULTILINE)
+    return re.sub(r"`(?:[^`\n]|\n(?!\s*\n))*`", "", text)  # a code span may go on over a line break
+
+
+def relative_links(page) -> list[str]:
+    """The targets of the page's links and images that are not URLs, as written."""
+    targets = re.findall(r"\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)", _without_code(page.read_text()))
+    return [target for target in targets if not re.match(r"[a-z][a-z0-9+.-]*:", target)]
+
+
+def anchors(page) -> set[str]:
+    """The anchors GitHub gives the page's headings: lower case, punctuation dropped, spaces as hyphens."""
+    headings = re.findall(r"^#{1,6}\s+(.+?)\s*#*$", _without_code(page.read_text()), flags=re.MULTILINE)
+    return {re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-") for heading in headings}
+
+
+def test_the_readme_is_a_front_door():
+    lines = len(README.read_text().splitlines())
+    assert lines <= README_MAX_LINES, f"README.md has {lines} lines; the rest belongs in docs/"
+
+
+def test_every_file_of_docs_is_linked():
+    readme_links = {(README.parent / target.partition("#")[0]).resolve() for target in relative_links(README)}
+    doc_links = {(page.parent / target.partition("#")[0]).resolve() for page in pages() for target in relative_links(page)}
+    files = [path for path in sorted(DOCS.rglob("*")) if path.is_file()]
+    assert files
+    unlinked_pages = [str(path.relative_to(ROOT)) for path in files if path.suffix == ".md" and path.resolve() not in readme_links]
+    assert not unlinked_pages, f"README.md links none of {unlinked_pages}"
+    unlinked = [str(path.relative_to(ROOT)) for path in files if path.resolve() not in doc_links]
+    assert not unlinked, f"no page links {unlinked}"
+
+
+def test_every_relative_link_leads_to_a_file_and_heading_that_exist():
+    broken = []
+    for page in pages():
+        for target in relative_links(page):
+            path, _, anchor = target.partition("#")
+            linked = (page.parent / path).resolve() if path else page
+            if not linked.exists():
+                broken.append(f"{page.relative_to(ROOT)}: {target} (no such file)")
+            elif anchor and (linked.suffix != ".md" or anchor not in anchors(linked)):
+                broken.append(f"{page.relative_to(ROOT)}: {target} (no such heading)")
+    assert not broken, broken

@@ -17,7 +17,7 @@ from .volumes import Volume, decode_hosts, encode_hosts
 if TYPE_CHECKING:  # a ManagedContainer is made from the node view's record; the view itself is not needed
     from ..engine.node_view import ContainerState
 
-# Every label the agent reads starts with this; an image may carry none of them (see policy.py).
+# Every label the agent reads starts with this; an image may carry none of them (see allocation/policy.py).
 LABEL_PREFIX = "utopia."
 MANAGED_LABEL = "utopia.managed"
 CLAIM_LABEL = "utopia.claim_id"
@@ -201,7 +201,7 @@ class ManagedContainer:
 
     @cached_property
     def holdings(self) -> Holdings:
-        """What it holds, for the questions of holders.py; read from the labels once."""
+        """What it holds, for the questions of claims/holders.py; read from the labels once."""
         return Holdings.from_labels(self.labels, self.id)
 
     def outcome(self) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 client of its own for an event stream that lasts.
 
 Every engine call goes through `EngineConnection.call`, which maps the engine's failures to
-domain errors (engine_errors.py) and notes each answer, so a health probe can trust a recent one.
+domain errors (engine/errors.py) and notes each answer, so a health probe can trust a recent one.
 """
 
 from __future__ import annotations

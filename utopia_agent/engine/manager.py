@@ -101,7 +101,7 @@ class DockerManager:
 
     def holders_of(self, label: str) -> list[Holdings]:
         """What the managed containers carrying `label` (GPUs or ports) hold, straight from the
-        engine: what allocation decides on (see holders.py). GPU holders are at most about one per GPU."""
+        engine: what allocation decides on (see claims/holders.py). GPU holders are at most about one per GPU."""
         with self._engine.call("list containers") as api:
             rows = api.containers(all=True, filters={"label": [MANAGED_FILTER, label]})
         return [Holdings.from_labels(row.get("Labels") or {}, row["Id"]) for row in rows]
@@ -178,7 +178,7 @@ class DockerManager:
         of their own that never times out; `close()` ends the stream."""
         return self._engine.events(since_ns, {"type": ["container"], "label": [MANAGED_FILTER], "event": list(actions)})
 
-    # --- logs (container_logs.py) and processes ----------------------------------------------------------
+    # --- logs (logs.py) and processes ----------------------------------------------------------
 
     def logs(self, container_id: str, *, tail: int, since: float | None, timestamps: bool) -> bytes:
         return container_logs.read_logs(self._engine, container_id, tail=tail, since=since, timestamps=timestamps)

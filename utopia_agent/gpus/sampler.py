@@ -87,7 +87,7 @@ class SharedSample:
 
     The file belongs to one run of the agent: the master removes it at start (state_dir.start_fresh).
     Readers keep the parsed sample until the file's inode or mtime changes. Unlike the small
-    records of state_file.py, which are read afresh each time, a missed rewrite here costs at
+    records of node/state_file.py, which are read afresh each time, a missed rewrite here costs at
     most one interval: the next sample comes a second later as another file."""
 
     def __init__(self, path: Path):

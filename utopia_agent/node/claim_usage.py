@@ -2,7 +2,7 @@
 the engine's stats stream (which measures for a second per call).
 
 A background sampler reads every running claim every SAMPLE_SECONDS into one file in the state
-dir; every worker runs one, and the one holding the node's role (see node_role.py) samples for
+dir; every worker runs one, and the one holding the node's role (see role.py) samples for
 the whole node, so whichever worker serves a scrape serves the same figures, and CPU seconds
 never go backwards.
 """

@@ -22,7 +22,7 @@ METRICS_DIR = "prometheus"
 # Notes that are logged once per agent, not once per worker: a worker that creates the
 # file logs; the others find it. Emptied when the agent starts.
 LOGGED_ONCE_DIR = "logged-once"
-# The node's last GPU sample (gpu_sampler.py): one run's, never served to the next.
+# The node's last GPU sample (gpus/sampler.py): one run's, never served to the next.
 GPU_SAMPLE_FILE = "gpu-sample.json"
 
 # State dirs this process holds, by path: gunicorn runs its config file again on HUP, in the
