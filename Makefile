@@ -13,7 +13,8 @@ $(STAMP): setup.cfg setup.py
 	rm -f $(VENV)/.installed-* && touch $@
 
 ## run: install into .venv and start the agent on its defaults (a token is made in .run/token when none is set;
-## as non-root the state dir defaults to .run/state, since /var/lib is root's). The agent itself says
+## as non-root the state dir defaults to .run/state, since /var/lib is root's, and network isolation is off,
+## since firewall rules are root's). The agent itself says
 ## "listening" once its configuration passed and the port is bound; `utopia-agent check` and `gpus` run
 ## from this checkout find the same token and state dir.
 run: $(STAMP)
@@ -23,6 +24,7 @@ run: $(STAMP)
 	@export UTOPIA_AGENT_TOKEN_FILE="$${UTOPIA_AGENT_TOKEN_FILE:-$$( [ -z "$$UTOPIA_AGENT_TOKEN" ] && echo $(CURDIR)/$(RUN_DIR)/token )}"; \
 		[ -n "$$UTOPIA_AGENT_TOKEN_FILE" ] || unset UTOPIA_AGENT_TOKEN_FILE; \
 		[ "$$(id -u)" = 0 ] || export UTOPIA_AGENT_STATE_DIR="$${UTOPIA_AGENT_STATE_DIR:-$(CURDIR)/$(RUN_DIR)/state}"; \
+		[ "$$(id -u)" = 0 ] || export UTOPIA_AGENT_NETWORK_ISOLATION="$${UTOPIA_AGENT_NETWORK_ISOLATION:-off}"; \
 		exec $(VENV)/bin/gunicorn -c gunicorn.conf.py wsgi:app
 
 ## test: prepare the machine (as root: Debian packages, dockerd with the stand-in NVIDIA hook),

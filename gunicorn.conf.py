@@ -15,6 +15,8 @@ from gunicorn.glogging import Logger
 from utopia_agent.config import ConfigError, load_config, prepare_state_dir
 from utopia_agent.observability.logs import logging_dict
 from utopia_agent.claims.volumes import MountPins
+from utopia_agent.engine.connection import EngineConnection
+from utopia_agent.network.isolation import IsolationFailed, NetworkIsolation
 from utopia_agent.node.state_dir import (
     StateDirInUse,
     forget_inherited_holds,
@@ -33,6 +35,23 @@ except ConfigError as error:
     sys.exit(2)
 except StateDirInUse as error:
     print(f"utopia-agent: {error}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _network_isolation(config, step: str) -> None:
+    """`establish` or `leave` the claims' network isolation, on an engine connection of the master's
+    own that is closed before any worker forks."""
+    engine = EngineConnection(config.engine_timeout)
+    try:
+        getattr(NetworkIsolation(config, engine), step)()
+    finally:
+        engine.close()
+
+
+try:
+    _network_isolation(_agent, "establish")
+except IsolationFailed as error:
+    print(f"utopia-agent: UTOPIA_AGENT_NETWORK_ISOLATION=on, but claims cannot be isolated: {error}", file=sys.stderr)
     sys.exit(2)
 
 try:
@@ -112,7 +131,9 @@ def post_worker_init(worker):
 
 
 def on_exit(server):
-    """A clean stop clears the lock file's record, so the CLI never reads a stale pid."""
+    """A clean stop clears the lock file's record, so the CLI never reads a stale pid, and leaves
+    no network or rules behind where no claim runs (with claims running, their protection stays)."""
+    _network_isolation(_agent, "leave")
     release_state_dir(_agent)
 
 

@@ -14,6 +14,9 @@ from tests.support.agent import AgentProcess, unmount_under
 from tests.support.prerequisites import require
 from tests.support.polling import wait_for
 from tests.support.relay import EngineRelay
+from utopia_agent.engine.networks import STATE_DIR_LABEL
+from utopia_agent.network.firewall import Firewall
+from utopia_agent.network.isolation import IsolationPlan
 from tests.support.engine import (
     TEST_IMAGE,
     EngineUnavailable,
@@ -48,7 +51,7 @@ def _unmount_leftovers(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def engine():
+def engine(tmp_path_factory):
     """The real Docker engine (started here when none answers, and stopped again at the end)."""
     try:
         handle = ensure_engine()
@@ -57,6 +60,7 @@ def engine():
     images_before = image_ids(handle.client)
     yield handle
     remove_run_containers(handle.client)
+    remove_agent_networks(handle.client, tmp_path_factory.getbasetemp())
     remove_new_dangling_images(handle.client, images_before)
     handle.stop()
 
@@ -173,6 +177,30 @@ class AgentFactory:
     def stop_all(self) -> None:
         for agent in self.started:
             agent.stop()
+
+
+def remove_agent_networks(client, under: Path) -> None:
+    """Remove the claims networks and firewall rules of the agents whose state dir lies under
+    `under` (this run's): an agent killed, or stopped with claims on its network or with its
+    iptables failing on cue, leaves them."""
+    state_dirs = {path.parent for path in under.rglob("agent.lock")}
+    for network in client.networks.list(filters={"label": STATE_DIR_LABEL}):
+        state_dir = network.attrs.get("Labels", {}).get(STATE_DIR_LABEL, "")
+        if not state_dir.startswith(str(under) + "/"):
+            continue
+        state_dirs.add(Path(state_dir))
+        network.reload()
+        for container_id in network.attrs.get("Containers") or {}:
+            try:
+                network.disconnect(container_id, force=True)
+            except docker.errors.APIError:
+                pass
+        try:
+            network.remove()
+        except docker.errors.APIError:
+            pass
+    for state_dir in state_dirs:
+        Firewall().remove(IsolationPlan.of_state_dir(state_dir).rules)
 
 
 @pytest.fixture(scope="session")

@@ -40,6 +40,8 @@ def make_app(tmp_path, memory: MemoryEngine, gpus: GpuInventory | None = None, *
             "UTOPIA_AGENT_GPU_BACKEND": "fake",
             "UTOPIA_AGENT_HOST_PORT_RANGE": PORT_RANGE,
             "UTOPIA_AGENT_RESTART_POLICY": "no",
+            # The memory engine has no networks, and these tests touch no firewall (test_isolation does).
+            "UTOPIA_AGENT_NETWORK_ISOLATION": "off",
             **env,
         },
         ephemeral_ports_path=tmp_path / "no-ephemeral-ports",

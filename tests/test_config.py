@@ -38,6 +38,11 @@ def ephemeral(tmp_path):
         ({"UTOPIA_AGENT_TOKEN": "t", "UTOPIA_AGENT_STATE_DIR": "relative/state"}, "UTOPIA_AGENT_STATE_DIR"),
         ({"UTOPIA_AGENT_TOKEN": "t", "UTOPIA_AGENT_PULL_IDLE_TIMEOUT": "0"}, "UTOPIA_AGENT_PULL_IDLE_TIMEOUT"),
         ({"UTOPIA_AGENT_TOKEN": "t", "UTOPIA_AGENT_VOLUME_ROOTS": "/"}, "UTOPIA_AGENT_VOLUME_ROOTS"),
+        ({"UTOPIA_AGENT_TOKEN": "t", "UTOPIA_AGENT_NETWORK_ISOLATION": "maybe"}, "UTOPIA_AGENT_NETWORK_ISOLATION"),
+        ({"UTOPIA_AGENT_TOKEN": "t", "UTOPIA_AGENT_NETWORK_SUBNET": "10.1.0.0/33"}, "UTOPIA_AGENT_NETWORK_SUBNET"),
+        ({"UTOPIA_AGENT_TOKEN": "t", "UTOPIA_AGENT_NETWORK_SUBNET": "fd00::/64"}, "UTOPIA_AGENT_NETWORK_SUBNET"),
+        ({"UTOPIA_AGENT_TOKEN": "t", "UTOPIA_AGENT_NETWORK_SUBNET": "10.1.0.0/30"}, "UTOPIA_AGENT_NETWORK_SUBNET"),
+        ({"UTOPIA_AGENT_TOKEN": "t", "UTOPIA_AGENT_BLOCKED_NETWORKS": "10.0.0.0/8,management"}, "UTOPIA_AGENT_BLOCKED_NETWORKS"),
         ({"UTOPIA_AGENT_TOKEN": "t", "UTOPIA_AGENT_READ_TIMEOUT": "soon"}, "UTOPIA_AGENT_READ_TIMEOUT"),
         ({"UTOPIA_AGENT_TOKEN": "t", "UTOPIA_AGENT_RESERVED_CPUS": str(len(os.sched_getaffinity(0)))}, "UTOPIA_AGENT_RESERVED_CPUS"),
         ({"UTOPIA_AGENT_TOKEN": "t", "UTOPIA_AGENT_RESERVED_CPUS": "-1"}, "UTOPIA_AGENT_RESERVED_CPUS"),
@@ -101,3 +106,12 @@ def test_a_default_range_overlapping_this_kernels_ephemeral_range_is_refused(eph
 
 def test_without_the_kernels_range_any_valid_range_is_taken(tmp_path):
     assert config(tmp_path / "missing", UTOPIA_AGENT_HOST_PORT_RANGE="1024-65535").host_port_range == (1024, 65535)
+
+
+def test_network_variables_are_read_as_networks(tmp_path):
+    config = load_config({"UTOPIA_AGENT_TOKEN": "t", "UTOPIA_AGENT_STATE_DIR": str(tmp_path),
+                          "UTOPIA_AGENT_NETWORK_SUBNET": "10.77.0.0/24", "UTOPIA_AGENT_BLOCKED_NETWORKS": " 10.1.2.3/8, 192.0.2.7,10.0.0.0/8"})
+    assert config.network_isolation and config.network_subnet == "10.77.0.0/24"
+    assert config.blocked_networks == ("10.0.0.0/8", "192.0.2.7/32")
+    off = load_config({"UTOPIA_AGENT_TOKEN": "t", "UTOPIA_AGENT_STATE_DIR": str(tmp_path), "UTOPIA_AGENT_NETWORK_ISOLATION": "off"})
+    assert not off.network_isolation and off.network_subnet is None and off.blocked_networks == ()

@@ -17,6 +17,7 @@ LAYERS = (
     "observability",  # logs, the request log, Prometheus
     "engine",         # the Docker engine
     "node",           # node-wide state: state dir and files, drain, roles, system metrics, claim usage
+    "network",        # tenant networks: the claims' network and the firewall rules that isolate it
     "images",         # pulls
     "gpus",           # NVML, health, selection
     "allocation",     # decisions under the node's lock

@@ -10,6 +10,7 @@ from .allocation.allocator import Allocator, allocation_lock
 from .api.error_handlers import register_error_handlers
 from .node.claim_usage import ClaimUsage
 from .config import Config, load_config, prepare_state_dir
+from .engine.connection import EngineConnection
 from .engine.manager import DockerManager
 from .gpus.health import GpuHealth
 from .gpus.sampler import GpuSampler
@@ -19,6 +20,7 @@ from .observability.logs import configure_logging
 from .node.drain import NodeDrain
 from .gpus.watchdog import NvmlWatchdog
 from .observability.request_log import register_request_hooks
+from .network.isolation import NetworkIsolation
 from .services import Services
 from .node.state_dir import first_to_log
 from .claims.resources import NodeResources
@@ -59,6 +61,7 @@ def create_app(config: Config | None = None, gpus: GpuInventory | None = None, d
         system=SystemMetrics(),
         janitor=Janitor(allocator, config.state_dir / "janitor.stamp", config.unstarted_seconds).start(),
         usage=ClaimUsage(docker, config.state_dir).start(),
+        network=NetworkIsolation(config, EngineConnection(config.engine_timeout)).start(),
     )
     health.monitor.start()
     register_error_handlers(app)

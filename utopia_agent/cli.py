@@ -62,6 +62,8 @@ from .errors import EngineUnavailable
 from .gpus.inventory import GpuBackendError, GpuInventory, GpuStatus, make_inventory
 from .claims.holders import claims_on
 from .claims.records import Holdings
+from .network.firewall import Firewall, FirewallError
+from .network.isolation import IsolationPlan, NetworkIsolation
 from .node.state_dir import RunningAgent, running_agent
 
 PROG = "utopia-agent"
@@ -206,6 +208,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     finally:
         docker.close()
     print(f"engine: ok, Docker {version} at {_engine_location()}")
+    print(_check_isolation(config, running=agent is not None))
 
     inventory = _inventory(config)
     try:
@@ -217,6 +220,26 @@ def cmd_check(args: argparse.Namespace) -> int:
     if gpus:
         _print_table([row[:-1] for row in _gpu_rows(gpus, [])], indent="  ")
     return 0
+
+
+def _check_isolation(config: Config, running: bool) -> str:
+    """The claims' network isolation as the firewall shows it now; a failure where the running
+    agent's rules are missing, or where they could not be put in place at start."""
+    if not config.network_isolation:
+        return "network: isolation off (claims on the engine's default bridge)"
+    plan = IsolationPlan.for_config(config)
+    try:
+        missing = Firewall().problems(plan.rules)
+    except FirewallError as error:
+        raise CheckFailed(f"network: claims cannot be isolated: {error}") from None
+    where = f"network {plan.network.name} (bridge {plan.network.bridge}), blocking {', '.join(plan.rules.blocked) or 'no networks'} beyond 169.254.0.0/16"
+    if missing and running:
+        raise CheckFailed(f"network: the running agent's isolation rules are not in place: {'; '.join(missing)}")
+    if missing:
+        return f"network: isolation on, {where}; rules not in place yet (the agent puts them in place at start)"
+    unprotected = NetworkIsolation.recorded(config).get("unprotected_claims") or []
+    note = f"; not isolated (on the default bridge): {', '.join(unprotected)}" if unprotected else ""
+    return f"network: ok, isolation on, {where}, rules in place{note}"
 
 
 def cmd_local_gpus(args: argparse.Namespace) -> int:

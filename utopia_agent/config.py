@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 import sys
@@ -70,6 +71,9 @@ class Config:
     infiniband_dir: Path = Path("/dev/infiniband")
     gpu_release_seconds: float = 60.0
     nvml_timeout: float = 5.0
+    network_isolation: bool = True
+    network_subnet: str | None = None
+    blocked_networks: tuple[str, ...] = ()
     # Resolved at load: what no volume may reach (SYSTEM_PATHS, the agent's code and token).
     denied_paths: tuple[str, ...] = ()
 
@@ -179,6 +183,31 @@ def _token(env: Mapping[str, str]) -> str:
     return token
 
 
+def _ipv4_network(name: str, raw: str) -> str:
+    try:
+        network = ipaddress.ip_network(raw.strip(), strict=False)
+    except ValueError:
+        raise ConfigError(name, f"expected an IPv4 network such as 10.20.0.0/16, got {raw.strip()!r}") from None
+    if network.version != 4:
+        raise ConfigError(name, f"{raw.strip()} is not IPv4 (the claims' network and rules are IPv4)")
+    return str(network)
+
+
+def _network_subnet(env: Mapping[str, str]) -> str | None:
+    raw = env.get("UTOPIA_AGENT_NETWORK_SUBNET", "").strip()
+    if not raw:
+        return None
+    subnet = _ipv4_network("UTOPIA_AGENT_NETWORK_SUBNET", raw)
+    if ipaddress.ip_network(subnet).num_addresses < 8:
+        raise ConfigError("UTOPIA_AGENT_NETWORK_SUBNET", f"{subnet} is too small for claims (at least a /29)")
+    return subnet
+
+
+def _blocked_networks(env: Mapping[str, str]) -> tuple[str, ...]:
+    raw = env.get("UTOPIA_AGENT_BLOCKED_NETWORKS", "")
+    return tuple(dict.fromkeys(_ipv4_network("UTOPIA_AGENT_BLOCKED_NETWORKS", part) for part in raw.split(",") if part.strip()))
+
+
 def _volume_roots(env: Mapping[str, str]) -> tuple[Path, ...]:
     raw = env.get("UTOPIA_AGENT_VOLUME_ROOTS", "")
     roots = tuple(Path(part) for part in raw.split(":") if part)
@@ -262,6 +291,9 @@ def load_config(env: Mapping[str, str] | None = None, ephemeral_ports_path: Path
         infiniband_dir=Path(env.get("UTOPIA_AGENT_INFINIBAND_DIR") or "/dev/infiniband"),
         gpu_release_seconds=_seconds(env, "UTOPIA_AGENT_GPU_RELEASE_SECONDS", 60.0),
         nvml_timeout=_seconds(env, "UTOPIA_AGENT_NVML_TIMEOUT", 5.0),
+        network_isolation=_choice(env, "UTOPIA_AGENT_NETWORK_ISOLATION", "on", ("on", "off")) == "on",
+        network_subnet=_network_subnet(env),
+        blocked_networks=_blocked_networks(env),
         denied_paths=denied,
     )
 

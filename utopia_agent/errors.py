@@ -193,6 +193,18 @@ class NvmlHung(AgentError):
         return {"Retry-After": str(self.retry_after_seconds)}
 
 
+class NetworkUnprotected(AgentError):
+    """The claims' network isolation is not in place (rules gone and not restored, or the network
+    not made): no claim is started unprotected."""
+
+    status = 503
+    code = "network_unprotected"
+    retry_after_seconds = 5
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_seconds)}
+
+
 class AllocationBusy(EngineUnavailable):
     """Other creates held the node's allocation lock for too long; retry shortly."""
 

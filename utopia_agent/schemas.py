@@ -460,6 +460,24 @@ class NumaNodeSchema(ResponseSchema):
     memory_total_mb = fields.Integer(allow_none=True, required=True, metadata={"description": "Its memory in MiB; null when unknown."})
 
 
+class NetworkSchema(ResponseSchema):
+    """The claims' network and its isolation (see the contract's "Tenant networks")."""
+
+    isolation = fields.String(required=True, metadata={"enum": ["on", "off"], "description": "UTOPIA_AGENT_NETWORK_ISOLATION."})
+    name = fields.String(load_default=None, metadata={"description": "The engine network claims join; absent when isolation is off."})
+    bridge = fields.String(load_default=None, metadata={"description": "Its bridge interface, which the agent's firewall rules match."})
+    subnet = fields.String(allow_none=True, load_default=None, metadata={"description": "Its IPv4 subnet; null until the network is made."})
+    gateway = fields.String(allow_none=True, load_default=None, metadata={"description": "The bridge's address; null until the network is made."})
+    blocked_networks = fields.List(fields.String(), load_default=list,
+                                   metadata={"description": "Destinations claims may not reach besides the node: 169.254.0.0/16 and "
+                                                            "UTOPIA_AGENT_BLOCKED_NETWORKS."})
+    rules_in_place = fields.Boolean(load_default=None, metadata={"description": "True while the agent's firewall rules stand as it put them."})
+    problem = fields.String(allow_none=True, load_default=None,
+                            metadata={"description": "Why claims cannot run protected now (creates and /health answer 503); null when they can."})
+    unprotected_claims = fields.List(fields.String(), load_default=list,
+                                     metadata={"description": "Claims on the engine's default bridge, made before isolation was on: not isolated."})
+
+
 class NodeSchema(ResponseSchema):
     """GET /api/v1/node."""
 
@@ -484,6 +502,7 @@ class NodeSchema(ResponseSchema):
                                  "X, NV<links>, PIX, PXB, PHB, NODE, SYS, BOARD; null where NVML cannot say."},
     )
     drain = fields.Nested(DrainSchema, required=True, metadata={"description": "Whether the node takes claims."})
+    network = fields.Nested(NetworkSchema, required=True, metadata={"description": "The claims' network and whether its isolation is in place."})
 
 
 class GpuMetricsSchema(ResponseSchema):

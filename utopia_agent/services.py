@@ -17,6 +17,7 @@ from .engine.manager import DockerManager
 from .gpus.health import GpuHealth
 from .allocation.janitor import Janitor
 from .node.drain import NodeDrain
+from .network.isolation import NetworkIsolation
 from .node.system_metrics import SystemMetrics
 
 
@@ -32,10 +33,12 @@ class Services:
     system: SystemMetrics
     janitor: Janitor
     usage: ClaimUsage
+    network: NetworkIsolation
 
     def close(self) -> None:
         self.janitor.close()
         self.usage.close()
+        self.network.close()
         self.gpus.close()
         self.docker.close()
 

@@ -591,3 +591,24 @@ class SlowRegistry(_LocalServer):
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+
+
+def restart_engine(timeout: float = 90.0) -> None:
+    """Stop the engine of /var/run/docker.sock and start it again as it was started: through
+    systemd where systemd runs it, else with the same command line and environment."""
+    if subprocess.run(["systemctl", "is-active", "--quiet", "docker"], check=False, capture_output=True).returncode == 0:
+        subprocess.run(["systemctl", "restart", "docker"], check=True, capture_output=True, timeout=timeout)
+    else:
+        pid = int(Path("/var/run/docker.pid").read_text())
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]
+        environment = dict(item.split(b"=", 1) for item in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in item)
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while Path(f"/proc/{pid}").exists():
+            if time.monotonic() > deadline:
+                raise EngineStartError(f"dockerd (pid {pid}) did not stop within {timeout:g} s")
+            time.sleep(0.2)
+        with open("/var/log/utopia-test-dockerd.log", "ab") as log:
+            subprocess.Popen(command, env=environment, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    if not wait_for(lambda: _connect(None, 5) is not None, timeout, interval=0.5):
+        raise EngineStartError(f"the engine did not answer within {timeout:g} s of its restart")

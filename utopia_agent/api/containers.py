@@ -12,6 +12,7 @@ from operator import attrgetter
 from flask import Blueprint, Response, g, url_for
 
 from ..errors import (
+    NetworkUnprotected,
     AgentError,
     AllocationBusy,
     ClaimExists,
@@ -118,8 +119,9 @@ def counted_as_create(view: Callable) -> Callable:
         ),
         fails(
             "The Docker engine is unreachable or slow, other creates held the allocation lock too "
-            "long, or (for a create with GPUs) NVML is hung; retry after Retry-After seconds.",
-            EngineUnavailable, AllocationBusy, NvmlHung,
+            "long, (for a create with GPUs) NVML is hung, or the claims' network isolation is not in "
+            "place (`network_unprotected`); retry after Retry-After seconds.",
+            EngineUnavailable, AllocationBusy, NvmlHung, NetworkUnprotected,
         ),
     ),
 )
@@ -134,6 +136,8 @@ def create_container(body: dict):
     if existing:
         raise ClaimExists.held_by(spec.claim_id, existing)
     agent.allocator.admit(body["gpu_count"])
+    if (unprotected := agent.network.problem()) is not None:
+        raise NetworkUnprotected(unprotected)
     check_image_labels(spec.image, ensure_image(agent.docker, spec.image))
     container_id, spec = agent.allocator.create(spec, body["gpu_count"])
     event = {"claim_id": spec.claim_id, "container_id": container_id, "gpu_ids": list(spec.gpu_ids)}

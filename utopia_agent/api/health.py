@@ -7,7 +7,7 @@ from datetime import datetime, UTC
 
 from flask import Blueprint
 
-from ..errors import EngineUnavailable, NvmlHung
+from ..errors import EngineUnavailable, NetworkUnprotected, NvmlHung
 from ..schemas import HealthSchema
 from ..services import services
 from .operations import Reply, Responds, operation
@@ -33,12 +33,14 @@ class Health:
     tag="service",
     summary="Liveness for load balancers; no auth",
     responds=(
-        Responds(200, "The engine answers and NVML is not hung (a draining node is healthy).", _health),
-        Responds(503, "The engine does not answer, or NVML is hung; `reason` says which.", _health),
+        Responds(200, "The engine answers, NVML is not hung and claims are isolated (a draining node is healthy).", _health),
+        Responds(503, "The engine does not answer, NVML is hung, or the claims' network isolation is not in place; "
+                      "`reason` says which.", _health),
     ),
 )
 def health():
-    """503 while NVML is hung or the engine does not answer; a draining node stays healthy."""
+    """503 while NVML is hung, the engine does not answer or claims would run unprotected; a
+    draining node stays healthy."""
     agent = services()
     healthy = Health("healthy", datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"), agent.node.state()["draining"])
     try:
@@ -47,6 +49,8 @@ def health():
             raise NvmlHung(hung)
         if not agent.docker.answered_within(TRUST_RECENT_ANSWER_SECONDS):
             agent.docker.ping()
-    except (NvmlHung, EngineUnavailable) as error:
+        if (unprotected := agent.network.problem()) is not None:
+            raise NetworkUnprotected(unprotected)
+    except (NvmlHung, EngineUnavailable, NetworkUnprotected) as error:
         return Reply(replace(healthy, status="unhealthy", reason=error.message), 503, error.headers())
     return healthy

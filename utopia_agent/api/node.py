@@ -36,13 +36,14 @@ class NodeDescription:
     gpus: list[GpuFacts]
     topology: list[list[str | None]]
     drain: dict[str, Any]
+    network: dict[str, Any]
 
 
 @blueprint.get("")
 @operation(
     "getNode",
     tag="node",
-    summary="The node: versions, CPUs, memory, NUMA nodes, GPUs with their topology, drain state",
+    summary="The node: versions, CPUs, memory, NUMA nodes, GPUs with their topology, drain state, the claims' network",
     responds=Responds(200, "The node.", NodeSchema()),
 )
 def get_node() -> NodeDescription:
@@ -65,6 +66,7 @@ def get_node() -> NodeDescription:
         gpus=agent.gpus.facts(),
         topology=inventory.topology() if inventory is not None else [],
         drain=agent.node.state(),
+        network=agent.network.status(),
     )
 
 

@@ -213,6 +213,12 @@ class NvmlHung(EngineUnavailable):
     code = "nvml_hung"
 
 
+class NetworkUnprotected(EngineUnavailable):
+    """The node cannot isolate claims now (its firewall rules or network are missing); nothing was done."""
+
+    code = "network_unprotected"
+
+
 class AllocationBusy(EngineUnavailable):
     """Other creates held the node's allocation lock too long; nothing was done."""
 

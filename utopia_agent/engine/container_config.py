@@ -11,6 +11,7 @@ from docker.types import DeviceRequest, LogConfig, Mount, Ulimit
 from ..config import Config
 from ..claims.records import ContainerSpec
 from ..claims.resources import CONTAINER_INFINIBAND_DIR, format_cpu_list
+from .networks import claim_network_for
 
 _MIB = 1024 * 1024
 # Capabilities of Docker's default set that a job never needs: NET_RAW (raw sockets: ARP and
@@ -47,6 +48,8 @@ def _host_config(api: docker.APIClient, spec: ContainerSpec, config: Config) -> 
             for volume, source in zip(spec.volumes, spec.mount_sources, strict=True)
         ],
         port_bindings=bindings,
+        # The agent's claims network (isolated); with isolation off, the engine's default bridge.
+        network_mode=claim_network_for(config).name if config.network_isolation else None,
         device_requests=[DeviceRequest(driver="nvidia", device_ids=list(spec.gpu_uuids), capabilities=[["gpu"]])] if spec.gpu_uuids else None,
         privileged=False,
         cap_drop=list(DROPPED_CAPABILITIES),

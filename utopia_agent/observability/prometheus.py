@@ -87,6 +87,16 @@ class NodeCollector(Collector):
         if sample is not None:
             yield GaugeMetricFamily("utopia_agent_gpu_sample_age_seconds", "Age of the GPU figures in this scrape.",
                                     value=max(0.0, time.time() - sample.taken_at))
+        network = agent.network.status()
+        if network.get("isolation") == "on":
+            yield GaugeMetricFamily(
+                "utopia_agent_network_isolation_ok",
+                "1 while the claims' network isolation is in place (firewall rules and network); 0: creates are refused.",
+                value=0.0 if agent.network.problem() else 1.0,
+            )
+            yield GaugeMetricFamily("utopia_agent_network_unprotected_claims",
+                                    "Claims on the engine's default bridge, made before isolation was on: not isolated.",
+                                    value=len(network.get("unprotected_claims") or ()))
         yield GaugeMetricFamily("utopia_agent_node_draining", "1 while the operator drains the node (creates are refused).",
             value=1.0 if agent.node.state()["draining"] else 0.0)
 

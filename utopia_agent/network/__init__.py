@@ -1,0 +1,1 @@
+"""Tenant networks: the claims' own bridge network and the firewall rules that isolate it."""
