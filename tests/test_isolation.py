@@ -49,7 +49,8 @@ def world(engine):
 
 @pytest.fixture(scope="module")
 def isolated_agent(agent_factory, test_image, world):
-    return agent_factory(workers=2, UTOPIA_AGENT_BLOCKED_NETWORKS="198.18.9.0/24")
+    # The engine picks this one's subnet from its own pools, as it does on a node.
+    return agent_factory(workers=2, UTOPIA_AGENT_BLOCKED_NETWORKS="198.18.9.0/24", UTOPIA_AGENT_NETWORK_SUBNET="")
 
 
 @pytest.fixture

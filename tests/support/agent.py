@@ -10,6 +10,7 @@ from pathlib import Path
 
 import requests
 
+from tests.support.engine import claims_subnet_for_a_test
 from tests.support.polling import wait_for
 from utopia_agent.client import AgentClient
 
@@ -45,6 +46,8 @@ class AgentProcess:
         self.base_url = f"http://127.0.0.1:{port}"
         self.log_path = state_dir / "agent.log"
         self.env = {
+            # A subnet of the test run's own, unless the test asks for the engine's pick ("").
+            "UTOPIA_AGENT_NETWORK_SUBNET": claims_subnet_for_a_test(),
             **env,
             "UTOPIA_AGENT_TOKEN": env.get("UTOPIA_AGENT_TOKEN", TOKEN),
             "UTOPIA_AGENT_BIND": f"127.0.0.1:{port}",

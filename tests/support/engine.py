@@ -9,6 +9,7 @@ imported as a root filesystem, and registries listen on loopback only.
 from __future__ import annotations
 
 import http.client
+import ipaddress
 import io
 import os
 import random
@@ -612,3 +613,26 @@ def restart_engine(timeout: float = 90.0) -> None:
             subprocess.Popen(command, env=environment, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     if not wait_for(lambda: _connect(None, 5) is not None, timeout, interval=0.5):
         raise EngineStartError(f"the engine did not answer within {timeout:g} s of its restart")
+
+
+# Test agents' claims networks: each its own /24 here, so the many agents of a test run never use
+# up the engine's default address pools (about 30 bridge networks). Nothing on this machine routes it.
+TEST_CLAIMS_SUPERNET = ipaddress.ip_network("10.213.0.0/16")
+_claims_subnets = iter(TEST_CLAIMS_SUPERNET.subnets(new_prefix=24))
+_claims_subnets_lock = threading.Lock()
+
+
+def claims_subnet_for_a_test() -> str:
+    """A /24 for one test agent's claims network that no network of the engine holds (where an
+    engine answers: a test of an agent without one needs none)."""
+    try:
+        networks = docker.from_env(timeout=10).api.networks()
+    except docker.errors.DockerException:
+        networks = []
+    held = [ipaddress.ip_network(pool["Subnet"]) for network in networks
+            for pool in ((network.get("IPAM") or {}).get("Config") or []) if "." in pool.get("Subnet", "")]
+    with _claims_subnets_lock:
+        for subnet in _claims_subnets:
+            if not any(subnet.overlaps(other) for other in held):
+                return str(subnet)
+    raise RuntimeError(f"every /24 of {TEST_CLAIMS_SUPERNET} is held by a network of the engine")
