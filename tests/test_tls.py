@@ -354,3 +354,15 @@ def test_check_reports_the_certificate_and_warns_before_it_expires(cli_env, pki,
     assert [line for line in stderr_lines(warned) if "warning" in line] == [
         f"utopia-agent: warning: the certificate in {soon.cert} expires in 5.0 days; renew it and send the agent SIGHUP"
     ]
+
+
+def test_an_answer_that_closes_the_connection_ends_with_tls_close_notify(https_agent, pki):
+    """A strict client (ragged EOFs not suppressed) reads the whole answer and a clean end."""
+    context = ssl.create_default_context(cafile=str(pki.ca_file))
+    with socket.create_connection(("127.0.0.1", https_agent.port), timeout=10) as raw, \
+            context.wrap_socket(raw, server_hostname="127.0.0.1", suppress_ragged_eofs=False) as conn:
+        conn.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        answer = b""
+        while chunk := conn.recv(65536):  # SSLEOFError here if the agent just closed the TCP connection
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"}\n"), answer

@@ -257,6 +257,8 @@ class WholeRequestWorker(ThreadWorker):
             super().finish_request(conn, fs)
             return
         try:
+            if isinstance(conn.sock, ssl.SSLSocket):
+                _send_close_notify(conn.sock)
             conn.sock.shutdown(socket.SHUT_WR)
         except OSError:
             self._close(conn)
@@ -293,6 +295,15 @@ def _expired(conns: deque, now: float):
     """Take the connections whose deadline has passed off the front of a deque kept in deadline order."""
     while conns and conns[0].timeout <= now:
         yield conns.popleft()
+
+
+def _send_close_notify(sock: ssl.SSLSocket) -> None:
+    """Tell a TLS client the answer is whole (an end without it reads as a cut), without waiting for its own."""
+    sock.setblocking(False)
+    try:
+        sock.unwrap()
+    except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+        pass  # ours is sent; the client's is not in yet, and the lingering drain reads it
 
 
 def _receive_request(sock: socket.socket) -> bytes | None:
