@@ -27,7 +27,8 @@ from utopia_agent.node.state_dir import (
 
 try:
     _agent = load_config()
-    # HTTPS: the pair in service, which SIGHUP replaces (server/tls_reload.py); None on plain HTTP.
+    # HTTPS: the pair in service, loaded here so a bad one stops the agent before any worker
+    # starts, and replaced by SIGHUP (server/tls_reload.py); None on plain HTTP.
     _served = ServedCertificate(_agent.tls) if _agent.tls is not None else None
     _fresh_start = hold_state_dir(_agent)
     prepare_state_dir(_agent)

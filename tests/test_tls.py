@@ -7,6 +7,7 @@ handshake is read in the worker's event loop, so they hold no thread.
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import socket
@@ -273,6 +274,14 @@ def test_sighup_serves_new_files_to_new_connections_drops_nothing_and_keeps_the_
     assert all(handshake_verifies(agent.port, renewed.ca_file) for _ in range(10)), "a broken pair replaced the one in service"
     assert loop.failures == [], loop.failures[:5]
     assert set(agent.worker_pids()) == workers, "SIGHUP on HTTPS replaces no worker"
+
+    # With the broken pair still on disk, workers that die are replaced by ones serving the pair in service
+    # (no old worker is left to answer instead: a new one that failed to boot would stop the agent).
+    for pid in workers:
+        os.kill(pid, signal.SIGKILL)
+    assert wait_for(lambda: len(set(agent.worker_pids()) - workers) == 2, 30), agent.log()[-3000:]
+    assert all(handshake_verifies(agent.port, renewed.ca_file) for _ in range(20)), agent.log()[-3000:]
+    assert agent.process.poll() is None
 
 
 def test_the_read_token_reads_and_every_write_is_refused_with_nothing_changed(https_agent, docker_client, test_image, claim):

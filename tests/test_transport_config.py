@@ -34,6 +34,7 @@ def test_a_good_pair_serves_tls_1_2_and_up_and_a_client_ca_asks_for_certificates
 
 
 def test_bad_tls_settings_are_refused_by_name(pki, tmp_path):
+    """Half a pair is refused with the configuration; the files' faults when the pair is loaded."""
     other = pki.authority.issue("other")
     expired = pki.authority.issue("expired", not_before=time.time() - 3 * 86400, not_after=time.time() - 86400)
     garbage = tmp_path / "garbage.pem"
@@ -52,7 +53,7 @@ def test_bad_tls_settings_are_refused_by_name(pki, tmp_path):
     ]
     for env, variable, said in cases:
         with pytest.raises(ConfigError) as refused:
-            configured(tmp_path, **env)
+            configured(tmp_path, **env).tls.server_context()  # as the master loads it at start, and on SIGHUP
         assert refused.value.variable == variable and said in str(refused.value), (env, str(refused.value))
         assert "\n" not in str(refused.value)
 
@@ -69,7 +70,7 @@ def test_the_read_only_token_must_differ_from_the_token(tmp_path):
     assert configured(tmp_path, UTOPIA_AGENT_READ_TOKEN_FILE=str(token_file)).read_token == "from-a-file"
 
 
-def test_an_expired_certificate_stops_gunicorn_in_one_line(pki, tmp_path):
+def test_an_expired_certificate_stops_gunicorn_in_one_line_and_no_worker_refuses_to_start_for_it(pki, tmp_path):
     expired = pki.authority.issue("expired-start", not_before=time.time() - 3 * 86400, not_after=time.time() - 86400)
     result = run_gunicorn({"UTOPIA_AGENT_TOKEN": "t", **tls_env(expired)}, tmp_path)
     assert result.returncode == 2
@@ -77,6 +78,9 @@ def test_an_expired_certificate_stops_gunicorn_in_one_line(pki, tmp_path):
     assert len(lines) == 1 and lines[0].startswith(
         f"utopia-agent: configuration error: UTOPIA_AGENT_TLS_CERT_FILE: the certificate in {expired.cert} expired at "
     ), lines
+    # A worker's app reads the configuration again: a pair broken since the master loaded it
+    # must not stop a respawned worker (and with it the agent); the worker serves the master's.
+    assert configured(tmp_path, **tls_env(expired)).tls.cert_file == expired.cert
 
 
 @pytest.fixture

@@ -229,7 +229,11 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def _check_certificate(config: Config) -> None:
     """What the certificate the agent will serve says, and a warning while it has little time left."""
-    facts = certificate_facts(config.tls.cert_file, CERT_VARIABLE)
+    try:
+        config.tls.server_context()  # as the agent loads the pair at start
+        facts = certificate_facts(config.tls.cert_file, CERT_VARIABLE)
+    except ConfigError as error:
+        raise CheckFailed(f"configuration error: {error}", EXIT_CONFIG) from None
     days = facts.days_left()
     client_ca = f", client certificates signed by {config.tls.client_ca_file}" if config.tls.client_ca_file else ""
     print(f"tls: ok, {facts.subject}, names {', '.join(facts.names) or 'none'}, expires {utc_text(facts.not_after)} "

@@ -271,7 +271,9 @@ def _tokens(env: Mapping[str, str]) -> tuple[str, str | None]:
 
 
 def _tls(env: Mapping[str, str]) -> TlsFiles | None:
-    """Both files or neither; the pair is loaded here once, so a bad one stops the agent at start."""
+    """Both files or neither. The files are loaded by whoever serves them (TlsFiles.server_context):
+    the master at start, so a bad pair stops the agent there, and again on SIGHUP; never by a
+    worker's app, which a pair broken since start must not keep from (re)starting."""
     cert, key, client_ca = (env.get(name) or None for name in (CERT_VARIABLE, KEY_VARIABLE, CLIENT_CA_VARIABLE))
     if cert is None and key is None:
         if client_ca is not None:
@@ -280,9 +282,7 @@ def _tls(env: Mapping[str, str]) -> TlsFiles | None:
     if cert is None or key is None:
         missing, present = (CERT_VARIABLE, KEY_VARIABLE) if cert is None else (KEY_VARIABLE, CERT_VARIABLE)
         raise ConfigError(missing, f"not set, but {present} is: HTTPS needs both the certificate and its key")
-    files = TlsFiles(Path(cert), Path(key), Path(client_ca) if client_ca else None)
-    files.server_context()
-    return files
+    return TlsFiles(Path(cert), Path(key), Path(client_ca) if client_ca else None)
 
 
 def _volume_roots(env: Mapping[str, str]) -> tuple[Path, ...]:
