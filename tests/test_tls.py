@@ -366,10 +366,13 @@ def test_check_reports_the_certificate_and_warns_before_it_expires(cli_env, pki,
 
 
 def test_an_answer_that_closes_the_connection_ends_with_tls_close_notify(https_agent, pki):
-    """A strict client (ragged EOFs not suppressed) reads the whole answer and a clean end."""
+    """A strict client (ragged EOFs not suppressed) reads the whole answer and a clean end; a client
+    that offers HTTP/2 is told HTTP/1.1, the one the agent speaks."""
     context = ssl.create_default_context(cafile=str(pki.ca_file))
+    context.set_alpn_protocols(["h2", "http/1.1"])
     with socket.create_connection(("127.0.0.1", https_agent.port), timeout=10) as raw, \
             context.wrap_socket(raw, server_hostname="127.0.0.1", suppress_ragged_eofs=False) as conn:
+        assert conn.selected_alpn_protocol() == "http/1.1"
         conn.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         answer = b""
         while chunk := conn.recv(65536):  # SSLEOFError here if the agent just closed the TCP connection

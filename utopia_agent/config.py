@@ -73,6 +73,7 @@ class TlsFiles:
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         context.set_ciphers(TLS12_CIPHERS)
         context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+        context.set_alpn_protocols(["http/1.1"])  # the worker reads HTTP/1.1 only: a client offering h2 falls back
         facts = certificate_facts(self.cert_file, CERT_VARIABLE)
         if facts.not_after <= time.time():
             raise ConfigError(CERT_VARIABLE, f"the certificate in {self.cert_file} expired at {utc_text(facts.not_after)}")
