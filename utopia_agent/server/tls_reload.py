@@ -30,11 +30,11 @@ class ServedCertificate:
         """The master's SIGHUP: take the files' pair if it loads, then tell every worker."""
         try:
             context = self.files.server_context()
-        except ConfigError as error:
+            facts = certificate_facts(self.files.cert_file, CERT_VARIABLE)
+        except ConfigError as error:  # raised out of the arbiter's loop, it would stop the agent
             log.error("SIGHUP: kept the certificate in service, the new files do not load: %s", error)
             return False
         self.context = context
-        facts = certificate_facts(self.files.cert_file, CERT_VARIABLE)
         log.info("SIGHUP: new connections get the certificate in %s (%s, expires %s)", self.files.cert_file, facts.subject, utc_text(facts.not_after))
         arbiter.kill_workers(signal.SIGHUP)
         return True
