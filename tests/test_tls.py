@@ -383,3 +383,17 @@ def test_an_answer_that_closes_the_connection_ends_with_tls_close_notify(https_a
         while chunk := conn.recv(65536):  # SSLEOFError here if the agent just closed the TCP connection
             answer += chunk
     assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"}\n"), answer
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
+def test_tls_1_2_and_1_3_are_served_with_forward_secret_aead_suites(https_agent, pki, version):
+    context = ssl.create_default_context(cafile=str(pki.ca_file))
+    context.minimum_version = context.maximum_version = version
+    with socket.create_connection(("127.0.0.1", https_agent.port), timeout=10) as raw, \
+            context.wrap_socket(raw, server_hostname="127.0.0.1") as conn:
+        suite, negotiated, _ = conn.cipher()
+        assert negotiated == version.name.replace("_", ".")  # TLSv1.2, TLSv1.3
+        assert health_on(conn).startswith(b"HTTP/1.1 200")
+    assert "GCM" in suite or "CHACHA20" in suite, suite
+    assert version == ssl.TLSVersion.TLSv1_3 or suite.startswith("ECDHE"), suite
+
