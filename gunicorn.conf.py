@@ -17,6 +17,7 @@ from utopia_agent.observability.logs import logging_dict
 from utopia_agent.claims.volumes import MountPins
 from utopia_agent.engine.connection import EngineConnection
 from utopia_agent.network.isolation import IsolationFailed, NetworkIsolation
+from utopia_agent.server.tls_reload import ServedCertificate, note_served_certificate
 from utopia_agent.node.state_dir import (
     StateDirInUse,
     forget_inherited_holds,
@@ -28,6 +29,9 @@ from utopia_agent.node.state_dir import (
 
 try:
     _agent = load_config()
+    # HTTPS: the pair in service, loaded here so a bad one stops the agent before any worker
+    # starts, and replaced by SIGHUP (server/tls_reload.py); None on plain HTTP.
+    _served = ServedCertificate(_agent.tls) if _agent.tls is not None else None
     _fresh_start = hold_state_dir(_agent)
     prepare_state_dir(_agent)
 except ConfigError as error:
@@ -103,17 +107,23 @@ def when_ready(server):
     """
     token_file = os.environ.get("UTOPIA_AGENT_TOKEN_FILE")
     source = "UTOPIA_AGENT_TOKEN" if os.environ.get("UTOPIA_AGENT_TOKEN") or not token_file else token_file
+    scheme = "http" if _served is None else "https"
     logging.getLogger("utopia_agent").info(
-        "listening on http://%s with %d workers; send 'Authorization: Bearer <token>' with the token in %s",
-        bind, workers, source,
+        "listening on %s://%s with %d workers; send 'Authorization: Bearer <token>' with the token in %s",
+        scheme, bind, workers, source,
     )
+    if _served is not None:
+        _served.install(server)
 
 
 def post_fork(server, worker):
-    """Give each worker the agent's bounds on reading a request; the state dir is the master's to
-    hold, so a worker closes its inherited copy of the lock."""
+    """Give each worker the agent's bounds on reading a request and the pair in service (HTTPS);
+    the state dir is the master's to hold, so a worker closes its inherited copy of the lock."""
     worker.read_timeout = _agent.read_timeout
     worker.body_limit = _agent.max_body_bytes
+    if _served is not None:
+        worker.tls_files, worker.tls_context = _agent.tls, _served.context
+        note_served_certificate(_agent.tls)
     forget_inherited_holds()
 
 

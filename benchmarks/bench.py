@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 from tests.fake_nvml import build_fake_nvml, fake_gpus, fake_nvml_env, write_fake_nvml_config  # noqa: E402
 from tests.support.agent import AgentProcess  # noqa: E402
+from tests.support.certificates import KEY_RSA, Pki, tls_env  # noqa: E402
 from tests.support.engine import (  # noqa: E402
     Registry,
     SlowRegistry,
@@ -91,6 +92,7 @@ QUICK = Plan(claims=(5, 20, 40), samples=20, scaling_samples=10, create_samples=
 BURST = 8  # changes just before the "polled right after a burst" CPU figure
 LIST_LIMIT = 0.5  # list at the main claim count, on every path, against the engine's list
 FLOOR_LIMIT = 1.3  # /health and GET one, on every path, against the bare app
+TLS_LIMIT = 1.15  # /health and GET one over HTTPS on a kept-alive connection, against plain HTTP
 
 
 class ReleasableSlowRegistry(SlowRegistry):
@@ -494,6 +496,46 @@ class Bench:
         self.add(compare("GET /api/v1/containers/<id>, settled, vs the engine's inspect", timings["show"], timings["engine"], None,
                          "for reference: the target is against the bare app"))
 
+    def figure_tls(self) -> None:
+        """/health and GET one over HTTPS against plain HTTP: the same build and configuration, an
+        agent beside the first with an RSA-2048 certificate, interleaved. On a kept-alive connection
+        the cost is the encryption's; on a fresh one each request also pays a full handshake."""
+        pki = Pki.make(self.tmp / "tls", key=KEY_RSA)
+        state = self.tmp / "agent-tls"
+        state.mkdir()
+        https = AgentProcess(state, free_port(), {**self.agent.env, **tls_env(pki.server)}, workers=WORKERS, ca_file=pki.ca_file)
+        https.start()
+        calls = TimedCalls(https)
+        try:
+            path = f"/api/v1/containers/{self.engine_list()[0]['Id']}"
+            for timed_calls in (calls, self.http):
+                timed_calls.warm_all_workers(path)
+                timed_calls.warm_all_workers("/health")
+            timings = interleave({
+                "health": lambda: self.http.get("/health"),
+                "health_tls": lambda: calls.get("/health"),
+                "show": lambda: self.http.get(path),
+                "show_tls": lambda: calls.get(path),
+                "health_fresh": lambda: self.http.get("/health", fresh=True),
+                "health_tls_fresh": lambda: calls.get("/health", fresh=True),
+                "show_fresh": lambda: self.http.get(path, fresh=True),
+                "show_tls_fresh": lambda: calls.get(path, fresh=True),
+            }, self.plan.samples)
+        finally:
+            calls.close()
+            https.stop()
+        baseline = "baseline: the same agent over plain HTTP"
+        self.add(compare("GET /health over HTTPS", timings["health_tls"], timings["health"], TLS_LIMIT, f"keep-alive session; {baseline}"))
+        self.add(compare("GET /api/v1/containers/<id> over HTTPS, settled", timings["show_tls"], timings["show"], TLS_LIMIT,
+                         f"keep-alive session; {baseline}"))
+        for name, label in (("health", "GET /health"), ("show", "GET /api/v1/containers/<id>")):
+            tls, plain = timings[f"{name}_tls_fresh"], timings[f"{name}_fresh"]
+            handshake = statistics.median(tls) - statistics.median(plain)
+            figure = compare(f"{label} over HTTPS, fresh connection", tls, plain, None,
+                             f"{baseline}, fresh connection; the handshake (TLS 1.3, RSA 2048) adds {handshake:.2f} ms at the median")
+            figure.extra["handshake_ms"] = round(handshake, 3)
+            self.add(figure)
+
     def figure_after_change(self, claims: int) -> None:
         """List and show on the first read after a change, as an orchestrator reads: create or delete
         through its keep-alive session, then read at once (on that session, or on a fresh connection,
@@ -778,6 +820,8 @@ class Bench:
         self.figure_scaling(main, timings)
         say("/health and GET one against the bare app")
         self.figure_floor()
+        say("/health and GET one over HTTPS against plain HTTP")
+        self.figure_tls()
         say(f"list and show right after a change, {plan.change_rounds * 4} changes")
         self.figure_after_change(main)
         say("metrics")

@@ -11,6 +11,7 @@ import pytest
 
 from tests.fake_nvml import DEFAULT_TEST_GPUS, build_fake_nvml, fake_nvml_env, write_fake_nvml_config
 from tests.support.agent import AgentProcess, unmount_under
+from tests.support.certificates import Pki
 from tests.support.prerequisites import require
 from tests.support.polling import wait_for
 from tests.support.relay import EngineRelay
@@ -157,8 +158,10 @@ class AgentFactory:
         self._nvml_dir = fake_nvml_dir
         self.started: list[AgentProcess] = []
 
-    def __call__(self, workers: int = 2, gpus=None, start: bool = True, numa_cpus: str | None = None, **env: str) -> AgentProcess:
-        """`numa_cpus`: the stand-in's CPUs per numa node (see write_fake_nvml_config)."""
+    def __call__(self, workers: int = 2, gpus=None, start: bool = True, numa_cpus: str | None = None,
+                 ca_file: Path | None = None, client_cert: tuple[Path, Path] | None = None, **env: str) -> AgentProcess:
+        """`numa_cpus`: the stand-in's CPUs per numa node (see write_fake_nvml_config); `ca_file` and
+        `client_cert`: what its clients use on HTTPS (see AgentProcess)."""
         state_dir = self._tmp.mktemp("agent")
         nvml_config = write_fake_nvml_config(state_dir / "nvml.conf", DEFAULT_TEST_GPUS if gpus is None else gpus, numa_cpus=numa_cpus)
         (state_dir / "volumes").mkdir(exist_ok=True)
@@ -169,7 +172,8 @@ class AgentFactory:
             "UTOPIA_AGENT_RESTART_POLICY": "no",
             **env,
         }
-        agent = AgentProcess(state_dir, free_port(), fake_nvml_env(self._nvml_dir, nvml_config, {**os.environ, **base}), workers)
+        agent = AgentProcess(state_dir, free_port(), fake_nvml_env(self._nvml_dir, nvml_config, {**os.environ, **base}), workers,
+                             ca_file=ca_file, client_cert=client_cert)
         agent.nvml_config = nvml_config
         self.started.append(agent)
         return agent.start() if start else agent
@@ -214,3 +218,9 @@ def agent_factory(tmp_path_factory, fake_nvml_dir, engine):
 def agent(agent_factory, test_image) -> AgentProcess:
     """One agent of 2 workers on 8 stand-in GPUs, shared by the tests that need no special config."""
     return agent_factory(workers=2)
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory) -> Pki:
+    """A CA made with openssl for the HTTPS tests, with a server and a client pair it signed."""
+    return Pki.make(tmp_path_factory.mktemp("tls"))

@@ -55,7 +55,7 @@ def make_app(tmp_path, memory: MemoryEngine, gpus: GpuInventory | None = None, *
         rule = request.url_rule
         if rule is not None:
             declared = app.view_functions[rule.endpoint].operation
-            failures = declared.all_failures(behind_token=bool(security_of(rule, declared)))
+            failures = declared.all_failures(bool(security_of(rule, declared)), request.method)
             if response.status_code not in {r.status for r in declared.responses} | {f.status for f in failures}:
                 app.extensions["undeclared"].append((request.method, rule.rule, response.status_code))
         return response

@@ -91,6 +91,7 @@ class Supervisor:
         token_file = directory / "token"
         token_file.write_text(TOKEN + "\n")
         token_file.chmod(0o600)
+        (directory / "read-token").write_text("prometheus-reads-only\n")
         nvml_config = write_fake_nvml_config(directory / "nvml.conf", DEFAULT_TEST_GPUS)
         nvml_env = fake_nvml_env(fake_nvml_dir, nvml_config, {})
         self.port = free_port()
@@ -111,7 +112,7 @@ class Supervisor:
                 # The gunicorn of the virtualenv running the tests (this repo's .venv in CI).
                 "command": ("/opt/utopia-agent/.venv/bin/gunicorn", str(Path(sys.executable).parent / "gunicorn")),
                 "directory": ("/opt/utopia-agent", str(ROOT)),
-                "environment": ("/etc/utopia-agent/token", str(token_file)),
+                "environment": ("/etc/utopia-agent/", f"{directory}/"),  # the token and the read-only token
                 "stdout_logfile": ("/var/log/utopia-agent.log", str(self.log_path)),
             },
             env,

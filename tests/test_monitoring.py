@@ -7,6 +7,7 @@ import math
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ import yaml
 
 from tests.conftest import RUN_ID
 from tests.support.agent import ROOT
+from tests.support.certificates import tls_env
 from tests.support.engine import free_port
 from tests.support.polling import wait_for
 from tests.support.prerequisites import require
@@ -24,6 +26,7 @@ DASHBOARD = ROOT / "deploy" / "grafana" / "utopia-node.json"
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
 ALERT_TESTS = ROOT / "deploy" / "prometheus" / "alerts_test.yml"
 SCRAPE_SECONDS = 1
+READ_TOKEN = "prometheus-read-token-0123456789"
 # Grafana's variables, as a query in this test reads them.
 TEMPLATE_VALUES = {"$instance": ".*", "$__rate_interval": "1m"}
 
@@ -67,23 +70,27 @@ def test_the_dashboard_is_one_grafana_document_with_a_query_per_panel():
 
 
 class Prometheus:
-    """`prometheus` scraping one agent every second, with the alert rules loaded."""
+    """`prometheus` scraping one agent every second with `token`, with the alert rules loaded;
+    over HTTPS, as docs/operations.md configures it, when the agent serves it."""
 
-    def __init__(self, workdir: Path, agent):
+    def __init__(self, workdir: Path, agent, token: str):
         self.agent = agent
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = workdir / "prometheus.log"
         token_file = workdir / "token"
-        token_file.write_text(agent.token + "\n")
+        token_file.write_text(token + "\n")
+        job = {
+            "job_name": "utopia-agent",
+            "authorization": {"credentials_file": str(token_file)},
+            "static_configs": [{"targets": [f"127.0.0.1:{agent.port}"]}],
+        }
+        if agent.base_url.startswith("https:"):
+            job.update(scheme="https", tls_config={"ca_file": str(agent.ca_file)})
         config = {
             "global": {"scrape_interval": f"{SCRAPE_SECONDS}s", "evaluation_interval": f"{SCRAPE_SECONDS}s"},
             "rule_files": [str(ALERTS)],
-            "scrape_configs": [{
-                "job_name": "utopia-agent",
-                "authorization": {"credentials_file": str(token_file)},
-                "static_configs": [{"targets": [f"127.0.0.1:{agent.port}"]}],
-            }],
+            "scrape_configs": [job],
         }
         (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
         with open(self.log_path, "ab") as log:
@@ -131,11 +138,13 @@ def exercise(agent, test_image: str, claim_id: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def prometheus(agent_factory, test_image, nvidia_path, tmp_path_factory):
-    """A Prometheus that has scraped the agent before and after each of two rounds of events, so rates are not zero."""
+def prometheus(agent_factory, test_image, nvidia_path, tmp_path_factory, pki):
+    """A Prometheus that has scraped the agent before and after each of two rounds of events, so rates are not zero.
+
+    As deployed across a network: over HTTPS, with the read-only token (which cannot change anything)."""
     require(shutil.which("prometheus") is not None, "prometheus is not installed (apt-get install prometheus)")
-    agent = agent_factory(workers=2)
-    server = Prometheus(tmp_path_factory.mktemp("prometheus"), agent)
+    agent = agent_factory(workers=2, ca_file=pki.ca_file, UTOPIA_AGENT_READ_TOKEN=READ_TOKEN, **tls_env(pki.server))
+    server = Prometheus(tmp_path_factory.mktemp("prometheus"), agent, READ_TOKEN)
     try:
         assert wait_for(server.ready, 60), server.log_path.read_text()[-3000:]
         assert wait_for(lambda: server.value('up{job="utopia-agent"}') == 1, 30), server.log_path.read_text()[-3000:]
@@ -187,6 +196,15 @@ def test_every_alert_reads_series_the_agent_serves(prometheus, rule):
     assert names, rule["expr"]
     for name in names:
         assert prometheus.query(f"count({name})"), f"{rule['alert']}: Prometheus has no {name}"
+
+
+def test_prometheus_scrapes_over_https_with_the_read_only_token(prometheus):
+    """The target is up on https:// with the read-only token, and the certificate's expiry is a series."""
+    target = next(t for t in requests.get(f"{prometheus.url}/api/v1/targets", timeout=10).json()["data"]["activeTargets"])
+    assert target["health"] == "up" and target["scrapeUrl"].startswith("https://"), target
+    expiry = prometheus.value("utopia_agent_tls_certificate_expiry_seconds")
+    assert 20 * 86400 < expiry - time.time() < 31 * 86400, expiry
+    assert READ_TOKEN not in prometheus.agent.log()
 
 
 def test_an_alert_goes_pending_on_the_agents_real_series(prometheus):

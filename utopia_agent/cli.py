@@ -6,8 +6,11 @@ On the node, around the agent:
     utopia-agent serve   exec gunicorn with the shipped gunicorn.conf.py
 
 Through the agent's API (utopia_agent.client), at --url (default: UTOPIA_AGENT_BIND, with a
-wildcard address read as 127.0.0.1) with the token of --token-file (default:
-UTOPIA_AGENT_TOKEN, else UTOPIA_AGENT_TOKEN_FILE):
+wildcard address read as 127.0.0.1, over https when UTOPIA_AGENT_TLS_CERT_FILE is set) with the
+token of --token-file (default: UTOPIA_AGENT_TOKEN, else UTOPIA_AGENT_TOKEN_FILE); over HTTPS,
+trusting the CA of --ca-file (UTOPIA_AGENT_CA_FILE; default: the system's CAs) and presenting
+the client certificate of --cert-file and --key-file (UTOPIA_AGENT_CLIENT_CERT_FILE,
+UTOPIA_AGENT_CLIENT_KEY_FILE) where the agent asks for one:
 
     utopia-agent ps [--claim C]          the managed containers
     utopia-agent show ID                 one container
@@ -27,7 +30,7 @@ prints the token. Exit codes tell failures apart, each with one line on stderr t
        the request (400, 403, 413, 500, 502)
     2  usage or configuration error (the code gunicorn.conf.py uses), or no token to send
     3  the agent did not answer (refused, timed out) or answered outside the contract
-    4  the agent refused the token (401)
+    4  the agent refused the token (401), or the read-only token for a change (403 read_only_token)
     5  no such container or GPU (404)
     6  conflict with the node's state (409: the claim exists, no GPUs free, a port taken,
        the node draining, a GPU held)
@@ -56,7 +59,7 @@ from typing import Any, NoReturn
 
 from . import __version__
 from . import client as api
-from .config import Config, ConfigError, load_config, prepare_state_dir
+from .config import CERT_VARIABLE, Config, ConfigError, certificate_facts, load_config, prepare_state_dir, utc_text
 from .engine.manager import DockerManager
 from .errors import EngineUnavailable
 from .gpus.inventory import GpuBackendError, GpuInventory, GpuStatus, make_inventory
@@ -76,12 +79,15 @@ EXIT_CONFLICT = 6
 EXIT_UNAVAILABLE = 7
 EXIT_BY_ERROR: dict[type[api.ApiError], int] = {
     api.Unauthorized: EXIT_UNAUTHORIZED,
+    api.ReadOnlyToken: EXIT_UNAUTHORIZED,
     api.NotFound: EXIT_NOT_FOUND,
     api.Conflict: EXIT_CONFLICT,
     api.EngineUnavailable: EXIT_UNAVAILABLE,
     api.TooManyFollowers: EXIT_UNAVAILABLE,
 }
 DEFAULT_PORT = 8600
+# `check` warns of a certificate that expires sooner (the alert UtopiaCertificateExpiring fires at 7).
+CERTIFICATE_WARNING_DAYS = 14
 SERVE_FILES = ("gunicorn.conf.py", "wsgi.py")
 # Where `make run` keeps its token and (not as root) its state dir, in the checkout.
 MAKE_RUN_DIR = ".run"
@@ -198,6 +204,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"config: ok (bind {config.bind}, {config.workers} workers, state dir {config.state_dir}, "
           f"GPU backend {config.gpu_backend})")
     print(_describe_agent(agent))
+    if config.tls is not None:
+        _check_certificate(config)
 
     docker = DockerManager(config)
     try:
@@ -240,6 +248,22 @@ def _check_isolation(config: Config, running: bool) -> str:
     unprotected = NetworkIsolation.recorded(config).get("unprotected_claims") or []
     note = f"; not isolated (on the default bridge): {', '.join(unprotected)}" if unprotected else ""
     return f"network: ok, isolation on, {where}, rules in place{note}"
+
+
+def _check_certificate(config: Config) -> None:
+    """What the certificate the agent will serve says, and a warning while it has little time left."""
+    try:
+        config.tls.server_context()  # as the agent loads the pair at start
+        facts = certificate_facts(config.tls.cert_file, CERT_VARIABLE)
+    except ConfigError as error:
+        raise CheckFailed(f"configuration error: {error}", EXIT_CONFIG) from None
+    days = facts.days_left()
+    client_ca = f", client certificates signed by {config.tls.client_ca_file}" if config.tls.client_ca_file else ""
+    print(f"tls: ok, {facts.subject}, names {', '.join(facts.names) or 'none'}, expires {utc_text(facts.not_after)} "
+          f"(in {days:.0f} days){client_ca}")
+    if days < CERTIFICATE_WARNING_DAYS:
+        print(f"{PROG}: warning: the certificate in {config.tls.cert_file} expires in {days:.1f} days; "
+              "renew it and send the agent SIGHUP", file=sys.stderr)
 
 
 def cmd_local_gpus(args: argparse.Namespace) -> int:
@@ -297,7 +321,8 @@ def agent_url(env: dict[str, str]) -> str:
         host = "127.0.0.1"
     elif host in ("[::]", "::"):
         host = "[::1]"
-    return f"http://{host}:{port}"
+    scheme = "https" if env.get(CERT_VARIABLE) else "http"
+    return f"{scheme}://{host}:{port}"
 
 
 def agent_token(args: argparse.Namespace, env: dict[str, str]) -> str | None:
@@ -319,8 +344,17 @@ def agent_client(args: argparse.Namespace, env: dict[str, str] | None = None) ->
     token = agent_token(args, env)
     if token is None:
         raise CheckFailed("no token: pass --token-file, or set UTOPIA_AGENT_TOKEN or UTOPIA_AGENT_TOKEN_FILE", EXIT_CONFIG)
+    ca_file = args.ca_file or env.get("UTOPIA_AGENT_CA_FILE") or None
+    cert_file = args.cert_file or env.get("UTOPIA_AGENT_CLIENT_CERT_FILE") or None
+    key_file = args.key_file or env.get("UTOPIA_AGENT_CLIENT_KEY_FILE") or None
+    if (cert_file is None) != (key_file is None):
+        raise CheckFailed("a client certificate needs both --cert-file and --key-file", EXIT_CONFIG)
+    for path in (ca_file, cert_file, key_file):
+        if path is not None and not os.access(path, os.R_OK):
+            raise CheckFailed(f"cannot read {path}", EXIT_CONFIG)
     # An operator at a terminal would rather see an outage than wait out an orchestrator's retries.
-    return api.AgentClient(args.url or agent_url(env), token=token, retries=1, max_retry_wait=2.0)
+    return api.AgentClient(args.url or agent_url(env), token=token, retries=1, max_retry_wait=2.0,
+                           ca_file=ca_file, client_cert=(cert_file, key_file) if cert_file else None)
 
 
 def _print_json(value: Any) -> None:
@@ -525,8 +559,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     connection = argparse.ArgumentParser(add_help=False)
-    connection.add_argument("--url", help="the agent, e.g. http://gpu-node-1:8600 (default: from UTOPIA_AGENT_BIND)")
+    connection.add_argument("--url", help="the agent, e.g. https://gpu-node-1:8600 (default: from UTOPIA_AGENT_BIND)")
     connection.add_argument("--token-file", help="file holding the token (default: UTOPIA_AGENT_TOKEN, UTOPIA_AGENT_TOKEN_FILE)")
+    connection.add_argument("--ca-file", help="HTTPS: the CA that signed the agent's certificate (default: UTOPIA_AGENT_CA_FILE, else the system's)")
+    connection.add_argument("--cert-file", help="HTTPS: a client certificate, for an agent that asks for one (default: UTOPIA_AGENT_CLIENT_CERT_FILE)")
+    connection.add_argument("--key-file", help="HTTPS: the client certificate's key (default: UTOPIA_AGENT_CLIENT_KEY_FILE)")
     connection.add_argument("--json", action="store_true", help="print JSON for scripts")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.add_parser(

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import ipaddress
+import hmac
 import os
 import socket
+import ssl
 import sys
+import time
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,11 +40,90 @@ class ConfigError(Exception):
         self.variable = variable
 
 
+# Where the certificate files' problems are told: each to the variable that names the file.
+CERT_VARIABLE, KEY_VARIABLE, CLIENT_CA_VARIABLE = (
+    "UTOPIA_AGENT_TLS_CERT_FILE", "UTOPIA_AGENT_TLS_KEY_FILE", "UTOPIA_AGENT_TLS_CLIENT_CA_FILE",
+)
+# Forward-secret AEAD suites only for TLS 1.2 (TLS 1.3 has its own, all sane).
+TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
+
+
+@dataclass(frozen=True)
+class CertificateFacts:
+    """What an operator checks of a certificate: who it names and until when it holds."""
+
+    subject: str
+    names: tuple[str, ...]
+    not_after: float  # Unix seconds
+
+    def days_left(self, now: float | None = None) -> float:
+        return (self.not_after - (time.time() if now is None else now)) / 86400
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """The files the agent serves HTTPS with; read again on SIGHUP (server/tls_reload.py)."""
+
+    cert_file: Path
+    key_file: Path
+    client_ca_file: Path | None = None
+
+    def server_context(self) -> ssl.SSLContext:
+        """A server context from the files as they are now; ConfigError naming the variable of the bad file."""
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.set_ciphers(TLS12_CIPHERS)
+        context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+        context.set_alpn_protocols(["http/1.1"])  # the worker reads HTTP/1.1 only: a client offering h2 falls back
+        facts = certificate_facts(self.cert_file, CERT_VARIABLE)
+        if facts.not_after <= time.time():
+            raise ConfigError(CERT_VARIABLE, f"the certificate in {self.cert_file} expired at {utc_text(facts.not_after)}")
+        if not os.access(self.key_file, os.R_OK):
+            raise ConfigError(KEY_VARIABLE, f"cannot read {self.key_file}")
+        try:
+            context.load_cert_chain(self.cert_file, self.key_file)
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigError(KEY_VARIABLE, f"cannot load {self.key_file} as the key of the certificate in {self.cert_file}: {_reason(exc)}") from None
+        if self.client_ca_file is not None:
+            try:
+                context.load_verify_locations(cafile=self.client_ca_file)
+            except (ssl.SSLError, OSError) as exc:
+                raise ConfigError(CLIENT_CA_VARIABLE, f"cannot load CA certificates from {self.client_ca_file}: {_reason(exc)}") from None
+            context.verify_mode = ssl.CERT_REQUIRED
+        return context
+
+
+def certificate_facts(path: Path, variable: str) -> CertificateFacts:
+    """Subject, DNS/IP names and expiry of the first certificate of a PEM file; ConfigError naming `variable`."""
+    if not os.access(path, os.R_OK):
+        raise ConfigError(variable, f"cannot read {path}")
+    try:
+        # The standard library's one PEM decoder that needs no context (there is no public one).
+        decoded = ssl._ssl._test_decode_cert(str(path))
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        raise ConfigError(variable, f"{path} holds no PEM certificate ({exc})") from None
+    subject = ", ".join(f"{key}={value}" for rdn in decoded.get("subject", ()) for key, value in rdn)
+    names = tuple(f"{kind}:{value}" for kind, value in decoded.get("subjectAltName", ()))
+    return CertificateFacts(subject, names, ssl.cert_time_to_seconds(decoded["notAfter"]))
+
+
+def _reason(exc: OSError) -> str:
+    return getattr(exc, "reason", None) or exc.strerror or str(exc)
+
+
+def utc_text(seconds: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(seconds))
+
+
 @dataclass(frozen=True)
 class Config:
     """Everything the agent is told by its operator, never by a caller."""
 
     token: str
+    # A second token that may only read (GET); None: there is none.
+    read_token: str | None = None
+    # None: plain HTTP.
+    tls: TlsFiles | None = None
     bind: str = "0.0.0.0:8600"
     workers: int = 4
     node_id: str = field(default_factory=socket.gethostname)
@@ -168,19 +250,44 @@ def ephemeral_port_range(path: Path = EPHEMERAL_PORTS_PATH) -> tuple[int, int] |
         return None
 
 
-def _token(env: Mapping[str, str]) -> str:
-    token = env.get("UTOPIA_AGENT_TOKEN", "")
-    token_file = env.get("UTOPIA_AGENT_TOKEN_FILE", "")
+def _token(env: Mapping[str, str], name: str = "UTOPIA_AGENT_TOKEN") -> str:
+    """The token in `name`, else in the file `name`_FILE names; "" when neither is set."""
+    token = env.get(name, "")
+    token_file = env.get(f"{name}_FILE", "")
     if not token and token_file:
         try:
             token = Path(token_file).read_text().strip()
         except OSError as exc:
-            raise ConfigError("UTOPIA_AGENT_TOKEN_FILE", f"cannot read {token_file}: {exc.strerror}") from None
+            raise ConfigError(f"{name}_FILE", f"cannot read {token_file}: {exc.strerror}") from None
+    if any(ch.isspace() or not ch.isprintable() for ch in token):
+        raise ConfigError(name, "the token must be printable with no whitespace")
+    return token
+
+
+def _tokens(env: Mapping[str, str]) -> tuple[str, str | None]:
+    """The full token (required) and the read-only one (optional, and never the same)."""
+    token = _token(env)
     if not token:
         raise ConfigError("UTOPIA_AGENT_TOKEN", "no token set (or UTOPIA_AGENT_TOKEN_FILE); refusing to start")
-    if any(ch.isspace() or not ch.isprintable() for ch in token):
-        raise ConfigError("UTOPIA_AGENT_TOKEN", "the token must be printable with no whitespace")
-    return token
+    read_token = _token(env, "UTOPIA_AGENT_READ_TOKEN") or None
+    if read_token is not None and hmac.compare_digest(read_token.encode(), token.encode()):
+        raise ConfigError("UTOPIA_AGENT_READ_TOKEN", "the read-only token must differ from UTOPIA_AGENT_TOKEN")
+    return token, read_token
+
+
+def _tls(env: Mapping[str, str]) -> TlsFiles | None:
+    """Both files or neither. The files are loaded by whoever serves them (TlsFiles.server_context):
+    the master at start, so a bad pair stops the agent there, and again on SIGHUP; never by a
+    worker's app, which a pair broken since start must not keep from (re)starting."""
+    cert, key, client_ca = (env.get(name) or None for name in (CERT_VARIABLE, KEY_VARIABLE, CLIENT_CA_VARIABLE))
+    if cert is None and key is None:
+        if client_ca is not None:
+            raise ConfigError(CLIENT_CA_VARIABLE, f"client certificates need HTTPS: set {CERT_VARIABLE} and {KEY_VARIABLE} too")
+        return None
+    if cert is None or key is None:
+        missing, present = (CERT_VARIABLE, KEY_VARIABLE) if cert is None else (KEY_VARIABLE, CERT_VARIABLE)
+        raise ConfigError(missing, f"not set, but {present} is: HTTPS needs both the certificate and its key")
+    return TlsFiles(Path(cert), Path(key), Path(client_ca) if client_ca else None)
 
 
 def _ipv4_network(name: str, raw: str) -> str:
@@ -225,8 +332,9 @@ def resolve_denied_paths(env: Mapping[str, str], extra: tuple[str, ...] = ()) ->
     """SYSTEM_PATHS, the agent's install dir and interpreter, and its token file, with symlinks resolved."""
     install_dir = Path(__file__).resolve().parents[1]
     paths = {*SYSTEM_PATHS, str(install_dir), sys.prefix, *extra}
-    if env.get("UTOPIA_AGENT_TOKEN_FILE"):
-        paths.add(env["UTOPIA_AGENT_TOKEN_FILE"])
+    for secret in ("UTOPIA_AGENT_TOKEN_FILE", "UTOPIA_AGENT_READ_TOKEN_FILE", KEY_VARIABLE):
+        if env.get(secret):
+            paths.add(env[secret])
     return tuple(sorted({os.path.realpath(p) for p in paths} | set(paths)))
 
 
@@ -260,8 +368,11 @@ def load_config(env: Mapping[str, str] | None = None, ephemeral_ports_path: Path
     node = NodeResources.read()
     denied = resolve_denied_paths(env)
     check_volume_roots(volume_roots, state_dir, tuple(p for p in denied if not _within(p, os.path.realpath(state_dir))))
+    token, read_token = _tokens(env)
     return Config(
-        token=_token(env),
+        token=token,
+        read_token=read_token,
+        tls=_tls(env),
         bind=env.get("UTOPIA_AGENT_BIND") or "0.0.0.0:8600",
         workers=_int(env, "UTOPIA_AGENT_WORKERS", 4, high=64),
         node_id=env.get("UTOPIA_AGENT_NODE_ID") or socket.gethostname(),

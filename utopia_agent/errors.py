@@ -48,6 +48,13 @@ class Unauthorized(AgentError):
         return {"WWW-Authenticate": 'Bearer realm="utopia-agent"'}
 
 
+class ReadOnlyToken(AgentError):
+    """The read-only token (UTOPIA_AGENT_READ_TOKEN) was sent with a method that could change something."""
+
+    status = 403
+    code = "read_only_token"
+
+
 class NotFound(AgentError):
     """No such route."""
 

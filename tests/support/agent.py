@@ -39,11 +39,16 @@ class AgentProcess:
     `app` serves another WSGI app under the same config (the benchmark's bare floor).
     """
 
-    def __init__(self, state_dir: Path, port: int, env: dict[str, str], workers: int = 2, app: str = "wsgi:app"):
+    def __init__(self, state_dir: Path, port: int, env: dict[str, str], workers: int = 2, app: str = "wsgi:app",
+                 ca_file: Path | None = None, client_cert: tuple[Path, Path] | None = None):
+        """On HTTPS (UTOPIA_AGENT_TLS_CERT_FILE in `env`) its clients trust `ca_file` and present `client_cert`."""
         self.app = app
         self.state_dir = state_dir
         self.port = port
-        self.base_url = f"http://127.0.0.1:{port}"
+        self.ca_file = ca_file
+        self.client_cert = client_cert
+        scheme = "https" if env.get("UTOPIA_AGENT_TLS_CERT_FILE") else "http"
+        self.base_url = f"{scheme}://127.0.0.1:{port}"
         self.log_path = state_dir / "agent.log"
         self.env = {
             # A subnet of the test run's own, unless the test asks for the engine's pick ("").
@@ -70,6 +75,8 @@ class AgentProcess:
     def new_client(self, **options) -> AgentClient:
         """A client of this agent on a session (and so a keep-alive connection) of its own."""
         options.setdefault("timeout", 60)
+        options.setdefault("ca_file", self.ca_file)
+        options.setdefault("client_cert", self.client_cert)
         return AgentClient(self.base_url, token=self.token, **options)
 
     def start(self, wait: bool = True, ready_path: str = "/openapi.json") -> AgentProcess:
@@ -143,6 +150,9 @@ class AgentProcess:
         for _ in range(count):
             session = requests.Session()
             session.headers["Authorization"] = f"Bearer {self.token}"
+            session.trust_env = False  # else REQUESTS_CA_BUNDLE overrides `verify`
+            session.verify = str(self.ca_file) if self.ca_file else True
+            session.cert = tuple(map(str, self.client_cert)) if self.client_cert else None
             assert session.get(self.base_url + "/api/v1/containers", timeout=60).status_code == 200
             sessions.append(session)
         return sessions

@@ -13,7 +13,7 @@ SECURITY = ({"bearer": []},)
 
 @blueprint.before_request
 def authenticate():
-    require_token(services().config.token)
+    require_token(services().config)
 
 
 blueprint.register_blueprint(containers.blueprint)

@@ -64,12 +64,13 @@ def success(response: Responds) -> dict:
     return described
 
 
-def failure(failed: Failure) -> dict:
-    codes = ", ".join(f"`{error.code}`" for error in failed.errors)
-    return {"description": f"{failed.description} (`error`: {codes})", "content": {"application/json": {"schema": ErrorSchema}}}
+def failure(failed: list[Failure]) -> dict:
+    """One status's response: the failures that answer it (a route's own 403 and the read-only token's), each with its codes."""
+    described = " ".join(f"{one.description} (`error`: {', '.join(f'`{error.code}`' for error in one.errors)})" for one in failed)
+    return {"description": described, "content": {"application/json": {"schema": ErrorSchema}}}
 
 
-def describe_operation(declared: Operation, security: tuple[dict[str, list], ...]) -> dict:
+def describe_operation(declared: Operation, method: str, security: tuple[dict[str, list], ...]) -> dict:
     described: dict = {"operationId": declared.operation_id, "tags": [declared.tag], "summary": declared.summary}
     if declared.description:
         described["description"] = declared.description
@@ -80,9 +81,11 @@ def describe_operation(declared: Operation, security: tuple[dict[str, list], ...
         described["parameters"] = parameters
     if declared.body is not None:
         described["requestBody"] = {"required": True, "content": {"application/json": {"schema": declared.body}}}
-    failures = declared.all_failures(behind_token=any("bearer" in requirement for requirement in security))
+    failures: dict[int, list[Failure]] = {}
+    for failed in declared.all_failures(any("bearer" in requirement for requirement in security), method):
+        failures.setdefault(failed.status, []).append(failed)
     responses = {response.status: success(response) for response in declared.responses}
-    responses.update((failed.status, failure(failed)) for failed in failures)
+    responses.update((status, failure(failed)) for status, failed in failures.items())
     described["responses"] = {str(status): responses[status] for status in sorted(responses)}
     return described
 
@@ -103,7 +106,7 @@ def describe_api(app: Flask) -> dict:
         spec.components.schema(schema.__name__.removesuffix("Schema"), component={"example": example}, schema=schema)
     paths: dict[str, dict[str, dict]] = {}
     for rule, method, declared in declared_routes(app):
-        paths.setdefault(openapi_path(rule), {})[method] = describe_operation(declared, security_of(rule, declared))
+        paths.setdefault(openapi_path(rule), {})[method] = describe_operation(declared, method, security_of(rule, declared))
     for path, operations in paths.items():
         spec.path(path=path, operations=operations)
     return spec.to_dict()

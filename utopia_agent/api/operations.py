@@ -16,8 +16,9 @@ from typing import Any
 from flask import Response, current_app, request
 from marshmallow import Schema
 
-from ..errors import AgentError, BodyTooLarge, EngineUnavailable, Unauthorized
+from ..errors import AgentError, BodyTooLarge, EngineUnavailable, ReadOnlyToken, Unauthorized
 from ..schemas import load_query
+from .auth import READ_METHODS
 from .bodies import load_body
 
 
@@ -63,6 +64,7 @@ def encoded_response(body: bytes, status: int = 200) -> Response:
 ENGINE_DOWN = fails("The Docker engine is unreachable or slow; retry after Retry-After seconds.", EngineUnavailable)
 # What every route answers without a word in its declaration: behind the token, and with a body.
 UNAUTHORIZED = fails("Missing, malformed or wrong bearer token.", Unauthorized)
+READ_ONLY = fails("The read-only token (UTOPIA_AGENT_READ_TOKEN) sent with a method other than GET.", ReadOnlyToken)
 BODY_TOO_LARGE = fails("The body is larger than the node's UTOPIA_AGENT_MAX_BODY_BYTES.", BodyTooLarge)
 
 
@@ -102,10 +104,15 @@ class Operation:
     # None: the security of the route's blueprint (the bearer token under /api/v1, else none).
     security: tuple[dict[str, list], ...] | None = None
 
-    def all_failures(self, behind_token: bool) -> tuple[Failure, ...]:
+    def all_failures(self, behind_token: bool, method: str) -> tuple[Failure, ...]:
         """Its declared failures, and those that come with its kind of route: 401 behind the token,
-        413 where it takes a body (Flask refuses an oversized body before the view runs)."""
-        implied = ((UNAUTHORIZED,) if behind_token else ()) + ((BODY_TOO_LARGE,) if self.body is not None else ())
+        403 for the read-only token on a method that is not a read, 413 where it takes a body
+        (Flask refuses an oversized body before the view runs)."""
+        implied = (UNAUTHORIZED,) if behind_token else ()
+        if behind_token and method.upper() not in READ_METHODS:
+            implied += (READ_ONLY,)
+        if self.body is not None:
+            implied += (BODY_TOO_LARGE,)
         return self.failures + implied
 
     def respond(self, result: Any) -> Response:

@@ -18,12 +18,12 @@ blueprint = Blueprint("prometheus", __name__)
     "getPrometheusMetrics",
     tag="node",
     summary="Prometheus text exposition: dcgm-exporter's GPU series and utopia_agent_* series",
-    description="Needs the bearer token unless UTOPIA_AGENT_PROMETHEUS_AUTH=none.",
+    description="Needs the bearer token (or the read-only one) unless UTOPIA_AGENT_PROMETHEUS_AUTH=none.",
     security=({"bearer": []}, {}),
     responds=Responds(200, "The exposition.", content_type="text/plain"),
 )
 def prometheus_metrics():
     agent = services()
     if agent.config.prometheus_auth == "token":
-        require_token(agent.config.token)
+        require_token(agent.config)
     return Response(exposition(agent), mimetype=CONTENT_TYPE_LATEST)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
+import ssl
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
@@ -62,6 +63,23 @@ DEFAULT_MAX_RETRY_WAIT = 30.0
 BACKOFF_FIRST_SECONDS = 0.5
 
 
+def tls_reason(error: BaseException) -> str:
+    """The TLS layer's own words for a failed handshake, not the layers of wrapping around them."""
+    pending: list[BaseException | None] = [error]
+    seen: set[int] = set()
+    while pending:
+        cause = pending.pop()
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return f"certificate verify failed: {cause.verify_message} (give the CA that signed the agent's certificate: ca_file, --ca-file)"
+        if isinstance(cause, ssl.SSLError):
+            return cause.reason or str(cause)
+        if isinstance(cause, BaseException) and id(cause) not in seen:
+            seen.add(id(cause))
+            pending += [cause.__cause__, cause.__context__, *(arg for arg in cause.args if isinstance(arg, BaseException))]
+            pending += [getattr(cause, "reason", None)]
+    return str(error)
+
+
 def same_spec(container: Container, image: str, gpu_count: int, port_mappings: Iterable[PortMapping],
               resources: Mapping[str, Any]) -> bool:
     """Whether `container` is what a create of this spec would have made, as far as the container
@@ -77,14 +95,18 @@ def same_spec(container: Container, image: str, gpu_count: int, port_mappings: I
 
 
 class AgentClient:
-    """The agent at `url` (`http://host:8600`), authenticated by `token` or the file `token_file`.
+    """The agent at `url` (`http://host:8600`, `https://...`), authenticated by `token` or the file `token_file`.
 
     `timeout` bounds every call but a create, which may pull its image (`create_timeout`).
+    On HTTPS, `ca_file` is the CA that signed the agent's certificate (default: the system's),
+    and `client_cert` the client certificate an agent with UTOPIA_AGENT_TLS_CLIENT_CA_FILE
+    asks for: `(cert_file, key_file)`, or one file holding both.
     """
 
     def __init__(self, url: str, token: str | None = None, token_file: str | Path | None = None, *,
                  timeout: float = DEFAULT_TIMEOUT, create_timeout: float = DEFAULT_CREATE_TIMEOUT,
-                 retries: int = DEFAULT_RETRIES, max_retry_wait: float = DEFAULT_MAX_RETRY_WAIT):
+                 retries: int = DEFAULT_RETRIES, max_retry_wait: float = DEFAULT_MAX_RETRY_WAIT,
+                 ca_file: str | Path | None = None, client_cert: str | Path | tuple[str | Path, str | Path] | None = None):
         if token is not None and token_file is not None:
             raise ValueError("give token or token_file, not both")
         if token_file is not None:
@@ -96,6 +118,12 @@ class AgentClient:
         self.max_retry_wait = max_retry_wait
         self.session = requests.Session()
         self.session.headers["User-Agent"] = f"utopia-agent-client/{__version__}"
+        # Given with each request: requests lets REQUESTS_CA_BUNDLE override a session's own `verify`.
+        self._tls: dict[str, Any] = {}
+        if ca_file is not None:
+            self._tls["verify"] = str(ca_file)
+        if client_cert is not None:
+            self._tls["cert"] = tuple(map(str, client_cert)) if isinstance(client_cert, tuple) else str(client_cert)
         self._authorization = f"Bearer {token}" if token else None
 
     def close(self) -> None:
@@ -118,6 +146,7 @@ class AgentClient:
         if auth and self._authorization:
             headers.setdefault("Authorization", self._authorization)
         kwargs.setdefault("timeout", self.timeout)
+        kwargs = {**self._tls, **kwargs}
         return self.session.request(method, self.url + path, headers=headers, **kwargs)
 
     def _call(self, method: str, path: str, expect: tuple[int, ...], *, gone_on_retry: tuple[int, ...] = (),
@@ -131,6 +160,9 @@ class AgentClient:
         while True:
             try:
                 response = self.send(method, path, headers=headers, **kwargs)
+            except requests.exceptions.SSLError as error:
+                # A certificate that does not verify, or one the agent refuses, will not change on a retry.
+                raise AgentUnreachable(f"{method} {self.url}{path}: TLS failed: {tls_reason(error)}") from None
             except requests.ConnectionError as error:
                 if attempt >= self.retries:
                     raise AgentUnreachable(f"{method} {self.url}{path}: {error}") from None

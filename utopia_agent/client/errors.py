@@ -75,6 +75,12 @@ class ForbiddenByPolicy(ApiError):
     status, code = 403, "forbidden_by_policy"
 
 
+class ReadOnlyToken(ApiError):
+    """The client holds the read-only token (UTOPIA_AGENT_READ_TOKEN) and asked for a change."""
+
+    status, code = 403, "read_only_token"
+
+
 class NotFound(ApiError):
     """No managed container (or GPU, or route) of that id."""
 

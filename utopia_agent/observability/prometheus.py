@@ -14,7 +14,7 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING
 from collections.abc import Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
@@ -46,6 +46,15 @@ PULL_DURATION = Histogram(
     "Time image pulls took, by outcome (ok or failed).",
     ["outcome"],
     buckets=(0.5, 1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800),
+)
+
+# Set by each worker when it loads its certificate (server/tls_reload.py); the soonest of the live
+# workers' is what a scrape shows, so a worker still on an old certificate is never hidden.
+TLS_CERTIFICATE_EXPIRY = Gauge(
+    "utopia_agent_tls_certificate_expiry_seconds",
+    "When the certificate the agent serves HTTPS with expires (Unix seconds); absent on plain HTTP.",
+    ["cert_file"],
+    multiprocess_mode="livemin",
 )
 
 
@@ -177,7 +186,7 @@ def exposition(services) -> bytes:
     if os.environ.get(MULTIPROC_ENV):
         MultiProcessCollector(registry)
     else:
-        for collector in (REQUEST_DURATION, CREATES, DELETES, PULL_DURATION):
+        for collector in (REQUEST_DURATION, CREATES, DELETES, PULL_DURATION, TLS_CERTIFICATE_EXPIRY):
             registry.register(collector)
     registry.register(NodeCollector(services))
     return generate_latest(registry)

@@ -8,18 +8,29 @@ blocking, closes a connection whose request is not in within the read timeout
 (UTOPIA_AGENT_READ_TIMEOUT), and only then hands it to a thread, which parses it from memory
 and never waits on the client. Closing a connection, which gthread does on its event loop
 with a blocking drain of up to two seconds, is done without blocking too.
+
+With UTOPIA_AGENT_TLS_CERT_FILE the TLS handshake is done in that loop too, without blocking
+(gunicorn's own TLS does it in a thread, which a client that never sends its ClientHello holds):
+the handshake and then the request must be in within the read timeout, and a thread gets only
+decrypted, whole requests. SIGHUP makes the worker serve the files' new pair to new connections
+(server/tls_reload.py); connections already open keep theirs.
 """
 
 from __future__ import annotations
 
+import signal
 import socket
+import ssl
 import time
 from collections import deque
 from functools import partial
-from selectors import EVENT_READ
+from selectors import EVENT_READ, EVENT_WRITE
 
 from gunicorn import http
 from gunicorn.workers.gthread import ThreadWorker
+
+from ..config import ConfigError, TlsFiles
+from .tls_reload import note_served_certificate
 
 HEAD_LIMIT = 64 * 1024
 RECV_SIZE = 64 * 1024
@@ -113,9 +124,11 @@ class IncomingRequest:
 class WholeRequestWorker(ThreadWorker):
     """gthread with the reading of requests, and the closing of connections, in the event loop."""
 
-    # gunicorn.conf.py's post_fork sets both from the agent's configuration.
+    # gunicorn.conf.py's post_fork sets these from the agent's configuration (no TLS: None).
     read_timeout = 10.0
     body_limit = 64 * 1024
+    tls_files: TlsFiles | None = None
+    tls_context: ssl.SSLContext | None = None
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -129,8 +142,34 @@ class WholeRequestWorker(ThreadWorker):
         if cfg.is_ssl or "h2" in cfg.http_protocols:
             raise RuntimeError("the agent's worker reads plain HTTP/1.1 in its event loop: terminate TLS and HTTP/2 in front of it")
 
+    def init_signals(self):
+        super().init_signals()
+        if self.tls_files is not None:
+            # Set where gunicorn has just reset it to the default, which would end the worker.
+            signal.signal(signal.SIGHUP, self._on_hup)
+            signal.siginterrupt(signal.SIGHUP, False)
+
+    def _on_hup(self, _sig, _frame):
+        self.method_queue.defer(self._reload_tls)
+
+    def _reload_tls(self):
+        """Serve the pair now in the files to new connections; open ones keep theirs (the master checked the files)."""
+        try:
+            self.tls_context = self.tls_files.server_context()
+        except ConfigError as error:
+            self.log.error("kept the certificate in service: %s", error)
+            return
+        note_served_certificate(self.tls_files)
+
     def enqueue_req(self, conn):
-        """Read the connection's next request in the event loop; a thread gets it once it is in."""
+        """Read the connection's next request in the event loop; a thread gets it once it is in.
+
+        A new connection on HTTPS first does its handshake here, within the same read timeout.
+        """
+        if self.tls_context is not None and not isinstance(conn.sock, ssl.SSLSocket):
+            self._start_handshake(conn)
+            return
+        conn.sock.setblocking(False)  # a TLS read that polled ready may still lack the rest of its record
         if conn.parser is None:
             # A parser with no source of its own: it reads only what the loop puts in, then sees the end.
             conn.parser = http.get_parser(self.cfg, (), conn.client)
@@ -138,7 +177,7 @@ class WholeRequestWorker(ThreadWorker):
         conn.incoming = IncomingRequest(self.body_limit)
         conn.timeout = time.monotonic() + self.read_timeout
         # What the last request left behind, else what is there now: on a kept-alive connection, the whole request.
-        data = conn.parser.unreader.take_buffered() or _receive(conn.sock)
+        data = conn.parser.unreader.take_buffered() or _receive_request(conn.sock)
         if data == b"":
             self._close(conn)
         elif data and conn.incoming.feed(data):
@@ -148,8 +187,39 @@ class WholeRequestWorker(ThreadWorker):
             self.poller.register(conn.sock, EVENT_READ, partial(self._on_request_bytes, conn))
             self._send_continue_if_due(conn)
 
+    def _start_handshake(self, conn):
+        try:
+            conn.sock = self.tls_context.wrap_socket(conn.sock, server_side=True, do_handshake_on_connect=False)
+        except OSError:
+            self._close(conn)  # gone before it could be wrapped
+            return
+        conn.timeout = time.monotonic() + self.read_timeout
+        self.reading_conns.append(conn)
+        self.poller.register(conn.sock, EVENT_READ, partial(self._on_handshake_event, conn))
+
+    def _on_handshake_event(self, conn, _sock):
+        """One step of the handshake, as far as what the client sent allows; then its first request."""
+        try:
+            conn.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self.poller.modify(conn.sock, EVENT_READ, partial(self._on_handshake_event, conn))
+            return
+        except ssl.SSLWantWriteError:
+            self.poller.modify(conn.sock, EVENT_WRITE, partial(self._on_handshake_event, conn))
+            return
+        except (ssl.SSLError, OSError) as error:
+            # No certificate, a stranger's, plain HTTP, a scanner: the client's mistake, not the operator's.
+            self.log.debug("TLS handshake with %s failed: %s", conn.client, error)
+            self.poller.unregister(conn.sock)
+            self.reading_conns.remove(conn)
+            self._close(conn)
+            return
+        self.poller.unregister(conn.sock)
+        self.reading_conns.remove(conn)
+        self.enqueue_req(conn)
+
     def _on_request_bytes(self, conn, _sock):
-        data = _receive(conn.sock)
+        data = _receive_request(conn.sock)
         if data is None:
             return
         if data and not conn.incoming.feed(data):
@@ -165,7 +235,8 @@ class WholeRequestWorker(ThreadWorker):
     def _send_continue_if_due(self, conn):
         if conn.incoming.continue_due():
             try:
-                conn.sock.send(b"HTTP/1.1 100 Continue\r\n\r\n", socket.MSG_DONTWAIT)
+                # Non-blocking here (enqueue_req); TLS sockets take no flags.
+                conn.sock.send(b"HTTP/1.1 100 Continue\r\n\r\n")
             except OSError:
                 pass
 
@@ -176,6 +247,8 @@ class WholeRequestWorker(ThreadWorker):
     def handle_request(self, req, conn):
         if conn.incoming.cut_short:
             req.force_close()
+        if isinstance(conn.sock, ssl.SSLSocket):
+            req.scheme = "https"  # gunicorn's own TLS would say so; its settings know nothing of ours
         return super().handle_request(req, conn)
 
     def finish_request(self, conn, fs):
@@ -184,6 +257,8 @@ class WholeRequestWorker(ThreadWorker):
             super().finish_request(conn, fs)
             return
         try:
+            if isinstance(conn.sock, ssl.SSLSocket):
+                _send_close_notify(conn.sock)
             conn.sock.shutdown(socket.SHUT_WR)
         except OSError:
             self._close(conn)
@@ -220,6 +295,30 @@ def _expired(conns: deque, now: float):
     """Take the connections whose deadline has passed off the front of a deque kept in deadline order."""
     while conns and conns[0].timeout <= now:
         yield conns.popleft()
+
+
+def _send_close_notify(sock: ssl.SSLSocket) -> None:
+    """Tell a TLS client the answer is whole (an end without it reads as a cut), without waiting for its own."""
+    sock.setblocking(False)
+    try:
+        sock.unwrap()
+    except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+        pass  # ours is sent; the client's is not in yet, and the lingering drain reads it
+
+
+def _receive_request(sock: socket.socket) -> bytes | None:
+    """As _receive, decrypted on HTTPS, with what the TLS layer holds already (the poller cannot see it)."""
+    if not isinstance(sock, ssl.SSLSocket):
+        return _receive(sock)
+    try:
+        data = sock.recv(RECV_SIZE)
+    except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+        return None
+    except OSError:
+        return b""
+    while data and sock.pending():  # decrypted already: a read cannot wait nor fail
+        data += sock.recv(sock.pending())
+    return data
 
 
 def _receive(sock: socket.socket) -> bytes | None:
