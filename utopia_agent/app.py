@@ -19,6 +19,7 @@ from .observability.logs import configure_logging
 from .node.drain import NodeDrain
 from .gpus.watchdog import NvmlWatchdog
 from .observability.request_log import register_request_hooks
+from .images.access import PrivateImages
 from .services import Services
 from .node.state_dir import first_to_log
 from .claims.resources import NodeResources
@@ -59,6 +60,7 @@ def create_app(config: Config | None = None, gpus: GpuInventory | None = None, d
         system=SystemMetrics(),
         janitor=Janitor(allocator, config.state_dir / "janitor.stamp", config.unstarted_seconds).start(),
         usage=ClaimUsage(docker, config.state_dir).start(),
+        private_images=PrivateImages(config.state_dir, lock),
     )
     health.monitor.start()
     register_error_handlers(app)

@@ -15,6 +15,7 @@ from .node.claim_usage import ClaimUsage
 from .config import Config
 from .engine.manager import DockerManager
 from .gpus.health import GpuHealth
+from .images.access import PrivateImages
 from .allocation.janitor import Janitor
 from .node.drain import NodeDrain
 from .node.system_metrics import SystemMetrics
@@ -32,6 +33,7 @@ class Services:
     system: SystemMetrics
     janitor: Janitor
     usage: ClaimUsage
+    private_images: PrivateImages
 
     def close(self) -> None:
         self.janitor.close()

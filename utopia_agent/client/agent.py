@@ -165,13 +165,14 @@ class AgentClient:
                port_mappings: Iterable[PortMapping | Mapping[str, Any]] = (), env_vars: Iterable[str] = (),
                command: Iterable[str] = (), working_dir: str = "", volumes: Mapping[str, str] | None = None,
                cpus: float | None = None, memory_mb: int | None = None, shm_size_mb: int | None = None,
-               restart_policy: str | None = None) -> Created:
+               restart_policy: str | None = None, registry_auth: Mapping[str, str] | None = None) -> Created:
         """Create and start the container of a claim; safe to call again after a timeout.
 
         The claim id is the idempotency key: when the claim already has a container and it is
         the same spec (see `same_spec`), that container is returned with `existing=True`;
         a container of another spec raises ClaimExists. The optional fields are sent only when
-        given, so an agent that predates them still accepts the request.
+        given, so an agent that predates them still accepts the request. `registry_auth`
+        (`{"username", "password"}`) is the image registry's credentials, sent for that create only.
         """
         ports = [m if isinstance(m, PortMapping) else PortMapping(**m) for m in port_mappings]
         body: dict[str, Any] = {
@@ -183,6 +184,8 @@ class AgentClient:
         body.update(resources)
         if restart_policy is not None:
             body["restart_policy"] = restart_policy
+        if registry_auth is not None:
+            body["registry_auth"] = {"username": registry_auth["username"], "password": registry_auth["password"]}
         try:
             data = self._json("POST", "/api/v1/containers", 201, json=body, timeout=self.create_timeout)
         except ClaimExists as exists:

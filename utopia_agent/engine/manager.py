@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from dataclasses import dataclass
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -18,7 +19,7 @@ from ..config import Config
 from .container_config import create_arguments
 from .logs import LogStream
 from .connection import EngineConnection, EventStream
-from .image_pull import stream_pull
+from .image_pull import RegistryAuth, check_access, stream_pull
 from .errors import EngineConflict, EngineFailure, EngineNotFound, EngineRefusal
 from ..errors import AgentError, ClaimExists, Conflict, EngineRejected, EngineUnavailable, NotManaged, PortTaken
 from .node_view import ContainerState, NodeView
@@ -33,6 +34,14 @@ AMBIGUOUS_PREFIX = "multiple ids found with provided prefix"
 PORT_TAKEN = ("port is already allocated", "address already in use")
 # Records of containers shown but never listed since they went are dropped all at once past this many.
 MAX_RECORDS_KEPT = 4096
+
+
+@dataclass(frozen=True)
+class PresentImage:
+    """An image the engine holds: its id (`sha256:...`) and the labels it gives its containers."""
+
+    id: str
+    labels: dict[str, str]
 
 
 class DockerManager:
@@ -196,18 +205,23 @@ class DockerManager:
 
     # --- images ----------------------------------------------------------------------
 
-    def image_labels(self, image: str) -> dict[str, str] | None:
-        """The image's labels, or None when the engine does not have it."""
+    def present_image(self, image: str) -> PresentImage | None:
+        """The image as the engine holds it (its id and labels), or None when it does not."""
         try:
             with self._engine.call("inspect image") as api:
                 info = api.inspect_image(image)
         except EngineNotFound:
             return None
-        return (info.get("Config") or {}).get("Labels") or {}
+        return PresentImage(info["Id"], (info.get("Config") or {}).get("Labels") or {})
 
-    def pull(self, image: str, on_event: Callable[[dict[str, Any]], None]) -> None:
-        """Pull `image` within the pull and no-progress timeouts, each progress event to `on_event`."""
-        stream_pull(self._engine.api("pull image"), image, self._config, on_event)
+    def pull(self, image: str, on_event: Callable[[dict[str, Any]], None], auth: RegistryAuth | None = None) -> None:
+        """Pull `image` within the pull and no-progress timeouts, each progress event to `on_event`;
+        with `auth`, as that registry user (for this request only)."""
+        stream_pull(self._engine.api("pull image"), image, self._config, on_event, auth)
+
+    def check_registry_access(self, image: str, auth: RegistryAuth) -> None:
+        """Raise ImageUnavailable unless the registry lets `auth` pull `image` (a manifest, no layers)."""
+        check_access(self._engine.api("check image"), image, auth, self._config)
 
     # --- creating and removing -------------------------------------------------------
 

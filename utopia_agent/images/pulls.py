@@ -1,7 +1,8 @@
-"""Image pulls: only when the engine lacks the image, with their progress logged and timed.
+"""Image pulls: only when the engine lacks the image, with their progress logged and timed, and
+the registry's word asked for a cached private image.
 
 The engine's pull request itself, within the overall and no-progress timeouts, is
-engine/image_pull.py's (DockerManager.pull).
+engine/image_pull.py's (DockerManager.pull); which images are private is access.py's.
 """
 
 from __future__ import annotations
@@ -10,34 +11,59 @@ import logging
 import time
 from typing import Any
 
+from ..engine.image_pull import RegistryAuth
 from ..engine.manager import DockerManager
-from ..errors import ImagePullFailed
+from ..errors import ImagePullFailed, ImageUnavailable
 from ..observability.prometheus import PULL_DURATION
+from .access import PrivateImages
 
 log = logging.getLogger("utopia_agent.docker")
 
 PULL_PROGRESS_INTERVAL = 5.0
 
 
-def ensure_image(docker: DockerManager, image: str) -> dict[str, str]:
+def ensure_image(docker: DockerManager, private: PrivateImages, image: str, auth: RegistryAuth | None = None) -> dict[str, str]:
     """Pull `image` unless the engine has it; return its labels, which the engine copies onto
-    every container made from it."""
-    labels = docker.image_labels(image)
-    if labels is None:
-        pull(docker, image)
-        labels = docker.image_labels(image)
-    if labels is None:
-        raise ImagePullFailed(f"cannot pull {image}: the engine lost it right after the pull", image=image)
-    return labels
+    every container made from it. A cached private image is given only to a caller whose
+    credentials its registry accepts (one manifest check); a public or preloaded one costs no
+    more than the engine's inspect and a read of the small private-images record."""
+    present = docker.present_image(image)
+    if present is None:
+        return _pull_for_create(docker, private, image, auth)
+    if references := private.references(image, present.id):
+        if auth is None:
+            raise ImageUnavailable(f"{image} was pulled with credentials: it is private on this node; give the registry's credentials "
+                                   "(registry_auth)", image=image)
+        docker.check_registry_access(image if image in references else references[0], auth)
+    return present.labels
 
 
-def pull(docker: DockerManager, image: str) -> None:
+def _pull_for_create(docker: DockerManager, private: PrivateImages, image: str, auth: RegistryAuth | None) -> dict[str, str]:
+    if auth is not None:
+        private.pulling(image)
+    try:
+        pull(docker, image, auth)
+        present = docker.present_image(image)
+        if present is None:
+            raise ImagePullFailed(f"cannot pull {image}: the engine lost it right after the pull", image=image)
+    except BaseException:
+        if auth is not None:
+            private.failed(image)
+        raise
+    if auth is not None:
+        private.pulled(image, present.id, auth.owner(image))
+    else:
+        private.made_public(image, present.id)
+    return present.labels
+
+
+def pull(docker: DockerManager, image: str, auth: RegistryAuth | None = None) -> None:
     """Pull within the overall and no-progress timeouts, logging progress and the outcome."""
     progress = _PullProgress(image)
-    log.info("image pull started image=%s", image, extra={"image": image})
+    log.info("image pull started image=%s credentials=%s", image, "given" if auth else "none", extra={"image": image})
     try:
-        docker.pull(image, progress.update)
-    except ImagePullFailed as exc:
+        docker.pull(image, progress.update, auth)
+    except (ImagePullFailed, ImageUnavailable) as exc:
         PULL_DURATION.labels("failed").observe(progress.elapsed())
         log.warning("image pull failed image=%s seconds=%.1f reason=%s", image, progress.elapsed(), exc.message, extra={"image": image})
         raise
