@@ -61,8 +61,8 @@ def claim_containers(docker_client, claim_id):
 
 
 def private_records(agent) -> dict:
-    path = agent.state_dir / "private-images.json"
-    return json.loads(path.read_text()) if path.exists() else {}
+    path = agent.state_dir / "pulled-images.json"
+    return {ref: record for ref, record in (json.loads(path.read_text()) if path.exists() else {}).items() if record["private"]}
 
 
 def assert_refused_unavailable(response, docker_client, claim_id):

@@ -159,6 +159,20 @@ class ImageUnavailable(AgentError):
     code = "image_unavailable"
 
 
+class InsufficientStorage(AgentError):
+    """The node's image store has no room for the pull, even after collecting unused images."""
+
+    status = 507
+    code = "insufficient_storage"
+
+
+class ImageInUse(AgentError):
+    """An image a container was made from (running or not) is never removed."""
+
+    status = 409
+    code = "image_in_use"
+
+
 class EngineRejected(AgentError):
     """The engine refused the container as configured (a bad command, say)."""
 

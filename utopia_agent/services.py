@@ -15,7 +15,7 @@ from .node.claim_usage import ClaimUsage
 from .config import Config
 from .engine.manager import DockerManager
 from .gpus.health import GpuHealth
-from .images.access import PrivateImages
+from .images.pulls import Images
 from .allocation.janitor import Janitor
 from .node.drain import NodeDrain
 from .node.system_metrics import SystemMetrics
@@ -33,10 +33,11 @@ class Services:
     system: SystemMetrics
     janitor: Janitor
     usage: ClaimUsage
-    private_images: PrivateImages
+    images: Images
 
     def close(self) -> None:
         self.janitor.close()
+        self.images.collector.close()
         self.usage.close()
         self.gpus.close()
         self.docker.close()

@@ -34,7 +34,6 @@ from ..errors import (
 )
 from ..gpus.inventory import GpuStatus
 from ..engine.image_pull import RegistryAuth
-from ..images.pulls import ensure_image
 from ..claims.holders import gpu_claims, gpu_holder
 from ..allocation.policy import build_container_spec, check_image_labels
 from ..observability.prometheus import CREATES, DELETES
@@ -139,7 +138,7 @@ def create_container(body: dict):
         raise ClaimExists.held_by(spec.claim_id, existing)
     agent.allocator.admit(body["gpu_count"])
     auth = RegistryAuth(**body["registry_auth"]) if "registry_auth" in body else None
-    check_image_labels(spec.image, ensure_image(agent.docker, agent.private_images, spec.image, auth))
+    check_image_labels(spec.image, agent.images.ensure(spec.image, auth))
     container_id, spec = agent.allocator.create(spec, body["gpu_count"])
     event = {"claim_id": spec.claim_id, "container_id": container_id, "gpu_ids": list(spec.gpu_ids)}
     gpus = ",".join(map(str, spec.gpu_ids)) or "-"

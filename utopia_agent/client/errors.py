@@ -205,6 +205,18 @@ class ImageUnavailable(ApiError):
         return self.body.get("image")
 
 
+class InsufficientStorage(ApiError):
+    """The node's image store has no room for the pull, even after collecting unused images."""
+
+    status, code = 507, "insufficient_storage"
+
+
+class ImageInUse(ApiError):
+    """A container, running or not, was made from the image; it is not removed."""
+
+    status, code = 409, "image_in_use"
+
+
 class EngineError(ApiError):
     """The engine failed the call; the state is unknown until a later read."""
 
