@@ -11,6 +11,8 @@ from tests.conftest import remove_run_containers
 from tests.support.engine import Registry, SlowRegistry, make_unique_image, remove_images
 from tests.support.polling import wait_for
 from tests.support.scrape import sample, scrape
+from tests.test_cli import api_env, run_cli
+from utopia_agent.client import AgentClient, ImageUnavailable, NotFound
 
 PASSWORD = "dana-Secret-5c1e77"
 
@@ -135,3 +137,29 @@ def test_collection_keeps_a_recently_used_image(agent_factory, docker_client, pu
     time.sleep(3)
     assert docker_client.images.get(ref), "last used under the minimum age ago: kept"
     assert sample(scrape(agent), "utopia_agent_images") >= 1
+
+
+def test_the_client_and_the_cli_pull_list_and_remove(agent, docker_client, pushed):
+    with Registry(users={"dana": PASSWORD}) as private:
+        ref = pushed(into=private)
+        env = api_env(agent)
+        refused = run_cli("pull", ref, "--username", "dana", "--password-stdin", env=env, input="wrong\n")
+        assert refused.returncode == 0 and f"{ref}: pulling" in refused.stdout, "refused in the background"
+        pulled = run_cli("pull", ref, "--username", "dana", "--password-stdin", env=env, input=PASSWORD + "\n")
+        assert pulled.returncode == 0, pulled.stderr
+        with AgentClient(agent.base_url, agent.token) as client:
+            assert wait_for(lambda: any(i.image == ref and i.state == "present" for i in client.images()), 60)
+            [image] = [i for i in client.images() if i.image == ref and i.state == "present"]
+            assert image.origin == "pulled_private" and image.id == docker_client.images.get(ref).id
+            with pytest.raises(ImageUnavailable):
+                client.pull(ref)
+            assert client.pull(ref, registry_auth=private.credentials("dana")).state == "present"
+        listing = run_cli("images", env=env)
+        assert listing.returncode == 0 and listing.stdout.split("\n")[0].split()[:5] == ["IMAGE", "ID", "SIZE", "ORIGIN", "STATE"]
+        assert any(row.split()[0] == ref and "pulled_private" in row for row in listing.stdout.splitlines())
+        assert PASSWORD not in listing.stdout + run_cli("images", "--json", env=env).stdout
+        removed = run_cli("rmi", ref, env=env)
+        assert removed.returncode == 0 and removed.stdout.strip() == ref, removed.stderr
+        assert docker_client.images.list(name=ref.rsplit(":", 1)[0]) == []
+        with AgentClient(agent.base_url, agent.token) as client, pytest.raises(NotFound):
+            client.remove_image(ref)

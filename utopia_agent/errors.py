@@ -166,10 +166,9 @@ class InsufficientStorage(AgentError):
     code = "insufficient_storage"
 
 
-class ImageInUse(AgentError):
+class ImageInUse(Conflict):
     """An image a container was made from (running or not) is never removed."""
 
-    status = 409
     code = "image_in_use"
 
 

@@ -211,7 +211,7 @@ class InsufficientStorage(ApiError):
     status, code = 507, "insufficient_storage"
 
 
-class ImageInUse(ApiError):
+class ImageInUse(Conflict):
     """A container, running or not, was made from the image; it is not removed."""
 
     status, code = 409, "image_in_use"

@@ -112,8 +112,10 @@ class ImageCollector:
         return True
 
     def _run(self) -> None:
-        while not self._closed.wait(self._interval / 2):
+        """Look at start (so /metrics has the store's figures), then every interval."""
+        while not self._closed.is_set():
             if not self._due():
+                self._closed.wait(self._interval / 2)
                 continue
             try:
                 self.collect()
@@ -121,6 +123,7 @@ class ImageCollector:
                 log.warning("image collection skipped: %s", error.message)
             except OSError as error:
                 log.error("image collection failed: %s", error)
+            self._closed.wait(self._interval / 2)
 
     def _due(self) -> bool:
         """True for one worker per interval: the one that finds the stamp old and renews it."""

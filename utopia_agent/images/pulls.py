@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 import time
 import uuid
@@ -21,6 +22,7 @@ from ..engine.manager import DockerManager, PresentImage
 from ..engine.errors import EngineConflict, EngineNotFound
 from ..errors import ImageInUse, ImagePullFailed, ImageUnavailable, InsufficientStorage, NotFound
 from ..node.state_file import StateFile
+from ..schemas import IMAGE_PATTERN
 from ..observability.prometheus import PULL_DURATION
 from .collection import ImageCollector
 from .records import PulledImages
@@ -97,8 +99,9 @@ class Images:
         return listed
 
     def remove(self, reference: str) -> None:
-        """Remove an image no container was made from (ImageInUse otherwise); an unknown one is NotFound."""
-        present = self.docker.present_image(reference)
+        """Remove an image no container was made from (ImageInUse otherwise); an unknown one, or
+        what is no image reference at all, is NotFound."""
+        present = self.docker.present_image(reference) if re.fullmatch(IMAGE_PATTERN, reference) else None
         if present is None:
             raise NotFound(f"no image {reference!r} on this node")
         if claims := self.docker.images_in_use().get(present.id):

@@ -113,16 +113,17 @@ class NodeCollector(Collector):
 
     @staticmethod
     def _image_families(status: dict) -> Iterable:
-        """The image store as image collection's last look found it (no engine call per scrape)."""
+        """The image store as image collection's last look found it (no engine call per scrape);
+        before the first look only the over-the-mark flag, at 0."""
+        yield GaugeMetricFamily("utopia_agent_image_store_over_high_mark",
+                                "1 when image collection could not get usage under UTOPIA_AGENT_IMAGE_GC_HIGH_PERCENT.",
+                                value=1.0 if status.get("over_high") else 0.0)
         if not status:
             return
         yield GaugeMetricFamily("utopia_agent_images", "Images the engine holds.", value=status["images"])
         yield GaugeMetricFamily("utopia_agent_images_bytes", "Bytes of the images the engine holds.", value=status["bytes"])
         yield GaugeMetricFamily("utopia_agent_image_store_usage_percent", "Share of the engine's image filesystem in use.",
                                 value=status["usage_percent"])
-        yield GaugeMetricFamily("utopia_agent_image_store_over_high_mark",
-                                "1 when image collection could not get usage under UTOPIA_AGENT_IMAGE_GC_HIGH_PERCENT.",
-                                value=1.0 if status["over_high"] else 0.0)
 
     @staticmethod
     def _claim_families(samples: dict) -> Iterable:
