@@ -3,12 +3,16 @@ and image collection, against the real engine and Debian's registry on loopback.
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
 from tests.conftest import remove_run_containers
-from tests.support.engine import Registry, SlowRegistry, make_unique_image, remove_images
+from tests.support.engine import Registry, SlowRegistry, ensure_engine, make_unique_image, remove_images
 from tests.support.polling import wait_for
 from tests.support.scrape import sample, scrape
 from tests.test_cli import api_env, run_cli
@@ -163,3 +167,40 @@ def test_the_client_and_the_cli_pull_list_and_remove(agent, docker_client, pushe
         assert docker_client.images.list(name=ref.rsplit(":", 1)[0]) == []
         with AgentClient(agent.base_url, agent.token) as client, pytest.raises(NotFound):
             client.remove_image(ref)
+
+
+@pytest.fixture
+def small_engine():
+    """A dockerd of its own whose data root is a 96 MiB tmpfs: an image store that fills. Its
+    directory is short: containerd's socket path under it must fit a unix socket's 108 bytes."""
+    root = Path(tempfile.mkdtemp(prefix="utopia-small-engine-"))
+    data = root / "data"
+    data.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96m", "tmpfs", str(data)], check=True)
+    url = f"unix://{root}/docker.sock"
+    handle = None
+    try:
+        handle = ensure_engine(base_url=url, dockerd_args=(
+            "--host", url, "--data-root", str(data), "--exec-root", str(root / "exec"), "--pidfile", str(root / "docker.pid"),
+            "--iptables=false", "--ip-masq=false", "--bridge=none"))
+        assert handle.started_by_us
+        yield handle, data
+    finally:
+        if handle is not None:
+            handle.stop()
+            handle.log_path.unlink(missing_ok=True)
+        subprocess.run(["umount", "-l", str(data)], check=False)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_pull_the_image_store_cannot_hold_is_507_and_leaves_nothing(agent_factory, small_engine, pushed, claim):
+    handle, data = small_engine
+    ref = pushed(payload_kib=128 * 1024)
+    used_before = shutil.disk_usage(data).used
+    agent = agent_factory(DOCKER_HOST=handle.base_url)
+    response = agent.create(claim(), ref, command=["sleep", "300"])
+    assert response.status_code == 507, response.text
+    assert response.json()["error"] == "insufficient_storage" and response.json()["image"] == ref
+    assert handle.client.containers.list(all=True) == [] and handle.client.images.list(all=True) == []
+    assert shutil.disk_usage(data).used - used_before < 8 * 1024 * 1024, "the failed pull's downloads are gone"
+    assert "image pull failed" in agent.log() and sample(scrape(agent), "utopia_agent_image_pull_duration_seconds_count", outcome="failed") == 2
