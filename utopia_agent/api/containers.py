@@ -137,7 +137,7 @@ def create_container(body: dict):
     if existing:
         raise ClaimExists.held_by(spec.claim_id, existing)
     agent.allocator.admit(body["gpu_count"])
-    auth = RegistryAuth(**body["registry_auth"]) if "registry_auth" in body else None
+    auth = RegistryAuth.of(body)
     check_image_labels(spec.image, agent.images.ensure(spec.image, auth))
     container_id, spec = agent.allocator.create(spec, body["gpu_count"])
     event = {"claim_id": spec.claim_id, "container_id": container_id, "gpu_ids": list(spec.gpu_ids)}

@@ -43,7 +43,7 @@ def list_images():
 )
 def pull_image(body: dict):
     images = services().images
-    auth = RegistryAuth(**body["registry_auth"]) if "registry_auth" in body else None
+    auth = RegistryAuth.of(body)
     shown = images.pull_ahead(body["image"], auth)
     return Reply(shown, 202 if shown["state"] == "pulling" else 200)
 

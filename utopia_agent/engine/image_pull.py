@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +46,12 @@ class RegistryAuth:
     username: str
     password: str = field(repr=False)
 
+    @classmethod
+    def of(cls, body: dict[str, Any]) -> RegistryAuth | None:
+        """The credentials of a validated create or pull body, None when it has none."""
+        given = body.get("registry_auth")
+        return cls(given["username"], given["password"]) if given else None
+
     def owner(self, image: str) -> str:
         """Who pulled: a digest of the image's registry and the user, never the password."""
         return hashlib.sha256(f"{registry_of(image)}\0{self.username}".encode()).hexdigest()[:32]
@@ -74,26 +81,21 @@ def stream_pull(api: docker.APIClient, image: str, config: Config, on_event: Cal
     deadline = time.monotonic() + config.pull_timeout
     response = None
     try:
-        response = api._post(
-            api._url("/images/create"),
-            params={"fromImage": repository, "tag": tag or "latest"},
-            headers={"X-Registry-Auth": header} if header else {},
-            stream=True,
-            timeout=(config.engine_timeout, config.pull_idle_timeout),
-        )
-        api._raise_for_status(response)
-        for event in api._stream_helper(response, decode=True):
-            if "error" in event:
-                raise _registry_error(image, "pull", str(event["error"]))
-            on_event(event)
-            if time.monotonic() > deadline:
-                raise ImagePullFailed(f"cannot pull {image}: took longer than {config.pull_timeout:g} s", image=image)
-    except APIError as exc:
-        raise _registry_error(image, "pull", str(exc.explanation or exc)) from None
-    except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
-        if is_timeout(exc):
-            raise ImagePullFailed(f"cannot pull {image}: no progress for {config.pull_idle_timeout:g} s", image=image) from None
-        raise EngineUnavailable(f"the Docker engine is unreachable (pull image): {type(exc).__name__}") from None
+        with _registry_errors(image, "pull", config):
+            response = api._post(
+                api._url("/images/create"),
+                params={"fromImage": repository, "tag": tag or "latest"},
+                headers={"X-Registry-Auth": header} if header else {},
+                stream=True,
+                timeout=(config.engine_timeout, config.pull_idle_timeout),
+            )
+            api._raise_for_status(response)
+            for event in api._stream_helper(response, decode=True):
+                if "error" in event:
+                    raise _registry_error(image, "pull", str(event["error"]))
+                on_event(event)
+                if time.monotonic() > deadline:
+                    raise ImagePullFailed(f"cannot pull {image}: took longer than {config.pull_timeout:g} s", image=image)
     finally:
         if response is not None:
             response.close()
@@ -102,16 +104,23 @@ def stream_pull(api: docker.APIClient, image: str, config: Config, on_event: Cal
 def check_access(api: docker.APIClient, image: str, auth: RegistryAuth, config: Config) -> None:
     """Ask the registry, through the engine, whether `auth` may pull `image`: its manifest only,
     no layers (the engine's /distribution/<name>/json, which asks the registry, never its cache)."""
-    try:
+    with _registry_errors(image, "check", config):
         response = api._get(api._url("/distribution/{0}/json", image), headers={"X-Registry-Auth": auth.header(image)},
                             timeout=(config.engine_timeout, config.pull_idle_timeout))
         api._raise_for_status(response)
+
+
+@contextmanager
+def _registry_errors(image: str, what: str, config: Config) -> Iterator[None]:
+    """The engine's answers and the connection's failures of a pull or a check, as the agent's errors."""
+    try:
+        yield
     except APIError as exc:
-        raise _registry_error(image, "check", str(exc.explanation or exc)) from None
+        raise _registry_error(image, what, str(exc.explanation or exc)) from None
     except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
         if is_timeout(exc):
-            raise ImagePullFailed(f"cannot check {image} with its registry: no answer for {config.pull_idle_timeout:g} s", image=image) from None
-        raise EngineUnavailable(f"the Docker engine is unreachable (check image): {type(exc).__name__}") from None
+            raise ImagePullFailed(f"cannot {what} {image}: no progress for {config.pull_idle_timeout:g} s", image=image) from None
+        raise EngineUnavailable(f"the Docker engine is unreachable ({what} image): {type(exc).__name__}") from None
 
 
 def _registry_error(image: str, what: str, reason: str) -> ImagePullFailed | ImageUnavailable:

@@ -2,8 +2,7 @@
 remove the images the agent pulled that no container uses and that were last used longer than
 the minimum age ago, least recently used first, until usage is under the low mark.
 
-Every worker runs a loop; a stamp in the state dir lets one worker of the node look per
-interval. Every pull looks first too. Images the agent never pulled (preloaded) and images any
+One worker of the node looks per interval (node/chore.py); every pull looks first too. Images the agent never pulled (preloaded) and images any
 container was made from, running or not, are never removed; the engine refuses the latter too,
 since removals are never forced.
 """
@@ -11,8 +10,6 @@ since removals are never forced.
 from __future__ import annotations
 
 import logging
-import os
-import threading
 import time
 from dataclasses import asdict, dataclass
 
@@ -20,6 +17,7 @@ from ..config import Config
 from ..engine.manager import DockerManager, HeldImage
 from ..engine.errors import EngineConflict, EngineNotFound
 from ..errors import AgentError
+from ..node.chore import NodeChore
 from ..node.state_file import StateFile
 from ..observability.prometheus import IMAGES_COLLECTED
 from .records import PulledImages
@@ -46,18 +44,17 @@ class ImageCollector:
         self._high = config.image_gc_high_percent
         self._low = config.image_gc_low_percent
         self._min_age = config.image_gc_min_age
-        self._interval = config.image_gc_interval
-        self._stamp = config.state_dir / "image-collection.stamp"
         self.status_file = StateFile(config.state_dir / "image-store.json")
-        self._closed = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="image-collection", daemon=True)
+        # At start too, so /metrics has the store's figures.
+        self._chore = NodeChore("image-collection", config.state_dir / "image-collection.stamp", config.image_gc_interval, self._look,
+                                at_start=True)
 
     def start(self) -> ImageCollector:
-        self._thread.start()
+        self._chore.start()
         return self
 
     def close(self) -> None:
-        self._closed.set()
+        self._chore.close()
 
     def collect(self) -> StoreStatus | None:
         """Look once, and collect when usage is past the high mark; None while the engine does not
@@ -111,26 +108,10 @@ class ImageCollector:
         self._pulled.forget(image.id)
         return True
 
-    def _run(self) -> None:
-        """Look at start (so /metrics has the store's figures), then every interval."""
-        while not self._closed.is_set():
-            if not self._due():
-                self._closed.wait(self._interval / 2)
-                continue
-            try:
-                self.collect()
-            except AgentError as error:
-                log.warning("image collection skipped: %s", error.message)
-            except OSError as error:
-                log.error("image collection failed: %s", error)
-            self._closed.wait(self._interval / 2)
-
-    def _due(self) -> bool:
-        """True for one worker per interval: the one that finds the stamp old and renews it."""
+    def _look(self) -> None:
         try:
-            if time.time() - os.stat(self._stamp).st_mtime < self._interval:
-                return False
-        except FileNotFoundError:
-            pass
-        self._stamp.touch()
-        return True
+            self.collect()
+        except AgentError as error:
+            log.warning("image collection skipped: %s", error.message)
+        except OSError as error:
+            log.error("image collection failed: %s", error)
