@@ -86,6 +86,8 @@ class PulledImages:
     def used(self, image_ids: Iterable[str], at: float) -> None:
         """Note that containers use these images now (collection's least-recently-used order)."""
         ids = set(image_ids)
+        if not any(record.get("id") in ids for record in self._file.read().values()):
+            return  # nothing of the agent's is in use: no lock, no write
         with self._lock():
             records = self._file.read()
             touched = [record for record in records.values() if record.get("id") in ids]
