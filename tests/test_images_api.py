@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -178,11 +179,16 @@ def small_engine():
     data.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96m", "tmpfs", str(data)], check=True)
     url = f"unix://{root}/docker.sock"
+    # A bridge of its own: with --bridge=none a dockerd deletes docker0, the shared engine's bridge.
+    bridge = f"usm{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "link", "add", bridge, "type", "bridge"], check=True)
+    subprocess.run(["ip", "addr", "add", f"10.251.{int(bridge[3:5], 16)}.1/24", "dev", bridge], check=True)
+    subprocess.run(["ip", "link", "set", bridge, "up"], check=True)
     handle = None
     try:
         handle = ensure_engine(base_url=url, dockerd_args=(
             "--host", url, "--data-root", str(data), "--exec-root", str(root / "exec"), "--pidfile", str(root / "docker.pid"),
-            "--iptables=false", "--ip-masq=false", "--bridge=none"))
+            "--iptables=false", "--ip-masq=false", f"--bridge={bridge}"))
         assert handle.started_by_us
         yield handle, data
     finally:
@@ -190,6 +196,7 @@ def small_engine():
             handle.stop()
             handle.log_path.unlink(missing_ok=True)
         subprocess.run(["umount", "-l", str(data)], check=False)
+        subprocess.run(["ip", "link", "del", bridge], check=False)
         shutil.rmtree(root, ignore_errors=True)
 
 
