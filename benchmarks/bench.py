@@ -64,6 +64,8 @@ MANAGED_FILTER = {"label": "utopia.managed=true"}
 WORKERS = 4
 GPUS = 8
 SLEEP = ["sleep", "3600"]
+# The bench's own loopback registry user (the figure of a create that pulls with credentials).
+BENCH_REGISTRY_PASSWORD = "bench-" + uuid.uuid4().hex
 SCALING_TOLERANCE = 1.25  # "the ratio does not grow": ratio at N claims <= this x the ratio at the fewest
 
 
@@ -83,12 +85,17 @@ class Plan:
     pull_window_s: float
     cpu_seconds: float
     burst_rounds: int  # rounds of 16 concurrent creates, each way
+    pull_create_mib: int  # the image a create must pull, from a loopback registry with credentials
+    pull_create_rounds: int  # pull + create rounds, each way
+    private_samples: int  # creates of the cached private image (credential check) against the cached public one
 
 
 FULL = Plan(claims=(10, 100, 500), samples=200, scaling_samples=60, create_samples=30, change_rounds=24, health_samples=400,
-            pulls=8, pull_payload_kib=4096, pull_kib_per_s=256, pull_window_s=10.0, cpu_seconds=30.0, burst_rounds=6)
+            pulls=8, pull_payload_kib=4096, pull_kib_per_s=256, pull_window_s=10.0, cpu_seconds=30.0, burst_rounds=6,
+            pull_create_mib=300, pull_create_rounds=3, private_samples=20)
 QUICK = Plan(claims=(5, 20, 40), samples=20, scaling_samples=10, create_samples=3, change_rounds=2, health_samples=60,
-             pulls=8, pull_payload_kib=1024, pull_kib_per_s=128, pull_window_s=3.0, cpu_seconds=5.0, burst_rounds=1)
+             pulls=8, pull_payload_kib=1024, pull_kib_per_s=128, pull_window_s=3.0, cpu_seconds=5.0, burst_rounds=1,
+             pull_create_mib=24, pull_create_rounds=1, private_samples=3)
 BURST = 8  # changes just before the "polled right after a burst" CPU figure
 LIST_LIMIT = 0.5  # list at the main claim count, on every path, against the engine's list
 FLOOR_LIMIT = 1.3  # /health and GET one, on every path, against the bare app
@@ -260,8 +267,8 @@ class TimedCalls:
             return expect(self.fresh.send("GET", path, headers={"Connection": "close"}), 200)
         return expect(self.keepalive.send("GET", path), 200)
 
-    def create(self, claim_id: str, image: str, gpu_count: int) -> str:
-        body = {"claim_id": claim_id, "image": image, "command": SLEEP, "gpu_count": gpu_count}
+    def create(self, claim_id: str, image: str, gpu_count: int, **fields) -> str:
+        body = {"claim_id": claim_id, "image": image, "command": SLEEP, "gpu_count": gpu_count, **fields}
         return expect(self.keepalive.send("POST", "/api/v1/containers", json=body, timeout=300), 201).json()["container_id"]
 
     def delete(self, container_id: str) -> None:
@@ -407,10 +414,10 @@ class Bench:
             )
         return self._agent_specs[gpu_count]
 
-    def raw_create_start(self, gpu_index: int | None) -> str:
+    def raw_create_start(self, gpu_index: int | None, image: str | None = None) -> str:
         """What POST does, minus the agent: one create with the agent's own create arguments for the
         same claim (labels, limits, hardening; see spec_the_agent_makes) and one start."""
-        spec = replace(self.spec_the_agent_makes(1 if gpu_index is not None else 0), claim_id=self.claim("b"))
+        spec = replace(self.spec_the_agent_makes(1 if gpu_index is not None else 0), claim_id=self.claim("b"), image=image or self.image)
         if gpu_index is not None:
             spec = replace(spec, gpu_ids=(gpu_index,), gpu_uuids=(self.gpus[gpu_index].uuid,))
         created = self.api.create_container(**create_arguments(self.api, spec, self.defaults))
@@ -802,6 +809,59 @@ class Bench:
                    "limit": 3, "pull_seconds": sorted(round(t - window_start, 1) for t in done_at.values())},
         ).keep_samples(health_during_pulls=busy, bare_stack_at_rest=at_rest))
 
+    # --- creates that pull, and the cached private image's credential check -------------
+
+    def figure_pull_create(self) -> None:
+        """A create whose image must be pulled (from a loopback registry that wants credentials)
+        against the engine's pull with the same credentials + create + start, interleaved, the image
+        removed after each; then creates of that image cached and private (the registry's manifest
+        check) against creates of the public cached test image."""
+        plan = self.plan
+        registry = Registry(users={"bench": BENCH_REGISTRY_PASSWORD}).start()
+        try:
+            source = make_unique_image(self.client, f"utopia-bench/big:{self.run_id}", payload_kib=plan.pull_create_mib * 1024)
+            self.images.append(source)
+            ref = registry.push(self.client, source, f"bench/big-{self.run_id}:1")
+            self.images.append(ref)
+            remove_images(self.client, [source])
+            auth = registry.credentials("bench")
+            repository, tag = ref.rsplit(":", 1)
+            times: dict[str, list[float]] = {"agent": [], "engine": []}
+            for i in range(plan.pull_create_rounds):
+                for who in (["agent", "engine"] if i % 2 == 0 else ["engine", "agent"]):
+                    start = time.perf_counter()
+                    if who == "agent":
+                        made = self.http.create(self.claim("g"), ref, 0, registry_auth=auth)
+                    else:
+                        for event in self.api.pull(repository, tag, stream=True, decode=True, auth_config=auth):
+                            if "error" in event:
+                                raise BenchError(f"docker pull {ref}: {event['error']}")
+                        made = self.raw_create_start(None, ref)
+                    times[who].append((time.perf_counter() - start) * 1000)
+                    self.api.remove_container(made, v=True, force=True)
+                    remove_images(self.client, [ref])
+            self.add(compare(f"POST /api/v1/containers, image pulled ({plan.pull_create_mib} MiB, private registry)", times["agent"],
+                             times["engine"], 1.05, "baseline: SDK pull with the same credentials + create + start with the agent's "
+                             "arguments; loopback registry with htpasswd; the image removed after each").keep_samples(
+                             agent=times["agent"], engine_pull_create_and_start=times["engine"]))
+            self.http.create(self.claim("g"), ref, 0, registry_auth=auth)  # cached and private from here on
+            checked: dict[str, list[float]] = {"private": [], "public": []}
+            for i in range(plan.private_samples + 2):
+                for who in (["private", "public"] if i % 2 == 0 else ["public", "private"]):
+                    start = time.perf_counter()
+                    made = (self.http.create(self.claim("q"), ref, 0, registry_auth=auth) if who == "private"
+                            else self.http.create(self.claim("q"), self.image, 0))
+                    checked[who].append((time.perf_counter() - start) * 1000)
+                    self.http.delete(made)
+            for series in checked.values():
+                del series[:2]
+            self.add(compare("POST /api/v1/containers, cached private image (registry checks the credentials)", checked["private"],
+                             checked["public"], None, "baseline: the agent's create of the cached public image; the difference is "
+                             "the manifest check through the engine (GET /distribution/<name>/json)").keep_samples(
+                             private=checked["private"], public=checked["public"]))
+        finally:
+            registry.stop()
+
     # --- the whole run -----------------------------------------------------------------
 
     def run(self, say: Callable[[str], None]) -> None:
@@ -834,6 +894,8 @@ class Bench:
         self.figure_cpu(plan.cpu_seconds)
         say(f"/health while {plan.pulls} image pulls are in flight")
         self.figure_health_under_pulls()
+        say(f"a create that pulls {plan.pull_create_mib} MiB, and the cached private image's credential check")
+        self.figure_pull_create()
         say(f"{many - main} created (not started) claims through the SDK")
         self.add_created_claims(many - main)
         self.figure_scaling(many, self.measure_list(plan.scaling_samples),

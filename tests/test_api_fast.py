@@ -182,6 +182,17 @@ def test_bad_image_references_are_400(client, memory, image):
 
 
 @pytest.mark.parametrize(
+    "registry_auth",
+    [{"username": "u"}, {"password": "s3cret-pw"}, {"username": "", "password": "s3cret-pw"}, {"username": "u", "password": ""},
+     {"username": "u", "password": "s3cret-pw", "email": "x"}, {"username": "u", "password": 7}, "u:s3cret-pw"],
+    ids=["no-password", "no-username", "empty-username", "empty-password", "unknown-field", "not-a-string", "not-an-object"],
+)
+def test_bad_registry_auth_is_400_and_never_echoes_the_password(client, memory, registry_auth):
+    body = assert_refused(create(client, command=["true"], registry_auth=registry_auth), 400, "invalid_request", "registry_auth", memory)
+    assert "s3cret-pw" not in json.dumps(body)
+
+
+@pytest.mark.parametrize(
     "command",
     [["x"] * (MAX_LIST_ITEMS + 1), ["sh", "-c", "y" * (MAX_STRING + 1)], ["sh\x00"], [1, 2], "sleep 1"],
     ids=["too-many-items", "item-too-long", "nul", "not-strings", "not-a-list"],
@@ -472,7 +483,7 @@ def test_an_engine_failure_while_removing_keeps_the_container(client, memory, er
 
 
 @pytest.mark.parametrize("error,status,code", ENGINE_FAULTS, ids=["unavailable", "failed"])
-@pytest.mark.parametrize("method", ["find_claim", "image_labels", "managed_rows", "create"])
+@pytest.mark.parametrize("method", ["find_claim", "present_image", "managed_rows", "create"])
 def test_engine_failures_while_creating_leave_nothing(client, memory, error, status, code, method):
     memory.fail_next(method, error)
     response = create(client, command=["sleep", "60"], gpu_count=1)

@@ -24,10 +24,10 @@ from utopia_agent import cli
 OUTSIDE_THE_CHECKOUT = Path(tempfile.gettempdir())
 
 
-def run_cli(*args: str, env: dict[str, str], cwd=OUTSIDE_THE_CHECKOUT) -> subprocess.CompletedProcess:
+def run_cli(*args: str, env: dict[str, str], cwd=OUTSIDE_THE_CHECKOUT, input: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "utopia_agent.cli", *args],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=60, check=False,
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=60, check=False, input=input,
     )
 
 

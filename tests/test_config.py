@@ -50,6 +50,13 @@ def ephemeral(tmp_path):
         ({"UTOPIA_AGENT_TOKEN": "t", "UTOPIA_AGENT_CPU_PINNING": "always"}, "UTOPIA_AGENT_CPU_PINNING"),
         ({"UTOPIA_AGENT_TOKEN": "t", "UTOPIA_AGENT_DEFAULT_SHM_MB": "0"}, "UTOPIA_AGENT_DEFAULT_SHM_MB"),
         ({"UTOPIA_AGENT_TOKEN": "t", "UTOPIA_AGENT_LOG_FOLLOW_SECONDS": "forever"}, "UTOPIA_AGENT_LOG_FOLLOW_SECONDS"),
+        ({"UTOPIA_AGENT_TOKEN": "t", "UTOPIA_AGENT_IMAGE_GC_HIGH_PERCENT": "101"}, "UTOPIA_AGENT_IMAGE_GC_HIGH_PERCENT"),
+        ({"UTOPIA_AGENT_TOKEN": "t", "UTOPIA_AGENT_IMAGE_GC_HIGH_PERCENT": "0"}, "UTOPIA_AGENT_IMAGE_GC_HIGH_PERCENT"),
+        ({"UTOPIA_AGENT_TOKEN": "t", "UTOPIA_AGENT_IMAGE_GC_HIGH_PERCENT": "70", "UTOPIA_AGENT_IMAGE_GC_LOW_PERCENT": "70"},
+         "UTOPIA_AGENT_IMAGE_GC_LOW_PERCENT"),
+        ({"UTOPIA_AGENT_TOKEN": "t", "UTOPIA_AGENT_IMAGE_GC_LOW_PERCENT": "-1"}, "UTOPIA_AGENT_IMAGE_GC_LOW_PERCENT"),
+        ({"UTOPIA_AGENT_TOKEN": "t", "UTOPIA_AGENT_IMAGE_GC_MIN_AGE": "-5"}, "UTOPIA_AGENT_IMAGE_GC_MIN_AGE"),
+        ({"UTOPIA_AGENT_TOKEN": "t", "UTOPIA_AGENT_IMAGE_GC_INTERVAL": "0"}, "UTOPIA_AGENT_IMAGE_GC_INTERVAL"),
     ],
 )
 def test_a_bad_variable_is_refused_by_name_in_one_line_and_nothing_else_is_said(env, variable, tmp_path, capsys, caplog):
@@ -63,6 +70,13 @@ def test_a_bad_variable_is_refused_by_name_in_one_line_and_nothing_else_is_said(
 
 def config(ephemeral_ports_path, **env: str):
     return load_config({"UTOPIA_AGENT_TOKEN": "t", **env}, ephemeral_ports_path=ephemeral_ports_path)
+
+
+def test_image_collection_defaults_and_marks(ephemeral):
+    default = config(ephemeral(32768, 60999))
+    assert (default.image_gc_high_percent, default.image_gc_low_percent, default.image_gc_min_age, default.image_gc_interval) == (85, 80, 120.0, 60.0)
+    low = config(ephemeral(32768, 60999), UTOPIA_AGENT_IMAGE_GC_HIGH_PERCENT="50", UTOPIA_AGENT_IMAGE_GC_MIN_AGE="0")
+    assert (low.image_gc_high_percent, low.image_gc_low_percent, low.image_gc_min_age) == (50, 49, 0.0), "LOW follows a HIGH set under 80"
 
 
 def test_read_timeout_defaults_to_10_seconds_and_takes_fractions(ephemeral):

@@ -42,10 +42,10 @@ def test_missing_image_is_pulled_then_run(agent, docker_client, pushed_image, cl
     assert sample(scrape(agent), "utopia_agent_image_pull_duration_seconds_count", outcome="ok") >= 1
 
 
-def test_unknown_image_is_502_with_the_registry_reason(agent, docker_client, registry, claim):
+def test_unknown_image_is_400_with_the_registry_reason(agent, docker_client, registry, claim):
     response = agent.create(claim(), registry.ref("t/nope:1"), command=["sleep", "300"])
-    assert response.status_code == 502, response.text
-    assert response.json()["error"] == "image_pull_failed"
+    assert response.status_code == 400, response.text
+    assert response.json()["error"] == "image_unavailable"
     assert "manifest unknown" in response.json()["message"] or "not found" in response.json()["message"]
     assert claim_containers(docker_client, claim()) == []
 

@@ -21,6 +21,9 @@ from .node.drain import NodeDrain
 from .gpus.watchdog import NvmlWatchdog
 from .observability.request_log import register_request_hooks
 from .network.isolation import NetworkIsolation
+from .images.collection import ImageCollector
+from .images.pulls import Images
+from .images.records import PulledImages
 from .services import Services
 from .node.state_dir import first_to_log
 from .claims.resources import NodeResources
@@ -62,6 +65,7 @@ def create_app(config: Config | None = None, gpus: GpuInventory | None = None, d
         janitor=Janitor(allocator, config.state_dir / "janitor.stamp", config.unstarted_seconds).start(),
         usage=ClaimUsage(docker, config.state_dir).start(),
         network=NetworkIsolation(config, EngineConnection(config.engine_timeout)).start(),
+        images=_images(docker, config, lock),
     )
     health.monitor.start()
     register_error_handlers(app)
@@ -74,3 +78,8 @@ def create_app(config: Config | None = None, gpus: GpuInventory | None = None, d
     app.register_blueprint(openapi.blueprint)
     app.register_blueprint(prometheus.blueprint)
     return app
+
+
+def _images(docker: DockerManager, config: Config, lock) -> Images:
+    pulled = PulledImages(config.state_dir, lock)
+    return Images(docker, pulled, ImageCollector(docker, pulled, config).start(), config.state_dir)

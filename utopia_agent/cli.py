@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import getpass
 import json
 import logging
 import os
@@ -441,6 +442,44 @@ def cmd_rm(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_images(args: argparse.Namespace) -> int:
+    with agent_client(args) as client:
+        images = client.images()
+    if args.json:
+        _print_json(images)
+        return 0
+    rows = [["IMAGE", "ID", "SIZE", "ORIGIN", "STATE", "CLAIMS", "LAST USED"]]
+    for image in images:
+        size = f"{image.size_mb:.0f} MB" if image.size_mb is not None else "-"
+        if image.progress is not None and image.state == "pulling":
+            size = f"{image.progress.downloaded_bytes / 1e6:.0f}/{image.progress.total_bytes / 1e6:.0f} MB"
+        state = f"failed: {image.error}" if image.state == "failed" else image.state
+        rows.append([image.image, image.id[7:19] if image.id else "-", size, image.origin, state, ",".join(image.claims) or "-",
+                     _since(image.last_used or 0)])
+    _print_table(rows)
+    return 0
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    """Pull ahead; the registry's password comes on stdin (never the command line, which any user may read)."""
+    auth = None
+    if args.username:
+        password = sys.stdin.readline().rstrip("\n") if args.password_stdin else getpass.getpass(f"password for {args.username}: ")
+        auth = {"username": args.username, "password": password}
+    with agent_client(args) as client:
+        image = client.pull(args.image, registry_auth=auth)
+    print(json.dumps({"image": image.image, "state": image.state}) if args.json else f"{image.image}: {image.state}")
+    return 0
+
+
+def cmd_rmi(args: argparse.Namespace) -> int:
+    with agent_client(args) as client:
+        for reference in args.images:
+            client.remove_image(reference)
+            print(json.dumps({"removed": reference}) if args.json else reference)
+    return 0
+
+
 def cmd_gpus(args: argparse.Namespace) -> int:
     """The agent's view of its GPUs (state, claim, quarantine reason); the node's own reading
     (cmd_local_gpus) with --local, without a token, or when the agent cannot be asked."""
@@ -582,6 +621,13 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument("-t", "--timestamps", action="store_true", help="prefix each line with its time")
     rm = _api_command(commands, "rm", cmd_rm, "stop and remove containers, freeing their GPUs and ports", connection)
     rm.add_argument("containers", nargs="+", metavar="container", help="container id or a unique prefix")
+    _api_command(commands, "images", cmd_images, "list the node's images and the pulls in flight", connection)
+    pull = _api_command(commands, "pull", cmd_pull, "pull an image ahead of the claims that will need it", connection)
+    pull.add_argument("image", help="image reference")
+    pull.add_argument("--username", help="the registry user (the password is asked for, or read from stdin)")
+    pull.add_argument("--password-stdin", action="store_true", help="read the registry password from stdin")
+    rmi = _api_command(commands, "rmi", cmd_rmi, "remove images no container uses", connection)
+    rmi.add_argument("images", nargs="+", metavar="image", help="image reference or id")
     gpus = _api_command(commands, "gpus", cmd_gpus, "list the GPUs with their state and the claim holding each", connection)
     gpus.add_argument("--local", action="store_true",
                       help="read NVML and the engine on this node instead of asking the agent ('-' free, '?' engine unreachable)")

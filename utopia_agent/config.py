@@ -156,6 +156,10 @@ class Config:
     network_isolation: bool = True
     network_subnet: str | None = None
     blocked_networks: tuple[str, ...] = ()
+    image_gc_high_percent: int = 85
+    image_gc_low_percent: int = 80
+    image_gc_min_age: float = 120.0
+    image_gc_interval: float = 60.0
     # Resolved at load: what no volume may reach (SYSTEM_PATHS, the agent's code and token).
     denied_paths: tuple[str, ...] = ()
 
@@ -182,7 +186,7 @@ def _int(env: Mapping[str, str], name: str, default: int, low: int = 1, high: in
     return value
 
 
-def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
+def _seconds(env: Mapping[str, str], name: str, default: float, zero: bool = False) -> float:
     raw = env.get(name)
     if raw is None or raw == "":
         return default
@@ -190,8 +194,8 @@ def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
         value = float(raw)
     except ValueError:
         raise ConfigError(name, f"expected a number of seconds, got {raw!r}") from None
-    if not value > 0:
-        raise ConfigError(name, f"expected a positive number of seconds, got {raw!r}")
+    if not (value >= 0 if zero else value > 0):
+        raise ConfigError(name, f"expected a {'non-negative' if zero else 'positive'} number of seconds, got {raw!r}")
     return value
 
 
@@ -405,8 +409,23 @@ def load_config(env: Mapping[str, str] | None = None, ephemeral_ports_path: Path
         network_isolation=_choice(env, "UTOPIA_AGENT_NETWORK_ISOLATION", "on", ("on", "off")) == "on",
         network_subnet=_network_subnet(env),
         blocked_networks=_blocked_networks(env),
+        **_image_gc(env),
         denied_paths=denied,
     )
+
+
+def _image_gc(env: Mapping[str, str]) -> dict[str, float]:
+    """Image collection's marks (percent of the image filesystem; HIGH 100 turns it off), minimum age and interval."""
+    high = _int(env, "UTOPIA_AGENT_IMAGE_GC_HIGH_PERCENT", 85, high=100)
+    low = _int(env, "UTOPIA_AGENT_IMAGE_GC_LOW_PERCENT", min(80, high - 1), low=0, high=99)
+    if low >= high:
+        raise ConfigError("UTOPIA_AGENT_IMAGE_GC_LOW_PERCENT", f"expected less than UTOPIA_AGENT_IMAGE_GC_HIGH_PERCENT ({high}), got {low}")
+    return {
+        "image_gc_high_percent": high,
+        "image_gc_low_percent": low,
+        "image_gc_min_age": _seconds(env, "UTOPIA_AGENT_IMAGE_GC_MIN_AGE", 120.0, zero=True),
+        "image_gc_interval": _seconds(env, "UTOPIA_AGENT_IMAGE_GC_INTERVAL", 60.0),
+    }
 
 
 def prepare_state_dir(config: Config) -> None:

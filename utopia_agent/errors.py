@@ -151,10 +151,32 @@ class TooManyFollowers(AgentError):
 
 
 class ImagePullFailed(AgentError):
-    """The registry refused or never delivered the image; the message carries its reason."""
+    """The registry or the network failed, or the pull stalled; the message carries the reason.
+    Worth retrying."""
 
     status = 502
     code = "image_pull_failed"
+
+
+class ImageUnavailable(AgentError):
+    """The registry refused the credentials given (or none were given for an image private on
+    this node), or has no such repository or tag; not worth retrying as is."""
+
+    status = 400
+    code = "image_unavailable"
+
+
+class InsufficientStorage(AgentError):
+    """The node's image store has no room for the pull, even after collecting unused images."""
+
+    status = 507
+    code = "insufficient_storage"
+
+
+class ImageInUse(Conflict):
+    """An image a container was made from (running or not) is never removed."""
+
+    code = "image_in_use"
 
 
 class EngineRejected(AgentError):

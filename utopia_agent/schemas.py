@@ -186,6 +186,16 @@ class PortMappingSchema(Schema):
     )
 
 
+class RegistryAuthSchema(Schema):
+    """A create's credentials for its image's registry: sent to the engine for that pull or check
+    only, never logged, stored or answered."""
+
+    username = fields.String(required=True, validate=[validate.Length(min=1, max=MAX_STRING), _NO_NUL],
+                             metadata={"description": "The registry user."})
+    password = fields.String(required=True, load_only=True, validate=[validate.Length(min=1, max=MAX_STRING), _NO_NUL],
+                             metadata={"description": "The user's password or a registry token.", "writeOnly": True})
+
+
 class CreateContainerSchema(Schema):
     """POST /api/v1/containers body; unknown fields are refused (marshmallow's default)."""
 
@@ -262,6 +272,11 @@ class CreateContainerSchema(Schema):
     restart_policy = fields.String(
         validate=validate.OneOf(RESTART_POLICIES),
         metadata={"description": "What the engine does when the job exits. Default: the node's."},
+    )
+    registry_auth = fields.Nested(
+        RegistryAuthSchema,
+        metadata={"description": "Credentials for the image's registry. An image pulled with them is private on this node: "
+                                 "a later create naming it must give credentials its registry accepts."},
     )
 
     @validates_schema

@@ -15,6 +15,7 @@ from .node.claim_usage import ClaimUsage
 from .config import Config
 from .engine.manager import DockerManager
 from .gpus.health import GpuHealth
+from .images.pulls import Images
 from .allocation.janitor import Janitor
 from .node.drain import NodeDrain
 from .network.isolation import NetworkIsolation
@@ -34,9 +35,11 @@ class Services:
     janitor: Janitor
     usage: ClaimUsage
     network: NetworkIsolation
+    images: Images
 
     def close(self) -> None:
         self.janitor.close()
+        self.images.collector.close()
         self.usage.close()
         self.network.close()
         self.gpus.close()

@@ -371,14 +371,25 @@ storage:
     enabled: true
 http:
   addr: 127.0.0.1:{port}
+{auth}"""
+_REGISTRY_AUTH = """\
+auth:
+  htpasswd:
+    realm: utopia-test
+    path: {htpasswd}
 """
 
 
 class Registry(_LocalServer):
-    """Debian's docker-registry (the real distribution registry) on 127.0.0.1, in a temp dir."""
+    """Debian's docker-registry (the real distribution registry) on 127.0.0.1, in a temp dir.
 
-    def __init__(self, start_timeout: float = 15.0):
+    With `users` ({name: password}) it wants credentials (htpasswd, bcrypt): every request,
+    pulls, pushes and manifest checks alike, must carry a user's.
+    """
+
+    def __init__(self, start_timeout: float = 15.0, users: dict[str, str] | None = None):
         self.start_timeout = start_timeout
+        self.users = dict(users or {})
         self.port = 0
         self.dir: Path | None = None
         self.process: subprocess.Popen | None = None
@@ -391,8 +402,19 @@ class Registry(_LocalServer):
         try:
             with urllib.request.urlopen(f"{self.url}/v2/", timeout=1) as resp:
                 return resp.status == 200
+        except urllib.error.HTTPError as exc:
+            return exc.code == 401 and bool(self.users)
         except (OSError, urllib.error.URLError):
             return False
+
+    def _auth_section(self) -> str:
+        if not self.users:
+            return ""
+        import bcrypt  # only the private-registry tests need it
+
+        htpasswd = self.dir / "htpasswd"
+        htpasswd.write_text("".join(f"{name}:{bcrypt.hashpw(pw.encode(), bcrypt.gensalt(4)).decode()}\n" for name, pw in self.users.items()))
+        return _REGISTRY_AUTH.format(htpasswd=htpasswd)
 
     def start(self) -> Registry:
         binary = shutil.which("docker-registry")
@@ -400,11 +422,12 @@ class Registry(_LocalServer):
             raise FileNotFoundError("docker-registry is not installed (apt-get install docker-registry)")
         self.dir = Path(tempfile.mkdtemp(prefix="utopia-test-registry-"))
         log_path = self.dir / "registry.log"
+        auth = self._auth_section()
         # free_port() can race with another process; a few tries make that harmless.
         for _ in range(3):
             self.port = free_port()
             config = self.dir / "config.yml"
-            config.write_text(_REGISTRY_CONFIG.format(root=self.dir / "data", port=self.port))
+            config.write_text(_REGISTRY_CONFIG.format(root=self.dir / "data", port=self.port, auth=auth))
             with open(log_path, "ab") as log:
                 self.process = subprocess.Popen(
                     [binary, "serve", str(config)], stdout=log, stderr=subprocess.STDOUT,
@@ -422,18 +445,25 @@ class Registry(_LocalServer):
     def push(self, client: docker.DockerClient, source_tag: str, repo_tag: str) -> str:
         """Push `source_tag` as `repo_tag` (host optional), then drop the local tag so a create must pull.
 
-        Returns the full reference, e.g. `localhost:5000/t/busybox:1`.
+        Returns the full reference, e.g. `localhost:5000/t/busybox:1`. A registry with users is
+        pushed to as its first user, with the credentials in the request (never `docker login`,
+        whose stored credentials the agent's own pulls would then find).
         """
         ref = self.ref(repo_tag)
         repository, _, tag = ref.rpartition(":")
         client.images.get(source_tag).tag(repository, tag)
+        auth = self.credentials(next(iter(self.users))) if self.users else None
         try:
-            for event in client.api.push(repository, tag, stream=True, decode=True):
+            for event in client.api.push(repository, tag, stream=True, decode=True, auth_config=auth):
                 if "error" in event:
                     raise RuntimeError(f"push of {ref} failed: {event['error']}")
         finally:
             client.images.remove(ref)
         return ref
+
+    def credentials(self, user: str) -> dict[str, str]:
+        """A create's `registry_auth` for one of the registry's users."""
+        return {"username": user, "password": self.users[user]}
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

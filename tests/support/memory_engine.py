@@ -9,6 +9,7 @@ raise `error`, as the engine layer does when the engine is down or fails.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import re
 import time
 import uuid
@@ -18,6 +19,7 @@ from typing import Any
 from utopia_agent.claims.holders import carrying
 from utopia_agent.claims.records import CLAIM_LABEL, MANAGED_LABEL, ContainerSpec, Holdings, ManagedContainer
 from utopia_agent.errors import AgentError, ClaimExists, ImagePullFailed, NotManaged
+from utopia_agent.engine.manager import HeldImage, PresentImage
 from utopia_agent.engine.node_view import ContainerState
 from utopia_agent.schemas import CONTAINER_ID_PATTERN
 
@@ -132,11 +134,31 @@ class MemoryEngine:
 
     # --- images, creating and removing -------------------------------------------------
 
-    def image_labels(self, image: str) -> dict[str, str] | None:
-        self._call("image_labels")
-        return self.images.get(image)
+    def present_image(self, image: str) -> PresentImage | None:
+        self._call("present_image")
+        labels = self.images.get(image)
+        return None if labels is None else PresentImage("sha256:" + hashlib.sha256(image.encode()).hexdigest(), labels)
 
-    def pull(self, image: str, on_event) -> None:
+    def list_images(self) -> list[HeldImage]:
+        self._call("list_images")
+        return [HeldImage(self.present_image(name).id, (name,), 1_000_000) for name in self.images]
+
+    def images_in_use(self) -> dict[str, list[str]]:
+        self._call("images_in_use")
+        used: dict[str, list[str]] = {}
+        for state in self.containers.values():
+            used.setdefault(self.present_image(state.image).id, []).append(state.labels.get(CLAIM_LABEL, ""))
+        return used
+
+    def remove_image(self, reference: str) -> None:
+        self._call("remove_image")
+        self.images.pop(reference, None)
+
+    def image_store_usage(self) -> None:
+        """No filesystem: image collection never runs here."""
+        return None
+
+    def pull(self, image: str, on_event, auth=None) -> None:
         self._call("pull")
         raise ImagePullFailed(f"cannot pull {image}: not in the memory engine", image=image)
 

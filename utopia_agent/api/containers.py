@@ -21,6 +21,7 @@ from ..errors import (
     EngineRejected,
     EngineUnavailable,
     ImagePullFailed,
+    ImageUnavailable,
     InvalidRequest,
     NodeDraining,
     NodeFault,
@@ -33,7 +34,7 @@ from ..errors import (
     TooManyFollowers,
 )
 from ..gpus.inventory import GpuStatus
-from ..images.pulls import ensure_image
+from ..engine.image_pull import RegistryAuth
 from ..claims.holders import gpu_claims, gpu_holder
 from ..allocation.policy import build_container_spec, check_image_labels
 from ..observability.prometheus import CREATES, DELETES
@@ -96,8 +97,10 @@ def counted_as_create(view: Callable) -> Callable:
         fails(
             "The body is not JSON, or a field is missing, unknown, of the wrong type or out of range, with "
             "per-field `errors`; or the engine refused the container as asked (say, a command not found "
-            "in the image, or a working dir it cannot use), with the engine's reason.",
-            InvalidRequest, EngineRejected,
+            "in the image, or a working dir it cannot use), with the engine's reason; or the registry refused "
+            "the image (`image_unavailable`: wrong or missing credentials, also for an image pulled with "
+            "credentials and cached here, or no such repository or tag).",
+            InvalidRequest, EngineRejected, ImageUnavailable,
         ),
         fails(
             "Forbidden by node policy: a volume outside the volume roots, missing, through a symlink or "
@@ -113,8 +116,8 @@ def counted_as_create(view: Callable) -> Callable:
         ),
         fails("The node failed the request: the agent could not pin the claim's volumes.", NodeFault),
         fails(
-            "The image could not be pulled (the registry's reason), or the engine failed on the node's "
-            "side: network, storage or runtime.",
+            "The image could not be pulled: the registry or the network failed, or the pull stalled (the "
+            "reason; worth retrying), or the engine failed on the node's side: network, storage or runtime.",
             ImagePullFailed, EngineError,
         ),
         fails(
@@ -138,7 +141,8 @@ def create_container(body: dict):
     agent.allocator.admit(body["gpu_count"])
     if (unprotected := agent.network.problem()) is not None:
         raise NetworkUnprotected(unprotected)
-    check_image_labels(spec.image, ensure_image(agent.docker, spec.image))
+    auth = RegistryAuth.of(body)
+    check_image_labels(spec.image, agent.images.ensure(spec.image, auth))
     container_id, spec = agent.allocator.create(spec, body["gpu_count"])
     event = {"claim_id": spec.claim_id, "container_id": container_id, "gpu_ids": list(spec.gpu_ids)}
     gpus = ",".join(map(str, spec.gpu_ids)) or "-"

@@ -22,6 +22,7 @@ TAGS = [
     {"name": "containers", "description": "The containers of claims: create, list, show, delete."},
     {"name": "node", "description": "The node's CPU, memory, disk and GPU figures, as JSON and for Prometheus."},
     {"name": "gpus", "description": "Each GPU's state, and the operator's quarantine."},
+    {"name": "images", "description": "The node's images: list, pull ahead, remove; the pulls in flight."},
     {"name": "service", "description": "Liveness and this document; no token needed."},
 ]
 EXAMPLES = {ContainerSchema: CONTAINER_EXAMPLE}

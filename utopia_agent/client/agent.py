@@ -40,6 +40,7 @@ from ..schemas import (
     MetricsSchema,
 )
 from .errors import AgentUnreachable, ClaimExists, NotFound, UnexpectedAnswer, error_from_response, retry_after_seconds
+from ..images.schemas import ImageSchema
 from .records import (
     Container,
     ContainerGpuStats,
@@ -48,7 +49,9 @@ from .records import (
     Gpu,
     GpuMetrics,
     Health,
+    Image,
     NodeMetrics,
+    PullProgress,
     SystemMetrics,
     XidEvent,
     load_answer,
@@ -197,13 +200,14 @@ class AgentClient:
                port_mappings: Iterable[PortMapping | Mapping[str, Any]] = (), env_vars: Iterable[str] = (),
                command: Iterable[str] = (), working_dir: str = "", volumes: Mapping[str, str] | None = None,
                cpus: float | None = None, memory_mb: int | None = None, shm_size_mb: int | None = None,
-               restart_policy: str | None = None) -> Created:
+               restart_policy: str | None = None, registry_auth: Mapping[str, str] | None = None) -> Created:
         """Create and start the container of a claim; safe to call again after a timeout.
 
         The claim id is the idempotency key: when the claim already has a container and it is
         the same spec (see `same_spec`), that container is returned with `existing=True`;
         a container of another spec raises ClaimExists. The optional fields are sent only when
-        given, so an agent that predates them still accepts the request.
+        given, so an agent that predates them still accepts the request. `registry_auth`
+        (`{"username", "password"}`) is the image registry's credentials, sent for that create only.
         """
         ports = [m if isinstance(m, PortMapping) else PortMapping(**m) for m in port_mappings]
         body: dict[str, Any] = {
@@ -215,6 +219,8 @@ class AgentClient:
         body.update(resources)
         if restart_policy is not None:
             body["restart_policy"] = restart_policy
+        if registry_auth is not None:
+            body["registry_auth"] = {"username": registry_auth["username"], "password": registry_auth["password"]}
         try:
             data = self._json("POST", "/api/v1/containers", 201, json=body, timeout=self.create_timeout)
         except ClaimExists as exists:
@@ -304,6 +310,24 @@ class AgentClient:
     def resume(self) -> None:
         self._call("DELETE", "/api/v1/node/drain", (200, 204))
 
+    # --- images -------------------------------------------------------------------------
+
+    def images(self) -> list[Image]:
+        """The images the node holds, then the pulls in flight with their progress."""
+        return [_image(entry) for entry in load_answer(ImageSchema(), self._json("GET", "/api/v1/images"), many=True)]
+
+    def pull(self, image: str, registry_auth: Mapping[str, str] | None = None) -> Image:
+        """Pull ahead of the claims that will need `image` (state `pulling`; `present` when the node has it)."""
+        body: dict[str, Any] = {"image": image}
+        if registry_auth is not None:
+            body["registry_auth"] = {"username": registry_auth["username"], "password": registry_auth["password"]}
+        response = self._call("POST", "/api/v1/images", (200, 202), json=body)
+        return _image(load_answer(ImageSchema(), response.json()))
+
+    def remove_image(self, reference: str) -> None:
+        """Remove an image no container uses (ImageInUse otherwise)."""
+        self._call("DELETE", f"/api/v1/images/{reference}", (204,), gone_on_retry=(404,))
+
     def metrics(self) -> NodeMetrics:
         data = load_answer(MetricsSchema(), self._json("GET", "/api/v1/metrics"))
         return make_record(NodeMetrics, {
@@ -337,3 +361,8 @@ def _log_params(tail: int | None, since: int | None, timestamps: bool, follow: b
     if since is not None:
         params["since"] = str(since)
     return params
+
+
+def _image(entry: Mapping[str, Any]) -> Image:
+    progress = entry.get("progress")
+    return make_record(Image, {**entry, "progress": make_record(PullProgress, progress) if progress else None})

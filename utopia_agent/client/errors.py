@@ -192,13 +192,35 @@ class NodeFault(ApiError):
 
 
 class ImagePullFailed(ApiError):
-    """The registry refused or never delivered `image`; the message has its reason."""
+    """The registry or the network failed, or the pull of `image` stalled; worth retrying."""
 
     status, code = 502, "image_pull_failed"
 
     @property
     def image(self) -> str | None:
         return self.body.get("image")
+
+
+class ImageUnavailable(ApiError):
+    """The registry refused `image`: wrong or missing credentials, or no such repository or tag."""
+
+    status, code = 400, "image_unavailable"
+
+    @property
+    def image(self) -> str | None:
+        return self.body.get("image")
+
+
+class InsufficientStorage(ApiError):
+    """The node's image store has no room for the pull, even after collecting unused images."""
+
+    status, code = 507, "insufficient_storage"
+
+
+class ImageInUse(Conflict):
+    """A container, running or not, was made from the image; it is not removed."""
+
+    status, code = 409, "image_in_use"
 
 
 class EngineError(ApiError):

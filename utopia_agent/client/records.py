@@ -154,3 +154,25 @@ class Gpu:
     claim_id: str | None = None
     reason: str | None = None
     xid_events: list[XidEvent] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class PullProgress:
+    downloaded_bytes: int
+    total_bytes: int
+
+
+@dataclass(frozen=True)
+class Image:
+    """An image the node holds, or a pull in flight (GET /api/v1/images): `origin` is pulled,
+    pulled_private or preloaded; `state` present, pulling or failed."""
+
+    image: str
+    id: str | None
+    size_mb: float | None
+    origin: str
+    claims: list[str]
+    last_used: int | None
+    state: str
+    progress: PullProgress | None = None
+    error: str | None = None

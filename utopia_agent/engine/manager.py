@@ -8,8 +8,10 @@ routes never see an engine exception. Reads come from the node-wide view when it
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
+from dataclasses import dataclass
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -18,7 +20,7 @@ from ..config import Config
 from .container_config import create_arguments
 from .logs import LogStream
 from .connection import EngineConnection, EventStream
-from .image_pull import stream_pull
+from .image_pull import RegistryAuth, check_access, stream_pull
 from .errors import EngineConflict, EngineFailure, EngineNotFound, EngineRefusal
 from ..errors import AgentError, ClaimExists, Conflict, EngineRejected, EngineUnavailable, NotManaged, PortTaken
 from .node_view import ContainerState, NodeView
@@ -33,6 +35,23 @@ AMBIGUOUS_PREFIX = "multiple ids found with provided prefix"
 PORT_TAKEN = ("port is already allocated", "address already in use")
 # Records of containers shown but never listed since they went are dropped all at once past this many.
 MAX_RECORDS_KEPT = 4096
+
+
+@dataclass(frozen=True)
+class PresentImage:
+    """An image the engine holds: its id (`sha256:...`) and the labels it gives its containers."""
+
+    id: str
+    labels: dict[str, str]
+
+
+@dataclass(frozen=True)
+class HeldImage:
+    """One image in the engine's list: its id, its references and its size in bytes."""
+
+    id: str
+    references: tuple[str, ...]
+    size: int
 
 
 class DockerManager:
@@ -196,18 +215,55 @@ class DockerManager:
 
     # --- images ----------------------------------------------------------------------
 
-    def image_labels(self, image: str) -> dict[str, str] | None:
-        """The image's labels, or None when the engine does not have it."""
+    def present_image(self, image: str) -> PresentImage | None:
+        """The image as the engine holds it (its id and labels), or None when it does not."""
         try:
             with self._engine.call("inspect image") as api:
                 info = api.inspect_image(image)
         except EngineNotFound:
             return None
-        return (info.get("Config") or {}).get("Labels") or {}
+        return PresentImage(info["Id"], (info.get("Config") or {}).get("Labels") or {})
 
-    def pull(self, image: str, on_event: Callable[[dict[str, Any]], None]) -> None:
-        """Pull `image` within the pull and no-progress timeouts, each progress event to `on_event`."""
-        stream_pull(self._engine.api("pull image"), image, self._config, on_event)
+    def pull(self, image: str, on_event: Callable[[dict[str, Any]], None], auth: RegistryAuth | None = None) -> None:
+        """Pull `image` within the pull and no-progress timeouts, each progress event to `on_event`;
+        with `auth`, as that registry user (for this request only)."""
+        stream_pull(self._engine.api("pull image"), image, self._config, on_event, auth)
+
+    def list_images(self) -> list[HeldImage]:
+        """Every image the engine holds (one list call)."""
+        with self._engine.call("list images") as api:
+            rows = api.images()
+        return [HeldImage(row["Id"], tuple(tag for tag in row.get("RepoTags") or () if tag != "<none>:<none>"), int(row.get("Size") or 0))
+                for row in rows]
+
+    def images_in_use(self) -> dict[str, list[str]]:
+        """Image id -> the claims of the containers made from it, for every container in any state,
+        the agent's or not (an unmanaged container's claim is "")."""
+        with self._engine.call("list containers") as api:
+            rows = api.containers(all=True)
+        used: dict[str, list[str]] = {}
+        for row in rows:
+            used.setdefault(row.get("ImageID", ""), []).append((row.get("Labels") or {}).get(CLAIM_LABEL, ""))
+        return used
+
+    def remove_image(self, reference: str) -> None:
+        """Untag `reference` (the image goes with its last reference); never forced, so the engine
+        refuses while any container, running or not, was made from it (EngineConflict)."""
+        with self._engine.call("remove image") as api:
+            api.remove_image(reference)
+
+    def image_store_usage(self) -> tuple[int, int] | None:
+        """(bytes used, bytes in all) of the filesystem holding the engine's data root; None while
+        the engine does not say where that is."""
+        root = self.data_root()
+        if root is None:
+            return None
+        stat = os.statvfs(root)
+        return (stat.f_blocks - stat.f_bfree) * stat.f_frsize, stat.f_blocks * stat.f_frsize
+
+    def check_registry_access(self, image: str, auth: RegistryAuth) -> None:
+        """Raise ImageUnavailable unless the registry lets `auth` pull `image` (a manifest, no layers)."""
+        check_access(self._engine.api("check image"), image, auth, self._config)
 
     # --- creating and removing -------------------------------------------------------
 

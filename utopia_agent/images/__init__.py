@@ -1,1 +1,1 @@
-"""Images: pulls within their timeouts, with progress logged and timed."""
+"""Images: pulls within their timeouts with their progress, private images, listing and collection."""

@@ -43,10 +43,11 @@ CREATES = Counter(
 DELETES = Counter("utopia_agent_container_deletes_total", "Managed containers deleted through the agent.")
 PULL_DURATION = Histogram(
     "utopia_agent_image_pull_duration_seconds",
-    "Time image pulls took, by outcome (ok or failed).",
+    "Time image pulls took, by outcome: ok, refused (the registry refused: credentials, no such image), failed.",
     ["outcome"],
     buckets=(0.5, 1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800),
 )
+IMAGES_COLLECTED = Counter("utopia_agent_images_collected_total", "Unused pulled images removed by image collection.")
 
 # Set by each worker when it loads its certificate (server/tls_reload.py); the soonest of the live
 # workers' is what a scrape shows, so a worker still on an old certificate is never hidden.
@@ -106,6 +107,7 @@ class NodeCollector(Collector):
             yield GaugeMetricFamily("utopia_agent_network_unprotected_claims",
                                     "Claims on the engine's default bridge, made before isolation was on: not isolated.",
                                     value=len(network.get("unprotected_claims") or ()))
+        yield from self._image_families(agent.images.collector.status_file.read())
         yield GaugeMetricFamily("utopia_agent_node_draining", "1 while the operator drains the node (creates are refused).",
             value=1.0 if agent.node.state()["draining"] else 0.0)
 
@@ -127,6 +129,20 @@ class NodeCollector(Collector):
             ("uptime", "Node uptime in seconds."),
         ):
             yield GaugeMetricFamily(f"utopia_agent_node_{key}", help_text, value=system[key])
+
+    @staticmethod
+    def _image_families(status: dict) -> Iterable:
+        """The image store as image collection's last look found it (no engine call per scrape);
+        before the first look only the over-the-mark flag, at 0."""
+        yield GaugeMetricFamily("utopia_agent_image_store_over_high_mark",
+                                "1 when image collection could not get usage under UTOPIA_AGENT_IMAGE_GC_HIGH_PERCENT.",
+                                value=1.0 if status.get("over_high") else 0.0)
+        if not status:
+            return
+        yield GaugeMetricFamily("utopia_agent_images", "Images the engine holds.", value=status["images"])
+        yield GaugeMetricFamily("utopia_agent_images_bytes", "Bytes of the images the engine holds.", value=status["bytes"])
+        yield GaugeMetricFamily("utopia_agent_image_store_usage_percent", "Share of the engine's image filesystem in use.",
+                                value=status["usage_percent"])
 
     @staticmethod
     def _claim_families(samples: dict) -> Iterable:
@@ -186,7 +202,7 @@ def exposition(services) -> bytes:
     if os.environ.get(MULTIPROC_ENV):
         MultiProcessCollector(registry)
     else:
-        for collector in (REQUEST_DURATION, CREATES, DELETES, PULL_DURATION, TLS_CERTIFICATE_EXPIRY):
+        for collector in (REQUEST_DURATION, CREATES, DELETES, PULL_DURATION, TLS_CERTIFICATE_EXPIRY, IMAGES_COLLECTED):
             registry.register(collector)
     registry.register(NodeCollector(services))
     return generate_latest(registry)

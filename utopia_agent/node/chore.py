@@ -1,0 +1,48 @@
+"""A chore one worker of the node does per interval (the janitor's sweep, image collection).
+
+Every worker runs the loop; a stamp in the state dir lets the first that finds it old do the
+chore and renew it, so the node does it once per interval whatever the number of workers.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+
+class NodeChore:
+    def __init__(self, name: str, stamp: Path, interval: float, chore: Callable[[], None], at_start: bool = False):
+        """`at_start`: look at once when the worker starts, rather than after half an interval."""
+        self._stamp = stamp
+        self._interval = interval
+        self._chore = chore
+        self._at_start = at_start
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        self._closed.set()
+
+    def _run(self) -> None:
+        if not self._at_start:
+            self._closed.wait(self._interval / 2)
+        while not self._closed.is_set():
+            if self._due():
+                self._chore()
+            self._closed.wait(self._interval / 2)
+
+    def _due(self) -> bool:
+        """True for one worker per interval: the one that finds the stamp old and renews it."""
+        try:
+            if time.time() - os.stat(self._stamp).st_mtime < self._interval:
+                return False
+        except FileNotFoundError:
+            pass
+        self._stamp.touch()
+        return True
