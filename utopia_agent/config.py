@@ -70,6 +70,8 @@ class Config:
     infiniband_dir: Path = Path("/dev/infiniband")
     gpu_release_seconds: float = 60.0
     nvml_timeout: float = 5.0
+    events_history: int = 10000
+    events_heartbeat_seconds: float = 15.0
     # Resolved at load: what no volume may reach (SYSTEM_PATHS, the agent's code and token).
     denied_paths: tuple[str, ...] = ()
 
@@ -262,6 +264,8 @@ def load_config(env: Mapping[str, str] | None = None, ephemeral_ports_path: Path
         infiniband_dir=Path(env.get("UTOPIA_AGENT_INFINIBAND_DIR") or "/dev/infiniband"),
         gpu_release_seconds=_seconds(env, "UTOPIA_AGENT_GPU_RELEASE_SECONDS", 60.0),
         nvml_timeout=_seconds(env, "UTOPIA_AGENT_NVML_TIMEOUT", 5.0),
+        events_history=_int(env, "UTOPIA_AGENT_EVENTS_HISTORY", 10000, high=10_000_000),
+        events_heartbeat_seconds=_seconds(env, "UTOPIA_AGENT_EVENTS_HEARTBEAT_SECONDS", 15.0),
         denied_paths=denied,
     )
 

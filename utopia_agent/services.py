@@ -16,6 +16,7 @@ from .config import Config
 from .engine.manager import DockerManager
 from .gpus.health import GpuHealth
 from .allocation.janitor import Janitor
+from .events.stream import EventStreams
 from .node.drain import NodeDrain
 from .node.system_metrics import SystemMetrics
 
@@ -32,8 +33,10 @@ class Services:
     system: SystemMetrics
     janitor: Janitor
     usage: ClaimUsage
+    events: EventStreams
 
     def close(self) -> None:
+        self.events.close()
         self.janitor.close()
         self.usage.close()
         self.gpus.close()
