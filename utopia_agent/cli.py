@@ -18,6 +18,7 @@ UTOPIA_AGENT_TOKEN, else UTOPIA_AGENT_TOKEN_FILE):
     utopia-agent quarantine UUID --reason R | release UUID
     utopia-agent node                    the node's versions, hardware and drain state
     utopia-agent drain --reason R | resume
+    utopia-agent events [-f] [--since R] the node's changes (the last 20, those after R, with -f each new one)
 
 Each prints a table (or `key: value` lines) by default and JSON with --json, and never
 prints the token. Exit codes tell failures apart, each with one line on stderr that says why:
@@ -446,6 +447,41 @@ def cmd_resume(args: argparse.Namespace) -> int:
     return 0
 
 
+# Without -f and --since, `events` prints this many of the last changes.
+RECENT_EVENTS = 20
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    """The node's changes: the recent ones (or those after --since), and with -f each new one as it comes."""
+    with agent_client(args) as client:
+        last = client.revision()
+        since = args.since if args.since is not None else last if args.follow else max(0, last - RECENT_EVENTS)
+        if not args.follow and since == last:
+            return 0
+        for change in client.watch(since=since):
+            print(json.dumps(change) if args.json else _event_line(change), flush=True)
+            if not args.follow and change.get("revision", 0) >= last:
+                break
+    return 0
+
+
+def _event_line(change: dict[str, Any]) -> str:
+    """`REVISION TIME KIND ACTION WHAT`: a container by claim and short id, a GPU by index and UUID, the drain by reason."""
+    if change["kind"] == "relist":
+        return f"{change['revision']:>8} relisted: the agent no longer held the changes asked for ({len(change['containers'])} containers now)"
+    shown = change.get("object") or {}
+    when = time.strftime("%H:%M:%S", time.localtime(change["time"]))
+    if change["kind"] == "container":
+        what = f"{shown.get('claim_id', '-')} ({str(shown.get('id', ''))[:12]})"
+        if change["action"] == "exited":
+            what += " oom-killed" if change.get("oom_killed") else f" exit {change.get('exit_code')}"
+    elif change["kind"] == "gpu":
+        what = f"gpu {shown.get('index')} {shown.get('uuid')}" + (f": {shown['reason']}" if shown.get("reason") else "")
+    else:
+        what = shown.get("reason") or "-"
+    return f"{change['revision']:>8} {when} {change['kind']:<9} {change['action']:<11} {what}"
+
+
 def api_failure(error: api.AgentClientError) -> CheckFailed:
     """The one line and exit code of a failed API call."""
     if not isinstance(error, api.ApiError):
@@ -534,6 +570,10 @@ def build_parser() -> argparse.ArgumentParser:
     drain = _api_command(commands, "drain", cmd_drain, "take no new claims until resumed (running claims go on)", connection)
     drain.add_argument("--reason", required=True, help="why, for the next operator")
     _api_command(commands, "resume", cmd_resume, "take new claims again after a drain", connection)
+    events = _api_command(commands, "events", cmd_events, "print the node's changes: containers, GPUs, the drain", connection)
+    events.add_argument("-f", "--follow", action="store_true", help="go on printing each change as it comes")
+    events.add_argument("--since", type=int, metavar="R",
+                        help=f"the changes after revision R (default: the last {RECENT_EVENTS}, or with -f only new ones)")
     serve = commands.add_parser(
         "serve", help="start the agent: exec gunicorn with the shipped gunicorn.conf.py",
         description="Exec `gunicorn -c <root>/gunicorn.conf.py wsgi:app` from the agent's checkout.",

@@ -238,6 +238,10 @@ class AgentClient:
         containers = [make_record(Container, item) for item in load_answer(ContainerSchema(), response.json(), many=True)]
         return containers, int(response.headers["X-Utopia-Revision"])
 
+    def revision(self) -> int:
+        """The node's last revision: what `watch(since=...)` starts after to see only new changes."""
+        return int(self._call("GET", "/api/v1/node", (200,)).headers["X-Utopia-Revision"])
+
     def logs(self, container_id: str, tail: int | None = None, since: int | None = None,
              timestamps: bool = False) -> str:
         """The container's output (stdout and stderr), the last `tail` lines (the agent's default: 100)."""

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Protocol
 from collections.abc import Callable, Iterable
 
-from ..events.changes import container_changes
+from ..events.changes import container_changes, exit_line
 from ..events.history import EventHistory
 
 log = logging.getLogger("utopia_agent.view")
@@ -499,6 +499,8 @@ class _Watcher:
         self._history = history
         # The changes of records made since the last publish, as the history's lines.
         self._changes: list[dict[str, Any]] = []
+        # Containers the engine said were OOM-killed whose die has not come yet.
+        self._oom_seen: set[str] = set()
         self._header = header
         self._engine = engine
         self._wait_ns = wait_ns
@@ -619,9 +621,26 @@ class _Watcher:
             container_id = event.get("id") or (event.get("Actor") or {}).get("ID")
             if container_id:
                 by_container.setdefault(container_id, []).append(event)
-        changed = [self._refresh(cid, their[-1].get("Action") == "destroy", their) for cid, their in by_container.items()]
+        told = self._tell_exits(by_container)
+        changed = [self._refresh(cid, their[-1].get("Action") == "destroy", their, cid in told) for cid, their in by_container.items()]
         self._event_ns = max(self._event_ns, *(int(event.get("timeNano") or 0) for event in events))
         self._publish(bump=any(changed))
+
+    def _tell_exits(self, by_container: dict[str, list[dict[str, Any]]]) -> set[str]:
+        """Put the exits the batch announces in the history before inspecting (see events.changes.exit_line);
+        the ids of the containers whose exit is told."""
+        lines = {}
+        for cid, their in by_container.items():
+            actions = {event.get("Action") for event in their}
+            if cid in self._records and (line := exit_line(self._records[cid], their, cid in self._oom_seen)):
+                lines[cid] = line
+            if "die" in actions or "destroy" in actions:
+                self._oom_seen.discard(cid)
+            elif "oom" in actions:
+                self._oom_seen.add(cid)  # its die may come in the next batch
+        if lines:
+            self._history.record(list(lines.values()))
+        return set(lines)
 
     def _reconcile(self, rows: list[dict[str, Any]], syncing: bool = False) -> int:
         """Make the records agree with one list call: drop what is gone, inspect only what is new or
@@ -638,7 +657,7 @@ class _Watcher:
                 self._syncing()
         return changed
 
-    def _refresh(self, container_id: str, gone: bool = False, engine_events: list[dict[str, Any]] | None = None) -> bool:
+    def _refresh(self, container_id: str, gone: bool = False, engine_events: list[dict[str, Any]] | None = None, exit_told: bool = False) -> bool:
         """Inspect one container into the records, noting the change for the history; True when its record changed."""
         info = None if gone else self._engine.inspect(container_id)
         before = self._records.get(container_id)
@@ -646,13 +665,13 @@ class _Watcher:
             if before is None:
                 return False
             del self._records[container_id]
-            self._changes += container_changes(before, None, engine_events or [])
+            self._changes += container_changes(before, None, engine_events or [], exit_told)
             return True
         state = ContainerState.from_inspect(info)
         if before == state:
             return False
         self._records[container_id] = state
-        self._changes += container_changes(before, state, engine_events or [])
+        self._changes += container_changes(before, state, engine_events or [], exit_told)
         return True
 
     def _publish(self, bump: bool = True) -> None:
