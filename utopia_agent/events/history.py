@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import fcntl
 import json
+import mmap
 import os
+import struct
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,7 +30,7 @@ from typing import Any
 
 from ..errors import InvalidRequest, RevisionTooOld
 
-CURRENT, PREVIOUS, LOCK = "current.jsonl", "previous.jsonl", "lock"
+CURRENT, PREVIOUS, LOCK, REVISION = "current.jsonl", "previous.jsonl", "lock", "revision"
 _REVISION_AT = len(b'{"revision": ')
 # The tail read to find the last line: lines are a container's record at most, a few KB.
 _TAIL_BYTES = 64 * 1024
@@ -47,6 +49,17 @@ class EventHistory:
         self.folder = state_dir / "events"
         self.folder.mkdir(mode=0o700, exist_ok=True)
         self.keep = keep
+        # The last revision, in a mapped word every process reads (each list answer reads it): the
+        # files are the truth, the word is set from them under the lock after each append.
+        fd = os.open(self.folder / REVISION, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            if os.fstat(fd).st_size < 8:
+                os.ftruncate(fd, 8)
+            self._word = mmap.mmap(fd, 8)
+        finally:
+            os.close(fd)
+        with self.locked():
+            self._publish(self._last_written())
 
     @contextmanager
     def locked(self) -> Iterator[None]:
@@ -58,7 +71,14 @@ class EventHistory:
             os.close(fd)
 
     def revision(self) -> int:
-        """The last change's revision (0 before the first): the current file's last line, else the previous file's."""
+        """The last change's revision (0 before the first)."""
+        return struct.unpack_from("<q", self._word)[0]
+
+    def _publish(self, revision: int) -> None:
+        struct.pack_into("<q", self._word, 0, revision)
+
+    def _last_written(self) -> int:
+        """The last revision on disk: the current file's last line, else the previous file's."""
         for name in (CURRENT, PREVIOUS):
             try:
                 with open(self.folder / name, "rb") as file:
@@ -79,8 +99,9 @@ class EventHistory:
 
     def append_locked(self, changes: list[dict[str, Any]]) -> int:
         """As `record`, for a caller that holds `locked()`; the last revision, moved or not."""
-        revision = self.revision()
+        revision = self._last_written()
         if not changes:
+            self._publish(revision)
             return revision
         now = time.time()
         lines = []
@@ -94,11 +115,11 @@ class EventHistory:
             written = 0
             while written < len(data):
                 written += os.write(fd, data[written:])
-            full = _count_lines(path) >= self.keep
         finally:
             os.close(fd)
-        if full:
+        if revision - _first_revision(path) + 1 >= self.keep:
             os.replace(path, self.folder / PREVIOUS)
+        self._publish(revision)
         return revision
 
     def reader(self, since: int | None) -> HistoryReader:
@@ -119,9 +140,9 @@ class EventHistory:
         return HistoryReader(self.folder, since)
 
 
-def _count_lines(path: Path) -> int:
+def _first_revision(path: Path) -> int:
     with open(path, "rb") as file:
-        return file.read().count(b"\n")
+        return revision_of(file.readline())
 
 
 class HistoryReader:
