@@ -129,6 +129,14 @@ def test_a_history_smaller_than_the_changes_gives_410(agent_factory, test_image,
         assert [c["revision"] for c in watch.wait(lambda c: len(c) >= 3)] == [last - 2, last - 1, last]
     finally:
         watch.close()
+    with agent.new_client() as client:
+        changes = client.watch(since=0)
+        relist = next(changes)
+        assert relist["kind"] == "relist" and {c.claim_id for c in relist["containers"]} == {claim(n) for n in ("a", "b", "c")}
+        made = agent.create(claim("d"), test_image, command=["sleep", "300"]).json()["container_id"]
+        after = next(change for change in changes if change["kind"] == "container")
+        changes.close()
+    assert (after["action"], after["object"]["id"]) == ("created", made), "after the relist, the changes from the list's revision on"
 
 
 def test_gpu_quarantine_release_and_a_drain_appear(events_agent):
@@ -203,7 +211,9 @@ def test_revisions_grow_across_a_restart_and_a_resume_is_exact(agent_factory, te
     assert agent.create(claim("before"), test_image, command=["sleep", "300"]).status_code == 201
     before = int(agent.get("/api/v1/containers").headers["X-Utopia-Revision"])
     assert before >= 2
-    agent.stop()
+    open_stream = Watch(agent)
+    assert agent.stop() == 0, "an open stream ends with its worker: the graceful stop does not wait for it (it would be killed)"
+    open_stream.close()
     agent.start()
     answer = agent.create(claim("after"), test_image, command=["sleep", "300"])
     assert answer.status_code == 201, answer.text

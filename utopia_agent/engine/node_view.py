@@ -605,6 +605,8 @@ class _Watcher:
                 self._header.set(self._header.RESYNC_DONE, asked)
                 next_resync = time.monotonic() + RESYNC_SECONDS
             else:
+                if self._last_written is not None and self._history.revision() != self._last_written.revision:
+                    self._publish()  # GPUs or the drain changed: the view's revision follows, so a list's stays recent
                 self._engine.ping()
             self._vouch(started)
 
