@@ -108,7 +108,7 @@ class GpuHealth:
         self._docker = docker
         self._lock = lock
         self._listed: tuple[Sequence[ManagedContainer] | None, Mapping[str, str]] = (None, {})
-        self.monitor = HealthMonitor(self, state_dir / "gpu-monitor.lock", release_seconds)
+        self.monitor = HealthMonitor(self, state_dir / "gpu-monitor.lock", release_seconds, StateFile(state_dir / "gpu-conditions.json"))
 
     def facts(self) -> list[GpuFacts]:
         inventory = self.sampler.inventory
@@ -253,15 +253,17 @@ class HealthMonitor:
     seen; the counters, read again by the next watcher, still show double-bit ECC errors.
     """
 
-    def __init__(self, health: GpuHealth, lock_path: Path, release_seconds: float):
+    def __init__(self, health: GpuHealth, lock_path: Path, release_seconds: float, conditions: StateFile):
         self._health = health
+        self._told_conditions = conditions
         self._role = NodeRole(lock_path)
         self._release_seconds = release_seconds
         self._closed = threading.Event()
         self._pending: list[GpuEvent] = []
         self._dirty_since: dict[str, float] = {}
         self._last_claim: dict[str, str] = {}
-        # What NVML last showed of each GPU ("lost", "dirty" or ""), None before this watcher's first check.
+        # What NVML last showed of each GPU ("lost", "dirty" or ""), as told to the history; read from
+        # the state dir at this watcher's first check, so a takeover or a restart tells no change twice.
         self._conditions: dict[str, str] | None = None
         self._next_check = 0.0
         self._thread = threading.Thread(target=self._run, name="gpu-monitor", daemon=True)
@@ -364,9 +366,11 @@ class HealthMonitor:
     def _note_conditions(self, sample: GpuSample) -> None:
         """Put a GPU's state in the history when NVML starts or stops showing it lost or dirty."""
         conditions = {gpu.uuid: "lost" if not gpu.healthy else "dirty" if gpu.uuid in sample.dirty else "" for gpu in sample.gpus if gpu.uuid}
-        known, self._conditions = self._conditions, conditions
-        if known is not None and (changed := {uuid for uuid, now in conditions.items() if known.get(uuid, "") != now}):
+        known = self._conditions if self._conditions is not None else self._told_conditions.read()
+        self._conditions = conditions
+        if changed := {uuid for uuid, now in conditions.items() if known.get(uuid, "") != now}:
             self._health.record_states(changed, sample)
+            self._told_conditions.write(conditions, durable=False)
 
     def _check_counters(self, uuid: str, counters: dict[str, int | None], acknowledged: dict[str, int]) -> None:
         for name, what in COUNTER_QUARANTINES:
