@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import socket
 import threading
 from dataclasses import replace
+from functools import partial
 
 import pytest
 
@@ -13,7 +15,7 @@ from utopia_agent.engine.node_view import ContainerState
 from utopia_agent.errors import InvalidRequest, RevisionTooOld
 from utopia_agent.events.changes import container_changes, exit_line
 from utopia_agent.events.history import EventHistory, HistoryGap
-from utopia_agent.events.stream import ChangeNotifier, stream_lines
+from utopia_agent.events.stream import ChangeNotifier, hung_up, stream_lines
 
 
 def change(n: int) -> dict:
@@ -117,6 +119,14 @@ def test_a_restart_by_the_policy_is_an_exit_then_a_restart():
     assert actions(container_changes(RUNNING, again, [die, {"Action": "start"}])) == [("exited", 1, False), ("restarted", None, None)]
 
 
+def test_a_container_waiting_for_its_restart_has_exited_not_restarted():
+    die = {"Action": "die", "Actor": {"Attributes": {"exitCode": "1"}}}
+    waiting = replace(RUNNING, status="restarting", restart_count=1, exit_code=1, finished=105)
+    assert actions(container_changes(RUNNING, waiting, [die])) == [("exited", 1, False)]
+    running = replace(waiting, status="running", started=106)
+    assert actions(container_changes(waiting, running, [{"Action": "start"}])) == [("restarted", None, None)]
+
+
 def test_a_removal_names_the_container_and_its_claim():
     lines = container_changes(RUNNING, None, [{"Action": "die", "Actor": {"Attributes": {"exitCode": "143"}}}, {"Action": "destroy"}])
     assert actions(lines) == [("exited", 143, False), ("removed", None, None)]
@@ -135,3 +145,18 @@ def test_an_exit_is_told_from_the_die_alone_and_not_again_after_the_inspect():
     assert actions(container_changes(RUNNING, again, [die, {"Action": "start"}], exit_told=True)) == [("restarted", None, None)]
     assert exit_line(replace(RUNNING, status="created"), [die]) is None, "a container never known running did not exit"
     assert exit_line(RUNNING, [{"Action": "start"}]) is None
+
+
+def test_a_stream_ends_once_its_client_hangs_up(tmp_path):
+    history = EventHistory(tmp_path, 10)
+    server, client = socket.socketpair()
+    with server:
+        lines = stream_lines(history.reader(None), ChangeNotifier(history.folder), 60, threading.Event(), True, partial(hung_up, server))
+        assert next(lines) == b"" and json.loads(next(lines))["kind"] == "heartbeat"
+        assert not hung_up(server)
+        client.close()
+        assert list(lines) == [], "the stream ends without waiting for a heartbeat to fail"
+    talking, talker = socket.socketpair()
+    with talking, talker:
+        talker.sendall(b"x")
+        assert not hung_up(talking), "bytes from the client are not its end"

@@ -91,6 +91,21 @@ def test_a_claims_life_on_the_stream(events_agent, docker_client, test_image, cl
     del first
 
 
+def test_a_restart_by_the_engines_policy_is_an_exit_then_a_restart(events_agent, test_image, claim):
+    agent = events_agent
+    watch = Watch(agent)
+    try:
+        answer = agent.create(claim(), test_image, restart_policy="on-failure", command=["sh", "-c", "sleep 1; exit 1"])
+        assert answer.status_code == 201, answer.text
+        container_id = answer.json()["container_id"]
+        changes = watch.wait(lambda c: ("restarted", None, None) in of_container(c, container_id))
+        assert of_container(changes, container_id)[:4] == [("created", None, None), ("started", None, None), ("exited", 1, False), ("restarted", None, None)]
+        restarted = next(c for c in changes if c["action"] == "restarted")
+        assert restarted["object"]["restart_count"] >= 1 and restarted["object"]["status"] == "running"
+    finally:
+        watch.close()
+
+
 def test_a_resume_gets_exactly_what_it_missed_once_in_order(events_agent, test_image, claim):
     agent = events_agent
     listed = agent.get("/api/v1/containers")
@@ -188,7 +203,7 @@ def test_an_idle_stream_gets_heartbeats_and_many_streams_leave_health_fast(event
     finally:
         for watch in watches:
             watch.close()
-    # A closed stream frees its slot (the worker notices at its next write, a heartbeat).
+    # A closed stream frees its slot (the worker looks each second whether its client hung up).
     assert wait_for(lambda: _opens(agent), timeout=30)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from flask import Blueprint, Response
+from flask import Blueprint, Response, request
 
 from ..errors import InvalidRequest, RevisionTooOld, TooManyStreams
 from ..schemas import EventsQuerySchema
@@ -35,7 +35,7 @@ REVISION_HEADER = "X-Utopia-Revision"
     ),
 )
 def watch_events(query: dict) -> Response:
-    lines, slot = services().events.open(query.get("since"))
+    lines, slot = services().events.open(query.get("since"), request.environ.get("gunicorn.socket"))
     response = Response(lines, mimetype="application/x-ndjson", headers={"X-Accel-Buffering": "no", "Cache-Control": "no-store"})
     response.call_on_close(lambda: os.close(slot))
     return response

@@ -44,7 +44,8 @@ def container_changes(before: ContainerState | None, after: ContainerState | Non
 
     if before is None:
         line("created")
-    started = after is not None and after.started > 0 and (
+    # A container the engine is about to restart ("restarting") has not started yet: its start comes with its own event.
+    started = after is not None and after.started > 0 and after.status != "restarting" and (
         before is None or "start" in actions or after.started != before.started or after.restart_count != before.restart_count
     )
     ended = after is not None and after.status in ("exited", "dead")

@@ -17,9 +17,11 @@ import fcntl
 import json
 import logging
 import os
+import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 from ..errors import TooManyStreams
@@ -95,17 +97,18 @@ def heartbeat(revision: int) -> bytes:
 
 
 def stream_lines(reader: HistoryReader, notifier: ChangeNotifier, heartbeat_seconds: float, stopping: threading.Event,
-                 first_heartbeat: bool) -> Iterator[bytes]:
+                 first_heartbeat: bool, client_gone: Callable[[], bool] = lambda: False) -> Iterator[bytes]:
     """The lines after the reader's revision, then each new one; a heartbeat when nothing came for a while.
 
-    Ends when the worker stops, or when the reader fell behind the history (the client resumes
-    and is told 410 or gets the rest exactly)."""
+    Ends when the worker stops, when the client has gone (looked at each second, so its slot
+    is free again without waiting for a heartbeat to fail), or when the reader fell behind the
+    history (the client resumes and is told 410 or gets the rest exactly)."""
     yield b""  # the answer's head goes out now, not with the first change
     if first_heartbeat:
         yield heartbeat(reader.after)
     next_heartbeat = time.monotonic() + heartbeat_seconds
     try:
-        while not stopping.is_set():
+        while not stopping.is_set() and not client_gone():
             seen = notifier.count
             try:
                 lines = reader.read()
@@ -125,6 +128,16 @@ def stream_lines(reader: HistoryReader, notifier: ChangeNotifier, heartbeat_seco
         reader.close()
 
 
+def hung_up(client: socket.socket) -> bool:
+    """True once the client closed its side: nothing more comes on a stream's connection but its end."""
+    try:
+        return client.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except (BlockingIOError, InterruptedError, ValueError):  # ValueError: a TLS socket cannot peek; its heartbeat tells
+        return False
+    except OSError:
+        return True
+
+
 class EventStreams:
     """One per worker: the history, its notifier (made at the first stream) and the slots."""
 
@@ -136,8 +149,8 @@ class EventStreams:
         self._notifier: ChangeNotifier | None = None
         self._lock = threading.Lock()
 
-    def open(self, since: int | None) -> tuple[Iterator[bytes], int]:
-        """A stream of the changes after `since` and the slot fd it holds (close it when the stream ends)."""
+    def open(self, since: int | None, client: socket.socket | None = None) -> tuple[Iterator[bytes], int]:
+        """A stream of the changes after `since` to `client`, and the slot fd it holds (close it when the stream ends)."""
         slot = self._slots.take()
         try:
             reader = self.history.reader(since)
@@ -147,7 +160,8 @@ class EventStreams:
         with self._lock:
             if self._notifier is None:
                 self._notifier = ChangeNotifier(self.history.folder)
-        return stream_lines(reader, self._notifier, self.heartbeat_seconds, self.stopping, first_heartbeat=since is None), slot
+        gone = partial(hung_up, client) if client is not None else (lambda: False)
+        return stream_lines(reader, self._notifier, self.heartbeat_seconds, self.stopping, since is None, gone), slot
 
     def close(self) -> None:
         self.stopping.set()
