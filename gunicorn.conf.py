@@ -18,6 +18,7 @@ from utopia_agent.claims.volumes import MountPins
 from utopia_agent.engine.connection import EngineConnection
 from utopia_agent.network.isolation import IsolationFailed, NetworkIsolation
 from utopia_agent.server.tls_reload import ServedCertificate, note_served_certificate
+from utopia_agent.events.stream import MAX_STREAMS
 from utopia_agent.node.state_dir import (
     StateDirInUse,
     forget_inherited_holds,
@@ -77,7 +78,9 @@ workers = _agent.workers
 # The agent's own gthread reads each request whole in that loop before a thread takes it, so
 # clients that send slowly or stall hold no thread (utopia_agent/server/worker.py).
 worker_class = "utopia_agent.server.worker.WholeRequestWorker"
-threads = 8
+# 8 threads for requests, and one more for each event stream the agent may serve (they are
+# bounded agent-wide, see utopia_agent/events/stream.py): open streams never take the 8.
+threads = 8 + MAX_STREAMS
 timeout = 60
 # SIGTERM lets an in-flight create finish (or roll back) before the worker goes.
 graceful_timeout = 90
@@ -137,7 +140,17 @@ def post_worker_init(worker):
     SIGQUIT lets in-flight requests finish, as SIGTERM does.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGQUIT, worker.handle_exit)
+
+    def end_streams_then_exit(sig, frame):
+        """Event streams never end by themselves: end them, so the graceful stop does not wait for them."""
+        app = getattr(worker, "wsgi", None)
+        if app is not None and "utopia" in getattr(app, "extensions", {}):
+            app.extensions["utopia"].events.close()
+        worker.handle_exit(sig, frame)
+
+    signal.signal(signal.SIGQUIT, end_streams_then_exit)
+    signal.signal(signal.SIGTERM, end_streams_then_exit)
+    signal.siginterrupt(signal.SIGTERM, False)  # as gunicorn has it: a stop never interrupts a request
 
 
 def on_exit(server):

@@ -96,6 +96,7 @@ FULL = Plan(claims=(10, 100, 500), samples=200, scaling_samples=60, create_sampl
 QUICK = Plan(claims=(5, 20, 40), samples=20, scaling_samples=10, create_samples=3, change_rounds=2, health_samples=60,
              pulls=8, pull_payload_kib=1024, pull_kib_per_s=128, pull_window_s=3.0, cpu_seconds=5.0, burst_rounds=1,
              pull_create_mib=24, pull_create_rounds=1, private_samples=3)
+EVENT_EXITS = 20  # exits timed from the engine's die to the agent's stream
 BURST = 8  # changes just before the "polled right after a burst" CPU figure
 LIST_LIMIT = 0.5  # list at the main claim count, on every path, against the engine's list
 FLOOR_LIMIT = 1.3  # /health and GET one, on every path, against the bare app
@@ -241,6 +242,15 @@ def compare(name: str, agent: list[float], baseline: list[float], limit: float |
 
 
 # --------------------------------------------------------------------------- the agent over HTTP
+
+
+def drain_quietly(response: requests.Response) -> None:
+    """Read a stream until it is closed (by this process, from another thread)."""
+    try:
+        for _ in response.iter_lines():
+            pass
+    except Exception:  # closed under the reader
+        pass
 
 
 def expect(response: requests.Response, status: int) -> requests.Response:
@@ -664,6 +674,19 @@ class Bench:
         master = psutil.Process(self.agent.process.pid)
         return [master, *master.children()]
 
+    def percent_of_core(self, during: Callable[[], None]) -> tuple[float, float, float | None]:
+        """(agent % of a core, wall seconds, dockerd % of a core) while `during` runs: master + workers."""
+        procs, dockerd = self.agent_processes(), engine_process()
+
+        def cpu_seconds(ps) -> float:
+            return sum(sum(p.cpu_times()[:2]) for p in ps)
+
+        before, engine_before, started = cpu_seconds(procs), dockerd and cpu_seconds([dockerd]), time.monotonic()
+        during()
+        wall = time.monotonic() - started
+        engine = 100 * (cpu_seconds([dockerd]) - engine_before) / wall if dockerd else None
+        return 100 * (cpu_seconds(procs) - before) / wall, wall, engine
+
     def figure_cpu(self, seconds: float) -> None:
         """CPU of master + workers while an orchestrator polls metrics and the list once a second,
         at rest and right after a burst of changes (BURST creates through the agent at once).
@@ -671,18 +694,7 @@ class Bench:
         A third as long (at most 20 s) is first measured without polling: the agent's own idle cost.
         """
         procs = self.agent_processes()
-        dockerd = engine_process()
-
-        def cpu_seconds(ps) -> float:
-            return sum(sum(p.cpu_times()[:2]) for p in ps)
-
-        def percent_of_core(during: Callable[[], None]) -> tuple[float, float, float | None]:
-            """(agent % of a core, wall seconds, dockerd % of a core) while `during` runs."""
-            before, engine_before, started = cpu_seconds(procs), dockerd and cpu_seconds([dockerd]), time.monotonic()
-            during()
-            wall = time.monotonic() - started
-            engine = 100 * (cpu_seconds([dockerd]) - engine_before) / wall if dockerd else None
-            return 100 * (cpu_seconds(procs) - before) / wall, wall, engine
+        percent_of_core = self.percent_of_core
 
         def poll() -> None:
             started = time.monotonic()
@@ -717,6 +729,83 @@ class Bench:
                 extra={"agent_percent_of_core": round(pct, 3), "idle_percent_of_core": round(idle_pct, 3),
                        "dockerd_percent_of_core": engine and round(engine, 3), "seconds": round(wall, 1)},
             ))
+
+    def figure_events(self, exits: int, seconds: float) -> None:
+        """From the engine's own `die` to the `exited` line on the agent's stream, and the CPU of 16 idle streams.
+
+        Both streams are read here, on threads, and each line's arrival taken on this process's
+        clock: the latency is what an orchestrator watching the agent sees beyond watching the engine."""
+        engine_dies: dict[str, float] = {}
+        agent_exits: dict[str, float] = {}
+        arrived = threading.Condition()
+        engine_stream = self.api.events(decode=True, filters={"type": ["container"], "event": ["die"], "label": [MANAGED_FILTER["label"]]})
+        agent_stream = self.agent.get("/api/v1/events", stream=True, timeout=(10, None))
+        expect(agent_stream, 200)
+
+        def follow_engine() -> None:
+            try:
+                for event in engine_stream:
+                    with arrived:
+                        engine_dies[event.get("id", "")] = time.monotonic()
+                        arrived.notify_all()
+            except Exception:  # closed at the end of the figure
+                pass
+
+        def follow_agent() -> None:
+            try:
+                for line in agent_stream.iter_lines():
+                    change = json.loads(line) if line else {}
+                    if change.get("action") == "exited":
+                        with arrived:
+                            agent_exits[change["object"]["id"]] = time.monotonic()
+                            arrived.notify_all()
+            except Exception:  # closed at the end of the figure
+                pass
+
+        readers = [threading.Thread(target=follow, daemon=True) for follow in (follow_engine, follow_agent)]
+        for reader in readers:
+            reader.start()
+        body = {"image": self.image, "command": SLEEP, "restart_policy": "no"}  # killed, it stays exited
+        made = [expect(self.http.keepalive.send("POST", "/api/v1/containers", json={**body, "claim_id": self.claim("e")}), 201).json()["container_id"]
+                for _ in range(exits)]
+        latencies = []
+        try:
+            for container_id in made:
+                self.api.kill(container_id)
+                with arrived:
+                    if not arrived.wait_for(lambda cid=container_id: cid in engine_dies and cid in agent_exits, timeout=30):
+                        raise BenchError(f"no die or no exited line for {container_id[:12]} within 30 s")
+                latencies.append(1000 * (agent_exits[container_id] - engine_dies[container_id]))
+        finally:
+            engine_stream.close()
+            agent_stream.close()
+            for container_id in made:
+                self.http.delete(container_id)
+        median, p99 = percentile(latencies, 50), percentile(latencies, 99)
+        self.add(Figure(
+            figure=f"Engine `die` to the `exited` line on the agent's event stream, {exits} exits",
+            target="median ≤ 50 ms, p99 ≤ 250 ms", value=f"median {median:.1f} ms, p99 {p99:.1f} ms", met=median <= 50 and p99 <= 250,
+            note="both streams read by the bench; each exit a `docker kill` of a running claim",
+            extra={"median_ms": round(median, 2), "p99_ms": round(p99, 2)},
+        ).keep_samples(agent=latencies))
+
+        streams = [self.agent.get("/api/v1/events", stream=True, timeout=(10, None)) for _ in range(16)]
+        drains = [threading.Thread(target=drain_quietly, args=(response,), daemon=True) for response in streams]
+        for drain in drains:
+            drain.start()
+        try:
+            for response in streams:
+                expect(response, 200)
+            pct, wall, _ = self.percent_of_core(lambda: time.sleep(seconds))
+        finally:
+            for response in streams:
+                response.close()
+        self.add(Figure(
+            figure=f"CPU of the agent with 16 idle event streams open for {seconds:g} s",
+            target="≤ 1% of a core", value=f"{pct:.2f}% of a core", met=pct <= 1.0,
+            note="master + workers; heartbeats at the default 15 s",
+            extra={"agent_percent_of_core": round(pct, 3), "seconds": round(wall, 1)},
+        ))
 
     def figure_rss(self) -> None:
         workers = self.agent_processes()[1:]
@@ -892,6 +981,8 @@ class Bench:
         self.figure_create_burst()
         say(f"CPU while polled once a second for {plan.cpu_seconds:g} s, at rest and after {BURST} creates")
         self.figure_cpu(plan.cpu_seconds)
+        say(f"events: {EVENT_EXITS} exits from the engine's die to the agent's stream, and 16 idle streams for {plan.cpu_seconds:g} s")
+        self.figure_events(EVENT_EXITS, plan.cpu_seconds)
         say(f"/health while {plan.pulls} image pulls are in flight")
         self.figure_health_under_pulls()
         say(f"a create that pulls {plan.pull_create_mib} MiB, and the cached private image's credential check")

@@ -315,3 +315,11 @@ def test_drain_and_resume(agent_factory, test_image, claim):
     assert run_cli("node", "--json", env=env).returncode == 0
     assert run_cli("resume", env=env).returncode == 0
     assert node.get("/health", auth=False).json().get("draining") is False
+    recent = run_cli("events", env=env)
+    assert recent.returncode == 0, recent.stderr
+    assert [line.split()[2:4] for line in recent.stdout.splitlines()][-2:] == [["node", "drain"], ["node", "resume"]], recent.stdout
+    assert "maintenance" in recent.stdout
+    last = int(node.get("/api/v1/node").headers["X-Utopia-Revision"])
+    after = run_cli("events", "--since", str(last - 1), "--json", env=env)
+    assert [json.loads(line)["revision"] for line in after.stdout.splitlines()] == [last], after.stdout
+    assert run_cli("events", "--since", str(last + 1), env=env).returncode == 1, "a future revision is refused (400)"

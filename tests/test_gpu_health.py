@@ -22,6 +22,7 @@ from tests.fake_nvml import (
     write_fake_nvml_config,
 )
 from tests.support.polling import wait_for
+from utopia_agent.events.history import EventHistory
 from tests.support.scrape import sample, scrape
 from tests.test_gpus_api import _burst, assert_exclusive, gpu_labels
 
@@ -370,7 +371,7 @@ def test_gpu_holders_are_derived_once_per_listing_and_again_for_a_new_one(tmp_pa
 
     listing = SimpleNamespace(containers=(held("first", "GPU-a"),))
     listing.list_managed = lambda: listing.containers
-    health = GpuHealth(tmp_path, sampler=None, docker=listing, lock=threading.Lock, release_seconds=1)
+    health = GpuHealth(tmp_path, sampler=None, docker=listing, lock=threading.Lock, release_seconds=1, history=EventHistory(tmp_path, 10))
     before = health.listed_holders()
     assert health.listed_holders() is before and dict(before) == {"GPU-a": "first"}
     listing.containers = (*listing.containers, held("second", "GPU-b"))

@@ -35,6 +35,7 @@ OPERATION_IDS = {
     ("get", "/api/v1/images"): "listImages",
     ("post", "/api/v1/images"): "pullImage",
     ("delete", "/api/v1/images/{reference}"): "deleteImage",
+    ("get", "/api/v1/events"): "watchEvents",
     ("get", "/health"): "getHealth",
     ("get", "/metrics"): "getPrometheusMetrics",
     ("get", "/openapi.json"): "getOpenApiDocument",
@@ -139,7 +140,8 @@ def test_the_documented_configuration_table_lists_every_variable():
 def generated_client(agent, tmp_path, monkeypatch):
     """A client package made by openapi-python-client from the live agent's /openapi.json."""
     config = tmp_path / "generator.yml"
-    config.write_text("post_hooks: []\n")
+    # The event stream's lines are read as bytes by a generated client (it knows no ndjson).
+    config.write_text("post_hooks: []\ncontent_type_overrides:\n  application/x-ndjson: application/octet-stream\n")
     package = tmp_path / "utopia_client"
     result = subprocess.run(
         [sys.executable, "-m", "openapi_python_client", "generate", "--url", agent.base_url + "/openapi.json",

@@ -15,6 +15,7 @@ LAYERS = (
     "config",         # the UTOPIA_AGENT_* variables
     "schemas",        # the contract's shapes
     "observability",  # logs, the request log, Prometheus
+    "events",         # the node's changes, numbered, in the state dir (the history and its streams)
     "engine",         # the Docker engine
     "node",           # node-wide state: state dir and files, drain, roles, system metrics, claim usage
     "network",        # tenant networks: the claims' network and the firewall rules that isolate it

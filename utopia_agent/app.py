@@ -12,6 +12,8 @@ from .node.claim_usage import ClaimUsage
 from .config import Config, load_config, prepare_state_dir
 from .engine.connection import EngineConnection
 from .engine.manager import DockerManager
+from .events.history import EventHistory
+from .events.stream import EventStreams
 from .gpus.health import GpuHealth
 from .gpus.sampler import GpuSampler
 from .gpus.inventory import GpuInventory, make_inventory
@@ -37,7 +39,8 @@ def create_app(config: Config | None = None, gpus: GpuInventory | None = None, d
     config = config or load_config()
     configure_logging(config.log_format)
     prepare_state_dir(config)
-    docker = docker or DockerManager(config)
+    history = EventHistory(config.state_dir, config.events_history)
+    docker = docker or DockerManager(config, history)
     docker.view.volunteer()  # one worker of the node watches the engine's events for all of them
     watchdog = NvmlWatchdog(config.nvml_timeout)
     sampler = GpuSampler(
@@ -48,8 +51,8 @@ def create_app(config: Config | None = None, gpus: GpuInventory | None = None, d
     sampler.start(wait=config.nvml_timeout)
     lock_timeout = 3 * config.engine_timeout
     lock = partial(allocation_lock, config.state_dir, lock_timeout)
-    health = GpuHealth(config.state_dir, sampler, docker, lock, config.gpu_release_seconds)
-    node = NodeDrain(config.state_dir, lock)
+    health = GpuHealth(config.state_dir, sampler, docker, lock, config.gpu_release_seconds, history)
+    node = NodeDrain(config.state_dir, lock, history)
 
     app = Flask("utopia_agent", static_folder=None)  # every route is declared (api/operations.py); no static files
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
@@ -66,6 +69,7 @@ def create_app(config: Config | None = None, gpus: GpuInventory | None = None, d
         usage=ClaimUsage(docker, config.state_dir).start(),
         network=NetworkIsolation(config, EngineConnection(config.engine_timeout)).start(),
         images=_images(docker, config, lock),
+        events=EventStreams(history, config.events_heartbeat_seconds),
     )
     health.monitor.start()
     register_error_handlers(app)

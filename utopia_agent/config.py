@@ -160,6 +160,8 @@ class Config:
     image_gc_low_percent: int = 80
     image_gc_min_age: float = 120.0
     image_gc_interval: float = 60.0
+    events_history: int = 10000
+    events_heartbeat_seconds: float = 15.0
     # Resolved at load: what no volume may reach (SYSTEM_PATHS, the agent's code and token).
     denied_paths: tuple[str, ...] = ()
 
@@ -410,6 +412,8 @@ def load_config(env: Mapping[str, str] | None = None, ephemeral_ports_path: Path
         network_subnet=_network_subnet(env),
         blocked_networks=_blocked_networks(env),
         **_image_gc(env),
+        events_history=_int(env, "UTOPIA_AGENT_EVENTS_HISTORY", 10000, high=10_000_000),
+        events_heartbeat_seconds=_seconds(env, "UTOPIA_AGENT_EVENTS_HEARTBEAT_SECONDS", 15.0),
         denied_paths=denied,
     )
 

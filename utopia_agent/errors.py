@@ -105,8 +105,9 @@ class ClaimExists(Conflict):
     code = "claim_exists"
 
     @classmethod
-    def held_by(cls, claim_id: str, container_id: str | None) -> ClaimExists:
-        return cls(f"claim {claim_id} already has a container", claim_id=claim_id, container_id=container_id)
+    def held_by(cls, claim_id: str, container_id: str | None, same_spec: bool) -> ClaimExists:
+        """`same_spec`: whether that container was made from the very request now asked (its spec digest)."""
+        return cls(f"claim {claim_id} already has a container", claim_id=claim_id, container_id=container_id, same_spec=same_spec)
 
 
 class NoGpusFree(Conflict):
@@ -148,6 +149,23 @@ class TooManyFollowers(AgentError):
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": "5"}
+
+
+class TooManyStreams(AgentError):
+    """The agent already serves as many event streams as it may, so other requests always find a thread."""
+
+    status = 429
+    code = "too_many_streams"
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "5"}
+
+
+class RevisionTooOld(AgentError):
+    """The history no longer holds the changes after the asked revision: list again, then watch."""
+
+    status = 410
+    code = "revision_too_old"
 
 
 class ImagePullFailed(AgentError):

@@ -298,6 +298,14 @@ class ListContainersQuerySchema(Schema):
     )
 
 
+class EventsQuerySchema(Schema):
+    """GET /api/v1/events query; unknown parameters are refused."""
+
+    since = fields.Integer(
+        strict=False, validate=validate.Range(0), metadata={"description": "Send every change after this revision first (a list's X-Utopia-Revision)."}
+    )
+
+
 class ContainerPathSchema(Schema):
     """The path of the routes of one container; documents it only: an id that does not fit is
     simply unknown (404), as the contract has it."""
@@ -596,6 +604,10 @@ class ErrorSchema(Schema):
         allow_none=True,
         metadata={"description": "The existing container, for 409 claim_exists (null when it went away meanwhile)."},
     )
+    same_spec = fields.Boolean(
+        metadata={"description": "For 409 claim_exists: whether the existing container was made from this very request (its spec digest)."}
+    )
+    revision = fields.Integer(metadata={"description": "The node's last revision, for 410 revision_too_old."})
     requested = fields.Integer(metadata={"description": "How many GPUs were asked for, for 409 no_gpus_free."})
     free_gpus = fields.Integer(metadata={"description": "How many GPUs are free, for 409 no_gpus_free."})
     host_port = fields.Integer(metadata={"description": "The host port that is taken, for 409 port_taken."})

@@ -17,6 +17,7 @@ from .engine.manager import DockerManager
 from .gpus.health import GpuHealth
 from .images.pulls import Images
 from .allocation.janitor import Janitor
+from .events.stream import EventStreams
 from .node.drain import NodeDrain
 from .network.isolation import NetworkIsolation
 from .node.system_metrics import SystemMetrics
@@ -36,8 +37,10 @@ class Services:
     usage: ClaimUsage
     network: NetworkIsolation
     images: Images
+    events: EventStreams
 
     def close(self) -> None:
+        self.events.close()
         self.janitor.close()
         self.images.collector.close()
         self.usage.close()

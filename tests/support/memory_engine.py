@@ -107,9 +107,16 @@ class MemoryEngine:
         cutoff = time.time() - older_than
         return [(s.id, s.labels.get(CLAIM_LABEL, "")) for s in self._managed() if s.status == "created" and s.created < cutoff]
 
+    def listing(self, history) -> tuple[tuple[ManagedContainer, ...], int]:
+        return self.list_managed(), history.revision()
+
     def find_claim(self, claim_id: str, fresh: bool = False) -> str | None:
         self._call("find_claim")
         return next((state.id for state in self._managed(claim_id)), None)
+
+    def claim_holder(self, claim_id: str) -> Holdings | None:
+        self._call("claim_holder")
+        return next((Holdings.from_labels(state.labels, state.id) for state in self._managed(claim_id)), None)
 
     def get_managed(self, container_id: str) -> ManagedContainer:
         self._call("get_managed")

@@ -133,7 +133,7 @@ class Allocator:
             self._settle_interrupted_create()
             held = self._holders_now()
             if claimed := held(claim_label):
-                raise ClaimExists.held_by(spec.claim_id, claimed[0].container_id)
+                raise ClaimExists.held_by(spec.claim_id, claimed[0].container_id, claimed[0].spec_digest == spec.spec_digest)
             self._drain.refuse_if_draining()
             if spec.port_mappings:
                 self._check_ports(spec, port_holders(held(PORTS_LABEL)))

@@ -5,6 +5,9 @@ Each rule raises PolicyViolation naming the field, before anything reaches the e
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import os
 from dataclasses import replace
 from typing import Any
@@ -116,8 +119,16 @@ def build_container_spec(request: dict[str, Any], config: Config) -> ContainerSp
         memory_mb=request.get("memory_mb"),
         shm_size_mb=request.get("shm_size_mb"),
         restart_policy=request.get("restart_policy") or config.restart_policy,
+        spec_digest=spec_digest(request),
         **_infiniband(config),
     )
+
+
+def spec_digest(request: dict[str, Any]) -> str:
+    """The digest of a validated create request, all of it but the registry's credentials: two
+    creates get the same one exactly when they asked for the same container."""
+    asked = {key: value for key, value in request.items() if key != "registry_auth"}
+    return hashlib.sha256(json.dumps(asked, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
 
 
 def _infiniband(config: Config) -> dict[str, Any]:

@@ -48,6 +48,7 @@ from ..schemas import (
     LogsQuerySchema,
 )
 from ..services import services
+from .events import REVISION_HEADER
 from .operations import ENGINE_DOWN, RenderedWhileSame, Reply, Responds, fails, operation
 
 log = logging.getLogger("utopia_agent.containers")
@@ -135,9 +136,9 @@ def create_container(body: dict):
     spec = build_container_spec(body, agent.config)
     # The node view answers at no cost; a container it still shows may have gone a moment ago
     # (removed behind the agent's back), so a 409 is only answered once the engine confirms it.
-    existing = agent.docker.find_claim(spec.claim_id) and agent.docker.find_claim(spec.claim_id, fresh=True)
+    existing = agent.docker.find_claim(spec.claim_id) and agent.docker.claim_holder(spec.claim_id)
     if existing:
-        raise ClaimExists.held_by(spec.claim_id, existing)
+        raise ClaimExists.held_by(spec.claim_id, existing.container_id, existing.spec_digest == spec.spec_digest)
     agent.allocator.admit(body["gpu_count"])
     if (unprotected := agent.network.problem()) is not None:
         raise NetworkUnprotected(unprotected)
@@ -177,9 +178,16 @@ def create_container(body: dict):
     ),
 )
 def list_containers(query: dict):
+    """The list with the history's revision it is exact at (X-Utopia-Revision): watch the events from it."""
     claim_id = query.get("claim_id")
-    containers = services().docker.list_managed(claim_id=claim_id)
-    return containers if claim_id is not None else _rendered.list_response(containers, key=attrgetter("id"))
+    agent = services()
+    if claim_id is not None:
+        revision = agent.events.history.revision()
+        return Reply(agent.docker.list_managed(claim_id=claim_id), 200, {REVISION_HEADER: str(revision)})
+    containers, revision = agent.docker.listing(agent.events.history)
+    response = _rendered.list_response(containers, key=attrgetter("id"))
+    response.headers[REVISION_HEADER] = str(revision)
+    return response
 
 
 @blueprint.get("/<container_id>")

@@ -8,7 +8,8 @@ from ..errors import AllocationBusy, EngineError, EngineUnavailable, GpuHeld, Gp
 from ..gpus.health import GpuView
 from ..schemas import GpuPathSchema, GpuSchema, ReasonSchema
 from ..services import services
-from .operations import ENGINE_DOWN, Responds, fails, operation
+from .events import REVISION_HEADER
+from .operations import ENGINE_DOWN, Reply, Responds, fails, operation
 
 blueprint = Blueprint("gpus", __name__, url_prefix="/gpus")
 _gpu = GpuSchema()
@@ -27,8 +28,11 @@ BUSY = fails("The allocation lock or the GPUs' state could not be had in time; r
     responds=Responds(200, "Every GPU, in index order.", GpuSchema(many=True)),
     failures=(ENGINE_FAILED, ENGINE_DOWN),
 )
-def list_gpus() -> list[GpuView]:
-    return services().gpus.views()
+def list_gpus() -> Reply:
+    """With the history's revision read first (X-Utopia-Revision): watching from it misses no change."""
+    agent = services()
+    revision = agent.events.history.revision()
+    return Reply(agent.gpus.views(), 200, {REVISION_HEADER: str(revision)})
 
 
 @blueprint.post("/<uuid>/quarantine")

@@ -15,7 +15,8 @@ from ..gpus.inventory import DriverFacts, GpuFacts
 from ..schemas import DrainSchema, NodeSchema, ReasonSchema
 from ..services import services
 from ..node.system_metrics import numa_nodes
-from .operations import Responds, fails, operation
+from .events import REVISION_HEADER
+from .operations import Reply, Responds, fails, operation
 
 blueprint = Blueprint("node", __name__, url_prefix="/node")
 _drain = DrainSchema()
@@ -46,14 +47,15 @@ class NodeDescription:
     summary="The node: versions, CPUs, memory, NUMA nodes, GPUs with their topology, drain state, the claims' network",
     responds=Responds(200, "The node.", NodeSchema()),
 )
-def get_node() -> NodeDescription:
+def get_node() -> Reply:
     agent = services()
+    revision = agent.events.history.revision()  # first: watching from it misses no drain
     inventory = agent.gpus.sampler.inventory
     try:
         engine_version = agent.docker.engine_version()
     except AgentError:
         engine_version = None
-    return NodeDescription(
+    return Reply(NodeDescription(
         agent_version=__version__,
         node_id=agent.config.node_id,
         gpu_backend=inventory.backend if inventory is not None else agent.config.gpu_backend,
@@ -67,7 +69,7 @@ def get_node() -> NodeDescription:
         topology=inventory.topology() if inventory is not None else [],
         drain=agent.node.state(),
         network=agent.network.status(),
-    )
+    ), 200, {REVISION_HEADER: str(revision)})
 
 
 @blueprint.post("/drain")

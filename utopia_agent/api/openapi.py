@@ -23,6 +23,7 @@ TAGS = [
     {"name": "node", "description": "The node's CPU, memory, disk and GPU figures, as JSON and for Prometheus."},
     {"name": "gpus", "description": "Each GPU's state, and the operator's quarantine."},
     {"name": "images", "description": "The node's images: list, pull ahead, remove; the pulls in flight."},
+    {"name": "events", "description": "The node's changes as a stream: containers, GPUs, the drain."},
     {"name": "service", "description": "Liveness and this document; no token needed."},
 ]
 EXAMPLES = {ContainerSchema: CONTAINER_EXAMPLE}
@@ -30,7 +31,7 @@ EXAMPLES = {ContainerSchema: CONTAINER_EXAMPLE}
 # Flask answers these for every route by itself.
 IMPLICIT_METHODS = {"HEAD", "OPTIONS"}
 # A schemaless body, by its content type.
-FREE_FORM = {"application/json": {"type": "object"}, "text/plain": {"type": "string"}}
+FREE_FORM = {"application/json": {"type": "object"}, "text/plain": {"type": "string"}, "application/x-ndjson": {"type": "string"}}
 
 
 def openapi_path(rule: Rule) -> str:

@@ -32,6 +32,8 @@ MEMORY_LABEL = "utopia.memory_mb"
 SHM_LABEL = "utopia.shm_size_mb"
 CPUSET_LABEL = "utopia.cpuset"
 PINNING_LABEL = "utopia.cpu_pinning"
+# A digest of the whole create request the container was made from (see allocation/policy.spec_digest).
+SPEC_DIGEST_LABEL = "utopia.spec_digest"
 MANAGED_FILTER = f"{MANAGED_LABEL}=true"
 NAME_PREFIX = "utopia-"
 # The NVIDIA runtime (often the engine's default) reads these from the container's environment,
@@ -88,6 +90,7 @@ class ContainerSpec:
     # The node's InfiniBand character devices (host paths), passed through with IPC_LOCK and this memlock (-1: unlimited).
     infiniband_devices: tuple[str, ...] = ()
     memlock_bytes: int = -1
+    spec_digest: str = ""
 
     @property
     def name(self) -> str:
@@ -120,6 +123,8 @@ class ContainerSpec:
         if self.cpuset:
             labels[CPUSET_LABEL] = format_cpu_list(self.cpuset)
             labels[PINNING_LABEL] = self.cpu_pinning
+        if self.spec_digest:
+            labels[SPEC_DIGEST_LABEL] = self.spec_digest
         return labels
 
 
@@ -136,6 +141,7 @@ class Holdings:
     memory_mb: int = 0
     exclusive_cpus: tuple[int, ...] = ()
     container_id: str = ""
+    spec_digest: str = ""
 
     @classmethod
     def from_labels(cls, labels: dict[str, str], container_id: str = "") -> Holdings:
@@ -151,6 +157,7 @@ class Holdings:
             cpus=resources["cpus"] or 0.0,
             memory_mb=resources["memory_mb"] or 0,
             exclusive_cpus=_cpu_ids(labels.get(CPUSET_LABEL, "")) if exclusive else (),
+            spec_digest=labels.get(SPEC_DIGEST_LABEL, ""),
         )
 
 

@@ -16,7 +16,6 @@ from .agent import (
     DEFAULT_RETRIES,
     DEFAULT_TIMEOUT,
     AgentClient,
-    same_spec,
 )
 from .errors import (
     ERRORS_BY_CODE,
@@ -51,6 +50,8 @@ from .errors import (
     NvmlHung,
     PortTaken,
     TooManyFollowers,
+    TooManyStreams,
+    RevisionTooOld,
     Unauthorized,
     UnexpectedAnswer,
     error_from_response,
@@ -121,9 +122,10 @@ __all__ = [
     "PullProgress",
     "SystemMetrics",
     "TooManyFollowers",
+    "TooManyStreams",
+    "RevisionTooOld",
     "Unauthorized",
     "UnexpectedAnswer",
     "XidEvent",
     "error_from_response",
-    "same_spec",
 ]

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
+import json
 import ssl
 import time
 import uuid
@@ -39,7 +40,7 @@ from ..schemas import (
     HealthSchema,
     MetricsSchema,
 )
-from .errors import AgentUnreachable, ClaimExists, NotFound, UnexpectedAnswer, error_from_response, retry_after_seconds
+from .errors import AgentUnreachable, ClaimExists, RevisionTooOld, UnexpectedAnswer, error_from_response, retry_after_seconds
 from ..images.schemas import ImageSchema
 from .records import (
     Container,
@@ -81,20 +82,6 @@ def tls_reason(error: BaseException) -> str:
             pending += [cause.__cause__, cause.__context__, *(arg for arg in cause.args if isinstance(arg, BaseException))]
             pending += [getattr(cause, "reason", None)]
     return str(error)
-
-
-def same_spec(container: Container, image: str, gpu_count: int, port_mappings: Iterable[PortMapping],
-              resources: Mapping[str, Any]) -> bool:
-    """Whether `container` is what a create of this spec would have made, as far as the container
-    object shows it: the image reference, the number of GPUs, every published port, and the
-    `cpus`/`memory_mb`/`shm_size_mb` asked for (where the agent reports resources). Env vars,
-    command, working dir and volumes are not shown, so they are not compared."""
-    if container.image != image or len(container.gpu_ids) != gpu_count:
-        return False
-    if container.port_mappings != frozenset(port_mappings):
-        return False
-    applied = container.resources or {}
-    return all(applied.get(key) == value for key, value in resources.items() if key in applied)
 
 
 class AgentClient:
@@ -203,9 +190,9 @@ class AgentClient:
                restart_policy: str | None = None, registry_auth: Mapping[str, str] | None = None) -> Created:
         """Create and start the container of a claim; safe to call again after a timeout.
 
-        The claim id is the idempotency key: when the claim already has a container and it is
-        the same spec (see `same_spec`), that container is returned with `existing=True`;
-        a container of another spec raises ClaimExists. The optional fields are sent only when
+        The claim id is the idempotency key: when the claim already has a container made from
+        this very request (the agent compares the digest of the whole request, `same_spec` in its
+        409), that container is returned with `existing=True`; any other raises ClaimExists. The optional fields are sent only when
         given, so an agent that predates them still accepts the request. `registry_auth`
         (`{"username", "password"}`) is the image registry's credentials, sent for that create only.
         """
@@ -224,15 +211,9 @@ class AgentClient:
         try:
             data = self._json("POST", "/api/v1/containers", 201, json=body, timeout=self.create_timeout)
         except ClaimExists as exists:
-            if exists.container_id is None:
+            if exists.container_id is None or exists.same_spec is not True:
                 raise
-            try:
-                container = self.get(exists.container_id)
-            except NotFound:
-                raise exists from None
-            if not same_spec(container, image, gpu_count, ports, resources):
-                raise
-            return Created(container.id, existing=True)
+            return Created(exists.container_id, existing=True)
         return make_record(Created, load_answer(CreatedSchema(), data))
 
     def list(self, claim_id: str | None = None) -> list[Container]:
@@ -256,6 +237,48 @@ class AgentClient:
         404 is taken as done.
         """
         self._call("DELETE", f"/api/v1/containers/{container_id}", (204,), gone_on_retry=(404,))
+
+    def watch(self, since: int | None = None, heartbeats: bool = False) -> Iterator[dict[str, Any]]:
+        """The node's changes (GET /api/v1/events) as dicts, for as long as the caller iterates.
+
+        A dropped connection is resumed from the last revision seen, so no change is missed or
+        repeated. When the agent no longer holds the changes after it (410 revision_too_old), the
+        containers are listed again and a `{"kind": "relist", "revision": R, "containers": [...]}`
+        comes before the changes after R: the caller replaces what it knew with that list."""
+        attempt = 0
+        while True:
+            params = {"since": since} if since is not None else None
+            try:
+                response = self._call("GET", "/api/v1/events", (200,), params=params, stream=True, timeout=(self.timeout, None))
+            except RevisionTooOld:
+                containers, since = self.listing()
+                yield {"kind": "relist", "revision": since, "containers": containers}
+                continue
+            try:
+                with response:
+                    for line in response.iter_lines():
+                        if not line:
+                            continue
+                        change = json.loads(line)
+                        since, attempt = change["revision"], 0
+                        if heartbeats or change["kind"] != "heartbeat":
+                            yield change
+            except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError):
+                pass
+            if attempt >= self.retries:
+                raise AgentUnreachable(f"GET {self.url}/api/v1/events: the stream kept ending")
+            self._wait(attempt, None)
+            attempt += 1
+
+    def listing(self) -> tuple[list[Container], int]:
+        """Every container and the revision of the node's changes the list is exact at: watch from it."""
+        response = self._call("GET", "/api/v1/containers", (200,))
+        containers = [make_record(Container, item) for item in load_answer(ContainerSchema(), response.json(), many=True)]
+        return containers, int(response.headers["X-Utopia-Revision"])
+
+    def revision(self) -> int:
+        """The node's last revision: what `watch(since=...)` starts after to see only new changes."""
+        return int(self._call("GET", "/api/v1/node", (200,)).headers["X-Utopia-Revision"])
 
     def logs(self, container_id: str, tail: int | None = None, since: int | None = None,
              timestamps: bool = False) -> str:

@@ -110,6 +110,11 @@ class ClaimExists(Conflict):
     def container_id(self) -> str | None:
         return self.body.get("container_id")
 
+    @property
+    def same_spec(self) -> bool | None:
+        """Whether that container was made from the very request refused (None from an agent that does not say)."""
+        return self.body.get("same_spec")
+
 
 class NoGpusFree(Conflict):
     """Fewer healthy free GPUs than asked: `requested` and `free_gpus` say how many."""
@@ -179,6 +184,18 @@ class TooManyFollowers(ApiError):
     """This worker already streams as many followed logs as it may; retry after Retry-After."""
 
     status, code, retryable = 429, "too_many_followers", True
+
+
+class TooManyStreams(ApiError):
+    """The agent already serves as many event streams as it may; retry after Retry-After."""
+
+    status, code, retryable = 429, "too_many_streams", True
+
+
+class RevisionTooOld(ApiError):
+    """The agent no longer holds the changes after the asked revision: list again, watch from the list's."""
+
+    status, code = 410, "revision_too_old"
 
 
 class InternalError(ApiError):

@@ -23,6 +23,7 @@ from .connection import EngineConnection, EventStream
 from .image_pull import RegistryAuth, check_access, stream_pull
 from .errors import EngineConflict, EngineFailure, EngineNotFound, EngineRefusal
 from ..errors import AgentError, ClaimExists, Conflict, EngineRejected, EngineUnavailable, NotManaged, PortTaken
+from ..events.history import EventHistory
 from .node_view import ContainerState, NodeView
 from ..claims.records import CLAIM_LABEL, MANAGED_FILTER, MANAGED_LABEL, ContainerSpec, Holdings, ManagedContainer
 from ..schemas import CONTAINER_ID_PATTERN
@@ -57,12 +58,13 @@ class HeldImage:
 class DockerManager:
     """Creates, lists and removes managed containers; one per gunicorn worker, safe across its threads."""
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, history: EventHistory | None = None):
         self._config = config
+        history = history or EventHistory(config.state_dir, config.events_history)
         self._engine = EngineConnection(config.engine_timeout)
         self._data_root: str | None = None
         # Reads come from the node-wide view; `view.volunteer()` makes this process a candidate watcher.
-        self.view = NodeView(config.state_dir, self, config.engine_timeout)
+        self.view = NodeView(config.state_dir, self, config.engine_timeout, history)
         self._presented: tuple[object, tuple[ManagedContainer, ...]] = (None, ())
         self._records: dict[str, ManagedContainer] = {}
 
@@ -108,6 +110,17 @@ class DockerManager:
             self._presented = (snapshot, containers)
         return containers
 
+    def listing(self, history: EventHistory) -> tuple[Sequence[ManagedContainer], int]:
+        """Every managed container and the history's revision the list is exact at: watching the
+        events from it repeats and misses no container's change. Read from the engine (the view not
+        trusted) the revision is taken first: a change may then come again, none is missed."""
+        revision = history.revision()
+        containers = self.list_managed()
+        presented_from, presented = self._presented
+        if presented is containers and presented_from is not None:
+            return containers, presented_from.revision
+        return containers, revision
+
     def _record(self, state: ContainerState) -> ManagedContainer:
         """One ManagedContainer per container while the view's record of it stays the same, listed
         or shown: what a caller derives from one (a route's JSON) it may keep until it gets another."""
@@ -149,8 +162,13 @@ class DockerManager:
         snapshot = None if fresh else self.view.snapshot()
         if snapshot is not None:
             return next((s.id for s in snapshot.labelled(CLAIM_LABEL, claim_id)), None)
+        holder = self.claim_holder(claim_id)
+        return holder.container_id if holder is not None else None
+
+    def claim_holder(self, claim_id: str) -> Holdings | None:
+        """What the claim's container holds (its id and spec digest among it), straight from the engine."""
         holders = self.holders_of(f"{CLAIM_LABEL}={claim_id}")
-        return holders[0].container_id if holders else None
+        return holders[0] if holders else None
 
     def get_managed(self, container_id: str) -> ManagedContainer:
         """One managed container by full id or unique prefix of 12+ hex digits; 404 otherwise.
@@ -275,10 +293,10 @@ class DockerManager:
             with self._engine.call("create container"):
                 created = api.create_container(**arguments)
         except EngineConflict:
-            holder = self.find_claim(spec.claim_id, fresh=True)
+            holder = self.claim_holder(spec.claim_id)
             if holder is None:
                 raise Conflict(f"the container name {spec.name} is taken by a container the agent does not manage") from None
-            raise ClaimExists.held_by(spec.claim_id, holder) from None
+            raise ClaimExists.held_by(spec.claim_id, holder.container_id, holder.spec_digest == spec.spec_digest) from None
         except (EngineRefusal, EngineNotFound) as exc:
             raise EngineRejected(f"the engine refused the container: {exc.message}") from None
         except (EngineUnavailable, EngineFailure):

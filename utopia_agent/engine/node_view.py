@@ -34,6 +34,9 @@ from pathlib import Path
 from typing import Any, Protocol
 from collections.abc import Callable, Iterable
 
+from ..events.changes import container_changes, exit_line
+from ..events.history import EventHistory
+
 log = logging.getLogger("utopia_agent.view")
 
 # Engine events that change what an inspect of the container shows.
@@ -134,9 +137,11 @@ class Snapshot:
     while a newline byte only ever ends a line (JSON escapes those inside strings).
     """
 
-    def __init__(self, generation: int, event_ns: int, body: bytes, count: int, previous: Snapshot | None = None):
+    def __init__(self, generation: int, event_ns: int, body: bytes, count: int, previous: Snapshot | None = None, revision: int = 0):
         self.generation = generation
         self.event_ns = event_ns
+        # The history's revision when it was written: every container change up to it is in, none after.
+        self.revision = revision
         self._body = body  # the container lines, each after a newline (the header's, for the first)
         self._count = count
         known = previous._parsed() if previous is not None else {}
@@ -148,11 +153,11 @@ class Snapshot:
         self._found: dict[str, bytes] = {}  # lines found without the index, by id
 
     @classmethod
-    def of(cls, generation: int, event_ns: int, containers: tuple[ContainerState, ...], previous: Snapshot | None = None) -> Snapshot:
+    def of(cls, generation: int, event_ns: int, containers: tuple[ContainerState, ...], previous: Snapshot | None = None, revision: int = 0) -> Snapshot:
         """The snapshot of these records; a record `previous` holds (the same object) keeps its line."""
         kept = previous._records if previous is not None else {}
         lines = {c.id: previous._lines[c.id] if kept.get(c.id) is c else _line(c) for c in containers}
-        snapshot = cls(generation, event_ns, b"".join(b"\n" + line for line in lines.values()) + b"\n", len(lines))
+        snapshot = cls(generation, event_ns, b"".join(b"\n" + line for line in lines.values()) + b"\n", len(lines), revision=revision)
         snapshot.__dict__.update(_lines=lines, containers=containers)
         snapshot._records = {c.id: c for c in containers}
         return snapshot
@@ -163,11 +168,11 @@ class Snapshot:
         header_end = data.index(b"\n")
         meta, body = json.loads(data[:header_end]), data[header_end:]
         count = meta["containers"] if "containers" in meta else body.count(b"\n") - 1  # written by an agent before the count
-        return cls(meta["generation"], meta["event_ns"], body, count, previous)
+        return cls(meta["generation"], meta["event_ns"], body, count, previous, meta.get("revision", 0))
 
     def write(self, path: Path) -> None:
         """Write beside the view and rename over it: readers see the old view or this one."""
-        header = json.dumps({"generation": self.generation, "event_ns": self.event_ns, "containers": self._count}).encode()
+        header = json.dumps({"generation": self.generation, "event_ns": self.event_ns, "containers": self._count, "revision": self.revision}).encode()
         temporary = path.with_name(path.name + ".tmp")
         temporary.write_bytes(header + self._body)
         os.replace(temporary, path)
@@ -291,8 +296,9 @@ class _Header:
 class NodeView:
     """What every worker reads; the worker that volunteers also watches, when no one else does."""
 
-    def __init__(self, state_dir: Path, engine: ViewEngine, wait_seconds: float):
+    def __init__(self, state_dir: Path, engine: ViewEngine, wait_seconds: float, history: EventHistory):
         self._path = state_dir / "view.jsonl"
+        self._history = history
         self._header = _Header(state_dir / "view.state")
         self._lock_fd = os.open(state_dir / "view.lock", os.O_RDWR | os.O_CREAT, 0o600)
         self._engine = engine
@@ -321,7 +327,7 @@ class NodeView:
             return False
         with self._takeover:
             if self._watcher is None:
-                self._watcher = _Watcher(self._path, self._header, self._engine, self._wait_ns, self._published)
+                self._watcher = _Watcher(self._path, self._header, self._engine, self._wait_ns, self._published, self._history)
         return True
 
     def snapshot(self) -> Snapshot | None:
@@ -487,8 +493,14 @@ class _EventFeed:
 class _Watcher:
     """Keeps the view: one list when it (re)connects, then one inspect per changed container."""
 
-    def __init__(self, path: Path, header: _Header, engine: ViewEngine, wait_ns: int, on_publish: Callable[[Snapshot], None]):
+    def __init__(self, path: Path, header: _Header, engine: ViewEngine, wait_ns: int, on_publish: Callable[[Snapshot], None],
+                 history: EventHistory):
         self._path = path
+        self._history = history
+        # The changes of records made since the last publish, as the history's lines.
+        self._changes: list[dict[str, Any]] = []
+        # Containers the engine said were OOM-killed whose die has not come yet.
+        self._oom_seen: set[str] = set()
         self._header = header
         self._engine = engine
         self._wait_ns = wait_ns
@@ -593,6 +605,8 @@ class _Watcher:
                 self._header.set(self._header.RESYNC_DONE, asked)
                 next_resync = time.monotonic() + RESYNC_SECONDS
             else:
+                if self._last_written is not None and self._history.revision() != self._last_written.revision:
+                    self._publish()  # GPUs or the drain changed: the view's revision follows, so a list's stays recent
                 self._engine.ping()
             self._vouch(started)
 
@@ -604,14 +618,31 @@ class _Watcher:
         The view's last event moves only once the whole batch is applied: if an inspect fails,
         the reconnection replays the batch. A batch that changed no record is saved under the same
         generation, so no worker reads the file again for it."""
-        last_action: dict[str, str] = {}
+        by_container: dict[str, list[dict[str, Any]]] = {}
         for event in events:
             container_id = event.get("id") or (event.get("Actor") or {}).get("ID")
             if container_id:
-                last_action[container_id] = event.get("Action", "")
-        changed = [self._refresh(container_id, gone=action == "destroy") for container_id, action in last_action.items()]
+                by_container.setdefault(container_id, []).append(event)
+        told = self._tell_exits(by_container)
+        changed = [self._refresh(cid, their[-1].get("Action") == "destroy", their, cid in told) for cid, their in by_container.items()]
         self._event_ns = max(self._event_ns, *(int(event.get("timeNano") or 0) for event in events))
         self._publish(bump=any(changed))
+
+    def _tell_exits(self, by_container: dict[str, list[dict[str, Any]]]) -> set[str]:
+        """Put the exits the batch announces in the history before inspecting (see events.changes.exit_line);
+        the ids of the containers whose exit is told."""
+        lines = {}
+        for cid, their in by_container.items():
+            actions = {event.get("Action") for event in their}
+            if cid in self._records and (line := exit_line(self._records[cid], their, cid in self._oom_seen)):
+                lines[cid] = line
+            if "die" in actions or "destroy" in actions:
+                self._oom_seen.discard(cid)
+            elif "oom" in actions:
+                self._oom_seen.add(cid)  # its die may come in the next batch
+        if lines:
+            self._history.record(list(lines.values()))
+        return set(lines)
 
     def _reconcile(self, rows: list[dict[str, Any]], syncing: bool = False) -> int:
         """Make the records agree with one list call: drop what is gone, inspect only what is new or
@@ -619,7 +650,7 @@ class _Watcher:
         listed = {row["Id"]: row for row in rows}
         gone = set(self._records) - set(listed)
         for container_id in gone:
-            del self._records[container_id]
+            self._changes += container_changes(self._records.pop(container_id), None, [])
         stale = [cid for cid, row in listed.items() if cid not in self._records or not self._records[cid].agrees_with(row)]
         changed = len(gone)
         for container_id in stale:
@@ -628,15 +659,21 @@ class _Watcher:
                 self._syncing()
         return changed
 
-    def _refresh(self, container_id: str, gone: bool = False) -> bool:
-        """Inspect one container into the records; True when its record changed."""
+    def _refresh(self, container_id: str, gone: bool = False, engine_events: list[dict[str, Any]] | None = None, exit_told: bool = False) -> bool:
+        """Inspect one container into the records, noting the change for the history; True when its record changed."""
         info = None if gone else self._engine.inspect(container_id)
+        before = self._records.get(container_id)
         if info is None:
-            return self._records.pop(container_id, None) is not None
+            if before is None:
+                return False
+            del self._records[container_id]
+            self._changes += container_changes(before, None, engine_events or [], exit_told)
+            return True
         state = ContainerState.from_inspect(info)
-        if self._records.get(container_id) == state:
+        if before == state:
             return False
         self._records[container_id] = state
+        self._changes += container_changes(before, state, engine_events or [], exit_told)
         return True
 
     def _publish(self, bump: bool = True) -> None:
@@ -647,8 +684,14 @@ class _Watcher:
             return
         self._generation += bump
         containers = tuple(sorted(self._records.values(), key=lambda c: (-c.created, c.id)))
-        snapshot = self._last_written = Snapshot.of(self._generation, self._event_ns, containers, self._last_written)
-        snapshot.write(self._path)
+        # The changes go to the history before the view shows them, under its lock: a worker killed
+        # in between repeats them at the next sync rather than lose them, and the view's revision
+        # is exact (every container change up to it is in the view, none after it).
+        with self._history.locked():
+            revision = self._history.append_locked(self._changes)
+            self._changes = []
+            snapshot = self._last_written = Snapshot.of(self._generation, self._event_ns, containers, self._last_written, revision)
+            snapshot.write(self._path)
         if bump:
             self._header.set(self._header.GENERATION, self._generation)
             self._on_publish(snapshot)

@@ -32,6 +32,9 @@ from typing import Any
 
 from ..engine.manager import DockerManager
 from ..errors import AgentError, GpuHeld, GpuNotFound
+from ..events.changes import gpu_change
+from ..events.history import EventHistory
+from ..schemas import GpuSchema
 from .sampler import GpuSample, GpuSampler
 from .inventory import GpuEvent, GpuEvents, GpuFacts, GpuStatus
 from ..claims.holders import gpu_claims, gpu_holder
@@ -54,6 +57,7 @@ COUNTER_QUARANTINES = (
     ("row_remap_failure", "row remapping failed"),
 )
 MONITOR_CHECK_SECONDS = 1.0
+_gpu = GpuSchema()
 
 
 @dataclass(frozen=True)
@@ -96,13 +100,15 @@ def views_of(sample: GpuSample | None, facts: list[GpuFacts], holders: Mapping[s
 class GpuHealth:
     """GPU states for this worker's requests, and the operator's quarantine."""
 
-    def __init__(self, state_dir: Path, sampler: GpuSampler, docker: DockerManager, lock: Callable[[], AbstractContextManager], release_seconds: float):
+    def __init__(self, state_dir: Path, sampler: GpuSampler, docker: DockerManager, lock: Callable[[], AbstractContextManager], release_seconds: float,
+                 history: EventHistory):
         self.sampler = sampler
+        self._history = history
         self.records = StateFile(state_dir / "gpu-health.json")
         self._docker = docker
         self._lock = lock
         self._listed: tuple[Sequence[ManagedContainer] | None, Mapping[str, str]] = (None, {})
-        self.monitor = HealthMonitor(self, state_dir / "gpu-monitor.lock", release_seconds)
+        self.monitor = HealthMonitor(self, state_dir / "gpu-monitor.lock", release_seconds, StateFile(state_dir / "gpu-conditions.json"))
 
     def facts(self) -> list[GpuFacts]:
         inventory = self.sampler.inventory
@@ -155,6 +161,7 @@ class GpuHealth:
                 lifted = records["quarantined"].pop(uuid)
                 records.setdefault("acknowledged", {})[uuid] = _counters_of(sample, uuid)
                 self.records.write(records)
+                self._record_change(uuid)
                 log.warning("gpu quarantine released by the operator uuid=%s was=%s", uuid, lifted["reason"], extra={"gpu_uuid": uuid})
         return self.view(uuid)
 
@@ -166,6 +173,7 @@ class GpuHealth:
             if not _quarantine_in(records, uuid, reason, source, automatic_release, replace):
                 return False
             self.records.write(records)
+            self._record_change(uuid)
         log.warning("gpu quarantined uuid=%s source=%s reason=%s", uuid, source, reason, extra={"gpu_uuid": uuid})
         return True
 
@@ -181,6 +189,8 @@ class GpuHealth:
                 del recent[:-RECENT_XIDS]
             newly = critical and _quarantine_in(records, event.uuid, reason, event.kind)
             self.records.write(records)
+            if newly:
+                self._record_change(event.uuid)
         level = logging.WARNING if critical else logging.INFO
         outcome = "quarantined" if newly else "already quarantined" if critical else "application error, not quarantined"
         log.log(level, "gpu event uuid=%s %s: %s", event.uuid, reason, outcome, extra={"gpu_uuid": event.uuid})
@@ -194,7 +204,17 @@ class GpuHealth:
                 return
             del records["quarantined"][uuid]
             self.records.write(records)
+            self._record_change(uuid)
         log.warning("gpu recovered uuid=%s was=%s", uuid, quarantine["reason"], extra={"gpu_uuid": uuid})
+
+    def _record_change(self, uuid: str) -> None:
+        """Put the GPU's new state in the history; the caller holds the allocation lock and wrote the change."""
+        self.record_states({uuid})
+
+    def record_states(self, uuids: set[str], sample: GpuSample | None = None) -> None:
+        """Put these GPUs' states, as GET /api/v1/gpus shows them now, in the history."""
+        changes = [gpu_change(view.state, _gpu.dump(view)) for view in self.views(sample=sample) if view.status.uuid in uuids]
+        self._history.record(changes)
 
     def close(self) -> None:
         """Stop the watcher, then the sampler (which shuts NVML down)."""
@@ -233,14 +253,18 @@ class HealthMonitor:
     seen; the counters, read again by the next watcher, still show double-bit ECC errors.
     """
 
-    def __init__(self, health: GpuHealth, lock_path: Path, release_seconds: float):
+    def __init__(self, health: GpuHealth, lock_path: Path, release_seconds: float, conditions: StateFile):
         self._health = health
+        self._told_conditions = conditions
         self._role = NodeRole(lock_path)
         self._release_seconds = release_seconds
         self._closed = threading.Event()
         self._pending: list[GpuEvent] = []
         self._dirty_since: dict[str, float] = {}
         self._last_claim: dict[str, str] = {}
+        # What NVML last showed of each GPU ("lost", "dirty" or ""), as told to the history; read from
+        # the state dir at this watcher's first check, so a takeover or a restart tells no change twice.
+        self._conditions: dict[str, str] | None = None
         self._next_check = 0.0
         self._thread = threading.Thread(target=self._run, name="gpu-monitor", daemon=True)
 
@@ -316,6 +340,7 @@ class HealthMonitor:
         sample = sampler.latest()
         if sample is None or sampler.hung():
             return
+        self._note_conditions(sample)
         records = self._health.records.read()
         quarantined = records.get("quarantined", {})
         acknowledged = records.get("acknowledged", {})
@@ -337,6 +362,15 @@ class HealthMonitor:
         for uuid in recoverable:
             if uuid not in holders:
                 self._health.lift_automatic(uuid)
+
+    def _note_conditions(self, sample: GpuSample) -> None:
+        """Put a GPU's state in the history when NVML starts or stops showing it lost or dirty."""
+        conditions = {gpu.uuid: "lost" if not gpu.healthy else "dirty" if gpu.uuid in sample.dirty else "" for gpu in sample.gpus if gpu.uuid}
+        known = self._conditions if self._conditions is not None else self._told_conditions.read()
+        self._conditions = conditions
+        if changed := {uuid for uuid, now in conditions.items() if known.get(uuid, "") != now}:
+            self._health.record_states(changed, sample)
+            self._told_conditions.write(conditions, durable=False)
 
     def _check_counters(self, uuid: str, counters: dict[str, int | None], acknowledged: dict[str, int]) -> None:
         for name, what in COUNTER_QUARANTINES:

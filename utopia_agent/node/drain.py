@@ -16,15 +16,18 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import NodeDraining
+from ..events.changes import node_change
+from ..events.history import EventHistory
 from .state_file import StateFile
 
 log = logging.getLogger("utopia_agent.node")
 
 
 class NodeDrain:
-    def __init__(self, state_dir: Path, lock: Callable[[], AbstractContextManager]):
+    def __init__(self, state_dir: Path, lock: Callable[[], AbstractContextManager], history: EventHistory):
         self._file = StateFile(state_dir / "drain.json")
         self._lock = lock
+        self._history = history
 
     def state(self) -> dict[str, Any]:
         """`{"draining": bool, "reason": str|null, "since": unix seconds|null}`."""
@@ -43,6 +46,7 @@ class NodeDrain:
         with self._lock():
             since = self._file.read().get("since") or int(time.time())
             self._file.write({"reason": reason, "since": since})
+            self._history.record([node_change("drain", self.state())])
         log.warning("node draining reason=%s", reason)
         return self.state()
 
@@ -50,6 +54,8 @@ class NodeDrain:
         with self._lock():
             draining = self.state()["draining"]
             self._file.remove()
+            if draining:
+                self._history.record([node_change("resume", self.state())])
         if draining:
             log.warning("node resumed taking claims")
         return self.state()

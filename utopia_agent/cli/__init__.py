@@ -21,6 +21,7 @@ UTOPIA_AGENT_CLIENT_KEY_FILE) where the agent asks for one:
     utopia-agent quarantine UUID --reason R | release UUID
     utopia-agent node                    the node's versions, hardware and drain state
     utopia-agent drain --reason R | resume
+    utopia-agent events [-f] [--since R] the node's changes (the last 20, those after R, with -f each new one)
 
 Each prints a table (or `key: value` lines) by default and JSON with --json, and never
 prints the token. Exit codes tell failures apart, each with one line on stderr that says why:
@@ -50,7 +51,6 @@ import argparse
 import dataclasses
 import getpass
 import json
-import logging
 import os
 import sys
 import time
@@ -58,253 +58,24 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from . import __version__
-from . import client as api
-from .config import CERT_VARIABLE, Config, ConfigError, certificate_facts, load_config, prepare_state_dir, utc_text
-from .engine.manager import DockerManager
-from .errors import EngineUnavailable
-from .gpus.inventory import GpuBackendError, GpuInventory, GpuStatus, make_inventory
-from .claims.holders import claims_on
-from .claims.records import Holdings
-from .network.firewall import Firewall, FirewallError
-from .network.isolation import IsolationPlan, NetworkIsolation
-from .node.state_dir import RunningAgent, running_agent
-
-PROG = "utopia-agent"
-EXIT_FAILED = 1
-EXIT_CONFIG = 2
-EXIT_UNREACHABLE = 3
-EXIT_UNAUTHORIZED = 4
-EXIT_NOT_FOUND = 5
-EXIT_CONFLICT = 6
-EXIT_UNAVAILABLE = 7
-EXIT_BY_ERROR: dict[type[api.ApiError], int] = {
-    api.Unauthorized: EXIT_UNAUTHORIZED,
-    api.ReadOnlyToken: EXIT_UNAUTHORIZED,
-    api.NotFound: EXIT_NOT_FOUND,
-    api.Conflict: EXIT_CONFLICT,
-    api.EngineUnavailable: EXIT_UNAVAILABLE,
-    api.TooManyFollowers: EXIT_UNAVAILABLE,
-}
-DEFAULT_PORT = 8600
-# `check` warns of a certificate that expires sooner (the alert UtopiaCertificateExpiring fires at 7).
-CERTIFICATE_WARNING_DAYS = 14
-SERVE_FILES = ("gunicorn.conf.py", "wsgi.py")
-# Where `make run` keeps its token and (not as root) its state dir, in the checkout.
-MAKE_RUN_DIR = ".run"
-
-
-class CheckFailed(Exception):
-    """One step failed; the message is the one line the operator sees, the code the exit status."""
-
-    def __init__(self, message: str, code: int = EXIT_FAILED):
-        super().__init__(message)
-        self.code = code
-
-
-def _route_logs() -> None:
-    """Keep the agent's own log lines from repeating the one-line reasons printed here.
-
-    Only the GPU module's notes (say, why `auto` found no NVML) are shown, on stderr.
-    """
-    agent = logging.getLogger("utopia_agent")
-    agent.addHandler(logging.NullHandler())
-    agent.propagate = False
-    notes = logging.StreamHandler(sys.stderr)
-    notes.setFormatter(logging.Formatter(f"{PROG}: note: %(message)s"))
-    logging.getLogger("utopia_agent.gpus").addHandler(notes)
-
-
-def with_make_run_defaults(env: dict[str, str]) -> tuple[dict[str, str], list[str]]:
-    """`env` with what `make run` fills in where it is unset, and a note for each filled in.
-
-    Only in a checkout (a directory with the Makefile and gunicorn.conf.py) where `make run`
-    made its `.run/`; elsewhere nothing changes.
-    """
-    env = dict(env)
-    notes: list[str] = []
-    checkout = Path.cwd()
-    run_dir = checkout / MAKE_RUN_DIR
-    if not all((checkout / name).is_file() for name in ("Makefile", SERVE_FILES[0])) or not run_dir.is_dir():
-        return env, notes
-    token_file = run_dir / "token"
-    if not env.get("UTOPIA_AGENT_TOKEN") and not env.get("UTOPIA_AGENT_TOKEN_FILE") and token_file.is_file():
-        env["UTOPIA_AGENT_TOKEN_FILE"] = str(token_file)
-        notes.append(f"token file {token_file}")
-    state_dir = run_dir / "state"
-    if not env.get("UTOPIA_AGENT_STATE_DIR") and os.geteuid() != 0 and state_dir.is_dir():
-        env["UTOPIA_AGENT_STATE_DIR"] = str(state_dir)
-        notes.append(f"state dir {state_dir}")
-    return env, notes
-
-
-def _config(env: dict[str, str] | None = None) -> tuple[Config, RunningAgent | None]:
-    """The agent's configuration, with its state dir made (the engine layer keeps a file there),
-    and the agent that runs on that state dir, if one does (whose GPU backend it then uses)."""
-    env, notes = with_make_run_defaults(dict(os.environ) if env is None else env)
-    if notes:
-        print(f"{PROG}: note: as `make run` does, using the {' and the '.join(notes)}", file=sys.stderr)
-    try:
-        config = load_config(env)
-        prepare_state_dir(config)
-    except ConfigError as error:
-        raise CheckFailed(f"configuration error: {error}", EXIT_CONFIG) from None
-    agent = running_agent(config.state_dir)
-    if agent and not env.get("UTOPIA_AGENT_GPU_BACKEND"):
-        config = dataclasses.replace(config, gpu_backend=agent.gpu_backend, fake_gpu_count=agent.fake_gpu_count)
-    return config, agent
-
-
-def _describe_agent(agent: RunningAgent | None) -> str:
-    if agent is None:
-        return "agent: none running on this state dir"
-    return f"agent: running, {agent.describe()} (GPU backend {agent.gpu_backend})"
-
-
-def _inventory(config: Config) -> GpuInventory:
-    try:
-        return make_inventory(config.gpu_backend, config.fake_gpu_count)
-    except GpuBackendError as error:
-        raise CheckFailed(f"GPU backend {config.gpu_backend}: {error}") from None
-
-
-def _engine_location() -> str:
-    return os.environ.get("DOCKER_HOST") or "the local socket"
-
-
-def _mib(used: int | None, total: int | None) -> str:
-    return f"{'?' if used is None else used}/{'?' if total is None else total} MiB"
-
-
-def _gpu_rows(gpus: list[GpuStatus], holdings: list[Holdings] | None) -> list[list[str]]:
-    """Table rows; without `holdings` (engine down) the claim column says '?' rather than '-'."""
-    rows = [["GPU", "UUID", "NAME", "MEMORY", "TEMP", "HEALTH", "CLAIM"]]
-    for gpu in gpus:
-        claim = "?" if holdings is None else ",".join(claims_on(gpu, holdings)) or "-"
-        rows.append([
-            str(gpu.index),
-            gpu.uuid or "?",
-            gpu.name or "?",
-            _mib(gpu.memory_used_mb, gpu.memory_total_mb),
-            "?" if gpu.temperature_c is None else f"{gpu.temperature_c}C",
-            "healthy" if gpu.healthy else "FAILED",
-            claim,
-        ])
-    return rows
-
-
-def _print_table(rows: list[list[str]], indent: str = "") -> None:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print(indent + "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
-
-
-def cmd_check(args: argparse.Namespace) -> int:
-    """Everything the agent needs at start, in the order it needs it; stop at the first failure."""
-    config, agent = _config()
-    print(f"config: ok (bind {config.bind}, {config.workers} workers, state dir {config.state_dir}, "
-          f"GPU backend {config.gpu_backend})")
-    print(_describe_agent(agent))
-    if config.tls is not None:
-        _check_certificate(config)
-
-    docker = DockerManager(config)
-    try:
-        docker.ping()
-        version = docker.engine_version()
-    except EngineUnavailable as error:
-        raise CheckFailed(f"{error.message} at {_engine_location()}") from None
-    finally:
-        docker.close()
-    print(f"engine: ok, Docker {version} at {_engine_location()}")
-    print(_check_isolation(config, running=agent is not None))
-
-    inventory = _inventory(config)
-    try:
-        gpus = inventory.snapshot()
-    finally:
-        inventory.close()
-    failed = sum(not gpu.healthy for gpu in gpus)
-    print(f"gpus: {len(gpus)} found (backend {inventory.backend})" + (f", {failed} failed and never allocated" if failed else ""))
-    if gpus:
-        _print_table([row[:-1] for row in _gpu_rows(gpus, [])], indent="  ")
-    return 0
-
-
-def _check_isolation(config: Config, running: bool) -> str:
-    """The claims' network isolation as the firewall shows it now; a failure where the running
-    agent's rules are missing, or where they could not be put in place at start."""
-    if not config.network_isolation:
-        return "network: isolation off (claims on the engine's default bridge)"
-    plan = IsolationPlan.for_config(config)
-    try:
-        missing = Firewall().problems(plan.rules)
-    except FirewallError as error:
-        raise CheckFailed(f"network: claims cannot be isolated: {error}") from None
-    where = f"network {plan.network.name} (bridge {plan.network.bridge}), blocking {', '.join(plan.rules.blocked) or 'no networks'} beyond 169.254.0.0/16"
-    if missing and running:
-        raise CheckFailed(f"network: the running agent's isolation rules are not in place: {'; '.join(missing)}")
-    if missing:
-        return f"network: isolation on, {where}; rules not in place yet (the agent puts them in place at start)"
-    unprotected = NetworkIsolation.recorded(config).get("unprotected_claims") or []
-    note = f"; not isolated (on the default bridge): {', '.join(unprotected)}" if unprotected else ""
-    return f"network: ok, isolation on, {where}, rules in place{note}"
-
-
-def _check_certificate(config: Config) -> None:
-    """What the certificate the agent will serve says, and a warning while it has little time left."""
-    try:
-        config.tls.server_context()  # as the agent loads the pair at start
-        facts = certificate_facts(config.tls.cert_file, CERT_VARIABLE)
-    except ConfigError as error:
-        raise CheckFailed(f"configuration error: {error}", EXIT_CONFIG) from None
-    days = facts.days_left()
-    client_ca = f", client certificates signed by {config.tls.client_ca_file}" if config.tls.client_ca_file else ""
-    print(f"tls: ok, {facts.subject}, names {', '.join(facts.names) or 'none'}, expires {utc_text(facts.not_after)} "
-          f"(in {days:.0f} days){client_ca}")
-    if days < CERTIFICATE_WARNING_DAYS:
-        print(f"{PROG}: warning: the certificate in {config.tls.cert_file} expires in {days:.1f} days; "
-              "renew it and send the agent SIGHUP", file=sys.stderr)
-
-
-def cmd_local_gpus(args: argparse.Namespace) -> int:
-    """The GPU table with each GPU's claim, from NVML and the managed containers' labels.
-
-    Reading GPUs and labels needs no token, so a missing one is filled in here and `gpus`
-    works from an operator's shell that lacks the agent's token file.
-    """
-    env = dict(os.environ)
-    env.pop("UTOPIA_AGENT_TOKEN_FILE", None)
-    env["UTOPIA_AGENT_TOKEN"] = "unused-by-the-gpus-command"
-    config, _ = _config(env)
-    inventory = _inventory(config)
-    try:
-        gpus = inventory.snapshot()
-    finally:
-        inventory.close()
-
-    docker = DockerManager(config)
-    holdings: list[Holdings] | None
-    try:
-        holdings = [container.holdings for container in docker.list_managed()]
-    except EngineUnavailable as error:
-        holdings = None
-        print(f"{PROG}: {error.message} at {_engine_location()}; claims unknown", file=sys.stderr)
-    finally:
-        docker.close()
-
-    if args.json:
-        _print_json([{
-            "index": gpu.index, "uuid": gpu.uuid, "name": gpu.name, "healthy": gpu.healthy,
-            "memory_used_mb": gpu.memory_used_mb, "memory_total_mb": gpu.memory_total_mb,
-            "temperature_c": gpu.temperature_c,
-            "claims": None if holdings is None else claims_on(gpu, holdings),
-        } for gpu in gpus])
-    else:
-        print(f"gpus: {len(gpus)} found (backend {inventory.backend})")
-        if gpus:
-            _print_table(_gpu_rows(gpus, holdings))
-    return 0 if holdings is not None else EXIT_FAILED
+from .. import __version__
+from .. import client as api
+from .common import (
+    DEFAULT_PORT,
+    EXIT_BY_ERROR,
+    EXIT_CONFIG,
+    EXIT_FAILED,
+    EXIT_UNREACHABLE,
+    PROG,
+    SERVE_FILES,
+    CheckFailed,
+    print_json,
+    print_table,
+    route_logs,
+    with_make_run_defaults,
+)
+from ..config import CERT_VARIABLE
+from .node import cmd_check, cmd_local_gpus
 
 
 # --------------------------------------------------------------------------- through the API
@@ -358,10 +129,6 @@ def agent_client(args: argparse.Namespace, env: dict[str, str] | None = None) ->
                            ca_file=ca_file, client_cert=(cert_file, key_file) if cert_file else None)
 
 
-def _print_json(value: Any) -> None:
-    print(json.dumps(value, indent=2, default=lambda record: dataclasses.asdict(record)))
-
-
 def _since(seconds: int) -> str:
     """How long ago a Unix time was, as `docker ps` says it; '-' for never."""
     if not seconds:
@@ -392,11 +159,11 @@ def cmd_ps(args: argparse.Namespace) -> int:
     with agent_client(args) as client:
         containers = sorted(client.list(claim_id=args.claim), key=lambda c: c.created, reverse=True)
     if args.json:
-        _print_json(containers)
+        print_json(containers)
         return 0
     rows = [["CONTAINER", "CLAIM", "IMAGE", "STATUS", "GPUS", "PORTS", "CREATED"]]
     rows += [[c.id[:12], c.claim_id, c.image, _status(c), _ids(c.gpu_ids), _ports(c), _since(c.created)] for c in containers]
-    _print_table(rows)
+    print_table(rows)
     return 0
 
 
@@ -412,7 +179,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     with agent_client(args) as client:
         container = client.get(args.container)
     if args.json:
-        _print_json(container)
+        print_json(container)
         return 0
     fields = dataclasses.asdict(container)
     fields.update(status=_status(container), gpu_ids=_ids(container.gpu_ids), ports=_ports(container),
@@ -446,7 +213,7 @@ def cmd_images(args: argparse.Namespace) -> int:
     with agent_client(args) as client:
         images = client.images()
     if args.json:
-        _print_json(images)
+        print_json(images)
         return 0
     rows = [["IMAGE", "ID", "SIZE", "ORIGIN", "STATE", "CLAIMS", "LAST USED"]]
     for image in images:
@@ -456,7 +223,7 @@ def cmd_images(args: argparse.Namespace) -> int:
         state = f"failed: {image.error}" if image.state == "failed" else image.state
         rows.append([image.image, image.id[7:19] if image.id else "-", size, image.origin, state, ",".join(image.claims) or "-",
                      _since(image.last_used or 0)])
-    _print_table(rows)
+    print_table(rows)
     return 0
 
 
@@ -496,11 +263,11 @@ def cmd_gpus(args: argparse.Namespace) -> int:
         print(f"{PROG}: note: the agent cannot list its GPUs ({error}); reading them on this node", file=sys.stderr)
         return cmd_local_gpus(args)
     if args.json:
-        _print_json(gpus)
+        print_json(gpus)
         return 0
     rows = [["GPU", "UUID", "NAME", "STATE", "CLAIM", "REASON"]]
     rows += [[str(g.index), g.uuid or "?", g.name or "?", g.state, g.claim_id or "-", g.reason or "-"] for g in gpus]
-    _print_table(rows)
+    print_table(rows)
     return 0
 
 
@@ -522,7 +289,7 @@ def cmd_node(args: argparse.Namespace) -> int:
     with agent_client(args) as client:
         node = client.node()
     if args.json:
-        _print_json(node)
+        print_json(node)
     else:
         _print_fields(node)
     return 0
@@ -540,6 +307,41 @@ def cmd_resume(args: argparse.Namespace) -> int:
         client.resume()
     print(json.dumps({"draining": False}) if args.json else "resumed: the node takes new claims")
     return 0
+
+
+# Without -f and --since, `events` prints this many of the last changes.
+RECENT_EVENTS = 20
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    """The node's changes: the recent ones (or those after --since), and with -f each new one as it comes."""
+    with agent_client(args) as client:
+        last = client.revision()
+        since = args.since if args.since is not None else last if args.follow else max(0, last - RECENT_EVENTS)
+        if not args.follow and since == last:
+            return 0
+        for change in client.watch(since=since):
+            print(json.dumps(change) if args.json else _event_line(change), flush=True)
+            if not args.follow and change.get("revision", 0) >= last:
+                break
+    return 0
+
+
+def _event_line(change: dict[str, Any]) -> str:
+    """`REVISION TIME KIND ACTION WHAT`: a container by claim and short id, a GPU by index and UUID, the drain by reason."""
+    if change["kind"] == "relist":
+        return f"{change['revision']:>8} relisted: the agent no longer held the changes asked for ({len(change['containers'])} containers now)"
+    shown = change.get("object") or {}
+    when = time.strftime("%H:%M:%S", time.localtime(change["time"]))
+    if change["kind"] == "container":
+        what = f"{shown.get('claim_id', '-')} ({str(shown.get('id', ''))[:12]})"
+        if change["action"] == "exited":
+            what += " oom-killed" if change.get("oom_killed") else f" exit {change.get('exit_code')}"
+    elif change["kind"] == "gpu":
+        what = f"gpu {shown.get('index')} {shown.get('uuid')}" + (f": {shown['reason']}" if shown.get("reason") else "")
+    else:
+        what = shown.get("reason") or "-"
+    return f"{change['revision']:>8} {when} {change['kind']:<9} {change['action']:<11} {what}"
 
 
 def api_failure(error: api.AgentClientError) -> CheckFailed:
@@ -640,6 +442,10 @@ def build_parser() -> argparse.ArgumentParser:
     drain = _api_command(commands, "drain", cmd_drain, "take no new claims until resumed (running claims go on)", connection)
     drain.add_argument("--reason", required=True, help="why, for the next operator")
     _api_command(commands, "resume", cmd_resume, "take new claims again after a drain", connection)
+    events = _api_command(commands, "events", cmd_events, "print the node's changes: containers, GPUs, the drain", connection)
+    events.add_argument("-f", "--follow", action="store_true", help="go on printing each change as it comes")
+    events.add_argument("--since", type=int, metavar="R",
+                        help=f"the changes after revision R (default: the last {RECENT_EVENTS}, or with -f only new ones)")
     serve = commands.add_parser(
         "serve", help="start the agent: exec gunicorn with the shipped gunicorn.conf.py",
         description="Exec `gunicorn -c <root>/gunicorn.conf.py wsgi:app` from the agent's checkout.",
@@ -651,7 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _route_logs()
+    route_logs()
     try:
         try:
             return args.run(args)
@@ -663,6 +469,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: {failure}", file=sys.stderr)
         return failure.code
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The node's changes, numbered, kept in the state dir and served as a stream."""
