@@ -520,7 +520,9 @@ class Bench:
         pki = Pki.make(self.tmp / "tls", key=KEY_RSA)
         state = self.tmp / "agent-tls"
         state.mkdir()
-        https = AgentProcess(state, free_port(), {**self.agent.env, **tls_env(pki.server)}, workers=WORKERS, ca_file=pki.ca_file)
+        # Its own state dir, so its own claims network: a subnet of its own too.
+        env = {key: value for key, value in self.agent.env.items() if key != "UTOPIA_AGENT_NETWORK_SUBNET"}
+        https = AgentProcess(state, free_port(), {**env, **tls_env(pki.server)}, workers=WORKERS, ca_file=pki.ca_file)
         https.start()
         calls = TimedCalls(https)
         try:
