@@ -49,6 +49,15 @@ def _unmount_leftovers(tmp_path_factory):
     whatever is left under this run's temp dir, so nothing outlives the run."""
     yield
     unmount_under(tmp_path_factory.getbasetemp())
+    # Here too, not only in `engine`'s teardown: a run of tests that never asked for the engine
+    # still starts agents, and an agent whose workers fail to boot never runs its on_exit
+    # (gunicorn's halt re-raises before it), so nothing of its own removes its network.
+    try:
+        client = docker.from_env(timeout=10)
+        client.ping()
+    except docker.errors.DockerException:
+        return
+    remove_agent_networks(client, tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture(scope="session")
