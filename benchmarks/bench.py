@@ -312,8 +312,9 @@ class Bench:
         self.api = self.client.api
         self.images_before = image_ids(self.client)
         self.image = ensure_test_image(self.client)
-        self.defaults = Config(token="-")
         self.tmp = Path(tempfile.mkdtemp(prefix="utopia-bench-"))
+        # The agent's own state dir: the baseline's containers join the agent's claims network.
+        self.defaults = Config(token="-", state_dir=self.tmp / "agent")
         self.gpus = fake_gpus(GPUS)
         self.agent: AgentProcess | None = None
         self.http: TimedCalls | None = None
