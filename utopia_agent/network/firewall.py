@@ -76,8 +76,9 @@ class FirewallState:
 class Firewall:
     """iptables, the tool the engine itself uses on this node (legacy or nft alike)."""
 
-    def __init__(self, iptables: str = "iptables"):
+    def __init__(self, iptables: str = "iptables", restore: str = "iptables-restore"):
         self.iptables = iptables
+        self.restore = restore
 
     def read(self) -> FirewallState:
         return FirewallState(tuple(self._run(["-w", "-S"]).splitlines()))
@@ -118,7 +119,7 @@ class Firewall:
             lines.extend("-D" + existing[2:] for existing in state.chain(parent) if existing == line)
             lines.append(f"-I {parent} 1" + line[len(f"-A {parent}"):])
         lines.append("COMMIT")
-        self._run(["-w", "--noflush"], tool=self._restore(), stdin="\n".join(lines) + "\n")
+        self._run(["-w", "--noflush"], tool=self.restore, stdin="\n".join(lines) + "\n")
 
     def remove(self, rules: IsolationRules) -> None:
         """Take out the jumps to the agent's chains and the chains themselves; nothing else."""
@@ -132,14 +133,11 @@ class Firewall:
             if state.has_chain(chain):
                 lines.extend([f"-F {chain}", f"-X {chain}"])
         if len(lines) > 1:
-            self._run(["-w", "--noflush"], tool=self._restore(), stdin="\n".join(lines + ["COMMIT"]) + "\n")
+            self._run(["-w", "--noflush"], tool=self.restore, stdin="\n".join(lines + ["COMMIT"]) + "\n")
 
     def forward_parent(self, state: FirewallState) -> str:
         """DOCKER-USER where the engine keeps it (it manages iptables), else FORWARD itself."""
         return DOCKER_USER if state.has_chain(DOCKER_USER) else "FORWARD"
-
-    def _restore(self) -> str:
-        return self.iptables.replace("iptables", "iptables-restore") if "iptables" in self.iptables.rsplit("/", 1)[-1] else "iptables-restore"
 
     def _run(self, args: Sequence[str], tool: str | None = None, stdin: str | None = None) -> str:
         tool = tool or self.iptables

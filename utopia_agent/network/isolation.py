@@ -187,8 +187,9 @@ class NetworkIsolation:
         try:
             stat = os.stat(self._record.path)
         except FileNotFoundError:
-            return {"isolation": "on" if self.config.network_isolation else "off", "rules_in_place": False,
-                    "problem": "the agent has not set up its network isolation"} if self.config.network_isolation else {"isolation": "off"}
+            if not self.config.network_isolation:
+                return {"isolation": "off"}
+            return {"isolation": "on", "rules_in_place": False, "problem": "the agent has not set up its network isolation"}
         key = (stat.st_mtime_ns, stat.st_ino)
         if key != self._cached[0]:
             self._cached = (key, self._record.read())
