@@ -345,6 +345,11 @@ class Bench:
             **os.environ,
             "UTOPIA_AGENT_GPU_BACKEND": "nvml",
             "UTOPIA_AGENT_STOP_TIMEOUT": str(self.stop_timeout),
+            # A hundred claims without GPUs beside GPU claims on a 2-core machine: each gets a
+            # hundredth of a CPU by default, and no CPU is kept back, so they all fit.
+            "UTOPIA_AGENT_RESERVED_CPUS": "0",
+            "UTOPIA_AGENT_DEFAULT_CPUS": "0.01",
+            "UTOPIA_AGENT_DEFAULT_MEMORY_MB": "32",
         }
         self.agent = AgentProcess(state, free_port(), fake_nvml_env(nvml_dir, nvml_config, env), workers=WORKERS)
         self.agent.start()

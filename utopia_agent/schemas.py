@@ -492,8 +492,12 @@ class NetworkSchema(ResponseSchema):
     subnet = fields.String(allow_none=True, load_default=None, metadata={"description": "Its IPv4 subnet; null until the network is made."})
     gateway = fields.String(allow_none=True, load_default=None, metadata={"description": "The bridge's address; null until the network is made."})
     blocked_networks = fields.List(fields.String(), load_default=list,
-                                   metadata={"description": "Destinations claims may not reach besides the node: 169.254.0.0/16 and "
+                                   metadata={"description": "Destinations claims may not reach besides the node: 169.254.0.0/16, the "
+                                                            "clouds' metadata endpoints (less UTOPIA_AGENT_UNBLOCKED_NETWORKS) and "
                                                             "UTOPIA_AGENT_BLOCKED_NETWORKS."})
+    resolvers = fields.List(fields.String(), load_default=list,
+                            metadata={"description": "The node's DNS resolvers (as the engine gives them to containers): claims "
+                                                     "reach them on port 53, UDP and TCP, and nothing else there."})
     rules_in_place = fields.Boolean(load_default=None, metadata={"description": "True while the agent's firewall rules stand as it put them."})
     problem = fields.String(allow_none=True, load_default=None,
                             metadata={"description": "Why claims cannot run protected now (creates and /health answer 503); null when they can."})
