@@ -161,6 +161,16 @@ class TooManyStreams(AgentError):
         return {"Retry-After": "5"}
 
 
+class TooManyExecSessions(AgentError):
+    """The claim, or the whole agent, already runs as many exec sessions as it may."""
+
+    status = 429
+    code = "too_many_exec_sessions"
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "5"}
+
+
 class RevisionTooOld(AgentError):
     """The history no longer holds the changes after the asked revision: list again, then watch."""
 
@@ -189,6 +199,12 @@ class InsufficientStorage(AgentError):
 
     status = 507
     code = "insufficient_storage"
+
+
+class ContainerNotRunning(Conflict):
+    """A command can only run in a running container (exec)."""
+
+    code = "container_not_running"
 
 
 class ImageInUse(Conflict):

@@ -192,6 +192,12 @@ class TooManyStreams(ApiError):
     status, code, retryable = 429, "too_many_streams", True
 
 
+class TooManyExecSessions(ApiError):
+    """The claim, or the agent, already runs as many exec sessions as it may; retry after Retry-After."""
+
+    status, code, retryable = 429, "too_many_exec_sessions", True
+
+
 class RevisionTooOld(ApiError):
     """The agent no longer holds the changes after the asked revision: list again, watch from the list's."""
 
@@ -232,6 +238,12 @@ class InsufficientStorage(ApiError):
     """The node's image store has no room for the pull, even after collecting unused images."""
 
     status, code = 507, "insufficient_storage"
+
+
+class ContainerNotRunning(Conflict):
+    """A command runs only in a running container (exec); start a new one or wait for its restart."""
+
+    status, code = 409, "container_not_running"
 
 
 class ImageInUse(Conflict):
