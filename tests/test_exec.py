@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 
+import pexpect
 import pytest
 import websocket
 
@@ -280,3 +284,41 @@ def test_exec_over_https_once_and_interactive(https_exec_agent, test_image, clai
         out, _ = shell.read_all(timeout=10)
     assert out == b"x" * 100_000 and shell.exit_code == 0
     https_exec_agent.delete(f"/api/v1/containers/{container_id}")
+
+
+# --- the CLI ----------------------------------------------------------------------------
+
+
+def cli_env(agent) -> dict[str, str]:
+    return {**{k: v for k, v in os.environ.items() if not k.startswith("UTOPIA_AGENT_")}, "UTOPIA_AGENT_TOKEN": agent.token}
+
+
+def test_the_cli_exits_with_the_commands_code_and_passes_stdin(exec_agent, box):
+    base = [sys.executable, "-m", "utopia_agent.cli", "exec", "--url", exec_agent.base_url]
+    env = cli_env(exec_agent)
+    failed = subprocess.run([*base, box, "--", "sh", "-c", "echo out; echo err >&2; exit 4"], env=env, capture_output=True, timeout=60)
+    assert (failed.returncode, failed.stdout, failed.stderr) == (4, b"out\n", b"err\n")
+    echoed = subprocess.run([*base, "-i", box, "--", "cat"], env=env, input=b"piped\x00bytes", capture_output=True, timeout=60)
+    assert (echoed.returncode, echoed.stdout) == (0, b"piped\x00bytes")
+    missing = subprocess.run([*base, "0123456789ab", "--", "true"], env=env, capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 5 and "404" in missing.stderr
+
+
+def test_the_cli_gives_a_real_terminal_raw_and_resized_through_a_pty(exec_agent, box):
+    child = pexpect.spawn(sys.executable, ["-m", "utopia_agent.cli", "exec", "-it", "--url", exec_agent.base_url, box, "--", "sh"],
+                          env=cli_env(exec_agent), dimensions=(24, 80), timeout=15)
+    try:
+        child.expect("# ")
+        child.sendline("stty size")
+        child.expect("24 80")
+        child.setwinsize(40, 100)  # the kernel sends the CLI SIGWINCH
+        time.sleep(0.5)
+        child.sendline("stty size")
+        child.expect("40 100")
+        child.sendcontrol("c")  # raw mode: Ctrl-C reaches the shell, which goes on
+        child.expect("# ")
+        child.sendline("exit 3")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 3

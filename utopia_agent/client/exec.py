@@ -34,6 +34,8 @@ STDIN, STDOUT, STDERR, STATUS, RESIZE, CLOSE = 0, 1, 2, 3, 4, 255
 class ExecSession:
     """One session: `write` to stdin, `read` the output, `resize` the terminal; `exit_code` once it ended."""
 
+    STDOUT, STDERR = STDOUT, STDERR
+
     def __init__(self, ws: websocket.WebSocket):
         self._ws = ws
         self.protocol: str = ws.subprotocol or ""
