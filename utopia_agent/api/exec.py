@@ -26,7 +26,7 @@ blueprint = Blueprint("exec", __name__, url_prefix="/containers")
 _path = ContainerPathSchema()
 # The largest message a client may send (stdin comes in far smaller pieces).
 MAX_MESSAGE_BYTES = 1024 * 1024
-RECEIVE_BYTES = 64 * 1024
+RECEIVE_BYTES = 256 * 1024
 # How long the client may take to answer the close before its connection is cut.
 CLOSE_WAIT_SECONDS = 2.0
 

@@ -65,20 +65,21 @@ class EngineExec:
         """The engine's multiplexed stream (an 8-byte header per write) into chunks, consecutive ones of a stream joined."""
         frames = self._frames
         frames += data
-        chunks: list[tuple[int, bytes]] = []
+        view = memoryview(frames)
+        runs: list[tuple[int, list[memoryview]]] = []
         offset = 0
         while len(frames) - offset >= _HEADER.size:
             stream, size = _HEADER.unpack_from(frames, offset)
             end = offset + _HEADER.size + size
             if end > len(frames):
                 break
-            payload = bytes(frames[offset + _HEADER.size:end])
             stream = STDERR if stream == STDERR else STDOUT
-            if chunks and chunks[-1][0] == stream:
-                chunks[-1] = (stream, chunks[-1][1] + payload)
-            else:
-                chunks.append((stream, payload))
+            if not runs or runs[-1][0] != stream:
+                runs.append((stream, []))
+            runs[-1][1].append(view[offset + _HEADER.size:end])
             offset = end
+        chunks = [(stream, b"".join(pieces)) for stream, pieces in runs]
+        del view, runs
         del frames[:offset]
         return chunks
 
