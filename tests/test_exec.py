@@ -213,6 +213,7 @@ def test_an_idle_session_ends_and_its_command_with_it(exec_agent, box, docker_cl
 def test_a_session_ends_when_its_container_stops(exec_agent, test_image, claim, docker_client):
     container_id = running(exec_agent, claim(), test_image)
     with session(exec_agent, container_id, ["sleep", "305"], stdin=True) as shell:
+        assert wait_for(lambda: any("sleep 305" in p for p in processes(docker_client, container_id)), 10)
         docker_client.api.kill(container_id)
         shell.read_all(timeout=10)
     assert shell.exit_code is not None and shell.exit_code != 0

@@ -9,6 +9,7 @@ connection is no longer HTTP.
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 
@@ -22,6 +23,7 @@ from ..services import services
 from .containers import NOT_MANAGED
 from .operations import ENGINE_DOWN, Responds, fails, operation
 
+log = logging.getLogger("utopia_agent.exec")
 blueprint = Blueprint("exec", __name__, url_prefix="/containers")
 _path = ContainerPathSchema()
 # The largest message a client may send (stdin comes in far smaller pieces).
@@ -95,7 +97,12 @@ def exec_interactive(container_id: str, query: dict) -> Response:
     except BaseException:
         prepared.abandon()
         raise
-    prepared.run(WebSocketChannel(ws, connection))
+    channel = WebSocketChannel(ws, connection)
+    try:
+        prepared.run(channel)
+    except Exception:  # past the upgrade no HTTP answer may be written: it would read as a broken frame
+        log.exception("exec session failed claim=%s container=%s", prepared.container.claim_id, prepared.container.id[:12])
+        channel.close()
     return TakenOver(status=101)
 
 

@@ -45,12 +45,12 @@ class ClientMessage:
         return (width, height) if 0 < width <= 65535 and 0 < height <= 65535 else None
 
 
-def status_message(exit_code: int | None) -> bytes:
-    """The final status on channel 3: Success for 0, else the exit code as client-go reads it."""
+def status_message(exit_code: int | None, failure: str = "the engine did not record the command's exit code") -> bytes:
+    """The final status on channel 3: Success for 0, else the exit code as client-go reads it; without an exit code, `failure`."""
     if exit_code == 0:
         status = {"metadata": {}, "status": "Success"}
     elif exit_code is None:
-        status = {"metadata": {}, "status": "Failure", "message": "the engine did not record the command's exit code", "reason": "InternalError"}
+        status = {"metadata": {}, "status": "Failure", "message": failure, "reason": "InternalError"}
     else:
         status = {
             "metadata": {}, "status": "Failure", "message": f"command terminated with non-zero exit code: {exit_code}",

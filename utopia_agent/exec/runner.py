@@ -24,7 +24,7 @@ from ..claims.records import ManagedContainer
 from ..config import Config
 from ..engine.exec import STDERR, STDOUT, EngineExec
 from ..engine.manager import DockerManager
-from ..errors import ContainerNotRunning
+from ..errors import AgentError, ContainerNotRunning
 from ..events.changes import exec_change
 from ..events.history import EventHistory
 from .channels import CLOSE, RESIZE, STDIN, ClientMessage, status_message
@@ -191,8 +191,14 @@ class PreparedSession:
         started = time.monotonic()
         exit_code, ended = None, "exited"
         try:
-            docker = self._execs._docker
-            with self._execs._tracked(docker.start_exec(self.container.id, self._exec_id, self.tty)) as process:
+            try:
+                process = self._execs._docker.start_exec(self.container.id, self._exec_id, self.tty)
+            except AgentError as error:  # the container stopped since the checks: the client is told on channel 3
+                channel.send(status_message(None, error.message))
+                channel.close()
+                ended = "not started"
+                return
+            with self._execs._tracked(process) as process:
                 gone = threading.Event()
                 reader = threading.Thread(target=self._pump_input, args=(channel, process, gone), name="exec-input", daemon=True)
                 reader.start()
@@ -204,7 +210,7 @@ class PreparedSession:
                 reader.join(KILLED_GRACE_SECONDS)
         finally:
             os.close(self._slot)
-        self._execs._finished(self.container, self.command, "interactive", started, exit_code, ended)
+            self._execs._finished(self.container, self.command, "interactive", started, exit_code, ended)
 
     def _pump_input(self, channel: Channel, process: EngineExec, gone: threading.Event) -> None:
         """The client's messages to the command, until the client goes; then the command goes too."""
