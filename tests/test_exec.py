@@ -297,12 +297,16 @@ def cli_env(agent) -> dict[str, str]:
 def test_the_cli_exits_with_the_commands_code_and_passes_stdin(exec_agent, box):
     base = [sys.executable, "-m", "utopia_agent.cli", "exec", "--url", exec_agent.base_url]
     env = cli_env(exec_agent)
+    since = exec_agent.client.revision()
     failed = subprocess.run([*base, box, "--", "sh", "-c", "echo out; echo err >&2; exit 4"], env=env, capture_output=True, timeout=60)
     assert (failed.returncode, failed.stdout, failed.stderr) == (4, b"out\n", b"err\n")
     echoed = subprocess.run([*base, "-i", box, "--", "cat"], env=env, input=b"piped\x00bytes", capture_output=True, timeout=60)
     assert (echoed.returncode, echoed.stdout) == (0, b"piped\x00bytes")
     missing = subprocess.run([*base, "0123456789ab", "--", "true"], env=env, capture_output=True, text=True, timeout=60)
     assert missing.returncode == 5 and "404" in missing.stderr
+    events = subprocess.run([sys.executable, "-m", "utopia_agent.cli", "events", "--url", exec_agent.base_url, "--since", str(since)],
+                            env=env, capture_output=True, text=True, timeout=60)
+    assert any(" exec " in line and "sh interactive exit 4 exited" in line for line in events.stdout.splitlines()), events.stdout
 
 
 def test_the_cli_gives_a_real_terminal_raw_and_resized_through_a_pty(exec_agent, box):

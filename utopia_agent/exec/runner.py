@@ -77,9 +77,9 @@ class Execs:
         started = time.monotonic()
         with self._slot(container):
             exec_id = self._docker.create_exec(container.id, body["command"], env=body["env"], working_dir=body["working_dir"])
-            with self._tracked(self._docker.start_exec(container.id, exec_id)) as process:
+            with self.tracked(self._docker.start_exec(container.id, exec_id)) as process:
                 result = collect(process, body["timeout"], self._config.exec_output_bytes)
-        self._finished(container, body["command"], "once", started, result.exit_code, "timeout" if result.timed_out else "exited")
+        self.ended(container, body["command"], "once", started, result.exit_code, "timeout" if result.timed_out else "exited")
         return result
 
     def prepare(self, container_id: str, command: list[str], stdin: bool, tty: bool) -> PreparedSession:
@@ -93,6 +93,13 @@ class Execs:
             os.close(slot)
             raise
         return PreparedSession(self, container, command, exec_id, stdin, tty, slot)
+
+    @property
+    def idle_seconds(self) -> float:
+        return self._config.exec_idle_seconds
+
+    def start(self, container_id: str, exec_id: str, tty: bool) -> EngineExec:
+        return self._docker.start_exec(container_id, exec_id, tty)
 
     def close(self) -> None:
         """The worker stops: end every command it runs, so no session outlives it."""
@@ -117,7 +124,8 @@ class Execs:
             os.close(slot)
 
     @contextmanager
-    def _tracked(self, process: EngineExec) -> Iterator[EngineExec]:
+    def tracked(self, process: EngineExec) -> Iterator[EngineExec]:
+        """The command is ended by `close` while it runs, and the exec's connection closed after."""
         with self._lock:
             self._active.add(process)
             stopping = self._stopping
@@ -130,8 +138,9 @@ class Execs:
                 self._active.discard(process)
             process.close()
 
-    def _finished(self, container: ManagedContainer, command: list[str], mode: str, started: float, exit_code: int | None,
-                  ended: str) -> None:
+    def ended(self, container: ManagedContainer, command: list[str], mode: str, started: float, exit_code: int | None,
+              ended: str) -> None:
+        """The session's one log line and its `exec` event."""
         duration = round(time.monotonic() - started, 3)
         program = command[0] if command else ""
         log.info("exec ended claim=%s container=%s command=%s mode=%s duration=%.3fs exit_code=%s ended=%s",
@@ -192,13 +201,13 @@ class PreparedSession:
         exit_code, ended = None, "exited"
         try:
             try:
-                process = self._execs._docker.start_exec(self.container.id, self._exec_id, self.tty)
+                process = self._execs.start(self.container.id, self._exec_id, self.tty)
             except AgentError as error:  # the container stopped since the checks: the client is told on channel 3
                 channel.send(status_message(None, error.message))
                 channel.close()
                 ended = "not started"
                 return
-            with self._execs._tracked(process) as process:
+            with self._execs.tracked(process) as process:
                 gone = threading.Event()
                 reader = threading.Thread(target=self._pump_input, args=(channel, process, gone), name="exec-input", daemon=True)
                 reader.start()
@@ -210,7 +219,7 @@ class PreparedSession:
                 reader.join(KILLED_GRACE_SECONDS)
         finally:
             os.close(self._slot)
-            self._execs._finished(self.container, self.command, "interactive", started, exit_code, ended)
+            self._execs.ended(self.container, self.command, "interactive", started, exit_code, ended)
 
     def _pump_input(self, channel: Channel, process: EngineExec, gone: threading.Event) -> None:
         """The client's messages to the command, until the client goes; then the command goes too."""
@@ -231,7 +240,7 @@ class PreparedSession:
 
     def _pump_output(self, channel: Channel, process: EngineExec, gone: threading.Event) -> str:
         """The command's output to the client until it ends; how the session ended."""
-        idle = self._execs._config.exec_idle_seconds
+        idle = self._execs.idle_seconds
         ended, killed_at = "exited", None
         while True:
             now = time.monotonic()
