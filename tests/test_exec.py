@@ -327,3 +327,17 @@ def test_the_cli_gives_a_real_terminal_raw_and_resized_through_a_pty(exec_agent,
     finally:
         child.close()
     assert child.exitstatus == 3
+
+
+def test_stopping_the_agent_ends_its_sessions_and_their_commands_at_once(agent_factory, test_image, claim, docker_client):
+    agent = agent_factory(workers=1, UTOPIA_AGENT_NETWORK_ISOLATION="off")
+    container_id = running(agent, claim(), test_image)
+    shell = session(agent, container_id, ["sleep", "309"], stdin=True)
+    assert wait_for(lambda: any("sleep 309" in p for p in processes(docker_client, container_id)), 10)
+    started = time.monotonic()
+    agent.stop()
+    assert time.monotonic() - started < 10, "the graceful stop did not wait out the session"
+    assert not any("sleep 309" in p for p in processes(docker_client, container_id))
+    shell.read_all(timeout=5)
+    assert shell.ended
+    docker_client.api.remove_container(container_id, force=True)
