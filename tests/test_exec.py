@@ -257,6 +257,8 @@ def test_a_session_is_refused_before_the_upgrade(exec_agent, box):
     assert no_protocol.status_code == 400 and "v5.channel.k8s.io" in no_protocol.json()["message"]
     no_command = exec_agent.get(url, headers={**headers, "Sec-WebSocket-Protocol": V5})
     assert no_command.status_code == 400 and "command" in no_command.json()["errors"]
+    no_key = exec_agent.get(url, params={"command": "true"}, headers={"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Protocol": V5})
+    assert no_key.status_code == 400 and "Missing header" in no_key.json()["message"], no_key.text
     unknown = exec_agent.get("/api/v1/containers/0123456789ab/exec", params={"command": "true"}, headers={**headers, "Sec-WebSocket-Protocol": V5})
     assert unknown.status_code == 404
 

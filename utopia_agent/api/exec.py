@@ -15,6 +15,7 @@ import threading
 
 from flask import Blueprint, Response, g, request
 from simple_websocket import ConnectionClosed, Server
+from wsproto.utilities import RemoteProtocolError
 
 from ..errors import ContainerNotRunning, EngineError, InvalidRequest, PolicyViolation, TooManyExecSessions
 from ..exec.channels import PROTOCOLS
@@ -94,6 +95,9 @@ def exec_interactive(container_id: str, query: dict) -> Response:
         # simple-websocket finds the connection under gunicorn's key; it gets one whose sends are whole.
         ws = Server(dict(request.environ, **{"gunicorn.socket": WholeSends(connection)}), subprotocols=list(PROTOCOLS),
                     receive_bytes=RECEIVE_BYTES, max_message_size=MAX_MESSAGE_BYTES)
+    except RemoteProtocolError as refused:  # nothing was sent: the answer is still HTTP
+        prepared.abandon()
+        raise InvalidRequest(f"not a WebSocket handshake: {refused}") from None
     except BaseException:
         prepared.abandon()
         raise
