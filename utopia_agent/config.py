@@ -21,6 +21,9 @@ LOG_FORMATS = ("json", "text")
 PROMETHEUS_AUTH_MODES = ("token", "none")
 RESTART_POLICIES = ("no", "on-failure", "unless-stopped", "always")
 GPU_BACKENDS = ("auto", "nvml", "fake", "none")
+# Exec sessions (one-shot and interactive) the whole agent runs at once; each holds a thread of
+# its own beyond the request pool (gunicorn.conf.py), so /health never waits behind them.
+MAX_EXEC_SESSIONS = 16
 # Host paths no volume root may be, contain or lie in: the host's system, the engine's and
 # other orchestrators' state. The agent's own code, token and state are added at load.
 SYSTEM_PATHS = (
@@ -173,6 +176,9 @@ class Config:
     image_gc_interval: float = 60.0
     events_history: int = 10000
     events_heartbeat_seconds: float = 15.0
+    exec_idle_seconds: float = 600.0
+    exec_output_bytes: int = 1024 * 1024
+    exec_sessions_per_claim: int = 8
     # Resolved at load: what no volume may reach (SYSTEM_PATHS, the agent's code and token).
     denied_paths: tuple[str, ...] = ()
 
@@ -453,6 +459,9 @@ def load_config(env: Mapping[str, str] | None = None, ephemeral_ports_path: Path
         **_image_gc(env),
         events_history=_int(env, "UTOPIA_AGENT_EVENTS_HISTORY", 10000, high=10_000_000),
         events_heartbeat_seconds=_seconds(env, "UTOPIA_AGENT_EVENTS_HEARTBEAT_SECONDS", 15.0),
+        exec_idle_seconds=_seconds(env, "UTOPIA_AGENT_EXEC_IDLE_SECONDS", 600.0),
+        exec_output_bytes=_int(env, "UTOPIA_AGENT_EXEC_OUTPUT_BYTES", 1024 * 1024, low=1024, high=64 * 1024 * 1024),
+        exec_sessions_per_claim=_int(env, "UTOPIA_AGENT_EXEC_SESSIONS_PER_CLAIM", 8, high=MAX_EXEC_SESSIONS),
         denied_paths=denied,
     )
 

@@ -196,6 +196,13 @@ class RegistryAuthSchema(Schema):
                              metadata={"description": "The user's password or a registry token.", "writeOnly": True})
 
 
+# One `KEY=value` entry of an environment (a create's env_vars, an exec's env).
+_ENV_ENTRY = fields.String(validate=[
+    validate.Length(max=MAX_ENV_ENTRY),
+    FullMatch(ENV_ENTRY_PATTERN, error="must be KEY=VALUE with KEY made of letters, digits and _, not starting with a digit"),
+])
+
+
 class CreateContainerSchema(Schema):
     """POST /api/v1/containers body; unknown fields are refused (marshmallow's default)."""
 
@@ -221,12 +228,7 @@ class CreateContainerSchema(Schema):
         metadata={"description": "Host ports published to container ports."},
     )
     env_vars = fields.List(
-        fields.String(
-            validate=[
-                validate.Length(max=MAX_ENV_ENTRY),
-                FullMatch(ENV_ENTRY_PATTERN, error="must be KEY=VALUE with KEY made of letters, digits and _, not starting with a digit"),
-            ]
-        ),
+        _ENV_ENTRY,
         load_default=list,
         validate=validate.Length(max=MAX_LIST_ITEMS),
         metadata={"description": "Environment entries `KEY=value`; GPU-selecting names (NVIDIA_*, CUDA_VISIBLE_DEVICES, ...) are refused."},
@@ -404,6 +406,50 @@ class LogsQuerySchema(Schema):
     since = fields.Float(validate=validate.Range(0, 1e11), metadata={"description": "Only lines logged at or after this Unix time (seconds)."})
     timestamps = fields.Boolean(load_default=False, metadata={"description": "Prefix each line with its RFC 3339 time."})
     follow = fields.Boolean(load_default=False, metadata={"description": "Keep streaming new lines, for at most the node's follow limit."})
+
+
+MAX_EXEC_TIMEOUT = 24 * 3600
+_EXEC_COMMAND = dict(
+    validate=validate.Length(min=1, max=MAX_LIST_ITEMS),
+    metadata={"description": "The program and its arguments, run in the container as its own user, without a shell."},
+)
+
+
+class ExecSchema(Schema):
+    """POST /api/v1/containers/<id>/exec body; unknown fields are refused."""
+
+    command = fields.List(fields.String(validate=[validate.Length(max=MAX_STRING), _NO_NUL]), required=True, **_EXEC_COMMAND)
+    env = fields.List(
+        _ENV_ENTRY, load_default=list, validate=validate.Length(max=MAX_LIST_ITEMS),
+        metadata={"description": "Environment entries `KEY=value` added for this command; GPU-selecting names are refused, as at create."},
+    )
+    working_dir = fields.String(
+        load_default="",
+        validate=[validate.Length(max=MAX_STRING), FullMatch(r"^(/[^\x00]*)?$", error="must be empty or an absolute path without NUL characters"),
+                  _names_fit],
+        metadata={"description": "Absolute directory to run in; empty keeps the container's."},
+    )
+    timeout = StrictNumber(
+        load_default=60.0, validate=validate.Range(0.1, MAX_EXEC_TIMEOUT),
+        metadata={"description": "Seconds the command may run; past them it and its children are killed and `timed_out` is true."},
+    )
+
+
+class ExecResultSchema(ResponseSchema):
+    exit_code = fields.Integer(required=True, allow_none=True, metadata={"description": "The command's exit status (128 + signal when killed)."})
+    stdout = fields.String(required=True, metadata={
+        "description": "Its standard output (UTF-8, undecodable bytes replaced), at most UTOPIA_AGENT_EXEC_OUTPUT_BYTES."})
+    stderr = fields.String(required=True, metadata={"description": "Its standard error, bounded the same way."})
+    truncated = fields.Boolean(required=True, metadata={"description": "True when stdout or stderr was longer than the bound: the rest was read and dropped."})
+    timed_out = fields.Boolean(required=True, metadata={"description": "True when the command ran past `timeout` and was killed."})
+
+
+class ExecQuerySchema(Schema):
+    """GET /api/v1/containers/<id>/exec (the WebSocket upgrade) query; `command` is repeated, one per argument."""
+
+    command = fields.List(fields.String(validate=[validate.Length(max=MAX_STRING), _NO_NUL]), required=True, **_EXEC_COMMAND)
+    stdin = fields.Boolean(load_default=False, metadata={"description": "Pass channel 0 to the command's standard input."})
+    tty = fields.Boolean(load_default=False, metadata={"description": "Run the command on a terminal (stderr then comes on stdout); resize on channel 4."})
 
 
 class ContainerGpuStatsSchema(ResponseSchema):
@@ -634,10 +680,13 @@ def load_request(schema: Schema, payload) -> dict:
 
 
 def load_query(schema: Schema, args) -> dict:
-    """Validate a query string (a MultiDict) with `schema`; an unknown or repeated parameter is a 400 naming it."""
-    errors: dict[str, list[str]] = {name: ["given more than once"] for name in args if len(args.getlist(name)) > 1}
+    """Validate a query string (a MultiDict) with `schema`; an unknown or repeated parameter is a 400 naming it
+    (a list field's parameter is repeated, once per item)."""
+    repeatable = {name for name, field in schema.fields.items() if isinstance(field, fields.List)}
+    errors: dict[str, list[str]] = {name: ["given more than once"] for name in args if name not in repeatable and len(args.getlist(name)) > 1}
+    given = {name: args.getlist(name) if name in repeatable else args.get(name) for name in args}
     try:
-        data = schema.load(args.to_dict())
+        data = schema.load(given)
     except ValidationError as exc:
         errors = {**exc.messages, **errors}
     if not errors:
