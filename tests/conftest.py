@@ -32,7 +32,7 @@ from tests.support.engine import (
 )
 
 RUN_ID = uuid.uuid4().hex[:6]
-TEST_DEFAULT_CPUS, TEST_DEFAULT_MEMORY_MB = "0.01", "128"
+TEST_DEFAULT_CPUS, TEST_DEFAULT_MEMORY_MB = "0.05", "128"
 
 
 def pytest_collection_modifyitems(items):

@@ -86,15 +86,15 @@ def test_gpu_claim_gets_its_share_of_the_node(agent_factory, docker_client, test
 def test_claim_without_gpus_or_limits_gets_the_nodes_defaults(agent, docker_client, test_image, claim):
     container_id = created(agent.create(claim(), test_image, command=["sleep", "300"]))
     host = inspect(docker_client, container_id)["HostConfig"]
-    assert (host["NanoCpus"], host["Memory"], host["CpusetCpus"]) == (10_000_000, 128 * MIB, ""), \
-        "UTOPIA_AGENT_DEFAULT_CPUS and _MEMORY_MB (the tests' 0.01 and 128): never unbounded"
+    assert (host["NanoCpus"], host["Memory"], host["CpusetCpus"]) == (50_000_000, 128 * MIB, ""), \
+        "UTOPIA_AGENT_DEFAULT_CPUS and _MEMORY_MB (the tests' 0.05 and 128): never unbounded"
     assert host["ShmSize"] == 64 * MIB, "half the memory limit"
     df = run_in(docker_client, container_id, "busybox", "df", "-m", "/dev/shm").splitlines()[-1].split()
     assert int(df[1]) == 64
     # What docker-bench-security's container runtime checks look at (5.11 memory, 5.12 CPU priority):
     # a memory limit, and CPU shares set apart from the engine's 0/1024 "never set".
     assert host["Memory"] != 0 and host["CpuShares"] not in (0, 1024)
-    assert host["CpuShares"] == 10, "a thousand per CPU"
+    assert host["CpuShares"] == 50, "a thousand per CPU"
 
 
 def test_defaults_count_against_the_claims_capacity(agent_factory, test_image, claim):
