@@ -354,7 +354,9 @@ def test_the_cli_presents_its_client_certificate(agent_factory, pki):
     assert half.returncode == 2 and stderr_lines(half) == ["utopia-agent: a client certificate needs both --cert-file and --key-file"]
 
 
-def test_check_reports_the_certificate_and_warns_before_it_expires(cli_env, pki, tmp_path):  # noqa: F811 (the fixture)
+def test_check_reports_the_certificate_and_warns_before_it_expires(cli_env, pki, engine):  # noqa: F811 (the fixture)
+    """`check` passes only where the agent could run, engine included; the certificate's own reading
+    is held without an engine by the certificate_facts tests."""
     env = {**cli_env, **tls_env(pki.server)}
     checked = run_cli("check", env=env)
     assert checked.returncode == 0, checked.stderr
