@@ -11,7 +11,7 @@ from functools import partial
 
 import pytest
 
-from utopia_agent.engine.node_view import ContainerState
+from utopia_agent.claims.records import ContainerState
 from utopia_agent.errors import InvalidRequest, RevisionTooOld
 from utopia_agent.events.changes import container_changes, exit_line
 from utopia_agent.events.history import EventHistory, HistoryGap
