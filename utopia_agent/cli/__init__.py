@@ -167,6 +167,14 @@ def cmd_ps(args: argparse.Namespace) -> int:
     return 0
 
 
+def _each(args: argparse.Namespace, names: list[str], remove: Callable[[str], object], done: str) -> int:
+    """Remove each in turn, saying so as each goes (the first refusal stops the rest)."""
+    for name in names:
+        remove(name)
+        print(json.dumps({done: name}) if args.json else name)
+    return 0
+
+
 def _print_fields(values: dict[str, Any]) -> None:
     """`key: value` lines; a nested value as one line of JSON."""
     width = max(map(len, values), default=0)
@@ -203,10 +211,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 def cmd_rm(args: argparse.Namespace) -> int:
     with agent_client(args) as client:
-        for container in args.containers:
-            client.delete(container)
-            print(json.dumps({"deleted": container}) if args.json else container)
-    return 0
+        return _each(args, args.containers, client.delete, "deleted")
 
 
 def cmd_images(args: argparse.Namespace) -> int:
@@ -241,10 +246,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 def cmd_rmi(args: argparse.Namespace) -> int:
     with agent_client(args) as client:
-        for reference in args.images:
-            client.remove_image(reference)
-            print(json.dumps({"removed": reference}) if args.json else reference)
-    return 0
+        return _each(args, args.images, client.remove_image, "removed")
 
 
 def cmd_gpus(args: argparse.Namespace) -> int:

@@ -42,22 +42,8 @@ from ..schemas import (
 )
 from .errors import AgentUnreachable, ClaimExists, RevisionTooOld, UnexpectedAnswer, error_from_response, retry_after_seconds
 from ..images.schemas import ImageSchema
-from .records import (
-    Container,
-    ContainerGpuStats,
-    ContainerStats,
-    Created,
-    Gpu,
-    GpuMetrics,
-    Health,
-    Image,
-    NodeMetrics,
-    PullProgress,
-    SystemMetrics,
-    XidEvent,
-    load_answer,
-    make_record,
-)
+from .records import Container, ContainerGpuStats, ContainerStats, Created, Gpu, GpuMetrics, Health, Image, NodeMetrics, PullProgress, SystemMetrics, XidEvent
+from .records import load_answer, make_record
 
 DEFAULT_TIMEOUT = 30.0
 # A create may pull its image: longer than the agent's default UTOPIA_AGENT_PULL_TIMEOUT (1800 s).

@@ -124,26 +124,11 @@ class Images:
             pass
 
     def _pull(self, image: str, auth: RegistryAuth | None, entry: PullEntry | None = None) -> PresentImage:
-        """Collect first when the store is past its high mark, then pull; a pull the disk cannot
-        hold is retried once after collecting, then 507."""
         entry = entry or self.board.entry(image)
         if auth is not None:
             self.pulled.pulling(image)
         try:
-            self.collector.collect()
-            try:
-                pull(self.docker, image, auth, entry)
-            except ImagePullFailed as exc:
-                if NO_SPACE not in exc.message.lower():
-                    raise
-                self.collector.collect()
-                try:
-                    pull(self.docker, image, auth, entry)
-                except ImagePullFailed as again:
-                    if NO_SPACE not in again.message.lower():
-                        raise
-                    raise InsufficientStorage(f"no room for {image} in the node's image store, even after collecting unused images",
-                                              image=image) from None
+            self._pull_with_room(image, auth, entry)
             present = self.docker.present_image(image)
             if present is None:
                 raise ImagePullFailed(f"cannot pull {image}: the engine lost it right after the pull", image=image)
@@ -155,6 +140,19 @@ class Images:
         self.pulled.pulled(image, present.id, auth.owner(image) if auth else None)
         entry.done()
         return present
+
+    def _pull_with_room(self, image: str, auth: RegistryAuth | None, entry: PullEntry) -> None:
+        """Collect first when the store is past its high mark, then pull; a pull the disk cannot
+        hold is retried once after collecting, then 507."""
+        for _ in range(2):
+            self.collector.collect()
+            try:
+                pull(self.docker, image, auth, entry)
+                return
+            except ImagePullFailed as exc:
+                if NO_SPACE not in exc.message.lower():
+                    raise
+        raise InsufficientStorage(f"no room for {image} in the node's image store, even after collecting unused images", image=image)
 
 
 def pull(docker: DockerManager, image: str, auth: RegistryAuth | None, entry: PullEntry) -> None:
