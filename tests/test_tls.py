@@ -361,7 +361,7 @@ def test_check_reports_the_certificate_and_warns_before_it_expires(cli_env, pki,
     checked = run_cli("check", env=env)
     assert checked.returncode == 0, checked.stderr
     line = next(line for line in checked.stdout.splitlines() if line.startswith("tls:"))
-    assert "commonName=server" in line and "IP Address:127.0.0.1" in line and "DNS:localhost" in line and "expires 20" in line
+    assert "CN=server" in line and "IP Address:127.0.0.1" in line and "DNS:localhost" in line and "expires 20" in line
     assert "warning" not in checked.stderr
 
     soon = pki.authority.issue("expiring", not_after=time.time() + 5 * 86400)

@@ -95,17 +95,26 @@ class TlsFiles:
 
 
 def certificate_facts(path: Path, variable: str) -> CertificateFacts:
-    """Subject, DNS/IP names and expiry of the first certificate of a PEM file; ConfigError naming `variable`."""
-    if not os.access(path, os.R_OK):
-        raise ConfigError(variable, f"cannot read {path}")
+    """Subject (RFC 4514), DNS/IP names and expiry of the first certificate of a PEM file; ConfigError naming `variable`."""
+    # Imported here, where a certificate is read (start, `check`, SIGHUP): a plain-HTTP worker never loads it.
+    from cryptography import x509
+
     try:
-        # The standard library's one PEM decoder that needs no context (there is no public one).
-        decoded = ssl._ssl._test_decode_cert(str(path))
-    except (ssl.SSLError, OSError, ValueError) as exc:
+        pem = path.read_bytes()
+    except OSError:
+        raise ConfigError(variable, f"cannot read {path}") from None
+    try:
+        certificate = x509.load_pem_x509_certificate(pem)
+    except ValueError as exc:
         raise ConfigError(variable, f"{path} holds no PEM certificate ({exc})") from None
-    subject = ", ".join(f"{key}={value}" for rdn in decoded.get("subject", ()) for key, value in rdn)
-    names = tuple(f"{kind}:{value}" for kind, value in decoded.get("subjectAltName", ()))
-    return CertificateFacts(subject, names, ssl.cert_time_to_seconds(decoded["notAfter"]))
+    try:
+        alternative = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        names: tuple[str, ...] = ()
+    else:
+        kinds = ((x509.DNSName, "DNS"), (x509.IPAddress, "IP Address"), (x509.UniformResourceIdentifier, "URI"), (x509.RFC822Name, "email"))
+        names = tuple(f"{label}:{value}" for kind, label in kinds for value in alternative.get_values_for_type(kind))
+    return CertificateFacts(certificate.subject.rfc4514_string(), names, certificate.not_valid_after_utc.timestamp())
 
 
 def _reason(exc: OSError) -> str:
