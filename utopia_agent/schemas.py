@@ -36,6 +36,8 @@ MAX_VOLUMES = 32
 MAX_CPUS = 4096
 MAX_MEMORY_MB = 64 * 1024 * 1024
 MAX_LOG_TAIL = 10000
+# An event stream asked to end (`?timeout=`) ends within the hour; a longer watch asks again from its last revision.
+MAX_EVENTS_TIMEOUT_SECONDS = 3600
 
 
 class StrictInteger(fields.Integer):
@@ -303,6 +305,13 @@ class EventsQuerySchema(Schema):
 
     since = fields.Integer(
         strict=False, validate=validate.Range(0), metadata={"description": "Send every change after this revision first (a list's X-Utopia-Revision)."}
+    )
+    timeout = fields.Integer(
+        strict=False,
+        validate=validate.Range(1, MAX_EVENTS_TIMEOUT_SECONDS),
+        metadata={"description": f"End the stream after this many seconds (1 to {MAX_EVENTS_TIMEOUT_SECONDS}), with a last heartbeat "
+                                 "carrying the revision to resume from (as Kubernetes' watch takes `timeoutSeconds`). "
+                                 "Without it the stream lasts until the client goes."},
     )
 
 

@@ -322,11 +322,17 @@ def cmd_events(args: argparse.Namespace) -> int:
         since = args.since if args.since is not None else last if args.follow else max(0, last - RECENT_EVENTS)
         if not args.follow and since == last:
             return 0
-        for change in client.watch(since=since):
+        for change in client.watch(since=since, timeout=args.timeout if args.follow else None):
             print(json.dumps(change) if args.json else _event_line(change), flush=True)
             if not args.follow and change.get("revision", 0) >= last:
                 break
     return 0
+
+
+def _positive_seconds(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of seconds, 1 or more, got {text!r}")
+    return int(text)
 
 
 def _event_line(change: dict[str, Any]) -> str:
@@ -448,6 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     events.add_argument("-f", "--follow", action="store_true", help="go on printing each change as it comes")
     events.add_argument("--since", type=int, metavar="R",
                         help=f"the changes after revision R (default: the last {RECENT_EVENTS}, or with -f only new ones)")
+    events.add_argument("--timeout", type=_positive_seconds, metavar="S", help="with -f, stop after S seconds")
     serve = commands.add_parser(
         "serve", help="start the agent: exec gunicorn with the shipped gunicorn.conf.py",
         description="Exec `gunicorn -c <root>/gunicorn.conf.py wsgi:app` from the agent's checkout.",
