@@ -42,7 +42,7 @@ class Services:
     def close(self) -> None:
         self.events.close()
         self.janitor.close()
-        self.images.collector.close()
+        self.images.close()
         self.usage.close()
         self.network.close()
         self.gpus.close()
