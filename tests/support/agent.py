@@ -43,6 +43,8 @@ class AgentProcess:
                  ca_file: Path | None = None, client_cert: tuple[Path, Path] | None = None):
         """On HTTPS (UTOPIA_AGENT_TLS_CERT_FILE in `env`) its clients trust `ca_file` and present `client_cert`."""
         self.app = app
+        # The gunicorn config it starts with: the agent's, unless a test wraps it (tests/support/*.conf.py).
+        self.config = "gunicorn.conf.py"
         self.state_dir = state_dir
         self.port = port
         self.ca_file = ca_file
@@ -83,7 +85,7 @@ class AgentProcess:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", self.app],
+                [sys.executable, "-m", "gunicorn", "-c", self.config, self.app],
                 cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
         if wait:
