@@ -32,9 +32,9 @@ run: $(STAMP)
 test: machine $(STAMP)
 	$(PY) -m pytest
 
-## check: the edit loop: the tests that need no engine (seconds) and the lint (ruff.toml)
+## check: the edit loop: the tests that need no engine (seconds, on two processes) and the lint (ruff.toml)
 check: $(STAMP)
-	$(PY) -m pytest -q -m "not docker"
+	$(PY) -m pytest -q -m "not docker" -n 2
 	$(PY) -m ruff check utopia_agent tests benchmarks wsgi.py gunicorn.conf.py
 
 machine:

@@ -5,6 +5,7 @@ worker starts, with one line that names it. The master then holds the state dir 
 lifetime: a second agent on the same state dir stops here, before it touches anything there.
 """
 
+import ctypes
 import logging
 import os
 import signal
@@ -98,6 +99,16 @@ class AgentLogger(Logger):
 
 
 logger_class = AgentLogger
+
+# glibc gives each thread that allocates an arena of its own (up to 8 per core), and what a
+# request's thread frees there stays resident: a worker's 8 + 16 threads grew its RSS by arenas
+# alone. Set here, in the master, so every worker it forks shares at most two; the GIL already
+# serializes the threads, and Python's small objects never reach malloc's locks.
+_M_ARENA_MAX = -8
+try:
+    ctypes.CDLL(None).mallopt(_M_ARENA_MAX, 2)
+except (AttributeError, OSError):  # not glibc: its own allocator's policy stands
+    pass
 logconfig_dict = logging_dict(_agent.log_format)
 proc_name = "utopia-agent"
 # gunicorn's control socket (gunicorn >= 25) lives with the agent's state, not in $HOME.

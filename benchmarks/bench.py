@@ -9,7 +9,8 @@ Reads are timed settled and on the first read after a change, with a keep-alive 
 with a fresh connection per request (which lands on any worker). Prints a markdown table and the machine it ran on, and writes
 the figures as JSON. It asserts nothing: a missed target is reported, not raised.
 Every container it makes carries a claim id with a prefix unique to the run and is
-removed at the end, also on Ctrl-C or failure.
+removed at the end, with its agents' claims networks and firewall chains, also on Ctrl-C,
+SIGTERM or failure.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.fake_nvml import build_fake_nvml, fake_gpus, fake_nvml_env, write_fake_nvml_config  # noqa: E402
-from tests.support.agent import AgentProcess  # noqa: E402
+from tests.support.agent import AgentProcess, remove_agent_networks  # noqa: E402
 from tests.support.certificates import KEY_RSA, Pki, tls_env  # noqa: E402
 from tests.support.engine import (  # noqa: E402
     Registry,
@@ -373,7 +374,9 @@ class Bench:
         self.bare = TimedCalls(self._bare_process)
 
     def close(self) -> None:
-        """Release pulls, stop the agent and registries, remove this run's containers and images."""
+        """Release pulls, stop the agents and registries, remove this run's containers and images, and
+        the claims networks and firewall chains of its agents (one stopped while claims run keeps them,
+        as it must in production), as the tests sweep theirs."""
         if self.slow is not None:
             self.slow.stop()
         if self.http is not None:
@@ -390,6 +393,7 @@ class Bench:
             list(pool.map(lambda cid: self.api.remove_container(cid, v=True, force=True), mine))
         remove_images(self.client, self.images)
         remove_new_dangling_images(self.client, self.images_before)
+        remove_agent_networks(self.client, self.tmp)
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.foreign.close()
         self.engine.stop()
@@ -1274,7 +1278,10 @@ def main(argv: list[str] | None = None) -> int:
             print("--- last lines of the agent log ---\n" + "\n".join(bench.agent.log().splitlines()[-30:]), file=sys.stderr)
         raise
     finally:
-        say("removing this run's containers and images, stopping the agent and registries")
+        # A second Ctrl-C (or SIGTERM) must not cut the sweep short: it is what leaves nothing behind.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        say("removing this run's containers, images, networks and firewall chains, stopping the agents and registries")
         bench.close()
     report(bench, info, output, time.monotonic() - started, args.quick)
     return 0

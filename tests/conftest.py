@@ -10,14 +10,11 @@ import docker
 import pytest
 
 from tests.fake_nvml import DEFAULT_TEST_GPUS, build_fake_nvml, fake_nvml_env, write_fake_nvml_config
-from tests.support.agent import AgentProcess, unmount_under
+from tests.support.agent import AgentProcess, remove_agent_networks, unmount_under
 from tests.support.certificates import Pki
 from tests.support.prerequisites import require
 from tests.support.polling import wait_for
 from tests.support.relay import EngineRelay
-from utopia_agent.engine.networks import STATE_DIR_LABEL
-from utopia_agent.network.firewall import Firewall, FirewallError
-from utopia_agent.network.isolation import IsolationPlan
 from tests.support.engine import (
     TEST_IMAGE,
     EngineUnavailable,
@@ -194,30 +191,6 @@ class AgentFactory:
     def stop_all(self) -> None:
         for agent in self.started:
             agent.stop()
-
-
-def remove_agent_networks(client, under: Path) -> None:
-    """Remove the claims networks and firewall rules of the agents whose state dir lies under
-    `under` (this run's): an agent killed, or stopped with claims on its network or with its
-    iptables failing on cue, leaves them. One that goes meanwhile (its agent's own stop) is fine."""
-    state_dirs = {path.parent for path in under.rglob("agent.lock")}
-    for network in client.networks.list(filters={"label": STATE_DIR_LABEL}):
-        state_dir = network.attrs.get("Labels", {}).get(STATE_DIR_LABEL, "")
-        if not state_dir.startswith(str(under) + "/"):
-            continue
-        state_dirs.add(Path(state_dir))
-        try:
-            network.reload()
-            for container_id in network.attrs.get("Containers") or {}:
-                network.disconnect(container_id, force=True)
-            network.remove()
-        except docker.errors.APIError as error:
-            print(f"claims network {network.name} not removed: {error}")
-    for state_dir in state_dirs:
-        try:
-            Firewall().remove(IsolationPlan.of_state_dir(state_dir).rules)
-        except FirewallError as error:
-            print(f"firewall rules of {state_dir} not removed: {error}")
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -323,3 +324,6 @@ def test_drain_and_resume(agent_factory, test_image, claim):
     after = run_cli("events", "--since", str(last - 1), "--json", env=env)
     assert [json.loads(line)["revision"] for line in after.stdout.splitlines()] == [last], after.stdout
     assert run_cli("events", "--since", str(last + 1), env=env).returncode == 1, "a future revision is refused (400)"
+    started = time.monotonic()
+    bounded = run_cli("events", "-f", "--timeout", "1", env=env)
+    assert (bounded.returncode, bounded.stdout) == (0, "") and time.monotonic() - started < 10, bounded.stderr

@@ -6,12 +6,13 @@ import json
 import multiprocessing
 import socket
 import threading
+import time
 from dataclasses import replace
 from functools import partial
 
 import pytest
 
-from utopia_agent.engine.node_view import ContainerState
+from utopia_agent.claims.records import ContainerState
 from utopia_agent.errors import InvalidRequest, RevisionTooOld
 from utopia_agent.events.changes import container_changes, exit_line
 from utopia_agent.events.history import EventHistory, HistoryGap
@@ -160,3 +161,15 @@ def test_a_stream_ends_once_its_client_hangs_up(tmp_path):
     with talking, talker:
         talker.sendall(b"x")
         assert not hung_up(talking), "bytes from the client are not its end"
+
+
+def test_a_stream_asked_to_end_ends_after_its_timeout_with_a_heartbeat_to_resume_from(tmp_path):
+    history = EventHistory(tmp_path, 10)
+    history.record([change(1)])
+    started = time.monotonic()
+    lines = stream_lines(history.reader(1), ChangeNotifier(history.folder), 60, threading.Event(), False, timeout=0.5)
+    assert next(lines) == b""
+    threading.Timer(0.2, history.record, ([change(2)],)).start()
+    sent = [json.loads(line) for chunk in lines for line in chunk.splitlines()]
+    assert 0.5 <= time.monotonic() - started < 1.5, "ends at its timeout, not at the next heartbeat (60 s)"
+    assert [(line["revision"], line["kind"]) for line in sent] == [(2, "node"), (2, "heartbeat")]

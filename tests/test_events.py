@@ -14,6 +14,7 @@ import requests
 from tests.support.polling import wait_for
 from tests.test_gpu_health import script
 from utopia_agent.client import ClaimExists
+from utopia_agent.schemas import MAX_EVENTS_TIMEOUT_SECONDS
 
 pytestmark = pytest.mark.usefixtures("nvidia_path")
 
@@ -124,11 +125,38 @@ def test_a_resume_gets_exactly_what_it_missed_once_in_order(events_agent, test_i
         watch.close()
 
 
-def test_since_is_checked(events_agent):
+def test_since_and_timeout_are_checked(events_agent):
     last = int(events_agent.get("/api/v1/gpus").headers["X-Utopia-Revision"])
-    for bad in ("-1", "x", str(last + 5)):
-        answer = events_agent.get("/api/v1/events", params={"since": bad})
+    for bad in ({"since": "-1"}, {"since": "x"}, {"since": str(last + 5)},
+                {"timeout": "0"}, {"timeout": "-3"}, {"timeout": "1.5"}, {"timeout": "x"}, {"timeout": str(MAX_EVENTS_TIMEOUT_SECONDS + 1)}):
+        answer = events_agent.get("/api/v1/events", params=bad)
         assert answer.status_code == 400 and answer.json()["error"] == "invalid_request", (bad, answer.text)
+        assert set(answer.json()["errors"]) == set(bad), answer.text
+
+
+def test_a_stream_asked_to_end_ends_with_a_heartbeat_to_resume_from(events_agent, test_image, claim):
+    """`?timeout=S`: the whole answer, then a clean end (no reset, no half chunk) after S seconds; its last
+    line is a heartbeat whose revision a watch resumes from, missing nothing made meanwhile."""
+    agent = events_agent
+    since = int(agent.get("/api/v1/gpus").headers["X-Utopia-Revision"])
+    started = time.monotonic()
+    timer = threading.Timer(0.5, agent.create, (claim(), test_image), {"command": ["sleep", "300"]})
+    timer.start()
+    answer = agent.get("/api/v1/events", params={"since": since, "timeout": 3}, timeout=30)  # read to its end
+    timer.join()
+    assert answer.status_code == 200 and 3 <= time.monotonic() - started < 10
+    lines = [json.loads(line) for line in answer.text.splitlines()]
+    last = lines[-1]
+    assert last["kind"] == "heartbeat" and last["revision"] == max(line["revision"] for line in lines) > since
+    assert ("created", "started") == tuple(line["action"] for line in lines if line["kind"] == "container")[:2]
+    resumed = agent.get("/api/v1/events", params={"since": last["revision"], "timeout": 1}, timeout=30)
+    assert [json.loads(line)["kind"] for line in resumed.text.splitlines()] == ["heartbeat"]
+
+    with agent.new_client() as client:
+        began = time.monotonic()
+        watched = list(client.watch(since=since, timeout=2))
+    assert 2 <= time.monotonic() - began < 8, "the client's watch ends with the agent's stream"
+    assert [change["revision"] for change in watched] == [line["revision"] for line in lines if line["kind"] != "heartbeat"]
 
 
 def test_a_history_smaller_than_the_changes_gives_410(agent_factory, test_image, claim):

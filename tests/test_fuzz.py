@@ -9,7 +9,8 @@ It runs as a subprocess because schemathesis' pytest integration (4.x `from_fixt
 `Node._nodeid`, which pytest 9 no longer has. This module doubles as its hooks module
 (SCHEMATHESIS_HOOKS): the hooks swap image references that would be pulled from a registry
 for the local test image, give claim ids this run's prefix (so the conftest's cleanup removes
-whatever the fuzzer creates), and keep DELETE away from other people's containers.
+whatever the fuzzer creates), keep DELETE away from other people's containers, and bound the
+event stream (`?timeout=1` where the case asks for no end or a valid one).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import docker.errors
 import schemathesis
 
 from tests.support.agent import ROOT
-from utopia_agent.schemas import CLAIM_ID_PATTERN, CONTAINER_ID_PATTERN, IMAGE_PATTERN
+from utopia_agent.schemas import CLAIM_ID_PATTERN, CONTAINER_ID_PATTERN, IMAGE_PATTERN, MAX_EVENTS_TIMEOUT_SECONDS
 
 EXAMPLES_PER_OPERATION = 100
 TIME_BUDGET_SECONDS = 100
@@ -48,6 +49,8 @@ def before_call(context, case, kwargs):
     """
     if IMAGE_ENV not in os.environ:
         return
+    if case.method.upper() == "GET" and case.path == STREAM_PATH:
+        _bound_the_stream(case)
     if case.method.upper() == "POST" and isinstance(case.body, dict):
         _own_the_create(case.body)
     if case.method.upper() != "DELETE":
@@ -80,10 +83,24 @@ def _own_the_create(body: dict) -> None:
             body["claim_id"] = (os.environ[CLAIM_PREFIX_ENV] + body["claim_id"])[:63]
 
 
-# The event stream never ends by design: every case would wait out the request timeout
-# (tests/test_events.py holds it to the contract). An exec session is a WebSocket, which
-# schemathesis does not speak (tests/test_exec.py holds it to the contract).
-STREAMED = ("watchEvents", "execInteractive")
+def _bound_the_stream(case) -> None:
+    """A stream asked for no end, or for a valid one, ends after a second (each case would otherwise
+    wait out the request timeout); a case whose `timeout` is invalid is left as it is, to be refused."""
+    query = dict(case.query or {})
+    timeout = query.get("timeout")
+    if timeout is None or (isinstance(timeout, str | int) and not isinstance(timeout, bool)
+                           and str(timeout).isdigit() and 1 <= int(timeout) <= MAX_EVENTS_TIMEOUT_SECONDS):
+        query["timeout"] = 1
+        case.query = query
+
+
+STREAM_PATH = "/api/v1/events"
+# Each case of the stream takes its second: a few are enough beside its coverage phase.
+STREAM_EXAMPLES = 10
+
+
+# An exec session is a WebSocket, which schemathesis does not speak (tests/test_exec.py holds it to the contract).
+WEBSOCKETS = ("execInteractive",)
 
 
 def test_api_conforms_to_its_openapi_document(agent_factory, docker_client, test_image, claim, tmp_path):
@@ -93,15 +110,16 @@ def test_api_conforms_to_its_openapi_document(agent_factory, docker_client, test
     config = tmp_path / "schemathesis.toml"
     # No cache in the checkout; a body over UTOPIA_AGENT_MAX_BODY_BYTES is refused with 413 before it is parsed.
     config.write_text(
-        '[cache]\nenabled = false\n\n[checks.negative_data_rejection]\nexpected-statuses = ["400", "401", "403", "404", "413"]\n'
+        f'generation.max-examples = {EXAMPLES_PER_OPERATION}\n\n[cache]\nenabled = false\n\n'
+        '[checks.negative_data_rejection]\nexpected-statuses = ["400", "401", "403", "404", "413"]\n\n'
+        f'[[operations]]\ninclude-path = "{STREAM_PATH}"\ngeneration.max-examples = {STREAM_EXAMPLES}\n'
     )
     env = {**os.environ, "SCHEMATHESIS_HOOKS": __name__, IMAGE_ENV: test_image, CLAIM_PREFIX_ENV: claim("")}
     command = [
         sys.executable, "-m", "schemathesis.cli", "--config-file", str(config), "run", fuzz_agent.base_url + "/openapi.json",
         "--checks", CHECKS,
-        *(option for operation_id in STREAMED for option in ("--exclude-operation-id", operation_id)),
+        *(option for operation_id in WEBSOCKETS for option in ("--exclude-operation-id", operation_id)),
         "--header", f"Authorization: Bearer {fuzz_agent.token}",
-        "--max-examples", str(EXAMPLES_PER_OPERATION),
         "--max-time", str(TIME_BUDGET_SECONDS),
         # One worker: with threads, CPython 3.11's ast module can fail schemathesis' own code
         # ("AST constructor recursion depth mismatch", python/cpython#106905), a flake of the tool.
@@ -128,7 +146,7 @@ def test_api_conforms_to_its_openapi_document(agent_factory, docker_client, test
     paths = fuzz_agent.get("/openapi.json").json()["paths"]
     # schemathesis leaves out the document it was loaded from.
     documented = sum(1 for path, methods in paths.items() if path != "/openapi.json"
-                     for operation in methods.values() if operation.get("operationId") not in STREAMED)
+                     for operation in methods.values() if operation.get("operationId") not in WEBSOCKETS)
     assert summary["operations"]["tested"] == documented, output[-3000:]
     assert generated >= MIN_TEST_CASES
     strangers_deleted = [line for line in fuzz_agent.log().splitlines() if "container deleted" in line and f"claim={claim('')}" not in line]

@@ -3,7 +3,10 @@ and image collection, against the real engine and Debian's registry on loopback.
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -11,6 +14,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+import requests
 
 from tests.conftest import remove_run_containers
 from tests.support.engine import Registry, SlowRegistry, ensure_engine, make_unique_image, remove_images
@@ -99,6 +103,49 @@ def test_progress_shows_while_a_pull_runs(agent, docker_client, registry, pushed
             assert wait_for(lambda: present(agent, slow_ref), 60)
         finally:
             remove_images(docker_client, [slow_ref])
+
+
+def _pulling_worker(agent, ref: str) -> int | None:
+    """The pid of the worker pulling `ref`, from the pull's file in the state dir."""
+    for path in (agent.state_dir / "pulls").glob("*.json"):
+        record = json.loads(path.read_text() or "{}")
+        if record.get("image") == ref and record.get("state") == "pulling":
+            return record["pid"]
+    return None
+
+
+def _unless_reset(read, *args):
+    """`read(*args)`, or None where a kept-alive connection to a killed worker was reset."""
+    try:
+        return read(*args)
+    except requests.ConnectionError:
+        return None
+
+
+def test_a_pull_ahead_outlives_its_worker(agent_factory, docker_client, registry, pushed):
+    """A worker SIGKILLed mid-pull: another takes the pull over and finishes it; a pull with credentials,
+    which are never written down for another worker, is listed failed with the reason."""
+    agent = agent_factory(workers=2)
+    ref = pushed(payload_kib=1024)
+    with Registry(users={"dana": PASSWORD}) as private_registry, SlowRegistry(registry, kib_per_s=128) as slow, \
+            SlowRegistry(private_registry, kib_per_s=64) as slow_private:
+        private_ref = pushed(payload_kib=1024, into=private_registry)
+        slow_ref = slow.ref(ref.split("/", 1)[1])
+        slow_private_ref = slow_private.ref(private_ref.split("/", 1)[1])
+        try:
+            assert agent.post("/api/v1/images", json={"image": slow_ref}).status_code == 202
+            assert agent.post("/api/v1/images", json={"image": slow_private_ref, "registry_auth": private_registry.credentials("dana")}).status_code == 202
+            pids = wait_for(lambda: (a := _pulling_worker(agent, slow_ref)) and (b := _pulling_worker(agent, slow_private_ref)) and {a, b}, 30)
+            assert pids and wait_for(lambda: (e := listed(agent, slow_ref)) and e["progress"]["downloaded_bytes"] > 0, 30), "a pull in flight"
+            for pid in pids:
+                os.kill(pid, signal.SIGKILL)
+            assert wait_for(lambda: _unless_reset(present, agent, slow_ref), 90), listed(agent, slow_ref)
+            assert "image pull taken over image=" + slow_ref in agent.log()
+            failed = wait_for(lambda: (e := _unless_reset(listed, agent, slow_private_ref)) and e["state"] == "failed" and e, 30)
+            assert failed and "pull again with its credentials" in failed["error"], listed(agent, slow_private_ref)
+            assert PASSWORD not in agent.log() + "".join(path.read_text() for path in (agent.state_dir / "pulls").glob("*"))
+        finally:
+            remove_images(docker_client, [slow_ref, slow_private_ref])
 
 
 def test_an_image_in_use_is_not_removed_and_an_unused_one_is(agent, docker_client, pushed, claim):

@@ -19,7 +19,8 @@ from tests.support.polling import wait_for
 from tests.support.relay import EVENTS, INSPECT
 from utopia_agent.config import Config
 from utopia_agent.engine.manager import DockerManager
-from utopia_agent.engine.node_view import HEARTBEAT_SECONDS, TRUST_SECONDS, ContainerState, Snapshot
+from utopia_agent.claims.records import ContainerState
+from utopia_agent.engine.node_view import HEARTBEAT_SECONDS, TRUST_SECONDS, Snapshot
 
 WATCHING = re.compile(r"watching the engine's events for the node view \(pid (\d+)")
 

@@ -11,7 +11,7 @@ from tests.support.certificates import Pki, tls_env
 from tests.support.memory_engine import MemoryEngine
 from tests.test_api_fast import CONTAINERS, IMAGE, TOKEN, make_app
 from tests.test_startup import run_gunicorn
-from utopia_agent.config import ConfigError, load_config
+from utopia_agent.config import CERT_VARIABLE, ConfigError, certificate_facts, load_config
 
 READ_TOKEN = "reads-only-0123456789"
 
@@ -56,6 +56,23 @@ def test_bad_tls_settings_are_refused_by_name(pki, tmp_path):
             configured(tmp_path, **env).tls.server_context()  # as the master loads it at start, and on SIGHUP
         assert refused.value.variable == variable and said in str(refused.value), (env, str(refused.value))
         assert "\n" not in str(refused.value)
+
+
+def test_the_certificate_facts_name_its_subject_its_names_and_its_expiry(pki, tmp_path):
+    """What `check`, the SIGHUP log line and the expiry gauge say, read without an engine."""
+    soon = pki.authority.issue("soon", not_after=time.time() + 5 * 86400)
+    facts = certificate_facts(soon.cert, CERT_VARIABLE)
+    assert facts.subject == "CN=soon" and abs(facts.days_left() - 5) < 0.01
+    served = certificate_facts(pki.server.cert, CERT_VARIABLE)
+    assert served.subject == "CN=server" and {"DNS:localhost", "IP Address:127.0.0.1"} <= set(served.names)
+    chain = tmp_path / "chain.pem"
+    chain.write_bytes(soon.cert.read_bytes() + pki.ca_file.read_bytes())
+    assert certificate_facts(chain, CERT_VARIABLE) == facts, "the first certificate of a chain is the served one"
+    key_only = tmp_path / "key-only.pem"
+    key_only.write_bytes(soon.key.read_bytes())
+    with pytest.raises(ConfigError) as refused:
+        certificate_facts(key_only, CERT_VARIABLE)
+    assert refused.value.variable == CERT_VARIABLE and "holds no PEM certificate" in str(refused.value)
 
 
 def test_the_read_only_token_must_differ_from_the_token(tmp_path):

@@ -88,4 +88,4 @@ def create_app(config: Config | None = None, gpus: GpuInventory | None = None, d
 
 def _images(docker: DockerManager, config: Config, lock) -> Images:
     pulled = PulledImages(config.state_dir, lock)
-    return Images(docker, pulled, ImageCollector(docker, pulled, config).start(), config.state_dir)
+    return Images(docker, pulled, ImageCollector(docker, pulled, config), config.state_dir).start()

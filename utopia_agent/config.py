@@ -13,7 +13,8 @@ import time
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import TypeVar
 
 from .claims.resources import CPU_STEP, MIN_MEMORY_MB, PINNING_MODES, NodeResources
 
@@ -107,17 +108,26 @@ class TlsFiles:
 
 
 def certificate_facts(path: Path, variable: str) -> CertificateFacts:
-    """Subject, DNS/IP names and expiry of the first certificate of a PEM file; ConfigError naming `variable`."""
-    if not os.access(path, os.R_OK):
-        raise ConfigError(variable, f"cannot read {path}")
+    """Subject (RFC 4514), DNS/IP names and expiry of the first certificate of a PEM file; ConfigError naming `variable`."""
+    # Imported here, where a certificate is read (start, `check`, SIGHUP): a plain-HTTP worker never loads it.
+    from cryptography import x509
+
     try:
-        # The standard library's one PEM decoder that needs no context (there is no public one).
-        decoded = ssl._ssl._test_decode_cert(str(path))
-    except (ssl.SSLError, OSError, ValueError) as exc:
+        pem = path.read_bytes()
+    except OSError:
+        raise ConfigError(variable, f"cannot read {path}") from None
+    try:
+        certificate = x509.load_pem_x509_certificate(pem)
+    except ValueError as exc:
         raise ConfigError(variable, f"{path} holds no PEM certificate ({exc})") from None
-    subject = ", ".join(f"{key}={value}" for rdn in decoded.get("subject", ()) for key, value in rdn)
-    names = tuple(f"{kind}:{value}" for kind, value in decoded.get("subjectAltName", ()))
-    return CertificateFacts(subject, names, ssl.cert_time_to_seconds(decoded["notAfter"]))
+    try:
+        alternative = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        names: tuple[str, ...] = ()
+    else:
+        kinds = ((x509.DNSName, "DNS"), (x509.IPAddress, "IP Address"), (x509.UniformResourceIdentifier, "URI"), (x509.RFC822Name, "email"))
+        names = tuple(f"{label}:{value}" for kind, label in kinds for value in alternative.get_values_for_type(kind))
+    return CertificateFacts(certificate.subject.rfc4514_string(), names, certificate.not_valid_after_utc.timestamp())
 
 
 def _reason(exc: OSError) -> str:
@@ -191,14 +201,24 @@ class Config:
         return self.state_dir / "mounts"
 
 
-def _int(env: Mapping[str, str], name: str, default: int, low: int = 1, high: int | None = None) -> int:
+Number = TypeVar("Number", int, float)
+
+
+def _number(env: Mapping[str, str], name: str, convert: Callable[[str], Number], kind: str) -> Number | None:
+    """The variable converted, None when unset or empty; one clear line when it is not `kind`."""
     raw = env.get(name)
     if raw is None or raw == "":
-        return default
+        return None
     try:
-        value = int(raw)
+        return convert(raw)
     except ValueError:
-        raise ConfigError(name, f"expected an integer, got {raw!r}") from None
+        raise ConfigError(name, f"expected {kind}, got {raw!r}") from None
+
+
+def _int(env: Mapping[str, str], name: str, default: int, low: int = 1, high: int | None = None) -> int:
+    value = _number(env, name, int, "an integer")
+    if value is None:
+        return default
     if value < low or (high is not None and value > high):
         upper = f"..{high}" if high is not None else " or more"
         raise ConfigError(name, f"expected {low}{upper}, got {value}")
@@ -206,30 +226,22 @@ def _int(env: Mapping[str, str], name: str, default: int, low: int = 1, high: in
 
 
 def _seconds(env: Mapping[str, str], name: str, default: float, zero: bool = False) -> float:
-    raw = env.get(name)
-    if raw is None or raw == "":
+    value = _number(env, name, float, "a number of seconds")
+    if value is None:
         return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(name, f"expected a number of seconds, got {raw!r}") from None
     if not (value >= 0 if zero else value > 0):
-        raise ConfigError(name, f"expected a {'non-negative' if zero else 'positive'} number of seconds, got {raw!r}")
+        raise ConfigError(name, f"expected a {'non-negative' if zero else 'positive'} number of seconds, got {env[name]!r}")
     return value
 
 
 def _reserve(env: Mapping[str, str], name: str, default: float, node_total: float, unit: str) -> float:
     """A number of CPUs or MB kept for the system: at least 0, and less than the node has. Unset,
     it is `default`, or half the node on a node too small for that (a laptop)."""
-    raw = env.get(name)
-    if raw is None or raw == "":
+    value = _number(env, name, float, "a number")
+    if value is None:
         return min(default, node_total / 2)
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(name, f"expected a number, got {raw!r}") from None
     if not 0 <= value < float("inf"):
-        raise ConfigError(name, f"expected 0 or more, got {raw!r}")
+        raise ConfigError(name, f"expected 0 or more, got {env[name]!r}")
     if value >= node_total:
         raise ConfigError(name, f"{value:g} leaves nothing of the node's {node_total:g} {unit} for claims")
     return value

@@ -31,11 +31,13 @@ IMAGE_PATTERN = rf"^{_REGISTRY}?{_COMPONENT}(?:/{_COMPONENT})*(?::[A-Za-z0-9_][A
 MAX_LIST_ITEMS = 256
 MAX_STRING = 4096
 NAME_MAX = 255  # bytes in one part of a path (a file or directory name)
-MAX_ENV_ENTRY = 32 * 1024
+MAXENV_ENTRY = 32 * 1024
 MAX_VOLUMES = 32
 MAX_CPUS = 4096
 MAX_MEMORY_MB = 64 * 1024 * 1024
 MAX_LOG_TAIL = 10000
+# An event stream asked to end (`?timeout=`) ends within the hour; a longer watch asks again from its last revision.
+MAX_EVENTS_TIMEOUT_SECONDS = 3600
 
 
 class StrictInteger(fields.Integer):
@@ -79,11 +81,11 @@ class FullMatch(validate.Regexp):
         return value
 
 
-_NO_NUL = FullMatch(NO_NUL_PATTERN, error="must not contain NUL characters")
+NO_NUL = FullMatch(NO_NUL_PATTERN, error="must not contain NUL characters")
 _ABSOLUTE_PATH = FullMatch(ABSOLUTE_PATH_PATTERN, error="must be an absolute path without NUL characters")
 
 
-def _names_fit(path: str) -> None:
+def names_fit(path: str) -> None:
     """Linux refuses a path with a part longer than NAME_MAX: say so here, not as the engine's 502."""
     if any(len(part.encode()) > NAME_MAX for part in path.split("/")):
         raise ValidationError(f"each part of the path must be at most {NAME_MAX} bytes")
@@ -190,15 +192,15 @@ class RegistryAuthSchema(Schema):
     """A create's credentials for its image's registry: sent to the engine for that pull or check
     only, never logged, stored or answered."""
 
-    username = fields.String(required=True, validate=[validate.Length(min=1, max=MAX_STRING), _NO_NUL],
+    username = fields.String(required=True, validate=[validate.Length(min=1, max=MAX_STRING), NO_NUL],
                              metadata={"description": "The registry user."})
-    password = fields.String(required=True, load_only=True, validate=[validate.Length(min=1, max=MAX_STRING), _NO_NUL],
+    password = fields.String(required=True, load_only=True, validate=[validate.Length(min=1, max=MAX_STRING), NO_NUL],
                              metadata={"description": "The user's password or a registry token.", "writeOnly": True})
 
 
 # One `KEY=value` entry of an environment (a create's env_vars, an exec's env).
-_ENV_ENTRY = fields.String(validate=[
-    validate.Length(max=MAX_ENV_ENTRY),
+ENV_ENTRY = fields.String(validate=[
+    validate.Length(max=MAXENV_ENTRY),
     FullMatch(ENV_ENTRY_PATTERN, error="must be KEY=VALUE with KEY made of letters, digits and _, not starting with a digit"),
 ])
 
@@ -228,13 +230,13 @@ class CreateContainerSchema(Schema):
         metadata={"description": "Host ports published to container ports."},
     )
     env_vars = fields.List(
-        _ENV_ENTRY,
+        ENV_ENTRY,
         load_default=list,
         validate=validate.Length(max=MAX_LIST_ITEMS),
         metadata={"description": "Environment entries `KEY=value`; GPU-selecting names (NVIDIA_*, CUDA_VISIBLE_DEVICES, ...) are refused."},
     )
     command = fields.List(
-        fields.String(validate=[validate.Length(max=MAX_STRING), _NO_NUL]),
+        fields.String(validate=[validate.Length(max=MAX_STRING), NO_NUL]),
         load_default=list,
         validate=validate.Length(max=MAX_LIST_ITEMS),
         metadata={"description": "Command and arguments; empty runs the image's own command."},
@@ -244,13 +246,13 @@ class CreateContainerSchema(Schema):
         validate=[
             validate.Length(max=MAX_STRING),
             FullMatch(r"^(/[^\x00]*)?$", error="must be empty or an absolute path without NUL characters"),
-            _names_fit,
+            names_fit,
         ],
         metadata={"description": "Absolute working directory in the container; empty keeps the image's."},
     )
     volumes = fields.Dict(
-        keys=fields.String(validate=[validate.Length(min=1, max=MAX_STRING), _ABSOLUTE_PATH, _names_fit]),
-        values=fields.String(validate=[validate.Length(min=1, max=MAX_STRING), _ABSOLUTE_PATH, _names_fit]),
+        keys=fields.String(validate=[validate.Length(min=1, max=MAX_STRING), _ABSOLUTE_PATH, names_fit]),
+        values=fields.String(validate=[validate.Length(min=1, max=MAX_STRING), _ABSOLUTE_PATH, names_fit]),
         load_default=dict,
         validate=_at_most_volumes,
         metadata={
@@ -305,6 +307,13 @@ class EventsQuerySchema(Schema):
 
     since = fields.Integer(
         strict=False, validate=validate.Range(0), metadata={"description": "Send every change after this revision first (a list's X-Utopia-Revision)."}
+    )
+    timeout = fields.Integer(
+        strict=False,
+        validate=validate.Range(1, MAX_EVENTS_TIMEOUT_SECONDS),
+        metadata={"description": f"End the stream after this many seconds (1 to {MAX_EVENTS_TIMEOUT_SECONDS}), with a last heartbeat "
+                                 "carrying the revision to resume from (as Kubernetes' watch takes `timeoutSeconds`). "
+                                 "Without it the stream lasts until the client goes."},
     )
 
 
@@ -406,50 +415,6 @@ class LogsQuerySchema(Schema):
     since = fields.Float(validate=validate.Range(0, 1e11), metadata={"description": "Only lines logged at or after this Unix time (seconds)."})
     timestamps = fields.Boolean(load_default=False, metadata={"description": "Prefix each line with its RFC 3339 time."})
     follow = fields.Boolean(load_default=False, metadata={"description": "Keep streaming new lines, for at most the node's follow limit."})
-
-
-MAX_EXEC_TIMEOUT = 24 * 3600
-_EXEC_COMMAND = dict(
-    validate=validate.Length(min=1, max=MAX_LIST_ITEMS),
-    metadata={"description": "The program and its arguments, run in the container as its own user, without a shell."},
-)
-
-
-class ExecSchema(Schema):
-    """POST /api/v1/containers/<id>/exec body; unknown fields are refused."""
-
-    command = fields.List(fields.String(validate=[validate.Length(max=MAX_STRING), _NO_NUL]), required=True, **_EXEC_COMMAND)
-    env = fields.List(
-        _ENV_ENTRY, load_default=list, validate=validate.Length(max=MAX_LIST_ITEMS),
-        metadata={"description": "Environment entries `KEY=value` added for this command; GPU-selecting names are refused, as at create."},
-    )
-    working_dir = fields.String(
-        load_default="",
-        validate=[validate.Length(max=MAX_STRING), FullMatch(r"^(/[^\x00]*)?$", error="must be empty or an absolute path without NUL characters"),
-                  _names_fit],
-        metadata={"description": "Absolute directory to run in; empty keeps the container's."},
-    )
-    timeout = StrictNumber(
-        load_default=60.0, validate=validate.Range(0.1, MAX_EXEC_TIMEOUT),
-        metadata={"description": "Seconds the command may run; past them it and its children are killed and `timed_out` is true."},
-    )
-
-
-class ExecResultSchema(ResponseSchema):
-    exit_code = fields.Integer(required=True, allow_none=True, metadata={"description": "The command's exit status (128 + signal when killed)."})
-    stdout = fields.String(required=True, metadata={
-        "description": "Its standard output (UTF-8, undecodable bytes replaced), at most UTOPIA_AGENT_EXEC_OUTPUT_BYTES."})
-    stderr = fields.String(required=True, metadata={"description": "Its standard error, bounded the same way."})
-    truncated = fields.Boolean(required=True, metadata={"description": "True when stdout or stderr was longer than the bound: the rest was read and dropped."})
-    timed_out = fields.Boolean(required=True, metadata={"description": "True when the command ran past `timeout` and was killed."})
-
-
-class ExecQuerySchema(Schema):
-    """GET /api/v1/containers/<id>/exec (the WebSocket upgrade) query; `command` is repeated, one per argument."""
-
-    command = fields.List(fields.String(validate=[validate.Length(max=MAX_STRING), _NO_NUL]), required=True, **_EXEC_COMMAND)
-    stdin = fields.Boolean(load_default=False, metadata={"description": "Pass channel 0 to the command's standard input."})
-    tty = fields.Boolean(load_default=False, metadata={"description": "Run the command on a terminal (stderr then comes on stdout); resize on channel 4."})
 
 
 class ContainerGpuStatsSchema(ResponseSchema):

@@ -45,7 +45,7 @@ class Services:
         self.events.close()
         self.execs.close()
         self.janitor.close()
-        self.images.collector.close()
+        self.images.close()
         self.usage.close()
         self.network.close()
         self.gpus.close()

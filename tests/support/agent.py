@@ -8,11 +8,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import docker
 import requests
 
 from tests.support.engine import claims_subnet_for_a_test
 from tests.support.polling import wait_for
 from utopia_agent.client import AgentClient
+from utopia_agent.engine.networks import STATE_DIR_LABEL
+from utopia_agent.network.firewall import Firewall, FirewallError
+from utopia_agent.network.isolation import IsolationPlan
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "test-token-0123456789abcdef"
@@ -43,6 +47,8 @@ class AgentProcess:
                  ca_file: Path | None = None, client_cert: tuple[Path, Path] | None = None):
         """On HTTPS (UTOPIA_AGENT_TLS_CERT_FILE in `env`) its clients trust `ca_file` and present `client_cert`."""
         self.app = app
+        # The gunicorn config it starts with: the agent's, unless a test wraps it (tests/support/*.conf.py).
+        self.config = "gunicorn.conf.py"
         self.state_dir = state_dir
         self.port = port
         self.ca_file = ca_file
@@ -83,7 +89,7 @@ class AgentProcess:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", self.app],
+                [sys.executable, "-m", "gunicorn", "-c", self.config, self.app],
                 cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
         if wait:
@@ -156,3 +162,27 @@ class AgentProcess:
             assert session.get(self.base_url + "/api/v1/containers", timeout=60).status_code == 200
             sessions.append(session)
         return sessions
+
+
+def remove_agent_networks(client, under: Path) -> None:
+    """Remove the claims networks and firewall rules of the agents whose state dir lies under
+    `under` (this run's): an agent killed, or stopped with claims on its network or with its
+    iptables failing on cue, leaves them. One that goes meanwhile (its agent's own stop) is fine."""
+    state_dirs = {path.parent for path in under.rglob("agent.lock")}
+    for network in client.networks.list(filters={"label": STATE_DIR_LABEL}):
+        state_dir = network.attrs.get("Labels", {}).get(STATE_DIR_LABEL, "")
+        if not state_dir.startswith(str(under) + "/"):
+            continue
+        state_dirs.add(Path(state_dir))
+        try:
+            network.reload()
+            for container_id in network.attrs.get("Containers") or {}:
+                network.disconnect(container_id, force=True)
+            network.remove()
+        except docker.errors.APIError as error:
+            print(f"claims network {network.name} not removed: {error}")
+    for state_dir in state_dirs:
+        try:
+            Firewall().remove(IsolationPlan.of_state_dir(state_dir).rules)
+        except FirewallError as error:
+            print(f"firewall rules of {state_dir} not removed: {error}")

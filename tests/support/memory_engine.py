@@ -20,7 +20,7 @@ from utopia_agent.claims.holders import carrying
 from utopia_agent.claims.records import CLAIM_LABEL, MANAGED_LABEL, ContainerSpec, Holdings, ManagedContainer
 from utopia_agent.errors import AgentError, ClaimExists, ImagePullFailed, NotManaged
 from utopia_agent.engine.manager import HeldImage, PresentImage
-from utopia_agent.engine.node_view import ContainerState
+from utopia_agent.claims.records import ContainerState
 from utopia_agent.schemas import CONTAINER_ID_PATTERN
 
 DATA_ROOT = "/var/lib/docker"

@@ -19,7 +19,8 @@ from wsproto.utilities import RemoteProtocolError
 
 from ..errors import ContainerNotRunning, EngineError, InvalidRequest, PolicyViolation, TooManyExecSessions
 from ..exec.channels import PROTOCOLS
-from ..schemas import ContainerPathSchema, ExecQuerySchema, ExecResultSchema, ExecSchema
+from ..exec.schemas import ExecQuerySchema, ExecResultSchema, ExecSchema
+from ..schemas import ContainerPathSchema
 from ..services import services
 from .containers import NOT_MANAGED
 from .operations import ENGINE_DOWN, Responds, fails, operation

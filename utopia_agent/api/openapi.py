@@ -6,8 +6,6 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 
-from apispec import APISpec
-from apispec.ext.marshmallow import MarshmallowPlugin
 from flask import Blueprint, Flask, current_app
 from werkzeug.routing import Rule
 
@@ -94,6 +92,10 @@ def describe_operation(declared: Operation, method: str, security: tuple[dict[st
 
 def describe_api(app: Flask) -> dict:
     """The whole document, from the app's routes and their declarations."""
+    # Imported here: a worker loads apispec (about 1 MiB) only if asked for the document, once.
+    from apispec import APISpec
+    from apispec.ext.marshmallow import MarshmallowPlugin
+
     spec = APISpec(
         title="Utopia node agent",
         version=__version__,

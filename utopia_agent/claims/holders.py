@@ -9,12 +9,18 @@ and the CLI show the node.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from .records import Holdings
 
-if TYPE_CHECKING:  # only its uuid and index are read
-    from ..gpus.inventory import GpuStatus
+class GpuIdentity(Protocol):
+    """What a GPU is known by in the claims' labels: the inventory's GpuStatus has both."""
+
+    @property
+    def uuid(self) -> str | None: ...
+
+    @property
+    def index(self) -> int: ...
 
 
 def carrying(rows: Iterable[Mapping[str, Any]], label: str) -> list[Holdings]:
@@ -40,12 +46,12 @@ def gpu_claims(holdings: Iterable[Holdings]) -> dict[str, str]:
     return {key: held.claim_id for held in holdings for key in gpu_keys(held)}
 
 
-def gpu_holder(gpu: GpuStatus, claims: Mapping[str, str]) -> str | None:
+def gpu_holder(gpu: GpuIdentity, claims: Mapping[str, str]) -> str | None:
     """The claim holding a GPU of the inventory among `claims` (from gpu_claims), or None."""
     return claims.get(gpu.uuid) if gpu.uuid in claims else claims.get(f"#{gpu.index}")
 
 
-def claims_on(gpu: GpuStatus, holdings: Iterable[Holdings]) -> list[str]:
+def claims_on(gpu: GpuIdentity, holdings: Iterable[Holdings]) -> list[str]:
     """Every claim holding a GPU of the inventory, by its UUID then by its index: a double allocation shows both."""
     holdings = list(holdings)
     return [held.claim_id for key in (gpu.uuid, f"#{gpu.index}") for held in holdings if key in gpu_keys(held)]

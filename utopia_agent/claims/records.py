@@ -7,15 +7,13 @@ state (the engine is the source of truth); this module writes and reads them. It
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from datetime import datetime, UTC
 from functools import cached_property
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .resources import format_cpu_list, parse_cpu_list
 from .volumes import Volume, decode_hosts, encode_hosts
-
-if TYPE_CHECKING:  # a ManagedContainer is made from the node view's record; the view itself is not needed
-    from ..engine.node_view import ContainerState
 
 # Every label the agent reads starts with this; an image may carry none of them (see allocation/policy.py).
 LABEL_PREFIX = "utopia."
@@ -159,6 +157,71 @@ class Holdings:
             exclusive_cpus=_cpu_ids(labels.get(CPUSET_LABEL, "")) if exclusive else (),
             spec_digest=labels.get(SPEC_DIGEST_LABEL, ""),
         )
+
+
+def unix_seconds(stamp: str | None) -> int:
+    """Engine timestamps are RFC 3339 with nanoseconds; the zero time means never."""
+    if not stamp or stamp.startswith("0001-01-01"):
+        return 0
+    return int(datetime.fromisoformat(stamp[:19]).replace(tzinfo=UTC).timestamp())
+
+
+def _endpoints(network_settings: dict | None) -> tuple[str, ...]:
+    """The container's network endpoint ids: the engine makes new ones at every start, and its
+    list call shows them, so a list can tell a container that restarted since it was inspected."""
+    networks = (network_settings or {}).get("Networks") or {}
+    return tuple(sorted(n["EndpointID"] for n in networks.values() if n and n.get("EndpointID")))
+
+
+@dataclass(frozen=True)
+class ContainerState:
+    """A managed container as the engine's inspect last showed it (times in Unix seconds, 0 for never)."""
+
+    id: str
+    name: str
+    image: str
+    status: str
+    created: int
+    started: int
+    finished: int
+    exit_code: int
+    oom_killed: bool
+    restart_count: int
+    error: str
+    labels: dict[str, str]
+    endpoints: tuple[str, ...] = ()
+
+    @classmethod
+    def from_inspect(cls, info: dict[str, Any]) -> ContainerState:
+        state = info.get("State") or {}
+        config = info.get("Config") or {}
+        return cls(
+            id=info["Id"],
+            name=info.get("Name", "").lstrip("/"),
+            image=config.get("Image", ""),
+            status=state.get("Status", ""),
+            created=unix_seconds(info.get("Created")),
+            started=unix_seconds(state.get("StartedAt")),
+            finished=unix_seconds(state.get("FinishedAt")),
+            exit_code=int(state.get("ExitCode") or 0),
+            oom_killed=bool(state.get("OOMKilled")),
+            restart_count=int(info.get("RestartCount") or 0),
+            error=state.get("Error") or "",
+            labels=dict(config.get("Labels") or {}),
+            endpoints=_endpoints(info.get("NetworkSettings")),
+        )
+
+    def agrees_with(self, row: dict[str, Any]) -> bool:
+        """True when the engine's list row shows nothing this record lacks: same state, name and start."""
+        names = [name.lstrip("/") for name in row.get("Names") or ()]
+        return row.get("State") == self.status and self.name in names and _endpoints(row.get("NetworkSettings")) == self.endpoints
+
+    def to_json(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ContainerState:
+        return cls(**{**data, "endpoints": tuple(data.get("endpoints") or ())})
 
 
 @dataclass(frozen=True)

@@ -171,6 +171,14 @@ def cmd_ps(args: argparse.Namespace) -> int:
     return 0
 
 
+def _each(args: argparse.Namespace, names: list[str], remove: Callable[[str], object], done: str) -> int:
+    """Remove each in turn, saying so as each goes (the first refusal stops the rest)."""
+    for name in names:
+        remove(name)
+        print(json.dumps({done: name}) if args.json else name)
+    return 0
+
+
 def _print_fields(values: dict[str, Any]) -> None:
     """`key: value` lines; a nested value as one line of JSON."""
     width = max(map(len, values), default=0)
@@ -215,10 +223,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
 
 def cmd_rm(args: argparse.Namespace) -> int:
     with agent_client(args) as client:
-        for container in args.containers:
-            client.delete(container)
-            print(json.dumps({"deleted": container}) if args.json else container)
-    return 0
+        return _each(args, args.containers, client.delete, "deleted")
 
 
 def cmd_images(args: argparse.Namespace) -> int:
@@ -253,10 +258,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 def cmd_rmi(args: argparse.Namespace) -> int:
     with agent_client(args) as client:
-        for reference in args.images:
-            client.remove_image(reference)
-            print(json.dumps({"removed": reference}) if args.json else reference)
-    return 0
+        return _each(args, args.images, client.remove_image, "removed")
 
 
 def cmd_gpus(args: argparse.Namespace) -> int:
@@ -332,11 +334,17 @@ def cmd_events(args: argparse.Namespace) -> int:
         since = args.since if args.since is not None else last if args.follow else max(0, last - RECENT_EVENTS)
         if not args.follow and since == last:
             return 0
-        for change in client.watch(since=since):
+        for change in client.watch(since=since, timeout=args.timeout if args.follow else None):
             print(json.dumps(change) if args.json else _event_line(change), flush=True)
             if not args.follow and change.get("revision", 0) >= last:
                 break
     return 0
+
+
+def _positive_seconds(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of seconds, 1 or more, got {text!r}")
+    return int(text)
 
 
 def _event_line(change: dict[str, Any]) -> str:
@@ -467,6 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
     events.add_argument("-f", "--follow", action="store_true", help="go on printing each change as it comes")
     events.add_argument("--since", type=int, metavar="R",
                         help=f"the changes after revision R (default: the last {RECENT_EVENTS}, or with -f only new ones)")
+    events.add_argument("--timeout", type=_positive_seconds, metavar="S", help="with -f, stop after S seconds")
     serve = commands.add_parser(
         "serve", help="start the agent: exec gunicorn with the shipped gunicorn.conf.py",
         description="Exec `gunicorn -c <root>/gunicorn.conf.py wsgi:app` from the agent's checkout.",

@@ -23,6 +23,7 @@ from __future__ import annotations
 import codecs
 import dataclasses
 import json
+import math
 import ssl
 import time
 import uuid
@@ -35,13 +36,14 @@ import requests
 from .. import __version__
 from ..claims.records import PortMapping
 from ..schemas import (
+    MAX_EVENTS_TIMEOUT_SECONDS,
     ContainerSchema,
     CreatedSchema,
-    ExecResultSchema,
     HealthSchema,
     MetricsSchema,
 )
 from .errors import AgentUnreachable, ClaimExists, RevisionTooOld, UnexpectedAnswer, error_from_response, retry_after_seconds
+from ..exec.schemas import ExecResultSchema
 from ..images.schemas import ImageSchema
 from .exec import ExecSession
 from .records import (
@@ -242,16 +244,23 @@ class AgentClient:
         """
         self._call("DELETE", f"/api/v1/containers/{container_id}", (204,), gone_on_retry=(404,))
 
-    def watch(self, since: int | None = None, heartbeats: bool = False) -> Iterator[dict[str, Any]]:
-        """The node's changes (GET /api/v1/events) as dicts, for as long as the caller iterates.
+    def watch(self, since: int | None = None, heartbeats: bool = False, timeout: float | None = None) -> Iterator[dict[str, Any]]:
+        """The node's changes (GET /api/v1/events) as dicts, for as long as the caller iterates, or
+        for `timeout` seconds: the agent ends the stream then (`?timeout=`), and so does this.
 
         A dropped connection is resumed from the last revision seen, so no change is missed or
         repeated. When the agent no longer holds the changes after it (410 revision_too_old), the
         containers are listed again and a `{"kind": "relist", "revision": R, "containers": [...]}`
         comes before the changes after R: the caller replaces what it knew with that list."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         attempt = 0
         while True:
-            params = {"since": since} if since is not None else None
+            params: dict[str, int] = {} if since is None else {"since": since}
+            if deadline is not None:
+                left = math.ceil(deadline - time.monotonic())
+                if left <= 0:
+                    return
+                params["timeout"] = min(left, MAX_EVENTS_TIMEOUT_SECONDS)
             try:
                 response = self._call("GET", "/api/v1/events", (200,), params=params, stream=True, timeout=(self.timeout, None))
             except RevisionTooOld:
@@ -269,6 +278,8 @@ class AgentClient:
                             yield change
             except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError):
                 pass
+            if deadline is not None and time.monotonic() >= deadline:
+                return
             if attempt >= self.retries:
                 raise AgentUnreachable(f"GET {self.url}/api/v1/events: the stream kept ending")
             self._wait(attempt, None)

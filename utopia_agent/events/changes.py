@@ -8,13 +8,10 @@ so a create and a start, or an exit and a restart, may come as one change of rec
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from ..claims.records import CLAIM_LABEL, ManagedContainer
+from ..claims.records import CLAIM_LABEL, ContainerState, ManagedContainer
 from ..schemas import ContainerSchema
-
-if TYPE_CHECKING:  # the node view's record; the view itself is above this layer
-    from ..engine.node_view import ContainerState
 
 _container = ContainerSchema()
 

@@ -97,16 +97,18 @@ def heartbeat(revision: int) -> bytes:
 
 
 def stream_lines(reader: HistoryReader, notifier: ChangeNotifier, heartbeat_seconds: float, stopping: threading.Event,
-                 first_heartbeat: bool, client_gone: Callable[[], bool] = lambda: False) -> Iterator[bytes]:
+                 first_heartbeat: bool, client_gone: Callable[[], bool] = lambda: False, timeout: float | None = None) -> Iterator[bytes]:
     """The lines after the reader's revision, then each new one; a heartbeat when nothing came for a while.
 
     Ends when the worker stops, when the client has gone (looked at each second, so its slot
-    is free again without waiting for a heartbeat to fail), or when the reader fell behind the
-    history (the client resumes and is told 410 or gets the rest exactly)."""
+    is free again without waiting for a heartbeat to fail), when the reader fell behind the
+    history (the client resumes and is told 410 or gets the rest exactly), or `timeout` seconds
+    after it began: then with a last heartbeat, whose revision the client resumes from."""
     yield b""  # the answer's head goes out now, not with the first change
     if first_heartbeat:
         yield heartbeat(reader.after)
     next_heartbeat = time.monotonic() + heartbeat_seconds
+    deadline = None if timeout is None else time.monotonic() + timeout
     try:
         while not stopping.is_set() and not client_gone():
             seen = notifier.count
@@ -120,10 +122,14 @@ def stream_lines(reader: HistoryReader, notifier: ChangeNotifier, heartbeat_seco
                 next_heartbeat = time.monotonic() + heartbeat_seconds
                 continue
             now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                yield heartbeat(reader.after)
+                return
             if now >= next_heartbeat:
                 yield heartbeat(reader.after)
                 next_heartbeat = now + heartbeat_seconds
-            notifier.wait(seen, min(next_heartbeat - now, 1.0) if next_heartbeat > now else 0)
+            wake = min(next_heartbeat, deadline) if deadline is not None else next_heartbeat
+            notifier.wait(seen, min(wake - now, 1.0) if wake > now else 0)
     finally:
         reader.close()
 
@@ -149,8 +155,9 @@ class EventStreams:
         self._notifier: ChangeNotifier | None = None
         self._lock = threading.Lock()
 
-    def open(self, since: int | None, client: socket.socket | None = None) -> tuple[Iterator[bytes], int]:
-        """A stream of the changes after `since` to `client`, and the slot fd it holds (close it when the stream ends)."""
+    def open(self, since: int | None, client: socket.socket | None = None, timeout: float | None = None) -> tuple[Iterator[bytes], int]:
+        """A stream of the changes after `since` to `client`, ending after `timeout` seconds if given, and the
+        slot fd it holds (close it when the stream ends)."""
         slot = self._slots.take()
         try:
             reader = self.history.reader(since)
@@ -161,7 +168,7 @@ class EventStreams:
             if self._notifier is None:
                 self._notifier = ChangeNotifier(self.history.folder)
         gone = partial(hung_up, client) if client is not None else (lambda: False)
-        return stream_lines(reader, self._notifier, self.heartbeat_seconds, self.stopping, since is None, gone), slot
+        return stream_lines(reader, self._notifier, self.heartbeat_seconds, self.stopping, since is None, gone, timeout), slot
 
     def close(self) -> None:
         self.stopping.set()

@@ -16,7 +16,6 @@ from dataclasses import asdict, dataclass
 from ..config import Config
 from ..engine.manager import DockerManager, HeldImage
 from ..engine.errors import EngineConflict, EngineNotFound
-from ..errors import AgentError
 from ..node.chore import NodeChore
 from ..node.state_file import StateFile
 from ..observability.prometheus import IMAGES_COLLECTED
@@ -46,7 +45,7 @@ class ImageCollector:
         self._min_age = config.image_gc_min_age
         self.status_file = StateFile(config.state_dir / "image-store.json")
         # At start too, so /metrics has the store's figures.
-        self._chore = NodeChore("image-collection", config.state_dir / "image-collection.stamp", config.image_gc_interval, self._look,
+        self._chore = NodeChore("image-collection", config.state_dir / "image-collection.stamp", config.image_gc_interval, self.collect,
                                 at_start=True)
 
     def start(self) -> ImageCollector:
@@ -108,10 +107,3 @@ class ImageCollector:
         self._pulled.forget(image.id)
         return True
 
-    def _look(self) -> None:
-        try:
-            self.collect()
-        except AgentError as error:
-            log.warning("image collection skipped: %s", error.message)
-        except OSError as error:
-            log.error("image collection failed: %s", error)

@@ -15,12 +15,14 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 from ..engine.image_pull import RegistryAuth
 from ..engine.manager import DockerManager, PresentImage
 from ..engine.errors import EngineConflict, EngineNotFound
 from ..errors import ImageInUse, ImagePullFailed, ImageUnavailable, InsufficientStorage, NotFound
+from ..node.chore import NodeChore
 from ..node.state_file import StateFile
 from ..schemas import IMAGE_PATTERN
 from ..observability.prometheus import PULL_DURATION
@@ -34,6 +36,8 @@ PULL_PROGRESS_INTERVAL = 5.0
 PROGRESS_WRITE_INTERVAL = 1.0
 FAILED_PULL_KEPT_SECONDS = 600
 NO_SPACE = "no space left on device"
+# How soon a pull whose worker died is taken over by another (or, with credentials, told failed).
+ADOPT_SECONDS = 2.0
 
 
 class Images:
@@ -44,6 +48,16 @@ class Images:
         self.pulled = pulled
         self.collector = collector
         self.board = PullBoard(state_dir / "pulls")
+        self._adoption = NodeChore("pull-adoption", state_dir / "pull-adoption.stamp", ADOPT_SECONDS, self.adopt_orphans)
+
+    def start(self) -> Images:
+        self.collector.start()
+        self._adoption.start()
+        return self
+
+    def close(self) -> None:
+        self._adoption.close()
+        self.collector.close()
 
     def ensure(self, image: str, auth: RegistryAuth | None = None) -> dict[str, str]:
         """Pull `image` unless the engine has it; return its labels, which the engine copies onto
@@ -72,7 +86,7 @@ class Images:
         if present is not None:
             self.check_access(image, present, auth)
             return next(entry for entry in self.listing() if entry["id"] == present.id)
-        entry = self.board.entry(image)
+        entry = self.board.entry(image, private=auth is not None)
         threading.Thread(target=self._pull_quietly, args=(image, auth, entry), name="pull-ahead", daemon=True).start()
         return {"image": image, "id": None, "size_mb": None, "origin": "pulled_private" if auth else "pulled", "claims": [],
                 "last_used": None, "state": "pulling", "progress": {"downloaded_bytes": 0, "total_bytes": 0}}
@@ -117,6 +131,20 @@ class Images:
             self.pulled.forget(present.id)
         log.info("image removed image=%s id=%s", reference, present.id[7:19])
 
+    def adopt_orphans(self) -> None:
+        """Pulls whose worker died (SIGKILL, OOM) are finished by this one: a pull with credentials
+        is told failed instead, since credentials are never written down for another to use."""
+        for orphan in self.board.orphans():
+            image = orphan["image"]
+            if orphan.get("private"):
+                self.pulled.failed(image)
+                self.board.entry(image, private=True).failed("the worker pulling it stopped; pull again with its credentials")
+                log.warning("image pull failed image=%s: its worker (pid %s) stopped", image, orphan.get("pid"), extra={"image": image})
+                continue
+            log.info("image pull taken over image=%s from its worker (pid %s), which stopped", image, orphan.get("pid"), extra={"image": image})
+            entry = self.board.entry(image)
+            threading.Thread(target=self._pull_quietly, args=(image, None, entry), name="pull-ahead", daemon=True).start()
+
     def _pull_quietly(self, image: str, auth: RegistryAuth | None, entry: PullEntry) -> None:
         try:
             self._pull(image, auth, entry)
@@ -124,26 +152,11 @@ class Images:
             pass
 
     def _pull(self, image: str, auth: RegistryAuth | None, entry: PullEntry | None = None) -> PresentImage:
-        """Collect first when the store is past its high mark, then pull; a pull the disk cannot
-        hold is retried once after collecting, then 507."""
-        entry = entry or self.board.entry(image)
+        entry = entry or self.board.entry(image, private=auth is not None)
         if auth is not None:
             self.pulled.pulling(image)
         try:
-            self.collector.collect()
-            try:
-                pull(self.docker, image, auth, entry)
-            except ImagePullFailed as exc:
-                if NO_SPACE not in exc.message.lower():
-                    raise
-                self.collector.collect()
-                try:
-                    pull(self.docker, image, auth, entry)
-                except ImagePullFailed as again:
-                    if NO_SPACE not in again.message.lower():
-                        raise
-                    raise InsufficientStorage(f"no room for {image} in the node's image store, even after collecting unused images",
-                                              image=image) from None
+            self._pull_with_room(image, auth, entry)
             present = self.docker.present_image(image)
             if present is None:
                 raise ImagePullFailed(f"cannot pull {image}: the engine lost it right after the pull", image=image)
@@ -155,6 +168,19 @@ class Images:
         self.pulled.pulled(image, present.id, auth.owner(image) if auth else None)
         entry.done()
         return present
+
+    def _pull_with_room(self, image: str, auth: RegistryAuth | None, entry: PullEntry) -> None:
+        """Collect first when the store is past its high mark, then pull; a pull the disk cannot
+        hold is retried once after collecting, then 507."""
+        for _ in range(2):
+            self.collector.collect()
+            try:
+                pull(self.docker, image, auth, entry)
+                return
+            except ImagePullFailed as exc:
+                if NO_SPACE not in exc.message.lower():
+                    raise
+        raise InsufficientStorage(f"no room for {image} in the node's image store, even after collecting unused images", image=image)
 
 
 def pull(docker: DockerManager, image: str, auth: RegistryAuth | None, entry: PullEntry) -> None:
@@ -178,28 +204,43 @@ class PullBoard:
     def __init__(self, directory: Path):
         self._dir = directory
 
-    def entry(self, image: str) -> PullEntry:
+    def entry(self, image: str, private: bool = False) -> PullEntry:
         self._dir.mkdir(exist_ok=True)
-        return PullEntry(StateFile(self._dir / f"{uuid.uuid4().hex}.json"), image)
+        return PullEntry(StateFile(self._dir / f"{uuid.uuid4().hex}.json"), image, private)
 
     def entries(self) -> list[dict[str, Any]]:
-        """Pulls under way and recent failures, oldest first; files of pulls whose worker died go."""
+        """Pulls under way (those whose worker died too, until another takes them over) and recent failures, oldest first."""
         listed = []
         for path in sorted(self._dir.glob("*.json")) if self._dir.is_dir() else ():
             record = StateFile(path).read()
-            gone = record.get("state") == "failed" and time.time() - record.get("at", 0) > FAILED_PULL_KEPT_SECONDS
-            if gone or not record or (record.get("state") == "pulling" and not _alive(record.get("pid", 0))):
+            if not record or (record.get("state") == "failed" and time.time() - record.get("at", 0) > FAILED_PULL_KEPT_SECONDS):
                 path.unlink(missing_ok=True)
                 continue
             listed.append(record)
         return sorted(listed, key=lambda record: record.get("started", 0))
 
+    def orphans(self) -> Iterator[dict[str, Any]]:
+        """The records of pulls whose worker died, each given to one caller only: the first to rename
+        its file takes it, so two workers never take over the same pull."""
+        for path in sorted(self._dir.glob("*.json")) if self._dir.is_dir() else ():
+            record = StateFile(path).read()
+            if record.get("state") != "pulling" or _alive(record.get("pid", 0)):
+                continue
+            taken = path.with_suffix(".taken")
+            try:
+                os.rename(path, taken)
+            except FileNotFoundError:
+                continue
+            taken.unlink()
+            yield record
+
 
 class PullEntry:
-    def __init__(self, file: StateFile, image: str):
+    def __init__(self, file: StateFile, image: str, private: bool = False):
+        """`private`: the pull has credentials, which no other worker could take it over with."""
         self._file = file
         self._record = {"image": image, "state": "pulling", "pid": os.getpid(), "started": time.time(), "at": time.time(),
-                        "downloaded_bytes": 0, "total_bytes": 0}
+                        "downloaded_bytes": 0, "total_bytes": 0, "private": private}
         self._written = 0.0
         self._file.write(self._record, durable=False)
 

@@ -2,40 +2,68 @@
 
 Every worker runs the loop; a stamp in the state dir lets the first that finds it old do the
 chore and renew it, so the node does it once per interval whatever the number of workers.
+A round that fails is logged and the next one is tried at its time: the engine down is a warning
+(the round is skipped), a failure of the node's own files an error.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Self
+
+from ..errors import AgentError
+
+log = logging.getLogger("utopia_agent.chore")
 
 
-class NodeChore:
+class Background:
+    """A worker's daemon thread: `_run` from start() on, until close() sets `_closed`."""
+
+    def __init__(self, name: str):
+        self._name = name
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> Self:
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self._closed.set()
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+
+class NodeChore(Background):
     def __init__(self, name: str, stamp: Path, interval: float, chore: Callable[[], None], at_start: bool = False):
         """`at_start`: look at once when the worker starts, rather than after half an interval."""
+        super().__init__(name)
         self._stamp = stamp
         self._interval = interval
         self._chore = chore
         self._at_start = at_start
-        self._closed = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def close(self) -> None:
-        self._closed.set()
 
     def _run(self) -> None:
         if not self._at_start:
             self._closed.wait(self._interval / 2)
         while not self._closed.is_set():
             if self._due():
-                self._chore()
+                self._round()
             self._closed.wait(self._interval / 2)
+
+    def _round(self) -> None:
+        try:
+            self._chore()
+        except AgentError as error:
+            log.warning("%s skipped: %s", self._name, error.message)
+        except OSError as error:
+            log.error("%s failed: %s", self._name, error)
 
     def _due(self) -> bool:
         """True for one worker per interval: the one that finds the stamp old and renews it."""

@@ -20,6 +20,7 @@ from functools import cache, cached_property
 from pathlib import Path
 
 from ..errors import AgentError
+from .chore import Background
 from .role import NodeRole
 from .state_file import StateFile
 
@@ -162,10 +163,11 @@ def _stat_line(key: bytes) -> re.Pattern[bytes]:
     return re.compile(rb"^" + re.escape(key) + rb" (-?\d+)$", re.MULTILINE)
 
 
-class ClaimUsage:
+class ClaimUsage(Background):
     """Samples the running claims in the background and answers per-claim figures from the samples."""
 
     def __init__(self, docker, state_dir: Path, interval: float = SAMPLE_SECONDS):
+        super().__init__("claim-usage")
         self._docker = docker
         self._path = state_dir / "claim-usage.json"
         # One worker samples for the node, so each container's cgroup is looked up (one inspect) once.
@@ -174,15 +176,6 @@ class ClaimUsage:
         self._cgroups: dict[str, CgroupFiles] = {}
         self._cgroups_lock = threading.Lock()
         self._cache: tuple[float, dict] = (0.0, {})
-        self._closed = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="claim-usage", daemon=True)
-
-    def start(self) -> ClaimUsage:
-        self._thread.start()
-        return self
-
-    def close(self) -> None:
-        self._closed.set()
 
     # --- reading ---------------------------------------------------------------------
 

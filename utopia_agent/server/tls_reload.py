@@ -40,8 +40,22 @@ class ServedCertificate:
         return True
 
     def install(self, arbiter) -> None:
-        """Make the master's SIGHUP this reload (the arbiter looks its handlers up by name)."""
+        """Make the master's SIGHUP this reload (the arbiter looks its handlers up by name), and have
+        each worker born with SIGHUP held (blocked) until its own handler is in place
+        (server/worker.py init_signals): one that a reload sends while the worker boots would
+        otherwise reach the master's handler it inherited, or gunicorn's default, and the worker
+        would serve the pair it was forked with, or end."""
         arbiter.handle_hup = lambda: self.reload(arbiter)
+        spawn = arbiter.spawn_worker
+
+        def spawn_with_sighup_held():
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+            try:
+                return spawn()
+            finally:  # in the master once forked (the worker leaves spawn only to exit)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
+
+        arbiter.spawn_worker = spawn_with_sighup_held
 
 
 def note_served_certificate(files: TlsFiles) -> None:

@@ -145,9 +145,11 @@ class WholeRequestWorker(ThreadWorker):
     def init_signals(self):
         super().init_signals()
         if self.tls_files is not None:
-            # Set where gunicorn has just reset it to the default, which would end the worker.
+            # Set where gunicorn has just reset it to the default, which would end the worker; a
+            # SIGHUP held since the fork (server/tls_reload.py install) is taken now, by this handler.
             signal.signal(signal.SIGHUP, self._on_hup)
             signal.siginterrupt(signal.SIGHUP, False)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
 
     def _on_hup(self, _sig, _frame):
         self.method_queue.defer(self._reload_tls)
