@@ -5,6 +5,7 @@ api/error_handlers.py is the one place where an error becomes a JSON response.""
 
 from __future__ import annotations
 
+import errno
 from typing import Any
 
 
@@ -185,10 +186,20 @@ class ImageUnavailable(AgentError):
 
 
 class InsufficientStorage(AgentError):
-    """The node's image store has no room for the pull, even after collecting unused images."""
+    """No room on the node: for the pull, even after collecting unused images; for the agent's
+    own state (`filesystem` names the state dir); or under disk pressure (`filesystem` names the
+    directory whose filesystem is short)."""
 
     status = 507
     code = "insufficient_storage"
+
+    @classmethod
+    def state_dir_full(cls, state_dir: str, reason: str) -> InsufficientStorage:
+        return cls(f"the agent's state dir {state_dir} has no room ({reason}); nothing was changed", filesystem=state_dir)
+
+
+# What a write that found no room fails with: the filesystem is full, or a quota is spent.
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 class ImageInUse(Conflict):

@@ -617,6 +617,10 @@ class ErrorSchema(Schema):
     image = fields.String(metadata={"description": "The image that could not be pulled, for 502 image_pull_failed."})
     reason = fields.String(metadata={"description": "The operator's reason, for 409 node_draining."})
     max_body_bytes = fields.Integer(metadata={"description": "The node's UTOPIA_AGENT_MAX_BODY_BYTES, for 413 body_too_large."})
+    filesystem = fields.String(
+        metadata={"description": "A directory on the filesystem short of room, for 507 insufficient_storage: the agent's state dir, or the "
+                                 "engine's data root under disk pressure."}
+    )
 
 
 def load_request(schema: Schema, payload) -> dict:

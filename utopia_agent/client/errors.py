@@ -229,9 +229,14 @@ class ImageUnavailable(ApiError):
 
 
 class InsufficientStorage(ApiError):
-    """The node's image store has no room for the pull, even after collecting unused images."""
+    """No room on the node: for the pull, even after collecting unused images, or for the agent's
+    own state (`filesystem` names its state dir)."""
 
     status, code = 507, "insufficient_storage"
+
+    @property
+    def filesystem(self) -> str | None:
+        return self.body.get("filesystem")
 
 
 class ImageInUse(Conflict):

@@ -20,6 +20,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from ..errors import AgentError
+from .metric_files import use_allocated_files
 from ..claims.holders import gpus_held_twice
 from ..schemas import GPU_STATES
 
@@ -28,6 +29,8 @@ if TYPE_CHECKING:  # image pulls (under the docker manager) import this module, 
     from ..gpus.sampler import GpuSample
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# Before the first metric below opens its file: a full state dir must not kill the worker.
+use_allocated_files()
 
 REQUEST_DURATION = Histogram(
     "utopia_agent_http_request_duration_seconds",

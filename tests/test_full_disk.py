@@ -1,0 +1,125 @@
+"""The agent on a state dir whose filesystem is filled to the last byte: no 500, deletes work,
+and once space returns everything works again, without a restart and after one."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.fake_nvml import DEFAULT_TEST_GPUS, fake_nvml_env, write_fake_nvml_config
+from tests.support.agent import AgentProcess
+from tests.support.engine import TEST_IMAGE, free_port
+from tests.support.polling import wait_for
+from tests.support.small_filesystem import fill, small_tmpfs
+
+pytestmark = pytest.mark.usefixtures("nvidia_path")
+
+
+@pytest.fixture
+def small_state_dir(tmp_path, engine) -> Iterator[Path]:
+    """A 24 MB tmpfs as the state dir, unmounted whatever happens."""
+    with small_tmpfs(tmp_path / "state") as state_dir:
+        yield state_dir
+
+
+def start_agent(state_dir: Path, tmp_path: Path, fake_nvml_dir: Path, **env: str) -> AgentProcess:
+    """An agent of 2 workers on the stand-in NVML, its own log kept off the state dir."""
+    nvml_config = write_fake_nvml_config(tmp_path / "nvml.conf", DEFAULT_TEST_GPUS)
+    base = {"UTOPIA_AGENT_GPU_BACKEND": "nvml", "UTOPIA_AGENT_STOP_TIMEOUT": "1", "UTOPIA_AGENT_RESTART_POLICY": "no",
+            "UTOPIA_AGENT_NETWORK_ISOLATION": "off", **env}
+    agent = AgentProcess(state_dir, free_port(), fake_nvml_env(fake_nvml_dir, nvml_config, {**os.environ, **base}), workers=2)
+    agent.log_path = tmp_path / "agent.log"
+    return agent.start()
+
+
+def revisions(state_dir: Path) -> list[int]:
+    """Every revision in the event history, in file order; every line must parse."""
+    found = []
+    for name in ("previous.jsonl", "current.jsonl"):
+        path = state_dir / "events" / name
+        if path.exists():
+            found += [json.loads(line)["revision"] for line in path.read_text().splitlines()]
+    return found
+
+
+def every_state_file_parses(state_dir: Path) -> None:
+    for path in state_dir.rglob("*.json"):
+        if path.name.startswith("."):
+            raise AssertionError(f"a temporary file was left behind: {path}")
+        json.loads(path.read_bytes())
+    for path in state_dir.rglob("*.jsonl"):
+        for line in path.read_text().splitlines()[1 if path.name == "view.jsonl" else 0:]:
+            if line:
+                json.loads(line)
+    assert not list(state_dir.glob("*.tmp")), "a temporary view was left behind"
+
+
+def test_a_full_state_dir_answers_507_and_deletes_work(small_state_dir, tmp_path, fake_nvml_dir, docker_client, test_image, claim):
+    agent = start_agent(small_state_dir, tmp_path, fake_nvml_dir)
+    try:
+        kept = agent.create(claim("kept"), TEST_IMAGE, gpu_count=1, command=["sleep", "600"])
+        freed = agent.create(claim("freed"), TEST_IMAGE, gpu_count=1, command=["sleep", "600"])
+        assert kept.status_code == freed.status_code == 201, (kept.text, freed.text)
+        kept_id, freed_id = kept.json()["container_id"], freed.json()["container_id"]
+        kept_gpus = agent.get(f"/api/v1/containers/{kept_id}").json()["gpu_ids"]
+        before = int(agent.get("/api/v1/containers").headers["X-Utopia-Revision"])
+        uuid = agent.get("/api/v1/gpus").json()[0]["uuid"]
+
+        fill(small_state_dir)
+        answers = {
+            "create": agent.create(claim("refused"), TEST_IMAGE, gpu_count=1, command=["sleep", "600"]),
+            "drain": agent.post("/api/v1/node/drain", json={"reason": "disk"}),
+            "quarantine": agent.post(f"/api/v1/gpus/{uuid}/quarantine", json={"reason": "disk"}),
+            "pull": agent.post("/api/v1/images", json={"image": "localhost:5999/none/nope:1"}),
+            "list": agent.get("/api/v1/containers"),
+            "get": agent.get(f"/api/v1/containers/{kept_id}"),
+            "logs": agent.get(f"/api/v1/containers/{kept_id}/logs"),
+            "stats": agent.get(f"/api/v1/containers/{kept_id}/stats"),
+            "gpus": agent.get("/api/v1/gpus"),
+            "node": agent.get("/api/v1/node"),
+            "images": agent.get("/api/v1/images"),
+            "metrics": agent.get("/api/v1/metrics"),
+            "scrape": agent.get("/metrics"),
+            "events": agent.get("/api/v1/events", params={"since": before}, stream=True, timeout=5),
+            "resume": agent.delete("/api/v1/node/drain"),
+            "release": agent.delete(f"/api/v1/gpus/{uuid}/quarantine"),
+            "health": agent.get("/health", auth=False),
+            "delete": agent.delete(f"/api/v1/containers/{freed_id}"),
+        }
+        statuses = {name: answer.status_code for name, answer in answers.items()}
+        answers["events"].close()
+        assert not [name for name, status in statuses.items() if status >= 500 and status != 507], statuses
+        assert statuses["delete"] == 204, statuses
+        for name in ("list", "get", "logs", "stats", "gpus", "node", "images", "metrics", "scrape", "health"):
+            assert statuses[name] == 200, (name, statuses)
+        assert statuses["create"] == 507, answers["create"].text
+        assert answers["create"].json()["filesystem"] == str(small_state_dir)
+        if statuses["drain"] == 507:
+            assert agent.get("/api/v1/node").json()["drain"]["draining"] is False, "a refused drain was kept"
+        assert wait_for(lambda: freed_id not in {c["id"] for c in agent.get("/api/v1/containers").json()}, 10)
+        assert set(agent.worker_pids()) and agent.process.poll() is None
+
+        (small_state_dir / "fill").unlink()
+        agent.delete("/api/v1/node/drain")
+        agent.delete(f"/api/v1/gpus/{uuid}/quarantine")
+        again = agent.create(claim("again"), TEST_IMAGE, gpu_count=1, command=["sleep", "600"])
+        assert again.status_code == 201, again.text
+        again_id = again.json()["container_id"]
+        again_gpus = agent.get(f"/api/v1/containers/{again_id}").json()["gpu_ids"]
+        assert not set(again_gpus) & set(kept_gpus), "a GPU is held twice"
+        assert wait_for(lambda: int(agent.get("/api/v1/containers").headers["X-Utopia-Revision"]) > before, 10)
+        every_state_file_parses(small_state_dir)
+        written = revisions(small_state_dir)
+        assert written == list(range(written[0], written[0] + len(written))), "revisions do not follow one another"
+
+        agent.stop()
+        agent.start()
+        found = {c["claim_id"]: c["gpu_ids"] for c in agent.get("/api/v1/containers").json()}
+        assert found == {claim("kept"): kept_gpus, claim("again"): again_gpus}
+        assert int(agent.get("/api/v1/containers").headers["X-Utopia-Revision"]) >= written[-1]
+    finally:
+        agent.stop()
