@@ -1,5 +1,5 @@
-"""The agent on a state dir whose filesystem is filled to the last byte: no 500, deletes work,
-and once space returns everything works again, without a restart and after one."""
+"""The agent's own disk: a state dir filled to the last byte (no 500, deletes work, and once space
+returns everything works again, without a restart and after one), and disk pressure."""
 
 from __future__ import annotations
 
@@ -123,3 +123,62 @@ def test_a_full_state_dir_answers_507_and_deletes_work(small_state_dir, tmp_path
         assert int(agent.get("/api/v1/containers").headers["X-Utopia-Revision"]) >= written[-1]
     finally:
         agent.stop()
+
+
+def node_change(agent: AgentProcess, since: int, action: str, timeout: float = 15) -> dict:
+    """The first `node` change `action` after revision `since` on the event stream."""
+    with agent.get("/api/v1/events", params={"since": since}, stream=True, timeout=timeout) as stream:
+        for line in stream.iter_lines():
+            change = json.loads(line)
+            if change["kind"] == "node" and change["action"] == action:
+                return change
+    raise AssertionError(f"no node {action} on the stream")
+
+
+def test_a_state_dir_filled_past_the_mark_is_disk_pressure(small_state_dir, tmp_path, fake_nvml_dir, test_image, claim):
+    """Past 90% full (the default 10% free): creates 507 naming the state dir, /health 200 with the
+    flag, the gauge, image collection at once, a node change when it starts and when it ends."""
+    agent = start_agent(small_state_dir, tmp_path, fake_nvml_dir, UTOPIA_AGENT_EVENTS_HEARTBEAT_SECONDS="1")
+    try:
+        assert agent.get("/health", auth=False).json()["disk_pressure"] is False
+        before = int(agent.get("/api/v1/containers").headers["X-Utopia-Revision"])
+        collected_at = wait_for(lambda: json.loads((small_state_dir / "image-store.json").read_text())["at"]
+                                if (small_state_dir / "image-store.json").exists() else None, 10)
+        room = fill(small_state_dir, mb=23)
+        started = node_change(agent, before, "disk_pressure")
+        assert started["object"]["disk_pressure"] is True
+        assert [fs["name"] for fs in started["object"]["filesystems"]] == ["state_dir"]
+        refused = agent.create(claim("refused"), TEST_IMAGE, command=["sleep", "600"])
+        assert refused.status_code == 507 and refused.json()["error"] == "insufficient_storage", refused.text
+        assert refused.json()["filesystem"] == str(small_state_dir) and "disk pressure" in refused.json()["message"]
+        health = agent.get("/health", auth=False)
+        assert health.status_code == 200 and health.json()["disk_pressure"] is True
+        assert 'utopia_agent_disk_pressure{filesystem="state_dir"} 1.0' in agent.get("/metrics").text
+        assert json.loads((small_state_dir / "image-store.json").read_text())["at"] > collected_at, "image collection did not run"
+
+        room.unlink()
+        ended = node_change(agent, started["revision"], "disk_pressure_ended")
+        assert ended["object"] == {"disk_pressure": False, "filesystems": []}
+        assert wait_for(lambda: agent.get("/health", auth=False).json()["disk_pressure"] is False, 5)
+        assert agent.create(claim("taken"), TEST_IMAGE, command=["sleep", "600"]).status_code == 201
+        assert 'utopia_agent_disk_pressure{filesystem="state_dir"} 0.0' in agent.get("/metrics").text
+    finally:
+        agent.stop()
+
+
+def test_the_engines_data_root_under_the_mark_is_disk_pressure(tmp_path, fake_nvml_dir, docker_client, test_image, claim):
+    """A mark above the data root's free share: creates 507 naming the engine's data root."""
+    data_root = docker_client.info()["DockerRootDir"]
+    free = os.statvfs(data_root).f_bavail * 100 / os.statvfs(data_root).f_blocks
+    with small_tmpfs(tmp_path / "state") as state_dir:  # all but empty: not under pressure itself
+        agent = start_agent(state_dir, tmp_path, fake_nvml_dir, UTOPIA_AGENT_DISK_PRESSURE_PERCENT=str(min(100, int(free) + 1)))
+        try:
+            assert wait_for(lambda: agent.get("/health", auth=False).json()["disk_pressure"], 15)
+            refused = agent.create(claim("refused"), TEST_IMAGE, command=["sleep", "600"])
+            assert refused.status_code == 507, refused.text
+            assert refused.json()["filesystem"] == data_root and "the engine's data root" in refused.json()["message"]
+            scrape = agent.get("/metrics").text
+            assert 'utopia_agent_disk_pressure{filesystem="data_root"} 1.0' in scrape
+            assert 'utopia_agent_disk_pressure{filesystem="state_dir"} 0.0' in scrape
+        finally:
+            agent.stop()

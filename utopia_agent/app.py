@@ -19,6 +19,7 @@ from .gpus.sampler import GpuSampler
 from .gpus.inventory import GpuInventory, make_inventory
 from .allocation.janitor import Janitor
 from .observability.logs import configure_logging
+from .node.disk_pressure import DiskPressure
 from .node.drain import NodeDrain
 from .gpus.watchdog import NvmlWatchdog
 from .observability.request_log import register_request_hooks
@@ -58,6 +59,7 @@ def create_app(config: Config | None = None, gpus: GpuInventory | None = None, d
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
     app.json.sort_keys = False
     allocator = Allocator(config, docker, health, node, lock_timeout, MountPins(config.mounts_dir), NodeResources.read())
+    images = _images(docker, config, lock)
     app.extensions["utopia"] = Services(
         config=config,
         docker=docker,
@@ -68,8 +70,9 @@ def create_app(config: Config | None = None, gpus: GpuInventory | None = None, d
         janitor=Janitor(allocator, config.state_dir / "janitor.stamp", config.unstarted_seconds).start(),
         usage=ClaimUsage(docker, config.state_dir).start(),
         network=NetworkIsolation(config, EngineConnection(config.engine_timeout)).start(),
-        images=_images(docker, config, lock),
+        images=images,
         events=EventStreams(history, config.events_heartbeat_seconds),
+        pressure=DiskPressure(config.state_dir, config.disk_pressure_percent, docker.data_root, history, images.collector.look).start(),
     )
     health.monitor.start()
     register_error_handlers(app)

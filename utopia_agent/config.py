@@ -160,6 +160,7 @@ class Config:
     image_gc_low_percent: int = 80
     image_gc_min_age: float = 120.0
     image_gc_interval: float = 60.0
+    disk_pressure_percent: int = 10
     events_history: int = 10000
     events_heartbeat_seconds: float = 15.0
     # Resolved at load: what no volume may reach (SYSTEM_PATHS, the agent's code and token).
@@ -412,6 +413,7 @@ def load_config(env: Mapping[str, str] | None = None, ephemeral_ports_path: Path
         network_subnet=_network_subnet(env),
         blocked_networks=_blocked_networks(env),
         **_image_gc(env),
+        disk_pressure_percent=_int(env, "UTOPIA_AGENT_DISK_PRESSURE_PERCENT", 10, low=0, high=100),
         events_history=_int(env, "UTOPIA_AGENT_EVENTS_HISTORY", 10000, high=10_000_000),
         events_heartbeat_seconds=_seconds(env, "UTOPIA_AGENT_EVENTS_HEARTBEAT_SECONDS", 15.0),
         denied_paths=denied,

@@ -585,6 +585,11 @@ class HealthSchema(ResponseSchema):
     )
     timestamp = fields.String(required=True, metadata={"description": "When it was answered, ISO 8601 in UTC."})
     draining = fields.Boolean(required=True, metadata={"description": "The node takes no new claims; it stays healthy."})
+    disk_pressure = fields.Boolean(
+        required=True,
+        metadata={"description": "The engine's data root or the state dir has less free space than UTOPIA_AGENT_DISK_PRESSURE_PERCENT: "
+                                 "creates answer 507; the node stays healthy."},
+    )
     reason = fields.String(metadata={"description": "Why it is unhealthy."})
 
     # Absent, not null, while healthy.

@@ -18,6 +18,7 @@ from .gpus.health import GpuHealth
 from .images.pulls import Images
 from .allocation.janitor import Janitor
 from .events.stream import EventStreams
+from .node.disk_pressure import DiskPressure
 from .node.drain import NodeDrain
 from .network.isolation import NetworkIsolation
 from .node.system_metrics import SystemMetrics
@@ -38,9 +39,11 @@ class Services:
     network: NetworkIsolation
     images: Images
     events: EventStreams
+    pressure: DiskPressure
 
     def close(self) -> None:
         self.events.close()
+        self.pressure.close()
         self.janitor.close()
         self.images.collector.close()
         self.usage.close()

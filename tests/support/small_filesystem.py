@@ -23,8 +23,11 @@ def small_tmpfs(path: Path, size: str = "24m") -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(path)], check=False)
 
 
-def fill(path: Path, name: str = "fill") -> Path:
-    """Write zeros into `path`/`name` until the filesystem refuses: it is then full to the last byte."""
-    subprocess.run(["dd", "if=/dev/zero", f"of={path / name}", "bs=64k"], capture_output=True, check=False)
-    assert os.statvfs(path).f_bavail == 0, f"{path} is not full"
+def fill(path: Path, name: str = "fill", mb: int | None = None) -> Path:
+    """Write zeros into `path`/`name`: `mb` megabytes, or until the filesystem refuses (it is then
+    full to the last byte)."""
+    count = [f"count={mb}"] if mb is not None else []
+    subprocess.run(["dd", "if=/dev/zero", f"of={path / name}", "bs=1M" if mb is not None else "bs=64k", *count], capture_output=True, check=False)
+    if mb is None:
+        assert os.statvfs(path).f_bavail == 0, f"{path} is not full"
     return path / name

@@ -46,7 +46,7 @@ class ImageCollector:
         self._min_age = config.image_gc_min_age
         self.status_file = StateFile(config.state_dir / "image-store.json")
         # At start too, so /metrics has the store's figures.
-        self._chore = NodeChore("image-collection", config.state_dir / "image-collection.stamp", config.image_gc_interval, self._look,
+        self._chore = NodeChore("image-collection", config.state_dir / "image-collection.stamp", config.image_gc_interval, self.look,
                                 at_start=True)
 
     def start(self) -> ImageCollector:
@@ -108,7 +108,8 @@ class ImageCollector:
         self._pulled.forget(image.id)
         return True
 
-    def _look(self) -> None:
+    def look(self) -> None:
+        """Look (and collect past the high mark) now: at each interval, and when disk pressure starts."""
         try:
             self.collect()
         except AgentError as error:

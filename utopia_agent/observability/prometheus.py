@@ -27,6 +27,7 @@ from ..schemas import GPU_STATES
 if TYPE_CHECKING:  # image pulls (under the docker manager) import this module, and gpu_health imports the docker manager
     from ..gpus.health import GpuView
     from ..gpus.sampler import GpuSample
+    from ..node.disk_pressure import DiskPressure
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # Before the first metric below opens its file: a full state dir must not kill the worker.
@@ -113,6 +114,7 @@ class NodeCollector(Collector):
         yield from self._image_families(agent.images.collector.status_file.read())
         yield GaugeMetricFamily("utopia_agent_node_draining", "1 while the operator drains the node (creates are refused).",
             value=1.0 if agent.node.state()["draining"] else 0.0)
+        yield from self._disk_families(agent.pressure)
 
         if containers is not None:
             by_state = GaugeMetricFamily("utopia_agent_containers", "Managed containers by Docker state.", labels=["state"])
@@ -132,6 +134,19 @@ class NodeCollector(Collector):
             ("uptime", "Node uptime in seconds."),
         ):
             yield GaugeMetricFamily(f"utopia_agent_node_{key}", help_text, value=system[key])
+
+    @staticmethod
+    def _disk_families(pressure: DiskPressure) -> Iterable:
+        """The engine's data root's filesystem and the state dir's (`filesystem`: data_root, state_dir), as creates judge them."""
+        pressed = {fs.name for fs in pressure.pressed()}
+        flags = GaugeMetricFamily("utopia_agent_disk_pressure",
+                                  "1 while the filesystem has less free space than UTOPIA_AGENT_DISK_PRESSURE_PERCENT: creates answer 507.",
+                                  labels=["filesystem"])
+        free = GaugeMetricFamily("utopia_agent_disk_free_percent", "Share of the filesystem free for use.", labels=["filesystem"])
+        for fs in pressure.filesystems():
+            flags.add_metric([fs.name], 1.0 if fs.name in pressed else 0.0)
+            free.add_metric([fs.name], fs.free_percent)
+        return flags, free
 
     @staticmethod
     def _image_families(status: dict) -> Iterable:
