@@ -136,7 +136,7 @@ class PortTaken(Conflict):
 
 
 class NotEnoughResources(Conflict):
-    """The claim's CPUs or memory exceed what is free on the node; the body names what is."""
+    """The claim's CPUs, memory or disk exceed what is free on the node; the body names what is."""
 
     code = "not_enough_resources"
 

@@ -157,7 +157,7 @@ class GpuHeld(Conflict):
 
 
 class NotEnoughResources(Conflict):
-    """The claim's CPUs or memory exceed what is free: `free_cpus` and `free_memory_mb` say what is."""
+    """The claim's CPUs, memory or disk exceed what is free: `free_cpus`, `free_memory_mb` or `free_disk_gb` say what is."""
 
     code = "not_enough_resources"
 
@@ -168,6 +168,10 @@ class NotEnoughResources(Conflict):
     @property
     def free_memory_mb(self) -> int | None:
         return self.body.get("free_memory_mb")
+
+    @property
+    def free_disk_gb(self) -> float | None:
+        return self.body.get("free_disk_gb")
 
 
 class GpuNotFound(NotFound):
