@@ -463,12 +463,14 @@ def test_creates_under_disk_pressure_are_507_and_the_node_stays_healthy(tmp_path
         client = pressed.test_client()
         response = create(client, command=["sleep", "60"])
         health = client.get("/health")
+        node = client.get("/api/v1/node", headers=auth())
     finally:
         pressed.extensions["utopia"].close()
     body = assert_refused(response, 507, "insufficient_storage", None, memory)
     assert body["filesystem"] == str(tmp_path / "state")
     assert body["message"].startswith(f"disk pressure: the agent's state dir {tmp_path / 'state'} has ")
     assert health.status_code == 200 and health.get_json()["disk_pressure"] is True
+    assert node.get_json()["disk"]["pressure"] is True
 
 
 def test_a_write_that_finds_no_room_is_507_naming_the_state_dir(tmp_path, memory):
@@ -625,7 +627,7 @@ def test_a_create_cut_short_by_its_workers_death_is_settled_before_the_next_deci
     name = memory.containers[orphan].name
     memory.containers[orphan] = dataclasses.replace(memory.containers[orphan], status="created", started=0)
     (state_dir / "create-in-flight.json").write_text(json.dumps({"name": name, "pid": 4242}))
-    response = create(client, command=["sleep", "60"], gpu_count=8)
+    response = create(client, command=["sleep", "60"], gpu_count=8, disk_gb=1)  # not the whole disk: "after" needs some
     assert response.status_code == 201, response.get_json()
     assert orphan not in memory.containers and not (state_dir / "create-in-flight.json").exists()
 

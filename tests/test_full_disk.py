@@ -59,7 +59,8 @@ def every_state_file_parses(state_dir: Path) -> None:
 
 
 def test_a_full_state_dir_answers_507_and_deletes_work(small_state_dir, tmp_path, fake_nvml_dir, docker_client, test_image, claim):
-    agent = start_agent(small_state_dir, tmp_path, fake_nvml_dir)
+    # Pressure off: each refusal here must come from a write that found no room.
+    agent = start_agent(small_state_dir, tmp_path, fake_nvml_dir, UTOPIA_AGENT_DISK_PRESSURE_PERCENT="0")
     try:
         kept = agent.create(claim("kept"), TEST_IMAGE, gpu_count=1, command=["sleep", "600"])
         freed = agent.create(claim("freed"), TEST_IMAGE, gpu_count=1, command=["sleep", "600"])
@@ -97,7 +98,7 @@ def test_a_full_state_dir_answers_507_and_deletes_work(small_state_dir, tmp_path
         for name in ("list", "get", "logs", "stats", "gpus", "node", "images", "metrics", "scrape", "health"):
             assert statuses[name] == 200, (name, statuses)
         assert statuses["create"] == 507, answers["create"].text
-        assert answers["create"].json()["filesystem"] == str(small_state_dir)
+        assert answers["create"].json()["filesystem"] == str(small_state_dir) and "has no room" in answers["create"].json()["message"]
         if statuses["drain"] == 507:
             assert agent.get("/api/v1/node").json()["drain"]["draining"] is False, "a refused drain was kept"
         assert wait_for(lambda: freed_id not in {c["id"] for c in agent.get("/api/v1/containers").json()}, 10)
@@ -154,6 +155,7 @@ def test_a_state_dir_filled_past_the_mark_is_disk_pressure(small_state_dir, tmp_
         health = agent.get("/health", auth=False)
         assert health.status_code == 200 and health.json()["disk_pressure"] is True
         assert 'utopia_agent_disk_pressure{filesystem="state_dir"} 1.0' in agent.get("/metrics").text
+        assert agent.get("/api/v1/node").json()["disk"]["pressure"] is True
         assert json.loads((small_state_dir / "image-store.json").read_text())["at"] > collected_at, "image collection did not run"
 
         room.unlink()
@@ -162,6 +164,7 @@ def test_a_state_dir_filled_past_the_mark_is_disk_pressure(small_state_dir, tmp_
         assert wait_for(lambda: agent.get("/health", auth=False).json()["disk_pressure"] is False, 5)
         assert agent.create(claim("taken"), TEST_IMAGE, command=["sleep", "600"]).status_code == 201
         assert 'utopia_agent_disk_pressure{filesystem="state_dir"} 0.0' in agent.get("/metrics").text
+        assert agent.get("/api/v1/node").json()["disk"]["pressure"] is False
     finally:
         agent.stop()
 

@@ -28,6 +28,7 @@ from .images.collection import ImageCollector
 from .images.pulls import Images
 from .images.records import PulledImages
 from .services import Services
+from .disks.node_disk import NodeDisk
 from .node.state_dir import first_to_log
 from .claims.resources import NodeResources
 from .node.system_metrics import SystemMetrics
@@ -58,8 +59,10 @@ def create_app(config: Config | None = None, gpus: GpuInventory | None = None, d
     app = Flask("utopia_agent", static_folder=None)  # every route is declared (api/operations.py); no static files
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
     app.json.sort_keys = False
-    allocator = Allocator(config, docker, health, node, lock_timeout, MountPins(config.mounts_dir), NodeResources.read())
     images = _images(docker, config, lock)
+    pressure = DiskPressure(config.state_dir, config.disk_pressure_percent, docker.data_root, history, images.collector.look).start()
+    allocator = Allocator(config, docker, health, node, lock_timeout, MountPins(config.mounts_dir), NodeResources.read(),
+                          NodeDisk(config, docker, pressure=pressure))
     app.extensions["utopia"] = Services(
         config=config,
         docker=docker,
@@ -72,7 +75,7 @@ def create_app(config: Config | None = None, gpus: GpuInventory | None = None, d
         network=NetworkIsolation(config, EngineConnection(config.engine_timeout)).start(),
         images=images,
         events=EventStreams(history, config.events_heartbeat_seconds),
-        pressure=DiskPressure(config.state_dir, config.disk_pressure_percent, docker.data_root, history, images.collector.look).start(),
+        pressure=pressure,
     )
     health.monitor.start()
     register_error_handlers(app)
