@@ -328,7 +328,8 @@ def cmd_events(args: argparse.Namespace) -> int:
 
 
 def _event_line(change: dict[str, Any]) -> str:
-    """`REVISION TIME KIND ACTION WHAT`: a container by claim and short id, a GPU by index and UUID, the drain by reason."""
+    """`REVISION TIME KIND ACTION WHAT`: a container by claim and short id, a GPU by index and UUID, the drain by reason,
+    disk pressure by the filesystems short of space."""
     if change["kind"] == "relist":
         return f"{change['revision']:>8} relisted: the agent no longer held the changes asked for ({len(change['containers'])} containers now)"
     shown = change.get("object") or {}
@@ -339,6 +340,8 @@ def _event_line(change: dict[str, Any]) -> str:
             what += " oom-killed" if change.get("oom_killed") else f" exit {change.get('exit_code')}"
     elif change["kind"] == "gpu":
         what = f"gpu {shown.get('index')} {shown.get('uuid')}" + (f": {shown['reason']}" if shown.get("reason") else "")
+    elif change["action"].startswith("disk_pressure"):
+        what = ", ".join(f"{fs['name']} {fs['path']} {fs['free_percent']}% free" for fs in shown.get("filesystems") or ()) or "-"
     else:
         what = shown.get("reason") or "-"
     return f"{change['revision']:>8} {when} {change['kind']:<9} {change['action']:<11} {what}"

@@ -6,11 +6,14 @@ chore and renew it, so the node does it once per interval whatever the number of
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+log = logging.getLogger("utopia_agent.chores")
 
 
 class NodeChore:
@@ -33,7 +36,12 @@ class NodeChore:
         if not self._at_start:
             self._closed.wait(self._interval / 2)
         while not self._closed.is_set():
-            if self._due():
+            try:
+                due = self._due()
+            except OSError as error:  # the stamp cannot be renewed (a full state dir): look again next time
+                log.warning("%s skipped: %s", self._thread.name, error.strerror or error)
+                due = False
+            if due:
                 self._chore()
             self._closed.wait(self._interval / 2)
 

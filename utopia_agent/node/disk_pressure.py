@@ -110,16 +110,18 @@ class DiskPressure:
                 self._closed.wait(ROOT_RETRY_SECONDS)
         self._role.take(block=True)
         try:
-            announced = bool(self._announced.read().get("disk_pressure"))
+            announced, untold = bool(self._announced.read().get("disk_pressure")), False
             while not self._closed.wait(CHECK_SECONDS):
                 pressed = self.pressed()
                 if bool(pressed) != announced:
                     try:
                         self._announce(pressed)
                     except OSError as error:  # the state dir is full: the next look tells it
-                        log.warning("disk pressure not told yet: %s", error.strerror or error)
+                        if not untold:
+                            log.warning("disk pressure not told yet: %s", error.strerror or error)
+                        untold = True
                         continue
-                    announced = bool(pressed)
+                    announced, untold = bool(pressed), False
         finally:
             self._role.release()
 
