@@ -59,7 +59,8 @@ class DiskPressure:
         self._root: str | None = None  # learned by this worker's thread, so no request waits on the engine for it
         self._history = history
         self._on_pressure = on_pressure
-        self._looked: tuple[float, tuple[Filesystem, ...]] = (-CHECK_SECONDS, ())
+        # When this worker last looked, what it found, and which of those were short.
+        self._looked: tuple[float, tuple[Filesystem, ...], tuple[Filesystem, ...]] = (-CHECK_SECONDS, (), ())
         self._announced = StateFile(state_dir / "disk-pressure.json")
         self._role = NodeRole(state_dir / "disk-pressure.lock")
         self._closed = threading.Event()
@@ -67,18 +68,21 @@ class DiskPressure:
 
     def filesystems(self) -> tuple[Filesystem, ...]:
         """The watched filesystems with their free share, looked at no more than once per CHECK_SECONDS."""
-        at, found = self._looked
-        now = time.monotonic()
-        if now - at < CHECK_SECONDS:
-            return found
-        found = tuple(fs for name, path in ((STATE_DIR, self._state_dir), (DATA_ROOT, self._root)) if path
-                      if (fs := _look(name, path)) is not None)
-        self._looked = (now, found)
-        return found
+        return self._look_now()[1]
 
     def pressed(self) -> tuple[Filesystem, ...]:
         """The filesystems under pressure now (none while UTOPIA_AGENT_DISK_PRESSURE_PERCENT is 0)."""
-        return tuple(fs for fs in self.filesystems() if fs.free_percent < self._percent)
+        return self._look_now()[2]
+
+    def _look_now(self) -> tuple[float, tuple[Filesystem, ...], tuple[Filesystem, ...]]:
+        looked = self._looked
+        now = time.monotonic()
+        if now - looked[0] < CHECK_SECONDS:
+            return looked
+        found = tuple(fs for name, path in ((STATE_DIR, self._state_dir), (DATA_ROOT, self._root)) if path
+                      if (fs := _look(name, path)) is not None)
+        looked = self._looked = (now, found, tuple(fs for fs in found if fs.free_percent < self._percent))
+        return looked
 
     def refuse_if_pressed(self) -> None:
         """A create under disk pressure is 507, naming the first filesystem short of space."""
