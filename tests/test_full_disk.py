@@ -3,8 +3,10 @@ returns everything works again, without a restart and after one), and disk press
 
 from __future__ import annotations
 
+import collections
 import json
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,6 +36,21 @@ def start_agent(state_dir: Path, tmp_path: Path, fake_nvml_dir: Path, **env: str
     agent = AgentProcess(state_dir, free_port(), fake_nvml_env(fake_nvml_dir, nvml_config, {**os.environ, **base}), workers=2)
     agent.log_path = tmp_path / "agent.log"
     return agent.start()
+
+
+def every_other_route(agent: AgentProcess, known: dict[str, str], tried: set[tuple[str, str]]) -> dict[str, int]:
+    """Each route of the agent's OpenAPI document not `tried` yet, with `known` ids in its path and an
+    empty body: whatever it answers (404, 400...), the status, by `METHOD path`; streams are closed at once."""
+    statuses = {}
+    for path, methods in agent.get("/openapi.json", auth=False).json()["paths"].items():
+        for method in methods:
+            if (method, path) in tried or method not in ("get", "post", "put", "patch", "delete"):
+                continue
+            url = path.format_map(collections.defaultdict(lambda: "nope", known))
+            body = {"json": {}} if method in ("post", "put", "patch") else {}
+            with agent.request(method.upper(), url, stream=True, timeout=10, **body) as answer:
+                statuses[f"{method.upper()} {path}"] = answer.status_code
+    return statuses
 
 
 def revisions(state_dir: Path) -> list[int]:
@@ -70,7 +87,11 @@ def test_a_full_state_dir_answers_507_and_deletes_work(small_state_dir, tmp_path
         before = int(agent.get("/api/v1/containers").headers["X-Utopia-Revision"])
         uuid = agent.get("/api/v1/gpus").json()[0]["uuid"]
 
-        fill(small_state_dir)
+        # A rewrite in flight while dd fills frees its old file's blocks a moment later: top up once
+        # every background writer (the GPU sample, each second) has met the full disk.
+        fillers = [fill(small_state_dir)]
+        time.sleep(1.5)
+        fillers.append(fill(small_state_dir, "top-up"))
         answers = {
             "create": agent.create(claim("refused"), TEST_IMAGE, gpu_count=1, command=["sleep", "600"]),
             "drain": agent.post("/api/v1/node/drain", json={"reason": "disk"}),
@@ -93,6 +114,9 @@ def test_a_full_state_dir_answers_507_and_deletes_work(small_state_dir, tmp_path
         }
         statuses = {name: answer.status_code for name, answer in answers.items()}
         answers["events"].close()
+        statuses.update(every_other_route(agent, {"container_id": kept_id, "uuid": uuid}, tried={
+            ("post", "/api/v1/containers"), ("post", "/api/v1/node/drain"), ("post", "/api/v1/gpus/{uuid}/quarantine"), ("post", "/api/v1/images"),
+            ("delete", "/api/v1/containers/{container_id}")}))
         assert not [name for name, status in statuses.items() if status >= 500 and status != 507], statuses
         assert statuses["delete"] == 204, statuses
         for name in ("list", "get", "logs", "stats", "gpus", "node", "images", "metrics", "scrape", "health"):
@@ -104,7 +128,8 @@ def test_a_full_state_dir_answers_507_and_deletes_work(small_state_dir, tmp_path
         assert wait_for(lambda: freed_id not in {c["id"] for c in agent.get("/api/v1/containers").json()}, 10)
         assert set(agent.worker_pids()) and agent.process.poll() is None
 
-        (small_state_dir / "fill").unlink()
+        for filler in fillers:
+            filler.unlink()
         agent.delete("/api/v1/node/drain")
         agent.delete(f"/api/v1/gpus/{uuid}/quarantine")
         again = agent.create(claim("again"), TEST_IMAGE, gpu_count=1, command=["sleep", "600"])

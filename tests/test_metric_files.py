@@ -9,7 +9,11 @@ import textwrap
 
 import pytest
 
+from prometheus_client import CollectorRegistry
+from prometheus_client.multiprocess import MultiProcessCollector
+
 from tests.support.small_filesystem import fill, small_tmpfs
+from utopia_agent.observability.metric_files import AllocatedMmapedDict
 
 # Opens a metrics file, fills the filesystem, then writes enough new series to need new blocks.
 _WRITER = textwrap.dedent("""
@@ -53,3 +57,16 @@ def test_new_series_on_a_full_filesystem(tmp_path, kind):
         writer.stdin.write("\n")
         writer.stdin.flush()
         assert writer.wait(30) == 0, writer.stderr.read()
+
+
+def test_a_file_that_cannot_be_made_leaves_nothing_a_scrape_would_trip_on(tmp_path):
+    """A worker's first series of a kind on a full filesystem: kept in memory, and no empty file
+    left in the directory (the scrape reads every file's first word)."""
+    with small_tmpfs(tmp_path / "metrics", size="1m") as metrics:
+        fill(metrics)
+        values = AllocatedMmapedDict(str(metrics / "histogram_7.db"))
+        values.write_value("series", 2.0, 0.0)
+        assert values.read_value("series") == (2.0, 0.0)
+        values.close()
+        assert sorted(path.name for path in metrics.iterdir()) == ["fill"]
+        assert list(MultiProcessCollector(CollectorRegistry(), path=str(metrics)).collect()) == []

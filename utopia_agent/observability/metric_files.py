@@ -33,6 +33,9 @@ class AllocatedMmapedDict(MmapedDict):
                     raise
                 # No file for this process: its series of this kind live in memory, out of scrapes,
                 # until the worker is replaced. Rare: a worker's files are made at its first request.
+                # An empty file would break every scrape (the library reads its first word): it goes.
+                if os.fstat(fd).st_size == 0:
+                    os.unlink(filename)
                 log.warning("metrics file %s cannot be made (%s): this worker's series of its kind stay in memory", filename, exc.strerror)
                 self._f, self._fname, self._positions, self._capacity, self._used = None, filename, {}, 0, 0
                 return
