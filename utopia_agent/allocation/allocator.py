@@ -22,7 +22,7 @@ from collections.abc import Iterator
 
 from ..config import Config
 from ..engine.manager import DockerManager
-from ..errors import AllocationBusy, ClaimExists, NodeFault, NoGpusFree, PolicyViolation, PortTaken
+from ..errors import NO_SPACE, AllocationBusy, ClaimExists, NodeFault, NoGpusFree, PolicyViolation, PortTaken
 from ..gpus.health import GpuHealth, views_of
 from ..gpus.sampler import GpuSample
 from ..gpus.selection import choose_gpus
@@ -188,6 +188,8 @@ class Allocator:
         except VolumeRefused as refused:  # the path changed since the policy check
             raise PolicyViolation(f"volumes: {refused}", errors={"volumes": [str(refused)]}) from None
         except OSError as exc:
+            if exc.errno in NO_SPACE:
+                raise  # the state dir (where pins live) is full: 507 naming it, as any write of the agent's
             log.error("volume pin failed claim=%s reason=%s", spec.claim_id, exc.strerror)
             raise NodeFault(f"the agent cannot pin the claim's volumes: {exc.strerror}") from None
 
