@@ -112,6 +112,8 @@ class DiskPressure:
                 log.debug("the engine's data root is not known yet: %s", error.message)
             if self._root is None:
                 self._closed.wait(ROOT_RETRY_SECONDS)
+        if self._closed.is_set():
+            return
         self._role.take(block=True)
         try:
             announced, untold = bool(self._announced.read().get("disk_pressure")), False
