@@ -13,6 +13,7 @@ import json
 import pytest
 from flask import request
 
+from tests.support.small_filesystem import fill, small_tmpfs
 from tests.support.memory_engine import MemoryEngine
 from utopia_agent.api.openapi import security_of
 from utopia_agent.app import create_app
@@ -455,6 +456,40 @@ def test_a_gpu_request_on_a_node_without_gpus_says_so(tmp_path, memory):
     assert body["message"] == "this node has no GPUs (GPU backend none)" and body["free_gpus"] == 0
 
 
+def test_creates_under_disk_pressure_are_507_and_the_node_stays_healthy(tmp_path, memory):
+    """A mark of 100%: every filesystem counts as short; creates are refused naming the first (the state dir)."""
+    pressed = make_app(tmp_path, memory, UTOPIA_AGENT_DISK_PRESSURE_PERCENT="100")
+    try:
+        client = pressed.test_client()
+        response = create(client, command=["sleep", "60"])
+        health = client.get("/health")
+        node = client.get("/api/v1/node", headers=auth())
+    finally:
+        pressed.extensions["utopia"].close()
+    body = assert_refused(response, 507, "insufficient_storage", None, memory)
+    assert body["filesystem"] == str(tmp_path / "state")
+    assert body["message"].startswith(f"disk pressure: the agent's state dir {tmp_path / 'state'} has ")
+    assert health.status_code == 200 and health.get_json()["disk_pressure"] is True
+    assert node.get_json()["disk"]["pressure"] is True
+
+
+def test_a_write_that_finds_no_room_is_507_naming_the_state_dir(tmp_path, memory):
+    """The state dir's filesystem full to the last byte: the drain's record cannot be written, the
+    answer is 507 naming the state dir, and nothing changed."""
+    with small_tmpfs(tmp_path / "state", size="2m") as state_dir:
+        full = make_app(tmp_path, memory)
+        try:
+            client = full.test_client()
+            fill(state_dir)
+            response = client.post("/api/v1/node/drain", json={"reason": "disks"}, headers=auth())
+            drain = client.get("/api/v1/node", headers=auth()).get_json()["drain"]
+        finally:
+            full.extensions["utopia"].close()
+    body = assert_refused(response, 507, "insufficient_storage", None, memory)
+    assert body["filesystem"] == str(state_dir) and str(state_dir) in body["message"]
+    assert drain["draining"] is False
+
+
 # --- engine failures: 503 while it is down, 502 when it fails, never 404 --------------
 
 
@@ -592,7 +627,7 @@ def test_a_create_cut_short_by_its_workers_death_is_settled_before_the_next_deci
     name = memory.containers[orphan].name
     memory.containers[orphan] = dataclasses.replace(memory.containers[orphan], status="created", started=0)
     (state_dir / "create-in-flight.json").write_text(json.dumps({"name": name, "pid": 4242}))
-    # Any GPU would do to show the orphan's were freed; half leaves room for the claim without GPUs below.
+    # Any GPU would do to show the orphan's were freed; half leaves room (CPUs, memory, disk) for the claim without GPUs below.
     response = create(client, command=["sleep", "60"], gpu_count=4)
     assert response.status_code == 201, response.get_json()
     assert orphan not in memory.containers and not (state_dir / "create-in-flight.json").exists()

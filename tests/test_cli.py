@@ -327,3 +327,11 @@ def test_drain_and_resume(agent_factory, test_image, claim):
     started = time.monotonic()
     bounded = run_cli("events", "-f", "--timeout", "1", env=env)
     assert (bounded.returncode, bounded.stdout) == (0, "") and time.monotonic() - started < 10, bounded.stderr
+
+
+def test_an_event_line_names_the_filesystems_short_of_space():
+    change = {"revision": 7, "time": 0, "kind": "node", "action": "disk_pressure",
+              "object": {"disk_pressure": True, "filesystems": [{"name": "data_root", "path": "/var/lib/docker", "free_percent": 4.2}]}}
+    assert cli._event_line(change).split()[2:] == ["node", "disk_pressure", "data_root", "/var/lib/docker", "4.2%", "free"]
+    ended = {**change, "action": "disk_pressure_ended", "object": {"disk_pressure": False, "filesystems": []}}
+    assert cli._event_line(ended).split()[2:] == ["node", "disk_pressure_ended", "-"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import multiprocessing
 import socket
@@ -12,6 +13,7 @@ from functools import partial
 
 import pytest
 
+from tests.support.small_filesystem import fill, small_tmpfs
 from utopia_agent.claims.records import ContainerState
 from utopia_agent.errors import InvalidRequest, RevisionTooOld
 from utopia_agent.events.changes import container_changes, exit_line
@@ -173,3 +175,39 @@ def test_a_stream_asked_to_end_ends_after_its_timeout_with_a_heartbeat_to_resume
     sent = [json.loads(line) for chunk in lines for line in chunk.splitlines()]
     assert 0.5 <= time.monotonic() - started < 1.5, "ends at its timeout, not at the next heartbeat (60 s)"
     assert [(line["revision"], line["kind"]) for line in sent] == [(2, "node"), (2, "heartbeat")]
+
+
+def test_an_append_that_finds_no_room_is_taken_back_whole(tmp_path):
+    """On a full filesystem a change that crosses into a block it cannot get fails as ENOSPC; the part
+    that landed is taken back, the revision stays, and once there is room the next change follows."""
+    with small_tmpfs(tmp_path / "state", size="1m") as state_dir:
+        history = EventHistory(state_dir, 100)
+        history.record([change(1)])
+        reader = history.reader(0)
+        before = (state_dir / "events" / "current.jsonl").read_bytes()
+        room = fill(state_dir)
+        big = {"kind": "node", "action": "drain", "object": {"padding": "x" * 20000}}
+        with pytest.raises(OSError) as refused:
+            history.record([change(2), big])
+        assert refused.value.errno == errno.ENOSPC
+        assert (state_dir / "events" / "current.jsonl").read_bytes() == before
+        assert history.revision() == 1
+        assert revisions(reader.read()) == [1]
+        room.unlink()
+        assert history.record([change(3)]) == 2
+        assert revisions(reader.read()) == [2]
+        assert json.loads(history.reader(1).read()[0])["object"] == {"n": 3}
+
+
+def test_a_reader_serves_no_line_before_its_revision_counts(tmp_path):
+    """A line in the file whose revision the word does not show yet (its writer has not published,
+    or is taking it back) is left for a later read."""
+    history = EventHistory(tmp_path, 100)
+    history.record([change(1)])
+    reader = history.reader(0)
+    with open(tmp_path / "events" / "current.jsonl", "ab") as file:
+        file.write(b'{"revision": 2, "time": 0, "kind": "node", "action": "drain", "object": {}}\n')
+    assert revisions(reader.read()) == [1]
+    with history.locked():
+        history.append_locked([])  # publishes what the files hold
+    assert revisions(reader.read()) == [2]

@@ -20,7 +20,7 @@ from utopia_agent.api import containers as containers_api
 from utopia_agent.api.api_v1 import blueprint as api_v1
 from utopia_agent.api.openapi import IMPLICIT_METHODS, describe_api, openapi_path
 from utopia_agent import errors
-from utopia_agent.errors import BodyTooLarge, EngineUnavailable, ReadOnlyToken, Unauthorized
+from utopia_agent.errors import BodyTooLarge, EngineUnavailable, InsufficientStorage, ReadOnlyToken, Unauthorized
 from utopia_agent.claims.records import ManagedContainer
 from utopia_agent.schemas import ErrorSchema, HealthSchema, ResponseSchema
 
@@ -75,7 +75,9 @@ def expected_routes(app: Flask) -> dict[tuple[str, str], set[str]]:
         for method in rule.methods - IMPLICIT_METHODS:
             # The read-only token is refused on every method but GET behind the token, new routes included.
             refused_read_only = {ReadOnlyToken.status} if behind_token and method != "GET" else set()
-            routes[(openapi_path(rule), method.lower())] = {str(status) for status in statuses | refused_read_only}
+            # A method that may write may find the state dir full.
+            state_dir_full = {InsufficientStorage.status} if behind_token and method != "GET" else set()
+            routes[(openapi_path(rule), method.lower())] = {str(status) for status in statuses | refused_read_only | state_dir_full}
     return routes
 
 

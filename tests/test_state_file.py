@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import json
 
 import pytest
 
+from tests.support.small_filesystem import fill, small_tmpfs
 from utopia_agent.node.state_file import StateFile
 
 
@@ -35,3 +37,38 @@ def test_a_write_that_fails_leaves_the_last_record_and_no_temporary_file(tmp_pat
 def test_a_record_that_does_not_parse_reads_as_empty(tmp_path):
     (tmp_path / "drain.json").write_text("{not json")
     assert StateFile(tmp_path / "drain.json").read() == {}
+
+
+def test_a_failed_announcement_puts_the_previous_record_back(tmp_path):
+    """A record and its event go together: the event history refusing (a full disk) undoes the write."""
+    record = StateFile(tmp_path / "drain.json")
+    record.write({"reason": "first"})
+
+    def refuse():
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    for data in ({"reason": "second"}, None):
+        with pytest.raises(OSError):
+            record.write_announced(data, refuse)
+        assert record.read() == {"reason": "first"}
+    record.remove()
+    with pytest.raises(OSError):
+        record.write_announced({"reason": "new"}, refuse)
+    assert record.read() == {}
+    announced = []
+    record.write_announced({"reason": "kept"}, lambda: announced.append(1))
+    assert record.read() == {"reason": "kept"} and announced == [1]
+    assert [p.name for p in tmp_path.iterdir()] == ["drain.json"]
+
+
+def test_a_write_on_a_full_filesystem_fails_and_leaves_the_record_whole(tmp_path):
+    with small_tmpfs(tmp_path / "state", size="1m") as state_dir:
+        record = StateFile(state_dir / "gpu-health.json")
+        record.write({"quarantined": {}})
+        fill(state_dir)
+        for durable in (True, False):
+            with pytest.raises(OSError) as refused:
+                record.write({"quarantined": {f"GPU-{n}": "x" * 100 for n in range(200)}}, durable=durable)
+            assert refused.value.errno == errno.ENOSPC
+            assert record.read() == {"quarantined": {}}
+        assert sorted(p.name for p in state_dir.iterdir()) == ["fill", "gpu-health.json"]

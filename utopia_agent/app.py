@@ -20,6 +20,7 @@ from .gpus.sampler import GpuSampler
 from .gpus.inventory import GpuInventory, make_inventory
 from .allocation.janitor import Janitor
 from .observability.logs import configure_logging
+from .node.disk_pressure import DiskPressure
 from .node.drain import NodeDrain
 from .gpus.watchdog import NvmlWatchdog
 from .observability.request_log import register_request_hooks
@@ -28,6 +29,7 @@ from .images.collection import ImageCollector
 from .images.pulls import Images
 from .images.records import PulledImages
 from .services import Services
+from .disks.node_disk import NodeDisk
 from .node.state_dir import first_to_log
 from .claims.resources import NodeResources
 from .node.system_metrics import SystemMetrics
@@ -58,7 +60,10 @@ def create_app(config: Config | None = None, gpus: GpuInventory | None = None, d
     app = Flask("utopia_agent", static_folder=None)  # every route is declared (api/operations.py); no static files
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
     app.json.sort_keys = False
-    allocator = Allocator(config, docker, health, node, lock_timeout, MountPins(config.mounts_dir), NodeResources.read())
+    images = _images(docker, config, lock)
+    pressure = DiskPressure(config.state_dir, config.disk_pressure_percent, docker.data_root, history, images.collector.look).start()
+    allocator = Allocator(config, docker, health, node, lock_timeout, MountPins(config.mounts_dir), NodeResources.read(),
+                          NodeDisk(config, docker, pressure=pressure))
     app.extensions["utopia"] = Services(
         config=config,
         docker=docker,
@@ -69,9 +74,10 @@ def create_app(config: Config | None = None, gpus: GpuInventory | None = None, d
         janitor=Janitor(allocator, config.state_dir / "janitor.stamp", config.unstarted_seconds).start(),
         usage=ClaimUsage(docker, config.state_dir).start(),
         network=NetworkIsolation(config, EngineConnection(config.engine_timeout)).start(),
-        images=_images(docker, config, lock),
+        images=images,
         events=EventStreams(history, config.events_heartbeat_seconds),
         execs=Execs(config, docker, history),
+        pressure=pressure,
     )
     health.monitor.start()
     register_error_handlers(app)

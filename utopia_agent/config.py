@@ -25,6 +25,9 @@ GPU_BACKENDS = ("auto", "nvml", "fake", "none")
 # Exec sessions (one-shot and interactive) the whole agent runs at once; each holds a thread of
 # its own beyond the request pool (gunicorn.conf.py), so /health never waits behind them.
 MAX_EXEC_SESSIONS = 16
+DISK_QUOTA_MODES = ("auto", "engine", "measured", "off")
+# A claim without GPUs and without `disk_gb` (a sidecar, a CPU job): room for a pip install and logs.
+DEFAULT_DISK_GB = 10.0
 # Host paths no volume root may be, contain or lie in: the host's system, the engine's and
 # other orchestrators' state. The agent's own code, token and state are added at load.
 SYSTEM_PATHS = (
@@ -184,11 +187,16 @@ class Config:
     image_gc_low_percent: int = 80
     image_gc_min_age: float = 120.0
     image_gc_interval: float = 60.0
+    disk_pressure_percent: int = 10
     events_history: int = 10000
     events_heartbeat_seconds: float = 15.0
     exec_idle_seconds: float = 600.0
     exec_output_bytes: int = 1024 * 1024
     exec_sessions_per_claim: int = 8
+    disk_quota: str = "auto"
+    default_disk_gb: float = DEFAULT_DISK_GB
+    # None: 15% of the engine's data-root filesystem (claims/disks.default_reserved_gb), known only once the engine says where that is.
+    reserved_disk_gb: float | None = None
     # Resolved at load: what no volume may reach (SYSTEM_PATHS, the agent's code and token).
     denied_paths: tuple[str, ...] = ()
 
@@ -244,6 +252,20 @@ def _reserve(env: Mapping[str, str], name: str, default: float, node_total: floa
         raise ConfigError(name, f"expected 0 or more, got {env[name]!r}")
     if value >= node_total:
         raise ConfigError(name, f"{value:g} leaves nothing of the node's {node_total:g} {unit} for claims")
+    return value
+
+
+def _gb(env: Mapping[str, str], name: str, default: float | None, zero: bool) -> float | None:
+    """A size in GB (2^30 bytes): more than 0, or at least 0 with `zero`."""
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(name, f"expected a number of GB, got {raw!r}") from None
+    if not (0 <= value < float("inf") if zero else 0 < value < float("inf")):
+        raise ConfigError(name, f"expected {'0 or more' if zero else 'more than 0'} GB, got {raw!r}")
     return value
 
 
@@ -469,11 +491,15 @@ def load_config(env: Mapping[str, str] | None = None, ephemeral_ports_path: Path
         blocked_networks=_blocked_networks(env),
         **_claim_defaults(env, node, reserved_cpus, reserved_memory_mb),
         **_image_gc(env),
+        disk_pressure_percent=_int(env, "UTOPIA_AGENT_DISK_PRESSURE_PERCENT", 10, low=0, high=100),
         events_history=_int(env, "UTOPIA_AGENT_EVENTS_HISTORY", 10000, high=10_000_000),
         events_heartbeat_seconds=_seconds(env, "UTOPIA_AGENT_EVENTS_HEARTBEAT_SECONDS", 15.0),
         exec_idle_seconds=_seconds(env, "UTOPIA_AGENT_EXEC_IDLE_SECONDS", 600.0),
         exec_output_bytes=_int(env, "UTOPIA_AGENT_EXEC_OUTPUT_BYTES", 1024 * 1024, low=1024, high=64 * 1024 * 1024),
         exec_sessions_per_claim=_int(env, "UTOPIA_AGENT_EXEC_SESSIONS_PER_CLAIM", 8, high=MAX_EXEC_SESSIONS),
+        disk_quota=_choice(env, "UTOPIA_AGENT_DISK_QUOTA", "auto", DISK_QUOTA_MODES),
+        default_disk_gb=_gb(env, "UTOPIA_AGENT_DEFAULT_DISK_GB", DEFAULT_DISK_GB, zero=False) or DEFAULT_DISK_GB,
+        reserved_disk_gb=_gb(env, "UTOPIA_AGENT_RESERVED_DISK_GB", None, zero=True),
         denied_paths=denied,
     )
 

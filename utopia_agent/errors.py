@@ -6,6 +6,7 @@ api/error_handlers.py is the one place where an error becomes a JSON response.""
 
 from __future__ import annotations
 
+import errno
 from typing import Any, NamedTuple
 
 
@@ -54,8 +55,9 @@ ERROR_CODES: tuple[ErrorCode, ...] = (
               "Fewer healthy free GPUs than asked: `requested` and `free_gpus` say how many."),
     ErrorCode(409, "port_taken", "PortTaken", "PortTaken", "conflict", ("host_port",), None,
               "A host port is held by another claim or process: `host_port` names it."),
-    ErrorCode(409, "not_enough_resources", "NotEnoughResources", "NotEnoughResources", "conflict", ("free_cpus", "free_memory_mb"), None,
-              "The claim's CPUs or memory exceed what is free on the node: `free_cpus` and `free_memory_mb` say what is."),
+    ErrorCode(409, "not_enough_resources", "NotEnoughResources", "NotEnoughResources", "conflict",
+              ("free_cpus", "free_memory_mb", "free_disk_gb"), None,
+              "The claim's CPUs, memory or disk exceed what is free on the node: `free_cpus`, `free_memory_mb` or `free_disk_gb` say what is."),
     ErrorCode(409, "node_draining", "NodeDraining", "NodeDraining", "conflict", ("reason",), None,
               "The operator drains the node: no new claims until it resumes; `reason` says why."),
     ErrorCode(409, "gpu_held", "GpuHeld", "GpuHeld", "conflict", ("claim_id",), None,
@@ -89,8 +91,10 @@ ERROR_CODES: tuple[ErrorCode, ...] = (
               "no claim is started unprotected; nothing was done."),
     ErrorCode(503, "allocation_busy", "AllocationBusy", "AllocationBusy", "engine_unavailable", (), 1,
               "Other creates held the node's allocation lock for too long; nothing was done."),
-    ErrorCode(507, "insufficient_storage", "InsufficientStorage", "InsufficientStorage", None, ("image",), None,
-              "The node's image store has no room for the pull of `image`, even after collecting unused images."),
+    ErrorCode(507, "insufficient_storage", "InsufficientStorage", "InsufficientStorage", None, ("image", "filesystem"), None,
+              "No room on the node: the image store for the pull of `image`, even after collecting unused images; the agent's "
+              "state dir for a write of its own (`filesystem` names it; nothing was changed); or, on a create, disk pressure "
+              "(`filesystem` names the engine's data root or the state dir)."),
 )
 ERROR_CODES_BY_CODE: dict[str, ErrorCode] = {row.code: row for row in ERROR_CODES}
 
@@ -149,12 +153,22 @@ class _Holder:
         return cls(f"claim {claim_id} already has a container", claim_id=claim_id, container_id=container_id, same_spec=same_spec)
 
 
+class _NoRoom:
+    @classmethod
+    def state_dir_full(cls, state_dir: str, reason: str) -> AgentError:
+        return cls(f"the agent's state dir {state_dir} has no room ({reason}); nothing was changed", filesystem=state_dir)
+
+
+# What a write that found no room fails with: the filesystem is full, or a quota is spent.
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
 # What a code's class does beyond its status, code and fields.
 _BEHAVIOUR: dict[str, type] = {
     "unauthorized": _Challenge,
     "method_not_allowed": _Allow,
     "body_too_large": _BodyLimit,
     "claim_exists": _Holder,
+    "insufficient_storage": _NoRoom,
 }
 
 

@@ -35,6 +35,8 @@ MAXENV_ENTRY = 32 * 1024
 MAX_VOLUMES = 32
 MAX_CPUS = 4096
 MAX_MEMORY_MB = 64 * 1024 * 1024
+# A petabyte: more than any node holds, small enough that a label keeps every digit.
+MAX_DISK_GB = 1024 * 1024
 MAX_LOG_TAIL = 10000
 # An event stream asked to end (`?timeout=`) ends within the hour; a longer watch asks again from its last revision.
 MAX_EVENTS_TIMEOUT_SECONDS = 3600
@@ -273,6 +275,11 @@ class CreateContainerSchema(Schema):
         validate=validate.Range(1, MAX_MEMORY_MB),
         metadata={"description": "Size of /dev/shm in MiB. Default: half of memory_mb, else the node's default."},
     )
+    disk_gb = StrictNumber(
+        validate=validate.Range(0, MAX_DISK_GB, min_inclusive=False),
+        metadata={"description": "The container disk in GB (2^30 bytes): what it may write outside its volumes. "
+                                 "Default: a GPU claim gets its share of the node's allocatable disk, any other claim the node's default."},
+    )
     restart_policy = fields.String(
         validate=validate.OneOf(RESTART_POLICIES),
         metadata={"description": "What the engine does when the job exits. Default: the node's."},
@@ -347,7 +354,7 @@ CONTAINER_EXAMPLE = {
     "ports": {"8888/tcp": "31001"},
     "created": 1764000000,
     "started": 1764000001,
-    "resources": {"cpus": 12.0, "memory_mb": 245760, "shm_size_mb": 122880, "cpuset": "0-11"},
+    "resources": {"cpus": 12.0, "memory_mb": 245760, "shm_size_mb": 122880, "cpuset": "0-11", "disk_gb": 400.0},
     "exit_code": None,
     "oom_killed": False,
     "restart_count": 0,
@@ -370,6 +377,8 @@ class ResourcesSchema(ResponseSchema):
     memory_mb = fields.Integer(allow_none=True, required=True, metadata={"description": "Memory limit in MiB; null without a limit."})
     shm_size_mb = fields.Integer(allow_none=True, required=True, metadata={"description": "Size of its /dev/shm in MiB."})
     cpuset = fields.String(allow_none=True, required=True, metadata={"description": "The CPUs it is pinned to, as a Linux CPU list; null when not pinned."})
+    disk_gb = fields.Float(allow_none=True, required=True,
+                           metadata={"description": "Its container disk in GB; null for a container made before the agent sized disks."})
 
 
 def _outcome(name: str) -> Callable[[Any], Any]:
@@ -516,6 +525,19 @@ class NetworkSchema(ResponseSchema):
                                      metadata={"description": "Claims on the engine's default bridge, made before isolation was on: not isolated."})
 
 
+class NodeDiskSchema(ResponseSchema):
+    """The claims' disk (see the contract's "Disks")."""
+
+    quota = fields.String(required=True, metadata={"enum": ["engine", "measured", "off"],
+                                                   "description": "How container disks are enforced: by the engine's storage driver, "
+                                                                  "by the agent measuring, or not at all."})
+    allocatable_gb = fields.Float(required=True, metadata={"description": "The engine's data-root filesystem less UTOPIA_AGENT_RESERVED_DISK_GB."})
+    allocated_gb = fields.Float(required=True, metadata={"description": "What the claims' container disks (and claim volumes) hold of it."})
+    free_gb = fields.Float(required=True, metadata={"description": "What a create may still have."})
+    pressure = fields.Boolean(required=True, metadata={"description": "True while the data root's or the state dir's filesystem is short of "
+                                                                      "free space (creates answer 507)."})
+
+
 class NodeSchema(ResponseSchema):
     """GET /api/v1/node."""
 
@@ -541,6 +563,8 @@ class NodeSchema(ResponseSchema):
     )
     drain = fields.Nested(DrainSchema, required=True, metadata={"description": "Whether the node takes claims."})
     network = fields.Nested(NetworkSchema, required=True, metadata={"description": "The claims' network and whether its isolation is in place."})
+    disk = fields.Nested(NodeDiskSchema, allow_none=True, required=True,
+                         metadata={"description": "The claims' disk; null while the engine does not say where its data root is."})
 
 
 class GpuMetricsSchema(ResponseSchema):
@@ -600,6 +624,11 @@ class HealthSchema(ResponseSchema):
     )
     timestamp = fields.String(required=True, metadata={"description": "When it was answered, ISO 8601 in UTC."})
     draining = fields.Boolean(required=True, metadata={"description": "The node takes no new claims; it stays healthy."})
+    disk_pressure = fields.Boolean(
+        required=True,
+        metadata={"description": "The engine's data root or the state dir has less free space than UTOPIA_AGENT_DISK_PRESSURE_PERCENT: "
+                                 "creates answer 507; the node stays healthy."},
+    )
     reason = fields.String(metadata={"description": "Why it is unhealthy."})
 
     # Absent, not null, while healthy.
@@ -629,9 +658,14 @@ class ErrorSchema(Schema):
     free_cpus = fields.Float(metadata={"description": "CPUs free for claims, for 409 not_enough_resources."})
     free_memory_mb = fields.Integer(metadata={"description": "Memory free for claims, for 409 not_enough_resources."})
     free_cpuset = fields.String(metadata={"description": "Whole cores free near the GPUs, for 409 not_enough_resources under exclusive pinning."})
+    free_disk_gb = fields.Float(metadata={"description": "Disk free for claims in GB, for 409 not_enough_resources."})
     image = fields.String(metadata={"description": "The image that could not be pulled, for 502 image_pull_failed."})
     reason = fields.String(metadata={"description": "The operator's reason, for 409 node_draining."})
     max_body_bytes = fields.Integer(metadata={"description": "The node's UTOPIA_AGENT_MAX_BODY_BYTES, for 413 body_too_large."})
+    filesystem = fields.String(
+        metadata={"description": "A directory on the filesystem short of room, for 507 insufficient_storage: the agent's state dir, or the "
+                                 "engine's data root under disk pressure."}
+    )
 
 
 def load_request(schema: Schema, payload) -> dict:

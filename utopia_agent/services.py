@@ -19,6 +19,7 @@ from .images.pulls import Images
 from .allocation.janitor import Janitor
 from .events.stream import EventStreams
 from .exec.runner import Execs
+from .node.disk_pressure import DiskPressure
 from .node.drain import NodeDrain
 from .network.isolation import NetworkIsolation
 from .node.system_metrics import SystemMetrics
@@ -40,10 +41,12 @@ class Services:
     images: Images
     events: EventStreams
     execs: Execs
+    pressure: DiskPressure
 
     def close(self) -> None:
         self.events.close()
         self.execs.close()
+        self.pressure.close()
         self.janitor.close()
         self.images.close()
         self.usage.close()

@@ -22,6 +22,7 @@ from ..errors import (
     EngineUnavailable,
     ImagePullFailed,
     ImageUnavailable,
+    InsufficientStorage,
     InvalidRequest,
     NodeDraining,
     NodeFault,
@@ -127,6 +128,12 @@ def counted_as_create(view: Callable) -> Callable:
             "place (`network_unprotected`); retry after Retry-After seconds.",
             EngineUnavailable, AllocationBusy, NvmlHung, NetworkUnprotected,
         ),
+        fails(
+            "No room: the engine's image store for the pull, even after collecting unused images (`image`); the node is under "
+            "disk pressure (`filesystem` names the engine's data root or the state dir); or the agent's state dir is full "
+            "(`filesystem`). Nothing is left behind.",
+            InsufficientStorage,
+        ),
     ),
 )
 def create_container(body: dict):
@@ -140,6 +147,7 @@ def create_container(body: dict):
     if existing:
         raise ClaimExists.held_by(spec.claim_id, existing.container_id, existing.spec_digest == spec.spec_digest)
     agent.allocator.admit(body["gpu_count"])
+    agent.pressure.refuse_if_pressed()
     if (unprotected := agent.network.problem()) is not None:
         raise NetworkUnprotected(unprotected)
     auth = RegistryAuth.of(body)

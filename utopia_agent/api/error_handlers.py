@@ -7,7 +7,7 @@ import logging
 from flask import Flask
 from werkzeug.exceptions import HTTPException
 
-from ..errors import AgentError, BodyTooLarge, InvalidRequest, MethodNotAllowed, NotFound
+from ..errors import NO_SPACE, AgentError, BodyTooLarge, InsufficientStorage, InvalidRequest, MethodNotAllowed, NotFound
 from ..schemas import ErrorSchema
 from .operations import json_response
 
@@ -46,6 +46,16 @@ def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(HTTPException)
     def handle_http_error(error: HTTPException):
         return error_response(from_http_exception(error, app.config["MAX_CONTENT_LENGTH"]))
+
+    @app.errorhandler(OSError)
+    def handle_os_error(error: OSError):
+        """A write of the agent's own that found no room: each leaves its previous state whole
+        (node/state_file.py, events/history.py), so the request failed as a whole."""
+        if error.errno in NO_SPACE:
+            state_dir = str(app.extensions["utopia"].config.state_dir)
+            log.warning("no room in the state dir %s: %s", state_dir, error.strerror)
+            return error_response(InsufficientStorage.state_dir_full(state_dir, error.strerror))
+        return handle_unexpected(error)
 
     @app.errorhandler(Exception)
     def handle_unexpected(error: Exception):

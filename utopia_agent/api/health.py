@@ -24,6 +24,7 @@ class Health:
     status: str
     timestamp: str
     draining: bool
+    disk_pressure: bool
     reason: str | None = None
 
 
@@ -33,7 +34,8 @@ class Health:
     tag="service",
     summary="Liveness for load balancers; no auth",
     responds=(
-        Responds(200, "The engine answers, NVML is not hung and claims are isolated (a draining node is healthy).", _health),
+        Responds(200, "The engine answers, NVML is not hung and claims are isolated (a draining node, or one under disk pressure, is healthy).",
+                 _health),
         Responds(503, "The engine does not answer, NVML is hung, or the claims' network isolation is not in place; "
                       "`reason` says which.", _health),
     ),
@@ -42,7 +44,8 @@ def health():
     """503 while NVML is hung, the engine does not answer or claims would run unprotected; a
     draining node stays healthy."""
     agent = services()
-    healthy = Health("healthy", datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"), agent.node.state()["draining"])
+    healthy = Health("healthy", datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"), agent.node.state()["draining"],
+                     bool(agent.pressure.pressed()))
     try:
         hung = agent.gpus.sampler.hung()
         if hung is not None:

@@ -38,13 +38,14 @@ class NodeDescription:
     topology: list[list[str | None]]
     drain: dict[str, Any]
     network: dict[str, Any]
+    disk: dict[str, Any] | None
 
 
 @blueprint.get("")
 @operation(
     "getNode",
     tag="node",
-    summary="The node: versions, CPUs, memory, NUMA nodes, GPUs with their topology, drain state, the claims' network",
+    summary="The node: versions, CPUs, memory, NUMA nodes, GPUs with their topology, drain state, the claims' network and disk",
     responds=Responds(200, "The node.", NodeSchema()),
 )
 def get_node() -> Reply:
@@ -69,7 +70,16 @@ def get_node() -> Reply:
         topology=inventory.topology() if inventory is not None else [],
         drain=agent.node.state(),
         network=agent.network.status(),
+        disk=_disk(agent),
     ), 200, {REVISION_HEADER: str(revision)})
+
+
+def _disk(agent) -> dict[str, Any] | None:
+    """The claims' disk, from the node view's claims; None while the engine cannot say where its data root is."""
+    try:
+        return agent.allocator.disk.describe(c.holdings for c in agent.docker.list_managed())
+    except AgentError:
+        return None
 
 
 @blueprint.post("/drain")

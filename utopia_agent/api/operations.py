@@ -16,7 +16,7 @@ from typing import Any
 from flask import Response, current_app, request
 from marshmallow import Schema
 
-from ..errors import AgentError, BodyTooLarge, EngineUnavailable, ReadOnlyToken, Unauthorized
+from ..errors import AgentError, BodyTooLarge, EngineUnavailable, InsufficientStorage, ReadOnlyToken, Unauthorized
 from ..schemas import load_query
 from .auth import READ_METHODS
 from .bodies import load_body
@@ -66,6 +66,9 @@ ENGINE_DOWN = fails("The Docker engine is unreachable or slow; retry after Retry
 UNAUTHORIZED = fails("Missing, malformed or wrong bearer token.", Unauthorized)
 READ_ONLY = fails("The read-only token (UTOPIA_AGENT_READ_TOKEN) sent with a method other than GET.", ReadOnlyToken)
 BODY_TOO_LARGE = fails("The body is larger than the node's UTOPIA_AGENT_MAX_BODY_BYTES.", BodyTooLarge)
+# What every route that may write answers when the state dir's filesystem is full (api/error_handlers.py).
+STATE_DIR_FULL = fails("The agent's state dir has no room for a write this needs (`filesystem` names it); nothing was changed.",
+                       InsufficientStorage)
 
 
 @dataclass(frozen=True)
@@ -106,11 +109,13 @@ class Operation:
 
     def all_failures(self, behind_token: bool, method: str) -> tuple[Failure, ...]:
         """Its declared failures, and those that come with its kind of route: 401 behind the token,
-        403 for the read-only token on a method that is not a read, 413 where it takes a body
-        (Flask refuses an oversized body before the view runs)."""
+        403 for the read-only token and 507 for a full state dir on a method that is not a read, 413
+        where it takes a body (Flask refuses an oversized body before the view runs)."""
         implied = (UNAUTHORIZED,) if behind_token else ()
         if behind_token and method.upper() not in READ_METHODS:
             implied += (READ_ONLY,)
+            if not any(failure.status == STATE_DIR_FULL.status for failure in self.failures):
+                implied += (STATE_DIR_FULL,)
         if self.body is not None:
             implied += (BODY_TOO_LARGE,)
         return self.failures + implied

@@ -349,7 +349,7 @@ def _positive_seconds(text: str) -> int:
 
 def _event_line(change: dict[str, Any]) -> str:
     """`REVISION TIME KIND ACTION WHAT`: a container by claim and short id, a GPU by index and UUID, an exec by claim and
-    command, the drain by reason."""
+    command, the drain by reason, disk pressure by the filesystems short of space."""
     if change["kind"] == "relist":
         return f"{change['revision']:>8} relisted: the agent no longer held the changes asked for ({len(change['containers'])} containers now)"
     shown = change.get("object") or {}
@@ -363,6 +363,8 @@ def _event_line(change: dict[str, Any]) -> str:
     elif change["kind"] == "exec":
         what = (f"{shown.get('claim_id', '-')} ({str(shown.get('container_id', ''))[:12]}) {shown.get('command')} {shown.get('mode')} "
                 f"exit {shown.get('exit_code')} {shown.get('ended')} after {shown.get('duration')} s")
+    elif change["action"].startswith("disk_pressure"):
+        what = ", ".join(f"{fs['name']} {fs['path']} {fs['free_percent']}% free" for fs in shown.get("filesystems") or ()) or "-"
     else:
         what = shown.get("reason") or "-"
     return f"{change['revision']:>8} {when} {change['kind']:<9} {change['action']:<11} {what}"

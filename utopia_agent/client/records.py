@@ -106,6 +106,7 @@ class Health:
     timestamp: str
     reason: str | None = None
     draining: bool = False
+    disk_pressure: bool = False
 
     @property
     def healthy(self) -> bool:

@@ -108,7 +108,11 @@ class Snapshot:
         """Write beside the view and rename over it: readers see the old view or this one."""
         header = json.dumps({"generation": self.generation, "event_ns": self.event_ns, "containers": self._count, "revision": self.revision}).encode()
         temporary = path.with_name(path.name + ".tmp")
-        temporary.write_bytes(header + self._body)
+        try:
+            temporary.write_bytes(header + self._body)
+        except OSError:
+            temporary.unlink(missing_ok=True)  # a full disk: the old view stays, and the space comes back
+            raise
         os.replace(temporary, path)
 
     @cached_property
@@ -211,8 +215,7 @@ class _Header:
     def __init__(self, path: Path):
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            if os.fstat(fd).st_size < self.SIZE:
-                os.ftruncate(fd, self.SIZE)
+            os.posix_fallocate(fd, 0, self.SIZE)  # blocks, not a hole: a store into a hole of a full filesystem is SIGBUS
             self._map = mmap.mmap(fd, self.SIZE)
         finally:
             os.close(fd)

@@ -10,9 +10,12 @@ previous.jsonl (replacing the one before) and a new current file starts, so betw
 and 2 * `keep` lines are on disk. What is served is exact whatever is on disk: a resume from
 further back than `keep` changes is refused (410), never answered with a gap.
 
-Readers need no lock: lines are appended whole with one write, under the lock, and a file is
-renamed only once complete. A reader that finds the revisions it reads not following one
-another (it slept through two rotations) stops rather than skip.
+Readers need no lock: lines are appended with one write, under the lock, and a line counts
+once the revision word says so (it moves after the write and before a rotation). A write that
+fails for lack of space is taken back (the file truncated to where it ended), so a full disk
+never leaves half a line, and a reader never serves a line before it counts. A reader that
+finds the revisions it reads not following one another (it slept through two rotations) stops
+rather than skip.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import mmap
 import os
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -53,8 +56,8 @@ class EventHistory:
         # files are the truth, the word is set from them under the lock after each append.
         fd = os.open(self.folder / REVISION, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            if os.fstat(fd).st_size < 8:
-                os.ftruncate(fd, 8)
+            # Real blocks, not a hole: a store through the map into a hole of a full filesystem is SIGBUS.
+            os.posix_fallocate(fd, 0, 8)
             self._word = mmap.mmap(fd, 8)
         finally:
             os.close(fd)
@@ -111,15 +114,20 @@ class EventHistory:
         path = self.folder / CURRENT
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
+            end = os.fstat(fd).st_size
             data = b"".join(lines)
             written = 0
-            while written < len(data):
-                written += os.write(fd, data[written:])
+            try:
+                while written < len(data):
+                    written += os.write(fd, data[written:])
+            except OSError:
+                os.ftruncate(fd, end)  # take back what landed (shrinking needs no space): the file stays whole
+                raise
         finally:
             os.close(fd)
+        self._publish(revision)
         if revision - _first_revision(path) + 1 >= self.keep:
             os.replace(path, self.folder / PREVIOUS)
-        self._publish(revision)
         return revision
 
     def reader(self, since: int | None) -> HistoryReader:
@@ -137,7 +145,7 @@ class EventHistory:
                 f"the history keeps the last {self.keep} changes, from revision {last - self.keep + 1}; list again and watch from the list's revision",
                 revision=last,
             )
-        return HistoryReader(self.folder, since)
+        return HistoryReader(self.folder, since, self.revision)
 
 
 def _first_revision(path: Path) -> int:
@@ -148,11 +156,12 @@ def _first_revision(path: Path) -> int:
 class HistoryReader:
     """Reads the lines after a revision, then each new one as it comes; never skips one."""
 
-    def __init__(self, folder: Path, after: int):
+    def __init__(self, folder: Path, after: int, committed: Callable[[], int]):
+        """`committed`: the last revision that counts; a line after it is left for a later read."""
         self.folder = folder
         self.after = after
+        self._committed = committed
         self._file = None
-        self._pending = b""
         self._open_at(after)
 
     def _open_at(self, after: int) -> None:
@@ -198,18 +207,24 @@ class HistoryReader:
             self._switch()
             if self._file is None:
                 return []
-        data = self._pending + self._file.read()
-        complete = data.rfind(b"\n") + 1
-        self._pending = data[complete:]
-        lines = []
-        for line in data[:complete].split(b"\n")[:-1]:
+        start = self._file.tell()
+        data = self._file.read()
+        committed = self._committed()
+        lines, taken = [], 0
+        # Whole lines that count only; the file is read again from the first one left, so a line
+        # being written, or being taken back, is read once it is whole and counts.
+        for line in data.split(b"\n")[:-1]:
             revision = revision_of(line)
+            if revision > committed:
+                break
+            taken += len(line) + 1
             if revision <= self.after:
                 continue
             if revision != self.after + 1:
                 raise HistoryGap(f"expected revision {self.after + 1}, found {revision}")
             self.after = revision
             lines.append(line + b"\n")
+        self._file.seek(start + taken)
         return lines
 
     def _rotated(self) -> bool:
@@ -225,7 +240,6 @@ class HistoryReader:
 
     def _switch(self) -> None:
         self.close()
-        self._pending = b""
         try:
             self._file = open(self.folder / CURRENT, "rb")
         except FileNotFoundError:

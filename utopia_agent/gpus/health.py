@@ -160,8 +160,7 @@ class GpuHealth:
                     raise GpuHeld(f"GPU {uuid} is held by claim {claim}; delete its container first", claim_id=claim)
                 lifted = records["quarantined"].pop(uuid)
                 records.setdefault("acknowledged", {})[uuid] = _counters_of(sample, uuid)
-                self.records.write(records)
-                self._record_change(uuid)
+                self.records.write_announced(records, lambda: self._record_change(uuid))
                 log.warning("gpu quarantine released by the operator uuid=%s was=%s", uuid, lifted["reason"], extra={"gpu_uuid": uuid})
         return self.view(uuid)
 
@@ -172,8 +171,7 @@ class GpuHealth:
             records = self.records.read()
             if not _quarantine_in(records, uuid, reason, source, automatic_release, replace):
                 return False
-            self.records.write(records)
-            self._record_change(uuid)
+            self.records.write_announced(records, lambda: self._record_change(uuid))
         log.warning("gpu quarantined uuid=%s source=%s reason=%s", uuid, source, reason, extra={"gpu_uuid": uuid})
         return True
 
@@ -188,9 +186,7 @@ class GpuHealth:
                 recent.append({"time": int(time.time()), "code": event.code})
                 del recent[:-RECENT_XIDS]
             newly = critical and _quarantine_in(records, event.uuid, reason, event.kind)
-            self.records.write(records)
-            if newly:
-                self._record_change(event.uuid)
+            self.records.write_announced(records, lambda: newly and self._record_change(event.uuid))
         level = logging.WARNING if critical else logging.INFO
         outcome = "quarantined" if newly else "already quarantined" if critical else "application error, not quarantined"
         log.log(level, "gpu event uuid=%s %s: %s", event.uuid, reason, outcome, extra={"gpu_uuid": event.uuid})
@@ -203,8 +199,7 @@ class GpuHealth:
             if quarantine is None or not quarantine.get("automatic_release"):
                 return
             del records["quarantined"][uuid]
-            self.records.write(records)
-            self._record_change(uuid)
+            self.records.write_announced(records, lambda: self._record_change(uuid))
         log.warning("gpu recovered uuid=%s was=%s", uuid, quarantine["reason"], extra={"gpu_uuid": uuid})
 
     def _record_change(self, uuid: str) -> None:
@@ -367,9 +362,11 @@ class HealthMonitor:
         """Put a GPU's state in the history when NVML starts or stops showing it lost or dirty."""
         conditions = {gpu.uuid: "lost" if not gpu.healthy else "dirty" if gpu.uuid in sample.dirty else "" for gpu in sample.gpus if gpu.uuid}
         known = self._conditions if self._conditions is not None else self._told_conditions.read()
+        changed = {uuid for uuid, now in conditions.items() if known.get(uuid, "") != now}
+        if changed:
+            self._health.record_states(changed, sample)  # on a full disk this fails, and the next check tells it again
         self._conditions = conditions
-        if changed := {uuid for uuid, now in conditions.items() if known.get(uuid, "") != now}:
-            self._health.record_states(changed, sample)
+        if changed:
             self._told_conditions.write(conditions, durable=False)
 
     def _check_counters(self, uuid: str, counters: dict[str, int | None], acknowledged: dict[str, int]) -> None:

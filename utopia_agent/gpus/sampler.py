@@ -200,6 +200,7 @@ class GpuSampler:
             self._open_error = error
             self._opened.set()
             return
+        unshared: OSError | None = None
         try:
             while not self._closed.is_set():
                 # Once the node's first sample is there, a worker that does not sample sleeps in
@@ -211,6 +212,11 @@ class GpuSampler:
                         sample = self._read(self.inventory)
                         self._shared.write(sample, self._idle_mb)
                         self._sample = sample  # only once every worker can serve it too
+                        unshared = None
+                    except OSError as error:  # the state dir is full: the next sample tries again
+                        if unshared is None:
+                            log.warning("GPU sample not shared: %s", error.strerror or error)
+                        unshared = error
                     except Exception:  # a bug in one read must not stop the sampling for good
                         log.exception("GPU sample failed")
                     self._opened.set()

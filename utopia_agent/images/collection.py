@@ -107,3 +107,7 @@ class ImageCollector:
         self._pulled.forget(image.id)
         return True
 
+    def look(self) -> None:
+        """Look (and collect past the high mark) now: at each interval, and when disk pressure starts."""
+        self._chore.run_now()
+

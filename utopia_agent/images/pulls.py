@@ -248,10 +248,17 @@ class PullEntry:
         self._record.update(downloaded_bytes=downloaded, total_bytes=total)
         if time.monotonic() - self._written >= PROGRESS_WRITE_INTERVAL:
             self._written = time.monotonic()
-            self._file.write({**self._record, "at": time.time()}, durable=False)
+            try:
+                self._file.write({**self._record, "at": time.time()}, durable=False)
+            except OSError:  # a full state dir: the pull goes on, its progress shows at the next write that fits
+                pass
 
     def failed(self, reason: str) -> None:
-        self._file.write({**self._record, "state": "failed", "error": reason, "at": time.time()}, durable=False)
+        """Listed as failed a while; on a full state dir not listed at all, and the failure itself is what the caller gets."""
+        try:
+            self._file.write({**self._record, "state": "failed", "error": reason, "at": time.time()}, durable=False)
+        except OSError:
+            self._file.remove()
 
     def done(self) -> None:
         self._file.remove()

@@ -53,11 +53,17 @@ class NodeChore(Background):
         if not self._at_start:
             self._closed.wait(self._interval / 2)
         while not self._closed.is_set():
-            if self._due():
-                self._round()
+            try:
+                due = self._due()
+            except OSError as error:  # the stamp cannot be renewed (a full state dir): look again next time
+                log.warning("%s skipped: %s", self._name, error.strerror or error)
+                due = False
+            if due:
+                self.run_now()
             self._closed.wait(self._interval / 2)
 
-    def _round(self) -> None:
+    def run_now(self) -> None:
+        """One round of the chore in the caller's thread, its failures logged as the loop's are."""
         try:
             self._chore()
         except AgentError as error:

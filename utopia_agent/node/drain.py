@@ -45,17 +45,16 @@ class NodeDrain:
         """Start draining (or change the reason of a drain already on; it keeps its start)."""
         with self._lock():
             since = self._file.read().get("since") or int(time.time())
-            self._file.write({"reason": reason, "since": since})
-            self._history.record([node_change("drain", self.state())])
+            record = {"reason": reason, "since": since}
+            self._file.write_announced(record, lambda: self._history.record([node_change("drain", self.state())]))
         log.warning("node draining reason=%s", reason)
         return self.state()
 
     def resume(self) -> dict[str, Any]:
         with self._lock():
             draining = self.state()["draining"]
-            self._file.remove()
             if draining:
-                self._history.record([node_change("resume", self.state())])
+                self._file.write_announced(None, lambda: self._history.record([node_change("resume", self.state())]))
         if draining:
             log.warning("node resumed taking claims")
         return self.state()

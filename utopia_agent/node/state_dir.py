@@ -80,9 +80,9 @@ def hold_state_dir(config: Config) -> bool:
 
 
 def _write_record(fd: int, config: Config) -> None:
-    record = RunningAgent(os.getpid(), config.bind, config.gpu_backend, config.fake_gpu_count)
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, (json.dumps(asdict(record)) + "\n").encode(), 0)
+    record = (json.dumps(asdict(RunningAgent(os.getpid(), config.bind, config.gpu_backend, config.fake_gpu_count))) + "\n").encode()
+    os.pwrite(fd, record, 0)  # over the old record, then cut to length: never empty, even on a full disk
+    os.ftruncate(fd, len(record))
 
 
 def forget_inherited_holds() -> None:

@@ -13,6 +13,7 @@ import logging
 import os
 import tempfile
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger("utopia_agent.state")
@@ -54,6 +55,32 @@ class StateFile:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+    def write_announced(self, data: dict[str, Any] | None, announce: Callable[[], Any]) -> None:
+        """Write `data` (None: remove the record), then `announce` it (put it in the event history):
+        should the announcement fail (a full disk), the previous record is put back, so the change
+        happens wholly or not at all. The previous record is kept by a second name meanwhile, which
+        takes no space, so putting it back needs none either."""
+        kept = self.path.with_name(f".{self.path.name}.previous")
+        kept.unlink(missing_ok=True)
+        try:
+            os.link(self.path, kept)
+        except FileNotFoundError:
+            kept = None
+        try:
+            if data is None:
+                self.remove()
+            else:
+                self.write(data)
+            announce()
+        except BaseException:
+            if kept is not None:
+                os.replace(kept, self.path)
+            elif data is not None:
+                self.remove()
+            raise
+        if kept is not None:
+            kept.unlink(missing_ok=True)
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)

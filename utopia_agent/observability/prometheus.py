@@ -10,7 +10,11 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from .metric_files import use_allocated_files
+
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# Before the first metric below opens its file: a full state dir must not kill the worker.
+use_allocated_files()
 
 REQUEST_DURATION = Histogram(
     "utopia_agent_http_request_duration_seconds",
