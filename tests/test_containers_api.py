@@ -73,7 +73,7 @@ def test_container_object_has_the_contract_shape(agent, test_image, claim):
     shown = agent.get(f"/api/v1/containers/{container_id}").json()
     by_prefix = agent.get(f"/api/v1/containers/{container_id[:12]}").json()
     for obj in (mine, shown, by_prefix):
-        assert set(obj) == {"id", "claim_id", "image", "status", "gpu_ids", "ports", "created", "started", "labels", "resources", "exit_code",
+        assert set(obj) == {"id", "claim_id", "image", "status", "gpu_ids", "ports", "created", "started", "labels", "resources", "exit_code", "stopped",
             "oom_killed", "restart_count", "finished", "error"}
         assert obj["id"] == container_id
         assert obj["claim_id"] == claim()
@@ -84,7 +84,8 @@ def test_container_object_has_the_contract_shape(agent, test_image, claim):
         assert isinstance(obj["created"], int) and isinstance(obj["started"], int)
         assert abs(obj["created"] - time.time()) < 120 and obj["started"] >= obj["created"]
         assert obj["labels"]["utopia.managed"] == "true"
-        assert obj["resources"] == {"cpus": None, "memory_mb": None, "shm_size_mb": 8192, "cpuset": None, "disk_gb": 10.0}, "no GPUs: no CPU or memory limit, the default disk"
+        assert obj["resources"] == {"cpus": None, "memory_mb": None, "shm_size_mb": 8192, "cpuset": None, "disk_gb": 10.0}, \
+            "no GPUs: no CPU or memory limit, the default disk"
     assert mine == shown == by_prefix
 
     filtered = agent.get("/api/v1/containers", params={"claim_id": claim()}).json()

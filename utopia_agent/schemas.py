@@ -349,6 +349,7 @@ CONTAINER_EXAMPLE = {
     "restart_count": 0,
     "finished": 0,
     "error": "",
+    "stopped": False,
     "labels": {
         "utopia.managed": "true",
         "utopia.claim_id": "claim-42",
@@ -403,7 +404,10 @@ class ContainerSchema(ResponseSchema):
     oom_killed = fields.Boolean(required=True, metadata={"description": "True when its last run was killed for going over its memory limit."})
     restart_count = fields.Integer(required=True, metadata={"description": "How many times the engine restarted it (its restart policy)."})
     finished = fields.Integer(required=True, metadata={"description": "When its last run ended, in Unix seconds; 0 until it first exits."})
-    error = fields.String(required=True, metadata={"description": "The engine's error text for its last start, or \"\"."})
+    error = fields.String(required=True, metadata={"description": "The engine's error text for its last start, or \"\"; for a claim "
+                                                                   "the agent stopped on its own, why (`disk_limit_exceeded`, ...)."})
+    stopped = fields.Boolean(required=True, metadata={"description": "Stopped by the agent (POST .../stop, or evicted), apart from an exit: "
+                                                                     "it holds no GPU, port or CPU, and the engine never starts it on its own."})
 
 
 class LogsQuerySchema(Schema):
@@ -623,7 +627,8 @@ class ErrorSchema(Schema):
     )
     message = fields.String(required=True, metadata={"description": "What went wrong, for a human."})
     errors = fields.Dict(metadata={"description": "Per-field (or per-parameter) messages, for 400 and 403."})
-    claim_id = fields.String(metadata={"description": "The claim, for 409 claim_exists and 409 gpu_held."})
+    claim_id = fields.String(metadata={"description": "The claim, for 409 claim_exists; the claim holding what was asked for, for 409 "
+                                                      "gpu_held, and for the 409s of a start (no_gpus_free, not_enough_resources)."})
     container_id = fields.String(
         allow_none=True,
         metadata={"description": "The existing container, for 409 claim_exists (null when it went away meanwhile)."},

@@ -228,6 +228,55 @@ def delete_container(container_id: str):
     return Reply(None, 204)
 
 
+@blueprint.post("/<container_id>/stop")
+@operation(
+    "stopContainer",
+    tag="containers",
+    summary="Stop a claim and free its GPUs, exclusive CPUs and host ports; keep its container, writable layer and volumes",
+    path=_path,
+    responds=Responds(200, "Stopped: `stopped` is true, and the engine never starts it on its own.", _container),
+    failures=(
+        NOT_MANAGED,
+        fails("The container's name is held by a container the agent does not manage.", Conflict),
+        fails("The engine failed to stop the container.", EngineError),
+        fails("The Docker engine is unreachable or slow, or other requests held the allocation lock too long.", EngineUnavailable, AllocationBusy),
+    ),
+)
+def stop_container(container_id: str):
+    agent = services()
+    container = agent.allocator.stop(container_id)
+    g.claim_id = container.claim_id
+    return Reply(container, 200)
+
+
+@blueprint.post("/<container_id>/start")
+@operation(
+    "startContainer",
+    tag="containers",
+    summary="Start a stopped claim again with the GPUs, ports and CPUs it was made with",
+    path=_path,
+    responds=Responds(200, "Running (or running already).", _container),
+    failures=(
+        NOT_MANAGED,
+        fails(
+            "Another claim holds one of its GPUs (`no_gpus_free`, naming the GPU and the claim; also for a GPU "
+            "quarantined or lost since), host ports (`port_taken`) or exclusive CPUs, or its CPU and memory no "
+            "longer fit (`not_enough_resources`), or the node is draining (`node_draining`).",
+            NoGpusFree, PortTaken, NotEnoughResources, NodeDraining, Conflict,
+        ),
+        fails("The engine refused to start the container, with its reason.", EngineRejected),
+        fails("The engine failed to start the container.", EngineError),
+        fails("The Docker engine is unreachable or slow, other requests held the allocation lock too long, or NVML is hung.",
+              EngineUnavailable, AllocationBusy, NvmlHung),
+    ),
+)
+def start_container(container_id: str):
+    agent = services()
+    container = agent.allocator.start(container_id)
+    g.claim_id = container.claim_id
+    return Reply(container, 200)
+
+
 @blueprint.get("/<container_id>/logs")
 @operation(
     "getContainerLogs",

@@ -57,7 +57,10 @@ def container_changes(before: ContainerState | None, after: ContainerState | Non
         exit_code, oom_killed = after.exit_code, after.oom_killed
     else:
         exit_code, oom_killed = _exit_code(died[-1] if died else {}), "oom" in actions
-    restarted = started and before is not None and before.started > 0
+    # Restarted by the engine's restart policy (its count grows); a start asked of the engine (the
+    # agent's start of a stopped claim, which resets the count) is `started`.
+    restarted = started and before is not None and before.started > 0 and (
+        after.restart_count > before.restart_count or before.status == "restarting")
     if started and not ended:  # it ended first, if at all, then started again
         if exited:
             line("exited", exit_code=exit_code, oom_killed=oom_killed)
@@ -67,9 +70,16 @@ def container_changes(before: ContainerState | None, after: ContainerState | Non
             line("restarted" if restarted else "started")
         if exited:
             line("exited", exit_code=exit_code, oom_killed=oom_killed)
+    if after is not None and _stopped(after) and (before is None or not _stopped(before)):
+        line("stopped")
     if after is None:
         line("removed")
     return lines
+
+
+def _stopped(state: ContainerState) -> bool:
+    """Stopped by the agent (its name carries the mark, and it no longer runs)."""
+    return ManagedContainer.from_state(state).stopped
 
 
 def exit_line(before: ContainerState, engine_actions: list[dict[str, Any]], oom_seen: bool = False) -> dict[str, Any] | None:
