@@ -206,3 +206,32 @@ def test_the_node_shows_no_disk_while_the_engine_is_down(small_disk, memory):
     memory.fail_next("list_managed", EngineUnavailable("down"))
     response = small_disk.test_client().get("/api/v1/node", headers=auth())
     assert response.status_code == 200 and response.get_json()["disk"] is None
+
+
+# --- the measurement ------------------------------------------------------------------------
+
+
+def test_a_layer_is_measured_as_du_counts_it_blocks_and_hard_links_once(tmp_path):
+    from utopia_agent.disks.usage import layer_bytes
+
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "data").write_bytes(b"x" * 1024 * 1024)
+    os.link(tmp_path / "d" / "data", tmp_path / "d" / "again")
+    with open(tmp_path / "sparse", "wb") as sparse:
+        sparse.truncate(1024 ** 3)
+    measured = layer_bytes(str(tmp_path))
+    assert 1024 * 1024 <= measured < 1024 * 1024 + 64 * 1024, "the data once, the sparse file's gigabyte not at all"
+    assert layer_bytes(str(tmp_path / "gone")) is None
+
+
+def test_a_layer_is_walked_again_only_when_the_node_grew_past_its_headroom_or_the_backstop_came():
+    from utopia_agent.disks.usage import Layer
+
+    layer = Layer("c", "/x", limit_bytes=1000, quota="measured")
+    assert layer.needs_walk(now=0.0, growth=0, backstop=300), "never measured"
+    layer.used_bytes, layer.walked_at, layer.growth_at_walk = 600, 100.0, 5000
+    assert not layer.needs_walk(now=101.0, growth=5000, backstop=300), "nothing written anywhere"
+    assert not layer.needs_walk(now=101.0, growth=5400, backstop=300), "the node grew less than its 400 bytes of headroom"
+    assert layer.needs_walk(now=101.0, growth=5401, backstop=300), "it may be past its size"
+    assert layer.needs_walk(now=400.0, growth=5000, backstop=300), "the backstop: space freed elsewhere may hide growth"
+    assert not Layer("c", "/x", None, "off", 10, 100.0, 0).needs_walk(now=101.0, growth=10 ** 12, backstop=300), "no size: only the backstop"

@@ -433,6 +433,11 @@ class ContainerStatsSchema(ResponseSchema):
     memory_used_mb = fields.Integer(required=True, metadata={"description": "Memory in use, without reclaimable page cache."})
     memory_limit_mb = fields.Integer(allow_none=True, required=True, metadata={"description": "null when the container has no memory limit."})
     gpus = fields.List(fields.Nested(ContainerGpuStatsSchema), required=True, metadata={"description": "The figures of the container's own GPUs."})
+    disk_used_mb = fields.Integer(allow_none=True, required=True,
+                                  metadata={"description": "What its writable layer takes on disk, in MiB, as last measured (the node measures "
+                                                           "running claims in the background); null before the first measurement."})
+    disk_limit_mb = fields.Integer(allow_none=True, required=True,
+                                   metadata={"description": "Its container disk in MiB (`disk_gb`); null for a container made before disks were sized."})
 
 
 class ReasonSchema(Schema):

@@ -332,13 +332,15 @@ class ContainerStats:
     memory_used_mb: int
     memory_limit_mb: int | None
     gpus: list[GpuStatus]
+    disk_used_mb: int | None
+    disk_limit_mb: int | None
 
 
 @blueprint.get("/<container_id>/stats")
 @operation(
     "getContainerStats",
     tag="containers",
-    summary="The container's CPU and memory (from its cgroup) and its GPUs' figures",
+    summary="The container's CPU and memory (from its cgroup), its GPUs' figures and its container disk",
     path=_path,
     responds=Responds(200, "The container's usage.", ContainerStatsSchema()),
     failures=(NOT_MANAGED, fails("The engine failed to inspect the container.", EngineError), ENGINE_DOWN),
@@ -357,4 +359,7 @@ def container_stats(container_id: str) -> ContainerStats:
     held = gpu_claims([container.holdings])
     sample = agent.gpus.sampler.latest()  # the background sampler's: never NVML on the request path
     gpus = [gpu for gpu in (sample.gpus if sample is not None else ()) if gpu_holder(gpu, held)]
-    return ContainerStats(cpu_percent, used_mb, limit_mb, gpus)
+    disk_used = agent.disks.used_bytes(container.id)  # the background measurement's: never a walk on the request path
+    disk_gb = container.resources["disk_gb"]
+    return ContainerStats(cpu_percent, used_mb, limit_mb, gpus, disk_used // _MIB if disk_used is not None else None,
+                          round(disk_gb * 1024) if disk_gb is not None else None)

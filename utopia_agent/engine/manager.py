@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import time
+from pathlib import Path
 from dataclasses import dataclass
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -178,12 +179,24 @@ class DockerManager:
             self._storage = read_storage(self._engine)
         return self._storage
 
-    def upper_dir(self, container_id: str) -> str | None:
-        """The container's writable layer as a directory (overlay2's UpperDir); None when the
-        container is gone or its driver keeps no such directory."""
+    def writable_layer(self, container_id: str) -> str | None:
+        """The directory of the container's writable layer: overlay2's UpperDir (what the container
+        wrote), or btrfs' subvolume (the image's files too, as the engine's size counts them there).
+        None when the container is gone or its driver keeps no such directory."""
         info = self.inspect(container_id)
-        data = ((info or {}).get("GraphDriver") or {}).get("Data") or {}
-        return data.get("UpperDir") or None
+        if info is None:
+            return None
+        data = (info.get("GraphDriver") or {}).get("Data") or {}
+        if data.get("UpperDir"):
+            return data["UpperDir"]
+        storage = self.storage()
+        if storage.driver != "btrfs":
+            return None
+        try:
+            mount_id = (Path(storage.data_root) / "image" / "btrfs" / "layerdb" / "mounts" / info["Id"] / "mount-id").read_text().strip()
+        except OSError:
+            return None
+        return str(Path(storage.data_root) / "btrfs" / "subvolumes" / mount_id) if mount_id else None
 
     def find_claim(self, claim_id: str, fresh: bool = False) -> str | None:
         """The id of the claim's container, if it has one: the node view when trusted, else the
