@@ -115,7 +115,8 @@ def counted_as_create(view: Callable) -> Callable:
             "container the agent does not manage, or the node is draining (`node_draining`, with the reason).",
             ClaimExists, NoGpusFree, NotEnoughResources, PortTaken, NodeDraining, Conflict,
         ),
-        fails("The node failed the request: the agent could not pin the claim's volumes.", NodeFault),
+        fails("The node failed the request: the agent could not pin the claim's volumes, or does not see the engine's data root "
+              "(whose filesystem sizes the claims' disks) at the engine's path.", NodeFault),
         fails(
             "The image could not be pulled: the registry or the network failed, or the pull stalled (the "
             "reason; worth retrying), or the engine failed on the node's side: network, storage or runtime.",

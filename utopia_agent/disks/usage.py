@@ -11,7 +11,7 @@ and kubelet's users fight the cost of walking every layer every few seconds (kub
   growth reaches its limit (it may be past it), and otherwise every BACKSTOP_SECONDS, which
   bounds what space freed elsewhere (a claim deleted, images collected) can hide.
 
-An idle node thus costs one statvfs and one read of the node view per second, and walks cost
+An idle node thus costs one statvfs and one look at the node view per second, and walks cost
 what the node writes, spent on the claims closest to their limits. The figures go to one file in
 the state dir, from which every worker answers stats and scrapes.
 """
@@ -137,9 +137,10 @@ class DiskUsage:
         self._role.release()
 
     def sample_if_holder(self) -> bool:
-        """One round when this worker measures for the node; True when it did. The figures are
-        written only when they changed: an idle node writes nothing."""
-        if not self._role.take():
+        """One round when this worker measures for the node and the node view can be trusted (the
+        running claims come from it, never from an engine call a second); True when it did. The
+        figures are written only when they changed: an idle node writes nothing."""
+        if not self._role.take() or self._docker.view.snapshot() is None:
             return False
         figures = self.sample()
         if figures["claims"] != self.samples().get("claims"):
