@@ -321,6 +321,8 @@ def test_a_claim_that_could_not_be_stopped_is_stopped_at_the_next_sample(layered
 
     agent = app.extensions["utopia"]
     usage = DiskUsage(engine, agent.allocator.disk, agent.config.state_dir, stop)
+    view = engine.view.snapshot()
+    engine.view.snapshot = lambda: view  # the same view each second: nothing else would make the sampler look again
     usage.sample_if_holder()
     usage.sample_if_holder()
     assert tries == [made, made]
@@ -346,3 +348,24 @@ def test_where_the_agent_does_not_see_the_engines_data_root_creates_fail_naming_
         assert client.get("/api/v1/node", headers=auth()).get_json()["disk"] is None
     finally:
         app.extensions["utopia"].close()
+
+
+def test_an_idle_node_is_not_looked_at_again_until_the_filesystem_grows_or_a_walk_falls_due(layered, monkeypatch):
+    from utopia_agent.disks.usage import DiskUsage
+
+    app, engine = layered
+    create(app.test_client(), claim_id="idle", disk_gb=1, command=["sleep", "60"])
+    agent = app.extensions["utopia"]
+    used = [10 * 1024 ** 3]
+    monkeypatch.setattr(agent.allocator.disk, "filesystem_bytes", lambda: (100 * 1024 ** 3, 100 * 1024 ** 3 - used[0]))
+    walks: list[str] = []
+    monkeypatch.setattr("utopia_agent.disks.usage.layer_bytes", lambda path: walks.append(path) or 4096)
+    view = engine.view.snapshot()
+    engine.view.snapshot = lambda: view
+    usage = DiskUsage(engine, agent.allocator.disk, agent.config.state_dir, None, backstop=300)
+    assert usage.sample_if_holder() and len(walks) == 1, "a new claim is walked at once"
+    assert not usage.sample_if_holder() and len(walks) == 1, "nothing changed: not even the claims are looked at"
+    used[0] += 4096
+    assert usage.sample_if_holder() and len(walks) == 1, "the node grew by less than the claim's headroom: looked at, not walked"
+    used[0] += 2 * 1024 ** 3
+    assert usage.sample_if_holder() and len(walks) == 2, "the node grew past its headroom: walked"

@@ -11,7 +11,8 @@ and kubelet's users fight the cost of walking every layer every few seconds (kub
   growth reaches its limit (it may be past it), and otherwise every BACKSTOP_SECONDS, which
   bounds what space freed elsewhere (a claim deleted, images collected) can hide.
 
-An idle node thus costs one statvfs and one look at the node view per second, and walks cost
+An idle node thus costs one statvfs and one look at the node view a second (the claims are looked
+at only when the view or the filesystem changed, or a backstop walk is due), and walks cost
 what the node writes, spent on the claims closest to their limits. The figures go to one file in
 the state dir, from which every worker answers stats and scrapes.
 """
@@ -94,6 +95,9 @@ class DiskUsage:
         self._layers: dict[str, Layer] = {}
         self._growth = 0
         self._last_used: int | None = None
+        # The node view last looked at, and when the next backstop walk falls due.
+        self._seen: object = None
+        self._next_walk = 0.0
         self._cache: tuple[float, dict] = (0.0, {})
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._run, name="disk-usage", daemon=True)
@@ -138,27 +142,38 @@ class DiskUsage:
 
     def sample_if_holder(self) -> bool:
         """One round when this worker measures for the node and the node view can be trusted (the
-        running claims come from it, never from an engine call a second); True when it did. The
-        figures are written only when they changed: an idle node writes nothing."""
-        if not self._role.take() or self._docker.view.snapshot() is None:
+        running claims come from it, never from an engine call a second); True when it looked at
+        the claims. The figures are written only when they changed: an idle node writes nothing."""
+        if not self._role.take():
             return False
-        figures = self.sample()
+        snapshot = self._docker.view.snapshot()
+        if snapshot is None:
+            return False
+        figures = self.sample(snapshot)
+        if figures is None:
+            return False
         if figures["claims"] != self.samples().get("claims"):
             self._write(figures)
         return True
 
-    def sample(self) -> dict:
-        """Note the filesystem's growth, walk the layers that need it, stop measured claims past their size."""
+    def sample(self, snapshot: object = None) -> dict | None:
+        """Note the filesystem's growth, walk the layers that need it, stop measured claims past
+        their size. None when nothing can have changed since the last look: the same node view,
+        no growth, and no backstop walk due (an idle node's second costs a statvfs)."""
         size, free = self._disk.filesystem_bytes()
         used = size - free
-        if self._last_used is not None and used > self._last_used:
+        grew = self._last_used is not None and used > self._last_used
+        if grew:
             self._growth += used - self._last_used
         self._last_used = used
         now = time.time()
-        running = [c for c in self._docker.list_managed() if c.status == "running" and c.resources.get("disk_gb")]
+        if snapshot is not None and snapshot is self._seen and not grew and now < self._next_walk:
+            return None
+        self._seen = snapshot
+        running = [c for c in self._docker.list_managed() if c.status == "running" and c.holdings.disk_gb]
         for gone in set(self._layers) - {c.id for c in running}:
             del self._layers[gone]
-        figures = {}
+        figures, unstopped = {}, False
         for container in running:
             layer = self._layers.get(container.id) or self._layer(container)
             if layer.path is not None and layer.needs_walk(now, self._growth, self._backstop):
@@ -169,12 +184,15 @@ class DiskUsage:
                 figures[container.id] = {"claim_id": layer.claim_id, "used_bytes": layer.used_bytes, "limit_bytes": layer.limit_bytes,
                                          "walked_at": layer.walked_at}
                 if layer.quota == MEASURED and layer.limit_bytes is not None and layer.used_bytes > layer.limit_bytes:
-                    self._evict(container, layer)
+                    unstopped = not self._evict(container, layer) or unstopped
+        walked_at = [layer.walked_at for layer in self._layers.values() if layer.path is not None]
+        # A claim past its size that could not be stopped is looked at again next second.
+        self._next_walk = now if unstopped else min(walked_at) + self._backstop if walked_at else float("inf")
         return {"time": now, "claims": figures}
 
     def _layer(self, container: ManagedContainer) -> Layer:
         """Found once per container: its writable layer's directory (one inspect) and its size."""
-        disk_gb = container.resources.get("disk_gb")
+        disk_gb = container.holdings.disk_gb
         layer = Layer(
             claim_id=container.claim_id,
             path=self._docker.writable_layer(container.id),
@@ -184,19 +202,21 @@ class DiskUsage:
         self._layers[container.id] = layer
         return layer
 
-    def _evict(self, container: ManagedContainer, layer: Layer) -> None:
-        """Stop the claim as kubelet evicts a pod past its ephemeral-storage limit: kept, GPUs released."""
+    def _evict(self, container: ManagedContainer, layer: Layer) -> bool:
+        """Stop the claim as kubelet evicts a pod past its ephemeral-storage limit: kept, GPUs
+        released. False when it could not be stopped (tried again next second)."""
         log.warning("claim past its disk claim=%s container=%s used_mb=%d limit_mb=%d: stopping", layer.claim_id, container.id[:12],
                     layer.used_bytes // (1024 * 1024), layer.limit_bytes // (1024 * 1024),
                     extra={"claim_id": layer.claim_id, "container_id": container.id})
         if self._stop is None:
-            return
+            return True
         try:
             self._stop(container.id, STOP_REASON)
         except AgentError as error:
             log.error("claim past its disk not stopped claim=%s container=%s reason=%s", layer.claim_id, container.id[:12], error.code)
-            return
+            return False
         self._layers.pop(container.id, None)
+        return True
 
     def _write(self, figures: dict) -> None:
         StateFile(self._path).write(figures, durable=False)
