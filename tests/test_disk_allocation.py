@@ -300,6 +300,9 @@ def test_a_measured_claim_past_its_size_is_stopped_and_one_within_it_or_not_meas
     assert figures[ids["engine"]]["limit_bytes"] == int(0.001 * 1024 ** 3), "every claim is measured for its stats"
     response = client.get(f"{CONTAINERS}/{ids['over']}/stats", headers=auth()).get_json()
     assert (response["disk_used_mb"], response["disk_limit_mb"]) == (2, 1)
+    engine.containers[ids["over"]] = dataclasses.replace(engine.containers[ids["over"]], status="exited")
+    assert usage.sample_if_holder() and stopped == [(ids["over"], "disk_limit_exceeded")], "stopped once"
+    assert usage.used_bytes(ids["over"]) == figures[ids["over"]]["used_bytes"], "a stopped claim's layer stays: so does its figure"
 
     engine.view.trusted = False
     assert not usage.sample_if_holder(), "without a trusted node view the sampler waits: no engine call a second"

@@ -170,10 +170,14 @@ class DiskUsage:
         if snapshot is not None and snapshot is self._seen and not grew and now < self._next_walk:
             return None
         self._seen = snapshot
-        running = [c for c in self._docker.list_managed() if c.status == "running" and c.holdings.disk_gb]
+        containers = self._docker.list_managed()
+        running = [c for c in containers if c.status == "running" and c.holdings.disk_gb]
         for gone in set(self._layers) - {c.id for c in running}:
             del self._layers[gone]
-        figures, unstopped = {}, False
+        # A claim that no longer runs writes nothing: its last figure stands while its layer does (a stopped claim's stats).
+        before = self.samples().get("claims", {})
+        figures = {c.id: before[c.id] for c in containers if c.status != "running" and c.id in before}
+        unstopped = False
         for container in running:
             layer = self._layers.get(container.id) or self._layer(container)
             if layer.path is not None and layer.needs_walk(now, self._growth, self._backstop):
