@@ -12,7 +12,7 @@ import sys
 
 from gunicorn.glogging import Logger
 
-from utopia_agent.config import ConfigError, load_config, prepare_state_dir
+from utopia_agent.config import MAX_EXEC_SESSIONS, ConfigError, load_config, prepare_state_dir
 from utopia_agent.observability.logs import logging_dict
 from utopia_agent.claims.volumes import MountPins
 from utopia_agent.disks.node_disk import quota_in_force
@@ -101,9 +101,10 @@ workers = _agent.workers
 # The agent's own gthread reads each request whole in that loop before a thread takes it, so
 # clients that send slowly or stall hold no thread (utopia_agent/server/worker.py).
 worker_class = "utopia_agent.server.worker.WholeRequestWorker"
-# 8 threads for requests, and one more for each event stream the agent may serve (they are
-# bounded agent-wide, see utopia_agent/events/stream.py): open streams never take the 8.
-threads = 8 + MAX_STREAMS
+# 8 threads for requests, and one more for each event stream and each exec session the agent
+# may serve (both bounded agent-wide, see utopia_agent/events/stream.py and exec/slots.py):
+# open streams and sessions never take the 8.
+threads = 8 + MAX_STREAMS + MAX_EXEC_SESSIONS
 timeout = 60
 # SIGTERM lets an in-flight create finish (or roll back) before the worker goes.
 graceful_timeout = 90
@@ -165,10 +166,11 @@ def post_worker_init(worker):
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     def end_streams_then_exit(sig, frame):
-        """Event streams never end by themselves: end them, so the graceful stop does not wait for them."""
+        """Event streams and exec sessions may last: end them, so the graceful stop does not wait for them."""
         app = getattr(worker, "wsgi", None)
         if app is not None and "utopia" in getattr(app, "extensions", {}):
             app.extensions["utopia"].events.close()
+            app.extensions["utopia"].execs.close()
         worker.handle_exit(sig, frame)
 
     signal.signal(signal.SIGQUIT, end_streams_then_exit)

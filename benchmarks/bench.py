@@ -22,6 +22,7 @@ import os
 import platform
 import shutil
 import signal
+import socket
 import statistics
 import sys
 import tempfile
@@ -102,6 +103,10 @@ BURST = 8  # changes just before the "polled right after a burst" CPU figure
 LIST_LIMIT = 0.5  # list at the main claim count, on every path, against the engine's list
 FLOOR_LIMIT = 1.3  # /health and GET one, on every path, against the bare app
 TLS_LIMIT = 1.15  # /health and GET one over HTTPS on a kept-alive connection, against plain HTTP
+EXEC_LIMIT = 1.2  # one-shot `true` through the agent, against docker-py's exec_run
+EXEC_THROUGHPUT_MIN = 0.5  # bytes per second through an interactive `cat`, against the engine's own exec stream
+EXEC_BYTES = 100 * 1000 * 1000
+EXEC_CHUNK = 64 * 1024
 
 
 class ReleasableSlowRegistry(SlowRegistry):
@@ -346,6 +351,11 @@ class Bench:
             **os.environ,
             "UTOPIA_AGENT_GPU_BACKEND": "nvml",
             "UTOPIA_AGENT_STOP_TIMEOUT": str(self.stop_timeout),
+            # A hundred claims without GPUs beside GPU claims on a 2-core machine: each gets a
+            # hundredth of a CPU by default, and no CPU is kept back, so they all fit.
+            "UTOPIA_AGENT_RESERVED_CPUS": "0",
+            "UTOPIA_AGENT_DEFAULT_CPUS": "0.01",
+            "UTOPIA_AGENT_DEFAULT_MEMORY_MB": "32",
         }
         self.agent = AgentProcess(state, free_port(), fake_nvml_env(nvml_dir, nvml_config, env), workers=WORKERS)
         self.agent.start()
@@ -811,6 +821,97 @@ class Bench:
             extra={"agent_percent_of_core": round(pct, 3), "seconds": round(wall, 1)},
         ))
 
+    def figure_exec(self, seconds: float) -> None:
+        """One-shot `true` through the agent against docker-py's exec_run of the same; 100 MB through an interactive
+        `cat` against the engine's own exec stream (both fed and drained by this process); 16 idle sessions' CPU."""
+        boxes = [self.http.create(self.claim("x"), self.image, 0) for _ in range(2)]
+        box = self.client.containers.get(boxes[0])
+        path = f"/api/v1/containers/{boxes[0]}/exec"
+        timings = interleave({
+            "agent": lambda: expect(self.http.keepalive.send("POST", path, json={"command": ["true"]}), 200),
+            "engine": lambda: box.exec_run(["true"]),
+        }, min(self.plan.samples, 100))
+        self.add(compare("POST /exec `true` (one-shot)", timings["agent"], timings["engine"], EXEC_LIMIT,
+                         note="baseline: docker-py's exec_run of the same command (create, start, read, inspect)")
+                 .keep_samples(agent=timings["agent"], engine_exec_run=timings["engine"]))
+
+        agent_rate = self._through_agent(boxes[0])
+        engine_rate = self._through_engine(boxes[0])
+        ratio = agent_rate / engine_rate
+        self.add(Figure(
+            figure=f"{EXEC_BYTES // 10**6} MB through an interactive `cat` (WebSocket, v5)", target=f"≥ {EXEC_THROUGHPUT_MIN:.0%} of the engine's",
+            value=f"{agent_rate / 1e6:.0f} MB/s", ratio=round(ratio, 3), met=ratio >= EXEC_THROUGHPUT_MIN,
+            note=f"the engine's own exec stream (hijacked connection) {engine_rate / 1e6:.0f} MB/s; {EXEC_CHUNK // 1024} KiB writes, "
+                 "fed and read by the bench on two threads each way",
+            extra={"agent_bytes_per_s": round(agent_rate), "engine_bytes_per_s": round(engine_rate)},
+        ))
+
+        with self.agent.new_client() as client:
+            sessions = [client.exec_session(boxes[i // 8], ["cat"], stdin=True) for i in range(16)]
+            try:
+                pct, wall, _ = self.percent_of_core(lambda: time.sleep(seconds))
+            finally:
+                for session in sessions:
+                    session.close()
+        self.add(Figure(
+            figure=f"CPU of the agent with 16 idle exec sessions for {seconds:g} s", target="≤ 1% of a core",
+            value=f"{pct:.2f}% of a core", met=pct <= 1.0, note="16 interactive `cat` sessions waiting on stdin; master + workers",
+            extra={"agent_percent_of_core": round(pct, 3), "seconds": round(wall, 1)},
+        ))
+        for container_id in boxes:
+            self.http.delete(container_id)
+
+    def _through_agent(self, container_id: str) -> float:
+        """Bytes per second of EXEC_BYTES written to an interactive `cat` through the agent and read back."""
+        chunk = b"x" * EXEC_CHUNK
+        with self.agent.new_client() as client, client.exec_session(container_id, ["cat"], stdin=True) as session:
+            def feed() -> None:
+                for _ in range(EXEC_BYTES // EXEC_CHUNK):
+                    session.write(chunk)
+                session.close_stdin()
+
+            started = time.perf_counter()
+            writer = threading.Thread(target=feed, daemon=True)
+            writer.start()
+            received = 0
+            while (piece := session.read(timeout=60)) is not None:
+                received += len(piece[1])
+            elapsed = time.perf_counter() - started
+            writer.join()
+        if received != EXEC_BYTES // EXEC_CHUNK * EXEC_CHUNK:
+            raise BenchError(f"cat through the agent gave back {received} bytes")
+        return received / elapsed
+
+    def _through_engine(self, container_id: str) -> float:
+        """The same through the engine's own exec (docker-py's socket), its stream demultiplexed here."""
+        exec_id = self.api.exec_create(container_id, ["cat"], stdin=True)["Id"]
+        raw = self.api.exec_start(exec_id, socket=True)
+        sock = getattr(raw, "_sock", raw)
+        sock.settimeout(60)
+        chunk = b"x" * EXEC_CHUNK
+
+        def feed() -> None:
+            for _ in range(EXEC_BYTES // EXEC_CHUNK):
+                sock.sendall(chunk)
+            sock.shutdown(socket.SHUT_WR)
+
+        started = time.perf_counter()
+        writer = threading.Thread(target=feed, daemon=True)
+        writer.start()
+        buffered, received = b"", 0
+        while data := sock.recv(256 * 1024):
+            buffered += data
+            while len(buffered) >= 8 and len(buffered) >= 8 + int.from_bytes(buffered[4:8], "big"):
+                size = int.from_bytes(buffered[4:8], "big")
+                received += size
+                buffered = buffered[8 + size:]
+        elapsed = time.perf_counter() - started
+        writer.join()
+        sock.close()
+        if received != EXEC_BYTES // EXEC_CHUNK * EXEC_CHUNK:
+            raise BenchError(f"cat through the engine gave back {received} bytes")
+        return received / elapsed
+
     def figure_rss(self) -> None:
         workers = self.agent_processes()[1:]
         rss = [p.memory_info().rss / 2**20 for p in workers]
@@ -957,9 +1058,18 @@ class Bench:
 
     # --- the whole run -----------------------------------------------------------------
 
-    def run(self, say: Callable[[str], None]) -> None:
+    def run(self, say: Callable[[str], None], only: str | None = None) -> None:
         few, main, many = self.plan.claims
         plan = self.plan
+        if only == "disks":
+            self.run_disks(say)
+            return
+        if only == "exec":
+            say("starting the agent (gunicorn, 4 workers, stand-in NVML with 8 GPUs)")
+            self.start_agent()
+            say(f"exec: one-shot `true`, {EXEC_BYTES // 10**6} MB through `cat`, 16 idle sessions for {plan.cpu_seconds:g} s")
+            self.figure_exec(plan.cpu_seconds)
+            return
         say("starting the agent (gunicorn, 4 workers, stand-in NVML with 8 GPUs) and the bare app")
         self.start_agent()
         self.start_bare_app()
@@ -991,6 +1101,8 @@ class Bench:
         self.figure_health_under_pulls()
         say(f"a create that pulls {plan.pull_create_mib} MiB, and the cached private image's credential check")
         self.figure_pull_create()
+        say(f"exec: one-shot `true`, {EXEC_BYTES // 10**6} MB through `cat`, 16 idle sessions for {plan.cpu_seconds:g} s")
+        self.figure_exec(plan.cpu_seconds)
         say(f"{many - main} created (not started) claims through the SDK")
         self.add_created_claims(many - main)
         self.figure_scaling(many, self.measure_list(plan.scaling_samples),
@@ -1140,7 +1252,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="grace seconds of DELETE (UTOPIA_AGENT_STOP_TIMEOUT) and of the baseline's stop (default 1)")
     parser.add_argument("--output", type=Path,
                         help="JSON file, the PNG beside it (default benchmarks/results/latest.json, quick.json with --quick)")
-    parser.add_argument("--only", choices=("disks",), help="run only these rows (disks: benchmarks/disk_bench.py)")
+    parser.add_argument("--only", choices=("exec", "disks"),
+                        help="only these figures, with the agent they need (a partial run; disks: benchmarks/disk_bench.py)")
     parser.add_argument("--draw", type=Path, metavar="JSON", help="only draw the PNG of an earlier run's JSON (beside it, or at --output)")
     args = parser.parse_args(argv)
     if args.draw:
@@ -1165,7 +1278,7 @@ def main(argv: list[str] | None = None) -> int:
     info = machine(bench)
     say(f"run {bench.prefix}: claim ids start with {bench.prefix}-")
     try:
-        bench.run_disks(say) if args.only == "disks" else bench.run(say)
+        bench.run(say, args.only)
         info["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     except KeyboardInterrupt:
         say("interrupted; cleaning up")

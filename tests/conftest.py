@@ -32,6 +32,7 @@ from tests.support.engine import (
 )
 
 RUN_ID = uuid.uuid4().hex[:6]
+TEST_DEFAULT_CPUS, TEST_DEFAULT_MEMORY_MB = "0.01", "128"
 
 
 def pytest_collection_modifyitems(items):
@@ -179,6 +180,9 @@ class AgentFactory:
             "UTOPIA_AGENT_STOP_TIMEOUT": "1",
             "UTOPIA_AGENT_HOST_PORT_RANGE": "{}-{}".format(*TEST_HOST_PORT_RANGE),
             "UTOPIA_AGENT_RESTART_POLICY": "no",
+            # What this 2-core machine affords each claim without GPUs, so a test's many claims fit.
+            "UTOPIA_AGENT_DEFAULT_CPUS": TEST_DEFAULT_CPUS,
+            "UTOPIA_AGENT_DEFAULT_MEMORY_MB": TEST_DEFAULT_MEMORY_MB,
             **env,
         }
         agent = AgentProcess(state_dir, free_port(), fake_nvml_env(self._nvml_dir, nvml_config, {**os.environ, **base}), workers,

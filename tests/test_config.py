@@ -10,6 +10,7 @@ import os
 
 import pytest
 
+from utopia_agent.claims.resources import NodeResources
 from utopia_agent.config import ConfigError, load_config, prepare_state_dir
 
 
@@ -48,7 +49,11 @@ def ephemeral(tmp_path):
         ({"UTOPIA_AGENT_TOKEN": "t", "UTOPIA_AGENT_RESERVED_CPUS": "-1"}, "UTOPIA_AGENT_RESERVED_CPUS"),
         ({"UTOPIA_AGENT_TOKEN": "t", "UTOPIA_AGENT_RESERVED_MEMORY_MB": "1e12"}, "UTOPIA_AGENT_RESERVED_MEMORY_MB"),
         ({"UTOPIA_AGENT_TOKEN": "t", "UTOPIA_AGENT_CPU_PINNING": "always"}, "UTOPIA_AGENT_CPU_PINNING"),
-        ({"UTOPIA_AGENT_TOKEN": "t", "UTOPIA_AGENT_DEFAULT_SHM_MB": "0"}, "UTOPIA_AGENT_DEFAULT_SHM_MB"),
+        ({"UTOPIA_AGENT_TOKEN": "t", "UTOPIA_AGENT_DEFAULT_CPUS": "0"}, "UTOPIA_AGENT_DEFAULT_CPUS"),
+        ({"UTOPIA_AGENT_TOKEN": "t", "UTOPIA_AGENT_DEFAULT_CPUS": str(len(os.sched_getaffinity(0)) + 1)}, "UTOPIA_AGENT_DEFAULT_CPUS"),
+        ({"UTOPIA_AGENT_TOKEN": "t", "UTOPIA_AGENT_DEFAULT_MEMORY_MB": "8"}, "UTOPIA_AGENT_DEFAULT_MEMORY_MB"),
+        ({"UTOPIA_AGENT_TOKEN": "t", "UTOPIA_AGENT_DEFAULT_MEMORY_MB": "lots"}, "UTOPIA_AGENT_DEFAULT_MEMORY_MB"),
+        ({"UTOPIA_AGENT_TOKEN": "t", "UTOPIA_AGENT_UNBLOCKED_NETWORKS": "10.0.0.0/8"}, "UTOPIA_AGENT_UNBLOCKED_NETWORKS"),
         ({"UTOPIA_AGENT_TOKEN": "t", "UTOPIA_AGENT_LOG_FOLLOW_SECONDS": "forever"}, "UTOPIA_AGENT_LOG_FOLLOW_SECONDS"),
         ({"UTOPIA_AGENT_TOKEN": "t", "UTOPIA_AGENT_IMAGE_GC_HIGH_PERCENT": "101"}, "UTOPIA_AGENT_IMAGE_GC_HIGH_PERCENT"),
         ({"UTOPIA_AGENT_TOKEN": "t", "UTOPIA_AGENT_IMAGE_GC_HIGH_PERCENT": "0"}, "UTOPIA_AGENT_IMAGE_GC_HIGH_PERCENT"),
@@ -126,6 +131,24 @@ def test_network_variables_are_read_as_networks(tmp_path):
     config = load_config({"UTOPIA_AGENT_TOKEN": "t", "UTOPIA_AGENT_STATE_DIR": str(tmp_path),
                           "UTOPIA_AGENT_NETWORK_SUBNET": "10.77.0.0/24", "UTOPIA_AGENT_BLOCKED_NETWORKS": " 10.1.2.3/8, 192.0.2.7,10.0.0.0/8"})
     assert config.network_isolation and config.network_subnet == "10.77.0.0/24"
-    assert config.blocked_networks == ("10.0.0.0/8", "192.0.2.7/32")
+    assert config.blocked_networks == ("100.100.100.200/32", "168.63.129.16/32", "10.0.0.0/8", "192.0.2.7/32"), \
+        "the clouds' endpoints first, then the operator's"
     off = load_config({"UTOPIA_AGENT_TOKEN": "t", "UTOPIA_AGENT_STATE_DIR": str(tmp_path), "UTOPIA_AGENT_NETWORK_ISOLATION": "off"})
-    assert not off.network_isolation and off.network_subnet is None and off.blocked_networks == ()
+    assert not off.network_isolation and off.network_subnet is None
+
+
+def test_a_default_blocked_network_is_taken_away_only_by_name(tmp_path):
+    config = load_config({"UTOPIA_AGENT_TOKEN": "t", "UTOPIA_AGENT_STATE_DIR": str(tmp_path),
+                          "UTOPIA_AGENT_UNBLOCKED_NETWORKS": "168.63.129.16", "UTOPIA_AGENT_BLOCKED_NETWORKS": "198.18.9.0/24"})
+    assert config.blocked_networks == ("100.100.100.200/32", "198.18.9.0/24")
+
+
+def test_claims_without_gpus_get_bounded_defaults(tmp_path):
+    base = {"UTOPIA_AGENT_TOKEN": "t", "UTOPIA_AGENT_STATE_DIR": str(tmp_path)}
+    node = NodeResources.read()
+    capacity_cpus, capacity_memory_mb = node.capacity(load_config(base).reserved_cpus, load_config(base).reserved_memory_mb)
+    defaults = load_config(base)
+    assert 0 < defaults.default_cpus <= min(1.0, capacity_cpus)
+    assert 16 <= defaults.default_memory_mb <= min(2048, capacity_memory_mb)
+    chosen = load_config({**base, "UTOPIA_AGENT_DEFAULT_CPUS": "0.05", "UTOPIA_AGENT_DEFAULT_MEMORY_MB": "64"})
+    assert (chosen.default_cpus, chosen.default_memory_mb) == (0.05, 64)

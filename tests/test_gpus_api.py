@@ -139,9 +139,14 @@ def test_double_allocation_is_reported(agent, docker_client, test_image, claim):
     assert "gpu allocated twice" in agent.log()
 
 
-def _burst(agent, test_image, prefix: str, count: int, seed: int) -> dict[str, requests.Response | Exception]:
+def _plans(prefix: str, count: int, seed: int) -> dict[str, int]:
+    """Claim id -> the GPUs it asks for, the same for the same seed."""
     rng = random.Random(seed)
-    plans = [(f"{prefix}{i}", rng.choice([0, 1, 1, 2, 3])) for i in range(count)]
+    return {f"{prefix}{i}": rng.choice([0, 1, 1, 2, 3]) for i in range(count)}
+
+
+def _burst(agent, test_image, prefix: str, count: int, seed: int) -> dict[str, requests.Response | Exception]:
+    plans = _plans(prefix, count, seed).items()
 
     def create(plan):
         claim_id, gpus = plan
@@ -163,11 +168,14 @@ def _burst(agent, test_image, prefix: str, count: int, seed: int) -> dict[str, r
 def test_concurrent_creates_never_share_a_gpu(agent_factory, docker_client, test_image, claim):
     agent = agent_factory(workers=4)
     results = _burst(agent, test_image, claim(""), 24, seed=1)
+    plans = _plans(claim(""), 24, seed=1)
     created = gpu_labels(docker_client, claim(""))
     for claim_id, response in results.items():
         assert response.status_code in (201, 409), response.text
         if response.status_code == 409:
-            assert response.json()["error"] == "no_gpus_free" and claim_id not in created
+            # A claim without GPUs fits only into what no claim holds; GPU claims never wait on those.
+            expected = "no_gpus_free" if plans[claim_id] else "not_enough_resources"
+            assert response.json()["error"] == expected and claim_id not in created, response.text
         else:
             assert claim_id in created
     assert assert_exclusive(docker_client, claim("")) == set(HEALTHY_GPUS), "the burst should use every GPU"

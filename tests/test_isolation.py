@@ -18,7 +18,18 @@ import pytest
 from tests.conftest import RUN_ID
 from tests.support.agent import ROOT
 from tests.support.engine import restart_engine
-from tests.support.hosts import NODE_MARKER, Probe, namespace_host, node_address, node_fetch, node_listener, reach_all
+from tests.support.hosts import (
+    NODE_MARKER,
+    Probe,
+    dns_server,
+    namespace_host,
+    node_address,
+    node_fetch,
+    node_listener,
+    node_resolv_conf,
+    reach_all,
+    resolves,
+)
 from tests.support.polling import wait_for
 from tests.support.prerequisites import require
 from tests.support.scrape import sample, scrape
@@ -29,6 +40,8 @@ from utopia_agent.network.isolation import CHECK_INTERVAL_SECONDS, IsolationPlan
 # The outside world (198.18.0.2) and a blocked network behind it (198.18.9.2), the metadata
 # service (169.254.169.254, routed past the node) and a second address of the node (198.18.5.1).
 OUTSIDE, BLOCKED, METADATA, SECOND_ADDRESS = "198.18.0.2", "198.18.9.2", "169.254.169.254", "198.18.5.1"
+# Alibaba Cloud's ECS metadata and Azure's WireServer: blocked by default, outside 169.254.0.0/16.
+CLOUD_ENDPOINTS = ("100.100.100.200", "168.63.129.16")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -57,10 +70,23 @@ def isolated_agent(agent_factory, test_image, world):
 def control(docker_client, test_image):
     """A container on the engine's default bridge, made by the test, not the agent: the agent's rules
     do not apply to it, so what it reaches shows each probe works."""
-    container = docker_client.containers.run(test_image, ["sleep", "600"], detach=True, labels={"utopia-test-run": RUN_ID},
-                                             name=f"utopia-control-{uuid.uuid4().hex[:8]}")
+    container = control_container(docker_client, test_image)
     yield container
     container.remove(force=True)
+
+
+@pytest.fixture(scope="module")
+def clouds(engine):
+    """The clouds' endpoints outside link-local, where those clouds put them, serving HTTP."""
+    endpoints = tuple(f"{address}/32" for address in CLOUD_ENDPOINTS)
+    with namespace_host("198.18.3.1/24", endpoints, routes=endpoints) as host:
+        yield host
+
+
+def control_container(docker_client, test_image):
+    """A container on the engine's default bridge (see `control`), made now: it gets the node's resolv.conf as it is now."""
+    return docker_client.containers.run(test_image, ["sleep", "600"], detach=True, labels={"utopia-test-run": RUN_ID},
+                                        name=f"utopia-control-{uuid.uuid4().hex[:8]}")
 
 
 def plan_of(agent) -> IsolationPlan:
@@ -261,6 +287,43 @@ def test_isolation_holds_after_the_engine_restarts(isolated_agent, world, claim,
     assert_isolated(agent, world, a, b, port)
 
 
+def test_the_clouds_metadata_outside_link_local_is_closed_by_default(isolated_agent, clouds, claim, test_image, docker_client, control):
+    made = isolated_agent.create(claim("b"), test_image, command=["sleep", "600"])
+    assert made.status_code == 201, made.text
+    b = docker_client.containers.get(made.json()["container_id"])
+    probes = {f"{who} -> {address}": Probe(container, address, 80, clouds.marker)
+              for who, container in (("claim", b), ("control", control)) for address in CLOUD_ENDPOINTS}
+    assert reach_all(probes) == {name: name.startswith("control") for name in probes}
+    blocked = isolated_agent.get("/api/v1/node").json()["network"]["blocked_networks"]
+    assert {f"{address}/32" for address in CLOUD_ENDPOINTS} <= set(blocked) and "198.18.9.0/24" in blocked
+
+
+def test_claims_resolve_through_the_nodes_resolvers_and_reach_nothing_else_there(isolated_agent, world, claim, test_image, docker_client):
+    """A resolver where GCE puts it (the metadata server) and one on the node's own address (a local
+    cache): the keeper follows the node's resolv.conf, the claim resolves through each and still
+    reaches nothing else at that address, as a container on the default bridge shows the probes work."""
+    agent, metadata, listener = isolated_agent, world["metadata"], world["listener_port"]
+    resolvers = {METADATA: (metadata.marker, 80), SECOND_ADDRESS: (NODE_MARKER, listener)}
+    with dns_server(METADATA, namespace=metadata.namespace), dns_server(SECOND_ADDRESS):
+        for number, (resolver, (marker, port)) in enumerate(resolvers.items()):
+            controls = []
+            with node_resolv_conf(resolver):
+                try:
+                    assert wait_for(lambda expected=[resolver]: agent.get("/api/v1/node").json()["network"]["resolvers"] == expected,
+                                    timeout=4 * CHECK_INTERVAL_SECONDS), f"the keeper did not follow resolv.conf to {resolver}"
+                    made = agent.create(claim(f"dns{number}"), test_image, command=["sleep", "600"])
+                    assert made.status_code == 201, made.text
+                    claimed = docker_client.containers.get(made.json()["container_id"])
+                    controls.append(control_container(docker_client, test_image))
+                    http = reach_all({"claim": Probe(claimed, resolver, port, marker), "control": Probe(controls[0], resolver, port, marker)})
+                    assert (resolves(controls[0]), resolves(claimed)) == (True, True), f"a claim cannot resolve through {resolver}"
+                    assert http == {"claim": False, "control": True}, f"HTTP at the resolver {resolver}"
+                finally:
+                    for container in controls:
+                        container.remove(force=True)
+    assert wait_for(lambda: agent.get("/api/v1/node").json()["network"]["resolvers"] != [SECOND_ADDRESS], timeout=4 * CHECK_INTERVAL_SECONDS)
+
+
 def test_check_reports_the_isolation_state(isolated_agent, tmp_path):
     def check(env: dict[str, str]) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "utopia_agent.cli", "check"], cwd=tmp_path, env=env,
@@ -269,7 +332,7 @@ def test_check_reports_the_isolation_state(isolated_agent, tmp_path):
     ok = check(isolated_agent.env)
     network = [line for line in ok.stdout.splitlines() if line.startswith("network:")]
     assert ok.returncode == 0 and network and network[0].startswith("network: ok, isolation on")
-    assert "198.18.9.0/24" in network[0] and "rules in place" in network[0]
+    assert "198.18.9.0/24" in network[0] and "rules in place" in network[0] and "DNS allowed to" in network[0]
     switch = tmp_path / "iptables-fails"
     switch.touch()
     refused = check({**isolated_agent.env, **failing_iptables(tmp_path / "bin", switch)})

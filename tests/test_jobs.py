@@ -86,13 +86,47 @@ def test_gpu_claim_gets_its_share_of_the_node(agent_factory, docker_client, test
     assert resources == {"cpus": cpus, "memory_mb": memory_mb, "shm_size_mb": memory_mb // 2, "cpuset": local_cpus(0, 31), "disk_gb": disk_gb}
 
 
-def test_claim_without_gpus_or_limits_gets_none_but_a_big_shm(agent, docker_client, test_image, claim):
+def test_claim_without_gpus_or_limits_gets_the_nodes_defaults(agent, docker_client, test_image, claim):
     container_id = created(agent.create(claim(), test_image, command=["sleep", "300"]))
     host = inspect(docker_client, container_id)["HostConfig"]
-    assert (host["NanoCpus"], host["Memory"], host["CpusetCpus"]) == (0, 0, "")
-    assert host["ShmSize"] == 8192 * MIB, "UTOPIA_AGENT_DEFAULT_SHM_MB, never Docker's 64 MiB"
+    assert (host["NanoCpus"], host["Memory"], host["CpusetCpus"]) == (10_000_000, 128 * MIB, ""), \
+        "UTOPIA_AGENT_DEFAULT_CPUS and _MEMORY_MB (the tests' 0.01 and 128): never unbounded"
+    assert host["ShmSize"] == 64 * MIB, "half the memory limit"
     df = run_in(docker_client, container_id, "busybox", "df", "-m", "/dev/shm").splitlines()[-1].split()
-    assert int(df[1]) == 8192
+    assert int(df[1]) == 64
+    # What docker-bench-security's container runtime checks look at (5.11 memory, 5.12 CPU priority):
+    # a memory limit, and CPU shares set apart from the engine's 0/1024 "never set".
+    assert host["Memory"] != 0 and host["CpuShares"] not in (0, 1024)
+    assert host["CpuShares"] == 10, "a thousand per CPU"
+
+
+def test_defaults_count_against_the_claims_capacity(agent_factory, test_image, claim):
+    """Claims without GPUs together never reach into the reserve: past the capacity, 409 naming what is free."""
+    capacity = len(NODE_CPUS) - 1.5
+    agent = agent_factory(workers=1, UTOPIA_AGENT_RESERVED_CPUS="1.5", UTOPIA_AGENT_DEFAULT_CPUS=str(capacity / 2))
+    created(agent.create(claim("a"), test_image, command=["sleep", "300"]))
+    created(agent.create(claim("b"), test_image, command=["sleep", "300"]))
+    refused = agent.create(claim("c"), test_image, command=["sleep", "300"])
+    assert refused.status_code == 409 and refused.json()["error"] == "not_enough_resources", refused.text
+    assert refused.json()["free_cpus"] == 0
+    assert agent.get("/api/v1/containers", params={"claim_id": claim("c")}).json() == [], "nothing made"
+
+
+def test_a_claim_that_allocates_without_end_is_oom_killed_alone(agent, docker_client, test_image, claim):
+    neighbour = created(agent.create(claim("n"), test_image, command=["sleep", "300"]))
+    # Each round doubles a shell variable: past the default 128 MB limit the kernel kills it.
+    hog = created(agent.create(claim("hog"), test_image, command=["sh", "-c", "x=0123456789; while true; do x=$x$x; done"]))
+
+    def hog_exited():
+        shown = agent.get(f"/api/v1/containers/{hog}").json()
+        return shown if shown["status"] == "exited" else None
+
+    shown = wait_for(hog_exited, timeout=60)
+    assert shown, "the hog was not killed"
+    assert shown["oom_killed"] is True and shown["exit_code"] == 137
+    assert agent.get("/health").status_code == 200
+    assert agent.get(f"/api/v1/containers/{neighbour}").json()["status"] == "running"
+    assert inspect(docker_client, neighbour)["State"]["OOMKilled"] is False
 
 
 def test_explicit_limits_are_applied_as_asked(agent, docker_client, test_image, claim, nvidia_path):

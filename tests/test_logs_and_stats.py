@@ -8,6 +8,7 @@ from datetime import datetime
 import pytest
 import requests
 
+from tests.conftest import TEST_DEFAULT_MEMORY_MB
 from tests.support.polling import wait_for
 from tests.support.scrape import sample, scrape
 
@@ -171,10 +172,10 @@ def test_stats_come_from_the_cgroup_and_nvml(agent, docker_client, test_image, c
     assert (stopped["cpu_percent"], stopped["memory_used_mb"], stopped["memory_limit_mb"]) == (0.0, 0, 128)
 
 
-def test_stats_of_a_claim_without_limits(agent, test_image, claim):
+def test_stats_of_a_claim_without_gpus_show_its_default_limit(agent, test_image, claim):
     container_id = created(agent.create(claim(), test_image, command=["sleep", "300"]))
     stats = agent.get(f"/api/v1/containers/{container_id}/stats").json()
-    assert stats["memory_limit_mb"] is None and stats["gpus"] == [] and stats["memory_used_mb"] >= 0
+    assert stats["memory_limit_mb"] == int(TEST_DEFAULT_MEMORY_MB) and stats["gpus"] == [] and stats["memory_used_mb"] >= 0
 
 
 def test_prometheus_has_per_claim_series_sampled_in_the_background(agent, test_image, claim, nvidia_path):

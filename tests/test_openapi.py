@@ -25,6 +25,8 @@ OPERATION_IDS = {
     ("delete", "/api/v1/containers/{container_id}"): "deleteContainer",
     ("get", "/api/v1/containers/{container_id}/logs"): "getContainerLogs",
     ("get", "/api/v1/containers/{container_id}/stats"): "getContainerStats",
+    ("post", "/api/v1/containers/{container_id}/exec"): "execOnce",
+    ("get", "/api/v1/containers/{container_id}/exec"): "execInteractive",
     ("get", "/api/v1/metrics"): "getNodeMetrics",
     ("get", "/api/v1/gpus"): "listGpus",
     ("post", "/api/v1/gpus/{uuid}/quarantine"): "quarantineGpu",

@@ -41,9 +41,9 @@ def test_shares_of_all_gpus_never_exceed_the_capacity():
     assert gpu_share((0.05, 64), 1, 8) == (0.01, 16), "never a zero limit, which the engine reads as none"
 
 
-def test_shm_is_half_the_memory_limit_else_the_default():
-    assert default_shm_mb(8192, 8192) == 4096
-    assert default_shm_mb(None, 8192) == 8192
+def test_shm_is_half_the_memory_limit():
+    assert default_shm_mb(8192) == 4096
+    assert default_shm_mb(1) == 1
 
 
 def test_a_claim_beyond_what_is_free_names_what_is():

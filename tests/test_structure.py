@@ -23,6 +23,7 @@ LAYERS = (
     "images",         # pulls
     "gpus",           # NVML, health, selection
     "allocation",     # decisions under the node's lock
+    "exec",           # commands run in claims' containers: once, or as sessions over Kubernetes' channel protocol
     "client",         # the typed client (needs only claims and schemas)
     "services",       # what the routes call
     "server",         # the gunicorn worker

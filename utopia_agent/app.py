@@ -14,6 +14,7 @@ from .engine.connection import EngineConnection
 from .engine.manager import DockerManager
 from .events.history import EventHistory
 from .events.stream import EventStreams
+from .exec.runner import Execs
 from .gpus.health import GpuHealth
 from .gpus.sampler import GpuSampler
 from .gpus.inventory import GpuInventory, make_inventory
@@ -74,6 +75,7 @@ def create_app(config: Config | None = None, gpus: GpuInventory | None = None, d
         network=NetworkIsolation(config, EngineConnection(config.engine_timeout)).start(),
         images=_images(docker, config, lock),
         events=EventStreams(history, config.events_heartbeat_seconds),
+        execs=Execs(config, docker, history),
     )
     health.monitor.start()
     register_error_handlers(app)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 import hmac
 import os
 import socket
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from collections.abc import Mapping
 
-from .claims.resources import PINNING_MODES, NodeResources
+from .claims.resources import CPU_STEP, MIN_MEMORY_MB, PINNING_MODES, NodeResources
 
 LOG_FORMATS = ("json", "text")
 PROMETHEUS_AUTH_MODES = ("token", "none")
@@ -23,6 +24,9 @@ GPU_BACKENDS = ("auto", "nvml", "fake", "none")
 DISK_QUOTA_MODES = ("auto", "engine", "measured", "off")
 # A claim without GPUs and without `disk_gb` (a sidecar, a CPU job): room for a pip install and logs.
 DEFAULT_DISK_GB = 10.0
+# Exec sessions (one-shot and interactive) the whole agent runs at once; each holds a thread of
+# its own beyond the request pool (gunicorn.conf.py), so /health never waits behind them.
+MAX_EXEC_SESSIONS = 16
 # Host paths no volume root may be, contain or lie in: the host's system, the engine's and
 # other orchestrators' state. The agent's own code, token and state are added at load.
 SYSTEM_PATHS = (
@@ -32,6 +36,15 @@ SYSTEM_PATHS = (
 # Below Linux's default ephemeral range (32768-60999), from which the kernel picks the local
 # port of every outgoing connection: a host port in there may be taken by chance at any time.
 DEFAULT_HOST_PORT_RANGE = (20000, 29999)
+# Cloud metadata and host-agent endpoints outside 169.254.0.0/16 (which the firewall always blocks:
+# AWS, GCP, Azure IMDS, Oracle, Huawei, DigitalOcean at 169.254.169.254, Tencent at 169.254.0.23).
+# Blocked by default; UTOPIA_AGENT_UNBLOCKED_NETWORKS takes one away. Sources in docs/configuration.md.
+CLOUD_METADATA_NETWORKS = (
+    "100.100.100.200/32",  # Alibaba Cloud ECS metadata (hands out the instance's RAM role STS token)
+    "168.63.129.16/32",    # Azure WireServer (host agent, and Azure's DNS: port 53 stays open to it as a resolver)
+)
+# A claim's default share of the claims' capacity where the node is too small for the defaults.
+DEFAULT_CLAIM_CPUS, DEFAULT_CLAIM_MEMORY_MB, SMALL_NODE_DEFAULT_FRACTION = 1.0, 2048, 0.25
 EPHEMERAL_PORTS_PATH = Path("/proc/sys/net/ipv4/ip_local_port_range")
 
 
@@ -150,7 +163,6 @@ class Config:
     unstarted_seconds: float = 60.0
     reserved_cpus: float = 1.0
     reserved_memory_mb: int = 2048
-    default_shm_mb: int = 8192
     cpu_pinning: str = "numa"
     log_follow_seconds: float = 300.0
     infiniband_dir: Path = Path("/dev/infiniband")
@@ -158,7 +170,9 @@ class Config:
     nvml_timeout: float = 5.0
     network_isolation: bool = True
     network_subnet: str | None = None
-    blocked_networks: tuple[str, ...] = ()
+    blocked_networks: tuple[str, ...] = CLOUD_METADATA_NETWORKS
+    default_cpus: float = DEFAULT_CLAIM_CPUS
+    default_memory_mb: int = DEFAULT_CLAIM_MEMORY_MB
     image_gc_high_percent: int = 85
     image_gc_low_percent: int = 80
     image_gc_min_age: float = 120.0
@@ -169,6 +183,9 @@ class Config:
     default_disk_gb: float = DEFAULT_DISK_GB
     # None: 15% of the engine's data-root filesystem (claims/disks.default_reserved_gb), known only once the engine says where that is.
     reserved_disk_gb: float | None = None
+    exec_idle_seconds: float = 600.0
+    exec_output_bytes: int = 1024 * 1024
+    exec_sessions_per_claim: int = 8
     # Resolved at load: what no volume may reach (SYSTEM_PATHS, the agent's code and token).
     denied_paths: tuple[str, ...] = ()
 
@@ -337,9 +354,35 @@ def _network_subnet(env: Mapping[str, str]) -> str | None:
     return subnet
 
 
+def _networks(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(_ipv4_network(name, part) for part in env.get(name, "").split(",") if part.strip()))
+
+
 def _blocked_networks(env: Mapping[str, str]) -> tuple[str, ...]:
-    raw = env.get("UTOPIA_AGENT_BLOCKED_NETWORKS", "")
-    return tuple(dict.fromkeys(_ipv4_network("UTOPIA_AGENT_BLOCKED_NETWORKS", part) for part in raw.split(",") if part.strip()))
+    """The clouds' endpoints, less those UTOPIA_AGENT_UNBLOCKED_NETWORKS takes away (each must be
+    one of them: a typo must not pass for an opening), plus UTOPIA_AGENT_BLOCKED_NETWORKS."""
+    unblocked = _networks(env, "UTOPIA_AGENT_UNBLOCKED_NETWORKS")
+    unknown = [network for network in unblocked if network not in CLOUD_METADATA_NETWORKS]
+    if unknown:
+        raise ConfigError("UTOPIA_AGENT_UNBLOCKED_NETWORKS",
+                          f"{', '.join(unknown)} is not blocked by default (those are {', '.join(CLOUD_METADATA_NETWORKS)})")
+    kept = tuple(network for network in CLOUD_METADATA_NETWORKS if network not in unblocked)
+    return tuple(dict.fromkeys(kept + _networks(env, "UTOPIA_AGENT_BLOCKED_NETWORKS")))
+
+
+def _claim_default(env: Mapping[str, str], name: str, default: float, capacity: float, low: float, unit: str) -> float:
+    """A limit every claim without GPUs gets unless it asks for its own: `default`, or a quarter of
+    the claims' capacity on a node too small for that; never more than the capacity."""
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return max(low, min(default, capacity * SMALL_NODE_DEFAULT_FRACTION))
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(name, f"expected a number, got {raw!r}") from None
+    if not low <= value <= capacity:
+        raise ConfigError(name, f"expected {low:g} to {capacity:g} {unit} (the claims' capacity), got {raw!r}")
+    return value
 
 
 def _volume_roots(env: Mapping[str, str]) -> tuple[Path, ...]:
@@ -396,6 +439,8 @@ def load_config(env: Mapping[str, str] | None = None, ephemeral_ports_path: Path
     denied = resolve_denied_paths(env)
     check_volume_roots(volume_roots, state_dir, tuple(p for p in denied if not _within(p, os.path.realpath(state_dir))))
     token, read_token = _tokens(env)
+    reserved_cpus = _reserve(env, "UTOPIA_AGENT_RESERVED_CPUS", 1.0, len(node.cpus), "CPUs")
+    reserved_memory_mb = int(_reserve(env, "UTOPIA_AGENT_RESERVED_MEMORY_MB", 2048, node.memory_mb, "MB"))
     return Config(
         token=token,
         read_token=read_token,
@@ -421,9 +466,8 @@ def load_config(env: Mapping[str, str] | None = None, ephemeral_ports_path: Path
         log_max_files=_int(env, "UTOPIA_AGENT_LOG_MAX_FILES", 3, high=100),
         restart_policy=_choice(env, "UTOPIA_AGENT_RESTART_POLICY", "unless-stopped", RESTART_POLICIES),
         unstarted_seconds=_seconds(env, "UTOPIA_AGENT_UNSTARTED_SECONDS", 60.0),
-        reserved_cpus=_reserve(env, "UTOPIA_AGENT_RESERVED_CPUS", 1.0, len(node.cpus), "CPUs"),
-        reserved_memory_mb=int(_reserve(env, "UTOPIA_AGENT_RESERVED_MEMORY_MB", 2048, node.memory_mb, "MB")),
-        default_shm_mb=_int(env, "UTOPIA_AGENT_DEFAULT_SHM_MB", 8192, high=1024 * 1024),
+        reserved_cpus=reserved_cpus,
+        reserved_memory_mb=reserved_memory_mb,
         cpu_pinning=_choice(env, "UTOPIA_AGENT_CPU_PINNING", "numa", PINNING_MODES),
         log_follow_seconds=_seconds(env, "UTOPIA_AGENT_LOG_FOLLOW_SECONDS", 300.0),
         infiniband_dir=Path(env.get("UTOPIA_AGENT_INFINIBAND_DIR") or "/dev/infiniband"),
@@ -432,14 +476,26 @@ def load_config(env: Mapping[str, str] | None = None, ephemeral_ports_path: Path
         network_isolation=_choice(env, "UTOPIA_AGENT_NETWORK_ISOLATION", "on", ("on", "off")) == "on",
         network_subnet=_network_subnet(env),
         blocked_networks=_blocked_networks(env),
+        **_claim_defaults(env, node, reserved_cpus, reserved_memory_mb),
         **_image_gc(env),
         events_history=_int(env, "UTOPIA_AGENT_EVENTS_HISTORY", 10000, high=10_000_000),
         events_heartbeat_seconds=_seconds(env, "UTOPIA_AGENT_EVENTS_HEARTBEAT_SECONDS", 15.0),
         disk_quota=_choice(env, "UTOPIA_AGENT_DISK_QUOTA", "auto", DISK_QUOTA_MODES),
         default_disk_gb=_gb(env, "UTOPIA_AGENT_DEFAULT_DISK_GB", DEFAULT_DISK_GB, zero=False) or DEFAULT_DISK_GB,
         reserved_disk_gb=_gb(env, "UTOPIA_AGENT_RESERVED_DISK_GB", None, zero=True),
+        exec_idle_seconds=_seconds(env, "UTOPIA_AGENT_EXEC_IDLE_SECONDS", 600.0),
+        exec_output_bytes=_int(env, "UTOPIA_AGENT_EXEC_OUTPUT_BYTES", 1024 * 1024, low=1024, high=64 * 1024 * 1024),
+        exec_sessions_per_claim=_int(env, "UTOPIA_AGENT_EXEC_SESSIONS_PER_CLAIM", 8, high=MAX_EXEC_SESSIONS),
         denied_paths=denied,
     )
+
+
+def _claim_defaults(env: Mapping[str, str], node: NodeResources, reserved_cpus: float, reserved_memory_mb: int) -> dict[str, float]:
+    """The CPUs and memory of a claim without GPUs that asks for none: never unlimited."""
+    capacity_cpus, capacity_memory_mb = node.capacity(reserved_cpus, reserved_memory_mb)
+    cpus = _claim_default(env, "UTOPIA_AGENT_DEFAULT_CPUS", DEFAULT_CLAIM_CPUS, capacity_cpus, CPU_STEP, "CPUs")
+    memory_mb = _claim_default(env, "UTOPIA_AGENT_DEFAULT_MEMORY_MB", DEFAULT_CLAIM_MEMORY_MB, capacity_memory_mb, MIN_MEMORY_MB, "MB")
+    return {"default_cpus": round(math.floor(cpus / CPU_STEP + 1e-9) * CPU_STEP, 2), "default_memory_mb": int(memory_mb)}
 
 
 def _image_gc(env: Mapping[str, str]) -> dict[str, float]:

@@ -198,6 +198,13 @@ class RegistryAuthSchema(Schema):
                              metadata={"description": "The user's password or a registry token.", "writeOnly": True})
 
 
+# One `KEY=value` entry of an environment (a create's env_vars, an exec's env).
+_ENV_ENTRY = fields.String(validate=[
+    validate.Length(max=MAX_ENV_ENTRY),
+    FullMatch(ENV_ENTRY_PATTERN, error="must be KEY=VALUE with KEY made of letters, digits and _, not starting with a digit"),
+])
+
+
 class CreateContainerSchema(Schema):
     """POST /api/v1/containers body; unknown fields are refused (marshmallow's default)."""
 
@@ -223,12 +230,7 @@ class CreateContainerSchema(Schema):
         metadata={"description": "Host ports published to container ports."},
     )
     env_vars = fields.List(
-        fields.String(
-            validate=[
-                validate.Length(max=MAX_ENV_ENTRY),
-                FullMatch(ENV_ENTRY_PATTERN, error="must be KEY=VALUE with KEY made of letters, digits and _, not starting with a digit"),
-            ]
-        ),
+        _ENV_ENTRY,
         load_default=list,
         validate=validate.Length(max=MAX_LIST_ITEMS),
         metadata={"description": "Environment entries `KEY=value`; GPU-selecting names (NVIDIA_*, CUDA_VISIBLE_DEVICES, ...) are refused."},
@@ -419,6 +421,50 @@ class LogsQuerySchema(Schema):
     follow = fields.Boolean(load_default=False, metadata={"description": "Keep streaming new lines, for at most the node's follow limit."})
 
 
+MAX_EXEC_TIMEOUT = 24 * 3600
+_EXEC_COMMAND = dict(
+    validate=validate.Length(min=1, max=MAX_LIST_ITEMS),
+    metadata={"description": "The program and its arguments, run in the container as its own user, without a shell."},
+)
+
+
+class ExecSchema(Schema):
+    """POST /api/v1/containers/<id>/exec body; unknown fields are refused."""
+
+    command = fields.List(fields.String(validate=[validate.Length(max=MAX_STRING), _NO_NUL]), required=True, **_EXEC_COMMAND)
+    env = fields.List(
+        _ENV_ENTRY, load_default=list, validate=validate.Length(max=MAX_LIST_ITEMS),
+        metadata={"description": "Environment entries `KEY=value` added for this command; GPU-selecting names are refused, as at create."},
+    )
+    working_dir = fields.String(
+        load_default="",
+        validate=[validate.Length(max=MAX_STRING), FullMatch(r"^(/[^\x00]*)?$", error="must be empty or an absolute path without NUL characters"),
+                  _names_fit],
+        metadata={"description": "Absolute directory to run in; empty keeps the container's."},
+    )
+    timeout = StrictNumber(
+        load_default=60.0, validate=validate.Range(0.1, MAX_EXEC_TIMEOUT),
+        metadata={"description": "Seconds the command may run; past them it and its children are killed and `timed_out` is true."},
+    )
+
+
+class ExecResultSchema(ResponseSchema):
+    exit_code = fields.Integer(required=True, allow_none=True, metadata={"description": "The command's exit status (128 + signal when killed)."})
+    stdout = fields.String(required=True, metadata={
+        "description": "Its standard output (UTF-8, undecodable bytes replaced), at most UTOPIA_AGENT_EXEC_OUTPUT_BYTES."})
+    stderr = fields.String(required=True, metadata={"description": "Its standard error, bounded the same way."})
+    truncated = fields.Boolean(required=True, metadata={"description": "True when stdout or stderr was longer than the bound: the rest was read and dropped."})
+    timed_out = fields.Boolean(required=True, metadata={"description": "True when the command ran past `timeout` and was killed."})
+
+
+class ExecQuerySchema(Schema):
+    """GET /api/v1/containers/<id>/exec (the WebSocket upgrade) query; `command` is repeated, one per argument."""
+
+    command = fields.List(fields.String(validate=[validate.Length(max=MAX_STRING), _NO_NUL]), required=True, **_EXEC_COMMAND)
+    stdin = fields.Boolean(load_default=False, metadata={"description": "Pass channel 0 to the command's standard input."})
+    tty = fields.Boolean(load_default=False, metadata={"description": "Run the command on a terminal (stderr then comes on stdout); resize on channel 4."})
+
+
 class ContainerGpuStatsSchema(ResponseSchema):
     read_from = {"id": "index"}
 
@@ -510,8 +556,12 @@ class NetworkSchema(ResponseSchema):
     subnet = fields.String(allow_none=True, load_default=None, metadata={"description": "Its IPv4 subnet; null until the network is made."})
     gateway = fields.String(allow_none=True, load_default=None, metadata={"description": "The bridge's address; null until the network is made."})
     blocked_networks = fields.List(fields.String(), load_default=list,
-                                   metadata={"description": "Destinations claims may not reach besides the node: 169.254.0.0/16 and "
+                                   metadata={"description": "Destinations claims may not reach besides the node: 169.254.0.0/16, the "
+                                                            "clouds' metadata endpoints (less UTOPIA_AGENT_UNBLOCKED_NETWORKS) and "
                                                             "UTOPIA_AGENT_BLOCKED_NETWORKS."})
+    resolvers = fields.List(fields.String(), load_default=list,
+                            metadata={"description": "The node's DNS resolvers (as the engine gives them to containers): claims "
+                                                     "reach them on port 53, UDP and TCP, and nothing else there."})
     rules_in_place = fields.Boolean(load_default=None, metadata={"description": "True while the agent's firewall rules stand as it put them."})
     problem = fields.String(allow_none=True, load_default=None,
                             metadata={"description": "Why claims cannot run protected now (creates and /health answer 503); null when they can."})
@@ -559,56 +609,6 @@ class NodeSchema(ResponseSchema):
     network = fields.Nested(NetworkSchema, required=True, metadata={"description": "The claims' network and whether its isolation is in place."})
     disk = fields.Nested(NodeDiskSchema, allow_none=True, required=True,
                          metadata={"description": "The claims' disk; null while the engine does not say where its data root is."})
-
-
-class GpuMetricsSchema(ResponseSchema):
-    """One GPU of GET /api/v1/metrics, dumped from a gpu_health.GpuView."""
-
-    read_from = {
-        "id": "status.index",
-        "temperature_c": "status.temperature_c",
-        "memory_total_mb": "status.memory_total_mb",
-        "memory_used_mb": "status.memory_used_mb",
-        "name": "status.name",
-        "uuid": "status.uuid",
-        "busy": lambda view: view.state != "free",
-        "usage_percent": "status.usage_percent",
-        "healthy": lambda view: view.state not in ("lost", "quarantined"),
-    }
-
-    id = fields.Integer(required=True, metadata={"description": "NVML index."})
-    temperature_c = fields.Integer(allow_none=True, required=True, metadata={"description": "Degrees Celsius; null when NVML cannot read it."})
-    memory_total_mb = fields.Integer(allow_none=True, required=True, metadata={"description": "Memory in MiB; null when unreadable."})
-    memory_used_mb = fields.Integer(allow_none=True, required=True, metadata={"description": "Used memory in MiB; null when unreadable."})
-    name = fields.String(allow_none=True, required=True, metadata={"description": "Product name; null when unreadable."})
-    uuid = fields.String(allow_none=True, required=True, metadata={"description": "GPU UUID; null when unreadable (such a GPU is never given)."})
-    busy = fields.Boolean(required=True, metadata={"description": "Not free: the allocator would not give it now (see `state`)."})
-    usage_percent = fields.Float(allow_none=True, required=True, metadata={"description": "Utilisation in percent; null when unreadable."})
-    healthy = fields.Boolean(required=True, metadata={"description": "Neither lost nor quarantined."})
-    state = fields.String(required=True, metadata={"enum": GPU_STATES,
-        "description": "free, allocated, releasing (not yet clean after its claim), quarantined or lost."})
-
-
-class SystemMetricsSchema(ResponseSchema):
-    cpu_usage_percent = fields.Float(required=True, metadata={"description": "CPU use in percent, from the previous sample."})
-    memory_usage_percent = fields.Float(required=True, metadata={"description": "Memory use in percent."})
-    memory_total_mb = fields.Integer(required=True, metadata={"description": "Memory in MiB."})
-    memory_used_mb = fields.Integer(required=True, metadata={"description": "Used memory in MiB."})
-    disk_usage_percent = fields.Float(required=True, metadata={"description": "Use of the root file system in percent."})
-    load_average = fields.Float(required=True, metadata={"description": "1-minute load average."})
-    uptime = fields.Integer(required=True, metadata={"description": "The node's uptime in seconds."})
-
-
-class MetricsSchema(ResponseSchema):
-    read_from = {"cpu_usage_percent": "system.cpu_usage_percent", "memory_usage_percent": "system.memory_usage_percent"}
-
-    node_id = fields.String(required=True, metadata={"description": "UTOPIA_AGENT_NODE_ID, by default the hostname."})
-    cpu_usage_percent = fields.Float(required=True, metadata={"description": "CPU use in percent, as in `system`."})
-    memory_usage_percent = fields.Float(required=True, metadata={"description": "Memory use in percent, as in `system`."})
-    gpus = fields.List(fields.Nested(GpuMetricsSchema), required=True, metadata={"description": "Every GPU, in index order."})
-    gpus_stale = fields.Boolean(required=True, metadata={"description": "True while NVML is hung: the GPU figures are the last good sample."})
-    gpus_sampled_at = fields.Float(allow_none=True, required=True, metadata={"description": "Unix time of the GPU sample."})
-    system = fields.Nested(SystemMetricsSchema, required=True, metadata={"description": "The node's own figures."})
 
 
 class HealthSchema(ResponseSchema):
@@ -665,10 +665,13 @@ def load_request(schema: Schema, payload) -> dict:
 
 
 def load_query(schema: Schema, args) -> dict:
-    """Validate a query string (a MultiDict) with `schema`; an unknown or repeated parameter is a 400 naming it."""
-    errors: dict[str, list[str]] = {name: ["given more than once"] for name in args if len(args.getlist(name)) > 1}
+    """Validate a query string (a MultiDict) with `schema`; an unknown or repeated parameter is a 400 naming it
+    (a list field's parameter is repeated, once per item)."""
+    repeatable = {name for name, field in schema.fields.items() if isinstance(field, fields.List)}
+    errors: dict[str, list[str]] = {name: ["given more than once"] for name in args if name not in repeatable and len(args.getlist(name)) > 1}
+    given = {name: args.getlist(name) if name in repeatable else args.get(name) for name in args}
     try:
-        data = schema.load(args.to_dict())
+        data = schema.load(given)
     except ValidationError as exc:
         errors = {**exc.messages, **errors}
     if not errors:

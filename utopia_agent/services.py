@@ -19,6 +19,7 @@ from .gpus.health import GpuHealth
 from .images.pulls import Images
 from .allocation.janitor import Janitor
 from .events.stream import EventStreams
+from .exec.runner import Execs
 from .node.drain import NodeDrain
 from .network.isolation import NetworkIsolation
 from .node.system_metrics import SystemMetrics
@@ -40,9 +41,11 @@ class Services:
     network: NetworkIsolation
     images: Images
     events: EventStreams
+    execs: Execs
 
     def close(self) -> None:
         self.events.close()
+        self.execs.close()
         self.janitor.close()
         self.images.collector.close()
         self.usage.close()

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -168,3 +169,51 @@ except OSError as error:
 def node_fetch(url: str) -> str:
     """An HTTP GET from the node itself: the answer's body, or why it failed."""
     return subprocess.run([sys.executable, "-c", _FETCH, url], capture_output=True, text=True, timeout=30, check=False).stdout
+
+
+TEST_DOMAIN, TEST_DOMAIN_ANSWER = "test.internal", "198.18.0.77"
+
+
+@contextmanager
+def dns_server(listen: str, namespace: str | None = None) -> Iterator[str]:
+    """dnsmasq answering every name under TEST_DOMAIN with TEST_DOMAIN_ANSWER, on `listen` port 53
+    only (in `namespace`, else the node's own), as a cloud's or a node-local resolver would."""
+    require(bool(shutil.which("dnsmasq")), "a test resolver needs dnsmasq (make test installs dnsmasq-base)")
+    pid_file = Path(tempfile.mkdtemp(prefix="utopia-dns-")) / "dnsmasq.pid"
+    inside = ["ip", "netns", "exec", namespace] if namespace else []
+    server = subprocess.Popen(
+        [*inside, "dnsmasq", "--no-daemon", "--no-resolv", "--no-hosts", "--bind-interfaces", f"--listen-address={listen}",
+         f"--address=/{TEST_DOMAIN}/{TEST_DOMAIN_ANSWER}", f"--pid-file={pid_file}", "--user=root"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 10
+        while not pid_file.exists() and server.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if server.poll() is not None:
+            raise RuntimeError(f"dnsmasq did not start: {server.stderr.read().decode(errors='replace')}")
+        yield listen
+    finally:
+        server.kill()
+        server.wait(10)
+        shutil.rmtree(pid_file.parent, ignore_errors=True)
+
+
+@contextmanager
+def node_resolv_conf(*servers: str) -> Iterator[None]:
+    """The node's /etc/resolv.conf naming `servers`, put back afterwards whatever happens: the
+    engine copies it into each container it makes, and the machine's own lookups depend on it.
+    Written in place, since it may be a bind mount."""
+    path = Path("/etc/resolv.conf")
+    original = path.read_bytes()
+    try:
+        path.write_text("".join(f"nameserver {server}\n" for server in servers))
+        yield
+    finally:
+        path.write_bytes(original)
+
+
+def resolves(container: docker.models.containers.Container, name: str = f"probe.{TEST_DOMAIN}") -> bool:
+    """Whether a lookup from inside `container` (its own resolv.conf: the engine's resolver on a
+    user-defined network) gets TEST_DOMAIN_ANSWER back."""
+    _, output = container.exec_run(["busybox", "timeout", "6", "busybox", "nslookup", name])
+    return TEST_DOMAIN_ANSWER.encode() in output

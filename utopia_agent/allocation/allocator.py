@@ -139,7 +139,6 @@ class Allocator:
         engine_root = self._docker.data_root() if spec.volumes else None
         disk_quota = self.disk.quota().mode
         claim_label = f"{CLAIM_LABEL}={spec.claim_id}"
-        limits = gpu_count or spec.cpus or spec.memory_mb
         with allocation_lock(self._state_dir, self._lock_timeout):
             self._settle_interrupted_create()
             held = self._holders_now()
@@ -148,7 +147,7 @@ class Allocator:
             self._drain.refuse_if_draining()
             if spec.port_mappings:
                 self._check_ports(spec.port_mappings, port_holders(held(PORTS_LABEL)))
-            limited = self._resource_holders(held(CPUS_LABEL), held(MEMORY_LABEL)) if limits else []
+            limited = self._resource_holders(held(CPUS_LABEL), held(MEMORY_LABEL))
             if gpu_count:
                 gpu_holders = held(GPU_IDS_LABEL)
                 for gpu, holders in gpus_held_twice(gpu_holders).items():
@@ -349,32 +348,37 @@ class Allocator:
         return near_free_core
 
     def _with_resources(self, spec: ContainerSpec, node_gpus: int, holders: list[Holdings]) -> ContainerSpec:
-        """CPUs, memory, shm and placement: a GPU claim's share where it asked for none, checked
-        against what the other claims hold, and CPUs near its GPUs per UTOPIA_AGENT_CPU_PINNING."""
+        """CPUs, memory, shm and placement: a GPU claim's share where it asked for none, any other
+        claim UTOPIA_AGENT_DEFAULT_CPUS and _MEMORY_MB (no claim runs unbounded), checked against
+        what the other claims hold, and CPUs near its GPUs per UTOPIA_AGENT_CPU_PINNING."""
         config, node = self._config, self._node
         capacity = node.capacity(config.reserved_cpus, config.reserved_memory_mb)
         cpus, memory_mb = spec.cpus, spec.memory_mb
         if spec.gpu_ids:
-            share_cpus, share_memory_mb = gpu_share(capacity, len(spec.gpu_ids), node_gpus)
-            cpus = share_cpus if cpus is None else cpus
-            memory_mb = share_memory_mb if memory_mb is None else memory_mb
+            default_cpus, default_memory_mb = gpu_share(capacity, len(spec.gpu_ids), node_gpus)
+        else:
+            default_cpus, default_memory_mb = config.default_cpus, config.default_memory_mb
+        cpus = default_cpus if cpus is None else cpus
+        memory_mb = default_memory_mb if memory_mb is None else memory_mb
         locality = self._inventory().locality(spec.gpu_ids) if spec.gpu_ids else Locality()
         cpuset: tuple[int, ...] = ()
         memory_nodes: tuple[int, ...] = ()
-        if config.cpu_pinning == "exclusive" and cpus is not None:
+        if config.cpu_pinning == "exclusive":
             reserved = reserved_cpu_ids(node, config.reserved_cpus)
             cpuset = choose_exclusive_cpus(node, math.ceil(cpus - 1e-9), locality.cpus, exclusive_cpus(holders), reserved)
             memory_nodes = numa_placement(node, None, locality.memory_nodes)[1]
             cpus = float(len(cpuset))
         elif config.cpu_pinning != "none" and spec.gpu_ids:
             cpuset, memory_nodes = numa_placement(node, locality.cpus, locality.memory_nodes)
-        if cpus is not None or memory_mb is not None:
-            check_fits(cpus, memory_mb, capacity, sum(h.cpus for h in holders), sum(h.memory_mb for h in holders))
+        # A GPU claim's share is its own: only other GPU claims count against it, so claims without
+        # GPUs never keep a GPU from being rented. A claim without GPUs fits into what no claim holds.
+        counted = [held for held in holders if held.gpu_ids] if spec.gpu_ids else holders
+        check_fits(cpus, memory_mb, capacity, sum(h.cpus for h in counted), sum(h.memory_mb for h in counted))
         return replace(
             spec,
             cpus=cpus,
             memory_mb=memory_mb,
-            shm_size_mb=spec.shm_size_mb or default_shm_mb(memory_mb, config.default_shm_mb),
+            shm_size_mb=spec.shm_size_mb or default_shm_mb(memory_mb),
             cpuset=cpuset,
             memory_nodes=memory_nodes,
             cpu_pinning=config.cpu_pinning if cpuset else "",

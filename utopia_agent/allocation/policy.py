@@ -36,11 +36,12 @@ def _field_error(field: str, message: str) -> PolicyViolation:
     return PolicyViolation(f"{field}: {message}", errors={field: [message]})
 
 
-def check_env_vars(env_vars: list[str]) -> None:
+def check_env_vars(env_vars: list[str], field: str = "env_vars") -> None:
+    """No GPU-selecting name, at create (`env_vars`) or in an exec's own `env`."""
     for entry in env_vars:
         name = entry.split("=", 1)[0]
         if name in RESERVED_ENV_NAMES or name.startswith(RESERVED_ENV_PREFIXES):
-            raise _field_error("env_vars", f"{name} is reserved: GPUs are chosen by the agent through gpu_count")
+            raise _field_error(field, f"{name} is reserved: GPUs are chosen by the agent through gpu_count")
 
 
 def check_image_labels(image: str, labels: dict[str, str]) -> None:

@@ -4,7 +4,7 @@ from flask import Blueprint
 
 from .auth import require_token
 from ..services import services
-from . import containers, events, gpus, images, metrics, node
+from . import containers, events, exec, gpus, images, metrics, node
 
 blueprint = Blueprint("api_v1", __name__, url_prefix="/api/v1")
 # What the OpenAPI document says of every route under this blueprint.
@@ -17,6 +17,7 @@ def authenticate():
 
 
 blueprint.register_blueprint(containers.blueprint)
+blueprint.register_blueprint(exec.blueprint)
 blueprint.register_blueprint(metrics.blueprint)
 blueprint.register_blueprint(gpus.blueprint)
 blueprint.register_blueprint(node.blueprint)

@@ -24,7 +24,7 @@ def bearer_token() -> str | None:
 
 def require_token(config: Config) -> None:
     """Raise Unauthorized unless the request carries the token, or the read-only token on a read
-    (ReadOnlyToken on anything else). Both are compared, so the time taken tells neither."""
+    (ReadOnlyToken on anything else, an upgraded GET included). Both are compared, so the time taken tells neither."""
     given = bearer_token()
     if given is None:
         raise Unauthorized("missing or malformed Authorization header; expected 'Bearer <token>'")
@@ -36,3 +36,5 @@ def require_token(config: Config) -> None:
         raise Unauthorized("invalid token")
     if request.method not in READ_METHODS:
         raise ReadOnlyToken(f"the read-only token may only read (GET), not {request.method}")
+    if request.headers.get("Upgrade", "").lower() == "websocket":
+        raise ReadOnlyToken("the read-only token may only read: a WebSocket session (an exec) is no read, though its upgrade is a GET")

@@ -23,7 +23,7 @@ REVISION_HEADER = "X-Utopia-Revision"
     description=(
         "Without `since` the stream starts now, with a heartbeat carrying the current revision; with `since` it "
         "first sends every change after it, in order, each once. A heartbeat comes at least every "
-        "UTOPIA_AGENT_EVENTS_HEARTBEAT_SECONDS. Lines: `revision`, `time`, `kind` (container, gpu, node, "
+        "UTOPIA_AGENT_EVENTS_HEARTBEAT_SECONDS. Lines: `revision`, `time`, `kind` (container, gpu, node, exec, "
         "heartbeat), `action`, `object`, and for an exit `exit_code` and `oom_killed`."
     ),
     query=EventsQuerySchema(),

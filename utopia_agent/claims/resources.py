@@ -102,9 +102,10 @@ def gpu_share(capacity: tuple[float, int], gpu_count: int, node_gpus: int) -> tu
     )
 
 
-def default_shm_mb(memory_mb: int | None, default_mb: int) -> int:
-    """Half the memory limit (shm pages count against it), else the node's default."""
-    return max(1, memory_mb // 2) if memory_mb else default_mb
+def default_shm_mb(memory_mb: int) -> int:
+    """Half the memory limit (shm pages count against it): never Docker's 64 MiB, on which
+    DataLoader workers die, and never more than the claim may hold."""
+    return max(1, memory_mb // 2)
 
 
 def check_fits(cpus: float | None, memory_mb: int | None, capacity: tuple[float, int], held_cpus: float, held_memory_mb: int) -> None:

@@ -15,6 +15,7 @@ UTOPIA_AGENT_CLIENT_KEY_FILE) where the agent asks for one:
     utopia-agent ps [--claim C]          the managed containers
     utopia-agent show ID                 one container
     utopia-agent logs [-f] ID            its output
+    utopia-agent exec [-i] [-t] ID -- CMD...  run a command in it (exit code: the command's)
     utopia-agent rm ID...                stop and remove
     utopia-agent gpus [--local]          every GPU with its state and claim (--local, no token, or an
                                          agent that cannot be asked: read from NVML and the engine here)
@@ -36,7 +37,9 @@ prints the token. Exit codes tell failures apart, each with one line on stderr t
     6  conflict with the node's state (409: the claim exists, no GPUs free, a port taken,
        the node draining, a GPU held)
     7  the agent is unavailable: its engine is down (503, after the client's retries) or too
-       many log followers (429); try again later
+       many log followers or exec sessions (429); try again later
+
+`exec` exits with the command's own code instead, once the command ran.
 
 Each reads the same UTOPIA_AGENT_* environment as the agent, prints plain text and never
 prints the token. Run from a checkout where `make run` runs, they fill in what `make run`
@@ -75,6 +78,7 @@ from .common import (
     with_make_run_defaults,
 )
 from ..config import CERT_VARIABLE
+from .exec import run_exec
 from .node import cmd_check, cmd_local_gpus
 
 
@@ -199,6 +203,14 @@ def cmd_logs(args: argparse.Namespace) -> int:
             sys.stdout.write(text)
             sys.stdout.flush()
     return 0
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    command = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    if not command:
+        raise CheckFailed("no command: utopia-agent exec [-i] [-t] ID -- CMD [ARG...]", EXIT_CONFIG)
+    with agent_client(args) as client:
+        return run_exec(client, args.container, command, args.interactive, args.tty)
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
@@ -328,7 +340,8 @@ def cmd_events(args: argparse.Namespace) -> int:
 
 
 def _event_line(change: dict[str, Any]) -> str:
-    """`REVISION TIME KIND ACTION WHAT`: a container by claim and short id, a GPU by index and UUID, the drain by reason."""
+    """`REVISION TIME KIND ACTION WHAT`: a container by claim and short id, a GPU by index and UUID, an exec by claim and
+    command, the drain by reason."""
     if change["kind"] == "relist":
         return f"{change['revision']:>8} relisted: the agent no longer held the changes asked for ({len(change['containers'])} containers now)"
     shown = change.get("object") or {}
@@ -339,6 +352,9 @@ def _event_line(change: dict[str, Any]) -> str:
             what += " oom-killed" if change.get("oom_killed") else f" exit {change.get('exit_code')}"
     elif change["kind"] == "gpu":
         what = f"gpu {shown.get('index')} {shown.get('uuid')}" + (f": {shown['reason']}" if shown.get("reason") else "")
+    elif change["kind"] == "exec":
+        what = (f"{shown.get('claim_id', '-')} ({str(shown.get('container_id', ''))[:12]}) {shown.get('command')} {shown.get('mode')} "
+                f"exit {shown.get('exit_code')} {shown.get('ended')} after {shown.get('duration')} s")
     else:
         what = shown.get("reason") or "-"
     return f"{change['revision']:>8} {when} {change['kind']:<9} {change['action']:<11} {what}"
@@ -421,6 +437,11 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument("--tail", type=int, help="only the last N lines (the agent's default: 100)")
     logs.add_argument("--since", type=int, help="only lines since this Unix time")
     logs.add_argument("-t", "--timestamps", action="store_true", help="prefix each line with its time")
+    run = _api_command(commands, "exec", cmd_exec, "run a command in a container, as docker exec does", connection)
+    run.add_argument("-i", "--interactive", action="store_true", help="pass stdin on to the command")
+    run.add_argument("-t", "--tty", action="store_true", help="run it on a terminal: raw keys, the window's size")
+    run.add_argument("container", help="container id or a unique prefix of 12 or more hex digits")
+    run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD", help="the command and its arguments")
     rm = _api_command(commands, "rm", cmd_rm, "stop and remove containers, freeing their GPUs and ports", connection)
     rm.add_argument("containers", nargs="+", metavar="container", help="container id or a unique prefix")
     _api_command(commands, "images", cmd_images, "list the node's images and the pulls in flight", connection)

@@ -30,6 +30,7 @@ EXIT_BY_ERROR: dict[type[api.ApiError], int] = {
     api.Conflict: EXIT_CONFLICT,
     api.EngineUnavailable: EXIT_UNAVAILABLE,
     api.TooManyFollowers: EXIT_UNAVAILABLE,
+    api.TooManyExecSessions: EXIT_UNAVAILABLE,
 }
 DEFAULT_PORT = 8600
 # `check` warns of a certificate that expires sooner (the alert UtopiaCertificateExpiring fires at 7).

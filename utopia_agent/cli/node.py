@@ -117,7 +117,8 @@ def _check_isolation(config: Config, running: bool) -> str:
         missing = Firewall().problems(plan.rules)
     except FirewallError as error:
         raise CheckFailed(f"network: claims cannot be isolated: {error}") from None
-    where = f"network {plan.network.name} (bridge {plan.network.bridge}), blocking {', '.join(plan.rules.blocked) or 'no networks'} beyond 169.254.0.0/16"
+    where = (f"network {plan.network.name} (bridge {plan.network.bridge}), blocking {', '.join(plan.rules.blocked) or 'no networks'} "
+             f"beyond 169.254.0.0/16, DNS allowed to {', '.join(plan.rules.resolvers) or 'no resolver'}")
     if missing and running:
         raise CheckFailed(f"network: the running agent's isolation rules are not in place: {'; '.join(missing)}")
     if missing:

@@ -37,16 +37,19 @@ from ..claims.records import PortMapping
 from ..schemas import (
     ContainerSchema,
     CreatedSchema,
+    ExecResultSchema,
     HealthSchema,
-    MetricsSchema,
 )
 from .errors import AgentUnreachable, ClaimExists, RevisionTooOld, UnexpectedAnswer, error_from_response, retry_after_seconds
 from ..images.schemas import ImageSchema
+from ..node.schemas import MetricsSchema
+from .exec import ExecSession
 from .records import (
     Container,
     ContainerGpuStats,
     ContainerStats,
     Created,
+    ExecResult,
     Gpu,
     GpuMetrics,
     Health,
@@ -140,10 +143,11 @@ class AgentClient:
         return self.session.request(method, self.url + path, headers=headers, **kwargs)
 
     def _call(self, method: str, path: str, expect: tuple[int, ...], *, gone_on_retry: tuple[int, ...] = (),
-              **kwargs) -> requests.Response:
+              resend: bool = True, **kwargs) -> requests.Response:
         """`send` with the retries of the module docstring; an answer outside `expect` is raised.
 
         `gone_on_retry`: statuses that mean success once an earlier attempt may have gone through.
+        `resend=False`: a request that may have reached the agent is never sent again (only a 503, which did nothing, is).
         """
         headers = {"X-Request-ID": uuid.uuid4().hex, **(kwargs.pop("headers", None) or {})}
         attempt, maybe_done = 0, False
@@ -154,7 +158,7 @@ class AgentClient:
                 # A certificate that does not verify, or one the agent refuses, will not change on a retry.
                 raise AgentUnreachable(f"{method} {self.url}{path}: TLS failed: {tls_reason(error)}") from None
             except requests.ConnectionError as error:
-                if attempt >= self.retries:
+                if attempt >= self.retries or not resend:
                     raise AgentUnreachable(f"{method} {self.url}{path}: {error}") from None
                 maybe_done = True
                 self._wait(attempt, None)
@@ -302,6 +306,23 @@ class AgentClient:
                     yield text
         if tail_text := decoder.decode(b"", final=True):
             yield tail_text
+
+    def exec(self, container_id: str, command: Iterable[str], *, env: Iterable[str] = (), working_dir: str = "",
+             timeout: float | None = None) -> ExecResult:
+        """Run `command` in the container to its end (or `timeout` seconds, the agent's default 60, when it is killed).
+        A connection lost on the way is not retried: the command may have run, and may not be safe to run twice."""
+        body: dict[str, Any] = {"command": list(command), "env": list(env), "working_dir": working_dir}
+        if timeout is not None:
+            body["timeout"] = timeout
+        wait = (timeout if timeout is not None else 60.0) + self.timeout
+        response = self._call("POST", f"/api/v1/containers/{container_id}/exec", (200,), json=body, timeout=wait, resend=False)
+        return make_record(ExecResult, load_answer(ExecResultSchema(), response.json()))
+
+    def exec_session(self, container_id: str, command: Iterable[str], *, stdin: bool = False, tty: bool = False) -> ExecSession:
+        """An interactive session running `command` (a WebSocket in Kubernetes' channel protocol); close it when done."""
+        token = self._authorization.removeprefix("Bearer ") if self._authorization else None
+        return ExecSession.open(self.url, token, container_id, command, stdin=stdin, tty=tty, timeout=self.timeout,
+                                ca_file=self._tls.get("verify"), client_cert=self._tls.get("cert"))
 
     def stats(self, container_id: str) -> ContainerStats:
         data = self._json("GET", f"/api/v1/containers/{container_id}/stats")

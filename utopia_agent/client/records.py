@@ -138,6 +138,17 @@ class ContainerStats:
 
 
 @dataclass(frozen=True)
+class ExecResult:
+    """POST /api/v1/containers/<id>/exec: the command's end and its output (each stream bounded: `truncated`)."""
+
+    exit_code: int | None = None
+    stdout: str = ""
+    stderr: str = ""
+    truncated: bool = False
+    timed_out: bool = False
+
+
+@dataclass(frozen=True)
 class XidEvent:
     time: Any = None
     code: int | None = None

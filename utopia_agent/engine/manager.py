@@ -16,9 +16,11 @@ from dataclasses import dataclass
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from . import exec as container_exec
 from . import logs as container_logs
 from ..config import Config
 from .container_config import create_arguments
+from .exec import EngineExec
 from .logs import LogStream
 from .connection import EngineConnection, EventStream
 from .image_pull import RegistryAuth, check_access, stream_pull
@@ -272,6 +274,15 @@ class DockerManager:
                 return int(api.inspect_container(container_id)["State"].get("Pid") or 0)
         except EngineNotFound:
             return 0
+
+    # --- exec (exec.py) -------------------------------------------------------------
+
+    def create_exec(self, container_id: str, command: list[str], *, env: list[str] | None = None, working_dir: str = "",
+                    stdin: bool = False, tty: bool = False) -> str:
+        return container_exec.create_exec(self._engine, container_id, command, env=env, working_dir=working_dir, stdin=stdin, tty=tty)
+
+    def start_exec(self, container_id: str, exec_id: str, tty: bool = False) -> EngineExec:
+        return container_exec.start_exec(self._engine, container_id, exec_id, tty)
 
     # --- images ----------------------------------------------------------------------
 

@@ -121,3 +121,8 @@ def gpu_change(action: str, view_object: dict[str, Any]) -> dict[str, Any]:
 
 def node_change(action: str, drain: dict[str, Any]) -> dict[str, Any]:
     return {"kind": "node", "action": action, "object": drain}
+
+
+def exec_change(session: dict[str, Any]) -> dict[str, Any]:
+    """An exec session that ended: its claim, container, the command's first word, how long, its exit code and how it ended."""
+    return {"kind": "exec", "action": "ended", "object": session}

@@ -8,6 +8,10 @@ Two chains of the agent's own, each entered by one jump that matches the claims'
 - DOCKER-USER (FORWARD where the engine keeps no DOCKER-USER) -> the forward chain: traffic from
   a claim to another claim on the same bridge, to 169.254.0.0/16 and to the blocked networks is
   dropped, the destination matched both as sent and as conntrack first saw it (before a DNAT).
+Before the drops of both, DNS (port 53, UDP and TCP) to the node's resolvers returns to the parent
+chain: the engine's resolver in each claim forwards its queries from the claim's own namespace, and
+a node's resolver may sit on a node address or at the metadata service (GCE). Nothing else at those
+addresses is let through.
 The jumps must come before any other rule of their chain (other agents' jumps aside, which match
 only their own bridges), so no ACCEPT of the operator's or the engine's can come first.
 
@@ -42,14 +46,18 @@ class IsolationRules:
     input_chain: str
     forward_chain: str
     blocked: tuple[str, ...]
+    resolvers: tuple[str, ...] = ()
 
     def chain_rules(self) -> dict[str, list[list[str]]]:
         established = ["-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j", "RETURN"]
-        forward = [established, ["-o", self.bridge, "-j", "DROP"]]
+        dns = [["-d", f"{resolver}/32", "-p", protocol, "-m", protocol, "--dport", "53", "-j", "RETURN"]
+               for resolver in self.resolvers for protocol in ("udp", "tcp")]
+        forward = [established, *dns, ["-o", self.bridge, "-j", "DROP"]]
         for network in (LINK_LOCAL, *self.blocked):
             forward.append(["-d", network, "-j", "DROP"])
-            forward.append(["-m", "conntrack", "--ctorigdst", network, "-j", "DROP"])
-        return {self.input_chain: [established, ["-j", "DROP"]], self.forward_chain: forward}
+            # iptables prints a single address back without its /32 here (and with it for -d).
+            forward.append(["-m", "conntrack", "--ctorigdst", network.removesuffix("/32"), "-j", "DROP"])
+        return {self.input_chain: [established, *dns, ["-j", "DROP"]], self.forward_chain: forward}
 
     def jumps(self, forward_parent: str) -> dict[str, str]:
         """Parent chain -> the chain its jump enters."""

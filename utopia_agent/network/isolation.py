@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from ..errors import AgentError
 from ..node.role import NodeRole
 from ..node.state_file import StateFile
 from .firewall import LINK_LOCAL, Firewall, FirewallError, IsolationRules
+from .resolvers import engine_resolvers
 
 log = logging.getLogger("utopia_agent.network")
 
@@ -59,7 +60,12 @@ class IsolationPlan:
     def for_config(cls, config: Config) -> IsolationPlan:
         network = claim_network_for(config)
         suffix = agent_suffix(config.state_dir)
-        return cls(network, IsolationRules(network.bridge, f"UTOPIA-IN-{suffix}", f"UTOPIA-FWD-{suffix}", config.blocked_networks))
+        rules = IsolationRules(network.bridge, f"UTOPIA-IN-{suffix}", f"UTOPIA-FWD-{suffix}", config.blocked_networks, engine_resolvers())
+        return cls(network, rules)
+
+    def with_current_resolvers(self) -> IsolationPlan:
+        """The same plan with the node's resolvers as they are now (a DHCP renewal rewrites them)."""
+        return replace(self, rules=replace(self.rules, resolvers=engine_resolvers()))
 
     @classmethod
     def of_state_dir(cls, state_dir: Path) -> IsolationPlan:
@@ -93,6 +99,7 @@ class NetworkIsolation:
             self._tear_down_rules()
             self._write({"isolation": "off"})
             return
+        self.plan = self.plan.with_current_resolvers()
         try:
             self._firewall.apply(self.plan.rules)
             left = self._firewall.problems(self.plan.rules)
@@ -106,7 +113,8 @@ class NetworkIsolation:
             log.warning("claims on the engine's default bridge are not isolated (made before isolation was on; "
                         "recreate them to move them): %s", ", ".join(unprotected))
         self._write(self._status(network, rules_problem=None, network_problem=problem, unprotected=unprotected))
-        log.info("claims isolated on network %s (bridge %s, subnet %s)", network.name, network.bridge, network.subnet or "not yet made")
+        log.info("claims isolated on network %s (bridge %s, subnet %s, DNS to %s)", network.name, network.bridge,
+                 network.subnet or "not yet made", ", ".join(self.plan.rules.resolvers) or "no resolver")
 
     def leave(self) -> None:
         """At a clean stop: remove the network and the rules only when no container is on the
@@ -152,8 +160,11 @@ class NetworkIsolation:
         self._role.release()
 
     def check(self) -> dict[str, Any]:
-        """Find what is out of place, restore it, and record what holds now."""
+        """Find what is out of place (the node's resolvers changed, say), restore it, and record what holds now."""
         before = self._record.read()
+        self.plan = self.plan.with_current_resolvers()
+        resolvers = list(self.plan.rules.resolvers)
+        resolvers_changed = "resolvers" in before and before["resolvers"] != resolvers
         rules_problem = None
         try:
             missing = self._firewall.problems(self.plan.rules)
@@ -162,6 +173,8 @@ class NetworkIsolation:
                 still = self._firewall.problems(self.plan.rules)
                 if still:
                     rules_problem = "; ".join(still)
+                elif resolvers_changed:
+                    log.warning("the node's DNS resolvers changed: claims may now ask %s", ", ".join(resolvers) or "none")
                 else:
                     log.warning("firewall rules restored (%s)", "; ".join(missing))
         except FirewallError as error:
@@ -223,6 +236,7 @@ class NetworkIsolation:
             "isolation": "on",
             **asdict(network),
             "blocked_networks": [LINK_LOCAL, *self.plan.rules.blocked],
+            "resolvers": list(self.plan.rules.resolvers),
             "rules_in_place": rules_problem is None,
             "problem": rules_problem or network_problem,
             "unprotected_claims": unprotected,
