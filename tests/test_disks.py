@@ -191,7 +191,7 @@ def test_engine_mode_on_btrfs_stops_a_claims_writes_at_its_size(agent_factory, b
     try:
         assert node_disk(agent)["quota"] == "engine"
         other = created(agent.create(claim("other"), TEST_IMAGE, disk_gb=1, command=["sleep", "300"]))
-        writer = created(agent.create(claim("writer"), TEST_IMAGE, disk_gb=1, command=[
+        writer = created(agent.create(claim("writer"), TEST_IMAGE, disk_gb=1, cpus=0.5, command=[
             "sh", "-c", "busybox dd if=/dev/zero of=/big bs=1M count=2048; echo rc=$?; busybox ls -l /big; sleep 300"]))
         assert client.api.inspect_container(writer)["HostConfig"]["StorageOpt"] == {"size": str(1024 ** 3)}
         logs = wait_for(lambda: "rc=" in (text := client.containers.get(writer).logs().decode()) and "/big" in text.split("rc=")[1] and text,
