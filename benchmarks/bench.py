@@ -56,6 +56,7 @@ from tests.support.engine import (  # noqa: E402
     remove_images,
     remove_new_dangling_images,
 )
+from benchmarks import disk_bench  # noqa: E402
 from utopia_agent.config import Config  # noqa: E402
 from utopia_agent.engine.container_config import create_arguments  # noqa: E402
 from utopia_agent.allocation.policy import build_container_spec  # noqa: E402
@@ -1064,6 +1065,9 @@ class Bench:
     def run(self, say: Callable[[str], None], only: str | None = None) -> None:
         few, main, many = self.plan.claims
         plan = self.plan
+        if only == "disks":
+            self.run_disks(say)
+            return
         if only == "exec":
             say("starting the agent (gunicorn, 4 workers, stand-in NVML with 8 GPUs)")
             self.start_agent()
@@ -1108,6 +1112,15 @@ class Bench:
         self.figure_scaling(many, self.measure_list(plan.scaling_samples),
                             note=f"{many - main} of them created, never started (made with the SDK)")
         self.figure_rss()
+        self.run_disks(say)
+
+    def run_disks(self, say: Callable[[str], None]) -> None:
+        """The disk rows (benchmarks/disk_bench.py), each with an agent of its own; `--only disks` runs just these."""
+        say(f"a create with a disk size on a btrfs engine against the engine's create + start, {self.plan.create_samples} rounds")
+        disk_bench.figure_btrfs_create(self, say, compare, self.plan.create_samples)
+        seconds = disk_bench.BACKSTOP_SECONDS if self.plan is FULL else self.plan.cpu_seconds
+        say(f"measured mode: {disk_bench.MEASURED_CLAIMS} claims of {disk_bench.FILES_PER_CLAIM} files, CPU over {seconds:g} s")
+        disk_bench.figure_measured_cpu(self, say, Figure, seconds)
 
 
 # --------------------------------------------------------------------------- output
@@ -1243,7 +1256,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="grace seconds of DELETE (UTOPIA_AGENT_STOP_TIMEOUT) and of the baseline's stop (default 1)")
     parser.add_argument("--output", type=Path,
                         help="JSON file, the PNG beside it (default benchmarks/results/latest.json, quick.json with --quick)")
-    parser.add_argument("--only", choices=("exec",), help="only these figures, with the agent they need (a partial run)")
+    parser.add_argument("--only", choices=("exec", "disks"),
+                        help="only these figures, with the agent they need (a partial run; disks: benchmarks/disk_bench.py)")
     parser.add_argument("--draw", type=Path, metavar="JSON", help="only draw the PNG of an earlier run's JSON (beside it, or at --output)")
     args = parser.parse_args(argv)
     if args.draw:

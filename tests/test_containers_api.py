@@ -73,7 +73,7 @@ def test_container_object_has_the_contract_shape(agent, test_image, claim):
     shown = agent.get(f"/api/v1/containers/{container_id}").json()
     by_prefix = agent.get(f"/api/v1/containers/{container_id[:12]}").json()
     for obj in (mine, shown, by_prefix):
-        assert set(obj) == {"id", "claim_id", "image", "status", "gpu_ids", "ports", "created", "started", "labels", "resources", "exit_code",
+        assert set(obj) == {"id", "claim_id", "image", "status", "gpu_ids", "ports", "created", "started", "labels", "resources", "exit_code", "stopped",
             "oom_killed", "restart_count", "finished", "error"}
         assert obj["id"] == container_id
         assert obj["claim_id"] == claim()

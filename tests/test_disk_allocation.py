@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from pathlib import Path
 
 import pytest
 
@@ -206,3 +207,168 @@ def test_the_node_shows_no_disk_while_the_engine_is_down(small_disk, memory):
     memory.fail_next("list_managed", EngineUnavailable("down"))
     response = small_disk.test_client().get("/api/v1/node", headers=auth())
     assert response.status_code == 200 and response.get_json()["disk"] is None
+
+
+# --- the measurement ------------------------------------------------------------------------
+
+
+def test_a_layer_is_measured_as_du_counts_it_blocks_and_hard_links_once(tmp_path):
+    from utopia_agent.disks.usage import layer_bytes
+
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "data").write_bytes(b"x" * 1024 * 1024)
+    os.link(tmp_path / "d" / "data", tmp_path / "d" / "again")
+    with open(tmp_path / "sparse", "wb") as sparse:
+        sparse.truncate(1024 ** 3)
+    measured = layer_bytes(str(tmp_path))
+    assert 1024 * 1024 <= measured < 1024 * 1024 + 64 * 1024, "the data once, the sparse file's gigabyte not at all"
+    assert layer_bytes(str(tmp_path / "gone")) is None
+
+
+def test_a_layer_is_walked_again_only_when_the_node_grew_past_its_headroom_or_the_backstop_came():
+    from utopia_agent.disks.usage import Layer
+
+    layer = Layer("c", "/x", limit_bytes=1000, quota="measured")
+    assert layer.needs_walk(now=0.0, growth=0, backstop=300), "never measured"
+    layer.used_bytes, layer.walked_at, layer.growth_at_walk = 600, 100.0, 5000
+    assert not layer.needs_walk(now=101.0, growth=5000, backstop=300), "nothing written anywhere"
+    assert not layer.needs_walk(now=101.0, growth=5400, backstop=300), "the node grew less than its 400 bytes of headroom"
+    assert layer.needs_walk(now=101.0, growth=5401, backstop=300), "it may be past its size"
+    assert layer.needs_walk(now=400.0, growth=5000, backstop=300), "the backstop: space freed elsewhere may hide growth"
+    assert not Layer("c", "/x", None, "off", 10, 100.0, 0).needs_walk(now=101.0, growth=10 ** 12, backstop=300), "no size: only the backstop"
+
+
+class TrustedView:
+    """A node view that can be trusted (its snapshot is not None): the disk sampler reads the claims then."""
+
+    trusted = True
+
+    def snapshot(self):
+        return object() if self.trusted else None
+
+    def volunteer(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class LayeredEngine(MemoryEngine):
+    """The memory engine with each container's writable layer in a directory of the test's."""
+
+    def __init__(self, layers: Path, **options):
+        super().__init__(**options)
+        self.view = TrustedView()
+        self.layers = layers
+
+    def writable_layer(self, container_id: str) -> str:
+        path = self.layers / container_id
+        path.mkdir(exist_ok=True)
+        return str(path)
+
+
+@pytest.fixture
+def layered(tmp_path):
+    engine = LayeredEngine(tmp_path / "layers", images={IMAGE: {}})
+    engine.layers.mkdir()
+    app = make_app(tmp_path, engine)
+    app.extensions["utopia"].disks.close()  # the test samples itself
+    yield app, engine
+    app.extensions["utopia"].close()
+
+
+def test_a_measured_claim_past_its_size_is_stopped_and_one_within_it_or_not_measured_is_not(layered):
+    from utopia_agent.disks.usage import DiskUsage
+
+    app, engine = layered
+    client = app.test_client()
+    ids = {name: create(client, claim_id=name, disk_gb=0.001, command=["sleep", "60"]).get_json()["container_id"] for name in ("over", "within")}
+    for claim_id, quota_mode in (("off", "off"), ("engine", "engine")):
+        made = create(client, claim_id=claim_id, disk_gb=0.001, command=["sleep", "60"]).get_json()["container_id"]
+        state = engine.containers[made]
+        engine.containers[made] = dataclasses.replace(state, labels={**state.labels, DISK_QUOTA_LABEL: quota_mode})
+        ids[claim_id] = made
+    for name in ("over", "off", "engine"):
+        (Path(engine.writable_layer(ids[name])) / "data").write_bytes(b"x" * 2 * 1024 * 1024)
+    stopped: list[tuple[str, str]] = []
+    agent = app.extensions["utopia"]
+    usage = DiskUsage(engine, agent.allocator.disk, agent.config.state_dir, lambda container_id, reason: stopped.append((container_id, reason)))
+    assert usage.sample_if_holder()
+    assert stopped == [(ids["over"], "disk_limit_exceeded")], "only the measured claim past its 1 MiB"
+    figures = usage.samples()["claims"]
+    assert figures[ids["over"]]["used_bytes"] > 2 * 1024 * 1024 > figures[ids["within"]]["used_bytes"]
+    assert figures[ids["engine"]]["limit_bytes"] == int(0.001 * 1024 ** 3), "every claim is measured for its stats"
+    response = client.get(f"{CONTAINERS}/{ids['over']}/stats", headers=auth()).get_json()
+    assert (response["disk_used_mb"], response["disk_limit_mb"]) == (2, 1)
+    engine.containers[ids["over"]] = dataclasses.replace(engine.containers[ids["over"]], status="exited")
+    assert usage.sample_if_holder() and stopped == [(ids["over"], "disk_limit_exceeded")], "stopped once"
+    assert usage.used_bytes(ids["over"]) == figures[ids["over"]]["used_bytes"], "a stopped claim's layer stays: so does its figure"
+
+    engine.view.trusted = False
+    assert not usage.sample_if_holder(), "without a trusted node view the sampler waits: no engine call a second"
+
+
+def test_a_claim_that_could_not_be_stopped_is_stopped_at_the_next_sample(layered):
+    from utopia_agent.disks.usage import DiskUsage
+    from utopia_agent.errors import EngineUnavailable
+
+    app, engine = layered
+    made = create(app.test_client(), claim_id="over", disk_gb=0.001, command=["sleep", "60"]).get_json()["container_id"]
+    (Path(engine.writable_layer(made)) / "data").write_bytes(b"x" * 2 * 1024 * 1024)
+    tries: list[str] = []
+
+    def stop(container_id: str, reason: str) -> None:
+        tries.append(container_id)
+        if len(tries) == 1:
+            raise EngineUnavailable("the engine did not answer")
+
+    agent = app.extensions["utopia"]
+    usage = DiskUsage(engine, agent.allocator.disk, agent.config.state_dir, stop)
+    view = engine.view.snapshot()
+    engine.view.snapshot = lambda: view  # the same view each second: nothing else would make the sampler look again
+    usage.sample_if_holder()
+    usage.sample_if_holder()
+    assert tries == [made, made]
+
+
+def test_where_the_agent_does_not_see_the_engines_data_root_creates_fail_naming_it(tmp_path):
+    from utopia_agent.engine.manager import EngineStorage
+
+    class ElsewhereEngine(MemoryEngine):
+        """An engine whose data root lies in a mount namespace the agent does not share."""
+
+        def storage(self) -> EngineStorage:
+            return EngineStorage(str(tmp_path / "not-here"), "overlay2", "extfs")
+
+    engine = ElsewhereEngine(images={IMAGE: {}})
+    app = make_app(tmp_path, engine)
+    try:
+        client = app.test_client()
+        refused = create(client, disk_gb=1, command=["sleep", "60"])
+        assert refused.status_code == 500 and refused.get_json()["error"] == "node_fault"
+        assert str(tmp_path / "not-here") in refused.get_json()["message"] and "bind-mount the data root" in refused.get_json()["message"]
+        assert engine.containers == {}
+        assert client.get("/api/v1/node", headers=auth()).get_json()["disk"] is None
+    finally:
+        app.extensions["utopia"].close()
+
+
+def test_an_idle_node_is_not_looked_at_again_until_the_filesystem_grows_or_a_walk_falls_due(layered, monkeypatch):
+    from utopia_agent.disks.usage import DiskUsage
+
+    app, engine = layered
+    create(app.test_client(), claim_id="idle", disk_gb=1, command=["sleep", "60"])
+    agent = app.extensions["utopia"]
+    used = [10 * 1024 ** 3]
+    monkeypatch.setattr(agent.allocator.disk, "filesystem_bytes", lambda: (100 * 1024 ** 3, 100 * 1024 ** 3 - used[0]))
+    walks: list[str] = []
+    monkeypatch.setattr("utopia_agent.disks.usage.layer_bytes", lambda path: walks.append(path) or 4096)
+    view = engine.view.snapshot()
+    engine.view.snapshot = lambda: view
+    usage = DiskUsage(engine, agent.allocator.disk, agent.config.state_dir, None, backstop=300)
+    assert usage.sample_if_holder() and len(walks) == 1, "a new claim is walked at once"
+    assert not usage.sample_if_holder() and len(walks) == 1, "nothing changed: not even the claims are looked at"
+    used[0] += 4096
+    assert usage.sample_if_holder() and len(walks) == 1, "the node grew by less than the claim's headroom: looked at, not walked"
+    used[0] += 2 * 1024 ** 3
+    assert usage.sample_if_holder() and len(walks) == 2, "the node grew past its headroom: walked"

@@ -5,13 +5,23 @@ or by measuring on overlay2 over ext4."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
 
+import pytest
 import requests
 
+from tests.support.engine import TEST_IMAGE, ensure_test_image
 from tests.support.polling import wait_for
+from tests.support.prerequisites import require
+from tests.support.private_engine import PrivateEngine
+from tests.test_events import Watch
 from utopia_agent.claims.disks import gb_of
 
 
@@ -90,3 +100,110 @@ def test_engine_mode_refuses_to_start_where_the_engine_cannot_enforce_sizes(agen
     measured = subprocess.run([sys.executable, "-m", "utopia_agent.cli", "check"], env={**agent.env, "UTOPIA_AGENT_DISK_QUOTA": "auto"},
                               capture_output=True, text=True, timeout=60)
     assert "disk: quota measured (the engine's overlay2 sits on extfs" in measured.stdout, measured.stdout + measured.stderr
+
+
+# The job of a claim that writes past its disk: 64 MiB files, one every 0.2 s (about 300 MB/s),
+# each followed by the kernel's uptime, which the test maps to its own clock.
+WRITER = ("i=0; while [ $i -lt 32 ]; do busybox dd if=/dev/zero of=/fill$i bs=1M count=64 2>/dev/null; "
+          "echo $i $(cut -d' ' -f1 /proc/uptime); i=$((i+1)); busybox usleep 200000; done; sleep 300")
+
+
+def uptime_to_unix(uptime: float) -> float:
+    now_uptime = float(open("/proc/uptime").read().split()[0])
+    return time.time() - (now_uptime - uptime)
+
+
+def test_measured_mode_stops_a_claim_past_its_disk_and_nothing_else(agent_factory, docker_client, test_image, claim, nvidia_path):
+    agent = agent_factory(UTOPIA_AGENT_NETWORK_ISOLATION="off")
+    watch = Watch(agent)
+    try:
+        other = created(agent.create(claim("other"), test_image, disk_gb=1, command=["sleep", "300"]))
+        writer = created(agent.create(claim("writer"), test_image, gpu_count=1, disk_gb=1, command=["sh", "-c", WRITER]))
+        gpu = agent.get(f"/api/v1/containers/{writer}").json()["gpu_ids"][0]
+
+        stopped = wait_for(lambda: (c := agent.get(f"/api/v1/containers/{writer}").json())["status"] == "exited" and c, timeout=120)
+        assert stopped and stopped["stopped"] and stopped["error"] == "disk_limit_exceeded", stopped
+        exited = watch.wait(lambda changes: [c for c in changes if c["action"] == "exited" and c["object"]["id"] == writer])
+        line = next(c for c in exited if c["action"] == "exited" and c["object"]["id"] == writer)
+        assert line["reason"] == "disk_limit_exceeded" and line["object"]["error"] == "disk_limit_exceeded"
+
+        # How soon: from the file that took the layer to 1 GiB (the job's own clock; the layer holds a few KiB more, so that
+        # file passes the size) to the engine's stop. Stopped before that file's line, the last line bounds it from below.
+        written = [line.split() for line in docker_client.containers.get(writer).logs().decode().split("\n") if line.strip()]
+        past = next((float(at) for index, at in written if (int(index) + 1) * 64 >= 1024), float(written[-1][1]))
+        finished = docker_client.api.inspect_container(writer)["State"]["FinishedAt"]
+        stop_at = datetime.fromisoformat(finished[:26].rstrip("Z") + "+00:00").timestamp()
+        print(f"measured mode: stopped {stop_at - uptime_to_unix(past):.2f} s after passing 1 GiB, after {len(written) * 64} MiB written")
+        assert len(written) < 32, "stopped before it wrote its 2 GiB"
+
+        assert agent.get(f"/api/v1/containers/{other}").json()["status"] == "running", "the other claim runs on"
+        stats = agent.get(f"/api/v1/containers/{writer}/stats").json()
+        assert stats["disk_limit_mb"] == 1024 and stats["disk_used_mb"] > 1024, stats
+        assert wait_for(lambda: agent.get(f"/api/v1/containers/{other}/stats").json()["disk_used_mb"] is not None, timeout=30)
+        shown = next(g for g in agent.get("/api/v1/gpus").json() if g["index"] == gpu)
+        assert shown["state"] in ("releasing", "free") and shown["claim_id"] in (None, claim("writer")), shown
+        metrics = agent.get("/metrics").text
+        assert f'utopia_agent_claim_disk_limit_bytes{{claim_id="{claim("other")}"}} 1.073741824e+09' in metrics
+        assert 'utopia_agent_disk_quota_mode{mode="measured"} 1.0' in metrics
+        assert created(agent.create(claim("after"), test_image, disk_gb=1, command=["sleep", "300"])), "the agent takes claims on"
+        assert agent.get("/health").status_code == 200
+        time.sleep(3)
+        assert docker_client.api.inspect_container(writer)["State"]["Status"] == "exited", "never restarted by the engine"
+        assert agent.get(f"/api/v1/containers/{writer}/stats").json()["disk_used_mb"] > 1024, "a stopped claim keeps its layer's figure"
+    finally:
+        watch.close()
+        agent.stop()
+
+
+@pytest.fixture(scope="module")
+def btrfs_engine(docker_client):
+    """A private dockerd whose data root is a loop-mounted 4 GB btrfs: its driver takes a container's size
+    (qgroups, which it enables itself). Torn down in order: dockerd, the mount, its own loop device, the bridge."""
+    require(os.geteuid() == 0 and shutil.which("mkfs.btrfs") is not None and shutil.which("dockerd") is not None,
+            "a btrfs engine needs root, btrfs-progs and dockerd (make test installs them as root)")
+    root = Path(tempfile.mkdtemp(prefix="utopia-btr-", dir="/tmp"))
+    image, data = root / "btrfs.img", root / "data"
+    data.mkdir()
+    subprocess.run(["truncate", "-s", "4G", str(image)], check=True)
+    subprocess.run(["mkfs.btrfs", "-q", str(image)], check=True, capture_output=True)
+    subprocess.run(["mount", "-o", "loop", str(image), str(data)], check=True)
+    engine = PrivateEngine(root, subnet="10.223", dockerd_args=("--storage-driver=btrfs",))
+    try:
+        engine.create_bridge()
+        engine.start()
+        ensure_test_image(engine.client)
+        yield engine
+    finally:
+        engine.stop()
+        subprocess.run(["umount", str(data)], check=False)
+        # `mount -o loop` lets the device go with the mount; detach it only if it stayed (ours alone, never -D).
+        loop = subprocess.run(["losetup", "-j", str(image)], capture_output=True, text=True).stdout.split(":", 1)[0]
+        if loop:
+            subprocess.run(["losetup", "-d", loop], check=False)
+        engine.destroy()
+        assert docker_client.ping()
+
+
+def test_engine_mode_on_btrfs_stops_a_claims_writes_at_its_size(agent_factory, btrfs_engine, claim):
+    agent = agent_factory(DOCKER_HOST=btrfs_engine.base_url, UTOPIA_AGENT_DISK_QUOTA="engine", UTOPIA_AGENT_NETWORK_ISOLATION="off",
+                          UTOPIA_AGENT_GPU_BACKEND="none")
+    client = btrfs_engine.client
+    try:
+        assert node_disk(agent)["quota"] == "engine"
+        other = created(agent.create(claim("other"), TEST_IMAGE, disk_gb=1, command=["sleep", "300"]))
+        writer = created(agent.create(claim("writer"), TEST_IMAGE, disk_gb=1, cpus=0.5, command=[
+            "sh", "-c", "busybox dd if=/dev/zero of=/big bs=1M count=2048; echo rc=$?; busybox ls -l /big; sleep 300"]))
+        assert client.api.inspect_container(writer)["HostConfig"]["StorageOpt"] == {"size": str(1024 ** 3)}
+        logs = wait_for(lambda: "rc=" in (text := client.containers.get(writer).logs().decode()) and "/big" in text.split("rc=")[1] and text,
+                        timeout=120)
+        assert logs and ("No space left on device" in logs or "Disk quota exceeded" in logs), logs
+        size = int(logs.split("rc=")[1].split()[5])
+        print(f"engine mode: the writes stopped at {size / 1024 ** 2:.0f} MiB of a 1024 MiB disk")
+        assert 0.9 * 1024 ** 3 < size <= 1024 ** 3, "near 1 GiB, and never past it"
+        assert agent.get(f"/api/v1/containers/{writer}").json()["status"] == "running", "the job itself runs on: only its writes fail"
+        assert client.containers.get(other).exec_run(["sh", "-c", "echo ok > /note && cat /note"]).output == b"ok\n", "the other claim writes"
+        assert created(agent.create(claim("after"), TEST_IMAGE, disk_gb=0.5, command=["sleep", "300"])), "the agent takes claims on"
+        assert wait_for(lambda: (agent.get(f"/api/v1/containers/{writer}/stats").json()["disk_used_mb"] or 0) > 900, timeout=30)
+        assert agent.get(f"/api/v1/containers/{writer}/stats").json()["disk_limit_mb"] == 1024
+    finally:
+        agent.stop()

@@ -145,15 +145,23 @@ def prometheus(agent_factory, test_image, nvidia_path, tmp_path_factory, pki):
     require(shutil.which("prometheus") is not None, "prometheus is not installed (apt-get install prometheus)")
     agent = agent_factory(workers=2, ca_file=pki.ca_file, UTOPIA_AGENT_READ_TOKEN=READ_TOKEN, **tls_env(pki.server))
     server = Prometheus(tmp_path_factory.mktemp("prometheus"), agent, READ_TOKEN)
+    running = None
     try:
         assert wait_for(server.ready, 60), server.log_path.read_text()[-3000:]
         assert wait_for(lambda: server.value('up{job="utopia-agent"}') == 1, 30), server.log_path.read_text()[-3000:]
         for deletes in (1, 2):
             exercise(agent, test_image, f"t{RUN_ID}-monitoring-{deletes}")
             assert wait_for(lambda seen=deletes: server.value("sum(utopia_agent_container_deletes_total)") == seen, 30)
+        # A claim that runs on through the module, so its per-claim series (its measured disk) are scraped: named
+        # outside the run's prefix, which each test's cleanup removes, and deleted here at the end.
+        with agent.new_client(retries=0) as client:
+            running = client.create(f"m{RUN_ID}-monitoring-running", test_image, disk_gb=1, command=["sleep", "300"]).container_id
+        assert wait_for(lambda: server.value("count(utopia_agent_claim_disk_used_bytes)") >= 1, 30)
         yield server
     finally:
         server.stop()
+        if running is not None:
+            agent.delete(f"/api/v1/containers/{running}")
 
 
 def panel_params() -> list:

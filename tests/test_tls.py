@@ -337,6 +337,8 @@ def test_the_read_token_reads_and_every_write_is_refused_with_nothing_changed(ht
     writes = [
         ("POST", "/api/v1/containers", {"claim_id": claim("1"), "image": test_image}),
         ("DELETE", f"/api/v1/containers/{created.container_id}", None),
+        ("POST", f"/api/v1/containers/{created.container_id}/stop", None),
+        ("POST", f"/api/v1/containers/{created.container_id}/start", None),
         ("POST", "/api/v1/node/drain", {"reason": "read token"}),
         ("DELETE", "/api/v1/node/drain", None),
         ("POST", f"/api/v1/gpus/{gpu}/quarantine", {"reason": "read token"}),

@@ -30,6 +30,7 @@ from .images.pulls import Images
 from .images.records import PulledImages
 from .services import Services
 from .disks.node_disk import NodeDisk
+from .disks.usage import DiskUsage
 from .node.state_dir import first_to_log
 from .claims.resources import NodeResources
 from .node.system_metrics import SystemMetrics
@@ -73,6 +74,8 @@ def create_app(config: Config | None = None, gpus: GpuInventory | None = None, d
         system=SystemMetrics(),
         janitor=Janitor(allocator, config.state_dir / "janitor.stamp", config.unstarted_seconds).start(),
         usage=ClaimUsage(docker, config.state_dir).start(),
+        # A claim past its disk is stopped at once, as kubelet evicts a pod past its ephemeral-storage limit (no grace: it would write on).
+        disks=DiskUsage(docker, allocator.disk, config.state_dir, partial(allocator.stop, grace_seconds=0)).start(),
         network=NetworkIsolation(config, EngineConnection(config.engine_timeout)).start(),
         images=images,
         events=EventStreams(history, config.events_heartbeat_seconds),

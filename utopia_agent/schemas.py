@@ -360,6 +360,7 @@ CONTAINER_EXAMPLE = {
     "restart_count": 0,
     "finished": 0,
     "error": "",
+    "stopped": False,
     "labels": {
         "utopia.managed": "true",
         "utopia.claim_id": "claim-42",
@@ -414,7 +415,10 @@ class ContainerSchema(ResponseSchema):
     oom_killed = fields.Boolean(required=True, metadata={"description": "True when its last run was killed for going over its memory limit."})
     restart_count = fields.Integer(required=True, metadata={"description": "How many times the engine restarted it (its restart policy)."})
     finished = fields.Integer(required=True, metadata={"description": "When its last run ended, in Unix seconds; 0 until it first exits."})
-    error = fields.String(required=True, metadata={"description": "The engine's error text for its last start, or \"\"."})
+    error = fields.String(required=True, metadata={"description": "The engine's error text for its last start, or \"\"; for a claim "
+                                                                   "the agent stopped on its own, why (`disk_limit_exceeded`, ...)."})
+    stopped = fields.Boolean(required=True, metadata={"description": "Stopped by the agent (POST .../stop, or evicted), apart from an exit: "
+                                                                     "it holds no GPU, port or CPU, and the engine never starts it on its own."})
 
 
 class LogsQuerySchema(Schema):
@@ -440,6 +444,11 @@ class ContainerStatsSchema(ResponseSchema):
     memory_used_mb = fields.Integer(required=True, metadata={"description": "Memory in use, without reclaimable page cache."})
     memory_limit_mb = fields.Integer(allow_none=True, required=True, metadata={"description": "null when the container has no memory limit."})
     gpus = fields.List(fields.Nested(ContainerGpuStatsSchema), required=True, metadata={"description": "The figures of the container's own GPUs."})
+    disk_used_mb = fields.Integer(allow_none=True, required=True,
+                                  metadata={"description": "What its writable layer takes on disk, in MiB, as last measured (the node measures "
+                                                           "running claims in the background); null before the first measurement."})
+    disk_limit_mb = fields.Integer(allow_none=True, required=True,
+                                   metadata={"description": "Its container disk in MiB (`disk_gb`); null for a container made before disks were sized."})
 
 
 class ReasonSchema(Schema):
@@ -567,56 +576,6 @@ class NodeSchema(ResponseSchema):
                          metadata={"description": "The claims' disk; null while the engine does not say where its data root is."})
 
 
-class GpuMetricsSchema(ResponseSchema):
-    """One GPU of GET /api/v1/metrics, dumped from a gpu_health.GpuView."""
-
-    read_from = {
-        "id": "status.index",
-        "temperature_c": "status.temperature_c",
-        "memory_total_mb": "status.memory_total_mb",
-        "memory_used_mb": "status.memory_used_mb",
-        "name": "status.name",
-        "uuid": "status.uuid",
-        "busy": lambda view: view.state != "free",
-        "usage_percent": "status.usage_percent",
-        "healthy": lambda view: view.state not in ("lost", "quarantined"),
-    }
-
-    id = fields.Integer(required=True, metadata={"description": "NVML index."})
-    temperature_c = fields.Integer(allow_none=True, required=True, metadata={"description": "Degrees Celsius; null when NVML cannot read it."})
-    memory_total_mb = fields.Integer(allow_none=True, required=True, metadata={"description": "Memory in MiB; null when unreadable."})
-    memory_used_mb = fields.Integer(allow_none=True, required=True, metadata={"description": "Used memory in MiB; null when unreadable."})
-    name = fields.String(allow_none=True, required=True, metadata={"description": "Product name; null when unreadable."})
-    uuid = fields.String(allow_none=True, required=True, metadata={"description": "GPU UUID; null when unreadable (such a GPU is never given)."})
-    busy = fields.Boolean(required=True, metadata={"description": "Not free: the allocator would not give it now (see `state`)."})
-    usage_percent = fields.Float(allow_none=True, required=True, metadata={"description": "Utilisation in percent; null when unreadable."})
-    healthy = fields.Boolean(required=True, metadata={"description": "Neither lost nor quarantined."})
-    state = fields.String(required=True, metadata={"enum": GPU_STATES,
-        "description": "free, allocated, releasing (not yet clean after its claim), quarantined or lost."})
-
-
-class SystemMetricsSchema(ResponseSchema):
-    cpu_usage_percent = fields.Float(required=True, metadata={"description": "CPU use in percent, from the previous sample."})
-    memory_usage_percent = fields.Float(required=True, metadata={"description": "Memory use in percent."})
-    memory_total_mb = fields.Integer(required=True, metadata={"description": "Memory in MiB."})
-    memory_used_mb = fields.Integer(required=True, metadata={"description": "Used memory in MiB."})
-    disk_usage_percent = fields.Float(required=True, metadata={"description": "Use of the root file system in percent."})
-    load_average = fields.Float(required=True, metadata={"description": "1-minute load average."})
-    uptime = fields.Integer(required=True, metadata={"description": "The node's uptime in seconds."})
-
-
-class MetricsSchema(ResponseSchema):
-    read_from = {"cpu_usage_percent": "system.cpu_usage_percent", "memory_usage_percent": "system.memory_usage_percent"}
-
-    node_id = fields.String(required=True, metadata={"description": "UTOPIA_AGENT_NODE_ID, by default the hostname."})
-    cpu_usage_percent = fields.Float(required=True, metadata={"description": "CPU use in percent, as in `system`."})
-    memory_usage_percent = fields.Float(required=True, metadata={"description": "Memory use in percent, as in `system`."})
-    gpus = fields.List(fields.Nested(GpuMetricsSchema), required=True, metadata={"description": "Every GPU, in index order."})
-    gpus_stale = fields.Boolean(required=True, metadata={"description": "True while NVML is hung: the GPU figures are the last good sample."})
-    gpus_sampled_at = fields.Float(allow_none=True, required=True, metadata={"description": "Unix time of the GPU sample."})
-    system = fields.Nested(SystemMetricsSchema, required=True, metadata={"description": "The node's own figures."})
-
-
 class HealthSchema(ResponseSchema):
     status = fields.String(
         required=True, validate=validate.OneOf(["healthy", "unhealthy"]),
@@ -643,7 +602,8 @@ class ErrorSchema(Schema):
     )
     message = fields.String(required=True, metadata={"description": "What went wrong, for a human."})
     errors = fields.Dict(metadata={"description": "Per-field (or per-parameter) messages, for 400 and 403."})
-    claim_id = fields.String(metadata={"description": "The claim, for 409 claim_exists and 409 gpu_held."})
+    claim_id = fields.String(metadata={"description": "The claim, for 409 claim_exists; the claim holding what was asked for, for 409 "
+                                                      "gpu_held, and for the 409s of a start (no_gpus_free, not_enough_resources)."})
     container_id = fields.String(
         allow_none=True,
         metadata={"description": "The existing container, for 409 claim_exists (null when it went away meanwhile)."},

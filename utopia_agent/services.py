@@ -12,6 +12,7 @@ from flask import current_app
 
 from .allocation.allocator import Allocator
 from .node.claim_usage import ClaimUsage
+from .disks.usage import DiskUsage
 from .config import Config
 from .engine.manager import DockerManager
 from .gpus.health import GpuHealth
@@ -37,6 +38,7 @@ class Services:
     system: SystemMetrics
     janitor: Janitor
     usage: ClaimUsage
+    disks: DiskUsage
     network: NetworkIsolation
     images: Images
     events: EventStreams
@@ -50,6 +52,7 @@ class Services:
         self.janitor.close()
         self.images.close()
         self.usage.close()
+        self.disks.close()
         self.network.close()
         self.gpus.close()
         self.docker.close()

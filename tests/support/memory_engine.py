@@ -80,9 +80,9 @@ class MemoryEngine:
         self._call("storage")
         return EngineStorage("/", "", "")
 
-    def upper_dir(self, container_id: str) -> None:
+    def writable_layer(self, container_id: str) -> None:
         """No writable layer on any filesystem."""
-        self._call("upper_dir")
+        self._call("writable_layer")
         return None
 
     def close(self) -> None:

@@ -12,29 +12,35 @@ import fcntl
 import logging
 import math
 import os
+import re
 import socket
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from ..config import Config
 from ..engine.manager import DockerManager
-from ..errors import NO_SPACE, AllocationBusy, ClaimExists, NodeFault, NoGpusFree, PolicyViolation, PortTaken
+from ..errors import NO_SPACE, AllocationBusy, ClaimExists, NodeFault, NoGpusFree, NotEnoughResources, NotManaged, PolicyViolation, PortTaken
 from ..gpus.health import GpuHealth, views_of
 from ..gpus.sampler import GpuSample
 from ..gpus.selection import choose_gpus
 from ..gpus.inventory import GpuInventory, Locality
-from ..claims.holders import carrying, exclusive_cpus, gpu_claims, gpus_held_twice, port_holders, volume_holders
+from ..claims.holders import carrying, exclusive_cpus, gpu_claims, gpu_keys, gpus_held_twice, port_holders, volume_holders
 from ..node.drain import NodeDrain
 from .policy import check_volumes_apart
 from ..claims.disks import DiskLedger, disk_share
-from ..claims.records import CLAIM_LABEL, CPUS_LABEL, GPU_IDS_LABEL, MANAGED_LABEL, MEMORY_LABEL, PORTS_LABEL, VOLUMES_LABEL, ContainerSpec, Holdings
+from ..claims.records import (
+    CLAIM_LABEL, CPUS_LABEL, GPU_IDS_LABEL, MANAGED_LABEL, MEMORY_LABEL, PORTS_LABEL, REQUESTED_STOP, RUNNING_STATES, STOP_REASON_PATTERN, VOLUMES_LABEL,
+    ContainerSpec, Holdings, ManagedContainer, PortMapping, StopMark,
+)
 from ..disks.node_disk import NodeDisk
 from ..node.state_file import StateFile
-from ..claims.resources import NodeResources, check_fits, choose_exclusive_cpus, default_shm_mb, gpu_share, numa_placement, reserved_cpu_ids
+from ..claims.resources import (
+    NodeResources, check_fits, choose_exclusive_cpus, default_shm_mb, format_cpu_list, gpu_share, numa_placement, reserved_cpu_ids,
+)
 from ..claims.volumes import MountPins, VolumeRefused
 
 log = logging.getLogger("utopia_agent.allocator")
@@ -140,7 +146,7 @@ class Allocator:
                 raise ClaimExists.held_by(spec.claim_id, claimed[0].container_id, claimed[0].spec_digest == spec.spec_digest)
             self._drain.refuse_if_draining()
             if spec.port_mappings:
-                self._check_ports(spec, port_holders(held(PORTS_LABEL)))
+                self._check_ports(spec.port_mappings, port_holders(held(PORTS_LABEL)))
             limited = self._resource_holders(held(CPUS_LABEL), held(MEMORY_LABEL))
             if gpu_count:
                 gpu_holders = held(GPU_IDS_LABEL)
@@ -192,6 +198,77 @@ class Allocator:
             log.error("volume pin failed claim=%s reason=%s", spec.claim_id, exc.strerror)
             raise NodeFault(f"the agent cannot pin the claim's volumes: {exc.strerror}") from None
 
+    def stop(self, container_id: str, reason: str = REQUESTED_STOP, grace_seconds: int | None = None) -> ManagedContainer:
+        """Stop a claim's container and keep it, its writable layer and its volumes; once it no
+        longer runs its GPUs (then `releasing` until NVML shows them clean, as after a delete), its
+        ports and its CPUs are free. `reason` is `requested` for the API's stop, or the agent's own
+        (`disk_limit_exceeded`, ...), which the container's `error` then shows.
+
+        The mark (name and restart policy, see DockerManager.mark_stopped) is put on under the lock,
+        before the engine stops it: a container that still runs holds everything, so no moment
+        exists in which another claim could be given what a running container uses."""
+        if not re.fullmatch(STOP_REASON_PATTERN, reason):
+            raise ValueError(f"not a stop reason: {reason!r}")
+        container = self._docker.get_managed(container_id)
+        with allocation_lock(self._state_dir, self._lock_timeout):
+            self._docker.mark_stopped(container, reason)
+        self._docker.stop(container.id, grace_seconds)
+        stopped = self._docker.get_managed(container.id)
+        log.info("container stopped claim=%s container=%s reason=%s gpus=%s", container.claim_id, container.id[:12], reason,
+                 ",".join(map(str, container.gpu_ids)) or "-", extra={"claim_id": container.claim_id, "container_id": container.id})
+        return stopped
+
+    def start(self, container_id: str) -> ManagedContainer:
+        """Start a claim's container again with the GPUs, ports and CPUs it was made with, once the
+        lock shows no other claim holding any of them (409 naming the holder), while the node is not
+        draining. A container that runs already is answered as it is."""
+        container = self._docker.get_managed(container_id)
+        with allocation_lock(self._state_dir, self._lock_timeout):
+            self._settle_interrupted_create()
+            rows = self._docker.managed_rows()
+            row = next((row for row in rows if row["Id"] == container.id), None)
+            if row is None:
+                raise NotManaged(f"no managed container {container_id!r}")
+            if row.get("State") in RUNNING_STATES:
+                return container
+            self._drain.refuse_if_draining()
+            mark = StopMark.parse(next(iter(row.get("Names") or ()), "").lstrip("/"), container.claim_id)
+            others = [held for held in carrying(rows, MANAGED_LABEL) if held.container_id != container.id]
+            self._check_taken_back(Holdings.from_labels(container.labels, container.id), others)
+            if mark is not None:
+                self._docker.unmark_stopped(container, mark)
+        try:
+            self._docker.start(container.id, container.state)
+        except BaseException:
+            if mark is not None:
+                with allocation_lock(self._state_dir, self._lock_timeout):
+                    self._docker.mark_stopped(container, mark.reason)
+            raise
+        log.info("container started claim=%s container=%s gpus=%s", container.claim_id, container.id[:12],
+                 ",".join(map(str, container.gpu_ids)) or "-", extra={"claim_id": container.claim_id, "container_id": container.id})
+        return self._docker.get_managed(container.id)
+
+    def _check_taken_back(self, wanted: Holdings, others: list[Holdings]) -> None:
+        """What a stopped claim takes back is free: its GPUs held by no other claim and not
+        quarantined or lost, its ports, its exclusive CPUs, and room for its CPU and memory limits."""
+        holders = gpu_claims(others)
+        sample = self._gpus.sampler.for_allocation() if wanted.gpu_ids else None
+        views = {view.status.uuid: view for view in views_of(sample, self._gpus.facts(), holders, self._gpus.records.read())} if sample else {}
+        for index, key in zip(wanted.gpu_ids, gpu_keys(wanted), strict=True):
+            if (holder := holders.get(key)) is not None:
+                raise NoGpusFree(f"GPU {index} ({key}) is held by claim {holder}", requested=len(wanted.gpu_ids), claim_id=holder)
+            view = views.get(key)
+            if view is not None and view.state in ("quarantined", "lost"):
+                raise NoGpusFree(f"GPU {index} ({key}) is {view.state}: {view.reason}", requested=len(wanted.gpu_ids))
+        self._check_ports(wanted.port_mappings, port_holders(others))
+        taken = set(wanted.exclusive_cpus) & exclusive_cpus(others)
+        if taken:
+            holder = next(held.claim_id for held in others if taken & set(held.exclusive_cpus))
+            raise NotEnoughResources(f"CPUs {format_cpu_list(tuple(sorted(taken)))} are held by claim {holder}", claim_id=holder)
+        if wanted.cpus or wanted.memory_mb:
+            capacity = self._node.capacity(self._config.reserved_cpus, self._config.reserved_memory_mb)
+            check_fits(wanted.cpus or None, wanted.memory_mb or None, capacity, sum(h.cpus for h in others), sum(h.memory_mb for h in others))
+
     def release(self, claim_id: str) -> None:
         """Unpin a claim's volumes once it has no container (after a delete or a rolled-back start)."""
         if not self._pins.holds(claim_id):
@@ -215,8 +292,8 @@ class Allocator:
                     self._pins.release(claim_id)
 
     @staticmethod
-    def _check_ports(spec: ContainerSpec, holders: dict[tuple[int, str], str]) -> None:
-        for mapping in spec.port_mappings:
+    def _check_ports(mappings: Iterable[PortMapping], holders: dict[tuple[int, str], str]) -> None:
+        for mapping in mappings:
             holder = holders.get((mapping.host_port, mapping.protocol))
             if holder:
                 raise PortTaken(f"host port {mapping.host_port}/{mapping.protocol} is taken by container {holder[:12]}", host_port=mapping.host_port)

@@ -116,7 +116,8 @@ def counted_as_create(view: Callable) -> Callable:
             "container the agent does not manage, or the node is draining (`node_draining`, with the reason).",
             ClaimExists, NoGpusFree, NotEnoughResources, PortTaken, NodeDraining, Conflict,
         ),
-        fails("The node failed the request: the agent could not pin the claim's volumes.", NodeFault),
+        fails("The node failed the request: the agent could not pin the claim's volumes, or does not see the engine's data root "
+              "(whose filesystem sizes the claims' disks) at the engine's path.", NodeFault),
         fails(
             "The image could not be pulled: the registry or the network failed, or the pull stalled (the "
             "reason; worth retrying), or the engine failed on the node's side: network, storage or runtime.",
@@ -236,6 +237,55 @@ def delete_container(container_id: str):
     return Reply(None, 204)
 
 
+@blueprint.post("/<container_id>/stop")
+@operation(
+    "stopContainer",
+    tag="containers",
+    summary="Stop a claim and free its GPUs, exclusive CPUs and host ports; keep its container, writable layer and volumes",
+    path=_path,
+    responds=Responds(200, "Stopped: `stopped` is true, and the engine never starts it on its own.", _container),
+    failures=(
+        NOT_MANAGED,
+        fails("The container's name is held by a container the agent does not manage.", Conflict),
+        fails("The engine failed to stop the container.", EngineError),
+        fails("The Docker engine is unreachable or slow, or other requests held the allocation lock too long.", EngineUnavailable, AllocationBusy),
+    ),
+)
+def stop_container(container_id: str):
+    agent = services()
+    container = agent.allocator.stop(container_id)
+    g.claim_id = container.claim_id
+    return Reply(container, 200)
+
+
+@blueprint.post("/<container_id>/start")
+@operation(
+    "startContainer",
+    tag="containers",
+    summary="Start a stopped claim again with the GPUs, ports and CPUs it was made with",
+    path=_path,
+    responds=Responds(200, "Running (or running already).", _container),
+    failures=(
+        NOT_MANAGED,
+        fails(
+            "Another claim holds one of its GPUs (`no_gpus_free`, naming the GPU and the claim; also for a GPU "
+            "quarantined or lost since), host ports (`port_taken`) or exclusive CPUs, or its CPU and memory no "
+            "longer fit (`not_enough_resources`), or the node is draining (`node_draining`).",
+            NoGpusFree, PortTaken, NotEnoughResources, NodeDraining, Conflict,
+        ),
+        fails("The engine refused to start the container, with its reason.", EngineRejected),
+        fails("The engine failed to start the container.", EngineError),
+        fails("The Docker engine is unreachable or slow, other requests held the allocation lock too long, or NVML is hung.",
+              EngineUnavailable, AllocationBusy, NvmlHung),
+    ),
+)
+def start_container(container_id: str):
+    agent = services()
+    container = agent.allocator.start(container_id)
+    g.claim_id = container.claim_id
+    return Reply(container, 200)
+
+
 @blueprint.get("/<container_id>/logs")
 @operation(
     "getContainerLogs",
@@ -291,13 +341,15 @@ class ContainerStats:
     memory_used_mb: int
     memory_limit_mb: int | None
     gpus: list[GpuStatus]
+    disk_used_mb: int | None
+    disk_limit_mb: int | None
 
 
 @blueprint.get("/<container_id>/stats")
 @operation(
     "getContainerStats",
     tag="containers",
-    summary="The container's CPU and memory (from its cgroup) and its GPUs' figures",
+    summary="The container's CPU and memory (from its cgroup), its GPUs' figures and its container disk",
     path=_path,
     responds=Responds(200, "The container's usage.", ContainerStatsSchema()),
     failures=(NOT_MANAGED, fails("The engine failed to inspect the container.", EngineError), ENGINE_DOWN),
@@ -316,4 +368,7 @@ def container_stats(container_id: str) -> ContainerStats:
     held = gpu_claims([container.holdings])
     sample = agent.gpus.sampler.latest()  # the background sampler's: never NVML on the request path
     gpus = [gpu for gpu in (sample.gpus if sample is not None else ()) if gpu_holder(gpu, held)]
-    return ContainerStats(cpu_percent, used_mb, limit_mb, gpus)
+    disk_used = agent.disks.used_bytes(container.id)  # the background measurement's: never a walk on the request path
+    disk_gb = container.resources["disk_gb"]
+    return ContainerStats(cpu_percent, used_mb, limit_mb, gpus, disk_used // _MIB if disk_used is not None else None,
+                          round(disk_gb * 1024) if disk_gb is not None else None)

@@ -9,7 +9,7 @@ from flask import Blueprint
 
 from ..errors import AgentError
 from ..gpus.health import GpuView
-from ..schemas import MetricsSchema
+from ..node.schemas import MetricsSchema
 from ..services import services
 from .operations import Responds, operation
 

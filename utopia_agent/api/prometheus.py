@@ -75,6 +75,7 @@ class NodeCollector(Collector):
             states.add_metric([state], sum(1 for view in views if view.state == state))
         yield states
         yield from self._claim_families(agent.usage.samples())
+        yield from self._claim_disk_families(agent.disks.samples())
         yield GaugeMetricFamily(
             "utopia_agent_gpus_allocated_twice",
             "GPUs that more than one managed container claims (should always be 0).",
@@ -173,6 +174,18 @@ class NodeCollector(Collector):
         yield GaugeMetricFamily("utopia_agent_images_bytes", "Bytes of the images the engine holds.", value=status["bytes"])
         yield GaugeMetricFamily("utopia_agent_image_store_usage_percent", "Share of the engine's image filesystem in use.",
                                 value=status["usage_percent"])
+
+    @staticmethod
+    def _claim_disk_families(samples: dict) -> Iterable:
+        """Each running claim's writable layer as last measured, and its container disk (never walked per scrape)."""
+        used = GaugeMetricFamily("utopia_agent_claim_disk_used_bytes", "What the claim's writable layer takes on disk, as last measured.",
+                                 labels=["claim_id"])
+        limit = GaugeMetricFamily("utopia_agent_claim_disk_limit_bytes", "The claim's container disk (disk_gb).", labels=["claim_id"])
+        for entry in samples.get("claims", {}).values():
+            used.add_metric([entry["claim_id"]], entry["used_bytes"])
+            if entry.get("limit_bytes") is not None:
+                limit.add_metric([entry["claim_id"]], entry["limit_bytes"])
+        return used, limit
 
     @staticmethod
     def _claim_families(samples: dict) -> Iterable:

@@ -28,7 +28,7 @@ def carrying(rows: Iterable[Mapping[str, Any]], label: str) -> list[Holdings]:
     as the engine's label filter matches it."""
     key, has_value, value = label.partition("=")
     return [
-        Holdings.from_labels(labels, row["Id"]) for row in rows
+        Holdings.of_row(row) for row in rows
         if key in (labels := row.get("Labels") or {}) and (not has_value or labels[key] == value)
     ]
 

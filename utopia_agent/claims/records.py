@@ -7,6 +7,7 @@ state (the engine is the source of truth); this module writes and reads them. It
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from datetime import datetime, UTC
 from functools import cached_property
@@ -37,6 +38,16 @@ DISK_QUOTA_LABEL = "utopia.disk_quota"
 SPEC_DIGEST_LABEL = "utopia.spec_digest"
 MANAGED_FILTER = f"{MANAGED_LABEL}=true"
 NAME_PREFIX = "utopia-"
+# A claim stopped by the agent is renamed `utopia_stopped.<reason>.<restart policy>.<claim id>`:
+# labels cannot change after create, and the name is the one thing of a container the agent may
+# change that the engine keeps through its own restarts and the node's reboots, so Docker stays
+# the only record of it. No claim's own name (`utopia-...`) can ever take that form.
+STOPPED_NAME_PREFIX = "utopia_stopped."
+STOP_REASON_PATTERN = r"^[a-z][a-z_]{0,39}$"
+# A container in these states runs (or is about to), whatever its name says: it holds what it was given.
+RUNNING_STATES = ("running", "restarting", "paused")
+# The reason of a stop the API asked for; any other reason is the agent's own (an eviction).
+REQUESTED_STOP = "requested"
 # The NVIDIA runtime (often the engine's default) reads these from the container's environment,
 # where the image's ENV stands unless the create call sets the name: every nvidia/cuda image says
 # NVIDIA_VISIBLE_DEVICES=all. `void` makes the runtime act as plain runc: no GPU at all.
@@ -149,25 +160,62 @@ class Holdings:
     exclusive_cpus: tuple[int, ...] = ()
     container_id: str = ""
     spec_digest: str = ""
+    # Stopped by the agent (see StopMark): it keeps its volumes and its disk (the writable layer stays), and holds no GPU, port, CPU or memory.
+    stopped: bool = False
     disk_gb: float = 0.0
 
     @classmethod
-    def from_labels(cls, labels: dict[str, str], container_id: str = "") -> Holdings:
+    def from_labels(cls, labels: dict[str, str], container_id: str = "", stopped: bool = False) -> Holdings:
         resources = resources_from_labels(labels)
         exclusive = labels.get(PINNING_LABEL) == "exclusive"
+        volumes = tuple(decode_hosts(labels.get(VOLUMES_LABEL, "[]")))
+        claim_id, digest = labels.get(CLAIM_LABEL, ""), labels.get(SPEC_DIGEST_LABEL, "")
+        if stopped:
+            return cls(claim_id, (), (), (), volumes, container_id=container_id, spec_digest=digest, stopped=True,
+                       disk_gb=resources["disk_gb"] or 0.0)
         return cls(
             container_id=container_id,
-            claim_id=labels.get(CLAIM_LABEL, ""),
+            claim_id=claim_id,
             gpu_ids=_gpu_ids(labels),
             gpu_uuids=tuple(_split(labels.get(GPU_UUIDS_LABEL, ""))),
             port_mappings=_port_mappings(labels),
-            volume_hosts=tuple(decode_hosts(labels.get(VOLUMES_LABEL, "[]"))),
+            volume_hosts=volumes,
             cpus=resources["cpus"] or 0.0,
             memory_mb=resources["memory_mb"] or 0,
             exclusive_cpus=_cpu_ids(labels.get(CPUSET_LABEL, "")) if exclusive else (),
-            spec_digest=labels.get(SPEC_DIGEST_LABEL, ""),
+            spec_digest=digest,
             disk_gb=resources["disk_gb"] or 0.0,
         )
+
+    @classmethod
+    def of_row(cls, row: Mapping[str, Any]) -> Holdings:
+        """What the container of one row of the engine's list holds (its labels, name and state)."""
+        labels = row.get("Labels") or {}
+        names = [name.lstrip("/") for name in row.get("Names") or ()]
+        mark = next((m for name in names if (m := StopMark.parse(name, labels.get(CLAIM_LABEL, ""))) is not None), None)
+        return cls.from_labels(labels, row["Id"], stopped=mark is not None and row.get("State") not in RUNNING_STATES)
+
+
+@dataclass(frozen=True)
+class StopMark:
+    """Why the agent stopped a claim's container, and the restart policy to give it back at start."""
+
+    reason: str
+    restart_policy: str
+
+    def name(self, claim_id: str) -> str:
+        return f"{STOPPED_NAME_PREFIX}{self.reason}.{self.restart_policy}.{claim_id}"
+
+    @classmethod
+    def parse(cls, name: str, claim_id: str) -> StopMark | None:
+        """The mark a container's name carries, or None (any other name, or another claim's)."""
+        if not name.startswith(STOPPED_NAME_PREFIX):
+            return None
+        reason, _, rest = name[len(STOPPED_NAME_PREFIX):].partition(".")
+        policy, _, named_claim = rest.partition(".")
+        if not reason or not policy or named_claim != claim_id or not claim_id:
+            return None
+        return cls(reason, policy)
 
 
 def unix_seconds(stamp: str | None) -> int:
@@ -251,10 +299,13 @@ class ManagedContainer:
     labels: dict[str, str]
     # Everything the engine's inspect said (exit code, restart count, ...), beyond the contract.
     state: ContainerState | None = field(default=None, repr=False, compare=False)
+    # Why the agent stopped it (`requested`, ...), while it is stopped; None otherwise.
+    stop_reason: str | None = None
 
     @classmethod
     def from_state(cls, state: ContainerState) -> ManagedContainer:
         held = Holdings.from_labels(state.labels)
+        mark = StopMark.parse(state.name, held.claim_id)
         return cls(
             id=state.id,
             claim_id=held.claim_id,
@@ -267,7 +318,13 @@ class ManagedContainer:
             started=state.started,
             labels=state.labels,
             state=state,
+            stop_reason=mark.reason if mark is not None and state.status not in RUNNING_STATES else None,
         )
+
+    @property
+    def stopped(self) -> bool:
+        """Stopped by the agent (by request, or evicted), apart from an exit: the engine never starts it on its own."""
+        return self.stop_reason is not None
 
     @property
     def ports(self) -> dict[str, str]:
@@ -283,16 +340,18 @@ class ManagedContainer:
     @cached_property
     def holdings(self) -> Holdings:
         """What it holds, for the questions of claims/holders.py; read from the labels once."""
-        return Holdings.from_labels(self.labels, self.id)
+        return Holdings.from_labels(self.labels, self.id, stopped=self.stopped)
 
     def outcome(self) -> dict[str, Any]:
         """How the container last ended, from the node view's record of its inspect: no call per container."""
         state = self.state
+        # A claim the agent stopped for a reason of its own (disk_limit_exceeded, ...) says so in `error`.
+        evicted = self.stop_reason if self.stop_reason not in (None, REQUESTED_STOP) else None
         if state is None or not state.finished:
             return {"exit_code": None, "oom_killed": bool(state and state.oom_killed), "restart_count": state.restart_count if state else 0,
-                    "finished": 0, "error": state.error if state else ""}
+                    "finished": 0, "error": evicted or (state.error if state else "")}
         return {"exit_code": state.exit_code, "oom_killed": state.oom_killed, "restart_count": state.restart_count,
-                "finished": state.finished, "error": state.error}
+                "finished": state.finished, "error": evicted or state.error}
 
 
 def resources_from_labels(labels: dict[str, str]) -> dict[str, Any]:

@@ -40,11 +40,11 @@ from ..schemas import (
     ContainerSchema,
     CreatedSchema,
     HealthSchema,
-    MetricsSchema,
 )
 from .errors import AgentUnreachable, ClaimExists, RevisionTooOld, UnexpectedAnswer, error_from_response, retry_after_seconds
 from ..exec.schemas import ExecResultSchema
 from ..images.schemas import ImageSchema
+from ..node.schemas import MetricsSchema
 from .exec import ExecSession
 from .records import (
     Container,

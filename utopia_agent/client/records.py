@@ -134,6 +134,8 @@ class ContainerStats:
     memory_used_mb: int | None = None
     memory_limit_mb: int | None = None
     gpus: list[ContainerGpuStats] = field(default_factory=list)
+    disk_used_mb: int | None = None
+    disk_limit_mb: int | None = None
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import time
+from pathlib import Path
 from dataclasses import dataclass
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -27,7 +28,7 @@ from .errors import EngineConflict, EngineFailure, EngineNotFound, EngineRefusal
 from ..errors import AgentError, ClaimExists, Conflict, EngineRejected, EngineUnavailable, NotManaged, PortTaken
 from ..events.history import EventHistory
 from .node_view import ContainerState, NodeView
-from ..claims.records import CLAIM_LABEL, MANAGED_FILTER, MANAGED_LABEL, ContainerSpec, Holdings, ManagedContainer
+from ..claims.records import CLAIM_LABEL, MANAGED_FILTER, MANAGED_LABEL, ContainerSpec, Holdings, ManagedContainer, StopMark, container_name
 from ..schemas import CONTAINER_ID_PATTERN
 
 log = logging.getLogger("utopia_agent.docker")
@@ -156,7 +157,7 @@ class DockerManager:
         engine: what allocation decides on (see claims/holders.py). GPU holders are at most about one per GPU."""
         with self._engine.call("list containers") as api:
             rows = api.containers(all=True, filters={"label": [MANAGED_FILTER, label]})
-        return [Holdings.from_labels(row.get("Labels") or {}, row["Id"]) for row in rows]
+        return [Holdings.of_row(row) for row in rows]
 
     def stale_created(self, older_than: float) -> list[tuple[str, str]]:
         """(id, claim id) of managed containers created but never started `older_than` seconds ago."""
@@ -180,12 +181,24 @@ class DockerManager:
             self._storage = read_storage(self._engine)
         return self._storage
 
-    def upper_dir(self, container_id: str) -> str | None:
-        """The container's writable layer as a directory (overlay2's UpperDir); None when the
-        container is gone or its driver keeps no such directory."""
+    def writable_layer(self, container_id: str) -> str | None:
+        """The directory of the container's writable layer: overlay2's UpperDir (what the container
+        wrote), or btrfs' subvolume (the image's files too, as the engine's size counts them there).
+        None when the container is gone or its driver keeps no such directory."""
         info = self.inspect(container_id)
-        data = ((info or {}).get("GraphDriver") or {}).get("Data") or {}
-        return data.get("UpperDir") or None
+        if info is None:
+            return None
+        data = (info.get("GraphDriver") or {}).get("Data") or {}
+        if data.get("UpperDir"):
+            return data["UpperDir"]
+        storage = self.storage()
+        if storage.driver != "btrfs":
+            return None
+        try:
+            mount_id = (Path(storage.data_root) / "image" / "btrfs" / "layerdb" / "mounts" / info["Id"] / "mount-id").read_text().strip()
+        except OSError:
+            return None
+        return str(Path(storage.data_root) / "btrfs" / "subvolumes" / mount_id) if mount_id else None
 
     def find_claim(self, claim_id: str, fresh: bool = False) -> str | None:
         """The id of the claim's container, if it has one: the node view when trusted, else the
@@ -366,8 +379,8 @@ class DockerManager:
         finally:
             self.view.request_resync()
 
-    def start(self, container_id: str) -> None:
-        """Start a created container; a port the engine cannot bind is PortTaken."""
+    def start(self, container_id: str, before: ContainerState | None = None) -> None:
+        """Start a created container (or, given its record `before`, a stopped one); a port the engine cannot bind is PortTaken."""
         try:
             with self._engine.call("start container") as api:
                 api.start(container_id)
@@ -377,7 +390,7 @@ class DockerManager:
             if isinstance(exc, EngineFailure):
                 raise
             raise EngineRejected(f"the container did not start: {exc.reason}") from None
-        self.view.await_started(container_id)
+        self.view.await_started(container_id, before)
 
     def remove(self, container_id: str, grace_seconds: int | None = None) -> None:
         """Stop within the grace period, then remove with its anonymous volumes."""
@@ -394,6 +407,57 @@ class DockerManager:
         except EngineConflict:  # another request is removing it
             return
         self.view.await_removed(container_id)
+
+    # --- stopping and starting again (allocation/stopping.py decides) ---------------------
+
+    def mark_stopped(self, container: ManagedContainer, reason: str) -> StopMark:
+        """Rename the container to carry a stop mark, and set its restart policy to `no`: from here
+        the engine never starts it on its own (its own restart or the node's reboot included), and
+        once it no longer runs it holds no GPU, port or CPU (claims/records.Holdings). A container
+        marked already (a stop retried, or one that crashed halfway) keeps the policy it recorded."""
+        info = self._inspect_or_gone(container.id)
+        mark = StopMark.parse(info.get("Name", "").lstrip("/"), container.claim_id)
+        if mark is None:
+            policy = ((info.get("HostConfig") or {}).get("RestartPolicy") or {}).get("Name") or "no"
+            mark = StopMark(reason, policy)
+        with self._engine.call("update container") as api:
+            api.update_container(container.id, restart_policy={"Name": "no"})
+        self._rename(container.id, info, mark.name(container.claim_id))
+        return mark
+
+    def unmark_stopped(self, container: ManagedContainer, mark: StopMark) -> None:
+        """Give the container back its claim's name and the restart policy it had before its stop:
+        from here it holds what it was made with again, running or not."""
+        info = self._inspect_or_gone(container.id)
+        self._rename(container.id, info, container_name(container.claim_id))
+        if mark.restart_policy != "no":
+            with self._engine.call("update container") as api:
+                api.update_container(container.id, restart_policy={"Name": mark.restart_policy})
+
+    def stop(self, container_id: str, grace_seconds: int | None = None) -> None:
+        """Stop the container within the grace period (then SIGKILL), and keep it."""
+        grace = self._config.stop_timeout if grace_seconds is None else grace_seconds
+        try:
+            with self._engine.call("stop container") as api:
+                api.stop(container_id, timeout=grace)
+        except EngineNotFound:
+            raise NotManaged(f"no managed container {container_id!r}") from None
+        self.view.await_stopped(container_id)
+
+    def _inspect_or_gone(self, container_id: str) -> dict[str, Any]:
+        info = self.inspect(container_id)
+        if info is None:
+            raise NotManaged(f"no managed container {container_id!r}")
+        return info
+
+    def _rename(self, container_id: str, info: dict[str, Any], name: str) -> None:
+        if info.get("Name", "").lstrip("/") == name:
+            return
+        try:
+            with self._engine.call("rename container") as api:
+                api.rename(container_id, name)
+        except EngineConflict:
+            raise Conflict(f"the container name {name} is taken by another container") from None
 
     def delete_managed(self, container_id: str) -> ManagedContainer:
         """Remove a managed container; any other id is 404 and left alone."""

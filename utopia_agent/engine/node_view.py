@@ -316,10 +316,13 @@ class NodeView:
 
     # --- read-your-writes --------------------------------------------------------------
 
-    def await_started(self, container_id: str) -> None:
-        """Return once the view shows the container started (or the view is not trusted, so
-        reads go to the engine): a 201 is answered only when every worker's list shows it."""
-        self._await(container_id, lambda c: c is not None and c.status != "created", "start")
+    def await_started(self, container_id: str, before: ContainerState | None = None) -> None:
+        """Return once the view shows the container started (or is not trusted, so reads go to the engine): a 201 is answered
+        only when every worker's list shows it. `before`: its record before this start, when it ran before."""
+        self._await(container_id, lambda c: c is not None and c.status != "created" and (before is None or c.started != before.started), "start")
+
+    def await_stopped(self, container_id: str) -> None:  # once the view shows it no longer running (see await_started)
+        self._await(container_id, lambda c: c is None or c.status not in ("running", "restarting", "paused"), "stop")
 
     def await_removed(self, container_id: str) -> None:
         """Return once the view no longer shows the container (see `await_started`)."""

@@ -54,7 +54,11 @@ def container_changes(before: ContainerState | None, after: ContainerState | Non
         exit_code, oom_killed = after.exit_code, after.oom_killed
     else:
         exit_code, oom_killed = _exit_code(died[-1] if died else {}), "oom" in actions
-    restarted = started and before is not None and before.started > 0
+    # Restarted by the engine's restart policy (its count grows); a start asked of the engine (the
+    # agent's start of a stopped claim, which resets the count) is `started`.
+    restarted = started and before is not None and before.started > 0 and (
+        after.restart_count > before.restart_count or before.status == "restarting")
+    why = _stop_reason(after) if after is not None else {}
     if started and not ended:  # it ended first, if at all, then started again
         if exited:
             line("exited", exit_code=exit_code, oom_killed=oom_killed)
@@ -63,10 +67,23 @@ def container_changes(before: ContainerState | None, after: ContainerState | Non
         if started:
             line("restarted" if restarted else "started")
         if exited:
-            line("exited", exit_code=exit_code, oom_killed=oom_killed)
+            line("exited", exit_code=exit_code, oom_killed=oom_killed, **why)
+    if after is not None and _stopped(after) and (before is None or not _stopped(before)):
+        line("stopped")
     if after is None:
         line("removed")
     return lines
+
+
+def _stop_reason(state: ContainerState) -> dict[str, str]:
+    """`reason` for the exited line of a claim the agent stopped (`requested`, `disk_limit_exceeded`, ...); nothing for any other exit."""
+    reason = ManagedContainer.from_state(state).stop_reason
+    return {"reason": reason} if reason is not None else {}
+
+
+def _stopped(state: ContainerState) -> bool:
+    """Stopped by the agent (its name carries the mark, and it no longer runs)."""
+    return ManagedContainer.from_state(state).stopped
 
 
 def exit_line(before: ContainerState, engine_actions: list[dict[str, Any]], oom_seen: bool = False) -> dict[str, Any] | None:
@@ -83,7 +100,8 @@ def exit_line(before: ContainerState, engine_actions: list[dict[str, Any]], oom_
     exit_code, oom_killed = _exit_code(died[-1]), oom_seen or any(event.get("Action") == "oom" for event in engine_actions)
     finished = int(died[-1].get("time") or 0) or before.finished
     exited = replace(before, status="exited", exit_code=exit_code or 0, oom_killed=oom_killed, finished=finished)
-    return {"kind": "container", "action": "exited", "exit_code": exit_code, "oom_killed": oom_killed, "object": container_object(exited)}
+    return {"kind": "container", "action": "exited", "exit_code": exit_code, "oom_killed": oom_killed, **_stop_reason(exited),
+            "object": container_object(exited)}
 
 
 def _exit_code(die: dict[str, Any]) -> int | None:

@@ -1,2 +1,2 @@
 """Node-wide state shared by the workers: the state dir and its files, drain, per-node roles,
-system metrics and claim usage."""
+system metrics, claim usage, and the schemas of GET /api/v1/metrics."""
