@@ -57,6 +57,20 @@ def test_every_error_code_of_the_server_has_its_own_class(server_class):
     assert client_class.retryable == (server_class.status in (429, 503))
 
 
+@pytest.mark.parametrize("row", server_errors.ERROR_CODES, ids=lambda row: row.code)
+def test_each_row_of_the_table_gives_both_sides_a_class_with_its_fields(row):
+    body = {"error": row.code, "message": "m", **{field: f"{field}-value" for field in row.fields}}
+    error = agent_client.ERRORS_BY_CODE[row.code](row.status, body)
+    assert (type(error).__name__, type(error).__module__) == (row.client, "utopia_agent.client.errors")
+    assert getattr(agent_client, row.client) is type(error)
+    assert [getattr(error, field) for field in row.fields] == [f"{field}-value" for field in row.fields]
+    server_class = server_errors.SERVER_CLASSES[row.code]
+    assert (server_class.__name__, server_class.status, server_class.code) == (row.server, row.status, row.code)
+    if row.family:
+        assert issubclass(server_class, server_errors.SERVER_CLASSES[row.family])
+        assert isinstance(error, agent_client.ERRORS_BY_CODE[row.family])
+
+
 def test_an_unknown_code_is_raised_as_the_class_of_its_status():
     answer = requests.Response()
     answer.status_code, answer.headers["X-Request-ID"] = 409, "r1"
