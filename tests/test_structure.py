@@ -19,6 +19,7 @@ LAYERS = (
     "engine",         # the Docker engine
     "node",           # node-wide state: state dir and files, drain, roles, system metrics, claim usage
     "network",        # tenant networks: the claims' network and the firewall rules that isolate it
+    "volumes",        # claim volumes: sized node-local volumes on disk (loop-mounted files, btrfs subvolumes)
     "images",         # pulls
     "gpus",           # NVML, health, selection
     "allocation",     # decisions under the node's lock

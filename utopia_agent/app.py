@@ -7,6 +7,7 @@ from functools import partial
 from flask import Flask
 
 from .allocation.allocator import Allocator, allocation_lock
+from .allocation.claim_volumes import ClaimVolumes
 from .api.error_handlers import register_error_handlers
 from .node.claim_usage import ClaimUsage
 from .config import Config, load_config, prepare_state_dir
@@ -31,6 +32,7 @@ from .node.state_dir import first_to_log
 from .claims.resources import NodeResources
 from .node.system_metrics import SystemMetrics
 from .claims.volumes import MountPins
+from .volumes.store import VolumeStore
 
 
 def create_app(config: Config | None = None, gpus: GpuInventory | None = None, docker: DockerManager | None = None) -> Flask:
@@ -57,7 +59,8 @@ def create_app(config: Config | None = None, gpus: GpuInventory | None = None, d
     app = Flask("utopia_agent", static_folder=None)  # every route is declared (api/operations.py); no static files
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
     app.json.sort_keys = False
-    allocator = Allocator(config, docker, health, node, lock_timeout, MountPins(config.mounts_dir), NodeResources.read())
+    volume_store = VolumeStore(config.claim_volumes_root, config.claim_volume_backend)  # settled by the master (gunicorn.conf.py)
+    allocator = Allocator(config, docker, health, node, lock_timeout, MountPins(config.mounts_dir), NodeResources.read(), volume_store)
     app.extensions["utopia"] = Services(
         config=config,
         docker=docker,
@@ -70,6 +73,7 @@ def create_app(config: Config | None = None, gpus: GpuInventory | None = None, d
         network=NetworkIsolation(config, EngineConnection(config.engine_timeout)).start(),
         images=_images(docker, config, lock),
         events=EventStreams(history, config.events_heartbeat_seconds),
+        volumes=ClaimVolumes(volume_store, docker, lock, history),
     )
     health.monitor.start()
     register_error_handlers(app)

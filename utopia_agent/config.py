@@ -20,6 +20,7 @@ LOG_FORMATS = ("json", "text")
 PROMETHEUS_AUTH_MODES = ("token", "none")
 RESTART_POLICIES = ("no", "on-failure", "unless-stopped", "always")
 GPU_BACKENDS = ("auto", "nvml", "fake", "none")
+CLAIM_VOLUME_BACKENDS = ("auto", "loop", "btrfs")
 # Host paths no volume root may be, contain or lie in: the host's system, the engine's and
 # other orchestrators' state. The agent's own code, token and state are added at load.
 SYSTEM_PATHS = (
@@ -164,6 +165,9 @@ class Config:
     events_heartbeat_seconds: float = 15.0
     # Resolved at load: what no volume may reach (SYSTEM_PATHS, the agent's code and token).
     denied_paths: tuple[str, ...] = ()
+    # Where claim volumes live (None: STATE_DIR/claim-volumes) and how they get their size.
+    claim_volumes_dir: Path | None = None
+    claim_volume_backend: str = "auto"
 
     @property
     def effective_volume_roots(self) -> tuple[Path, ...]:
@@ -172,6 +176,10 @@ class Config:
     @property
     def mounts_dir(self) -> Path:
         return self.state_dir / "mounts"
+
+    @property
+    def claim_volumes_root(self) -> Path:
+        return self.claim_volumes_dir or self.state_dir / "claim-volumes"
 
 
 def _int(env: Mapping[str, str], name: str, default: int, low: int = 1, high: int | None = None) -> int:
@@ -415,7 +423,24 @@ def load_config(env: Mapping[str, str] | None = None, ephemeral_ports_path: Path
         events_history=_int(env, "UTOPIA_AGENT_EVENTS_HISTORY", 10000, high=10_000_000),
         events_heartbeat_seconds=_seconds(env, "UTOPIA_AGENT_EVENTS_HEARTBEAT_SECONDS", 15.0),
         denied_paths=denied,
+        claim_volumes_dir=_claim_volumes_dir(env, volume_roots or (state_dir / "volumes",)),
+        claim_volume_backend=_choice(env, "UTOPIA_AGENT_CLAIM_VOLUME_BACKEND", "auto", CLAIM_VOLUME_BACKENDS),
     )
+
+
+def _claim_volumes_dir(env: Mapping[str, str], volume_roots: tuple[Path, ...]) -> Path | None:
+    """An absolute folder apart from every host volume root: a tenant's host volume must never reach another's claim volume."""
+    raw = env.get("UTOPIA_AGENT_CLAIM_VOLUMES_DIR")
+    if not raw:
+        return None
+    folder = Path(raw)
+    if not folder.is_absolute():
+        raise ConfigError("UTOPIA_AGENT_CLAIM_VOLUMES_DIR", f"{raw} is not an absolute path")
+    real = os.path.realpath(folder)
+    for root in volume_roots:
+        if _within(real, os.path.realpath(root)) or _within(os.path.realpath(root), real):
+            raise ConfigError("UTOPIA_AGENT_CLAIM_VOLUMES_DIR", f"{raw} overlaps the volume root {root}")
+    return folder
 
 
 def _image_gc(env: Mapping[str, str]) -> dict[str, float]:

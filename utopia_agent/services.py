@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from flask import current_app
 
 from .allocation.allocator import Allocator
+from .allocation.claim_volumes import ClaimVolumes
 from .node.claim_usage import ClaimUsage
 from .config import Config
 from .engine.manager import DockerManager
@@ -38,6 +39,7 @@ class Services:
     network: NetworkIsolation
     images: Images
     events: EventStreams
+    volumes: ClaimVolumes
 
     def close(self) -> None:
         self.events.close()

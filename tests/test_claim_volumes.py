@@ -1,0 +1,253 @@
+"""Claim volumes on a real engine with real loop mounts: sized, kept past their claims, shared
+read-only and written by one claim at a time, found again after restarts and crashes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.support.polling import wait_for
+from tests.test_events import Watch
+
+pytestmark = pytest.mark.usefixtures("nvidia_path")
+MIB = 1024 * 1024
+
+
+def loop_devices_of(image: Path) -> str:
+    return subprocess.run(["losetup", "-j", str(image)], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def volume_folder(agent, name: str) -> Path:
+    return agent.state_dir / "claim-volumes" / name
+
+
+@pytest.fixture
+def volume(agent, claim):
+    """A 1 GiB volume named for the test; deleted afterwards (its claims are removed first by the autouse cleanup)."""
+    made: list[str] = []
+
+    def make(suffix: str = "v", size_gb: int = 1) -> str:
+        name = claim(suffix)
+        response = agent.post("/api/v1/volumes", json={"name": name, "size_gb": size_gb})
+        assert response.status_code == 201, response.text
+        made.append(name)
+        return name
+
+    yield make
+    for name in made:
+        for container in agent.get("/api/v1/containers").json():
+            if container["claim_id"] in agent.get(f"/api/v1/volumes/{name}").json().get("claims", []):
+                agent.delete(f"/api/v1/containers/{container['id']}")
+        assert agent.delete(f"/api/v1/volumes/{name}").status_code in (204, 404)
+
+
+def created(agent, claim_id, image, **fields):
+    response = agent.create(claim_id, image, **fields)
+    assert response.status_code == 201, response.text
+    return response.json()["container_id"]
+
+
+def run_in(docker_client, container_id, script):
+    result = docker_client.containers.get(container_id).exec_run(["sh", "-c", script])
+    return result.exit_code, result.output.decode()
+
+
+def test_a_volume_is_made_shown_and_removed_with_nothing_left(agent, claim, volume):
+    watch = Watch(agent)
+    try:
+        name = claim("v")
+        response = agent.post("/api/v1/volumes", json={"name": name, "size_gb": 1})
+        assert response.status_code == 201, response.text
+        body = response.json()
+        assert set(body) == {"name", "size_gb", "used_mb", "created", "backend", "claims", "ready"}
+        assert (body["name"], body["size_gb"], body["backend"], body["claims"], body["ready"]) == (name, 1, "loop", [], True)
+        assert 0 <= body["used_mb"] < 100
+        assert response.headers["Location"].endswith(f"/api/v1/volumes/{name}")
+        assert agent.get("/api/v1/node").json()["claim_volume_backend"] == "loop"
+        again = agent.post("/api/v1/volumes", json={"name": name, "size_gb": 2})
+        assert (again.status_code, again.json()["error"], again.json()["volume"]) == (409, "volume_exists", name)
+        for bad in ({"name": "-bad", "size_gb": 1}, {"name": "ok", "size_gb": 0}, {"name": "ok", "size_gb": 1.5}, {"name": "ok"},
+                    {"name": "ok", "size_gb": 1, "labels": {}}):
+            refused = agent.post("/api/v1/volumes", json=bad)
+            assert (refused.status_code, refused.json()["error"]) == (400, "invalid_request"), bad
+        assert agent.get("/api/v1/volumes/ok").status_code == 404
+
+        assert name in [v["name"] for v in agent.get("/api/v1/volumes").json()]
+        assert agent.get(f"/api/v1/volumes/{name}").json()["size_gb"] == 1
+        folder = volume_folder(agent, name)
+        assert loop_devices_of(folder / "disk.img"), "the agent loop-mounted it"
+        image = folder / "disk.img"
+        assert agent.delete(f"/api/v1/volumes/{name}").status_code == 204
+        assert not folder.exists() and not os.path.ismount(folder / "mnt")
+        assert wait_for(lambda: not loop_devices_of(image), timeout=15), "its loop device was freed"
+        assert agent.delete(f"/api/v1/volumes/{name}").status_code == 404
+        changes = watch.wait(lambda c: ("volume", "removed") in [(x["kind"], x["action"]) for x in c])
+        assert [(c["action"], c["object"]["name"]) for c in changes if c["kind"] == "volume"] == [("created", name), ("removed", name)]
+    finally:
+        watch.close()
+
+
+def test_data_outlives_its_claim_and_a_write_past_the_size_is_enospc(agent, docker_client, test_image, claim, volume):
+    name = volume()
+    mount = [{"volume": name, "path": "/workspace"}]
+    first = created(agent, claim("a"), test_image, gpu_count=1, mounts=mount, command=["sleep", "300"])
+    first_gpus = set(agent.get(f"/api/v1/containers/{first}").json()["gpu_ids"])
+    code, written = run_in(docker_client, first, "dd if=/dev/urandom of=/workspace/data bs=1M count=100 2>/dev/null && md5sum /workspace/data")
+    assert code == 0, written
+    assert agent.get(f"/api/v1/volumes/{name}").json()["claims"] == [claim("a")]
+    assert agent.delete(f"/api/v1/containers/{first}").status_code == 204
+    created(agent, claim("hold"), test_image, gpu_count=len(first_gpus), command=["sleep", "300"])  # takes the GPUs `a` had
+
+    second = created(agent, claim("b"), test_image, gpu_count=1, mounts=mount, command=["sleep", "300"])
+    assert not set(agent.get(f"/api/v1/containers/{second}").json()["gpu_ids"]) & first_gpus, "claim b runs on other GPUs"
+    assert run_in(docker_client, second, "md5sum /workspace/data") == (0, written)
+
+    code, output = run_in(docker_client, second, "dd if=/dev/zero of=/workspace/big bs=1M count=2048; sync; stat -c %s /workspace/big")
+    assert code == 0 and "No space left on device" in output, output
+    size = int(output.strip().splitlines()[-1])
+    assert 800 * MIB < size < 1024 * MIB, size
+    # The node's disk is shared with other work, so its free space proves nothing: what the volume can take
+    # of it is its sparse file's blocks, never more than its size.
+    assert (volume_folder(agent, name) / "disk.img").stat().st_blocks * 512 <= 1024 * MIB
+    [layer] = docker_client.api.containers(all=True, size=True, filters={"id": second})
+    assert (layer.get("SizeRw") or 0) < 10 * MIB, "the container's own writable layer took nothing"
+    assert agent.get(f"/api/v1/volumes/{name}").json()["used_mb"] > 900
+
+
+def test_mounts_are_refused_unknown_twice_written_or_in_use_and_shared_read_only(agent, docker_client, test_image, claim, volume):
+    name = volume()
+    unknown = agent.create(claim("u"), test_image, mounts=[{"volume": "no-such-volume", "path": "/w"}], command=["sleep", "300"])
+    assert (unknown.status_code, unknown.json()["error"], unknown.json()["volume"]) == (404, "volume_not_found", "no-such-volume")
+    assert docker_client.containers.list(all=True, filters={"label": f"utopia.claim_id={claim('u')}"}) == [], "nothing was made"
+    shadow = agent.create(claim("u"), test_image, mounts=[{"volume": name, "path": "/proc/x"}])
+    assert (shadow.status_code, shadow.json()["error"]) == (403, "forbidden_by_policy")
+
+    readers = [created(agent, claim(f"r{i}"), test_image, mounts=[{"volume": name, "path": "/data", "read_only": True}], command=["sleep", "300"])
+               for i in range(2)]
+    code, output = run_in(docker_client, readers[0], "touch /data/x")
+    assert code != 0 and "Read-only file system" in output
+    writer = agent.create(claim("w"), test_image, mounts=[{"volume": name, "path": "/data"}], command=["sleep", "300"])
+    assert (writer.status_code, writer.json()["error"], writer.json()["claim_id"]) == (409, "volume_in_use", claim("r0")), writer.text
+    for reader in readers:
+        assert agent.delete(f"/api/v1/containers/{reader}").status_code == 204
+
+    owner = created(agent, claim("w"), test_image, mounts=[{"volume": name, "path": "/data"}], command=["sleep", "300"])
+    for read_only in (False, True):
+        refused = agent.create(claim("x"), test_image, mounts=[{"volume": name, "path": "/data", "read_only": read_only}])
+        assert (refused.status_code, refused.json()["error"], refused.json()["claim_id"]) == (409, "volume_in_use", claim("w"))
+    assert agent.post(f"/api/v1/containers/{owner}/stop").status_code == 200
+    in_use = agent.delete(f"/api/v1/volumes/{name}")
+    assert (in_use.status_code, in_use.json()["error"], in_use.json()["claim_id"]) == (409, "volume_in_use", claim("w")), "a stopped claim holds it"
+    refused = agent.create(claim("x"), test_image, mounts=[{"volume": name, "path": "/data"}])
+    assert refused.status_code == 409, "a stopped claim still holds its read-write mount"
+
+
+def test_two_concurrent_writers_never_both_win(agent, test_image, claim, volume):
+    name = volume()
+    answers: list[requests.Response] = []
+
+    def create(suffix):
+        answers.append(agent.create(claim(suffix), test_image, mounts=[{"volume": name, "path": "/data"}], command=["sleep", "300"]))
+
+    threads = [threading.Thread(target=create, args=(f"c{i}",)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(answer.status_code for answer in answers) == [201, 409, 409, 409], [a.text for a in answers]
+
+
+def test_volumes_are_found_again_after_killed_workers_and_a_restart_and_mounted_again(agent_factory, docker_client, test_image, claim):
+    agent = agent_factory(workers=2)
+    name = claim("v")
+    try:
+        assert agent.post("/api/v1/volumes", json={"name": name, "size_gb": 1}).status_code == 201
+        holder = created(agent, claim("a"), test_image, mounts=[{"volume": name, "path": "/data"}], command=["sleep", "300"])
+        assert run_in(docker_client, holder, "echo kept > /data/file")[0] == 0
+        assert agent.delete(f"/api/v1/containers/{holder}").status_code == 204
+        for pid in agent.worker_pids():
+            os.kill(pid, signal.SIGKILL)
+        assert wait_for(lambda: answered(agent, f"/api/v1/volumes/{name}"), timeout=60)["ready"] is True
+
+        agent.stop()
+        folder = volume_folder(agent, name)
+        subprocess.run(["umount", str(folder / "mnt")], check=True)  # as after a reboot
+        assert wait_for(lambda: not loop_devices_of(folder / "disk.img"), timeout=15), "the unmount freed its loop device"
+        agent.start()
+        shown = agent.get(f"/api/v1/volumes/{name}").json()
+        assert shown["ready"] is True and shown["used_mb"] is not None, "the agent mounted it again at start"
+        reader = created(agent, claim("b"), test_image, mounts=[{"volume": name, "path": "/data", "read_only": True}], command=["sleep", "300"])
+        assert run_in(docker_client, reader, "cat /data/file") == (0, "kept\n")
+        assert agent.delete(f"/api/v1/containers/{reader}").status_code == 204
+        assert agent.delete(f"/api/v1/volumes/{name}").status_code == 204
+        assert not folder.exists()
+    finally:
+        agent.stop()
+
+
+def answered(agent, path):
+    try:
+        response = agent.get(path)
+    except requests.ConnectionError:
+        return None
+    return response.json() if response.status_code == 200 else None
+
+
+def test_an_interrupted_create_is_shown_deleted_or_finished_and_leaves_nothing_hidden(agent_factory, claim, tmp_path):
+    """A worker SIGKILLed while mkfs runs (a stand-in mkfs.ext4 that waits): the volume is listed as
+    not ready, a delete removes all of it, and one left so is finished at the next start."""
+    stand_in = tmp_path / "bin"
+    stand_in.mkdir()
+    (stand_in / "mkfs.ext4").write_text(f"#!/bin/sh\necho $$ >> {tmp_path}/mkfs.pids\nexec sleep 60\n")
+    (stand_in / "mkfs.ext4").chmod(0o755)
+    agent = agent_factory(workers=2, PATH=f"{stand_in}:{os.environ['PATH']}")
+    names = [claim("gone"), claim("kept")]
+    try:
+        for name in names:
+            sender = threading.Thread(target=lambda n=name: _send_quietly(agent, n), daemon=True)
+            sender.start()
+            folder = volume_folder(agent, name)
+            assert wait_for(lambda f=folder: (f / "disk.img").exists(), timeout=30)
+            waiting = [int(pid) for pid in (tmp_path / "mkfs.pids").read_text().split()]
+            killed = _worker_in_mkfs(agent, waiting[-1])
+            os.kill(killed, signal.SIGKILL)
+            os.kill(waiting[-1], signal.SIGKILL)
+            sender.join(30)
+            shown = wait_for(lambda n=name: answered(agent, f"/api/v1/volumes/{n}"), timeout=60)
+            assert (shown["ready"], shown["used_mb"]) == (False, None)
+            assert name in [v["name"] for v in agent.get("/api/v1/volumes").json()]
+            unusable = agent.create(claim("c"), "utopia-test/busybox:latest", mounts=[{"volume": name, "path": "/data"}])
+            assert (unusable.status_code, unusable.json()["error"]) == (404, "volume_not_found")
+
+        assert agent.delete(f"/api/v1/volumes/{names[0]}").status_code == 204
+        assert not volume_folder(agent, names[0]).exists()
+
+        agent.stop()
+        agent.env["PATH"] = os.environ["PATH"]
+        agent.start()
+        finished = agent.get(f"/api/v1/volumes/{names[1]}").json()
+        assert (finished["ready"], finished["size_gb"]) == (True, 1) and finished["used_mb"] is not None
+        assert agent.delete(f"/api/v1/volumes/{names[1]}").status_code == 204
+        assert sorted(os.listdir(agent.state_dir / "claim-volumes")) == []
+    finally:
+        agent.stop()
+
+
+def _send_quietly(agent, name):
+    try:
+        agent.post("/api/v1/volumes", json={"name": name, "size_gb": 1}, timeout=60)
+    except requests.RequestException:
+        pass
+
+
+def _worker_in_mkfs(agent, mkfs_pid: int) -> int:
+    """The worker whose child the waiting mkfs is."""
+    parent = int(Path(f"/proc/{mkfs_pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    assert parent in agent.worker_pids()
+    return parent
