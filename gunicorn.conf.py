@@ -16,7 +16,11 @@ from utopia_agent.config import ConfigError, load_config, prepare_state_dir
 from utopia_agent.volumes.store import VolumeStore
 from utopia_agent.observability.logs import logging_dict
 from utopia_agent.claims.volumes import MountPins
+from utopia_agent.disks.node_disk import quota_in_force
+from utopia_agent.disks.quota import EngineCannotEnforce
 from utopia_agent.engine.connection import EngineConnection
+from utopia_agent.engine.manager import read_storage
+from utopia_agent.errors import AgentError
 from utopia_agent.network.isolation import IsolationFailed, NetworkIsolation
 from utopia_agent.server.tls_reload import ServedCertificate, note_served_certificate
 from utopia_agent.events.stream import MAX_STREAMS
@@ -58,6 +62,25 @@ try:
     _network_isolation(_agent, "establish")
 except IsolationFailed as error:
     print(f"utopia-agent: UTOPIA_AGENT_NETWORK_ISOLATION=on, but claims cannot be isolated: {error}", file=sys.stderr)
+    sys.exit(2)
+
+def _disk_quota(config) -> None:
+    """With UTOPIA_AGENT_DISK_QUOTA=engine, make sure the engine enforces container disk sizes, on
+    an engine connection of the master's own; the other settings need no engine here."""
+    if config.disk_quota != "engine":
+        return
+    engine = EngineConnection(config.engine_timeout)
+    try:
+        quota_in_force(config.disk_quota, read_storage(engine))
+    finally:
+        engine.close()
+
+
+try:
+    _disk_quota(_agent)
+except (EngineCannotEnforce, AgentError) as error:
+    print(f"utopia-agent: UTOPIA_AGENT_DISK_QUOTA=engine, but the engine does not enforce container disk sizes: "
+          f"{getattr(error, 'message', error)}", file=sys.stderr)
     sys.exit(2)
 
 try:

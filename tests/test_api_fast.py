@@ -592,7 +592,7 @@ def test_a_create_cut_short_by_its_workers_death_is_settled_before_the_next_deci
     name = memory.containers[orphan].name
     memory.containers[orphan] = dataclasses.replace(memory.containers[orphan], status="created", started=0)
     (state_dir / "create-in-flight.json").write_text(json.dumps({"name": name, "pid": 4242}))
-    response = create(client, command=["sleep", "60"], gpu_count=8)
+    response = create(client, command=["sleep", "60"], gpu_count=8, disk_gb=1)  # not the whole disk: "after" needs some
     assert response.status_code == 201, response.get_json()
     assert orphan not in memory.containers and not (state_dir / "create-in-flight.json").exists()
 

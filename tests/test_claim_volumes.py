@@ -251,3 +251,22 @@ def _worker_in_mkfs(agent, mkfs_pid: int) -> int:
     parent = int(Path(f"/proc/{mkfs_pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
     assert parent in agent.worker_pids()
     return parent
+
+
+def test_a_volume_beyond_the_free_allocatable_disk_is_refused(agent_factory, docker_client, claim):
+    """Volumes count against the node's allocatable disk (the engine data root's filesystem less the reserve), with the claims' disks."""
+    root = os.statvfs(docker_client.info()["DockerRootDir"])
+    size_gb = root.f_blocks * root.f_frsize / 1024**3
+    agent = agent_factory(workers=1, UTOPIA_AGENT_RESERVED_DISK_GB=f"{size_gb - 3:.3f}")
+    try:
+        name = claim("v")
+        assert agent.post("/api/v1/volumes", json={"name": name, "size_gb": 2}).status_code == 201
+        refused = agent.post("/api/v1/volumes", json={"name": claim("w"), "size_gb": 2})
+        assert (refused.status_code, refused.json()["error"]) == (409, "not_enough_resources"), refused.text
+        assert 0 < refused.json()["free_disk_gb"] < 2, "what is left of the 3 GB beside the first volume"
+        assert agent.get("/api/v1/volumes/" + claim("w")).status_code == 404, "nothing was made"
+        assert agent.delete(f"/api/v1/volumes/{name}").status_code == 204
+        assert agent.post("/api/v1/volumes", json={"name": claim("w"), "size_gb": 2}).status_code == 201, "its size is free again"
+        assert agent.delete(f"/api/v1/volumes/{claim('w')}").status_code == 204
+    finally:
+        agent.stop()

@@ -84,7 +84,8 @@ def test_container_object_has_the_contract_shape(agent, test_image, claim):
         assert isinstance(obj["created"], int) and isinstance(obj["started"], int)
         assert abs(obj["created"] - time.time()) < 120 and obj["started"] >= obj["created"]
         assert obj["labels"]["utopia.managed"] == "true"
-        assert obj["resources"] == {"cpus": None, "memory_mb": None, "shm_size_mb": 8192, "cpuset": None}, "no GPUs, no limits"
+        assert obj["resources"] == {"cpus": None, "memory_mb": None, "shm_size_mb": 8192, "cpuset": None, "disk_gb": 10.0}, \
+            "no GPUs: no CPU or memory limit, the default disk"
     assert mine == shown == by_prefix
 
     filtered = agent.get("/api/v1/containers", params={"claim_id": claim()}).json()

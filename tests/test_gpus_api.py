@@ -149,7 +149,8 @@ def _burst(agent, test_image, prefix: str, count: int, seed: int) -> dict[str, r
             with agent.new_client() as client:
                 return claim_id, client.send(
                     "POST", "/api/v1/containers",
-                    json={"claim_id": claim_id, "image": test_image, "gpu_count": gpus, "command": ["sleep", "300"]},
+                    # 1 GB of disk each, so the GPUs' disk shares (which fill the node's disk) never decide.
+                    json={"claim_id": claim_id, "image": test_image, "gpu_count": gpus, "command": ["sleep", "300"], "disk_gb": 1},
                     timeout=120,
                 )
         except requests.RequestException as exc:

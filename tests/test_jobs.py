@@ -14,6 +14,7 @@ import pytest
 
 from tests.fake_nvml import fake_gpus
 from tests.support.polling import wait_for
+from utopia_agent.claims.disks import allocatable_gb, disk_share
 from utopia_agent.claims.resources import format_cpu_list
 
 MIB = 1024 * 1024
@@ -80,7 +81,9 @@ def test_gpu_claim_gets_its_share_of_the_node(agent_factory, docker_client, test
     assert host["Memory"] == host["MemorySwap"] == memory_mb * MIB, "no swap: over the limit is an OOM kill"
     assert host["ShmSize"] == memory_mb // 2 * MIB and host["IpcMode"] == "private"
     resources = agent.get(f"/api/v1/containers/{container_id}").json()["resources"]
-    assert resources == {"cpus": cpus, "memory_mb": memory_mb, "shm_size_mb": memory_mb // 2, "cpuset": local_cpus(0, 31)}
+    root = os.statvfs(docker_client.info()["DockerRootDir"])
+    disk_gb = disk_share(allocatable_gb(root.f_blocks * root.f_frsize, None), 2, 8)
+    assert resources == {"cpus": cpus, "memory_mb": memory_mb, "shm_size_mb": memory_mb // 2, "cpuset": local_cpus(0, 31), "disk_gb": disk_gb}
 
 
 def test_claim_without_gpus_or_limits_gets_none_but_a_big_shm(agent, docker_client, test_image, claim):

@@ -28,6 +28,7 @@ from .images.collection import ImageCollector
 from .images.pulls import Images
 from .images.records import PulledImages
 from .services import Services
+from .disks.node_disk import NodeDisk
 from .node.state_dir import first_to_log
 from .claims.resources import NodeResources
 from .node.system_metrics import SystemMetrics
@@ -60,7 +61,10 @@ def create_app(config: Config | None = None, gpus: GpuInventory | None = None, d
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
     app.json.sort_keys = False
     volume_store = VolumeStore(config.claim_volumes_root, config.claim_volume_backend)  # settled by the master (gunicorn.conf.py)
-    allocator = Allocator(config, docker, health, node, lock_timeout, MountPins(config.mounts_dir), NodeResources.read(), volume_store)
+    allocator = Allocator(config, docker, health, node, lock_timeout, MountPins(config.mounts_dir), NodeResources.read(), NodeDisk(config, docker),
+                          volume_store)
+    # Volumes' sizes count against the node's allocatable disk, with the claims' disks (read afresh under the lock).
+    allocator.disk.add_consumer("volumes", lambda: float(sum(volume.size_gb for volume in volume_store.list())))
     app.extensions["utopia"] = Services(
         config=config,
         docker=docker,
@@ -73,7 +77,7 @@ def create_app(config: Config | None = None, gpus: GpuInventory | None = None, d
         network=NetworkIsolation(config, EngineConnection(config.engine_timeout)).start(),
         images=_images(docker, config, lock),
         events=EventStreams(history, config.events_heartbeat_seconds),
-        volumes=ClaimVolumes(volume_store, docker, lock, history),
+        volumes=ClaimVolumes(volume_store, docker, lock, history, allocator.disk_ledger),
     )
     health.monitor.start()
     register_error_handlers(app)

@@ -21,6 +21,9 @@ PROMETHEUS_AUTH_MODES = ("token", "none")
 RESTART_POLICIES = ("no", "on-failure", "unless-stopped", "always")
 GPU_BACKENDS = ("auto", "nvml", "fake", "none")
 CLAIM_VOLUME_BACKENDS = ("auto", "loop", "btrfs")
+DISK_QUOTA_MODES = ("auto", "engine", "measured", "off")
+# A claim without GPUs and without `disk_gb` (a sidecar, a CPU job): room for a pip install and logs.
+DEFAULT_DISK_GB = 10.0
 # Host paths no volume root may be, contain or lie in: the host's system, the engine's and
 # other orchestrators' state. The agent's own code, token and state are added at load.
 SYSTEM_PATHS = (
@@ -163,6 +166,10 @@ class Config:
     image_gc_interval: float = 60.0
     events_history: int = 10000
     events_heartbeat_seconds: float = 15.0
+    disk_quota: str = "auto"
+    default_disk_gb: float = DEFAULT_DISK_GB
+    # None: 15% of the engine's data-root filesystem (claims/disks.default_reserved_gb), known only once the engine says where that is.
+    reserved_disk_gb: float | None = None
     # Resolved at load: what no volume may reach (SYSTEM_PATHS, the agent's code and token).
     denied_paths: tuple[str, ...] = ()
     # Where claim volumes live (None: STATE_DIR/claim-volumes) and how they get their size.
@@ -223,6 +230,20 @@ def _reserve(env: Mapping[str, str], name: str, default: float, node_total: floa
         raise ConfigError(name, f"expected 0 or more, got {raw!r}")
     if value >= node_total:
         raise ConfigError(name, f"{value:g} leaves nothing of the node's {node_total:g} {unit} for claims")
+    return value
+
+
+def _gb(env: Mapping[str, str], name: str, default: float | None, zero: bool) -> float | None:
+    """A size in GB (2^30 bytes): more than 0, or at least 0 with `zero`."""
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(name, f"expected a number of GB, got {raw!r}") from None
+    if not (0 <= value < float("inf") if zero else 0 < value < float("inf")):
+        raise ConfigError(name, f"expected {'0 or more' if zero else 'more than 0'} GB, got {raw!r}")
     return value
 
 
@@ -422,6 +443,9 @@ def load_config(env: Mapping[str, str] | None = None, ephemeral_ports_path: Path
         **_image_gc(env),
         events_history=_int(env, "UTOPIA_AGENT_EVENTS_HISTORY", 10000, high=10_000_000),
         events_heartbeat_seconds=_seconds(env, "UTOPIA_AGENT_EVENTS_HEARTBEAT_SECONDS", 15.0),
+        disk_quota=_choice(env, "UTOPIA_AGENT_DISK_QUOTA", "auto", DISK_QUOTA_MODES),
+        default_disk_gb=_gb(env, "UTOPIA_AGENT_DEFAULT_DISK_GB", DEFAULT_DISK_GB, zero=False) or DEFAULT_DISK_GB,
+        reserved_disk_gb=_gb(env, "UTOPIA_AGENT_RESERVED_DISK_GB", None, zero=True),
         denied_paths=denied,
         claim_volumes_dir=_claim_volumes_dir(env, volume_roots or (state_dir / "volumes",)),
         claim_volume_backend=_choice(env, "UTOPIA_AGENT_CLAIM_VOLUME_BACKEND", "auto", CLAIM_VOLUME_BACKENDS),

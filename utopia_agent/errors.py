@@ -57,9 +57,10 @@ ERROR_CODES: tuple[ErrorCode, ...] = (
               "the claim that holds one of its GPUs now."),
     ErrorCode(409, "port_taken", "PortTaken", "PortTaken", "conflict", ("host_port",), None,
               "A host port is held by another claim or process: `host_port` names it."),
-    ErrorCode(409, "not_enough_resources", "NotEnoughResources", "NotEnoughResources", "conflict", ("free_cpus", "free_memory_mb", "claim_id"),
-              None, "The claim's CPUs or memory exceed what is free on the node: `free_cpus` and `free_memory_mb` say what is; for a "
-              "start, `claim_id` names the claim that holds its exclusive CPUs now."),
+    ErrorCode(409, "not_enough_resources", "NotEnoughResources", "NotEnoughResources", "conflict",
+              ("free_cpus", "free_memory_mb", "free_disk_gb", "claim_id"), None,
+              "The claim's CPUs, memory or disk (or a volume's size) exceed what is free on the node: `free_cpus`, `free_memory_mb` "
+              "or `free_disk_gb` say what is; for a start, `claim_id` names the claim that holds its exclusive CPUs now."),
     ErrorCode(409, "node_draining", "NodeDraining", "NodeDraining", "conflict", ("reason",), None,
               "The operator drains the node: no new claims until it resumes; `reason` says why."),
     ErrorCode(409, "gpu_held", "GpuHeld", "GpuHeld", "conflict", ("claim_id",), None,

@@ -35,6 +35,8 @@ MAX_ENV_ENTRY = 32 * 1024
 MAX_VOLUMES = 32
 MAX_CPUS = 4096
 MAX_MEMORY_MB = 64 * 1024 * 1024
+# A petabyte: more than any node holds, small enough that a label keeps every digit.
+MAX_DISK_GB = 1024 * 1024
 MAX_LOG_TAIL = 10000
 
 
@@ -286,6 +288,11 @@ class CreateContainerSchema(Schema):
         validate=validate.Range(1, MAX_MEMORY_MB),
         metadata={"description": "Size of /dev/shm in MiB. Default: half of memory_mb, else the node's default."},
     )
+    disk_gb = StrictNumber(
+        validate=validate.Range(0, MAX_DISK_GB, min_inclusive=False),
+        metadata={"description": "The container disk in GB (2^30 bytes): what it may write outside its volumes. "
+                                 "Default: a GPU claim gets its share of the node's allocatable disk, any other claim the node's default."},
+    )
     restart_policy = fields.String(
         validate=validate.OneOf(RESTART_POLICIES),
         metadata={"description": "What the engine does when the job exits. Default: the node's."},
@@ -353,7 +360,7 @@ CONTAINER_EXAMPLE = {
     "ports": {"8888/tcp": "31001"},
     "created": 1764000000,
     "started": 1764000001,
-    "resources": {"cpus": 12.0, "memory_mb": 245760, "shm_size_mb": 122880, "cpuset": "0-11"},
+    "resources": {"cpus": 12.0, "memory_mb": 245760, "shm_size_mb": 122880, "cpuset": "0-11", "disk_gb": 400.0},
     "exit_code": None,
     "oom_killed": False,
     "restart_count": 0,
@@ -377,6 +384,8 @@ class ResourcesSchema(ResponseSchema):
     memory_mb = fields.Integer(allow_none=True, required=True, metadata={"description": "Memory limit in MiB; null without a limit."})
     shm_size_mb = fields.Integer(allow_none=True, required=True, metadata={"description": "Size of its /dev/shm in MiB."})
     cpuset = fields.String(allow_none=True, required=True, metadata={"description": "The CPUs it is pinned to, as a Linux CPU list; null when not pinned."})
+    disk_gb = fields.Float(allow_none=True, required=True,
+                           metadata={"description": "Its container disk in GB; null for a container made before the agent sized disks."})
 
 
 def _outcome(name: str) -> Callable[[Any], Any]:
@@ -522,6 +531,19 @@ class NetworkSchema(ResponseSchema):
                                      metadata={"description": "Claims on the engine's default bridge, made before isolation was on: not isolated."})
 
 
+class NodeDiskSchema(ResponseSchema):
+    """The claims' disk (see the contract's "Disks")."""
+
+    quota = fields.String(required=True, metadata={"enum": ["engine", "measured", "off"],
+                                                   "description": "How container disks are enforced: by the engine's storage driver, "
+                                                                  "by the agent measuring, or not at all."})
+    allocatable_gb = fields.Float(required=True, metadata={"description": "The engine's data-root filesystem less UTOPIA_AGENT_RESERVED_DISK_GB."})
+    allocated_gb = fields.Float(required=True, metadata={"description": "What the claims' container disks (and claim volumes) hold of it."})
+    free_gb = fields.Float(required=True, metadata={"description": "What a create may still have."})
+    pressure = fields.Boolean(required=True, metadata={"description": "True while the data root's or the state dir's filesystem is short of "
+                                                                      "free space (creates answer 507)."})
+
+
 class NodeSchema(ResponseSchema):
     """GET /api/v1/node."""
 
@@ -549,6 +571,8 @@ class NodeSchema(ResponseSchema):
     network = fields.Nested(NetworkSchema, required=True, metadata={"description": "The claims' network and whether its isolation is in place."})
     claim_volume_backend = fields.String(required=True, metadata={"enum": ["loop", "btrfs"], "description": "How new claim volumes get "
                                                                    "their size: a loop-mounted ext4 file, or a btrfs subvolume under a qgroup limit."})
+    disk = fields.Nested(NodeDiskSchema, allow_none=True, required=True,
+                         metadata={"description": "The claims' disk; null while the engine does not say where its data root is."})
 
 
 class GpuMetricsSchema(ResponseSchema):
@@ -638,6 +662,7 @@ class ErrorSchema(Schema):
     free_cpus = fields.Float(metadata={"description": "CPUs free for claims, for 409 not_enough_resources."})
     free_memory_mb = fields.Integer(metadata={"description": "Memory free for claims, for 409 not_enough_resources."})
     free_cpuset = fields.String(metadata={"description": "Whole cores free near the GPUs, for 409 not_enough_resources under exclusive pinning."})
+    free_disk_gb = fields.Float(metadata={"description": "Disk free for claims in GB, for 409 not_enough_resources."})
     image = fields.String(metadata={"description": "The image that could not be pulled, for 502 image_pull_failed."})
     volume = fields.String(metadata={"description": "The claim volume, for volume_not_found, volume_exists and volume_in_use."})
     reason = fields.String(metadata={"description": "The operator's reason, for 409 node_draining."})

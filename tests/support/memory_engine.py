@@ -19,7 +19,7 @@ from typing import Any
 from utopia_agent.claims.holders import carrying
 from utopia_agent.claims.records import CLAIM_LABEL, MANAGED_LABEL, ContainerSpec, Holdings, ManagedContainer
 from utopia_agent.errors import AgentError, ClaimExists, ImagePullFailed, NotManaged
-from utopia_agent.engine.manager import HeldImage, PresentImage
+from utopia_agent.engine.manager import EngineStorage, HeldImage, PresentImage
 from utopia_agent.engine.node_view import ContainerState
 from utopia_agent.schemas import CONTAINER_ID_PATTERN
 
@@ -73,6 +73,17 @@ class MemoryEngine:
     def data_root(self) -> str | None:
         self._call("data_root")
         return DATA_ROOT
+
+    def storage(self) -> EngineStorage:
+        """Writable layers on the machine's root filesystem, by no driver that takes a size: the
+        claims' disk is sized from `/` and measured."""
+        self._call("storage")
+        return EngineStorage("/", "", "")
+
+    def upper_dir(self, container_id: str) -> None:
+        """No writable layer on any filesystem."""
+        self._call("upper_dir")
+        return None
 
     def close(self) -> None:
         pass

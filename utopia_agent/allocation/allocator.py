@@ -31,11 +31,13 @@ from ..gpus.inventory import GpuInventory, Locality
 from ..claims.holders import carrying, claim_volume_users, exclusive_cpus, gpu_claims, gpu_keys, gpus_held_twice, port_holders, volume_holders
 from ..node.drain import NodeDrain
 from .policy import check_volumes_apart
+from ..claims.disks import DiskLedger, disk_share
 from ..claims.records import (
     CLAIM_LABEL, CLAIM_VOLUMES_LABEL, CPUS_LABEL, GPU_IDS_LABEL, MANAGED_LABEL, MEMORY_LABEL, PORTS_LABEL, REQUESTED_STOP, RUNNING_STATES,
     STOP_REASON_PATTERN, VOLUMES_LABEL,
     ContainerSpec, Holdings, ManagedContainer, PortMapping, StopMark,
 )
+from ..disks.node_disk import NodeDisk
 from ..node.state_file import StateFile
 from ..claims.resources import (
     NodeResources, check_fits, choose_exclusive_cpus, default_shm_mb, format_cpu_list, gpu_share, numa_placement, reserved_cpu_ids,
@@ -100,11 +102,12 @@ def port_is_free(port: int, protocol: str) -> bool:
 
 
 class Allocator:
-    """Chooses GPUs, CPUs and memory, checks ports and pins volumes for a claim, and creates its
-    container under the lock."""
+    """Chooses GPUs, CPUs, memory and disk, checks ports and pins volumes for a claim, and creates
+    its container under the lock."""
 
     def __init__(
         self, config: Config, docker: DockerManager, gpus: GpuHealth, drain: NodeDrain, lock_timeout: float, pins: MountPins, node: NodeResources,
+        disk: NodeDisk,
         volumes: VolumeStore | None = None,
     ):
         self._config = config
@@ -115,6 +118,7 @@ class Allocator:
         self._lock_timeout = lock_timeout
         self._pins = pins
         self._node = node
+        self.disk = disk
         self._volumes = volumes
         # The name of the container being created under the lock, while the engine makes it.
         self._in_flight = StateFile(config.state_dir / "create-in-flight.json")
@@ -137,6 +141,7 @@ class Allocator:
         """
         sample = self._gpus.sampler.for_allocation() if gpu_count else None
         engine_root = self._docker.data_root() if spec.volumes else None
+        disk_quota = self.disk.quota().mode
         claim_label = f"{CLAIM_LABEL}={spec.claim_id}"
         limits = gpu_count or spec.cpus or spec.memory_mb
         with allocation_lock(self._state_dir, self._lock_timeout):
@@ -154,6 +159,7 @@ class Allocator:
                     log.error("gpu allocated twice gpu=%s containers=%s", gpu, ",".join(c[:12] for c in holders))
                 spec = self._with_gpus(spec, gpu_count, sample, gpu_claims(gpu_holders), self._has_free_cores(limited))
             spec = self._with_resources(spec, len(sample.gpus) if sample else 0, limited)
+            spec = self._with_disk(spec, len(sample.gpus) if sample else 0, held(MANAGED_LABEL), disk_quota)
             if spec.mounts:
                 spec = self._with_claim_volumes(spec, held(CLAIM_VOLUMES_LABEL))
             if not spec.volumes:
@@ -396,6 +402,21 @@ class Allocator:
             memory_nodes=memory_nodes,
             cpu_pinning=config.cpu_pinning if cpuset else "",
         )
+
+    def _with_disk(self, spec: ContainerSpec, node_gpus: int, holders: list[Holdings], disk_quota: str) -> ContainerSpec:
+        """The container disk: as asked, else a GPU claim's share of the allocatable disk, else the
+        node's default; checked against what every claim (and every other consumer) holds."""
+        ledger = self.disk.ledger(holders)
+        disk_gb = spec.disk_gb
+        if disk_gb is None:
+            disk_gb = disk_share(ledger.allocatable_gb, len(spec.gpu_ids), node_gpus) if spec.gpu_ids else self._config.default_disk_gb
+        ledger.check_fits(disk_gb)
+        return replace(spec, disk_gb=disk_gb, disk_quota=disk_quota)
+
+    def disk_ledger(self) -> DiskLedger:
+        """The node's disk straight from the engine (one list of the managed containers): what a
+        decision takes under `allocation_lock`, such as a claim volume's size (see NodeDisk.add_consumer)."""
+        return self.disk.ledger(carrying(self._docker.managed_rows(), MANAGED_LABEL))
 
     def _inventory(self) -> GpuInventory:
         """This worker's NVML inventory, which the sampler opens; GPU decisions only run once it has a sample."""

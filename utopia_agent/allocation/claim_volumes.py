@@ -1,5 +1,6 @@
-"""Claim volumes as the API sees them: made and removed under the allocation lock, with the claims
-that mount them read from the engine, and each change in the node's event history.
+"""Claim volumes as the API sees them: made (within the node's allocatable disk) and removed under
+the allocation lock, with the claims that mount them read from the engine, and each change in the
+node's event history.
 
 The engine's labels say which claim mounts which volume (`utopia.claim_volumes`): a delete
 reads them afresh under the lock, so no create can mount a volume while it is removed.
@@ -15,7 +16,8 @@ from dataclasses import replace
 from ..claims.holders import claim_volume_users
 from ..claims.records import CLAIM_VOLUMES_LABEL
 from ..engine.manager import DockerManager
-from ..errors import VolumeInUse
+from ..claims.disks import DiskLedger
+from ..errors import VolumeExists, VolumeInUse
 from ..events.changes import volume_change
 from ..events.history import EventHistory
 from ..volumes.schemas import VolumeSchema
@@ -26,14 +28,21 @@ _volume = VolumeSchema()
 
 
 class ClaimVolumes:
-    def __init__(self, store: VolumeStore, docker: DockerManager, lock: Callable[[], AbstractContextManager], history: EventHistory):
+    def __init__(self, store: VolumeStore, docker: DockerManager, lock: Callable[[], AbstractContextManager], history: EventHistory,
+                 disk: Callable[[], DiskLedger]):
         self.store = store
         self._docker = docker
         self._lock = lock
         self._history = history
+        self._disk = disk
 
     def create(self, name: str, size_gb: int) -> ClaimVolume:
+        """Make a volume whose size fits the node's free allocatable disk (409 not_enough_resources
+        with `free_disk_gb`), decided under the lock that claims' disks are decided under too."""
         with self._lock():
+            if self.store.exists(name):
+                raise VolumeExists(f"volume {name} exists", volume=name)
+            self._disk().check_fits(size_gb, what="a volume")
             volume = self.store.create(name, size_gb)
         self._history.record([volume_change("created", _volume.dump(volume))])
         return volume

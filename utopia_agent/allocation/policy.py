@@ -136,6 +136,7 @@ def build_container_spec(request: dict[str, Any], config: Config) -> ContainerSp
         cpus=request.get("cpus"),
         memory_mb=request.get("memory_mb"),
         shm_size_mb=request.get("shm_size_mb"),
+        disk_gb=request.get("disk_gb"),
         restart_policy=request.get("restart_policy") or config.restart_policy,
         spec_digest=spec_digest(request),
         **_infiniband(config),

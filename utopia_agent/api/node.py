@@ -39,13 +39,14 @@ class NodeDescription:
     drain: dict[str, Any]
     network: dict[str, Any]
     claim_volume_backend: str
+    disk: dict[str, Any] | None
 
 
 @blueprint.get("")
 @operation(
     "getNode",
     tag="node",
-    summary="The node: versions, CPUs, memory, NUMA nodes, GPUs with their topology, drain state, the claims' network",
+    summary="The node: versions, CPUs, memory, NUMA nodes, GPUs with their topology, drain state, the claims' network and disk",
     responds=Responds(200, "The node.", NodeSchema()),
 )
 def get_node() -> Reply:
@@ -71,7 +72,16 @@ def get_node() -> Reply:
         drain=agent.node.state(),
         network=agent.network.status(),
         claim_volume_backend=agent.volumes.store.backend,
+        disk=_disk(agent),
     ), 200, {REVISION_HEADER: str(revision)})
+
+
+def _disk(agent) -> dict[str, Any] | None:
+    """The claims' disk, from the node view's claims; None while the engine cannot say where its data root is."""
+    try:
+        return agent.allocator.disk.describe(c.holdings for c in agent.docker.list_managed())
+    except AgentError:
+        return None
 
 
 @blueprint.post("/drain")

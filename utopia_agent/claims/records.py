@@ -35,6 +35,9 @@ MEMORY_LABEL = "utopia.memory_mb"
 SHM_LABEL = "utopia.shm_size_mb"
 CPUSET_LABEL = "utopia.cpuset"
 PINNING_LABEL = "utopia.cpu_pinning"
+# The container disk's size in GB as applied, and how it is enforced (engine or measured; see disks/).
+DISK_LABEL = "utopia.disk_gb"
+DISK_QUOTA_LABEL = "utopia.disk_quota"
 # A digest of the whole create request the container was made from (see allocation/policy.spec_digest).
 SPEC_DIGEST_LABEL = "utopia.spec_digest"
 MANAGED_FILTER = f"{MANAGED_LABEL}=true"
@@ -129,6 +132,9 @@ class ContainerSpec:
     # The node's InfiniBand character devices (host paths), passed through with IPC_LOCK and this memlock (-1: unlimited).
     infiniband_devices: tuple[str, ...] = ()
     memlock_bytes: int = -1
+    # The container disk in GB, and how it is enforced: "engine" (storage_opt size), "measured" or "off".
+    disk_gb: float | None = None
+    disk_quota: str = ""
     spec_digest: str = ""
 
     @property
@@ -164,6 +170,9 @@ class ContainerSpec:
         if self.cpuset:
             labels[CPUSET_LABEL] = format_cpu_list(self.cpuset)
             labels[PINNING_LABEL] = self.cpu_pinning
+        if self.disk_gb is not None:
+            labels[DISK_LABEL] = f"{self.disk_gb:.12g}"
+            labels[DISK_QUOTA_LABEL] = self.disk_quota
         if self.spec_digest:
             labels[SPEC_DIGEST_LABEL] = self.spec_digest
         return labels
@@ -183,10 +192,11 @@ class Holdings:
     exclusive_cpus: tuple[int, ...] = ()
     container_id: str = ""
     spec_digest: str = ""
-    # Stopped by the agent (see StopMark): it keeps its volumes, and holds no GPU, port, CPU or memory.
+    # Stopped by the agent (see StopMark): it keeps its volumes and disk, and holds no GPU, port, CPU or memory.
     stopped: bool = False
     # The claim volumes it mounts, (name, read_only): held while the container exists, stopped or not.
     claim_volumes: tuple[tuple[str, bool], ...] = ()
+    disk_gb: float = 0.0
 
     @classmethod
     def from_labels(cls, labels: dict[str, str], container_id: str = "", stopped: bool = False) -> Holdings:
@@ -195,8 +205,9 @@ class Holdings:
         volumes = tuple(decode_hosts(labels.get(VOLUMES_LABEL, "[]")))
         claim_id, digest = labels.get(CLAIM_LABEL, ""), labels.get(SPEC_DIGEST_LABEL, "")
         claim_volumes = parse_claim_volumes(labels.get(CLAIM_VOLUMES_LABEL, ""))
-        if stopped:
-            return cls(claim_id, (), (), (), volumes, container_id=container_id, spec_digest=digest, stopped=True, claim_volumes=claim_volumes)
+        if stopped:  # its writable layer stays: it keeps its disk
+            return cls(claim_id, (), (), (), volumes, container_id=container_id, spec_digest=digest, stopped=True, claim_volumes=claim_volumes,
+                       disk_gb=resources["disk_gb"] or 0.0)
         return cls(
             container_id=container_id,
             claim_id=claim_id,
@@ -209,6 +220,7 @@ class Holdings:
             exclusive_cpus=_cpu_ids(labels.get(CPUSET_LABEL, "")) if exclusive else (),
             spec_digest=digest,
             claim_volumes=claim_volumes,
+            disk_gb=resources["disk_gb"] or 0.0,
         )
 
     @classmethod
@@ -329,6 +341,7 @@ def resources_from_labels(labels: dict[str, str]) -> dict[str, Any]:
         "memory_mb": number(MEMORY_LABEL, int),
         "shm_size_mb": number(SHM_LABEL, int),
         "cpuset": cpuset if cpuset and _cpu_ids(cpuset) else None,
+        "disk_gb": number(DISK_LABEL, float),
     }
 
 

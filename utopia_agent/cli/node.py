@@ -8,8 +8,11 @@ import os
 import sys
 
 from ..config import CERT_VARIABLE, Config, ConfigError, certificate_facts, utc_text
+from ..claims.disks import gb_of
+from ..disks.node_disk import NodeDisk
+from ..disks.quota import EngineCannotEnforce
 from ..engine.manager import DockerManager
-from ..errors import EngineUnavailable
+from ..errors import EngineUnavailable, NodeFault
 from ..gpus.inventory import GpuBackendError, GpuInventory, GpuStatus, make_inventory
 from ..claims.holders import claims_on
 from ..claims.records import Holdings
@@ -69,11 +72,12 @@ def cmd_check(args: argparse.Namespace) -> int:
     try:
         docker.ping()
         version = docker.engine_version()
+        print(f"engine: ok, Docker {version} at {_engine_location()}")
+        print(_check_disk(config, docker))
     except EngineUnavailable as error:
         raise CheckFailed(f"{error.message} at {_engine_location()}") from None
     finally:
         docker.close()
-    print(f"engine: ok, Docker {version} at {_engine_location()}")
     print(_check_isolation(config, running=agent is not None))
 
     inventory = _inventory(config)
@@ -86,6 +90,21 @@ def cmd_check(args: argparse.Namespace) -> int:
     if gpus:
         print_table([row[:-1] for row in _gpu_rows(gpus, [])], indent="  ")
     return 0
+
+
+def _check_disk(config: Config, docker: DockerManager) -> str:
+    """The quota mode in force and the claims' allocatable disk; a failure where UTOPIA_AGENT_DISK_QUOTA=engine
+    and the engine cannot enforce sizes, or where the agent does not see the engine's data root."""
+    disk = NodeDisk(config, docker)
+    try:
+        mode = disk.quota()
+        size, _ = disk.filesystem_bytes()
+    except EngineCannotEnforce as error:
+        raise CheckFailed(f"disk: UTOPIA_AGENT_DISK_QUOTA=engine, but the engine does not enforce container disk sizes: {error}") from None
+    except NodeFault as error:
+        raise CheckFailed(f"disk: {error.message}") from None
+    return (f"disk: quota {mode.mode} ({mode.engine_reason}), {disk.allocatable_gb():g} GB allocatable to claims "
+            f"of {gb_of(size):g} GB at {docker.storage().data_root}")
 
 
 def _check_isolation(config: Config, running: bool) -> str:

@@ -187,7 +187,7 @@ class AgentClient:
                port_mappings: Iterable[PortMapping | Mapping[str, Any]] = (), env_vars: Iterable[str] = (),
                command: Iterable[str] = (), working_dir: str = "", volumes: Mapping[str, str] | None = None,
                cpus: float | None = None, memory_mb: int | None = None, shm_size_mb: int | None = None,
-               restart_policy: str | None = None, registry_auth: Mapping[str, str] | None = None) -> Created:
+               disk_gb: float | None = None, restart_policy: str | None = None, registry_auth: Mapping[str, str] | None = None) -> Created:
         """Create and start the container of a claim; safe to call again after a timeout.
 
         The claim id is the idempotency key: when the claim already has a container made from
@@ -202,7 +202,8 @@ class AgentClient:
             "port_mappings": [dataclasses.asdict(m) for m in ports], "env_vars": list(env_vars),
             "command": list(command), "working_dir": working_dir, "volumes": dict(volumes or {}),
         }
-        resources = {k: v for k, v in {"cpus": cpus, "memory_mb": memory_mb, "shm_size_mb": shm_size_mb}.items() if v is not None}
+        asked = {"cpus": cpus, "memory_mb": memory_mb, "shm_size_mb": shm_size_mb, "disk_gb": disk_gb}
+        resources = {k: v for k, v in asked.items() if v is not None}
         body.update(resources)
         if restart_policy is not None:
             body["restart_policy"] = restart_policy

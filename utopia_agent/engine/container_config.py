@@ -9,6 +9,7 @@ import docker
 from docker.types import DeviceRequest, LogConfig, Mount, Ulimit
 
 from ..config import Config
+from ..claims.disks import GIB
 from ..claims.records import ContainerSpec
 from ..claims.resources import CONTAINER_INFINIBAND_DIR, format_cpu_list
 from .networks import claim_network_for
@@ -69,4 +70,6 @@ def _host_config(api: docker.APIClient, spec: ContainerSpec, config: Config) -> 
         devices=ib_devices or None,
         cap_add=["IPC_LOCK"] if ib_devices else None,
         ulimits=[Ulimit(name="memlock", soft=spec.memlock_bytes, hard=spec.memlock_bytes)] if ib_devices else None,
+        # The container disk, enforced by the storage driver where it can (disks/quota.py): a write past it is ENOSPC or EDQUOT.
+        storage_opt={"size": str(int(spec.disk_gb * GIB))} if spec.disk_quota == "engine" and spec.disk_gb else None,
     )

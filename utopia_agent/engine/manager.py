@@ -55,6 +55,24 @@ class HeldImage:
     size: int
 
 
+@dataclass(frozen=True)
+class EngineStorage:
+    """Where and how the engine keeps containers' writable layers, as its `info` says."""
+
+    data_root: str
+    driver: str
+    # DriverStatus's "Backing Filesystem" (overlay2: extfs, xfs, ...); "" where the driver does not say.
+    backing_filesystem: str = ""
+
+
+def read_storage(engine: EngineConnection) -> EngineStorage:
+    """The engine's data root and storage driver, from one `info`."""
+    with engine.call("info") as api:
+        info = api.info()
+    status = dict(tuple(pair) for pair in info.get("DriverStatus") or () if len(pair) == 2)
+    return EngineStorage(info.get("DockerRootDir") or "", info.get("Driver") or "", status.get("Backing Filesystem", ""))
+
+
 class DockerManager:
     """Creates, lists and removes managed containers; one per gunicorn worker, safe across its threads."""
 
@@ -62,7 +80,7 @@ class DockerManager:
         self._config = config
         history = history or EventHistory(config.state_dir, config.events_history)
         self._engine = EngineConnection(config.engine_timeout)
-        self._data_root: str | None = None
+        self._storage: EngineStorage | None = None
         # Reads come from the node-wide view; `view.volunteer()` makes this process a candidate watcher.
         self.view = NodeView(config.state_dir, self, config.engine_timeout, history)
         self._presented: tuple[object, tuple[ManagedContainer, ...]] = (None, ())
@@ -147,14 +165,25 @@ class DockerManager:
 
     def data_root(self) -> str | None:
         """The engine's data root (`DockerRootDir`), which no volume may reach; None while the engine
-        does not say. Read once: it changes only when dockerd restarts with another configuration."""
-        if self._data_root is None:
-            try:
-                with self._engine.call("info") as api:
-                    self._data_root = api.info().get("DockerRootDir") or None
-            except EngineUnavailable:
-                return None
-        return self._data_root
+        does not say."""
+        try:
+            return self.storage().data_root or None
+        except EngineUnavailable:
+            return None
+
+    def storage(self) -> EngineStorage:
+        """The engine's data root and storage driver. Read once: they change only when dockerd
+        restarts with another configuration."""
+        if self._storage is None:
+            self._storage = read_storage(self._engine)
+        return self._storage
+
+    def upper_dir(self, container_id: str) -> str | None:
+        """The container's writable layer as a directory (overlay2's UpperDir); None when the
+        container is gone or its driver keeps no such directory."""
+        info = self.inspect(container_id)
+        data = ((info or {}).get("GraphDriver") or {}).get("Data") or {}
+        return data.get("UpperDir") or None
 
     def find_claim(self, claim_id: str, fresh: bool = False) -> str | None:
         """The id of the claim's container, if it has one: the node view when trusted, else the

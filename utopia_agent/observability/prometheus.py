@@ -20,6 +20,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from ..errors import AgentError
+from ..claims.disks import GIB
 from ..claims.holders import gpus_held_twice
 from ..schemas import GPU_STATES
 
@@ -108,6 +109,7 @@ class NodeCollector(Collector):
                                     "Claims on the engine's default bridge, made before isolation was on: not isolated.",
                                     value=len(network.get("unprotected_claims") or ()))
         yield from self._image_families(agent.images.collector.status_file.read())
+        yield from self._disk_families(agent, holdings if containers is not None else None)
         yield GaugeMetricFamily("utopia_agent_node_draining", "1 while the operator drains the node (creates are refused).",
             value=1.0 if agent.node.state()["draining"] else 0.0)
 
@@ -129,6 +131,30 @@ class NodeCollector(Collector):
             ("uptime", "Node uptime in seconds."),
         ):
             yield GaugeMetricFamily(f"utopia_agent_node_{key}", help_text, value=system[key])
+
+    @staticmethod
+    def _disk_families(agent, holdings: list | None) -> Iterable:
+        """The quota mode in force, and the claims' disk: allocatable, allocated (with the engine
+        up), and used on the data root's filesystem; none of it while the engine cannot say."""
+        disk = agent.allocator.disk
+        try:
+            mode = disk.quota().mode
+            size, free = disk.filesystem_bytes()
+            allocatable = disk.allocatable_gb()
+            ledger = disk.ledger(holdings) if holdings is not None else None
+        except AgentError:
+            return
+        modes = GaugeMetricFamily("utopia_agent_disk_quota_mode", "1 for the way claims' container disks are enforced now "
+                                  "(UTOPIA_AGENT_DISK_QUOTA as the engine allows it).", labels=["mode"])
+        for name in ("engine", "measured", "off"):
+            modes.add_metric([name], 1.0 if name == mode else 0.0)
+        yield modes
+        yield GaugeMetricFamily("utopia_agent_disk_allocatable_bytes", "The engine's data-root filesystem less UTOPIA_AGENT_RESERVED_DISK_GB.",
+                                value=allocatable * GIB)
+        yield GaugeMetricFamily("utopia_agent_disk_used_bytes", "Bytes in use on the engine's data-root filesystem.", value=size - free)
+        if ledger is not None:
+            yield GaugeMetricFamily("utopia_agent_disk_allocated_bytes", "Container disks (and claim volumes) given out of the allocatable disk.",
+                                    value=ledger.allocated_gb * GIB)
 
     @staticmethod
     def _image_families(status: dict) -> Iterable:

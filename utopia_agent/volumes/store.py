@@ -74,6 +74,9 @@ class VolumeStore:
         log.info("volume created volume=%s size_gb=%d backend=%s", name, size_gb, self.backend)
         return self.get(name)
 
+    def exists(self, name: str) -> bool:
+        return bool(self._record(name).read())
+
     def get(self, name: str) -> ClaimVolume:
         record = self._record(name).read()
         if not record:

@@ -1,0 +1,208 @@
+"""Claims' container disks allocated like GPUs: sizes, shares, refusals and the node's figures,
+with the in-memory engine (the real engine's paths are in test_disks.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import pytest
+
+from tests.support.memory_engine import MemoryEngine
+from tests.test_api_fast import CONTAINERS, IMAGE, auth, create, make_app
+from utopia_agent.claims.disks import DiskLedger, allocatable_gb, default_reserved_gb, disk_share, gb_of
+from utopia_agent.claims.records import DISK_LABEL, DISK_QUOTA_LABEL
+from utopia_agent.config import ConfigError, load_config
+from utopia_agent.disks import quota
+from utopia_agent.errors import NotEnoughResources
+
+GIB = 1024 ** 3
+
+
+def root_filesystem_gb() -> float:
+    """The memory engine's claims disk is sized from `/` (see MemoryEngine.storage)."""
+    stat = os.statvfs("/")
+    return gb_of(stat.f_blocks * stat.f_frsize)
+
+
+@pytest.fixture
+def memory() -> MemoryEngine:
+    return MemoryEngine(images={IMAGE: {}})
+
+
+@pytest.fixture
+def small_disk(tmp_path, memory):
+    """An app whose claims may have 5 GB of disk in all: the reserve takes the rest of `/`."""
+    app = make_app(tmp_path, memory, UTOPIA_AGENT_RESERVED_DISK_GB=f"{root_filesystem_gb() - 5:.1f}")
+    yield app
+    app.extensions["utopia"].close()
+
+
+# --- the arithmetic --------------------------------------------------------------------
+
+
+def test_the_allocatable_disk_is_the_filesystem_less_the_reserve_which_defaults_to_15_percent():
+    assert allocatable_gb(100 * GIB, 30.0) == 70.0
+    assert default_reserved_gb(100.0) == 15.0 and default_reserved_gb(10.5) == 2.0
+    assert allocatable_gb(100 * GIB, None) == 85.0
+    assert allocatable_gb(100 * GIB, 150.0) == 0.0, "a reserve beyond the filesystem leaves nothing, never a negative"
+    assert gb_of(int(1.99 * GIB)) == 1.9, "an odd size rounds down"
+
+
+def test_gpu_shares_of_the_disk_never_add_up_to_more_than_the_allocatable_disk():
+    for allocatable in (85.0, 100.3, 7.7, 0.5):
+        for gpus in (1, 3, 7, 8):
+            shares = [disk_share(allocatable, 1, gpus) for _ in range(gpus)]
+            assert sum(shares) <= allocatable + 1e-9 or shares[0] == 0.1, (allocatable, gpus)
+    assert disk_share(85.0, 2, 8) == 21.2 and disk_share(85.0, 8, 8) == 85.0
+    assert disk_share(85.0, 4, 2) == 85.0, "more GPUs than the node counts (a lost one) is the whole disk, no more"
+
+
+def test_the_ledger_counts_every_consumer_and_refuses_beyond_it_naming_free_disk_gb():
+    ledger = DiskLedger(20.0, {"claims": 12.5, "volumes": 5.0})
+    assert (ledger.allocated_gb, ledger.free_gb) == (17.5, 2.5)
+    ledger.check_fits(2.5)
+    with pytest.raises(NotEnoughResources) as refused:
+        ledger.check_fits(2.6, what="a volume")
+    assert refused.value.details == {"free_disk_gb": 2.5} and "a volume of 2.6 GB" in refused.value.message
+    assert DiskLedger(1.0, {"claims": 3.0}).free_gb == 0.0, "over-allocated (the filesystem shrank) shows nothing free"
+
+
+# --- the mode ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("driver, backing, options, can", [
+    ("btrfs", "", None, True),
+    ("zfs", "", None, True),
+    ("overlay2", "xfs", frozenset({"rw", "prjquota"}), True),
+    ("overlay2", "xfs", frozenset({"rw", "pquota"}), True),
+    ("overlay2", "xfs", frozenset({"rw", "noquota"}), False),
+    ("overlay2", "xfs", None, False),
+    ("overlay2", "extfs", frozenset({"rw", "prjquota"}), False),
+    ("vfs", "", None, False),
+    ("", "", None, False),
+])
+def test_whether_the_engine_enforces_sizes_comes_from_its_driver_and_the_mount(driver, backing, options, can):
+    refusal = quota.engine_refusal(driver, backing, options)
+    assert (refusal is None) == can, refusal
+
+
+def test_the_setting_picks_the_mode_and_engine_refuses_where_the_engine_cannot():
+    assert quota.resolve("auto", None).mode == "engine"
+    assert quota.resolve("auto", "no quotas").mode == "measured"
+    assert quota.resolve("measured", None).mode == "measured"
+    assert quota.resolve("off", "no quotas").mode == "off"
+    assert quota.resolve("engine", None).mode == "engine"
+    with pytest.raises(quota.EngineCannotEnforce, match="no quotas"):
+        quota.resolve("engine", "no quotas")
+
+
+def test_the_mount_under_the_data_root_is_the_deepest_one_holding_it():
+    mountinfo = (
+        "22 1 253:0 / / rw,relatime shared:1 - ext4 /dev/vda rw\n"
+        "40 22 7:3 / /srv/docker rw,relatime shared:9 - xfs /dev/loop3 rw,attr2,inode64,prjquota\n"
+        "41 22 7:4 / /srv/docker-old rw,relatime - xfs /dev/loop4 rw,noquota\n"
+    )
+    assert "prjquota" in quota.mount_options_of("/srv/docker/data", mountinfo)
+    assert "prjquota" not in quota.mount_options_of("/srv/docker-old", mountinfo)
+    assert quota.mount_options_of("/var/lib/docker", mountinfo) == frozenset({"rw", "relatime"})
+    assert quota.mount_options_of("/x", "") is None
+
+
+# --- the configuration --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variable, value, problem", [
+    ("UTOPIA_AGENT_DISK_QUOTA", "xfs", "expected one of auto, engine, measured, off"),
+    ("UTOPIA_AGENT_DEFAULT_DISK_GB", "0", "more than 0"),
+    ("UTOPIA_AGENT_DEFAULT_DISK_GB", "ten", "expected a number of GB"),
+    ("UTOPIA_AGENT_DEFAULT_DISK_GB", "inf", "more than 0"),
+    ("UTOPIA_AGENT_RESERVED_DISK_GB", "-1", "0 or more"),
+    ("UTOPIA_AGENT_RESERVED_DISK_GB", "nan", "0 or more"),
+])
+def test_a_bad_disk_variable_is_refused_naming_it(tmp_path, variable, value, problem):
+    with pytest.raises(ConfigError, match=problem) as refused:
+        load_config({"UTOPIA_AGENT_TOKEN": "t", "UTOPIA_AGENT_STATE_DIR": str(tmp_path), variable: value})
+    assert refused.value.variable == variable
+
+
+def test_the_disk_variables_default_to_auto_10_gb_and_15_percent(tmp_path):
+    config = load_config({"UTOPIA_AGENT_TOKEN": "t", "UTOPIA_AGENT_STATE_DIR": str(tmp_path)})
+    assert (config.disk_quota, config.default_disk_gb, config.reserved_disk_gb) == ("auto", 10.0, None)
+
+
+# --- creates --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", [0, -1, "1", True, None, 2 * 1024 * 1024, [1]])
+def test_a_disk_size_that_is_not_a_positive_number_is_refused_with_nothing_made(small_disk, memory, value):
+    response = create(small_disk.test_client(), disk_gb=value, command=["sleep", "60"])
+    assert response.status_code == 400, response.get_json()
+    assert "disk_gb" in response.get_json()["errors"] and memory.containers == {}
+
+
+def test_each_claim_gets_the_size_asked_its_gpu_share_or_the_default_shown_in_resources(small_disk, memory):
+    client = small_disk.test_client()
+    asked = create(client, claim_id="asked", disk_gb=1.5, command=["sleep", "60"])
+    assert asked.status_code == 201, asked.get_json()
+    gpu = create(client, claim_id="gpu", gpu_count=2, command=["sleep", "60"])
+    assert gpu.status_code == 201, gpu.get_json()
+    resources = {c["claim_id"]: c["resources"]["disk_gb"] for c in client.get(CONTAINERS, headers=auth()).get_json()}
+    assert resources == {"asked": 1.5, "gpu": 1.2}, "a 2-GPU claim of 8 gets a quarter of 5 GB, rounded down to 0.1"
+    labels = memory.containers[asked.get_json()["container_id"]].labels
+    assert (labels[DISK_LABEL], labels[DISK_QUOTA_LABEL]) == ("1.5", "measured")
+
+    defaulted = make_app(small_disk.extensions["utopia"].config.state_dir.parent / "other", MemoryEngine(images={IMAGE: {}}),
+                         UTOPIA_AGENT_DEFAULT_DISK_GB="2.5")
+    try:
+        made = create(defaulted.test_client(), claim_id="plain", command=["sleep", "60"])
+        assert made.status_code == 201 and defaulted.test_client().get(CONTAINERS, headers=auth()).get_json()[0]["resources"]["disk_gb"] == 2.5
+    finally:
+        defaulted.extensions["utopia"].close()
+
+
+def test_a_create_beyond_the_allocatable_disk_is_409_naming_free_disk_gb_with_nothing_left_behind(small_disk, memory):
+    client = small_disk.test_client()
+    assert create(client, claim_id="first", disk_gb=3, command=["sleep", "60"]).status_code == 201
+    before = dict(memory.containers)
+    refused = create(client, claim_id="second", disk_gb=2.5, command=["sleep", "60"])
+    assert refused.status_code == 409
+    body = refused.get_json()
+    assert body["error"] == "not_enough_resources" and body["free_disk_gb"] == 2.0 and "2.5 GB requested" in body["message"]
+    assert memory.containers == before, "nothing made"
+    gpu_share = create(client, claim_id="all-gpus", gpu_count=8, command=["sleep", "60"])
+    assert gpu_share.status_code == 409 and gpu_share.get_json()["free_disk_gb"] == 2.0, "the 8 GPUs' share is all 5 GB"
+    assert create(client, claim_id="second", disk_gb=2, command=["sleep", "60"]).status_code == 201, "what is free fits exactly"
+
+
+def test_a_deleted_claim_frees_its_disk_and_a_stopped_one_keeps_it(small_disk, memory):
+    client = small_disk.test_client()
+    made = create(client, claim_id="a", disk_gb=4, command=["sleep", "60"]).get_json()["container_id"]
+    memory.containers[made] = dataclasses.replace(memory.containers[made], status="exited")
+    assert create(client, claim_id="b", disk_gb=4, command=["sleep", "60"]).status_code == 409, "an exited claim's layer stays"
+    assert client.delete(f"{CONTAINERS}/{made}", headers=auth()).status_code == 204
+    assert create(client, claim_id="b", disk_gb=4, command=["sleep", "60"]).status_code == 201
+
+
+def test_the_node_shows_the_disk_and_counts_a_second_kind_of_consumer(small_disk):
+    client = small_disk.test_client()
+    assert create(client, claim_id="a", disk_gb=1.5, command=["sleep", "60"]).status_code == 201
+    disk = client.get("/api/v1/node", headers=auth()).get_json()["disk"]
+    assert disk == {"quota": "measured", "allocatable_gb": 5.0, "allocated_gb": 1.5, "free_gb": 3.5, "pressure": False}
+
+    allocator = small_disk.extensions["utopia"].allocator
+    allocator.disk.add_consumer("scratch", lambda: 3.0)
+    with pytest.raises(ValueError):
+        allocator.disk.add_consumer("scratch", lambda: 1.0)
+    assert allocator.disk_ledger().held == {"claims": 1.5, "volumes": 0.0, "scratch": 3.0}, "claim volumes count too (none made here)"
+    refused = create(client, claim_id="b", disk_gb=1, command=["sleep", "60"])
+    assert refused.status_code == 409 and refused.get_json()["free_disk_gb"] == 0.5
+    assert client.get("/api/v1/node", headers=auth()).get_json()["disk"]["allocated_gb"] == 4.5
+
+
+def test_the_node_shows_no_disk_while_the_engine_is_down(small_disk, memory):
+    from utopia_agent.errors import EngineUnavailable
+
+    memory.fail_next("list_managed", EngineUnavailable("down"))
+    response = small_disk.test_client().get("/api/v1/node", headers=auth())
+    assert response.status_code == 200 and response.get_json()["disk"] is None
