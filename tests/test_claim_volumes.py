@@ -3,6 +3,7 @@ read-only and written by one claim at a time, found again after restarts and cra
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -14,6 +15,7 @@ import requests
 
 from tests.support.polling import wait_for
 from tests.test_events import Watch
+from utopia_agent.client import VolumeInUse
 
 pytestmark = pytest.mark.usefixtures("nvidia_path")
 MIB = 1024 * 1024
@@ -270,3 +272,29 @@ def test_a_volume_beyond_the_free_allocatable_disk_is_refused(agent_factory, doc
         assert agent.delete(f"/api/v1/volumes/{claim('w')}").status_code == 204
     finally:
         agent.stop()
+
+
+def test_the_cli_and_the_client_make_mount_stop_start_and_remove(agent, test_image, claim):
+    from tests.test_cli import api_env, run_cli, table_rows
+
+    env, name = api_env(agent), claim("v")
+    made = run_cli("volume", "create", name, "--size-gb", "1", env=env)
+    assert (made.returncode, made.stdout.strip()) == (0, name), made.stderr
+    assert run_cli("volume", "create", name, "--size-gb", "1", env=env).returncode == 6, "409 volume_exists is a conflict"
+    client = agent.new_client()
+    created = client.create(claim("a"), test_image, command=["sleep", "300"], mounts=[{"volume": name, "path": "/data"}])
+    shown = client.volume(name)
+    assert (shown.size_gb, shown.backend, shown.claims) == (1, "loop", [claim("a")])
+    [row] = [row for row in table_rows(run_cli("volumes", env=env).stdout) if row[0] == name]
+    assert row[1:3] == ["1", "GB"] and claim("a") in row
+    stopped = run_cli("stop", created.container_id, env=env)
+    assert (stopped.returncode, stopped.stdout.split()) == (0, [created.container_id[:12], "stopped"]), stopped.stderr
+    assert client.get(created.container_id).stopped is True
+    assert json.loads(run_cli("start", created.container_id, "--json", env=env).stdout)["stopped"] is False
+    with pytest.raises(VolumeInUse) as in_use:
+        client.delete_volume(name)
+    assert in_use.value.claim_id == claim("a")
+    client.delete(created.container_id)
+    removed = run_cli("volume", "rm", name, env=env)
+    assert (removed.returncode, removed.stdout.strip()) == (0, name), removed.stderr
+    assert [v.name for v in client.volumes() if v.name == name] == []

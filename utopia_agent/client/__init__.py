@@ -71,6 +71,7 @@ from .records import (
     NodeMetrics,
     PullProgress,
     SystemMetrics,
+    Volume,
     XidEvent,
 )
 
@@ -132,6 +133,7 @@ __all__ = [
     "RevisionTooOld",
     "Unauthorized",
     "UnexpectedAnswer",
+    "Volume",
     "XidEvent",
     "error_from_response",
 ]
