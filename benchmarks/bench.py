@@ -54,6 +54,7 @@ from tests.support.engine import (  # noqa: E402
     remove_images,
     remove_new_dangling_images,
 )
+from benchmarks import volume_bench  # noqa: E402
 from utopia_agent.config import Config  # noqa: E402
 from utopia_agent.engine.container_config import create_arguments  # noqa: E402
 from utopia_agent.allocation.policy import build_container_spec  # noqa: E402
@@ -431,6 +432,12 @@ class Bench:
         spec = replace(self.spec_the_agent_makes(1 if gpu_index is not None else 0), claim_id=self.claim("b"), image=image or self.image)
         if gpu_index is not None:
             spec = replace(spec, gpu_ids=(gpu_index,), gpu_uuids=(self.gpus[gpu_index].uuid,))
+        created = self.api.create_container(**create_arguments(self.api, spec, self.defaults))
+        self.api.start(created["Id"])
+        return created["Id"]
+
+    def raw_create(self, spec: ContainerSpec) -> str:
+        """One create and one start of `spec` with the agent's own create arguments."""
         created = self.api.create_container(**create_arguments(self.api, spec, self.defaults))
         self.api.start(created["Id"])
         return created["Id"]
@@ -995,6 +1002,16 @@ class Bench:
         self.figure_scaling(many, self.measure_list(plan.scaling_samples),
                             note=f"{many - main} of them created, never started (made with the SDK)")
         self.figure_rss()
+        self.run_volumes(say)
+
+    def run_volumes(self, say: Callable[[str], None]) -> None:
+        """The claim volume rows (benchmarks/volume_bench.py); `--only volumes` runs just these, on an agent of their own."""
+        if self.agent is None:
+            self.start_agent()
+        say(f"claim volumes: a {volume_bench.VOLUME_GB} GiB volume against the same by hand, {self.plan.create_samples} rounds")
+        volume_bench.figure_volume_create(self, say, compare, self.plan.create_samples)
+        say(f"a create mounting a claim volume against the engine's create + start with the same bind, {self.plan.create_samples} rounds")
+        volume_bench.figure_mount_create(self, say, compare, self.plan.create_samples)
 
 
 # --------------------------------------------------------------------------- output
@@ -1130,6 +1147,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="grace seconds of DELETE (UTOPIA_AGENT_STOP_TIMEOUT) and of the baseline's stop (default 1)")
     parser.add_argument("--output", type=Path,
                         help="JSON file, the PNG beside it (default benchmarks/results/latest.json, quick.json with --quick)")
+    parser.add_argument("--only", choices=("volumes",), help="run only these rows (volumes: benchmarks/volume_bench.py)")
     parser.add_argument("--draw", type=Path, metavar="JSON", help="only draw the PNG of an earlier run's JSON (beside it, or at --output)")
     args = parser.parse_args(argv)
     if args.draw:
@@ -1154,7 +1172,7 @@ def main(argv: list[str] | None = None) -> int:
     info = machine(bench)
     say(f"run {bench.prefix}: claim ids start with {bench.prefix}-")
     try:
-        bench.run(say)
+        bench.run_volumes(say) if args.only == "volumes" else bench.run(say)
         info["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     except KeyboardInterrupt:
         say("interrupted; cleaning up")
