@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import threading
@@ -14,6 +15,7 @@ import pytest
 import requests
 
 from tests.support.polling import wait_for
+from tests.support.prerequisites import require
 from tests.test_events import Watch
 from utopia_agent.client import VolumeInUse
 
@@ -298,3 +300,39 @@ def test_the_cli_and_the_client_make_mount_stop_start_and_remove(agent, test_ima
     removed = run_cli("volume", "rm", name, env=env)
     assert (removed.returncode, removed.stdout.strip()) == (0, name), removed.stderr
     assert [v.name for v in client.volumes() if v.name == name] == []
+
+
+@pytest.fixture
+def btrfs_dir(tmp_path):
+    """A loop-mounted 3 GB btrfs (btrfs-progs), unmounted and its loop device freed afterwards."""
+    require(shutil.which("mkfs.btrfs") is not None and os.geteuid() == 0, "btrfs volumes need root and btrfs-progs (make test installs them)")
+    image, mounted = tmp_path / "btrfs.img", tmp_path / "btrfs"
+    mounted.mkdir()
+    subprocess.run(["truncate", "-s", "3G", str(image)], check=True)
+    subprocess.run(["mkfs.btrfs", "-q", str(image)], check=True, capture_output=True)
+    subprocess.run(["mount", "-o", "loop", str(image), str(mounted)], check=True)
+    try:
+        yield mounted
+    finally:
+        subprocess.run(["umount", str(mounted)], check=False)
+        if loop := loop_devices_of(image).split(":", 1)[0]:
+            subprocess.run(["losetup", "-d", loop], check=False)
+
+
+def test_on_btrfs_a_volume_is_a_subvolume_whose_qgroup_limit_stops_writes(agent_factory, docker_client, test_image, claim, btrfs_dir):
+    agent = agent_factory(workers=1, UTOPIA_AGENT_CLAIM_VOLUMES_DIR=str(btrfs_dir / "volumes"))
+    try:
+        assert agent.get("/api/v1/node").json()["claim_volume_backend"] == "btrfs"
+        name = claim("v")
+        made = agent.post("/api/v1/volumes", json={"name": name, "size_gb": 1})
+        assert (made.status_code, made.json()["backend"]) == (201, "btrfs"), made.text
+        holder = created(agent, claim("a"), test_image, mounts=[{"volume": name, "path": "/workspace"}], command=["sleep", "300"])
+        code, output = run_in(docker_client, holder, "dd if=/dev/zero of=/workspace/big bs=1M count=2048; sync; stat -c %s /workspace/big")
+        assert code == 0 and "Disk quota exceeded" in output, output
+        assert 800 * MIB < int(output.strip().splitlines()[-1]) <= 1024 * MIB
+        assert agent.get(f"/api/v1/volumes/{name}").json()["used_mb"] > 800
+        assert agent.delete(f"/api/v1/containers/{holder}").status_code == 204
+        assert agent.delete(f"/api/v1/volumes/{name}").status_code == 204
+        assert not (btrfs_dir / "volumes" / name).exists()
+    finally:
+        agent.stop()
