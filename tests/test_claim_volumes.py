@@ -16,6 +16,7 @@ import requests
 
 from tests.support.polling import wait_for
 from tests.support.prerequisites import require
+from tests.support.private_engine import running_private_engine
 from tests.test_events import Watch
 from utopia_agent.client import VolumeInUse
 
@@ -336,3 +337,32 @@ def test_on_btrfs_a_volume_is_a_subvolume_whose_qgroup_limit_stops_writes(agent_
         assert not (btrfs_dir / "volumes" / name).exists()
     finally:
         agent.stop()
+
+
+def test_after_a_reboot_the_agent_mounts_the_volume_and_starts_the_claim_the_engine_could_not(docker_client, agent_factory, claim):
+    """A reboot, played on an engine of the test's own: the engine comes back before the agent, its
+    claim's volume not mounted, and fails to start the claim (its bind source is inside the volume's
+    filesystem, so nothing is written to the disk below); the agent mounts the volume, then starts it."""
+    with running_private_engine(docker_client, subnet="10.222") as private:
+        agent = agent_factory(workers=1, DOCKER_HOST=private.base_url, UTOPIA_AGENT_RESTART_POLICY="always", UTOPIA_AGENT_UNSTARTED_SECONDS="4")
+        name = claim("v")
+        try:
+            assert agent.post("/api/v1/volumes", json={"name": name, "size_gb": 1}).status_code == 201
+            holder = created(agent, claim("a"), "utopia-test/busybox:latest", mounts=[{"volume": name, "path": "/data"}], command=["sleep", "300"])
+            assert run_in(private.client, holder, "echo before-reboot > /data/file")[0] == 0
+            agent.stop()
+            private.stop()
+            folder = volume_folder(agent, name)
+            subprocess.run(["umount", str(folder / "mnt")], check=True)
+            private.start()
+            state = private.client.api.inspect_container(holder)["State"]
+            assert not state["Running"] and state["Error"], "the engine could not start it without its volume"
+            assert not (folder / "mnt" / "data").exists(), "nothing was made on the disk below"
+
+            agent.start()
+            assert wait_for(lambda: private.client.api.inspect_container(holder)["State"]["Running"], timeout=30), agent.log()[-2000:]
+            assert run_in(private.client, holder, "cat /data/file") == (0, "before-reboot\n")
+            assert agent.delete(f"/api/v1/containers/{holder}").status_code == 204
+            assert agent.delete(f"/api/v1/volumes/{name}").status_code == 204
+        finally:
+            agent.stop()

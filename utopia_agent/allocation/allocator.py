@@ -23,7 +23,10 @@ from collections.abc import Iterable, Iterator
 
 from ..config import Config
 from ..engine.manager import DockerManager
-from ..errors import AllocationBusy, ClaimExists, NodeFault, NoGpusFree, NotEnoughResources, NotManaged, PolicyViolation, PortTaken, VolumeInUse, VolumeNotFound
+from ..errors import (
+    AgentError, AllocationBusy, ClaimExists, NodeFault, NoGpusFree, NotEnoughResources, NotManaged, PolicyViolation, PortTaken, VolumeInUse,
+    VolumeNotFound,
+)
 from ..gpus.health import GpuHealth, views_of
 from ..gpus.sampler import GpuSample
 from ..gpus.selection import choose_gpus
@@ -301,11 +304,19 @@ class Allocator:
 
     def sweep(self, max_created_age: float) -> None:
         """Remove containers created but never started for `max_created_age` seconds (a crash between
-        create and start: they hold GPUs nobody uses) and the pins of claims that have no container."""
+        create and start: they hold GPUs nobody uses), start the claims the engine could not restart
+        before their claim volumes were mounted (a reboot), and unpin the claims that have no container."""
         with allocation_lock(self._state_dir, self._lock_timeout):
             for container_id, claim_id in self._docker.stale_created(max_created_age):
                 log.warning("removing a container that never started claim=%s container=%s", claim_id, container_id[:12])
                 self._docker.remove(container_id, grace_seconds=0)
+            for container_id, claim_id in self._docker.waiting_for_volumes():
+                log.warning("starting a claim the engine could not start before its volumes were mounted claim=%s container=%s",
+                            claim_id, container_id[:12])
+                try:
+                    self._docker.start(container_id)
+                except AgentError as error:
+                    log.error("claim still not started claim=%s container=%s reason=%s", claim_id, container_id[:12], error.code)
             pinned = self._pins.claims()
             if pinned:
                 live = {held.claim_id for held in self._docker.holders_of(VOLUMES_LABEL)}
