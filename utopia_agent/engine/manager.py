@@ -163,7 +163,8 @@ class DockerManager:
         with self._engine.call("list containers") as api:
             rows = api.containers(all=True, filters={"label": [MANAGED_FILTER], "status": ["created"]})
         cutoff = time.time() - older_than
-        return [(row["Id"], (row.get("Labels") or {}).get(CLAIM_LABEL, "")) for row in rows if row["Created"] < cutoff]
+        # One the agent stopped before it ever ran is kept, as every stopped claim is.
+        return [(row["Id"], (row.get("Labels") or {}).get(CLAIM_LABEL, "")) for row in rows if row["Created"] < cutoff and not Holdings.of_row(row).stopped]
 
     def waiting_for_volumes(self) -> list[tuple[str, str]]:
         """(id, claim id) of managed containers mounting claim volumes that the engine meant to keep
