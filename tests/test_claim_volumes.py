@@ -17,7 +17,6 @@ import requests
 from tests.support.polling import wait_for
 from tests.support.prerequisites import require
 from tests.support.private_engine import running_private_engine
-from tests.test_events import Watch
 from utopia_agent.client import VolumeInUse
 
 pytestmark = pytest.mark.usefixtures("nvidia_path")
@@ -58,58 +57,63 @@ def created(agent, claim_id, image, **fields):
     return response.json()["container_id"]
 
 
+def recorded(agent) -> list[dict]:
+    """The node's event history as the agent keeps it (STATE_DIR/events): what GET /api/v1/events
+    sends. Read from the files, since closing a live stream waits for its next heartbeat (15 s)."""
+    folder = agent.state_dir / "events"
+    return [json.loads(line) for name in ("previous.jsonl", "current.jsonl") if (folder / name).exists()
+            for line in (folder / name).read_text().splitlines() if line.strip()]
+
+
 def run_in(docker_client, container_id, script):
     result = docker_client.containers.get(container_id).exec_run(["sh", "-c", script])
     return result.exit_code, result.output.decode()
 
 
 def test_a_volume_is_made_shown_and_removed_with_nothing_left(agent, claim, volume):
-    watch = Watch(agent)
-    try:
-        name = claim("v")
-        response = agent.post("/api/v1/volumes", json={"name": name, "size_gb": 1})
-        assert response.status_code == 201, response.text
-        body = response.json()
-        assert set(body) == {"name", "size_gb", "used_mb", "created", "backend", "claims", "ready"}
-        assert (body["name"], body["size_gb"], body["backend"], body["claims"], body["ready"]) == (name, 1, "loop", [], True)
-        assert 0 <= body["used_mb"] < 100
-        assert response.headers["Location"].endswith(f"/api/v1/volumes/{name}")
-        assert agent.get("/api/v1/node").json()["claim_volume_backend"] == "loop"
-        again = agent.post("/api/v1/volumes", json={"name": name, "size_gb": 2})
-        assert (again.status_code, again.json()["error"], again.json()["volume"]) == (409, "volume_exists", name)
-        for bad in ({"name": "-bad", "size_gb": 1}, {"name": "ok", "size_gb": 0}, {"name": "ok", "size_gb": 1.5}, {"name": "ok"},
-                    {"name": "ok", "size_gb": 1, "labels": {}}):
-            refused = agent.post("/api/v1/volumes", json=bad)
-            assert (refused.status_code, refused.json()["error"]) == (400, "invalid_request"), bad
-        assert agent.get("/api/v1/volumes/ok").status_code == 404
+    since = int(agent.get("/api/v1/node").headers["X-Utopia-Revision"])
+    name = claim("v")
+    response = agent.post("/api/v1/volumes", json={"name": name, "size_gb": 1})
+    assert response.status_code == 201, response.text
+    body = response.json()
+    assert set(body) == {"name", "size_gb", "used_mb", "created", "backend", "claims", "ready"}
+    assert (body["name"], body["size_gb"], body["backend"], body["claims"], body["ready"]) == (name, 1, "loop", [], True)
+    assert 0 <= body["used_mb"] < 100
+    assert response.headers["Location"].endswith(f"/api/v1/volumes/{name}")
+    assert agent.get("/api/v1/node").json()["claim_volume_backend"] == "loop"
+    again = agent.post("/api/v1/volumes", json={"name": name, "size_gb": 2})
+    assert (again.status_code, again.json()["error"], again.json()["volume"]) == (409, "volume_exists", name)
+    for bad in ({"name": "-bad", "size_gb": 1}, {"name": "ok", "size_gb": 0}, {"name": "ok", "size_gb": 1.5}, {"name": "ok"},
+                {"name": "ok", "size_gb": 1, "labels": {}}):
+        refused = agent.post("/api/v1/volumes", json=bad)
+        assert (refused.status_code, refused.json()["error"]) == (400, "invalid_request"), bad
+    assert agent.get("/api/v1/volumes/ok").status_code == 404
 
-        assert name in [v["name"] for v in agent.get("/api/v1/volumes").json()]
-        assert agent.get(f"/api/v1/volumes/{name}").json()["size_gb"] == 1
-        folder = volume_folder(agent, name)
-        assert loop_devices_of(folder / "disk.img"), "the agent loop-mounted it"
-        image = folder / "disk.img"
-        assert agent.delete(f"/api/v1/volumes/{name}").status_code == 204
-        assert not folder.exists() and not os.path.ismount(folder / "mnt")
-        assert wait_for(lambda: not loop_devices_of(image), timeout=15), "its loop device was freed"
-        assert agent.delete(f"/api/v1/volumes/{name}").status_code == 404
-        changes = watch.wait(lambda c: ("volume", "removed") in [(x["kind"], x["action"]) for x in c])
-        assert [(c["action"], c["object"]["name"]) for c in changes if c["kind"] == "volume"] == [("created", name), ("removed", name)]
-    finally:
-        watch.close()
+    assert name in [v["name"] for v in agent.get("/api/v1/volumes").json()]
+    assert agent.get(f"/api/v1/volumes/{name}").json()["size_gb"] == 1
+    folder = volume_folder(agent, name)
+    assert loop_devices_of(folder / "disk.img"), "the agent loop-mounted it"
+    image = folder / "disk.img"
+    assert agent.delete(f"/api/v1/volumes/{name}").status_code == 204
+    assert not folder.exists() and not os.path.ismount(folder / "mnt")
+    assert wait_for(lambda: not loop_devices_of(image), timeout=15), "its loop device was freed"
+    assert agent.delete(f"/api/v1/volumes/{name}").status_code == 404
+    changes = [c for c in recorded(agent) if c["revision"] > since and c["kind"] == "volume"]
+    assert [(c["action"], c["object"]["name"]) for c in changes] == [("created", name), ("removed", name)]
 
 
 def test_data_outlives_its_claim_and_a_write_past_the_size_is_enospc(agent, docker_client, test_image, claim, volume):
     name = volume()
     mount = [{"volume": name, "path": "/workspace"}]
-    first = created(agent, claim("a"), test_image, gpu_count=1, mounts=mount, command=["sleep", "300"])
+    first = created(agent, claim("a"), test_image, gpu_count=1, disk_gb=1, mounts=mount, command=["sleep", "300"])
     first_gpus = set(agent.get(f"/api/v1/containers/{first}").json()["gpu_ids"])
     code, written = run_in(docker_client, first, "dd if=/dev/urandom of=/workspace/data bs=1M count=100 2>/dev/null && md5sum /workspace/data")
     assert code == 0, written
     assert agent.get(f"/api/v1/volumes/{name}").json()["claims"] == [claim("a")]
     assert agent.delete(f"/api/v1/containers/{first}").status_code == 204
-    created(agent, claim("hold"), test_image, gpu_count=len(first_gpus), command=["sleep", "300"])  # takes the GPUs `a` had
+    created(agent, claim("hold"), test_image, gpu_count=len(first_gpus), disk_gb=1, command=["sleep", "300"])  # takes the GPUs `a` had
 
-    second = created(agent, claim("b"), test_image, gpu_count=1, mounts=mount, command=["sleep", "300"])
+    second = created(agent, claim("b"), test_image, gpu_count=1, disk_gb=1, mounts=mount, command=["sleep", "300"])
     assert not set(agent.get(f"/api/v1/containers/{second}").json()["gpu_ids"]) & first_gpus, "claim b runs on other GPUs"
     assert run_in(docker_client, second, "md5sum /workspace/data") == (0, written)
 
@@ -166,34 +170,6 @@ def test_two_concurrent_writers_never_both_win(agent, test_image, claim, volume)
     for thread in threads:
         thread.join()
     assert sorted(answer.status_code for answer in answers) == [201, 409, 409, 409], [a.text for a in answers]
-
-
-def test_volumes_are_found_again_after_killed_workers_and_a_restart_and_mounted_again(agent_factory, docker_client, test_image, claim):
-    agent = agent_factory(workers=2)
-    name = claim("v")
-    try:
-        assert agent.post("/api/v1/volumes", json={"name": name, "size_gb": 1}).status_code == 201
-        holder = created(agent, claim("a"), test_image, mounts=[{"volume": name, "path": "/data"}], command=["sleep", "300"])
-        assert run_in(docker_client, holder, "echo kept > /data/file")[0] == 0
-        assert agent.delete(f"/api/v1/containers/{holder}").status_code == 204
-        for pid in agent.worker_pids():
-            os.kill(pid, signal.SIGKILL)
-        assert wait_for(lambda: answered(agent, f"/api/v1/volumes/{name}"), timeout=60)["ready"] is True
-
-        agent.stop()
-        folder = volume_folder(agent, name)
-        subprocess.run(["umount", str(folder / "mnt")], check=True)  # as after a reboot
-        assert wait_for(lambda: not loop_devices_of(folder / "disk.img"), timeout=15), "the unmount freed its loop device"
-        agent.start()
-        shown = agent.get(f"/api/v1/volumes/{name}").json()
-        assert shown["ready"] is True and shown["used_mb"] is not None, "the agent mounted it again at start"
-        reader = created(agent, claim("b"), test_image, mounts=[{"volume": name, "path": "/data", "read_only": True}], command=["sleep", "300"])
-        assert run_in(docker_client, reader, "cat /data/file") == (0, "kept\n")
-        assert agent.delete(f"/api/v1/containers/{reader}").status_code == 204
-        assert agent.delete(f"/api/v1/volumes/{name}").status_code == 204
-        assert not folder.exists()
-    finally:
-        agent.stop()
 
 
 def answered(agent, path):
@@ -339,17 +315,22 @@ def test_on_btrfs_a_volume_is_a_subvolume_whose_qgroup_limit_stops_writes(agent_
         agent.stop()
 
 
-def test_after_a_reboot_the_agent_mounts_the_volume_and_starts_the_claim_the_engine_could_not(docker_client, agent_factory, claim):
-    """A reboot, played on an engine of the test's own: the engine comes back before the agent, its
-    claim's volume not mounted, and fails to start the claim (its bind source is inside the volume's
-    filesystem, so nothing is written to the disk below); the agent mounts the volume, then starts it."""
+def test_after_a_reboot_volumes_are_mounted_before_their_claims_start_and_a_stopped_claim_stays_stopped(docker_client, agent_factory, claim):
+    """A reboot, played on an engine of the test's own (the shared one is never restarted): the engine
+    comes back before the agent, with one claim's volume not mounted, and fails to start that claim
+    (its bind source is inside the volume's filesystem, so nothing is written to the disk below),
+    while a claim stopped by request stays stopped although its restart policy is `always`. The agent
+    mounts the volume and starts the first; both, and the volume, are found again through SIGKILLed
+    workers, and the stopped claim starts again with its policy given back."""
     with running_private_engine(docker_client, subnet="10.222") as private:
-        agent = agent_factory(workers=1, DOCKER_HOST=private.base_url, UTOPIA_AGENT_RESTART_POLICY="always", UTOPIA_AGENT_UNSTARTED_SECONDS="4")
-        name = claim("v")
+        agent = agent_factory(workers=2, DOCKER_HOST=private.base_url, UTOPIA_AGENT_RESTART_POLICY="always", UTOPIA_AGENT_UNSTARTED_SECONDS="4")
+        name, image = claim("v"), "utopia-test/busybox:latest"
         try:
             assert agent.post("/api/v1/volumes", json={"name": name, "size_gb": 1}).status_code == 201
-            holder = created(agent, claim("a"), "utopia-test/busybox:latest", mounts=[{"volume": name, "path": "/data"}], command=["sleep", "300"])
+            holder = created(agent, claim("a"), image, mounts=[{"volume": name, "path": "/data"}], command=["sleep", "300"])
             assert run_in(private.client, holder, "echo before-reboot > /data/file")[0] == 0
+            stopped = created(agent, claim("s"), image, gpu_count=2, disk_gb=1, command=["sleep", "300"])
+            assert agent.post(f"/api/v1/containers/{stopped}/stop").status_code == 200
             agent.stop()
             private.stop()
             folder = volume_folder(agent, name)
@@ -358,11 +339,22 @@ def test_after_a_reboot_the_agent_mounts_the_volume_and_starts_the_claim_the_eng
             state = private.client.api.inspect_container(holder)["State"]
             assert not state["Running"] and state["Error"], "the engine could not start it without its volume"
             assert not (folder / "mnt" / "data").exists(), "nothing was made on the disk below"
+            assert not private.client.api.inspect_container(stopped)["State"]["Running"], "the engine's restart left the stopped claim stopped"
 
             agent.start()
             assert wait_for(lambda: private.client.api.inspect_container(holder)["State"]["Running"], timeout=30), agent.log()[-2000:]
             assert run_in(private.client, holder, "cat /data/file") == (0, "before-reboot\n")
-            assert agent.delete(f"/api/v1/containers/{holder}").status_code == 204
+            for pid in agent.worker_pids():
+                os.kill(pid, signal.SIGKILL)
+            shown = wait_for(lambda: answered(agent, f"/api/v1/containers/{stopped}"), timeout=60)
+            assert (shown["stopped"], shown["status"]) == (True, "exited")
+            volume = agent.get(f"/api/v1/volumes/{name}").json()
+            assert volume["ready"] and volume["used_mb"] is not None and volume["claims"] == [claim("a")], "mounted again, and found"
+            assert not [gpu for gpu in agent.get("/api/v1/gpus").json() if gpu["claim_id"] == claim("s")], "it holds no GPU"
+            assert agent.post(f"/api/v1/containers/{stopped}/start").status_code == 200
+            assert private.client.api.inspect_container(stopped)["HostConfig"]["RestartPolicy"]["Name"] == "always"
+            for container_id in (holder, stopped):
+                assert agent.delete(f"/api/v1/containers/{container_id}").status_code == 204
             assert agent.delete(f"/api/v1/volumes/{name}").status_code == 204
         finally:
             agent.stop()
