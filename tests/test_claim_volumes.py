@@ -358,3 +358,20 @@ def test_after_a_reboot_volumes_are_mounted_before_their_claims_start_and_a_stop
             assert agent.delete(f"/api/v1/volumes/{name}").status_code == 204
         finally:
             agent.stop()
+
+
+def test_a_volume_the_volumes_filesystem_has_no_room_for_is_507_with_nothing_left(agent_factory, claim, tmp_path):
+    full = tmp_path / "full"
+    full.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(full)], check=True)
+    (full / "volumes").mkdir()
+    subprocess.run(["dd", "if=/dev/zero", f"of={full / 'fill'}", "bs=64k"], capture_output=True, check=False)  # to the last byte
+    agent = agent_factory(workers=1, UTOPIA_AGENT_CLAIM_VOLUMES_DIR=str(full / "volumes"))
+    try:
+        refused = agent.post("/api/v1/volumes", json={"name": claim("v"), "size_gb": 1})
+        assert (refused.status_code, refused.json().get("error")) == (507, "insufficient_storage"), refused.text
+        assert os.listdir(full / "volumes") == [] and agent.get("/api/v1/volumes").json() == []
+    finally:
+        agent.delete(f"/api/v1/volumes/{claim('v')}")
+        agent.stop()
+        subprocess.run(["umount", str(full)], check=True)

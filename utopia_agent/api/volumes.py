@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import Blueprint, url_for
 
-from ..errors import AllocationBusy, EngineError, EngineUnavailable, InvalidRequest, NodeFault, VolumeExists, VolumeInUse, VolumeNotFound
+from ..errors import AllocationBusy, EngineError, EngineUnavailable, InsufficientStorage, InvalidRequest, NodeFault, VolumeExists, VolumeInUse, VolumeNotFound
 from ..services import services
 from ..volumes.schemas import CreateVolumeSchema, VolumePathSchema, VolumeSchema
 from .operations import ENGINE_DOWN, Reply, Responds, fails, operation
@@ -27,6 +27,7 @@ LOCK_OR_ENGINE = fails("The Docker engine is unreachable or slow, or other reque
         fails("The body is not valid; `errors` names each field.", InvalidRequest),
         fails("A volume of that name exists.", VolumeExists),
         fails("The node could not make it (the backend's command failed); nothing of it is left.", NodeFault),
+        fails("The filesystem holding the claim volumes has no room for it; nothing of it is left.", InsufficientStorage),
         LOCK_OR_ENGINE,
     ),
 )

@@ -10,6 +10,7 @@ lock for every change, so two workers never make or remove the same volume at on
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -17,7 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import NodeFault, VolumeExists, VolumeNotFound
+from ..errors import InsufficientStorage, NodeFault, VolumeExists, VolumeNotFound
 from ..node.state_file import StateFile
 from .backends import Backend, BackendFailed, BtrfsBackend, LoopBackend, choose_backend, on_btrfs
 
@@ -61,7 +62,12 @@ class VolumeStore:
         if self._record(name).read():
             raise VolumeExists(f"volume {name} exists", volume=name)
         # A folder without a record is a create that died before its first write: nothing in it.
-        folder.mkdir(mode=0o700, exist_ok=True)
+        try:
+            folder.mkdir(mode=0o700, exist_ok=True)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise InsufficientStorage(f"no room to make the volume {name} in {self.root}; nothing of it is left") from None
+            raise
         record = {"name": name, "size_gb": size_gb, "created": int(time.time()), "backend": self.backend, "ready": False}
         try:
             self._record(name).write(record)
@@ -70,6 +76,8 @@ class VolumeStore:
         except (OSError, BackendFailed) as exc:
             log.error("volume create failed volume=%s reason=%s", name, exc)
             self._remove_folder(name, record)
+            if (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or "No space left on device" in str(exc):
+                raise InsufficientStorage(f"no room to make the volume {name} in {self.root}; nothing of it is left") from None
             raise NodeFault(f"the volume {name} could not be made: {exc}") from None
         log.info("volume created volume=%s size_gb=%d backend=%s", name, size_gb, self.backend)
         return self.get(name)
