@@ -14,6 +14,7 @@ import sys
 from gunicorn.glogging import Logger
 
 from utopia_agent.config import MAX_EXEC_SESSIONS, ConfigError, load_config, prepare_state_dir
+from utopia_agent.volumes.store import VolumeStore
 from utopia_agent.observability.logs import logging_dict
 from utopia_agent.claims.volumes import MountPins
 from utopia_agent.disks.node_disk import quota_in_force
@@ -87,6 +88,14 @@ try:
     MountPins(_agent.mounts_dir).prepare()
 except OSError as error:
     logging.getLogger("utopia_agent").warning("volumes cannot be pinned, so creates with volumes will fail: %s", error)
+
+try:
+    # Before any worker: volumes mounted again (after a reboot), interrupted creates and deletes
+    # finished, with no create of a worker's running meanwhile.
+    VolumeStore(_agent.claim_volumes_root, _agent.claim_volume_backend).settle()
+except ConfigError as error:
+    print(f"utopia-agent: configuration error: {error}", file=sys.stderr)
+    sys.exit(2)
 
 # prometheus-client's multiprocess mode: every worker writes its counters here and a scrape
 # sums them. It must be set before any worker imports prometheus_client, and it starts empty

@@ -57,6 +57,7 @@ from tests.support.engine import (  # noqa: E402
     remove_new_dangling_images,
 )
 from benchmarks import disk_bench  # noqa: E402
+from benchmarks import volume_bench  # noqa: E402
 from utopia_agent.config import Config  # noqa: E402
 from utopia_agent.engine.container_config import create_arguments  # noqa: E402
 from utopia_agent.allocation.policy import build_container_spec  # noqa: E402
@@ -446,6 +447,12 @@ class Bench:
         spec = replace(self.spec_the_agent_makes(1 if gpu_index is not None else 0), claim_id=self.claim("b"), image=image or self.image)
         if gpu_index is not None:
             spec = replace(spec, gpu_ids=(gpu_index,), gpu_uuids=(self.gpus[gpu_index].uuid,))
+        created = self.api.create_container(**create_arguments(self.api, spec, self.defaults))
+        self.api.start(created["Id"])
+        return created["Id"]
+
+    def raw_create(self, spec: ContainerSpec) -> str:
+        """One create and one start of `spec` with the agent's own create arguments."""
         created = self.api.create_container(**create_arguments(self.api, spec, self.defaults))
         self.api.start(created["Id"])
         return created["Id"]
@@ -1068,6 +1075,9 @@ class Bench:
         if only == "disks":
             self.run_disks(say)
             return
+        if only == "volumes":
+            self.run_volumes(say)
+            return
         if only == "exec":
             say("starting the agent (gunicorn, 4 workers, stand-in NVML with 8 GPUs)")
             self.start_agent()
@@ -1112,6 +1122,7 @@ class Bench:
         self.figure_scaling(many, self.measure_list(plan.scaling_samples),
                             note=f"{many - main} of them created, never started (made with the SDK)")
         self.figure_rss()
+        self.run_volumes(say)
         self.run_disks(say)
 
     def run_disks(self, say: Callable[[str], None]) -> None:
@@ -1121,6 +1132,15 @@ class Bench:
         seconds = disk_bench.BACKSTOP_SECONDS if self.plan is FULL else self.plan.cpu_seconds
         say(f"measured mode: {disk_bench.MEASURED_CLAIMS} claims of {disk_bench.FILES_PER_CLAIM} files, CPU over {seconds:g} s")
         disk_bench.figure_measured_cpu(self, say, Figure, seconds)
+
+    def run_volumes(self, say: Callable[[str], None]) -> None:
+        """The claim volume rows (benchmarks/volume_bench.py); `--only volumes` runs just these, on an agent of their own."""
+        if self.agent is None:
+            self.start_agent()
+        say(f"claim volumes: a {volume_bench.VOLUME_GB} GiB volume against the same by hand, {self.plan.create_samples} rounds")
+        volume_bench.figure_volume_create(self, say, compare, self.plan.create_samples)
+        say(f"a create mounting a claim volume against the engine's create + start with the same bind, {self.plan.create_samples} rounds")
+        volume_bench.figure_mount_create(self, say, compare, self.plan.create_samples)
 
 
 # --------------------------------------------------------------------------- output
@@ -1256,8 +1276,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="grace seconds of DELETE (UTOPIA_AGENT_STOP_TIMEOUT) and of the baseline's stop (default 1)")
     parser.add_argument("--output", type=Path,
                         help="JSON file, the PNG beside it (default benchmarks/results/latest.json, quick.json with --quick)")
-    parser.add_argument("--only", choices=("exec", "disks"),
-                        help="only these figures, with the agent they need (a partial run; disks: benchmarks/disk_bench.py)")
+    parser.add_argument("--only", choices=("exec", "disks", "volumes"),
+                        help="only these figures, with the agent they need (a partial run; disks: benchmarks/disk_bench.py, "
+                             "volumes: benchmarks/volume_bench.py)")
     parser.add_argument("--draw", type=Path, metavar="JSON", help="only draw the PNG of an earlier run's JSON (beside it, or at --output)")
     args = parser.parse_args(argv)
     if args.draw:

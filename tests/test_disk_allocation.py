@@ -192,10 +192,10 @@ def test_the_node_shows_the_disk_and_counts_a_second_kind_of_consumer(small_disk
     assert disk == {"quota": "measured", "allocatable_gb": 5.0, "allocated_gb": 1.5, "free_gb": 3.5, "pressure": False}
 
     allocator = small_disk.extensions["utopia"].allocator
-    allocator.disk.add_consumer("volumes", lambda: 3.0)
+    allocator.disk.add_consumer("scratch", lambda: 3.0)
     with pytest.raises(ValueError):
-        allocator.disk.add_consumer("volumes", lambda: 1.0)
-    assert allocator.disk_ledger().held == {"claims": 1.5, "volumes": 3.0}
+        allocator.disk.add_consumer("scratch", lambda: 1.0)
+    assert allocator.disk_ledger().held == {"claims": 1.5, "volumes": 0.0, "scratch": 3.0}, "claim volumes count too (none made here)"
     refused = create(client, claim_id="b", disk_gb=1, command=["sleep", "60"])
     assert refused.status_code == 409 and refused.get_json()["free_disk_gb"] == 0.5
     assert client.get("/api/v1/node", headers=auth()).get_json()["disk"]["allocated_gb"] == 4.5

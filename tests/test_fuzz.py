@@ -25,6 +25,7 @@ import time
 
 import docker
 import docker.errors
+import requests
 import schemathesis
 
 from tests.support.agent import ROOT
@@ -35,6 +36,7 @@ TIME_BUDGET_SECONDS = 100
 CHECKS = "not_a_server_error,status_code_conformance,response_schema_conformance,content_type_conformance,negative_data_rejection,ignored_auth"
 IMAGE_ENV = "UTOPIA_FUZZ_IMAGE"
 CLAIM_PREFIX_ENV = "UTOPIA_FUZZ_CLAIM_PREFIX"
+AGENT_ENV = "UTOPIA_FUZZ_AGENT"  # the agent's URL and token, for the after_call hook
 MIN_TEST_CASES = 400
 
 
@@ -59,6 +61,16 @@ def before_call(context, case, kwargs):
     # Ids that do not fit the pattern are refused before they reach the engine.
     if isinstance(container_id, str) and re.fullmatch(CONTAINER_ID_PATTERN, container_id) and _someone_elses(container_id):
         case.path_parameters["container_id"] = "0" * 64
+
+
+@schemathesis.hook
+def after_call(context, case, response):
+    """A claim volume the fuzzer made is removed at once: each holds a loop device of the node's, which
+    hundreds of cases would use up (for every session on the machine)."""
+    if AGENT_ENV not in os.environ or case.method.upper() != "POST" or case.path != "/api/v1/volumes" or response.status_code != 201:
+        return
+    url, token = os.environ[AGENT_ENV].split(" ", 1)
+    requests.delete(f"{url}/api/v1/volumes/{response.json()['name']}", headers={"Authorization": f"Bearer {token}"}, timeout=60)
 
 
 @functools.lru_cache(maxsize=1)
@@ -114,7 +126,8 @@ def test_api_conforms_to_its_openapi_document(agent_factory, docker_client, test
         '[checks.negative_data_rejection]\nexpected-statuses = ["400", "401", "403", "404", "413"]\n\n'
         f'[[operations]]\ninclude-path = "{STREAM_PATH}"\ngeneration.max-examples = {STREAM_EXAMPLES}\n'
     )
-    env = {**os.environ, "SCHEMATHESIS_HOOKS": __name__, IMAGE_ENV: test_image, CLAIM_PREFIX_ENV: claim("")}
+    env = {**os.environ, "SCHEMATHESIS_HOOKS": __name__, IMAGE_ENV: test_image, CLAIM_PREFIX_ENV: claim(""),
+           AGENT_ENV: f"{fuzz_agent.base_url} {fuzz_agent.token}"}
     command = [
         sys.executable, "-m", "schemathesis.cli", "--config-file", str(config), "run", fuzz_agent.base_url + "/openapi.json",
         "--checks", CHECKS,

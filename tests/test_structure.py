@@ -21,6 +21,7 @@ LAYERS = (
     "node",           # node-wide state: state dir and files, drain, roles, system metrics, claim usage
     "disks",          # claims' container disks: the allocatable disk, the quota mode, the measurements
     "network",        # tenant networks: the claims' network and the firewall rules that isolate it
+    "volumes",        # claim volumes: sized node-local volumes on disk (loop-mounted files, btrfs subvolumes)
     "images",         # pulls
     "gpus",           # NVML, health, selection
     "allocation",     # decisions under the node's lock

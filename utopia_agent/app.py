@@ -7,6 +7,7 @@ from functools import partial
 from flask import Flask
 
 from .allocation.allocator import Allocator, allocation_lock
+from .allocation.claim_volumes import ClaimVolumes
 from .api.error_handlers import register_error_handlers
 from .node.claim_usage import ClaimUsage
 from .config import Config, load_config, prepare_state_dir
@@ -35,6 +36,7 @@ from .node.state_dir import first_to_log
 from .claims.resources import NodeResources
 from .node.system_metrics import SystemMetrics
 from .claims.volumes import MountPins
+from .volumes.store import VolumeStore
 
 
 def create_app(config: Config | None = None, gpus: GpuInventory | None = None, docker: DockerManager | None = None) -> Flask:
@@ -63,8 +65,11 @@ def create_app(config: Config | None = None, gpus: GpuInventory | None = None, d
     app.json.sort_keys = False
     images = _images(docker, config, lock)
     pressure = DiskPressure(config.state_dir, config.disk_pressure_percent, docker.data_root, history, images.collector.look).start()
+    volume_store = VolumeStore(config.claim_volumes_root, config.claim_volume_backend)  # settled by the master (gunicorn.conf.py)
     allocator = Allocator(config, docker, health, node, lock_timeout, MountPins(config.mounts_dir), NodeResources.read(),
-                          NodeDisk(config, docker, pressure=pressure))
+                          NodeDisk(config, docker, pressure=pressure), volume_store)
+    # Volumes' sizes count against the node's allocatable disk, with the claims' disks (read afresh under the lock).
+    allocator.disk.add_consumer("volumes", lambda: float(sum(volume.size_gb for volume in volume_store.list())))
     app.extensions["utopia"] = Services(
         config=config,
         docker=docker,
@@ -81,6 +86,7 @@ def create_app(config: Config | None = None, gpus: GpuInventory | None = None, d
         events=EventStreams(history, config.events_heartbeat_seconds),
         execs=Execs(config, docker, history),
         pressure=pressure,
+        volumes=ClaimVolumes(volume_store, docker, lock, history, allocator.disk_ledger),
     )
     health.monitor.start()
     register_error_handlers(app)

@@ -25,6 +25,7 @@ GPU_BACKENDS = ("auto", "nvml", "fake", "none")
 # Exec sessions (one-shot and interactive) the whole agent runs at once; each holds a thread of
 # its own beyond the request pool (gunicorn.conf.py), so /health never waits behind them.
 MAX_EXEC_SESSIONS = 16
+CLAIM_VOLUME_BACKENDS = ("auto", "loop", "btrfs")
 DISK_QUOTA_MODES = ("auto", "engine", "measured", "off")
 # A claim without GPUs and without `disk_gb` (a sidecar, a CPU job): room for a pip install and logs.
 DEFAULT_DISK_GB = 10.0
@@ -199,6 +200,9 @@ class Config:
     reserved_disk_gb: float | None = None
     # Resolved at load: what no volume may reach (SYSTEM_PATHS, the agent's code and token).
     denied_paths: tuple[str, ...] = ()
+    # Where claim volumes live (None: STATE_DIR/claim-volumes) and how they get their size.
+    claim_volumes_dir: Path | None = None
+    claim_volume_backend: str = "auto"
 
     @property
     def effective_volume_roots(self) -> tuple[Path, ...]:
@@ -207,6 +211,10 @@ class Config:
     @property
     def mounts_dir(self) -> Path:
         return self.state_dir / "mounts"
+
+    @property
+    def claim_volumes_root(self) -> Path:
+        return self.claim_volumes_dir or self.state_dir / "claim-volumes"
 
 
 Number = TypeVar("Number", int, float)
@@ -501,6 +509,8 @@ def load_config(env: Mapping[str, str] | None = None, ephemeral_ports_path: Path
         default_disk_gb=_gb(env, "UTOPIA_AGENT_DEFAULT_DISK_GB", DEFAULT_DISK_GB, zero=False) or DEFAULT_DISK_GB,
         reserved_disk_gb=_gb(env, "UTOPIA_AGENT_RESERVED_DISK_GB", None, zero=True),
         denied_paths=denied,
+        claim_volumes_dir=_claim_volumes_dir(env, volume_roots or (state_dir / "volumes",)),
+        claim_volume_backend=_choice(env, "UTOPIA_AGENT_CLAIM_VOLUME_BACKEND", "auto", CLAIM_VOLUME_BACKENDS),
     )
 
 
@@ -510,6 +520,21 @@ def _claim_defaults(env: Mapping[str, str], node: NodeResources, reserved_cpus: 
     cpus = _claim_default(env, "UTOPIA_AGENT_DEFAULT_CPUS", DEFAULT_CLAIM_CPUS, capacity_cpus, CPU_STEP, "CPUs")
     memory_mb = _claim_default(env, "UTOPIA_AGENT_DEFAULT_MEMORY_MB", DEFAULT_CLAIM_MEMORY_MB, capacity_memory_mb, MIN_MEMORY_MB, "MB")
     return {"default_cpus": round(math.floor(cpus / CPU_STEP + 1e-9) * CPU_STEP, 2), "default_memory_mb": int(memory_mb)}
+
+
+def _claim_volumes_dir(env: Mapping[str, str], volume_roots: tuple[Path, ...]) -> Path | None:
+    """An absolute folder apart from every host volume root: a tenant's host volume must never reach another's claim volume."""
+    raw = env.get("UTOPIA_AGENT_CLAIM_VOLUMES_DIR")
+    if not raw:
+        return None
+    folder = Path(raw)
+    if not folder.is_absolute():
+        raise ConfigError("UTOPIA_AGENT_CLAIM_VOLUMES_DIR", f"{raw} is not an absolute path")
+    real = os.path.realpath(folder)
+    for root in volume_roots:
+        if _within(real, os.path.realpath(root)) or _within(os.path.realpath(root), real):
+            raise ConfigError("UTOPIA_AGENT_CLAIM_VOLUMES_DIR", f"{raw} overlaps the volume root {root}")
+    return folder
 
 
 def _image_gc(env: Mapping[str, str]) -> dict[str, float]:

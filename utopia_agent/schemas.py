@@ -207,6 +207,16 @@ ENV_ENTRY = fields.String(validate=[
 ])
 
 
+class MountSchema(Schema):
+    """One claim volume to mount (see POST /api/v1/volumes)."""
+
+    volume = fields.String(required=True, validate=FullMatch(CLAIM_ID_PATTERN, error="is not a valid volume name"),
+                           metadata={"description": "The claim volume's name."})
+    path = fields.String(required=True, validate=[validate.Length(min=1, max=MAX_STRING), _ABSOLUTE_PATH, names_fit],
+                         metadata={"description": "Where the container sees it (absolute)."})
+    read_only = fields.Boolean(load_default=False, metadata={"description": "Read-only mounts may be shared; a read-write one is the claim's alone."})
+
+
 class CreateContainerSchema(Schema):
     """POST /api/v1/containers body; unknown fields are refused (marshmallow's default)."""
 
@@ -261,6 +271,13 @@ class CreateContainerSchema(Schema):
             "description": "Host path -> container path; the host path must lie under UTOPIA_AGENT_VOLUME_ROOTS.",
             "maxProperties": MAX_VOLUMES,
         },
+    )
+    mounts = fields.List(
+        fields.Nested(MountSchema),
+        load_default=list,
+        validate=validate.Length(max=MAX_VOLUMES),
+        metadata={"description": "Claim volumes to mount: an unknown one is 404 with nothing made; one mounted read-write by "
+                                 "another claim (or read-write here while another mounts it) is 409 volume_in_use."},
     )
     cpus = StrictNumber(
         validate=validate.Range(0.01, MAX_CPUS),
@@ -572,6 +589,8 @@ class NodeSchema(ResponseSchema):
     )
     drain = fields.Nested(DrainSchema, required=True, metadata={"description": "Whether the node takes claims."})
     network = fields.Nested(NetworkSchema, required=True, metadata={"description": "The claims' network and whether its isolation is in place."})
+    claim_volume_backend = fields.String(required=True, metadata={"enum": ["loop", "btrfs"], "description": "How new claim volumes get "
+                                                                   "their size: a loop-mounted ext4 file, or a btrfs subvolume under a qgroup limit."})
     disk = fields.Nested(NodeDiskSchema, allow_none=True, required=True,
                          metadata={"description": "The claims' disk; null while the engine does not say where its data root is."})
 
@@ -620,6 +639,7 @@ class ErrorSchema(Schema):
     free_cpuset = fields.String(metadata={"description": "Whole cores free near the GPUs, for 409 not_enough_resources under exclusive pinning."})
     free_disk_gb = fields.Float(metadata={"description": "Disk free for claims in GB, for 409 not_enough_resources."})
     image = fields.String(metadata={"description": "The image that could not be pulled, for 502 image_pull_failed."})
+    volume = fields.String(metadata={"description": "The claim volume, for volume_not_found, volume_exists and volume_in_use."})
     reason = fields.String(metadata={"description": "The operator's reason, for 409 node_draining."})
     max_body_bytes = fields.Integer(metadata={"description": "The node's UTOPIA_AGENT_MAX_BODY_BYTES, for 413 body_too_large."})
     filesystem = fields.String(

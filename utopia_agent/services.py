@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from flask import current_app
 
 from .allocation.allocator import Allocator
+from .allocation.claim_volumes import ClaimVolumes
 from .node.claim_usage import ClaimUsage
 from .disks.usage import DiskUsage
 from .config import Config
@@ -44,6 +45,7 @@ class Services:
     events: EventStreams
     execs: Execs
     pressure: DiskPressure
+    volumes: ClaimVolumes
 
     def close(self) -> None:
         self.events.close()

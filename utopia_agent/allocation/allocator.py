@@ -23,17 +23,21 @@ from collections.abc import Iterable, Iterator
 
 from ..config import Config
 from ..engine.manager import DockerManager
-from ..errors import NO_SPACE, AllocationBusy, ClaimExists, NodeFault, NoGpusFree, NotEnoughResources, NotManaged, PolicyViolation, PortTaken
+from ..errors import (
+    NO_SPACE, AgentError, AllocationBusy, ClaimExists, NodeFault, NoGpusFree, NotEnoughResources, NotManaged, PolicyViolation, PortTaken,
+    VolumeInUse, VolumeNotFound,
+)
 from ..gpus.health import GpuHealth, views_of
 from ..gpus.sampler import GpuSample
 from ..gpus.selection import choose_gpus
 from ..gpus.inventory import GpuInventory, Locality
-from ..claims.holders import carrying, exclusive_cpus, gpu_claims, gpu_keys, gpus_held_twice, port_holders, volume_holders
+from ..claims.holders import carrying, claim_volume_users, exclusive_cpus, gpu_claims, gpu_keys, gpus_held_twice, port_holders, volume_holders
 from ..node.drain import NodeDrain
 from .policy import check_volumes_apart
 from ..claims.disks import DiskLedger, disk_share
 from ..claims.records import (
-    CLAIM_LABEL, CPUS_LABEL, GPU_IDS_LABEL, MANAGED_LABEL, MEMORY_LABEL, PORTS_LABEL, REQUESTED_STOP, RUNNING_STATES, STOP_REASON_PATTERN, VOLUMES_LABEL,
+    CLAIM_LABEL, CLAIM_VOLUMES_LABEL, CPUS_LABEL, GPU_IDS_LABEL, MANAGED_LABEL, MEMORY_LABEL, PORTS_LABEL, REQUESTED_STOP, RUNNING_STATES,
+    STOP_REASON_PATTERN, VOLUMES_LABEL,
     ContainerSpec, Holdings, ManagedContainer, PortMapping, StopMark,
 )
 from ..disks.node_disk import NodeDisk
@@ -42,6 +46,7 @@ from ..claims.resources import (
     NodeResources, check_fits, choose_exclusive_cpus, default_shm_mb, format_cpu_list, gpu_share, numa_placement, reserved_cpu_ids,
 )
 from ..claims.volumes import MountPins, VolumeRefused
+from ..volumes.store import VolumeStore
 
 log = logging.getLogger("utopia_agent.allocator")
 
@@ -106,6 +111,7 @@ class Allocator:
     def __init__(
         self, config: Config, docker: DockerManager, gpus: GpuHealth, drain: NodeDrain, lock_timeout: float, pins: MountPins, node: NodeResources,
         disk: NodeDisk,
+        volumes: VolumeStore | None = None,
     ):
         self._config = config
         self._state_dir = config.state_dir
@@ -116,6 +122,7 @@ class Allocator:
         self._pins = pins
         self._node = node
         self.disk = disk
+        self._volumes = volumes
         # The name of the container being created under the lock, while the engine makes it.
         self._in_flight = StateFile(config.state_dir / "create-in-flight.json")
 
@@ -155,6 +162,8 @@ class Allocator:
                 spec = self._with_gpus(spec, gpu_count, sample, gpu_claims(gpu_holders), self._has_free_cores(limited))
             spec = self._with_resources(spec, len(sample.gpus) if sample else 0, limited)
             spec = self._with_disk(spec, len(sample.gpus) if sample else 0, held(MANAGED_LABEL), disk_quota)
+            if spec.mounts:
+                spec = self._with_claim_volumes(spec, held(CLAIM_VOLUMES_LABEL))
             if not spec.volumes:
                 return self._create(spec), spec
             check_volumes_apart(spec.volumes, volume_holders(held(VOLUMES_LABEL)), engine_root)
@@ -164,6 +173,23 @@ class Allocator:
             except BaseException:
                 self._pins.release(spec.claim_id)
                 raise
+
+    def _with_claim_volumes(self, spec: ContainerSpec, holders: list[Holdings]) -> ContainerSpec:
+        """Each claim volume exists and is whole (404 otherwise), is mounted read-write by no other
+        claim, and, for a read-write mount, by no other claim at all (409 volume_in_use naming it)."""
+        if self._volumes is None:
+            raise VolumeNotFound(f"no volume {spec.mounts[0].volume!r}: this agent keeps no claim volumes", volume=spec.mounts[0].volume)
+        users = claim_volume_users(holders)
+        sources = []
+        for mount in spec.mounts:
+            sources.append(self._volumes.source(mount.volume))
+            others = sorted(users.get(mount.volume, []))
+            writer = next((claim for claim, read_only in others if not read_only), None)
+            holder = writer or (others[0][0] if others and not mount.read_only else None)
+            if holder is not None:
+                how = "read-write" if writer else "read-only"
+                raise VolumeInUse(f"volume {mount.volume} is mounted {how} by claim {holder}", volume=mount.volume, claim_id=holder)
+        return replace(spec, claim_mount_sources=tuple(sources))
 
     def _create(self, spec: ContainerSpec) -> str:
         """The engine's create, with the container's name on record while the engine makes it: a
@@ -279,11 +305,19 @@ class Allocator:
 
     def sweep(self, max_created_age: float) -> None:
         """Remove containers created but never started for `max_created_age` seconds (a crash between
-        create and start: they hold GPUs nobody uses) and the pins of claims that have no container."""
+        create and start: they hold GPUs nobody uses), start the claims the engine could not restart
+        before their claim volumes were mounted (a reboot), and unpin the claims that have no container."""
         with allocation_lock(self._state_dir, self._lock_timeout):
             for container_id, claim_id in self._docker.stale_created(max_created_age):
                 log.warning("removing a container that never started claim=%s container=%s", claim_id, container_id[:12])
                 self._docker.remove(container_id, grace_seconds=0)
+            for container_id, claim_id in self._docker.waiting_for_volumes():
+                log.warning("starting a claim the engine could not start before its volumes were mounted claim=%s container=%s",
+                            claim_id, container_id[:12])
+                try:
+                    self._docker.start(container_id)
+                except AgentError as error:
+                    log.error("claim still not started claim=%s container=%s reason=%s", claim_id, container_id[:12], error.code)
             pinned = self._pins.claims()
             if pinned:
                 live = {held.claim_id for held in self._docker.holders_of(VOLUMES_LABEL)}

@@ -1,5 +1,6 @@
-"""Tidies what a crash leaves behind: containers created but never started, and volume pins of
-claims whose container is gone. Every worker runs one; one sweeps the node per interval
+"""Tidies what a crash leaves behind: containers created but never started, claims a reboot left
+stopped because their claim volumes were not mounted yet, and volume pins of claims whose
+container is gone. Every worker runs one; one sweeps the node per interval
 (node/chore.py)."""
 
 from __future__ import annotations

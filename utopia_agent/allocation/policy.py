@@ -13,7 +13,7 @@ from dataclasses import replace
 from typing import Any
 
 from ..config import Config
-from ..claims.records import LABEL_PREFIX, ContainerSpec, PortMapping
+from ..claims.records import LABEL_PREFIX, ClaimMount, ContainerSpec, PortMapping
 from ..errors import PolicyViolation
 from ..claims.resources import infiniband_devices, memlock_limit
 from ..claims.volumes import Volume, VolumeRefused, overlap, parse_volume, within
@@ -92,6 +92,22 @@ def check_volumes(volumes: dict[str, str], config: Config) -> tuple[Volume, ...]
     return tuple(checked)
 
 
+def check_mounts(mounts: list[dict[str, Any]], taken: set[str]) -> tuple[ClaimMount, ...]:
+    """Each claim volume once, each at its own container path clear of the system paths and of the host volumes' (`taken`)."""
+    checked: list[ClaimMount] = []
+    for mount in mounts:
+        target = os.path.normpath("/" + mount["path"].lstrip("/"))
+        if target == "/" or any(within(target, p) for p in SHADOWED_CONTAINER_PATHS):
+            raise _field_error("mounts", f"container path {mount['path']} would shadow a system path")
+        if target in taken:
+            raise _field_error("mounts", f"container path {mount['path']} is mounted twice")
+        if any(other.volume == mount["volume"] for other in checked):
+            raise _field_error("mounts", f"volume {mount['volume']} is given twice")
+        taken.add(target)
+        checked.append(ClaimMount(mount["volume"], target, mount["read_only"]))
+    return tuple(checked)
+
+
 def check_volumes_apart(volumes: tuple[Volume, ...], mounted: dict[str, str], engine_root: str | None) -> None:
     """No volume may lie inside or contain one that a managed container mounts (`mounted`: host
     path -> container id), nor the engine's data root: a tenant would reach the other's files."""
@@ -108,6 +124,7 @@ def build_container_spec(request: dict[str, Any], config: Config) -> ContainerSp
     check_env_vars(request["env_vars"])
     check_ports(request["port_mappings"], config)
     volumes = check_volumes(request["volumes"], config)
+    mounts = check_mounts(request.get("mounts", []), {volume.target for volume in volumes})
     return ContainerSpec(
         claim_id=request["claim_id"],
         image=request["image"],
@@ -116,6 +133,7 @@ def build_container_spec(request: dict[str, Any], config: Config) -> ContainerSp
         command=tuple(request["command"]),
         working_dir=request["working_dir"],
         volumes=volumes,
+        mounts=mounts,
         cpus=request.get("cpus"),
         memory_mb=request.get("memory_mb"),
         shm_size_mb=request.get("shm_size_mb"),

@@ -4,7 +4,7 @@ from flask import Blueprint
 
 from .auth import require_token
 from ..services import services
-from . import containers, events, exec, gpus, images, metrics, node
+from . import containers, events, exec, gpus, images, metrics, node, volumes
 
 blueprint = Blueprint("api_v1", __name__, url_prefix="/api/v1")
 # What the OpenAPI document says of every route under this blueprint.
@@ -23,3 +23,4 @@ blueprint.register_blueprint(gpus.blueprint)
 blueprint.register_blueprint(node.blueprint)
 blueprint.register_blueprint(images.blueprint)
 blueprint.register_blueprint(events.blueprint)
+blueprint.register_blueprint(volumes.blueprint)

@@ -33,6 +33,8 @@ from ..errors import (
     PolicyViolation,
     PortTaken,
     TooManyFollowers,
+    VolumeInUse,
+    VolumeNotFound,
 )
 from ..gpus.inventory import GpuStatus
 from ..engine.image_pull import RegistryAuth
@@ -116,6 +118,9 @@ def counted_as_create(view: Callable) -> Callable:
             "container the agent does not manage, or the node is draining (`node_draining`, with the reason).",
             ClaimExists, NoGpusFree, NotEnoughResources, PortTaken, NodeDraining, Conflict,
         ),
+        fails("A claim volume of `mounts` is mounted read-write by another claim, or (for a read-write mount) by any: "
+              "`claim_id` names it.", VolumeInUse),
+        fails("A claim volume of `mounts` does not exist (nothing was made).", VolumeNotFound),
         fails("The node failed the request: the agent could not pin the claim's volumes, or does not see the engine's data root "
               "(whose filesystem sizes the claims' disks) at the engine's path.", NodeFault),
         fails(
@@ -149,6 +154,8 @@ def create_container(body: dict):
         raise ClaimExists.held_by(spec.claim_id, existing.container_id, existing.spec_digest == spec.spec_digest)
     agent.allocator.admit(body["gpu_count"])
     agent.pressure.refuse_if_pressed()
+    for mount in spec.mounts:  # before any pull: an unknown volume is 404 with nothing made (checked again under the lock)
+        agent.volumes.store.get(mount.volume)
     if (unprotected := agent.network.problem()) is not None:
         raise NetworkUnprotected(unprotected)
     auth = RegistryAuth.of(body)

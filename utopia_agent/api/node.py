@@ -38,6 +38,7 @@ class NodeDescription:
     topology: list[list[str | None]]
     drain: dict[str, Any]
     network: dict[str, Any]
+    claim_volume_backend: str
     disk: dict[str, Any] | None
 
 
@@ -70,6 +71,7 @@ def get_node() -> Reply:
         topology=inventory.topology() if inventory is not None else [],
         drain=agent.node.state(),
         network=agent.network.status(),
+        claim_volume_backend=agent.volumes.store.backend,
         disk=_disk(agent),
     ), 200, {REVISION_HEADER: str(revision)})
 

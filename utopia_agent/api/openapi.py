@@ -17,11 +17,12 @@ from .operations import Failure, Operation, Responds, encoded_response, json_bod
 blueprint = Blueprint("openapi", __name__)
 
 TAGS = [
-    {"name": "containers", "description": "The containers of claims: create, list, show, delete."},
+    {"name": "containers", "description": "The containers of claims: create, list, show, stop, start, delete."},
     {"name": "node", "description": "The node's CPU, memory, disk and GPU figures, as JSON and for Prometheus."},
     {"name": "gpus", "description": "Each GPU's state, and the operator's quarantine."},
     {"name": "images", "description": "The node's images: list, pull ahead, remove; the pulls in flight."},
-    {"name": "events", "description": "The node's changes as a stream: containers, GPUs, the drain."},
+    {"name": "volumes", "description": "Claim volumes: node-local volumes of a hard size, kept past the claims that mount them."},
+    {"name": "events", "description": "The node's changes as a stream: containers, GPUs, volumes, the drain."},
     {"name": "service", "description": "Liveness and this document; no token needed."},
 ]
 EXAMPLES = {ContainerSchema: CONTAINER_EXAMPLE}

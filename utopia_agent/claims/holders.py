@@ -79,3 +79,12 @@ def volume_holders(holdings: Iterable[Holdings]) -> dict[str, str]:
 def exclusive_cpus(holdings: Iterable[Holdings]) -> set[int]:
     """The CPUs that claims pinned exclusively (UTOPIA_AGENT_CPU_PINNING=exclusive) hold."""
     return {cpu for held in holdings for cpu in held.exclusive_cpus}
+
+
+def claim_volume_users(holdings: Iterable[Holdings]) -> dict[str, list[tuple[str, bool]]]:
+    """Claim volume -> (claim, read_only) of every container mounting it, running or stopped."""
+    users: dict[str, list[tuple[str, bool]]] = {}
+    for held in holdings:
+        for name, read_only in held.claim_volumes:
+            users.setdefault(name, []).append((held.claim_id, read_only))
+    return users

@@ -24,6 +24,8 @@ GPU_IDS_LABEL = "utopia.gpu_ids"
 GPU_UUIDS_LABEL = "utopia.gpu_uuids"
 PORTS_LABEL = "utopia.ports"
 VOLUMES_LABEL = "utopia.volumes"
+# The claim volumes it mounts: `ws-1:rw,data:ro` (volume names are claim-id-like: no ':' or ',').
+CLAIM_VOLUMES_LABEL = "utopia.claim_volumes"
 # What the container was given, as applied (see ContainerSpec.labels); a limit's label is left
 # out when it has none, so the engine can list just the holders of CPUs or memory.
 CPUS_LABEL = "utopia.cpus"
@@ -77,6 +79,29 @@ class PortMapping:
 
 
 @dataclass(frozen=True)
+class ClaimMount:
+    """One claim volume mounted into a claim's container."""
+
+    volume: str
+    path: str
+    read_only: bool = False
+
+    @property
+    def mode(self) -> str:
+        return "ro" if self.read_only else "rw"
+
+
+def parse_claim_volumes(label: str) -> tuple[tuple[str, bool], ...]:
+    """(volume, read_only) for each entry of a `utopia.claim_volumes` label; mangled entries are skipped."""
+    entries = []
+    for part in _split(label):
+        name, _, mode = part.rpartition(":")
+        if name and mode in ("rw", "ro"):
+            entries.append((name, mode == "ro"))
+    return tuple(entries)
+
+
+@dataclass(frozen=True)
 class ContainerSpec:
     """What a claim asked for, after validation and node policy."""
 
@@ -91,6 +116,9 @@ class ContainerSpec:
     volumes: tuple[Volume, ...] = ()
     # Where the allocator pinned each volume (see volumes.MountPins): what the engine mounts.
     mount_sources: tuple[str, ...] = ()
+    # Claim volumes, and the host path of each that the allocator found under the lock.
+    mounts: tuple[ClaimMount, ...] = ()
+    claim_mount_sources: tuple[str, ...] = ()
     cpus: float | None = None
     memory_mb: int | None = None
     shm_size_mb: int | None = None
@@ -129,6 +157,8 @@ class ContainerSpec:
             labels[PORTS_LABEL] = ",".join(str(m) for m in self.port_mappings)
         if self.volumes:
             labels[VOLUMES_LABEL] = encode_hosts(self.volumes)
+        if self.mounts:
+            labels[CLAIM_VOLUMES_LABEL] = ",".join(f"{mount.volume}:{mount.mode}" for mount in self.mounts)
         if self.cpus is not None:
             labels[CPUS_LABEL] = f"{self.cpus:g}"
         if self.memory_mb is not None:
@@ -162,6 +192,8 @@ class Holdings:
     spec_digest: str = ""
     # Stopped by the agent (see StopMark): it keeps its volumes and its disk (the writable layer stays), and holds no GPU, port, CPU or memory.
     stopped: bool = False
+    # The claim volumes it mounts, (name, read_only): held while the container exists, stopped or not.
+    claim_volumes: tuple[tuple[str, bool], ...] = ()
     disk_gb: float = 0.0
 
     @classmethod
@@ -170,8 +202,9 @@ class Holdings:
         exclusive = labels.get(PINNING_LABEL) == "exclusive"
         volumes = tuple(decode_hosts(labels.get(VOLUMES_LABEL, "[]")))
         claim_id, digest = labels.get(CLAIM_LABEL, ""), labels.get(SPEC_DIGEST_LABEL, "")
-        if stopped:
-            return cls(claim_id, (), (), (), volumes, container_id=container_id, spec_digest=digest, stopped=True,
+        claim_volumes = parse_claim_volumes(labels.get(CLAIM_VOLUMES_LABEL, ""))
+        if stopped:  # its writable layer stays: it keeps its disk
+            return cls(claim_id, (), (), (), volumes, container_id=container_id, spec_digest=digest, stopped=True, claim_volumes=claim_volumes,
                        disk_gb=resources["disk_gb"] or 0.0)
         return cls(
             container_id=container_id,
@@ -184,6 +217,7 @@ class Holdings:
             memory_mb=resources["memory_mb"] or 0,
             exclusive_cpus=_cpu_ids(labels.get(CPUSET_LABEL, "")) if exclusive else (),
             spec_digest=digest,
+            claim_volumes=claim_volumes,
             disk_gb=resources["disk_gb"] or 0.0,
         )
 

@@ -145,6 +145,8 @@ def _since(seconds: int) -> str:
 
 
 def _status(container: api.Container) -> str:
+    if container.stopped:
+        return "stopped" if container.error in ("", None) else f"stopped ({container.error})"
     if container.status != "exited" or container.exit_code is None:
         return container.status
     return f"exited ({'oom' if container.oom_killed else container.exit_code})"
@@ -224,6 +226,53 @@ def cmd_exec(args: argparse.Namespace) -> int:
 def cmd_rm(args: argparse.Namespace) -> int:
     with agent_client(args) as client:
         return _each(args, args.containers, client.delete, "deleted")
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    return _stop_or_start(args, api.AgentClient.stop)
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    return _stop_or_start(args, api.AgentClient.start)
+
+
+def _stop_or_start(args: argparse.Namespace, action: Callable[[api.AgentClient, str], api.Container]) -> int:
+    with agent_client(args) as client:
+        for name in args.containers:
+            container = action(client, name)
+            print(json.dumps({"id": container.id, "status": container.status, "stopped": container.stopped}) if args.json
+                  else f"{container.id[:12]} {_status(container)}")
+    return 0
+
+
+def cmd_volumes(args: argparse.Namespace) -> int:
+    with agent_client(args) as client:
+        volumes = client.volumes()
+    if args.json:
+        print_json(volumes)
+        return 0
+    rows = [["VOLUME", "SIZE", "USED", "BACKEND", "CLAIMS", "CREATED"]]
+    for volume in volumes:
+        used = f"{volume.used_mb} MB" if volume.used_mb is not None else "-"
+        rows.append([volume.name if volume.ready else f"{volume.name} (not ready)", f"{volume.size_gb} GB", used, volume.backend,
+                     ",".join(volume.claims) or "-", _since(volume.created)])
+    print_table(rows)
+    return 0
+
+
+def cmd_volume_create(args: argparse.Namespace) -> int:
+    with agent_client(args) as client:
+        volume = client.create_volume(args.name, args.size_gb)
+    print(json.dumps({"name": volume.name, "size_gb": volume.size_gb, "backend": volume.backend}) if args.json else volume.name)
+    return 0
+
+
+def cmd_volume_rm(args: argparse.Namespace) -> int:
+    with agent_client(args) as client:
+        for name in args.names:
+            client.delete_volume(name)
+            print(json.dumps({"removed": name}) if args.json else name)
+    return 0
 
 
 def cmd_images(args: argparse.Namespace) -> int:
@@ -454,6 +503,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD", help="the command and its arguments")
     rm = _api_command(commands, "rm", cmd_rm, "stop and remove containers, freeing their GPUs and ports", connection)
     rm.add_argument("containers", nargs="+", metavar="container", help="container id or a unique prefix")
+    stop = _api_command(commands, "stop", cmd_stop, "stop claims and free their GPUs, ports and CPUs; keep their containers and volumes",
+                        connection)
+    stop.add_argument("containers", nargs="+", metavar="container", help="container id or a unique prefix")
+    start = _api_command(commands, "start", cmd_start, "start stopped claims again with the GPUs and ports they were made with", connection)
+    start.add_argument("containers", nargs="+", metavar="container", help="container id or a unique prefix")
+    _api_command(commands, "volumes", cmd_volumes, "list the claim volumes: size, use, backend and the claims mounting each", connection)
+    volume = commands.add_parser("volume", help="make or remove claim volumes", description="Make or remove claim volumes.")
+    volume_commands = volume.add_subparsers(dest="volume_command", required=True, metavar="COMMAND")
+    volume_create = _api_command(volume_commands, "create", cmd_volume_create, "make a claim volume of a hard size", connection)
+    volume_create.add_argument("name", help="the volume's name (as a claim id)")
+    volume_create.add_argument("--size-gb", type=int, required=True, help="its size in GiB")
+    volume_rm = _api_command(volume_commands, "rm", cmd_volume_rm, "remove claim volumes and their data (none a claim mounts)", connection)
+    volume_rm.add_argument("names", nargs="+", metavar="name", help="the volume's name")
     _api_command(commands, "images", cmd_images, "list the node's images and the pulls in flight", connection)
     pull = _api_command(commands, "pull", cmd_pull, "pull an image ahead of the claims that will need it", connection)
     pull.add_argument("image", help="image reference")

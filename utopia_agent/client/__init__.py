@@ -36,6 +36,9 @@ from .errors import (
     ReadOnlyToken,
     GpuHeld,
     GpuNotFound,
+    VolumeExists,
+    VolumeInUse,
+    VolumeNotFound,
     ImagePullFailed,
     ImageInUse,
     ImageUnavailable,
@@ -72,6 +75,7 @@ from .records import (
     NodeMetrics,
     PullProgress,
     SystemMetrics,
+    Volume,
     XidEvent,
 )
 
@@ -107,6 +111,9 @@ __all__ = [
     "GpuHeld",
     "GpuMetrics",
     "GpuNotFound",
+    "VolumeExists",
+    "VolumeInUse",
+    "VolumeNotFound",
     "Health",
     "Image",
     "ImagePullFailed",
@@ -134,6 +141,7 @@ __all__ = [
     "RevisionTooOld",
     "Unauthorized",
     "UnexpectedAnswer",
+    "Volume",
     "XidEvent",
     "error_from_response",
 ]

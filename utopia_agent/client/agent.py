@@ -46,6 +46,7 @@ from ..exec.schemas import ExecResultSchema
 from ..images.schemas import ImageSchema
 from ..node.schemas import MetricsSchema
 from .exec import ExecSession
+from ..volumes.schemas import VolumeSchema
 from .records import (
     Container,
     ContainerGpuStats,
@@ -59,6 +60,7 @@ from .records import (
     NodeMetrics,
     PullProgress,
     SystemMetrics,
+    Volume,
     XidEvent,
     load_answer,
     make_record,
@@ -193,7 +195,8 @@ class AgentClient:
                port_mappings: Iterable[PortMapping | Mapping[str, Any]] = (), env_vars: Iterable[str] = (),
                command: Iterable[str] = (), working_dir: str = "", volumes: Mapping[str, str] | None = None,
                cpus: float | None = None, memory_mb: int | None = None, shm_size_mb: int | None = None,
-               disk_gb: float | None = None, restart_policy: str | None = None, registry_auth: Mapping[str, str] | None = None) -> Created:
+               disk_gb: float | None = None, restart_policy: str | None = None, registry_auth: Mapping[str, str] | None = None,
+               mounts: Iterable[Mapping[str, Any]] = ()) -> Created:
         """Create and start the container of a claim; safe to call again after a timeout.
 
         The claim id is the idempotency key: when the claim already has a container made from
@@ -201,6 +204,7 @@ class AgentClient:
         409), that container is returned with `existing=True`; any other raises ClaimExists. The optional fields are sent only when
         given, so an agent that predates them still accepts the request. `registry_auth`
         (`{"username", "password"}`) is the image registry's credentials, sent for that create only.
+        `mounts`: claim volumes, `{"volume", "path", "read_only"}` each (see `create_volume`).
         """
         ports = [m if isinstance(m, PortMapping) else PortMapping(**m) for m in port_mappings]
         body: dict[str, Any] = {
@@ -213,6 +217,8 @@ class AgentClient:
         body.update(resources)
         if restart_policy is not None:
             body["restart_policy"] = restart_policy
+        if mounts:
+            body["mounts"] = [dict(mount) for mount in mounts]
         if registry_auth is not None:
             body["registry_auth"] = {"username": registry_auth["username"], "password": registry_auth["password"]}
         try:
@@ -345,6 +351,31 @@ class AgentClient:
     def gpus(self) -> list[Gpu]:
         data = self._json("GET", "/api/v1/gpus")
         return [make_record(Gpu, {**gpu, "xid_events": [make_record(XidEvent, e) for e in gpu.get("xid_events") or []]}) for gpu in data]
+
+    def stop(self, container_id: str) -> Container:
+        """Stop the claim and free its GPUs, ports and CPUs; its container, writable layer and volumes stay."""
+        return make_record(Container, load_answer(ContainerSchema(), self._json("POST", f"/api/v1/containers/{container_id}/stop")))
+
+    def start(self, container_id: str) -> Container:
+        """Start a stopped claim with the GPUs and ports it was made with: NoGpusFree, PortTaken or
+        NotEnoughResources (naming the holder's `claim_id`) while another claim holds any of them."""
+        return make_record(Container, load_answer(ContainerSchema(), self._json("POST", f"/api/v1/containers/{container_id}/start")))
+
+    # --- claim volumes --------------------------------------------------------------------
+
+    def volumes(self) -> list[Volume]:
+        return [make_record(Volume, v) for v in load_answer(VolumeSchema(), self._json("GET", "/api/v1/volumes"), many=True)]
+
+    def volume(self, name: str) -> Volume:
+        return make_record(Volume, load_answer(VolumeSchema(), self._json("GET", f"/api/v1/volumes/{name}")))
+
+    def create_volume(self, name: str, size_gb: int) -> Volume:
+        """A node-local volume of a hard size (VolumeExists; NotEnoughResources with `free_disk_gb`)."""
+        return make_record(Volume, load_answer(VolumeSchema(), self._json("POST", "/api/v1/volumes", 201, json={"name": name, "size_gb": size_gb})))
+
+    def delete_volume(self, name: str) -> None:
+        """Remove a volume and its data (VolumeInUse while a claim, running or stopped, mounts it)."""
+        self._call("DELETE", f"/api/v1/volumes/{name}", (204,), gone_on_retry=(404,))
 
     def quarantine(self, gpu_uuid: str, reason: str) -> None:
         """Never give this GPU again until it is released."""

@@ -48,11 +48,25 @@ class Container:
     finished: int = 0
     error: str = ""
     resources: dict[str, Any] | None = None
+    stopped: bool = False
 
     @property
     def port_mappings(self) -> frozenset[PortMapping]:
         """Every published port, from the `utopia.ports` label (`ports` keeps one host port per container port)."""
         return frozenset(parse_ports(self.labels.get(PORTS_LABEL, "")))
+
+
+@dataclass(frozen=True)
+class Volume:
+    """A claim volume (GET /api/v1/volumes[/<name>]): `claims` mount it, running or stopped."""
+
+    name: str
+    size_gb: int
+    used_mb: int | None
+    created: int
+    backend: str
+    claims: list[str]
+    ready: bool = True
 
 
 @dataclass(frozen=True)

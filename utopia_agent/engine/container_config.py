@@ -54,7 +54,7 @@ def _host_config(api: docker.APIClient, spec: ContainerSpec, config: Config) -> 
         mounts=[
             Mount(volume.target, source, type="bind", read_only=volume.read_only)
             for volume, source in zip(spec.volumes, spec.mount_sources, strict=True)
-        ],
+        ] + [Mount(mount.path, source, type="bind", read_only=mount.read_only) for mount, source in zip(spec.mounts, spec.claim_mount_sources, strict=True)],
         port_bindings=bindings,
         # The agent's claims network (isolated); with isolation off, the engine's default bridge.
         network_mode=claim_network_for(config).name if config.network_isolation else None,

@@ -28,7 +28,9 @@ from .errors import EngineConflict, EngineFailure, EngineNotFound, EngineRefusal
 from ..errors import AgentError, ClaimExists, Conflict, EngineRejected, EngineUnavailable, NotManaged, PortTaken
 from ..events.history import EventHistory
 from .node_view import ContainerState, NodeView
-from ..claims.records import CLAIM_LABEL, MANAGED_FILTER, MANAGED_LABEL, ContainerSpec, Holdings, ManagedContainer, StopMark, container_name
+from ..claims.records import (
+    CLAIM_LABEL, CLAIM_VOLUMES_LABEL, MANAGED_FILTER, MANAGED_LABEL, ContainerSpec, Holdings, ManagedContainer, StopMark, container_name,
+)
 from ..schemas import CONTAINER_ID_PATTERN
 
 log = logging.getLogger("utopia_agent.docker")
@@ -164,7 +166,23 @@ class DockerManager:
         with self._engine.call("list containers") as api:
             rows = api.containers(all=True, filters={"label": [MANAGED_FILTER], "status": ["created"]})
         cutoff = time.time() - older_than
-        return [(row["Id"], (row.get("Labels") or {}).get(CLAIM_LABEL, "")) for row in rows if row["Created"] < cutoff]
+        # One the agent stopped before it ever ran is kept, as every stopped claim is.
+        return [(row["Id"], (row.get("Labels") or {}).get(CLAIM_LABEL, "")) for row in rows if row["Created"] < cutoff and not Holdings.of_row(row).stopped]
+
+    def waiting_for_volumes(self) -> list[tuple[str, str]]:
+        """(id, claim id) of managed containers mounting claim volumes that the engine meant to keep
+        running (restart policy always or unless-stopped, not stopped by the agent) but failed to
+        start: after a reboot the engine starts them before the agent has mounted their volumes."""
+        with self._engine.call("list containers") as api:
+            rows = api.containers(all=True, filters={"label": [MANAGED_FILTER, CLAIM_VOLUMES_LABEL], "status": ["exited", "created"]})
+        waiting = []
+        for row in rows:
+            if Holdings.of_row(row).stopped or (info := self.inspect(row["Id"])) is None:
+                continue
+            policy = ((info.get("HostConfig") or {}).get("RestartPolicy") or {}).get("Name")
+            if policy in ("always", "unless-stopped") and (info.get("State") or {}).get("Error"):
+                waiting.append((row["Id"], (row.get("Labels") or {}).get(CLAIM_LABEL, "")))
+        return waiting
 
     def data_root(self) -> str | None:
         """The engine's data root (`DockerRootDir`), which no volume may reach; None while the engine

@@ -116,6 +116,10 @@ def gpu_change(action: str, view_object: dict[str, Any]) -> dict[str, Any]:
     return {"kind": "gpu", "action": action, "object": view_object}
 
 
+def volume_change(action: str, volume_object: dict[str, Any]) -> dict[str, Any]:
+    return {"kind": "volume", "action": action, "object": volume_object}
+
+
 def node_change(action: str, drain: dict[str, Any]) -> dict[str, Any]:
     return {"kind": "node", "action": action, "object": drain}
 
