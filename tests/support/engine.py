@@ -652,6 +652,19 @@ _claims_subnets = iter(TEST_CLAIMS_SUPERNET.subnets(new_prefix=24))
 _claims_subnets_lock = threading.Lock()
 
 
+def _routed_subnets() -> list[ipaddress.IPv4Network]:
+    """The subnets the host routes to a link of its own: another engine's bridge (a private engine's,
+    left behind) holds its subnet there, and a network given the same would lose its traffic to it."""
+    done = subprocess.run(["ip", "-4", "-o", "route", "show", "scope", "link"], capture_output=True, text=True, check=False)
+    routed = []
+    for line in done.stdout.splitlines():
+        try:
+            routed.append(ipaddress.ip_network(line.split()[0], strict=False))
+        except (ValueError, IndexError):
+            continue
+    return routed
+
+
 def claims_subnet_for_a_test() -> str:
     """A /24 for one test agent's claims network that no network of the engine holds (where an
     engine answers: a test of an agent without one needs none)."""
@@ -661,6 +674,7 @@ def claims_subnet_for_a_test() -> str:
         networks = []
     held = [ipaddress.ip_network(pool["Subnet"]) for network in networks
             for pool in ((network.get("IPAM") or {}).get("Config") or []) if "." in pool.get("Subnet", "")]
+    held += _routed_subnets()
     with _claims_subnets_lock:
         for subnet in _claims_subnets:
             if not any(subnet.overlaps(other) for other in held):

@@ -84,11 +84,21 @@ class PrivateEngine:
         return self.handle.client
 
     def remove_all(self) -> None:
-        """Everything in this engine belongs to the test that started it, so every container goes."""
+        """Everything in this engine belongs to the test that started it, so every container goes, and
+        every network it made: a stopped dockerd leaves its networks' bridges (and their routes) on the
+        host, where a subnet the shared engine gives later would lose its traffic to them."""
         for container in self.client.containers.list(all=True):
             container.remove(force=True, v=True)
+        for network in self.client.networks.list():
+            if network.name not in ("bridge", "host", "none"):
+                network.remove()
 
     def destroy(self) -> None:
+        if self.handle is not None:
+            try:
+                self.remove_all()
+            except docker.errors.DockerException:
+                pass  # an engine that no longer answers: nothing more can be asked of it
         self.stop()
         if _ifindex(self.bridge) is not None:
             _ip("link", "delete", self.bridge)
