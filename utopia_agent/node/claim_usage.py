@@ -9,7 +9,6 @@ never go backwards.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -21,8 +20,9 @@ from pathlib import Path
 
 from ..errors import AgentError
 from .chore import Background
+from .mountinfo import mountinfo_fields
 from .role import NodeRole
-from .state_file import StateFile
+from .state_file import SampleFile
 
 log = logging.getLogger("utopia_agent.usage")
 
@@ -48,12 +48,7 @@ def _cgroup_mounts(mountinfo: str) -> tuple[dict[str, tuple[str, str]], tuple[st
     """v1 controller -> (mount root, mount point), and the v2 (root, mount point), from /proc/self/mountinfo."""
     v1: dict[str, tuple[str, str]] = {}
     v2 = None
-    for line in mountinfo.splitlines():
-        fields = line.split()
-        try:
-            separator = fields.index("-")
-        except ValueError:
-            continue
+    for fields, separator in mountinfo_fields(mountinfo):
         fstype, options = fields[separator + 1], fields[separator + 3].split(",")
         root, point = fields[3], fields[4]
         if fstype == "cgroup2":
@@ -169,28 +164,18 @@ class ClaimUsage(Background):
     def __init__(self, docker, state_dir: Path, interval: float = SAMPLE_SECONDS):
         super().__init__("claim-usage")
         self._docker = docker
-        self._path = state_dir / "claim-usage.json"
+        self._samples = SampleFile(state_dir / "claim-usage.json")
         # One worker samples for the node, so each container's cgroup is looked up (one inspect) once.
         self._role = NodeRole(state_dir / "claim-usage.lock")
         self._interval = interval
         self._cgroups: dict[str, CgroupFiles] = {}
         self._cgroups_lock = threading.Lock()
-        self._cache: tuple[float, dict] = (0.0, {})
 
     # --- reading ---------------------------------------------------------------------
 
     def samples(self) -> dict:
         """The last node-wide sample: {"time": unix, "claims": {container id: {...}}}; re-read only when it changed."""
-        try:
-            mtime = os.stat(self._path).st_mtime
-        except FileNotFoundError:
-            return {"time": 0.0, "claims": {}}
-        if mtime != self._cache[0]:
-            try:
-                self._cache = (mtime, json.loads(self._path.read_text()))
-            except (OSError, ValueError):
-                return self._cache[1] or {"time": 0.0, "claims": {}}
-        return self._cache[1]
+        return self._samples.read()
 
     def now(self, container_id: str, started: int) -> tuple[Usage | None, float]:
         """The container's usage now and its CPU percent (of one CPU) since the last sample at least a
@@ -245,7 +230,7 @@ class ClaimUsage(Background):
         previous = self.samples()
         if time.time() - previous.get("time", 0.0) < self._interval * 0.9:
             return False
-        self._write(self._sample(previous))
+        self._samples.write(self._sample(previous))
         return True
 
     def _sample(self, previous: dict) -> dict:
@@ -270,9 +255,3 @@ class ClaimUsage(Background):
             for gone in set(self._cgroups) - {c.id for c in running}:
                 del self._cgroups[gone]
         return {"time": now, "claims": claims}
-
-    def _write(self, samples: dict) -> None:
-        """Replace the node's samples; this worker keeps what it wrote, so its next sample does not
-        parse the file back."""
-        StateFile(self._path).write(samples, durable=False)
-        self._cache = (os.stat(self._path).st_mtime, samples)
