@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from functools import wraps
 from typing import Any
 
-from flask import Response, current_app, request
+from flask import Blueprint, Response, current_app, request
 from marshmallow import Schema
 
 from ..errors import AgentError, BodyTooLarge, EngineUnavailable, InsufficientStorage, ReadOnlyToken, Unauthorized
@@ -155,6 +155,42 @@ def operation(operation_id: str, *, tag: str, summary: str, responds: Responds |
         return declared_view
 
     return decorate
+
+
+class Routes:
+    """One blueprint's routes, each declared as `operation` declares it, with what they share said
+    once: the blueprint, the OpenAPI tag, and the schema of the rules' variables (`path`, declared
+    for every route whose rule has any)."""
+
+    def __init__(self, blueprint: Blueprint, tag: str, path: Schema | None = None):
+        self.blueprint = blueprint
+        self._tag = tag
+        self._path = path
+
+    def get(self, rule: str, operation_id: str, **declared: Any) -> Callable:
+        return self.route("GET", rule, operation_id, **declared)
+
+    def post(self, rule: str, operation_id: str, **declared: Any) -> Callable:
+        return self.route("POST", rule, operation_id, **declared)
+
+    def delete(self, rule: str, operation_id: str, **declared: Any) -> Callable:
+        return self.route("DELETE", rule, operation_id, **declared)
+
+    def route(self, method: str, rule: str, operation_id: str, *, websocket: bool = False, wrapped_by: Callable | None = None,
+              **declared: Any) -> Callable:
+        """`wrapped_by` goes around the declared view, so it also sees what the declaration refuses (a body that does not load)."""
+        if self._path is not None and "<" in rule:
+            declared.setdefault("path", self._path)
+        declare = operation(operation_id, tag=self._tag, **declared)
+
+        def decorate(view: Callable) -> Callable:
+            declared_view = declare(view)
+            if wrapped_by is not None:
+                declared_view = wrapped_by(declared_view)
+            self.blueprint.route(rule, methods=[method], websocket=websocket)(declared_view)
+            return declared_view
+
+        return decorate
 
 
 class RenderedWhileSame:
