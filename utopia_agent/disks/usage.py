@@ -29,9 +29,7 @@ from pathlib import Path
 from ..claims.disks import GIB
 from ..claims.records import DISK_QUOTA_LABEL, ManagedContainer
 from ..errors import AgentError
-from ..node.role import NodeRole
-from ..node.chore import Background
-from ..node.state_file import SampleFile
+from ..node.chore import NodeSampler
 from .quota import MEASURED
 
 log = logging.getLogger("utopia_agent.disks")
@@ -77,19 +75,17 @@ class Layer:
         return self.limit_bytes is not None and self.used_bytes + (growth - self.growth_at_walk) > self.limit_bytes
 
 
-class DiskUsage(Background):
+class DiskUsage(NodeSampler):
     """Measures the running claims' writable layers in the background (one worker of the node) and
-    stops, through `stop(container_id, reason)`, a measured claim past its size."""
+    stops, through `stop(container_id, reason)`, a measured claim past its size. Its figures per
+    container: claim_id, used_bytes, limit_bytes and walked_at."""
 
     def __init__(self, docker, disk, state_dir: Path, stop: Callable[[str, str], object] | None,
                  interval: float = SAMPLE_SECONDS, backstop: float = BACKSTOP_SECONDS):
-        super().__init__("disk-usage")
+        super().__init__("disk-usage", state_dir, interval, log, "claim disks not sampled: %s")
         self._docker = docker
         self._disk = disk
         self._stop = stop
-        self._samples = SampleFile(state_dir / "disk-usage.json")
-        self._role = NodeRole(state_dir / "disk-usage.lock")
-        self._interval = interval
         self._backstop = backstop
         self._layers: dict[str, Layer] = {}
         self._growth = 0
@@ -100,25 +96,14 @@ class DiskUsage(Background):
 
     # --- reading ---------------------------------------------------------------------
 
-    def samples(self) -> dict:
-        """The last node-wide figures: {"time": unix, "claims": {container id: {claim_id, used_bytes, limit_bytes, walked_at}}}."""
-        return self._samples.read()
-
     def used_bytes(self, container_id: str) -> int | None:
         """What the container's writable layer took at its last walk; None before the first."""
         return self.samples().get("claims", {}).get(container_id, {}).get("used_bytes")
 
     # --- sampling --------------------------------------------------------------------
 
-    def _run(self) -> None:
-        while not self._closed.wait(self._interval):
-            try:
-                self.sample_if_holder()
-            except AgentError as error:
-                log.debug("claim disks not sampled: %s", error.message)
-            except OSError as error:
-                log.warning("claim disks not sampled: %s", error)
-        self._role.release()
+    def _sample_round(self) -> bool:
+        return self.sample_if_holder()
 
     def sample_if_holder(self) -> bool:
         """One round when this worker measures for the node and the node view can be trusted (the

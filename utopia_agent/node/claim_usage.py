@@ -18,11 +18,8 @@ from dataclasses import dataclass
 from functools import cache, cached_property
 from pathlib import Path
 
-from ..errors import AgentError
-from .chore import Background
+from .chore import NodeSampler
 from .mountinfo import mountinfo_fields
-from .role import NodeRole
-from .state_file import SampleFile
 
 log = logging.getLogger("utopia_agent.usage")
 
@@ -158,24 +155,18 @@ def _stat_line(key: bytes) -> re.Pattern[bytes]:
     return re.compile(rb"^" + re.escape(key) + rb" (-?\d+)$", re.MULTILINE)
 
 
-class ClaimUsage(Background):
+class ClaimUsage(NodeSampler):
     """Samples the running claims in the background and answers per-claim figures from the samples."""
 
     def __init__(self, docker, state_dir: Path, interval: float = SAMPLE_SECONDS):
-        super().__init__("claim-usage")
-        self._docker = docker
-        self._samples = SampleFile(state_dir / "claim-usage.json")
         # One worker samples for the node, so each container's cgroup is looked up (one inspect) once.
-        self._role = NodeRole(state_dir / "claim-usage.lock")
+        super().__init__("claim-usage", state_dir, interval / 2, log, "claim usage not sampled: %s")
+        self._docker = docker
         self._interval = interval
         self._cgroups: dict[str, CgroupFiles] = {}
         self._cgroups_lock = threading.Lock()
 
     # --- reading ---------------------------------------------------------------------
-
-    def samples(self) -> dict:
-        """The last node-wide sample: {"time": unix, "claims": {container id: {...}}}; re-read only when it changed."""
-        return self._samples.read()
 
     def now(self, container_id: str, started: int) -> tuple[Usage | None, float]:
         """The container's usage now and its CPU percent (of one CPU) since the last sample at least a
@@ -212,15 +203,8 @@ class ClaimUsage(Background):
 
     # --- sampling --------------------------------------------------------------------
 
-    def _run(self) -> None:
-        while not self._closed.wait(self._interval / 2):
-            try:
-                self.sample_if_due()
-            except AgentError as error:
-                log.debug("claim usage not sampled: %s", error.message)
-            except OSError as error:
-                log.warning("claim usage not sampled: %s", error)
-        self._role.release()
+    def _sample_round(self) -> bool:
+        return self.sample_if_due()
 
     def sample_if_due(self) -> bool:
         """Sample every running claim when this worker samples for the node and the interval has
