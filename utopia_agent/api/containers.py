@@ -53,7 +53,7 @@ from ..schemas import (
 )
 from ..services import services
 from .events import REVISION_HEADER
-from .operations import ENGINE_DOWN, RenderedWhileSame, Reply, Responds, Routes, fails
+from .operations import ENGINE_DOWN, LIST_FAILED, LOCK_OR_ENGINE, RenderedWhileSame, Reply, Responds, Routes, fails
 
 log = logging.getLogger("utopia_agent.containers")
 blueprint = Blueprint("containers", __name__, url_prefix="/containers")
@@ -62,6 +62,7 @@ _container = ContainerSchema()
 _containers = ContainerSchema(many=True)
 _rendered = RenderedWhileSame(_container)
 NOT_MANAGED = fails("No managed container with that id; containers the agent does not manage are never shown or touched.", NotManaged)
+INSPECT_FAILED = fails("The engine failed to inspect the container.", EngineError)
 _MIB = 1024 * 1024
 # Followed logs each hold one of a worker's 8 threads for minutes: at most this many per worker,
 # so /health and every other request always find a free thread.
@@ -186,7 +187,7 @@ def create_container(body: dict):
             responds=Responds(200, "Every managed container.", _containers),
             failures=(
                 fails("A query parameter is unknown or repeated, or `claim_id` is not a valid claim id; `errors` names each.", InvalidRequest),
-                fails("The engine failed to list the containers.", EngineError),
+                LIST_FAILED,
                 ENGINE_DOWN,
             ))
 def list_containers(query: dict):
@@ -204,7 +205,7 @@ def list_containers(query: dict):
 
 @routes.get("/<container_id>", "getContainer", summary="Show one managed container",
             responds=Responds(200, "The container.", _container),
-            failures=(NOT_MANAGED, fails("The engine failed to inspect the container.", EngineError), ENGINE_DOWN))
+            failures=(NOT_MANAGED, INSPECT_FAILED, ENGINE_DOWN))
 def get_container(container_id: str) -> Response:
     container = _noting_claim(services().docker.get_managed(container_id))
     return _rendered.response(container, key=container.id)
@@ -233,7 +234,7 @@ def delete_container(container_id: str):
                  NOT_MANAGED,
                  fails("The container's name is held by a container the agent does not manage.", Conflict),
                  fails("The engine failed to stop the container.", EngineError),
-                 fails("The Docker engine is unreachable or slow, or other requests held the allocation lock too long.", EngineUnavailable, AllocationBusy),
+                 LOCK_OR_ENGINE,
              ))
 def stop_container(container_id: str) -> ManagedContainer:
     return _noting_claim(services().allocator.stop(container_id))
@@ -312,7 +313,7 @@ class ContainerStats:
 
 @routes.get("/<container_id>/stats", "getContainerStats", summary="The container's CPU and memory (from its cgroup), its GPUs' figures and its container disk",
             responds=Responds(200, "The container's usage.", ContainerStatsSchema()),
-            failures=(NOT_MANAGED, fails("The engine failed to inspect the container.", EngineError), ENGINE_DOWN))
+            failures=(NOT_MANAGED, INSPECT_FAILED, ENGINE_DOWN))
 def container_stats(container_id: str) -> ContainerStats:
     """CPU and memory from the container's cgroup, and its GPUs' figures from the last NVML sample."""
     agent = services()

@@ -16,7 +16,7 @@ from typing import Any
 from flask import Blueprint, Response, current_app, request
 from marshmallow import Schema
 
-from ..errors import AgentError, BodyTooLarge, EngineUnavailable, InsufficientStorage, ReadOnlyToken, Unauthorized
+from ..errors import AgentError, AllocationBusy, BodyTooLarge, EngineError, EngineUnavailable, InsufficientStorage, ReadOnlyToken, Unauthorized
 from ..schemas import load_query
 from .auth import READ_METHODS
 from .bodies import load_body
@@ -62,6 +62,10 @@ def encoded_response(body: bytes, status: int = 200) -> Response:
 
 # What every route that waits on the engine may answer.
 ENGINE_DOWN = fails("The Docker engine is unreachable or slow; retry after Retry-After seconds.", EngineUnavailable)
+# What a route that takes the allocation lock may answer instead.
+LOCK_OR_ENGINE = fails("The Docker engine is unreachable or slow, or other requests held the allocation lock too long.", EngineUnavailable, AllocationBusy)
+# What a route that lists the managed containers answers when the engine fails the list.
+LIST_FAILED = fails("The engine failed to list the containers.", EngineError)
 # What every route answers without a word in its declaration: behind the token, and with a body.
 UNAUTHORIZED = fails("Missing, malformed or wrong bearer token.", Unauthorized)
 READ_ONLY = fails("The read-only token (UTOPIA_AGENT_READ_TOKEN) sent with a method other than GET.", ReadOnlyToken)

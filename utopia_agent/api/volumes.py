@@ -4,18 +4,15 @@ from __future__ import annotations
 
 from flask import Blueprint, url_for
 
-from ..errors import AllocationBusy, EngineError, EngineUnavailable, InsufficientStorage, InvalidRequest, NodeFault, VolumeExists, VolumeInUse, VolumeNotFound
+from ..errors import InsufficientStorage, InvalidRequest, NodeFault, VolumeExists, VolumeInUse, VolumeNotFound
 from ..services import services
 from ..volumes.schemas import CreateVolumeSchema, VolumePathSchema, VolumeSchema
-from .operations import ENGINE_DOWN, Reply, Responds, Routes, fails
+from .operations import ENGINE_DOWN, LIST_FAILED, LOCK_OR_ENGINE, Reply, Responds, Routes, fails
 
 blueprint = Blueprint("volumes", __name__, url_prefix="/volumes")
 routes = Routes(blueprint, tag="volumes", path=VolumePathSchema())
 _volume = VolumeSchema()
 NOT_FOUND = fails("No volume of that name.", VolumeNotFound)
-# The routes that show or remove volumes ask the engine which containers mount them.
-LIST_FAILED = fails("The engine failed to list the containers.", EngineError)
-LOCK_OR_ENGINE = fails("The Docker engine is unreachable or slow, or other requests held the allocation lock too long.", EngineUnavailable, AllocationBusy)
 
 
 @routes.post("", "createVolume", summary="Make a claim volume of a hard size, kept until it is deleted",
