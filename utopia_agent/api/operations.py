@@ -1,8 +1,9 @@
 """Each route's declaration: the schemas of its path, query and body, its responses, and the errors it may answer.
 
-`operation` wraps a view so the declared schemas load its request and dump its response, and
-api/openapi.py writes the document from the same declarations and the app's URL map: the
-document cannot describe a route the app lacks, nor a shape the route does not answer.
+A blueprint's `Routes` registers each view with its declaration; `operation` wraps the view so
+the declared schemas load its request and dump its response, and api/openapi.py writes the
+document from the same declarations and the app's URL map: the document cannot describe a
+route the app lacks, nor a shape the route does not answer.
 """
 
 from __future__ import annotations
