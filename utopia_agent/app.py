@@ -66,7 +66,7 @@ def create_app(config: Config | None = None, gpus: GpuInventory | None = None, d
     images = _images(docker, config, lock)
     pressure = DiskPressure(config.state_dir, config.disk_pressure_percent, docker.data_root, history, images.collector.look).start()
     volume_store = VolumeStore(config.claim_volumes_root, config.claim_volume_backend)  # settled by the master (gunicorn.conf.py)
-    allocator = Allocator(config, docker, health, node, lock_timeout, MountPins(config.mounts_dir), NodeResources.read(),
+    allocator = Allocator(config, docker, health, node, lock, MountPins(config.mounts_dir), NodeResources.read(),
                           NodeDisk(config, docker, pressure=pressure), volume_store)
     # Volumes' sizes count against the node's allocatable disk, with the claims' disks (read afresh under the lock).
     allocator.disk.add_consumer("volumes", lambda: float(sum(volume.size_gb for volume in volume_store.list())))

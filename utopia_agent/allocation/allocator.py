@@ -16,7 +16,7 @@ import re
 import socket
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import replace
 from pathlib import Path
 from collections.abc import Iterable, Iterator
@@ -109,16 +109,15 @@ class Allocator:
     its container under the lock."""
 
     def __init__(
-        self, config: Config, docker: DockerManager, gpus: GpuHealth, drain: NodeDrain, lock_timeout: float, pins: MountPins, node: NodeResources,
-        disk: NodeDisk,
-        volumes: VolumeStore | None = None,
+        self, config: Config, docker: DockerManager, gpus: GpuHealth, drain: NodeDrain, lock: Callable[[], AbstractContextManager],
+        pins: MountPins, node: NodeResources, disk: NodeDisk, volumes: VolumeStore | None = None,
     ):
+        """`lock`: the node's allocation lock (allocation_lock on the state dir), as every other holder takes it."""
         self._config = config
-        self._state_dir = config.state_dir
         self._docker = docker
         self._gpus = gpus
         self._drain = drain
-        self._lock_timeout = lock_timeout
+        self._lock = lock
         self._pins = pins
         self._node = node
         self.disk = disk
@@ -146,7 +145,7 @@ class Allocator:
         engine_root = self._docker.data_root() if spec.volumes else None
         disk_quota = self.disk.quota().mode
         claim_label = f"{CLAIM_LABEL}={spec.claim_id}"
-        with allocation_lock(self._state_dir, self._lock_timeout):
+        with self._lock():
             self._settle_interrupted_create()
             held = self._holders_now()
             if claimed := held(claim_label):
@@ -236,7 +235,7 @@ class Allocator:
         if not re.fullmatch(STOP_REASON_PATTERN, reason):
             raise ValueError(f"not a stop reason: {reason!r}")
         container = self._docker.get_managed(container_id)
-        with allocation_lock(self._state_dir, self._lock_timeout):
+        with self._lock():
             self._docker.mark_stopped(container, reason)
         self._docker.stop(container.id, grace_seconds)
         stopped = self._docker.get_managed(container.id)
@@ -249,7 +248,7 @@ class Allocator:
         lock shows no other claim holding any of them (409 naming the holder), while the node is not
         draining. A container that runs already is answered as it is."""
         container = self._docker.get_managed(container_id)
-        with allocation_lock(self._state_dir, self._lock_timeout):
+        with self._lock():
             self._settle_interrupted_create()
             rows = self._docker.managed_rows()
             row = next((row for row in rows if row["Id"] == container.id), None)
@@ -267,7 +266,7 @@ class Allocator:
             self._docker.start(container.id, container.state)
         except BaseException:
             if mark is not None:
-                with allocation_lock(self._state_dir, self._lock_timeout):
+                with self._lock():
                     self._docker.mark_stopped(container, mark.reason)
             raise
         log.info("container started claim=%s container=%s gpus=%s", container.claim_id, container.id[:12],
@@ -299,7 +298,7 @@ class Allocator:
         """Unpin a claim's volumes once it has no container (after a delete or a rolled-back start)."""
         if not self._pins.holds(claim_id):
             return
-        with allocation_lock(self._state_dir, self._lock_timeout):
+        with self._lock():
             if self._docker.find_claim(claim_id, fresh=True) is None:
                 self._pins.release(claim_id)
 
@@ -307,7 +306,7 @@ class Allocator:
         """Remove containers created but never started for `max_created_age` seconds (a crash between
         create and start: they hold GPUs nobody uses), start the claims the engine could not restart
         before their claim volumes were mounted (a reboot), and unpin the claims that have no container."""
-        with allocation_lock(self._state_dir, self._lock_timeout):
+        with self._lock():
             for container_id, claim_id in self._docker.stale_created(max_created_age):
                 log.warning("removing a container that never started claim=%s container=%s", claim_id, container_id[:12])
                 self._docker.remove(container_id, grace_seconds=0)

@@ -23,11 +23,11 @@ from ..exec.schemas import ExecQuerySchema, ExecResultSchema, ExecSchema
 from ..schemas import ContainerPathSchema
 from ..services import services
 from .containers import NOT_MANAGED
-from .operations import ENGINE_DOWN, Responds, fails, operation
+from .operations import ENGINE_DOWN, Responds, Routes, fails
 
 log = logging.getLogger("utopia_agent.exec")
 blueprint = Blueprint("exec", __name__, url_prefix="/containers")
-_path = ContainerPathSchema()
+routes = Routes(blueprint, tag="containers", path=ContainerPathSchema())
 # The largest message a client may send (stdin comes in far smaller pieces).
 MAX_MESSAGE_BYTES = 1024 * 1024
 RECEIVE_BYTES = 256 * 1024
@@ -42,49 +42,40 @@ TOO_MANY = fails(
 ENGINE_FAILED = fails("The engine failed to run the command.", EngineError)
 
 
-@blueprint.post("/<container_id>/exec")
-@operation(
-    "execOnce",
-    tag="containers",
-    summary="Run a command in the container to its end, with its output",
-    description=(
-        "The command runs as the container's own user, with its capabilities and no-new-privileges, never privileged. "
-        "stdout and stderr are each kept up to UTOPIA_AGENT_EXEC_OUTPUT_BYTES (`truncated` says when more came); past "
-        "`timeout` the command and every process under it are killed (`timed_out`)."
-    ),
-    path=_path,
-    body=ExecSchema(),
-    responds=Responds(200, "The command ended (or was killed at its timeout).", ExecResultSchema()),
-    failures=(
-        fails("The body is not JSON, or a field is missing, unknown, of the wrong type or out of range; `errors` names each.", InvalidRequest),
-        fails("`env` names a reserved variable (NVIDIA_*, CUDA_VISIBLE_DEVICES, ...).", PolicyViolation),
-        NOT_MANAGED, NOT_RUNNING, TOO_MANY, ENGINE_FAILED, ENGINE_DOWN,
-    ),
-)
+@routes.post("/<container_id>/exec", "execOnce", summary="Run a command in the container to its end, with its output",
+             description=(
+                 "The command runs as the container's own user, with its capabilities and no-new-privileges, never privileged. "
+                 "stdout and stderr are each kept up to UTOPIA_AGENT_EXEC_OUTPUT_BYTES (`truncated` says when more came); past "
+                 "`timeout` the command and every process under it are killed (`timed_out`)."
+             ),
+             body=ExecSchema(),
+             responds=Responds(200, "The command ended (or was killed at its timeout).", ExecResultSchema()),
+             failures=(
+                 fails("The body is not JSON, or a field is missing, unknown, of the wrong type or out of range; `errors` names each.",
+                       InvalidRequest),
+                 fails("`env` names a reserved variable (NVIDIA_*, CUDA_VISIBLE_DEVICES, ...).", PolicyViolation),
+                 NOT_MANAGED, NOT_RUNNING, TOO_MANY, ENGINE_FAILED, ENGINE_DOWN,
+             ))
 def exec_once(container_id: str, body: dict):
     return services().execs.run_once(container_id, body)
 
 
-@blueprint.route("/<container_id>/exec", methods=["GET"], websocket=True)
-@operation(
-    "execInteractive",
-    tag="containers",
-    summary="A WebSocket session running a command in the container (Kubernetes' channel protocol)",
-    description=(
-        "Upgrade with `Sec-WebSocket-Protocol: v5.channel.k8s.io` (or `v4.channel.k8s.io`). Each message starts with "
-        "one byte of channel: 0 stdin, 1 stdout, 2 stderr, 3 the final Kubernetes `Status` (JSON; the exit code in "
-        "`details.causes`), 4 a resize `{\"Width\", \"Height\"}`, and in v5 `[255, 0]` closes stdin. The session ends "
-        "when the command ends, the container stops, the client goes (the command is then killed) or after "
-        "UTOPIA_AGENT_EXEC_IDLE_SECONDS without traffic. The read-only token is refused, though this is a GET."
-    ),
-    path=_path,
-    query=ExecQuerySchema(),
-    responds=Responds(101, "Switching Protocols: the session runs on the WebSocket.", content_type=None),
-    failures=(
-        fails("Not a WebSocket upgrade, no channel subprotocol offered, or the query is invalid (`errors` names each field).", InvalidRequest),
-        NOT_MANAGED, NOT_RUNNING, TOO_MANY, ENGINE_FAILED, ENGINE_DOWN,
-    ),
-)
+@routes.route("GET", "/<container_id>/exec", "execInteractive", websocket=True,
+              summary="A WebSocket session running a command in the container (Kubernetes' channel protocol)",
+              description=(
+                  "Upgrade with `Sec-WebSocket-Protocol: v5.channel.k8s.io` (or `v4.channel.k8s.io`). Each message starts with "
+                  "one byte of channel: 0 stdin, 1 stdout, 2 stderr, 3 the final Kubernetes `Status` (JSON; the exit code in "
+                  "`details.causes`), 4 a resize `{\"Width\", \"Height\"}`, and in v5 `[255, 0]` closes stdin. The session ends "
+                  "when the command ends, the container stops, the client goes (the command is then killed) or after "
+                  "UTOPIA_AGENT_EXEC_IDLE_SECONDS without traffic. The read-only token is refused, though this is a GET."
+              ),
+              query=ExecQuerySchema(),
+              responds=Responds(101, "Switching Protocols: the session runs on the WebSocket.", content_type=None),
+              failures=(
+                  fails("Not a WebSocket upgrade, no channel subprotocol offered, or the query is invalid (`errors` names each field).",
+                        InvalidRequest),
+                  NOT_MANAGED, NOT_RUNNING, TOO_MANY, ENGINE_FAILED, ENGINE_DOWN,
+              ))
 def exec_interactive(container_id: str, query: dict) -> Response:
     offered = [name.strip() for name in request.headers.get("Sec-WebSocket-Protocol", "").split(",")]
     if not any(name in PROTOCOLS for name in offered):

@@ -10,9 +10,10 @@ from flask import Blueprint
 from ..errors import EngineUnavailable, NetworkUnprotected, NvmlHung
 from ..schemas import HealthSchema
 from ..services import services
-from .operations import Reply, Responds, operation
+from .operations import Reply, Responds, Routes
 
 blueprint = Blueprint("health", __name__)
+routes = Routes(blueprint, tag="service")
 _health = HealthSchema()
 
 # An engine call that succeeded this recently is proof enough that the engine answers.
@@ -28,18 +29,13 @@ class Health:
     reason: str | None = None
 
 
-@blueprint.get("/health")
-@operation(
-    "getHealth",
-    tag="service",
-    summary="Liveness for load balancers; no auth",
-    responds=(
-        Responds(200, "The engine answers, NVML is not hung and claims are isolated (a draining node, or one under disk pressure, is healthy).",
-                 _health),
-        Responds(503, "The engine does not answer, NVML is hung, or the claims' network isolation is not in place; "
-                      "`reason` says which.", _health),
-    ),
-)
+@routes.get("/health", "getHealth", summary="Liveness for load balancers; no auth",
+            responds=(
+                Responds(200, "The engine answers, NVML is not hung and claims are isolated (a draining node, or one under disk pressure, is healthy).",
+                         _health),
+                Responds(503, "The engine does not answer, NVML is hung, or the claims' network isolation is not in place; "
+                              "`reason` says which.", _health),
+            ))
 def health():
     """503 while NVML is hung, the engine does not answer or claims would run unprotected; a
     draining node stays healthy."""

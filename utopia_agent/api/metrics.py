@@ -11,9 +11,10 @@ from ..errors import AgentError
 from ..gpus.health import GpuView
 from ..node.schemas import MetricsSchema
 from ..services import services
-from .operations import Responds, operation
+from .operations import Responds, Routes
 
 blueprint = Blueprint("metrics", __name__, url_prefix="/metrics")
+routes = Routes(blueprint, tag="node")
 
 
 @dataclass(frozen=True)
@@ -25,13 +26,8 @@ class NodeMetrics:
     system: dict[str, Any]
 
 
-@blueprint.get("")
-@operation(
-    "getNodeMetrics",
-    tag="node",
-    summary="Node and GPU metrics",
-    responds=Responds(200, "The node's figures, also while the engine is down.", MetricsSchema()),
-)
+@routes.get("", "getNodeMetrics", summary="Node and GPU metrics",
+            responds=Responds(200, "The node's figures, also while the engine is down.", MetricsSchema()))
 def get_metrics() -> NodeMetrics:
     """Answers with what it can read while the engine is down or NVML is hung (then the GPU
     figures are the last good sample, and `gpus_stale` says so)."""

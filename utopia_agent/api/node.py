@@ -16,9 +16,10 @@ from ..schemas import DrainSchema, NodeSchema, ReasonSchema
 from ..services import services
 from ..node.system_metrics import numa_nodes
 from .events import REVISION_HEADER
-from .operations import Reply, Responds, fails, operation
+from .operations import Reply, Responds, Routes, fails
 
 blueprint = Blueprint("node", __name__, url_prefix="/node")
+routes = Routes(blueprint, tag="node")
 _drain = DrainSchema()
 LOCK_BUSY = fails("The allocation lock could not be had in time; retry after Retry-After seconds.", AllocationBusy)
 
@@ -42,13 +43,8 @@ class NodeDescription:
     disk: dict[str, Any] | None
 
 
-@blueprint.get("")
-@operation(
-    "getNode",
-    tag="node",
-    summary="The node: versions, CPUs, memory, NUMA nodes, GPUs with their topology, drain state, the claims' network and disk",
-    responds=Responds(200, "The node.", NodeSchema()),
-)
+@routes.get("", "getNode", summary="The node: versions, CPUs, memory, NUMA nodes, GPUs with their topology, drain state, the claims' network and disk",
+            responds=Responds(200, "The node.", NodeSchema()))
 def get_node() -> Reply:
     agent = services()
     revision = agent.events.history.revision()  # first: watching from it misses no drain
@@ -84,20 +80,14 @@ def _disk(agent) -> dict[str, Any] | None:
         return None
 
 
-@blueprint.post("/drain")
-@operation(
-    "drainNode",
-    tag="node",
-    summary="Drain: creates get 409 node_draining with the reason; everything else works; kept across restarts",
-    body=ReasonSchema(),
-    responds=Responds(200, "Draining.", _drain),
-    failures=(fails("The body is not JSON or has no valid `reason`; `errors` names the field.", InvalidRequest), LOCK_BUSY),
-)
+@routes.post("/drain", "drainNode", summary="Drain: creates get 409 node_draining with the reason; everything else works; kept across restarts",
+             body=ReasonSchema(),
+             responds=Responds(200, "Draining.", _drain),
+             failures=(fails("The body is not JSON or has no valid `reason`; `errors` names the field.", InvalidRequest), LOCK_BUSY))
 def drain_node(body: dict) -> dict[str, Any]:
     return services().node.drain(body["reason"])
 
 
-@blueprint.delete("/drain")
-@operation("resumeNode", tag="node", summary="Resume taking claims", responds=Responds(200, "Taking claims.", _drain), failures=(LOCK_BUSY,))
+@routes.delete("/drain", "resumeNode", summary="Resume taking claims", responds=Responds(200, "Taking claims.", _drain), failures=(LOCK_BUSY,))
 def resume_node() -> dict[str, Any]:
     return services().node.resume()

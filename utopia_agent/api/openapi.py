@@ -12,9 +12,10 @@ from werkzeug.routing import Rule
 from .. import __version__
 from ..schemas import CONTAINER_EXAMPLE, ContainerSchema, ErrorSchema
 from . import api_v1
-from .operations import Failure, Operation, Responds, encoded_response, json_body, operation
+from .operations import Failure, Operation, Responds, Routes, encoded_response, json_body
 
 blueprint = Blueprint("openapi", __name__)
+routes = Routes(blueprint, tag="service")
 
 TAGS = [
     {"name": "containers", "description": "The containers of claims: create, list, show, stop, start, delete."},
@@ -117,8 +118,7 @@ def describe_api(app: Flask) -> dict:
     return spec.to_dict()
 
 
-@blueprint.get("/openapi.json")
-@operation("getOpenApiDocument", tag="service", summary="This document; no auth", responds=Responds(200, "OpenAPI 3."))
+@routes.get("/openapi.json", "getOpenApiDocument", summary="This document; no auth", responds=Responds(200, "OpenAPI 3."))
 def openapi_document():
     """Written and encoded once per process: the routes and schemas do not change at run time."""
     body = current_app.extensions.get("openapi")

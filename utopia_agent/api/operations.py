@@ -1,8 +1,9 @@
 """Each route's declaration: the schemas of its path, query and body, its responses, and the errors it may answer.
 
-`operation` wraps a view so the declared schemas load its request and dump its response, and
-api/openapi.py writes the document from the same declarations and the app's URL map: the
-document cannot describe a route the app lacks, nor a shape the route does not answer.
+A blueprint's `Routes` registers each view with its declaration; `operation` wraps the view so
+the declared schemas load its request and dump its response, and api/openapi.py writes the
+document from the same declarations and the app's URL map: the document cannot describe a
+route the app lacks, nor a shape the route does not answer.
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ from dataclasses import dataclass, field
 from functools import wraps
 from typing import Any
 
-from flask import Response, current_app, request
+from flask import Blueprint, Response, current_app, request
 from marshmallow import Schema
 
-from ..errors import AgentError, BodyTooLarge, EngineUnavailable, InsufficientStorage, ReadOnlyToken, Unauthorized
+from ..errors import AgentError, AllocationBusy, BodyTooLarge, EngineError, EngineUnavailable, InsufficientStorage, ReadOnlyToken, Unauthorized
 from ..schemas import load_query
 from .auth import READ_METHODS
 from .bodies import load_body
@@ -62,6 +63,10 @@ def encoded_response(body: bytes, status: int = 200) -> Response:
 
 # What every route that waits on the engine may answer.
 ENGINE_DOWN = fails("The Docker engine is unreachable or slow; retry after Retry-After seconds.", EngineUnavailable)
+# What a route that takes the allocation lock may answer instead.
+LOCK_OR_ENGINE = fails("The Docker engine is unreachable or slow, or other requests held the allocation lock too long.", EngineUnavailable, AllocationBusy)
+# What a route that lists the managed containers answers when the engine fails the list.
+LIST_FAILED = fails("The engine failed to list the containers.", EngineError)
 # What every route answers without a word in its declaration: behind the token, and with a body.
 UNAUTHORIZED = fails("Missing, malformed or wrong bearer token.", Unauthorized)
 READ_ONLY = fails("The read-only token (UTOPIA_AGENT_READ_TOKEN) sent with a method other than GET.", ReadOnlyToken)
@@ -155,6 +160,42 @@ def operation(operation_id: str, *, tag: str, summary: str, responds: Responds |
         return declared_view
 
     return decorate
+
+
+class Routes:
+    """One blueprint's routes, each declared as `operation` declares it, with what they share said
+    once: the blueprint, the OpenAPI tag, and the schema of the rules' variables (`path`, declared
+    for every route whose rule has any)."""
+
+    def __init__(self, blueprint: Blueprint, tag: str, path: Schema | None = None):
+        self.blueprint = blueprint
+        self._tag = tag
+        self._path = path
+
+    def get(self, rule: str, operation_id: str, **declared: Any) -> Callable:
+        return self.route("GET", rule, operation_id, **declared)
+
+    def post(self, rule: str, operation_id: str, **declared: Any) -> Callable:
+        return self.route("POST", rule, operation_id, **declared)
+
+    def delete(self, rule: str, operation_id: str, **declared: Any) -> Callable:
+        return self.route("DELETE", rule, operation_id, **declared)
+
+    def route(self, method: str, rule: str, operation_id: str, *, websocket: bool = False, wrapped_by: Callable | None = None,
+              **declared: Any) -> Callable:
+        """`wrapped_by` goes around the declared view, so it also sees what the declaration refuses (a body that does not load)."""
+        if self._path is not None and "<" in rule:
+            declared.setdefault("path", self._path)
+        declare = operation(operation_id, tag=self._tag, **declared)
+
+        def decorate(view: Callable) -> Callable:
+            declared_view = declare(view)
+            if wrapped_by is not None:
+                declared_view = wrapped_by(declared_view)
+            self.blueprint.route(rule, methods=[method], websocket=websocket)(declared_view)
+            return declared_view
+
+        return decorate
 
 
 class RenderedWhileSame:

@@ -29,20 +29,16 @@ from ..observability.prometheus import INSTRUMENTS, MULTIPROC_ENV
 from ..schemas import GPU_STATES
 from ..services import Services, services
 from .auth import require_token
-from .operations import Responds, operation
+from .operations import Responds, Routes
 
 blueprint = Blueprint("prometheus", __name__)
+routes = Routes(blueprint, tag="node")
 
 
-@blueprint.get("/metrics")
-@operation(
-    "getPrometheusMetrics",
-    tag="node",
-    summary="Prometheus text exposition: dcgm-exporter's GPU series and utopia_agent_* series",
-    description="Needs the bearer token (or the read-only one) unless UTOPIA_AGENT_PROMETHEUS_AUTH=none.",
-    security=({"bearer": []}, {}),
-    responds=Responds(200, "The exposition.", content_type="text/plain"),
-)
+@routes.get("/metrics", "getPrometheusMetrics", summary="Prometheus text exposition: dcgm-exporter's GPU series and utopia_agent_* series",
+            description="Needs the bearer token (or the read-only one) unless UTOPIA_AGENT_PROMETHEUS_AUTH=none.",
+            security=({"bearer": []}, {}),
+            responds=Responds(200, "The exposition.", content_type="text/plain"))
 def prometheus_metrics():
     agent = services()
     if agent.config.prometheus_auth == "token":

@@ -59,7 +59,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 from .. import __version__
 from .. import client as api
@@ -80,6 +80,8 @@ from .common import (
 from ..config import CERT_VARIABLE
 from .exec import run_exec
 from .node import cmd_check, cmd_local_gpus
+
+T = TypeVar("T")
 
 
 # --------------------------------------------------------------------------- through the API
@@ -161,16 +163,25 @@ def _ids(values: Iterable[int]) -> str:
     return ",".join(map(str, values)) or "-"
 
 
-def cmd_ps(args: argparse.Namespace) -> int:
+def _answer(args: argparse.Namespace, ask: Callable[[api.AgentClient], T], render: Callable[[T], None]) -> int:
+    """Ask the agent, then print its answer: as JSON with --json, else as `render` writes it for a person."""
     with agent_client(args) as client:
-        containers = sorted(client.list(claim_id=args.claim), key=lambda c: c.created, reverse=True)
+        answer = ask(client)
     if args.json:
-        print_json(containers)
-        return 0
+        print_json(answer)
+    else:
+        render(answer)
+    return 0
+
+
+def cmd_ps(args: argparse.Namespace) -> int:
+    return _answer(args, lambda client: sorted(client.list(claim_id=args.claim), key=lambda c: c.created, reverse=True), _print_containers)
+
+
+def _print_containers(containers: list[api.Container]) -> None:
     rows = [["CONTAINER", "CLAIM", "IMAGE", "STATUS", "GPUS", "PORTS", "CREATED"]]
     rows += [[c.id[:12], c.claim_id, c.image, _status(c), _ids(c.gpu_ids), _ports(c), _since(c.created)] for c in containers]
     print_table(rows)
-    return 0
 
 
 def _each(args: argparse.Namespace, names: list[str], remove: Callable[[str], object], done: str) -> int:
@@ -190,17 +201,15 @@ def _print_fields(values: dict[str, Any]) -> None:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    with agent_client(args) as client:
-        container = client.get(args.container)
-    if args.json:
-        print_json(container)
-        return 0
+    return _answer(args, lambda client: client.get(args.container), _print_container)
+
+
+def _print_container(container: api.Container) -> None:
     fields = dataclasses.asdict(container)
     fields.update(status=_status(container), gpu_ids=_ids(container.gpu_ids), ports=_ports(container),
                   created=f"{container.created} ({_since(container.created)})",
                   started=f"{container.started} ({_since(container.started)})")
     _print_fields(fields)
-    return 0
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
@@ -246,18 +255,16 @@ def _stop_or_start(args: argparse.Namespace, action: Callable[[api.AgentClient, 
 
 
 def cmd_volumes(args: argparse.Namespace) -> int:
-    with agent_client(args) as client:
-        volumes = client.volumes()
-    if args.json:
-        print_json(volumes)
-        return 0
+    return _answer(args, api.AgentClient.volumes, _print_volumes)
+
+
+def _print_volumes(volumes: list[api.Volume]) -> None:
     rows = [["VOLUME", "SIZE", "USED", "BACKEND", "CLAIMS", "CREATED"]]
     for volume in volumes:
         used = f"{volume.used_mb} MB" if volume.used_mb is not None else "-"
         rows.append([volume.name if volume.ready else f"{volume.name} (not ready)", f"{volume.size_gb} GB", used, volume.backend,
                      ",".join(volume.claims) or "-", _since(volume.created)])
     print_table(rows)
-    return 0
 
 
 def cmd_volume_create(args: argparse.Namespace) -> int:
@@ -269,18 +276,14 @@ def cmd_volume_create(args: argparse.Namespace) -> int:
 
 def cmd_volume_rm(args: argparse.Namespace) -> int:
     with agent_client(args) as client:
-        for name in args.names:
-            client.delete_volume(name)
-            print(json.dumps({"removed": name}) if args.json else name)
-    return 0
+        return _each(args, args.names, client.delete_volume, "removed")
 
 
 def cmd_images(args: argparse.Namespace) -> int:
-    with agent_client(args) as client:
-        images = client.images()
-    if args.json:
-        print_json(images)
-        return 0
+    return _answer(args, api.AgentClient.images, _print_images)
+
+
+def _print_images(images: list[api.Image]) -> None:
     rows = [["IMAGE", "ID", "SIZE", "ORIGIN", "STATE", "CLAIMS", "LAST USED"]]
     for image in images:
         size = f"{image.size_mb:.0f} MB" if image.size_mb is not None else "-"
@@ -290,7 +293,6 @@ def cmd_images(args: argparse.Namespace) -> int:
         rows.append([image.image, image.id[7:19] if image.id else "-", size, image.origin, state, ",".join(image.claims) or "-",
                      _since(image.last_used or 0)])
     print_table(rows)
-    return 0
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
@@ -349,13 +351,7 @@ def cmd_release(args: argparse.Namespace) -> int:
 
 
 def cmd_node(args: argparse.Namespace) -> int:
-    with agent_client(args) as client:
-        node = client.node()
-    if args.json:
-        print_json(node)
-    else:
-        _print_fields(node)
-    return 0
+    return _answer(args, api.AgentClient.node, _print_fields)
 
 
 def cmd_drain(args: argparse.Namespace) -> int:

@@ -12,6 +12,24 @@ from marshmallow import INCLUDE, Schema, ValidationError
 from ..claims.records import PORTS_LABEL, PortMapping, parse_ports
 from .errors import UnexpectedAnswer
 
+# The records utopia_agent.client exports (make_record and load_answer are the client's own).
+__all__ = [
+    "Container",
+    "ContainerGpuStats",
+    "ContainerStats",
+    "Created",
+    "ExecResult",
+    "Gpu",
+    "GpuMetrics",
+    "Health",
+    "Image",
+    "NodeMetrics",
+    "PullProgress",
+    "SystemMetrics",
+    "Volume",
+    "XidEvent",
+]
+
 R = TypeVar("R")
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from ..node.mountinfo import mountinfo_fields
+
 ENGINE, MEASURED, OFF = "engine", "measured", "off"
 # Storage drivers whose containers take `storage_opt={"size": ...}` whatever they sit on.
 SIZED_DRIVERS = ("btrfs", "zfs")
@@ -60,12 +62,7 @@ def mount_options_of(path: str, mountinfo: str) -> frozenset[str] | None:
     (/proc/self/mountinfo); None when no mount holds it."""
     real = os.path.realpath(path)
     best: tuple[int, frozenset[str]] | None = None
-    for line in mountinfo.splitlines():
-        fields = line.split()
-        try:
-            separator = fields.index("-")
-        except ValueError:
-            continue
+    for fields, separator in mountinfo_fields(mountinfo):
         point = fields[4].replace("\\040", " ")
         if real == point or real.startswith(point.rstrip("/") + "/"):
             options = frozenset(fields[5].split(",") + (fields[separator + 3].split(",") if len(fields) > separator + 3 else []))

@@ -19,11 +19,8 @@ the state dir, from which every worker answers stats and scrapes.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import subprocess
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,8 +29,7 @@ from pathlib import Path
 from ..claims.disks import GIB
 from ..claims.records import DISK_QUOTA_LABEL, ManagedContainer
 from ..errors import AgentError
-from ..node.role import NodeRole
-from ..node.state_file import StateFile
+from ..node.chore import NodeSampler
 from .quota import MEASURED
 
 log = logging.getLogger("utopia_agent.disks")
@@ -79,18 +75,17 @@ class Layer:
         return self.limit_bytes is not None and self.used_bytes + (growth - self.growth_at_walk) > self.limit_bytes
 
 
-class DiskUsage:
+class DiskUsage(NodeSampler):
     """Measures the running claims' writable layers in the background (one worker of the node) and
-    stops, through `stop(container_id, reason)`, a measured claim past its size."""
+    stops, through `stop(container_id, reason)`, a measured claim past its size. Its figures per
+    container: claim_id, used_bytes, limit_bytes and walked_at."""
 
     def __init__(self, docker, disk, state_dir: Path, stop: Callable[[str, str], object] | None,
                  interval: float = SAMPLE_SECONDS, backstop: float = BACKSTOP_SECONDS):
+        super().__init__("disk-usage", state_dir, interval, log, "claim disks not sampled: %s")
         self._docker = docker
         self._disk = disk
         self._stop = stop
-        self._path = state_dir / "disk-usage.json"
-        self._role = NodeRole(state_dir / "disk-usage.lock")
-        self._interval = interval
         self._backstop = backstop
         self._layers: dict[str, Layer] = {}
         self._growth = 0
@@ -98,31 +93,8 @@ class DiskUsage:
         # The node view last looked at, and when the next backstop walk falls due.
         self._seen: object = None
         self._next_walk = 0.0
-        self._cache: tuple[float, dict] = (0.0, {})
-        self._closed = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="disk-usage", daemon=True)
-
-    def start(self) -> DiskUsage:
-        self._thread.start()
-        return self
-
-    def close(self) -> None:
-        self._closed.set()
 
     # --- reading ---------------------------------------------------------------------
-
-    def samples(self) -> dict:
-        """The last node-wide figures: {"time": unix, "claims": {container id: {claim_id, used_bytes, limit_bytes, walked_at}}}."""
-        try:
-            mtime = os.stat(self._path).st_mtime
-        except FileNotFoundError:
-            return {"time": 0.0, "claims": {}}
-        if mtime != self._cache[0]:
-            try:
-                self._cache = (mtime, json.loads(self._path.read_text()))
-            except (OSError, ValueError):
-                return self._cache[1] or {"time": 0.0, "claims": {}}
-        return self._cache[1]
 
     def used_bytes(self, container_id: str) -> int | None:
         """What the container's writable layer took at its last walk; None before the first."""
@@ -130,15 +102,8 @@ class DiskUsage:
 
     # --- sampling --------------------------------------------------------------------
 
-    def _run(self) -> None:
-        while not self._closed.wait(self._interval):
-            try:
-                self.sample_if_holder()
-            except AgentError as error:
-                log.debug("claim disks not sampled: %s", error.message)
-            except OSError as error:
-                log.warning("claim disks not sampled: %s", error)
-        self._role.release()
+    def _sample_round(self) -> bool:
+        return self.sample_if_holder()
 
     def sample_if_holder(self) -> bool:
         """One round when this worker measures for the node and the node view can be trusted (the
@@ -153,7 +118,7 @@ class DiskUsage:
         if figures is None:
             return False
         if figures["claims"] != self.samples().get("claims"):
-            self._write(figures)
+            self._samples.write(figures)
         return True
 
     def sample(self, snapshot: object = None) -> dict | None:
@@ -221,7 +186,3 @@ class DiskUsage:
             return False
         self._layers.pop(container.id, None)
         return True
-
-    def _write(self, figures: dict) -> None:
-        StateFile(self._path).write(figures, durable=False)
-        self._cache = (os.stat(self._path).st_mtime, figures)

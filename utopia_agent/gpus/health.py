@@ -21,7 +21,6 @@ quarantined for `stray processes` and released by itself once NVML shows it clea
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
@@ -38,6 +37,7 @@ from ..schemas import GpuSchema
 from .sampler import GpuSample, GpuSampler
 from .inventory import GpuEvent, GpuEvents, GpuFacts, GpuStatus
 from ..claims.holders import gpu_claims, gpu_holder
+from ..node.chore import Background
 from ..node.role import NodeRole
 from ..claims.records import GPU_IDS_LABEL, ManagedContainer
 from ..node.state_file import StateFile
@@ -238,7 +238,7 @@ def _counters_of(sample: GpuSample | None, uuid: str) -> dict[str, int]:
     return {}
 
 
-class HealthMonitor:
+class HealthMonitor(Background):
     """The node's one GPU health watcher: NVML events, the memory-health counters, releases.
 
     Every worker starts one; the one that holds the flock on STATE_DIR/gpu-monitor.lock does the
@@ -249,11 +249,11 @@ class HealthMonitor:
     """
 
     def __init__(self, health: GpuHealth, lock_path: Path, release_seconds: float, conditions: StateFile):
+        super().__init__("gpu-monitor")
         self._health = health
         self._told_conditions = conditions
         self._role = NodeRole(lock_path)
         self._release_seconds = release_seconds
-        self._closed = threading.Event()
         self._pending: list[GpuEvent] = []
         self._dirty_since: dict[str, float] = {}
         self._last_claim: dict[str, str] = {}
@@ -261,14 +261,9 @@ class HealthMonitor:
         # the state dir at this watcher's first check, so a takeover or a restart tells no change twice.
         self._conditions: dict[str, str] | None = None
         self._next_check = 0.0
-        self._thread = threading.Thread(target=self._run, name="gpu-monitor", daemon=True)
-
-    def start(self) -> HealthMonitor:
-        self._thread.start()
-        return self
 
     def close(self) -> None:
-        self._closed.set()
+        super().close()
         if self._role.held:  # a worker that does not watch sleeps in flock: nothing to wait for
             self._thread.join(timeout=2.0)
 

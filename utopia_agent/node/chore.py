@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Self
 
 from ..errors import AgentError
+from .role import NodeRole
+from .state_file import SampleFile
 
 log = logging.getLogger("utopia_agent.chore")
 
@@ -38,6 +40,38 @@ class Background:
 
     def _run(self) -> None:
         raise NotImplementedError
+
+
+class NodeSampler(Background):
+    """Figures sampled for the whole node: every worker runs one, the worker holding the node's role
+    `<name>.lock` (see role.py) samples, every `tick` seconds, into `<name>.json` in the state dir,
+    and every worker answers from that file. A round that fails is logged as `not_sampled` says:
+    the engine down at debug, a failure of the node's own files as a warning."""
+
+    def __init__(self, name: str, state_dir: Path, tick: float, logger: logging.Logger, not_sampled: str):
+        super().__init__(name)
+        self._samples = SampleFile(state_dir / f"{name}.json")
+        self._role = NodeRole(state_dir / f"{name}.lock")
+        self._tick = tick
+        self._log = logger
+        self._not_sampled = not_sampled
+
+    def samples(self) -> dict:
+        """The last node-wide figures: {"time": unix, "claims": {container id: {...}}}; re-read only when the file changed."""
+        return self._samples.read()
+
+    def _sample_round(self) -> object:
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        while not self._closed.wait(self._tick):
+            try:
+                self._sample_round()
+            except AgentError as error:
+                self._log.debug(self._not_sampled, error.message)
+            except OSError as error:
+                self._log.warning(self._not_sampled, error)
+        self._role.release()
 
 
 class NodeChore(Background):

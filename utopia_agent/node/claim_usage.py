@@ -9,7 +9,6 @@ never go backwards.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -19,10 +18,8 @@ from dataclasses import dataclass
 from functools import cache, cached_property
 from pathlib import Path
 
-from ..errors import AgentError
-from .chore import Background
-from .role import NodeRole
-from .state_file import StateFile
+from .chore import NodeSampler
+from .mountinfo import mountinfo_fields
 
 log = logging.getLogger("utopia_agent.usage")
 
@@ -48,12 +45,7 @@ def _cgroup_mounts(mountinfo: str) -> tuple[dict[str, tuple[str, str]], tuple[st
     """v1 controller -> (mount root, mount point), and the v2 (root, mount point), from /proc/self/mountinfo."""
     v1: dict[str, tuple[str, str]] = {}
     v2 = None
-    for line in mountinfo.splitlines():
-        fields = line.split()
-        try:
-            separator = fields.index("-")
-        except ValueError:
-            continue
+    for fields, separator in mountinfo_fields(mountinfo):
         fstype, options = fields[separator + 1], fields[separator + 3].split(",")
         root, point = fields[3], fields[4]
         if fstype == "cgroup2":
@@ -163,34 +155,18 @@ def _stat_line(key: bytes) -> re.Pattern[bytes]:
     return re.compile(rb"^" + re.escape(key) + rb" (-?\d+)$", re.MULTILINE)
 
 
-class ClaimUsage(Background):
+class ClaimUsage(NodeSampler):
     """Samples the running claims in the background and answers per-claim figures from the samples."""
 
     def __init__(self, docker, state_dir: Path, interval: float = SAMPLE_SECONDS):
-        super().__init__("claim-usage")
-        self._docker = docker
-        self._path = state_dir / "claim-usage.json"
         # One worker samples for the node, so each container's cgroup is looked up (one inspect) once.
-        self._role = NodeRole(state_dir / "claim-usage.lock")
+        super().__init__("claim-usage", state_dir, interval / 2, log, "claim usage not sampled: %s")
+        self._docker = docker
         self._interval = interval
         self._cgroups: dict[str, CgroupFiles] = {}
         self._cgroups_lock = threading.Lock()
-        self._cache: tuple[float, dict] = (0.0, {})
 
     # --- reading ---------------------------------------------------------------------
-
-    def samples(self) -> dict:
-        """The last node-wide sample: {"time": unix, "claims": {container id: {...}}}; re-read only when it changed."""
-        try:
-            mtime = os.stat(self._path).st_mtime
-        except FileNotFoundError:
-            return {"time": 0.0, "claims": {}}
-        if mtime != self._cache[0]:
-            try:
-                self._cache = (mtime, json.loads(self._path.read_text()))
-            except (OSError, ValueError):
-                return self._cache[1] or {"time": 0.0, "claims": {}}
-        return self._cache[1]
 
     def now(self, container_id: str, started: int) -> tuple[Usage | None, float]:
         """The container's usage now and its CPU percent (of one CPU) since the last sample at least a
@@ -227,15 +203,8 @@ class ClaimUsage(Background):
 
     # --- sampling --------------------------------------------------------------------
 
-    def _run(self) -> None:
-        while not self._closed.wait(self._interval / 2):
-            try:
-                self.sample_if_due()
-            except AgentError as error:
-                log.debug("claim usage not sampled: %s", error.message)
-            except OSError as error:
-                log.warning("claim usage not sampled: %s", error)
-        self._role.release()
+    def _sample_round(self) -> bool:
+        return self.sample_if_due()
 
     def sample_if_due(self) -> bool:
         """Sample every running claim when this worker samples for the node and the interval has
@@ -245,7 +214,7 @@ class ClaimUsage(Background):
         previous = self.samples()
         if time.time() - previous.get("time", 0.0) < self._interval * 0.9:
             return False
-        self._write(self._sample(previous))
+        self._samples.write(self._sample(previous))
         return True
 
     def _sample(self, previous: dict) -> dict:
@@ -270,9 +239,3 @@ class ClaimUsage(Background):
             for gone in set(self._cgroups) - {c.id for c in running}:
                 del self._cgroups[gone]
         return {"time": now, "claims": claims}
-
-    def _write(self, samples: dict) -> None:
-        """Replace the node's samples; this worker keeps what it wrote, so its next sample does not
-        parse the file back."""
-        StateFile(self._path).write(samples, durable=False)
-        self._cache = (os.stat(self._path).st_mtime, samples)

@@ -84,3 +84,31 @@ class StateFile:
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
+
+
+class SampleFile:
+    """The node-wide figures one worker samples every few seconds and every worker answers from
+    ({"time": unix, "claims": {container id: {...}}}). Unlike the records above it is read on
+    every stats call and scrape, so it is re-read only when its mtime changed: a rewrite missed
+    within one timestamp tick costs no more than figures one sample old."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._cache: tuple[float, dict] = (0.0, {})
+
+    def read(self) -> dict:
+        try:
+            mtime = os.stat(self.path).st_mtime
+        except FileNotFoundError:
+            return {"time": 0.0, "claims": {}}
+        if mtime != self._cache[0]:
+            try:
+                self._cache = (mtime, json.loads(self.path.read_text()))
+            except (OSError, ValueError):
+                return self._cache[1] or {"time": 0.0, "claims": {}}
+        return self._cache[1]
+
+    def write(self, samples: dict) -> None:
+        """Replace the figures; this worker keeps what it wrote, so its next read does not parse the file back."""
+        StateFile(self.path).write(samples, durable=False)
+        self._cache = (os.stat(self.path).st_mtime, samples)
