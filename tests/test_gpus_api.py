@@ -182,7 +182,9 @@ def test_concurrent_creates_never_share_a_gpu(agent_factory, docker_client, test
     for container in agent.get("/api/v1/containers").json():
         if container["claim_id"].startswith(claim("")) and container["gpu_ids"]:
             assert agent.delete(f"/api/v1/containers/{container['id']}").status_code == 204
-    refill = agent.create(claim("refill"), test_image, gpu_count=len(HEALTHY_GPUS), command=["sleep", "300"])
+    # Its own disk size: a GPU claim's default share of the disk (all of it, for every GPU) would not fit
+    # beside the disks the claims without GPUs still hold.
+    refill = agent.create(claim("refill"), test_image, gpu_count=len(HEALTHY_GPUS), disk_gb=1, command=["sleep", "300"])
     assert refill.status_code == 201, "freed GPUs are given again"
 
 

@@ -114,17 +114,22 @@ class DiskUsage(NodeSampler):
         snapshot = self._docker.view.snapshot()
         if snapshot is None:
             return False
-        figures = self.sample(snapshot)
-        if figures is None:
+        looked = self.sample(snapshot)
+        if looked is None:
             return False
+        figures, past = looked
         if figures["claims"] != self.samples().get("claims"):
             self._samples.write(figures)
+        # After the figures are on record: a claim shown stopped shows the size that stopped it.
+        unstopped = [container for container, layer in past if not self._evict(container, layer)]
+        if unstopped:  # a claim past its size that could not be stopped is looked at again next second
+            self._next_walk = time.time()
         return True
 
-    def sample(self, snapshot: object = None) -> dict | None:
-        """Note the filesystem's growth, walk the layers that need it, stop measured claims past
-        their size. None when nothing can have changed since the last look: the same node view,
-        no growth, and no backstop walk due (an idle node's second costs a statvfs)."""
+    def sample(self, snapshot: object = None) -> tuple[dict, list[tuple[ManagedContainer, Layer]]] | None:
+        """Note the filesystem's growth and walk the layers that need it: the figures, and the
+        measured claims past their size (to stop). None when nothing can have changed since the last
+        look: the same node view, no growth, and no backstop walk due (an idle node's second costs a statvfs)."""
         size, free = self._disk.filesystem_bytes()
         used = size - free
         grew = self._last_used is not None and used > self._last_used
@@ -142,7 +147,7 @@ class DiskUsage(NodeSampler):
         # A claim that no longer runs writes nothing: its last figure stands while its layer does (a stopped claim's stats).
         before = self.samples().get("claims", {})
         figures = {c.id: before[c.id] for c in containers if c.status != "running" and c.id in before}
-        unstopped = False
+        past: list[tuple[ManagedContainer, Layer]] = []
         for container in running:
             layer = self._layers.get(container.id) or self._layer(container)
             if layer.path is not None and layer.needs_walk(now, self._growth, self._backstop):
@@ -153,11 +158,10 @@ class DiskUsage(NodeSampler):
                 figures[container.id] = {"claim_id": layer.claim_id, "used_bytes": layer.used_bytes, "limit_bytes": layer.limit_bytes,
                                          "walked_at": layer.walked_at}
                 if layer.quota == MEASURED and layer.limit_bytes is not None and layer.used_bytes > layer.limit_bytes:
-                    unstopped = not self._evict(container, layer) or unstopped
+                    past.append((container, layer))
         walked_at = [layer.walked_at for layer in self._layers.values() if layer.path is not None]
-        # A claim past its size that could not be stopped is looked at again next second.
-        self._next_walk = now if unstopped else min(walked_at) + self._backstop if walked_at else float("inf")
-        return {"time": now, "claims": figures}
+        self._next_walk = min(walked_at) + self._backstop if walked_at else float("inf")
+        return {"time": now, "claims": figures}, past
 
     def _layer(self, container: ManagedContainer) -> Layer:
         """Found once per container: its writable layer's directory (one inspect) and its size."""
