@@ -1122,6 +1122,8 @@ class Bench:
         self.figure_scaling(many, self.measure_list(plan.scaling_samples),
                             note=f"{many - main} of them created, never started (made with the SDK)")
         self.figure_rss()
+        if only == "core":
+            return
         self.run_volumes(say)
         self.run_disks(say)
 
@@ -1276,8 +1278,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="grace seconds of DELETE (UTOPIA_AGENT_STOP_TIMEOUT) and of the baseline's stop (default 1)")
     parser.add_argument("--output", type=Path,
                         help="JSON file, the PNG beside it (default benchmarks/results/latest.json, quick.json with --quick)")
-    parser.add_argument("--only", choices=("exec", "disks", "volumes"),
-                        help="only these figures, with the agent they need (a partial run; disks: benchmarks/disk_bench.py, "
+    parser.add_argument("--only", choices=("core", "exec", "disks", "volumes"),
+                        help="only these figures, with the agent they need (a partial run; core: all but the disk and volume rows, "
+                             "which need engines and filesystems of their own; disks: benchmarks/disk_bench.py, "
                              "volumes: benchmarks/volume_bench.py)")
     parser.add_argument("--draw", type=Path, metavar="JSON", help="only draw the PNG of an earlier run's JSON (beside it, or at --output)")
     args = parser.parse_args(argv)
