@@ -184,6 +184,11 @@ def btrfs_engine(docker_client):
         assert docker_client.ping()
 
 
+def listing_of_big(logs: str) -> str | None:
+    """`ls -l /big`'s line: mode, links, owner, group, size, date, name."""
+    return next((line for line in logs.splitlines() if line.startswith("-") and line.rstrip().endswith(" /big")), None)
+
+
 def test_engine_mode_on_btrfs_stops_a_claims_writes_at_its_size(agent_factory, btrfs_engine, claim):
     agent = agent_factory(DOCKER_HOST=btrfs_engine.base_url, UTOPIA_AGENT_DISK_QUOTA="engine", UTOPIA_AGENT_NETWORK_ISOLATION="off",
                           UTOPIA_AGENT_GPU_BACKEND="none")
@@ -194,10 +199,11 @@ def test_engine_mode_on_btrfs_stops_a_claims_writes_at_its_size(agent_factory, b
         writer = created(agent.create(claim("writer"), TEST_IMAGE, disk_gb=1, cpus=0.5, command=[
             "sh", "-c", "busybox dd if=/dev/zero of=/big bs=1M count=2048; echo rc=$?; busybox ls -l /big; sleep 300"]))
         assert client.api.inspect_container(writer)["HostConfig"]["StorageOpt"] == {"size": str(1024 ** 3)}
-        logs = wait_for(lambda: "rc=" in (text := client.containers.get(writer).logs().decode()) and "/big" in text.split("rc=")[1] and text,
+        # dd's error (stderr) and ls's line (stdout) may come in either order in the log: find ls's line itself.
+        logs = wait_for(lambda: "rc=" in (text := client.containers.get(writer).logs().decode()) and listing_of_big(text) and text,
                         timeout=120)
         assert logs and ("No space left on device" in logs or "Disk quota exceeded" in logs), logs
-        size = int(logs.split("rc=")[1].split()[5])
+        size = int(listing_of_big(logs).split()[4])
         print(f"engine mode: the writes stopped at {size / 1024 ** 2:.0f} MiB of a 1024 MiB disk")
         assert 0.9 * 1024 ** 3 < size <= 1024 ** 3, "near 1 GiB, and never past it"
         assert agent.get(f"/api/v1/containers/{writer}").json()["status"] == "running", "the job itself runs on: only its writes fail"

@@ -154,11 +154,14 @@ class DiskUsage(NodeSampler):
                 walked = layer_bytes(layer.path)
                 if walked is not None:
                     layer.used_bytes, layer.walked_at, layer.growth_at_walk = walked, now, self._growth
-            if layer.used_bytes is not None:
-                figures[container.id] = {"claim_id": layer.claim_id, "used_bytes": layer.used_bytes, "limit_bytes": layer.limit_bytes,
-                                         "walked_at": layer.walked_at}
-                if layer.quota == MEASURED and layer.limit_bytes is not None and layer.used_bytes > layer.limit_bytes:
-                    past.append((container, layer))
+            if layer.used_bytes is None:  # its walk failed (timed out on a busy disk): its last figure stands
+                if container.id in before:
+                    figures[container.id] = before[container.id]
+                continue
+            figures[container.id] = {"claim_id": layer.claim_id, "used_bytes": layer.used_bytes, "limit_bytes": layer.limit_bytes,
+                                     "walked_at": layer.walked_at}
+            if layer.quota == MEASURED and layer.limit_bytes is not None and layer.used_bytes > layer.limit_bytes:
+                past.append((container, layer))
         walked_at = [layer.walked_at for layer in self._layers.values() if layer.path is not None]
         self._next_walk = min(walked_at) + self._backstop if walked_at else float("inf")
         return {"time": now, "claims": figures}, past
