@@ -358,6 +358,8 @@ class Bench:
             "UTOPIA_AGENT_RESERVED_CPUS": "0",
             "UTOPIA_AGENT_DEFAULT_CPUS": "0.01",
             "UTOPIA_AGENT_DEFAULT_MEMORY_MB": "32",
+            # And a tenth of a GB of container disk, so a hundred of them leave GPU claims their share of the disk.
+            "UTOPIA_AGENT_DEFAULT_DISK_GB": "0.1",
         }
         self.agent = AgentProcess(state, free_port(), fake_nvml_env(nvml_dir, nvml_config, env), workers=WORKERS)
         self.agent.start()
@@ -835,7 +837,8 @@ class Bench:
     def figure_exec(self, seconds: float) -> None:
         """One-shot `true` through the agent against docker-py's exec_run of the same; 100 MB through an interactive
         `cat` against the engine's own exec stream (both fed and drained by this process); 16 idle sessions' CPU."""
-        boxes = [self.http.create(self.claim("x"), self.image, 0) for _ in range(2)]
+        # A CPU of their own: under the bench's default of a hundredth of one, every exec would crawl alike.
+        boxes = [self.http.create(self.claim("x"), self.image, 0, cpus=1) for _ in range(2)]
         box = self.client.containers.get(boxes[0])
         path = f"/api/v1/containers/{boxes[0]}/exec"
         timings = interleave({
