@@ -12,11 +12,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import psutil
 
 from tests.support.agent import AgentProcess
 from tests.support.engine import ensure_test_image, free_port
-from tests.support.private_engine import PrivateEngine
+from tests.support.private_engine import PrivateEngine, running_btrfs_engine
 from utopia_agent.allocation.policy import build_container_spec
 from utopia_agent.claims.records import resources_from_labels
 from utopia_agent.config import Config
@@ -39,31 +38,9 @@ MAKE_FILES = ("i=0; while [ $i -lt 100 ]; do mkdir -p /layer/$i; j=0; while [ $j
 
 
 def btrfs_engine(subnet: str) -> tuple[PrivateEngine, Callable[[], None]]:
-    """A private dockerd on a loop-mounted 4 GB btrfs, and what tears it down."""
-    root = Path(tempfile.mkdtemp(prefix="utopia-btr-", dir="/tmp"))
-    image, data = root / "btrfs.img", root / "data"
-    data.mkdir()
-    subprocess.run(["truncate", "-s", "4G", str(image)], check=True)
-    subprocess.run(["mkfs.btrfs", "-q", str(image)], check=True, capture_output=True)
-    subprocess.run(["mount", "-o", "loop", str(image), str(data)], check=True)
-    engine = PrivateEngine(root, subnet=subnet, dockerd_args=("--storage-driver=btrfs",))
-
-    def teardown() -> None:
-        engine.stop()
-        subprocess.run(["umount", str(data)], check=False)
-        loop = subprocess.run(["losetup", "-j", str(image)], capture_output=True, text=True).stdout.split(":", 1)[0]
-        if loop:
-            subprocess.run(["losetup", "-d", loop], check=False)
-        engine.destroy()
-
-    try:
-        engine.create_bridge()
-        engine.start()
-        ensure_test_image(engine.client)
-    except BaseException:
-        teardown()
-        raise
-    return engine, teardown
+    """The tests' btrfs engine (tests/support/private_engine.py), and what tears it down."""
+    stack = ExitStack()
+    return stack.enter_context(running_btrfs_engine(subnet)), stack.close
 
 
 def figure_btrfs_create(bench, say, compare, samples: int) -> None:
@@ -122,8 +99,11 @@ def figure_measured_cpu(bench, say, figure_class, seconds: float = BACKSTOP_SECO
     over `seconds` (one backstop period: each layer is walked in it), children (`du`) included."""
     state = bench.tmp / "measured-agent"
     state.mkdir()
+    # Fifty claims without GPUs on a 2-core machine: the default CPUs and memory of each (a quarter of the
+    # node's capacity here) would let four start; they sit idle, so a hundredth of a CPU is theirs.
     env = {**os.environ, "UTOPIA_AGENT_DISK_QUOTA": "measured", "UTOPIA_AGENT_GPU_BACKEND": "none", "UTOPIA_AGENT_NETWORK_ISOLATION": "off",
-           "UTOPIA_AGENT_STOP_TIMEOUT": str(bench.stop_timeout)}
+           "UTOPIA_AGENT_STOP_TIMEOUT": str(bench.stop_timeout), "UTOPIA_AGENT_RESERVED_CPUS": "0",
+           "UTOPIA_AGENT_DEFAULT_CPUS": "0.01", "UTOPIA_AGENT_DEFAULT_MEMORY_MB": "32"}
     agent = AgentProcess(state, free_port(), env, workers=4)
     agent.start()
     try:

@@ -5,22 +5,18 @@ or by measuring on overlay2 over ext4."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from datetime import datetime
-from pathlib import Path
 
 import pytest
 import requests
 
-from tests.support.engine import TEST_IMAGE, ensure_test_image
+from tests.support.engine import TEST_IMAGE
 from tests.support.polling import wait_for
-from tests.support.prerequisites import require
-from tests.support.private_engine import PrivateEngine
+from tests.support.private_engine import running_btrfs_engine
 from tests.test_events import Watch
 from utopia_agent.claims.disks import gb_of
 
@@ -157,31 +153,10 @@ def test_measured_mode_stops_a_claim_past_its_disk_and_nothing_else(agent_factor
 
 @pytest.fixture(scope="module")
 def btrfs_engine(docker_client):
-    """A private dockerd whose data root is a loop-mounted 4 GB btrfs: its driver takes a container's size
-    (qgroups, which it enables itself). Torn down in order: dockerd, the mount, its own loop device, the bridge."""
-    require(os.geteuid() == 0 and shutil.which("mkfs.btrfs") is not None and shutil.which("dockerd") is not None,
-            "a btrfs engine needs root, btrfs-progs and dockerd (make test installs them as root)")
-    root = Path(tempfile.mkdtemp(prefix="utopia-btr-", dir="/tmp"))
-    image, data = root / "btrfs.img", root / "data"
-    data.mkdir()
-    subprocess.run(["truncate", "-s", "4G", str(image)], check=True)
-    subprocess.run(["mkfs.btrfs", "-q", str(image)], check=True, capture_output=True)
-    subprocess.run(["mount", "-o", "loop", str(image), str(data)], check=True)
-    engine = PrivateEngine(root, subnet="10.223", dockerd_args=("--storage-driver=btrfs",))
-    try:
-        engine.create_bridge()
-        engine.start()
-        ensure_test_image(engine.client)
+    """A private dockerd on a loop-mounted btrfs (tests/support/private_engine.py); the shared engine comes through."""
+    with running_btrfs_engine(subnet="10.223") as engine:
         yield engine
-    finally:
-        engine.stop()
-        subprocess.run(["umount", str(data)], check=False)
-        # `mount -o loop` lets the device go with the mount; detach it only if it stayed (ours alone, never -D).
-        loop = subprocess.run(["losetup", "-j", str(image)], capture_output=True, text=True).stdout.split(":", 1)[0]
-        if loop:
-            subprocess.run(["losetup", "-d", loop], check=False)
-        engine.destroy()
-        assert docker_client.ping()
+    assert docker_client.ping()
 
 
 def listing_of_big(logs: str) -> str | None:

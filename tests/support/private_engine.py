@@ -129,3 +129,37 @@ def running_private_engine(shared: docker.DockerClient, **options) -> Iterator[P
         private.destroy()
         assert _ifindex("docker0") == docker0, "the shared engine's docker0 changed"
         assert shared.ping()
+
+
+@contextmanager
+def running_btrfs_engine(subnet: str) -> Iterator[PrivateEngine]:
+    """A private dockerd whose data root is a loop-mounted 4 GB btrfs: its driver takes a container's
+    size (qgroups, which it enables itself). Torn down in order: its containers and networks, the
+    dockerd, the mount, its own loop device (never `losetup -D`), the bridge."""
+    require(os.geteuid() == 0 and shutil.which("mkfs.btrfs") is not None and shutil.which("dockerd") is not None,
+            "a btrfs engine needs root, btrfs-progs and dockerd (make test installs them as root)")
+    root = Path(tempfile.mkdtemp(prefix="utopia-btr-", dir="/tmp"))
+    image, data = root / "btrfs.img", root / "data"
+    data.mkdir()
+    engine = PrivateEngine(root, subnet=subnet, dockerd_args=("--storage-driver=btrfs",))
+    try:
+        subprocess.run(["truncate", "-s", "4G", str(image)], check=True)
+        subprocess.run(["mkfs.btrfs", "-q", str(image)], check=True, capture_output=True)
+        subprocess.run(["mount", "-o", "loop", str(image), str(data)], check=True)
+        engine.create_bridge()
+        engine.start()
+        ensure_test_image(engine.client)
+        yield engine
+    finally:
+        if engine.handle is not None:
+            try:
+                engine.remove_all()
+            except docker.errors.DockerException:
+                pass
+        engine.stop()
+        subprocess.run(["umount", str(data)], check=False)
+        # `mount -o loop` lets the device go with the mount; detach it only if it stayed.
+        loop = subprocess.run(["losetup", "-j", str(image)], capture_output=True, text=True).stdout.split(":", 1)[0]
+        if loop:
+            subprocess.run(["losetup", "-d", loop], check=False)
+        engine.destroy()
