@@ -2,8 +2,9 @@
 space than UTOPIA_AGENT_DISK_PRESSURE_PERCENT (kubelet's `nodefs.available<10%`).
 
 Under pressure creates answer 507 naming the filesystem, /health says so and stays 200, and
-image collection runs at once. Every worker judges for itself from statvfs (3 us here), at most
-once per CHECK_SECONDS, so neither /health nor a create pays for it. One worker of the node (the
+image collection runs at once. Every worker judges for itself from statvfs (3 us here): /health,
+the node view and scrapes at most once per CHECK_SECONDS, so polling them costs nothing; a create
+looks afresh, so none is taken on a look older than the node's announcement of pressure. One worker of the node (the
 holder of STATE_DIR/disk-pressure.lock) watches for pressure starting and ending, puts a `node`
 change in the event history and starts image collection.
 
@@ -74,10 +75,10 @@ class DiskPressure:
         """The filesystems under pressure now (none while UTOPIA_AGENT_DISK_PRESSURE_PERCENT is 0)."""
         return self._look_now()[2]
 
-    def _look_now(self) -> tuple[float, tuple[Filesystem, ...], tuple[Filesystem, ...]]:
+    def _look_now(self, fresh: bool = False) -> tuple[float, tuple[Filesystem, ...], tuple[Filesystem, ...]]:
         looked = self._looked
         now = time.monotonic()
-        if now - looked[0] < CHECK_SECONDS:
+        if not fresh and now - looked[0] < CHECK_SECONDS:
             return looked
         found = tuple(fs for name, path in ((STATE_DIR, self._state_dir), (DATA_ROOT, self._root)) if path
                       if (fs := _look(name, path)) is not None)
@@ -85,8 +86,8 @@ class DiskPressure:
         return looked
 
     def refuse_if_pressed(self) -> None:
-        """A create under disk pressure is 507, naming the first filesystem short of space."""
-        if pressed := self.pressed():
+        """A create under disk pressure is 507, naming the first filesystem short of space (looked at now)."""
+        if pressed := self._look_now(fresh=True)[2]:
             first = pressed[0]
             raise InsufficientStorage(
                 f"disk pressure: {first.describe()}, under UTOPIA_AGENT_DISK_PRESSURE_PERCENT={self._percent}; no new claims until space is freed",
