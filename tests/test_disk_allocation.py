@@ -331,6 +331,26 @@ def test_a_claim_that_could_not_be_stopped_is_stopped_at_the_next_sample(layered
     assert tries == [made, made]
 
 
+def test_a_claim_that_stopped_is_walked_once_more_for_the_size_it_stopped_at(layered):
+    """Walks are lazy (a claim far from its size waits for the backstop), so the last walk of a
+    claim that stops, whoever stopped it, may be long out of date: its final figure is walked."""
+    from utopia_agent.disks.usage import DiskUsage
+
+    app, engine = layered
+    made = create(app.test_client(), claim_id="ends", disk_gb=1, command=["sleep", "60"]).get_json()["container_id"]
+    agent = app.extensions["utopia"]
+    usage = DiskUsage(engine, agent.allocator.disk, agent.config.state_dir, None)
+    assert usage.sample_if_holder()
+    first = usage.used_bytes(made)
+    (Path(engine.writable_layer(made)) / "data").write_bytes(b"x" * 3 * 1024 * 1024)
+    engine.containers[made] = dataclasses.replace(engine.containers[made], status="exited")
+    assert usage.sample_if_holder()
+    assert usage.used_bytes(made) >= first + 3 * 1024 * 1024, "the size it stopped at"
+    (Path(engine.writable_layer(made)) / "more").write_bytes(b"x" * 1024 * 1024)
+    assert usage.sample_if_holder() is not None
+    assert usage.used_bytes(made) < first + 4 * 1024 * 1024, "walked once, not every second while stopped"
+
+
 def test_where_the_agent_does_not_see_the_engines_data_root_creates_fail_naming_it(tmp_path):
     from utopia_agent.engine.manager import EngineStorage
 

@@ -69,6 +69,10 @@ class Layer:
     # The node's growth counter when it was last walked.
     growth_at_walk: int = 0
 
+    def figures(self) -> dict:
+        """What the node's figures file holds for the claim."""
+        return {"claim_id": self.claim_id, "used_bytes": self.used_bytes, "limit_bytes": self.limit_bytes, "walked_at": self.walked_at}
+
     def needs_walk(self, now: float, growth: int, backstop: float) -> bool:
         if self.used_bytes is None or now - self.walked_at >= backstop:
             return True
@@ -142,11 +146,17 @@ class DiskUsage(NodeSampler):
         self._seen = snapshot
         containers = self._docker.list_managed()
         running = [c for c in containers if c.status == "running" and c.holdings.disk_gb]
-        for gone in set(self._layers) - {c.id for c in running}:
-            del self._layers[gone]
-        # A claim that no longer runs writes nothing: its last figure stands while its layer does (a stopped claim's stats).
+        stopped = {c.id for c in containers if c.status != "running"}
+        # A claim that no longer runs writes nothing: its last figure stands while its layer does (a stopped claim's
+        # stats). One that stopped since the last look is walked once more, so that figure is its size as it stopped,
+        # not one from up to a backstop period before.
         before = self.samples().get("claims", {})
-        figures = {c.id: before[c.id] for c in containers if c.status != "running" and c.id in before}
+        figures = {c.id: before[c.id] for c in containers if c.id in stopped and c.id in before}
+        for gone in set(self._layers) - {c.id for c in running}:
+            layer = self._layers.pop(gone)
+            if gone in stopped and layer.path is not None and (walked := layer_bytes(layer.path)) is not None:
+                layer.used_bytes, layer.walked_at = walked, now
+                figures[gone] = layer.figures()
         past: list[tuple[ManagedContainer, Layer]] = []
         for container in running:
             layer = self._layers.get(container.id) or self._layer(container)
@@ -158,8 +168,7 @@ class DiskUsage(NodeSampler):
                 if container.id in before:
                     figures[container.id] = before[container.id]
                 continue
-            figures[container.id] = {"claim_id": layer.claim_id, "used_bytes": layer.used_bytes, "limit_bytes": layer.limit_bytes,
-                                     "walked_at": layer.walked_at}
+            figures[container.id] = layer.figures()
             if layer.quota == MEASURED and layer.limit_bytes is not None and layer.used_bytes > layer.limit_bytes:
                 past.append((container, layer))
         walked_at = [layer.walked_at for layer in self._layers.values() if layer.path is not None]
