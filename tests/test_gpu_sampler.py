@@ -125,3 +125,17 @@ def test_a_worker_that_does_not_sample_sees_nvml_hang_in_the_one_that_does(worke
     assert second.latest() == first.latest() is not None, "both serve the last good sample (the sampler is stuck)"
     first_gpus.answer.set()
     assert wait_for(lambda: first.hung() is None and second.hung() is None, 5 * SAMPLE_INTERVAL_SECONDS)
+
+
+def test_an_overdue_call_that_returns_is_logged_though_no_reader_asked(caplog):
+    """With several workers the others may answer every /health: the worker whose call it was
+    still tells the operator that NVML answered again, and a call in time says nothing."""
+    watchdog = NvmlWatchdog(0.01)
+    with caplog.at_level("WARNING", logger="utopia_agent.nvml"):
+        with watchdog.watch("nvmlDeviceGetCount"):
+            pass
+        assert not caplog.records
+        with watchdog.watch("nvmlDeviceGetUtilizationRates"):
+            time.sleep(0.05)
+    [record] = caplog.records
+    assert record.getMessage().startswith("NVML answered again: nvmlDeviceGetUtilizationRates returned after ")

@@ -42,12 +42,14 @@ class NvmlWatchdog:
         try:
             yield
         finally:
+            elapsed = time.monotonic() - started
             with self._lock:
                 del self._in_flight[token]
-                overdue = token in self._reported
                 self._reported.discard(token)
-            if overdue:
-                log.warning("NVML answered again: %s returned after %.1f s", name, time.monotonic() - started)
+            # Said by the process whose call it was, whether or not a reader of this process asked in the
+            # meantime (with several workers, /health may have been answered by the others alone).
+            if elapsed > self.timeout + allowance:
+                log.warning("NVML answered again: %s returned after %.1f s", name, elapsed)
 
     def hung(self) -> str | None:
         """Why NVML counts as hung (its longest overdue call), or None while every call is in time."""
