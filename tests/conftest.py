@@ -138,16 +138,11 @@ def remove_run_containers(client) -> set[str]:
     return removed
 
 
-@pytest.fixture(autouse=True)
-def _remove_test_containers(request):
-    """After each test, remove the containers it made through the agent.
-
-    The shared agent learns of removals made behind its back from the engine's events; the next
-    test starts once its list no longer shows them, so no test reads the previous one's GPUs."""
-    yield
-    if "docker_client" not in request.fixturenames:
-        return
-    removed = remove_run_containers(request.getfixturevalue("docker_client"))
+def clean_up_test_containers(request, client) -> None:
+    """Remove the containers this run made; when the test shares the agent, wait until it no longer
+    lists them (it learns of removals made behind its back from the engine's events), so the next
+    test never reads the previous one's GPUs. Running it twice removes nothing the second time."""
+    removed = remove_run_containers(client)
     if removed and "agent" in request.fixturenames:
         agent = request.getfixturevalue("agent")
 
@@ -155,6 +150,14 @@ def _remove_test_containers(request):
             return not removed & {shown["claim_id"] for shown in agent.get("/api/v1/containers").json()}
 
         assert wait_for(forgotten, timeout=10), f"the shared agent still lists {sorted(removed)}"
+
+
+@pytest.fixture(autouse=True)
+def _remove_test_containers(request):
+    """After each test, remove the containers it made through the agent."""
+    yield
+    if "docker_client" in request.fixturenames:
+        clean_up_test_containers(request, request.getfixturevalue("docker_client"))
 
 
 class AgentFactory:
@@ -189,21 +192,43 @@ class AgentFactory:
         return agent.start() if start else agent
 
     def stop_all(self) -> None:
+        """Stop every agent started here: all are told at once, then each is waited for."""
+        for agent in self.started:
+            agent.signal_stop()
         for agent in self.started:
             agent.stop()
 
 
-@pytest.fixture(scope="session")
-def agent_factory(tmp_path_factory, fake_nvml_dir, engine):
+@pytest.fixture
+def agent_factory(request, tmp_path_factory, fake_nvml_dir, engine):
+    """Agents for one test, stopped when it ends, once its containers are gone (so each leaves
+    its claims network and rules behind it). Agents left running would all watch every managed
+    container on the engine: another test's agent would stop a claim past its disk before the
+    test's own agent saw it, and dozens of idle agents polling slow the whole run."""
     factory = AgentFactory(tmp_path_factory, fake_nvml_dir)
     yield factory
+    if factory.started:
+        clean_up_test_containers(request, engine.client)
+    factory.stop_all()
+
+
+@pytest.fixture(scope="module")
+def module_agents(tmp_path_factory, fake_nvml_dir, engine):
+    """Agents a module's tests share (a fixture of module scope starts them), stopped after its last test."""
+    factory = AgentFactory(tmp_path_factory, fake_nvml_dir)
+    yield factory
+    if factory.started:
+        remove_run_containers(engine.client)
     factory.stop_all()
 
 
 @pytest.fixture(scope="session")
-def agent(agent_factory, test_image) -> AgentProcess:
+def agent(tmp_path_factory, fake_nvml_dir, engine, test_image) -> AgentProcess:
     """One agent of 2 workers on 8 stand-in GPUs, shared by the tests that need no special config."""
-    return agent_factory(workers=2)
+    factory = AgentFactory(tmp_path_factory, fake_nvml_dir)
+    yield factory(workers=2)
+    remove_run_containers(engine.client)
+    factory.stop_all()
 
 
 @pytest.fixture(scope="session")

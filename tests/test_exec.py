@@ -24,9 +24,9 @@ V5, V4 = "v5.channel.k8s.io", "v4.channel.k8s.io"
 
 
 @pytest.fixture(scope="module")
-def exec_agent(agent_factory, test_image):
+def exec_agent(module_agents, test_image):
     """Two workers; small output bound and idle timeout so tests reach them quickly."""
-    return agent_factory(
+    return module_agents(
         workers=2, UTOPIA_AGENT_READ_TOKEN=READ_TOKEN, UTOPIA_AGENT_EXEC_SESSIONS_PER_CLAIM=str(PER_CLAIM),
         UTOPIA_AGENT_EXEC_IDLE_SECONDS=str(IDLE_SECONDS), UTOPIA_AGENT_EXEC_OUTPUT_BYTES=str(OUTPUT_BYTES),
         UTOPIA_AGENT_NETWORK_ISOLATION="off",
@@ -34,8 +34,8 @@ def exec_agent(agent_factory, test_image):
 
 
 @pytest.fixture(scope="module")
-def https_exec_agent(agent_factory, pki, test_image):
-    return agent_factory(workers=2, ca_file=pki.ca_file, UTOPIA_AGENT_NETWORK_ISOLATION="off", **tls_env(pki.server))
+def https_exec_agent(module_agents, pki, test_image):
+    return module_agents(workers=2, ca_file=pki.ca_file, UTOPIA_AGENT_NETWORK_ISOLATION="off", **tls_env(pki.server))
 
 
 def running(agent, claim_id: str, image: str) -> str:

@@ -43,8 +43,8 @@ def nvidia_default_engine(engine, runtime_records):
 
 
 @pytest.fixture(scope="module")
-def isolation_agent(agent_factory, nvidia_default_engine):
-    agent = agent_factory(workers=1, DOCKER_HOST=nvidia_default_engine.base_url)
+def isolation_agent(module_agents, nvidia_default_engine):
+    agent = module_agents(workers=1, DOCKER_HOST=nvidia_default_engine.base_url)
     yield agent
     agent.stop()
 

@@ -61,9 +61,9 @@ def world(engine):
 
 
 @pytest.fixture(scope="module")
-def isolated_agent(agent_factory, test_image, world):
+def isolated_agent(module_agents, test_image, world):
     # The engine picks this one's subnet from its own pools, as it does on a node.
-    return agent_factory(workers=2, UTOPIA_AGENT_BLOCKED_NETWORKS="198.18.9.0/24", UTOPIA_AGENT_NETWORK_SUBNET="")
+    return module_agents(workers=2, UTOPIA_AGENT_BLOCKED_NETWORKS="198.18.9.0/24", UTOPIA_AGENT_NETWORK_SUBNET="")
 
 
 @pytest.fixture

@@ -138,12 +138,12 @@ def exercise(agent, test_image: str, claim_id: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def prometheus(agent_factory, test_image, nvidia_path, tmp_path_factory, pki):
+def prometheus(module_agents, test_image, nvidia_path, tmp_path_factory, pki):
     """A Prometheus that has scraped the agent before and after each of two rounds of events, so rates are not zero.
 
     As deployed across a network: over HTTPS, with the read-only token (which cannot change anything)."""
     require(shutil.which("prometheus") is not None, "prometheus is not installed (apt-get install prometheus)")
-    agent = agent_factory(workers=2, ca_file=pki.ca_file, UTOPIA_AGENT_READ_TOKEN=READ_TOKEN, **tls_env(pki.server))
+    agent = module_agents(workers=2, ca_file=pki.ca_file, UTOPIA_AGENT_READ_TOKEN=READ_TOKEN, **tls_env(pki.server))
     server = Prometheus(tmp_path_factory.mktemp("prometheus"), agent, READ_TOKEN)
     running = None
     try:

@@ -168,9 +168,9 @@ def test_too_many_volumes_is_400(agent, docker_client, test_image, claim):
 
 
 @pytest.fixture(scope="module")
-def ranged_agent(agent_factory):
+def ranged_agent(module_agents):
     """An agent whose host ports are 20000-30000 (the shared test agent allows nearly all)."""
-    return agent_factory(workers=1, UTOPIA_AGENT_HOST_PORT_RANGE="20000-30000")
+    return module_agents(workers=1, UTOPIA_AGENT_HOST_PORT_RANGE="20000-30000")
 
 
 @pytest.mark.parametrize("host_port", [80, 19999, 30001, 65535])

@@ -95,15 +95,15 @@ class StalledClients:
 
 
 @pytest.fixture(scope="module")
-def guarded_agent(agent_factory):
+def guarded_agent(module_agents):
     """Four workers of eight threads: 32 threads, fewer than the stalled clients."""
-    return agent_factory(workers=4, UTOPIA_AGENT_READ_TIMEOUT=str(READ_TIMEOUT))
+    return module_agents(workers=4, UTOPIA_AGENT_READ_TIMEOUT=str(READ_TIMEOUT))
 
 
 @pytest.fixture(scope="module")
-def one_worker_agent(agent_factory):
+def one_worker_agent(module_agents):
     """One worker, so that every connection lands on the same event loop."""
-    return agent_factory(workers=1)
+    return module_agents(workers=1)
 
 
 def probe(agent) -> float:

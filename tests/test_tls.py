@@ -34,9 +34,9 @@ POLL_EVERY = 0.25
 
 
 @pytest.fixture(scope="module")
-def https_agent(agent_factory, pki):
+def https_agent(module_agents, pki):
     """Two workers of eight threads on HTTPS, with a read-only token and a short read timeout."""
-    return agent_factory(
+    return module_agents(
         workers=2, ca_file=pki.ca_file,
         UTOPIA_AGENT_READ_TIMEOUT=str(READ_TIMEOUT), UTOPIA_AGENT_READ_TOKEN=READ_TOKEN, **tls_env(pki.server),
     )

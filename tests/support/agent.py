@@ -66,6 +66,7 @@ class AgentProcess:
             "UTOPIA_AGENT_STATE_DIR": str(state_dir),
         }
         self.process: subprocess.Popen | None = None
+        self._stopping = False  # told to stop, maybe not gone yet
         self.token = self.env["UTOPIA_AGENT_TOKEN"]
 
     @property
@@ -87,6 +88,7 @@ class AgentProcess:
 
     def start(self, wait: bool = True, ready_path: str = "/openapi.json") -> AgentProcess:
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._stopping = False
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "gunicorn", "-c", self.config, self.app],
@@ -109,11 +111,18 @@ class AgentProcess:
         if not wait_for(serving, timeout, interval=0.1):
             raise RuntimeError(f"agent did not serve within {timeout}s:\n{self.log()[-3000:]}")
 
+    def signal_stop(self, sig: int = signal.SIGTERM) -> None:
+        """Tell the master to stop, without waiting (stop() waits)."""
+        if self.process is not None and self.process.poll() is None and not self._stopping:
+            self.process.send_signal(sig)
+            self._stopping = True
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int | None:
         """Stop the master and wait for it and its workers (the whole process group)."""
         if self.process is None or self.process.poll() is not None:
             return self.process.returncode if self.process else None
-        self.process.send_signal(sig)
+        if not self._stopping:
+            self.process.send_signal(sig)
         try:
             self.process.wait(timeout)
         except subprocess.TimeoutExpired:
