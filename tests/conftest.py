@@ -54,7 +54,7 @@ def _unmount_leftovers(tmp_path_factory):
         client = docker.from_env(timeout=10)
         client.ping()
     except docker.errors.DockerException:
-        return
+        client = None
     remove_agent_networks(client, tmp_path_factory.getbasetemp())
 
 
