@@ -834,11 +834,24 @@ class Bench:
             extra={"agent_percent_of_core": round(pct, 3), "seconds": round(wall, 1)},
         ))
 
+    def exec_boxes(self, count: int = 2) -> list[str]:
+        """Claims for the exec rows, each with a CPU of its own (under the bench's default of a hundredth of one, every
+        exec would crawl alike), or an equal share of what the node has left when the run's other claims hold more."""
+        cpus: float = 1
+        made: list[str] = []
+        while len(made) < count:
+            body = {"claim_id": self.claim("x"), "image": self.image, "command": SLEEP, "gpu_count": 0, "cpus": cpus}
+            answer = self.http.keepalive.send("POST", "/api/v1/containers", json=body, timeout=300)
+            if answer.status_code == 409 and answer.json().get("error") == "not_enough_resources" and not made:
+                cpus = math.floor(answer.json()["free_cpus"] * 100 / count) / 100
+                continue
+            made.append(expect(answer, 201).json()["container_id"])
+        return made
+
     def figure_exec(self, seconds: float) -> None:
         """One-shot `true` through the agent against docker-py's exec_run of the same; 100 MB through an interactive
         `cat` against the engine's own exec stream (both fed and drained by this process); 16 idle sessions' CPU."""
-        # A CPU of their own: under the bench's default of a hundredth of one, every exec would crawl alike.
-        boxes = [self.http.create(self.claim("x"), self.image, 0, cpus=1) for _ in range(2)]
+        boxes = self.exec_boxes()
         box = self.client.containers.get(boxes[0])
         path = f"/api/v1/containers/{boxes[0]}/exec"
         timings = interleave({
