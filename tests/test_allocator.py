@@ -80,3 +80,22 @@ def test_a_quarantine_that_lifts_itself_gives_way_to_one_for_the_operator():
     assert records["quarantined"]["GPU-0"]["reason"] == "Xid 79" and not records["quarantined"]["GPU-0"]["automatic_release"]
     assert _quarantine_in(records, "GPU-0", "by hand", "operator", replace=True)
     assert records["quarantined"]["GPU-0"]["reason"] == "by hand"
+
+
+def test_rows_asked_about_several_labels_are_parsed_once(monkeypatch):
+    """A create asks one list of rows about up to seven labels: each row is parsed once for all of them."""
+    from utopia_agent.claims.holders import carrying
+
+    rows = [{"Id": f"c{i}", "Names": [f"/utopia-t{i}"], "State": "running",
+             "Labels": {"utopia.managed": "true", "utopia.claim_id": f"t{i}", "utopia.cpus": "1", **({"utopia.gpu_ids": "0"} if i == 0 else {})}}
+            for i in range(3)]
+    parses: list[str] = []
+    real = Holdings.of_row
+    monkeypatch.setattr(Holdings, "of_row", classmethod(lambda cls, row: parses.append(row["Id"]) or real(row)))
+    parsed: dict = {}
+    assert [h.container_id for h in carrying(rows, "utopia.cpus", parsed)] == ["c0", "c1", "c2"]
+    assert [h.claim_id for h in carrying(rows, "utopia.gpu_ids", parsed)] == ["t0"]
+    assert [h.container_id for h in carrying(rows, "utopia.claim_id=t1", parsed)] == ["c1"]
+    assert sorted(parses) == ["c0", "c1", "c2"]
+    carrying(rows, "utopia.managed")
+    assert len(parses) == 6, "without a shared `parsed`, every question parses its rows"

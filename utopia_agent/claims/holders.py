@@ -23,14 +23,20 @@ class GpuIdentity(Protocol):
     def index(self) -> int: ...
 
 
-def carrying(rows: Iterable[Mapping[str, Any]], label: str) -> list[Holdings]:
+def carrying(rows: Iterable[Mapping[str, Any]], label: str, parsed: dict[str, Holdings] | None = None) -> list[Holdings]:
     """What the engine's list rows that carry `label` hold; `label` is `key` or `key=value`, matched
-    as the engine's label filter matches it."""
+    as the engine's label filter matches it. `parsed` keeps each row's Holdings by container id for
+    further questions on the same rows, so a row is parsed once however many labels are asked
+    (a create asks up to seven: at 100 claims, four parses of every row were 3 ms of it)."""
     key, has_value, value = label.partition("=")
-    return [
-        Holdings.of_row(row) for row in rows
-        if key in (labels := row.get("Labels") or {}) and (not has_value or labels[key] == value)
-    ]
+    parsed = {} if parsed is None else parsed
+    held = []
+    for row in rows:
+        if key in (labels := row.get("Labels") or {}) and (not has_value or labels[key] == value):
+            if (holdings := parsed.get(row["Id"])) is None:
+                holdings = parsed[row["Id"]] = Holdings.of_row(row)
+            held.append(holdings)
+    return held
 
 
 def gpu_keys(held: Holdings) -> tuple[str, ...]:
