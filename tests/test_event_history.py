@@ -211,3 +211,29 @@ def test_a_reader_serves_no_line_before_its_revision_counts(tmp_path):
     with history.locked():
         history.append_locked([])  # publishes what the files hold
     assert revisions(reader.read()) == [2]
+
+
+def test_a_stream_that_read_a_change_before_its_commit_is_woken_by_the_commit(tmp_path, monkeypatch):
+    """The lines go to the file first and count once the revision is committed: a stream woken by the
+    append that reads before the commit finds nothing, and must be woken again by the commit itself."""
+    history = EventHistory(tmp_path, 100)
+    notifier = ChangeNotifier(history.folder)
+    reader = history.reader(None)
+    woken_at_read: list[int] = []
+    commit = history._publish
+
+    def read_before_the_commit(revision: int) -> None:
+        deadline, last = time.monotonic() + 5, -1
+        while (notifier.count == 0 or notifier.count != last) and time.monotonic() < deadline:  # the append's own wake-ups, all in
+            last = notifier.count
+            time.sleep(0.05)
+        woken_at_read.append(notifier.count)
+        assert reader.read() == [], "appended, not committed"
+        commit(revision)
+
+    monkeypatch.setattr(history, "_publish", read_before_the_commit)
+    history.record([{"kind": "node", "action": "drained", "object": {}}])
+    seen = woken_at_read[0]
+    notifier.wait(seen, 5.0)
+    assert notifier.count > seen, "the commit woke no stream: it would sleep until its next look"
+    assert [json.loads(line)["action"] for line in reader.read()] == ["drained"]
