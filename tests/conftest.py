@@ -207,9 +207,11 @@ def agent_factory(request, tmp_path_factory, fake_nvml_dir, engine):
     test's own agent saw it, and dozens of idle agents polling slow the whole run."""
     factory = AgentFactory(tmp_path_factory, fake_nvml_dir)
     yield factory
-    if factory.started:
-        clean_up_test_containers(request, engine.client)
-    factory.stop_all()
+    try:
+        if factory.started:
+            clean_up_test_containers(request, engine.client)
+    finally:  # a failed cleanup (the shared agent still listing them) must not leave the agents running
+        factory.stop_all()
 
 
 @pytest.fixture(scope="module")
@@ -217,18 +219,22 @@ def module_agents(tmp_path_factory, fake_nvml_dir, engine):
     """Agents a module's tests share (a fixture of module scope starts them), stopped after its last test."""
     factory = AgentFactory(tmp_path_factory, fake_nvml_dir)
     yield factory
-    if factory.started:
-        remove_run_containers(engine.client)
-    factory.stop_all()
+    try:
+        if factory.started:
+            remove_run_containers(engine.client)
+    finally:
+        factory.stop_all()
 
 
 @pytest.fixture(scope="session")
 def agent(tmp_path_factory, fake_nvml_dir, engine, test_image) -> AgentProcess:
     """One agent of 2 workers on 8 stand-in GPUs, shared by the tests that need no special config."""
     factory = AgentFactory(tmp_path_factory, fake_nvml_dir)
-    yield factory(workers=2)
-    remove_run_containers(engine.client)
-    factory.stop_all()
+    try:
+        yield factory(workers=2)
+        remove_run_containers(engine.client)
+    finally:
+        factory.stop_all()
 
 
 @pytest.fixture(scope="session")
