@@ -133,6 +133,8 @@ def test_double_allocation_is_reported(agent, docker_client, test_image, claim):
     labels = {"utopia.managed": "true", "utopia.gpu_ids": "7", "utopia.gpu_uuids": UUIDS[7]}
     for suffix in ("x", "y"):
         docker_client.api.create_container(test_image, ["true"], name=f"utopia-{claim(suffix)}", labels={**labels, "utopia.claim_id": claim(suffix)})
+    # Made behind the agent's back, they count once their events are in the node view (a few ms).
+    assert wait_for(lambda: {claim("x"), claim("y")} <= {c["claim_id"] for c in agent.get("/api/v1/containers").json()}, timeout=10)
     response = agent.create(claim("z"), test_image, gpu_count=1, command=["sleep", "300"])
     assert response.status_code == 201
     assert 7 not in agent.get(f"/api/v1/containers/{response.json()['container_id']}").json()["gpu_ids"]

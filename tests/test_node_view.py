@@ -10,6 +10,7 @@ import json
 import os
 import re
 import signal
+import threading
 import time
 
 import pytest
@@ -18,9 +19,11 @@ import requests
 from tests.support.polling import wait_for
 from tests.support.relay import EVENTS, INSPECT
 from utopia_agent.config import Config
+from utopia_agent.engine import node_view
 from utopia_agent.engine.manager import DockerManager
-from utopia_agent.claims.records import ContainerState
+from utopia_agent.claims.records import CLAIM_LABEL, MANAGED_LABEL, ContainerSpec, ContainerState
 from utopia_agent.engine.node_view import HEARTBEAT_SECONDS, TRUST_SECONDS, Snapshot
+from utopia_agent.engine.view_pending import PendingChanges
 
 WATCHING = re.compile(r"watching the engine's events for the node view \(pid (\d+)")
 
@@ -31,7 +34,7 @@ def view_manager(engine, tmp_path):
     made = []
 
     def make() -> DockerManager:
-        manager = DockerManager(Config(token="-", state_dir=tmp_path, engine_timeout=10))
+        manager = DockerManager(Config(token="-", state_dir=tmp_path, engine_timeout=10, network_isolation=False))
         manager.view.volunteer()
         made.append(manager)
         return manager
@@ -39,6 +42,24 @@ def view_manager(engine, tmp_path):
     yield make
     for manager in made:
         manager.close()
+
+
+@pytest.fixture
+def held_back(monkeypatch):
+    """While cleared, the view's watcher holds the engine's events before applying them, as on a
+    busy node, and the view stays trusted (a lagging view, not a dead one); set again, it goes on."""
+    flowing = threading.Event()
+    flowing.set()
+    apply = node_view._Watcher._apply
+
+    def apply_when_flowing(watcher, events):
+        flowing.wait(30)
+        apply(watcher, events)
+
+    monkeypatch.setattr(node_view._Watcher, "_apply", apply_when_flowing)
+    monkeypatch.setattr(node_view, "TRUST_SECONDS", 30.0)
+    yield flowing
+    flowing.set()
 
 
 def watchers(agent) -> list[int]:
@@ -327,3 +348,126 @@ def test_records_kept_for_reuse_are_bounded_and_reused_while_unchanged(tmp_path,
         for n in range(1, 8):
             rendered.response(first, key=n)
             assert len(rendered._rendered) <= 3
+
+
+# --- allocation decides on the view once it shows every change made under the lock --------
+
+LIST_CALL = r"/containers/json$"
+
+
+def sleeper(claim_id: str, image: str) -> ContainerSpec:
+    return ContainerSpec(claim_id=claim_id, image=image, command=("sleep", "300"), cpus=0.01, memory_mb=32)
+
+
+def held_by_claim(manager: DockerManager, claim_id: str) -> list:
+    return manager.holders_now()(f"{CLAIM_LABEL}={claim_id}")
+
+
+def test_a_create_the_view_may_not_show_yet_sends_the_next_decision_to_the_engine(view_manager, held_back, relay, monkeypatch, test_image, claim):
+    monkeypatch.setenv("DOCKER_HOST", relay.base_url)
+    view_manager()  # the watcher; the next one reads what it publishes, as another worker
+    worker = view_manager()
+    assert wait_for(lambda: worker.view.snapshot_now() is not None, timeout=10, interval=0.05)
+    held_back.clear()
+    container_id = worker.create(sleeper(claim("a"), test_image))
+    notes = worker.view.pending.notes()
+    snapshot = worker.view.snapshot_now()
+    assert snapshot is not None and snapshot.get(container_id) is None, "the view should be trusted and behind"
+    assert len(notes) == 1 and not worker.view.pending.settled(snapshot, notes, lambda name: worker.inspect(name) is not None)
+
+    for _ in range(2):  # a list tells the holder that lists, and no one after it: the note stays until the view shows the create
+        lists = relay.count(LIST_CALL, "GET")
+        assert [held.container_id for held in held_by_claim(worker, claim("a"))] == [container_id]
+        assert relay.count(LIST_CALL, "GET") == lists + 1, "the decision should have listed the engine"
+        assert worker.view.pending.notes() == notes
+
+    held_back.set()
+    worker.start(container_id)
+    assert shown_by(worker, container_id).status == "running"
+    assert worker.view.pending.notes() == [], "a worker's own wait for the view removes its note"
+    other = worker.create(sleeper(claim("b"), test_image))
+    worker.start(other)
+    lists = relay.count(LIST_CALL, "GET")
+    managed = worker.holders_now()(MANAGED_LABEL)
+    assert {held.container_id for held in managed} >= {container_id, other}
+    assert relay.count(LIST_CALL, "GET") == lists, "a view that shows every change decides without a list"
+
+
+def test_a_start_after_a_stop_holds_its_claim_again_before_the_view_shows_it(view_manager, held_back, relay, monkeypatch, test_image, claim):
+    """A stopped claim holds nothing; started again it holds what it was made with from its rename
+    on: a view that still shows the stop mark must not give that away."""
+    monkeypatch.setenv("DOCKER_HOST", relay.base_url)
+    view_manager()  # the watcher; the next one reads what it publishes, as another worker
+    worker = view_manager()
+    assert wait_for(lambda: worker.view.snapshot_now() is not None, timeout=10, interval=0.05)
+    container_id = worker.create(sleeper(claim(), test_image))
+    worker.start(container_id)
+    mark = worker.mark_stopped(worker.get_managed(container_id), "requested")
+    worker.stop(container_id, grace_seconds=0)
+    [stopped] = held_by_claim(worker, claim())
+    assert stopped.stopped and stopped.cpus == 0
+
+    held_back.clear()
+    worker.unmark_stopped(worker.get_managed(container_id), mark)
+    assert shown_by(worker, container_id).name != f"utopia-{claim()}", "the view should still show the stop mark"
+    [taken_back] = held_by_claim(worker, claim())
+    assert not taken_back.stopped and taken_back.cpus == 0.01
+    held_back.set()
+
+
+class ClaimsShown:
+    """A published view that shows these records (what Snapshot.labelled answers)."""
+
+    def __init__(self, *states: ContainerState):
+        self.states = states
+
+    def labelled(self, key: str, value: str) -> list[ContainerState]:
+        return [state for state in self.states if state.labels.get(key) == value]
+
+
+def record(name: str, status: str) -> ContainerState:
+    return ContainerState("c1", name, "busybox", status, 1, 1, 0, 0, False, 0, "", {CLAIM_LABEL: "claim-1"})
+
+
+def test_a_note_the_view_shows_is_removed_by_the_next_decision(tmp_path):
+    """A worker killed between its create and its wait leaves its note: the next holder of the lock
+    removes it once the view shows the claim's container by the claim's name, and only then."""
+    pending = PendingChanges(tmp_path / "pending")
+    note = pending.expect("claim-1")
+    still_marked = record("utopia_stopped.requested.no.claim-1", "exited")
+    engine_holds = {"utopia-claim-1"}.__contains__
+    assert not pending.settled(ClaimsShown(), [note], engine_holds)
+    assert not pending.settled(ClaimsShown(still_marked), [note], engine_holds)
+    assert pending.notes() == [note]
+    assert pending.settled(ClaimsShown(record("utopia-claim-1", "running")), [note], engine_holds) and pending.notes() == []
+
+
+def test_a_note_of_a_container_the_engine_does_not_hold_is_settled(tmp_path):
+    """A create the engine refused, or a container removed before the view saw it: nothing holds
+    what it noted, so the view may miss it."""
+    pending = PendingChanges(tmp_path / "pending")
+    notes = [pending.expect("claim-1"), pending.expect("claim-2")]
+    asked: list[str] = []
+
+    def engine_holds(name: str) -> bool:
+        asked.append(name)
+        return name == "utopia-claim-2"
+
+    assert not pending.settled(ClaimsShown(), notes, engine_holds)
+    assert asked == ["utopia-claim-1", "utopia-claim-2"] and pending.notes() == [notes[1]]
+
+
+def test_a_workers_own_wait_removes_only_its_own_note(tmp_path):
+    """Two changes of one claim in a row (a create, a delete and a create again) each have a note:
+    the first's wait must not take the second's away."""
+    pending = PendingChanges(tmp_path / "pending")
+    first = pending.expect("claim-1")
+    pending.made("c1", first)
+    second = pending.expect("claim-1")
+    pending.made("c2", second)
+    pending.seen("c1")
+    assert pending.notes() == [second]
+    pending.seen("c1")
+    assert pending.notes() == [second]
+    pending.seen("c2")
+    assert pending.notes() == []

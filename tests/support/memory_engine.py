@@ -13,7 +13,7 @@ import hashlib
 import re
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from utopia_agent.claims.holders import carrying
@@ -104,6 +104,12 @@ class MemoryEngine:
         """`label` is `key` or `key=value`, as the engine's label filter takes it."""
         self._call("holders_of")
         return carrying(self._rows(), label)
+
+    def holders_now(self) -> Callable[[str], list[Holdings]]:
+        """No view: one list of the rows, as DockerManager.holders_now does while the view is not trusted."""
+        rows = self.managed_rows()
+        parsed: dict[str, Holdings] = {}
+        return lambda label: carrying(rows, label, parsed)
 
     def managed_rows(self, claim_id: str | None = None) -> list[dict[str, Any]]:
         self._call("managed_rows")

@@ -2,7 +2,9 @@
 
 The engine's labels are the only record of what is allocated: a container that exists
 holds its GPUs and ports, one that is gone frees them. The lock only serialises the
-read-decide-create step, so two workers never decide on the same stale picture.
+read-decide-create step, so two workers never decide on the same stale picture: the
+picture is the node view, kept from the engine's events, once it shows every create and
+start made under the lock (engine/view_pending.py), else one list of the engine.
 """
 
 from __future__ import annotations
@@ -136,8 +138,9 @@ class Allocator:
     def create(self, spec: ContainerSpec, gpu_count: int) -> tuple[str, ContainerSpec]:
         """Create the claim's container with `gpu_count` free GPUs; the lock spans decide + create.
 
-        Each check reads the engine afresh: one list of the managed containers, under the lock, that
-        shows the claim's container and every port, GPU, CPU, memory and volume held. NVML is never
+        Each check reads one picture of the managed containers taken under the lock, which shows the
+        claim's container and every port, GPU, CPU, memory and volume held: the node view when it
+        shows every change made under the lock, else the engine's list (DockerManager.holders_now). NVML is never
         called here: the GPUs come from the sampler's last sample (503 while NVML is hung), and
         under the lock only UUIDs, holders, quarantines and cleanliness are compared.
         """
@@ -147,7 +150,7 @@ class Allocator:
         claim_label = f"{CLAIM_LABEL}={spec.claim_id}"
         with self._lock():
             self._settle_interrupted_create()
-            held = self._holders_now()
+            held = self._docker.holders_now()
             if claimed := held(claim_label):
                 raise ClaimExists.held_by(spec.claim_id, claimed[0].container_id, claimed[0].spec_digest == spec.spec_digest)
             self._drain.refuse_if_draining()
@@ -353,16 +356,6 @@ class Allocator:
         near_free_cores = [i for i in free if preferred(i)]
         chosen = choose_gpus(near_free_cores if len(near_free_cores) >= gpu_count else free, gpu_count, self._inventory().distance)
         return replace(spec, gpu_ids=tuple(chosen), gpu_uuids=tuple(uuids[i] for i in chosen))
-
-    def _holders_now(self) -> Callable[[str], list[Holdings]]:
-        """What the managed containers carrying a label hold, straight from the engine: one list of
-        every managed container, filtered here as the engine's label filter would. The engine walks
-        all of its containers for any list, whatever the filter, so one list costs about what the
-        largest filtered one did (100 claims: 7.9 ms, against 15.8 ms for the four a 1-GPU claim
-        asked for at once)."""
-        rows = self._docker.managed_rows()
-        parsed: dict[str, Holdings] = {}
-        return lambda label: carrying(rows, label, parsed)
 
     @staticmethod
     def _resource_holders(cpu_holders: list[Holdings], memory_holders: list[Holdings]) -> list[Holdings]:

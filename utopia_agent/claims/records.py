@@ -229,6 +229,12 @@ class Holdings:
         mark = next((m for name in names if (m := StopMark.parse(name, labels.get(CLAIM_LABEL, ""))) is not None), None)
         return cls.from_labels(labels, row["Id"], stopped=mark is not None and row.get("State") not in RUNNING_STATES)
 
+    @classmethod
+    def of_state(cls, state: ContainerState) -> Holdings:
+        """What a container holds as the node view's record shows it: its labels, name and state, as `of_row`."""
+        mark = StopMark.parse(state.name, state.labels.get(CLAIM_LABEL, ""))
+        return cls.from_labels(state.labels, state.id, stopped=mark is not None and state.status not in RUNNING_STATES)
+
 
 @dataclass(frozen=True)
 class StopMark:

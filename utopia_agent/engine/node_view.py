@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterable
 from ..claims.records import ContainerState
 from ..events.changes import container_changes, exit_line
 from ..events.history import EventHistory
+from .view_pending import PendingChanges
 
 log = logging.getLogger("utopia_agent.view")
 
@@ -245,6 +246,7 @@ class NodeView:
         self._takeover = threading.Lock()
         self._loaded: Snapshot | None = None
         self._load_lock = threading.Lock()
+        self.pending = PendingChanges(state_dir / "view-pending")
 
     def volunteer(self) -> None:
         """Watch whenever no one else does: now, or at the first read after the watcher went away."""
@@ -269,6 +271,13 @@ class NodeView:
 
     def snapshot(self) -> Snapshot | None:
         """The view when it can be trusted, waiting out a sync in progress; None: read the engine."""
+        return self._trusted(wait=True)
+
+    def snapshot_now(self) -> Snapshot | None:
+        """The view when it can be trusted now, without waiting out a sync; None: read the engine."""
+        return self._trusted(wait=False)
+
+    def _trusted(self, wait: bool) -> Snapshot | None:
         give_up = None
         while self._someone_watches():
             header = self._header
@@ -277,7 +286,7 @@ class NodeView:
             now = time.monotonic_ns()
             if state == LIVE and now < deadline and settled:
                 return self._load()
-            if state == DOWN or now >= deadline:
+            if state == DOWN or now >= deadline or not wait:
                 return None
             give_up = give_up or now + self._wait_ns
             if now >= give_up:
@@ -332,6 +341,7 @@ class NodeView:
         give_up = time.monotonic_ns() + self._wait_ns
         while (snapshot := self.snapshot()) is not None:
             if shown(snapshot.get(container_id)):
+                self.pending.seen(container_id)
                 return
             if time.monotonic_ns() >= give_up:
                 log.warning("the node view did not show the %s of container %s in time; asking for a full resync", change, container_id[:12])
