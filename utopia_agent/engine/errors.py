@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import requests
+import urllib3
 from docker.errors import APIError, DockerException, NotFound
 
 from ..errors import AgentError, Conflict, EngineError, EngineUnavailable, NotManaged
@@ -38,7 +39,7 @@ def engine_errors(what: str) -> Iterator[None]:
             raise EngineRefusal(reason) from None
         log.warning("engine failed during %s: HTTP %d %s", what, status, reason)
         raise EngineFailure(f"the Docker engine failed ({what}): {reason}", reason) from None
-    except (requests.exceptions.RequestException, DockerException, OSError) as exc:
+    except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, DockerException, OSError) as exc:
         reason = "timed out" if is_timeout(exc) else "unreachable"
         log.warning("engine %s during %s: %s", reason, what, type(exc).__name__)
         raise EngineUnavailable(f"the Docker engine is {reason} ({what})") from None

@@ -105,8 +105,7 @@ class DockerManager:
 
     def ping(self) -> None:
         """Raise EngineUnavailable unless the engine answers within the engine timeout."""
-        with self._engine.call("ping") as api:
-            api.ping()
+        self._engine.ping()
 
     def engine_version(self) -> str:
         """The engine's version with its API version ("20.10.24 (API 1.41)"), for `utopia-agent check`."""
