@@ -135,5 +135,11 @@ class EventStream:
         return iter(self._stream)
 
     def close(self) -> None:
-        self._stream.close()
-        self._client.close()
+        """Close both; a stream whose connection went meanwhile (its socket closed under docker-py's
+        cancel, EBADF) is closed already, and the node view's watcher must live on to reconnect."""
+        try:
+            self._stream.close()
+        except OSError:
+            pass
+        finally:
+            self._client.close()

@@ -1,14 +1,16 @@
-"""The engine's ping, which the node view's watcher sends every second while no event comes, straight
-on the client's connection pool: each way of failing (through the relay in front of the real engine)
-says the engine is unavailable, as /health reports it. What it costs is `make bench`'s to say (the CPU rows)."""
+"""The engine connection's own calls: the ping, which the node view's watcher sends every second while
+no event comes, straight on the client's connection pool (each way of failing, through the relay in
+front of the real engine, says the engine is unavailable, as /health reports it; what it costs is
+`make bench`'s to say), and closing an event stream."""
 
 from __future__ import annotations
 
+import errno
 import time
 
 import pytest
 
-from utopia_agent.engine.connection import EngineConnection
+from utopia_agent.engine.connection import EngineConnection, EventStream
 from utopia_agent.errors import EngineUnavailable
 
 
@@ -51,3 +53,25 @@ def test_a_hung_ping_times_out_within_the_engine_timeout(relayed_connection, rel
         relay.clear()
     assert time.monotonic() - started < 2.0 + 1.0
 
+
+
+class GoneStream:
+    """docker-py's event stream after its connection went under it: cancelling it fails on the socket."""
+
+    def close(self) -> None:
+        raise OSError(errno.EBADF, "Bad file descriptor")
+
+
+class Client:
+    closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_closing_a_stream_whose_connection_went_closes_its_client_and_raises_nothing():
+    """The node view's watcher closes its stream after every failure: a raise there would end the
+    watcher's thread, and the view would never come back."""
+    client = Client()
+    EventStream(client, GoneStream()).close()
+    assert client.closed
