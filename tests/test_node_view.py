@@ -373,7 +373,7 @@ def test_a_create_the_view_may_not_show_yet_sends_the_next_decision_to_the_engin
     notes = worker.view.pending.notes()
     snapshot = worker.view.snapshot_now()
     assert snapshot is not None and snapshot.get(container_id) is None, "the view should be trusted and behind"
-    assert len(notes) == 1 and not worker.view.pending.settled(snapshot, notes, lambda name: worker.inspect(name) is not None)
+    assert len(notes) == 1 and not worker.view.pending.shown_by(snapshot, notes)
 
     for _ in range(2):  # a list tells the holder that lists, and no one after it: the note stays until the view shows the create
         lists = relay.count(LIST_CALL, "GET")
@@ -435,26 +435,18 @@ def test_a_note_the_view_shows_is_removed_by_the_next_decision(tmp_path):
     pending = PendingChanges(tmp_path / "pending")
     note = pending.expect("claim-1")
     still_marked = record("utopia_stopped.requested.no.claim-1", "exited")
-    engine_holds = {"utopia-claim-1"}.__contains__
-    assert not pending.settled(ClaimsShown(), [note], engine_holds)
-    assert not pending.settled(ClaimsShown(still_marked), [note], engine_holds)
+    assert not pending.shown_by(ClaimsShown(), [note]) and not pending.shown_by(ClaimsShown(still_marked), [note])
     assert pending.notes() == [note]
-    assert pending.settled(ClaimsShown(record("utopia-claim-1", "running")), [note], engine_holds) and pending.notes() == []
+    assert pending.shown_by(ClaimsShown(record("utopia-claim-1", "running")), [note]) and pending.notes() == []
 
 
-def test_a_note_of_a_container_the_engine_does_not_hold_is_settled(tmp_path):
+def test_a_list_removes_the_notes_of_claims_it_shows_no_container_for(tmp_path):
     """A create the engine refused, or a container removed before the view saw it: nothing holds
-    what it noted, so the view may miss it."""
+    what it noted. A claim the list does show keeps its note until the view shows it too."""
     pending = PendingChanges(tmp_path / "pending")
-    notes = [pending.expect("claim-1"), pending.expect("claim-2")]
-    asked: list[str] = []
-
-    def engine_holds(name: str) -> bool:
-        asked.append(name)
-        return name == "utopia-claim-2"
-
-    assert not pending.settled(ClaimsShown(), notes, engine_holds)
-    assert asked == ["utopia-claim-1", "utopia-claim-2"] and pending.notes() == [notes[1]]
+    notes = [pending.expect("claim-1"), pending.expect("claim-2"), pending.expect("claim-3")]
+    pending.listed(notes, ["utopia-claim-2", "utopia_stopped.requested.no.claim-3"])
+    assert pending.notes() == [notes[1]]
 
 
 def test_a_workers_own_wait_removes_only_its_own_note(tmp_path):

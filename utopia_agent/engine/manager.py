@@ -165,10 +165,11 @@ class DockerManager:
         pending = self.view.pending
         notes = pending.notes()  # before the view: a note gone since was shown by a view no newer than the one read next
         snapshot = self.view.snapshot_now()
-        if snapshot is not None and pending.settled(snapshot, notes, lambda name: self.inspect(name) is not None):
+        if snapshot is not None and pending.shown_by(snapshot, notes):
             held = self._holdings_in(snapshot)
             return lambda label: [holdings for labels, holdings in held if has_label(labels, label)]
         rows = self.managed_rows()
+        pending.listed(notes, (name.lstrip("/") for row in rows for name in row.get("Names") or ()))
         parsed: dict[str, Holdings] = {}
         return lambda label: carrying(rows, label, parsed)
 

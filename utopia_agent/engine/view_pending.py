@@ -10,10 +10,14 @@ made before the engine is asked (under the lock). It goes once it no longer matt
 - the worker that made the change removes it when its own wait for the view sees the container;
 - the next holder of the lock removes it when the view shows the claim's container by the
   claim's name (a container of that name made later means this one's events were seen
-  first), or when the engine holds no container of that name (the change failed, or the
-  container went: a container that is gone holds nothing).
-A note that is neither keeps the decision on the engine's list, and stays: a list tells the
-holder that lists, and no one after it, what the view lacks.
+  first);
+- a holder whose decision lists the engine, because the view does not show a note, removes
+  the notes of claims the list shows no container for (the change failed, or the container
+  went: a container that is gone holds nothing). The others stay: a list tells the holder
+  that lists, and no one after it, what the view lacks.
+The engine is never asked about a note alone: an inspect waits for a container's lock, which
+its start holds for the whole start, and under the allocation lock that would serialise
+concurrent creates behind each other's starts.
 
 A file costs an inode, never a block, and is made and removed without fsync: after a crash of
 the node the engine restarts too, and the view syncs from a list before it is trusted again.
@@ -27,7 +31,7 @@ import os
 import threading
 from pathlib import Path
 from typing import Protocol
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 from ..claims.records import CLAIM_LABEL, ContainerState, container_name
 
@@ -85,17 +89,19 @@ class PendingChanges:
         except FileNotFoundError:
             return []
 
-    def settled(self, view: ShowsClaims, notes: list[str], named: Callable[[str], bool]) -> bool:
-        """True when no noted change can be missing from `view`: each claim's container shows by
-        its claim's name, or `named` (does the engine hold a container by this name?) says there is
-        none. Settled notes are removed; the first that is not ends the look. The caller holds the
-        allocation lock, so no noted change is under way."""
-        for note in notes:
-            claim_id = note.rpartition(SEPARATOR)[0]
-            if not _shows(view, claim_id) and named(container_name(claim_id)):
-                return False
-            self._remove([note])
-        return True
+    def shown_by(self, view: ShowsClaims, notes: list[str]) -> bool:
+        """True when `view` shows every noted change, each claim's container by its claim's name;
+        the notes it shows are removed. The caller holds the allocation lock."""
+        shown = [note for note in notes if _shows(view, _claim_of(note))]
+        self._remove(shown)
+        return len(shown) == len(notes)
+
+    def listed(self, notes: list[str], names: Iterable[str]) -> None:
+        """The engine's list, taken after `notes` were read, shows containers by these names: a note
+        whose claim has no container of its name goes (the change failed, or the container went,
+        and a container that is gone holds nothing); the others stay until the view shows them."""
+        names = set(names)
+        self._remove([note for note in notes if container_name(_claim_of(note)) not in names])
 
     def _remove(self, notes: Iterable[str]) -> None:
         for note in notes:
@@ -105,6 +111,10 @@ class PendingChanges:
                 pass
             except OSError as exc:  # the next holder of the lock lists the engine instead
                 log.warning("a pending change's note could not be removed note=%s reason=%s", note, exc.strerror)
+
+
+def _claim_of(note: str) -> str:
+    return note.rpartition(SEPARATOR)[0]
 
 
 def _shows(view: ShowsClaims, claim_id: str) -> bool:
