@@ -241,6 +241,8 @@ def test_gpus_are_told_apart_by_uuid_after_renumbering(agent, docker_client, tes
     """After a reboot NVML may renumber GPUs; a container labelled index 4 that holds GPU 3's UUID holds GPU 3."""
     labels = {"utopia.managed": "true", "utopia.claim_id": claim("old"), "utopia.gpu_ids": "4", "utopia.gpu_uuids": UUIDS[3]}
     docker_client.api.create_container(test_image, ["true"], name=f"utopia-{claim('old')}", labels=labels)
+    # Made behind the agent's back, it counts once its event is in the node view (a few ms).
+    assert wait_for(lambda: claim("old") in {c["claim_id"] for c in agent.get("/api/v1/containers").json()}, timeout=10)
     refused = agent.create(claim("all"), test_image, gpu_count=len(HEALTHY_GPUS), command=["sleep", "300"])
     assert refused.status_code == 409 and refused.json()["free_gpus"] == len(HEALTHY_GPUS) - 1
     rest = agent.create(claim("rest"), test_image, gpu_count=len(HEALTHY_GPUS) - 1, command=["sleep", "300"])

@@ -23,7 +23,6 @@ from utopia_agent.engine import node_view
 from utopia_agent.engine.manager import DockerManager
 from utopia_agent.claims.records import CLAIM_LABEL, MANAGED_LABEL, ContainerSpec, ContainerState
 from utopia_agent.engine.node_view import HEARTBEAT_SECONDS, TRUST_SECONDS, Snapshot
-from utopia_agent.engine.view_pending import PendingChanges
 
 WATCHING = re.compile(r"watching the engine's events for the node view \(pid (\d+)")
 
@@ -57,7 +56,7 @@ def held_back(monkeypatch):
         apply(watcher, events)
 
     monkeypatch.setattr(node_view._Watcher, "_apply", apply_when_flowing)
-    monkeypatch.setattr(node_view, "TRUST_SECONDS", 30.0)
+    monkeypatch.setattr(node_view, "TRUST_NS", 30 * 10**9)
     yield flowing
     flowing.set()
 
@@ -360,46 +359,47 @@ def sleeper(claim_id: str, image: str) -> ContainerSpec:
 
 
 def held_by_claim(manager: DockerManager, claim_id: str) -> list:
-    return manager.holders_now()(f"{CLAIM_LABEL}={claim_id}")
+    return manager.holders_now()[0](f"{CLAIM_LABEL}={claim_id}")
 
 
-def test_a_create_the_view_may_not_show_yet_sends_the_next_decision_to_the_engine(view_manager, held_back, relay, monkeypatch, test_image, claim):
+def decides_on_the_view(manager: DockerManager, relay) -> bool:
+    lists = relay.count(LIST_CALL, "GET")
+    _, from_view = manager.holders_now()
+    assert from_view == (relay.count(LIST_CALL, "GET") == lists)
+    return from_view
+
+
+@pytest.fixture
+def two_workers(view_manager, relay, monkeypatch):
+    """The watcher and another worker on one state dir, both through the relay (which counts lists)."""
     monkeypatch.setenv("DOCKER_HOST", relay.base_url)
     view_manager()  # the watcher; the next one reads what it publishes, as another worker
     worker = view_manager()
-    assert wait_for(lambda: worker.view.snapshot_now() is not None, timeout=10, interval=0.05)
+    assert wait_for(lambda: worker.view.snapshot_for_allocation() is not None, timeout=10, interval=0.05)
+    return worker
+
+
+def test_a_create_the_view_may_not_show_yet_sends_the_next_decisions_to_the_engine(two_workers, held_back, relay, test_image, claim):
+    worker = two_workers
     held_back.clear()
     container_id = worker.create(sleeper(claim("a"), test_image))
-    notes = worker.view.pending.notes()
-    snapshot = worker.view.snapshot_now()
+    snapshot = worker.view.snapshot()
     assert snapshot is not None and snapshot.get(container_id) is None, "the view should be trusted and behind"
-    assert len(notes) == 1 and not worker.view.pending.shown_by(snapshot, notes)
-
-    for _ in range(2):  # a list tells the holder that lists, and no one after it: the note stays until the view shows the create
-        lists = relay.count(LIST_CALL, "GET")
+    for _ in range(2):  # a list tells the holder that lists, and no one after it
         assert [held.container_id for held in held_by_claim(worker, claim("a"))] == [container_id]
-        assert relay.count(LIST_CALL, "GET") == lists + 1, "the decision should have listed the engine"
-        assert worker.view.pending.notes() == notes
+        assert not decides_on_the_view(worker, relay)
 
     held_back.set()
     worker.start(container_id)
     assert shown_by(worker, container_id).status == "running"
-    assert worker.view.pending.notes() == [], "a worker's own wait for the view removes its note"
-    other = worker.create(sleeper(claim("b"), test_image))
-    worker.start(other)
-    lists = relay.count(LIST_CALL, "GET")
-    managed = worker.holders_now()(MANAGED_LABEL)
-    assert {held.container_id for held in managed} >= {container_id, other}
-    assert relay.count(LIST_CALL, "GET") == lists, "a view that shows every change decides without a list"
+    assert decides_on_the_view(worker, relay), "once the creator's wait sees it, the view holds every change made under the lock"
+    assert {held.container_id for held in held_by_claim(worker, claim("a"))} == {container_id}
 
 
-def test_a_start_after_a_stop_holds_its_claim_again_before_the_view_shows_it(view_manager, held_back, relay, monkeypatch, test_image, claim):
+def test_a_start_after_a_stop_holds_its_claim_again_before_the_view_shows_it(two_workers, held_back, relay, test_image, claim):
     """A stopped claim holds nothing; started again it holds what it was made with from its rename
     on: a view that still shows the stop mark must not give that away."""
-    monkeypatch.setenv("DOCKER_HOST", relay.base_url)
-    view_manager()  # the watcher; the next one reads what it publishes, as another worker
-    worker = view_manager()
-    assert wait_for(lambda: worker.view.snapshot_now() is not None, timeout=10, interval=0.05)
+    worker = two_workers
     container_id = worker.create(sleeper(claim(), test_image))
     worker.start(container_id)
     mark = worker.mark_stopped(worker.get_managed(container_id), "requested")
@@ -415,51 +415,26 @@ def test_a_start_after_a_stop_holds_its_claim_again_before_the_view_shows_it(vie
     held_back.set()
 
 
-class ClaimsShown:
-    """A published view that shows these records (what Snapshot.labelled answers)."""
-
-    def __init__(self, *states: ContainerState):
-        self.states = states
-
-    def labelled(self, key: str, value: str) -> list[ContainerState]:
-        return [state for state in self.states if state.labels.get(key) == value]
-
-
-def record(name: str, status: str) -> ContainerState:
-    return ContainerState("c1", name, "busybox", status, 1, 1, 0, 0, False, 0, "", {CLAIM_LABEL: "claim-1"})
-
-
-def test_a_note_the_view_shows_is_removed_by_the_next_decision(tmp_path):
-    """A worker killed between its create and its wait leaves its note: the next holder of the lock
-    removes it once the view shows the claim's container by the claim's name, and only then."""
-    pending = PendingChanges(tmp_path / "pending")
-    note = pending.expect("claim-1")
-    still_marked = record("utopia_stopped.requested.no.claim-1", "exited")
-    assert not pending.shown_by(ClaimsShown(), [note]) and not pending.shown_by(ClaimsShown(still_marked), [note])
-    assert pending.notes() == [note]
-    assert pending.shown_by(ClaimsShown(record("utopia-claim-1", "running")), [note]) and pending.notes() == []
+def test_an_earlier_changes_wait_does_not_vouch_for_a_later_one(two_workers, held_back, relay, test_image, claim):
+    """The view showing the first of two creates says nothing of the second: decisions list the
+    engine until the second's wait sees it."""
+    worker = two_workers
+    first = worker.create(sleeper(claim("a"), test_image))
+    held_back.clear()
+    second = worker.create(sleeper(claim("b"), test_image))
+    held_back.set()
+    worker.start(first)
+    assert not decides_on_the_view(worker, relay)
+    assert second in {held.container_id for held in worker.holders_now()[0](MANAGED_LABEL)}
+    worker.start(second)
+    assert decides_on_the_view(worker, relay)
 
 
-def test_a_list_removes_the_notes_of_claims_it_shows_no_container_for(tmp_path):
-    """A create the engine refused, or a container removed before the view saw it: nothing holds
-    what it noted. A claim the list does show keeps its note until the view shows it too."""
-    pending = PendingChanges(tmp_path / "pending")
-    notes = [pending.expect("claim-1"), pending.expect("claim-2"), pending.expect("claim-3")]
-    pending.listed(notes, ["utopia-claim-2", "utopia_stopped.requested.no.claim-3"])
-    assert pending.notes() == [notes[1]]
-
-
-def test_a_workers_own_wait_removes_only_its_own_note(tmp_path):
-    """Two changes of one claim in a row (a create, a delete and a create again) each have a note:
-    the first's wait must not take the second's away."""
-    pending = PendingChanges(tmp_path / "pending")
-    first = pending.expect("claim-1")
-    pending.made("c1", first)
-    second = pending.expect("claim-1")
-    pending.made("c2", second)
-    pending.seen("c1")
-    assert pending.notes() == [second]
-    pending.seen("c1")
-    assert pending.notes() == [second]
-    pending.seen("c2")
-    assert pending.notes() == []
+def test_a_change_no_wait_sees_is_settled_by_the_watchers_next_list(two_workers, relay, test_image, claim):
+    """A create whose worker died before its start (its wait never comes): the watcher's next
+    list of the engine shows it, and decisions go back to the view."""
+    worker = two_workers
+    worker.create(sleeper(claim(), test_image))
+    assert not decides_on_the_view(worker, relay)
+    worker.view.request_resync()
+    assert wait_for(lambda: decides_on_the_view(worker, relay), timeout=10, interval=0.05)

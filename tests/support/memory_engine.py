@@ -35,6 +35,7 @@ class NoView:
     def snapshot(self) -> None:
         return None
 
+
     def close(self) -> None:
         pass
 
@@ -105,11 +106,11 @@ class MemoryEngine:
         self._call("holders_of")
         return carrying(self._rows(), label)
 
-    def holders_now(self) -> Callable[[str], list[Holdings]]:
+    def holders_now(self, engine: bool = False) -> tuple[Callable[[str], list[Holdings]], bool]:
         """No view: one list of the rows, as DockerManager.holders_now does while the view is not trusted."""
         rows = self.managed_rows()
         parsed: dict[str, Holdings] = {}
-        return lambda label: carrying(rows, label, parsed)
+        return (lambda label: carrying(rows, label, parsed)), False
 
     def managed_rows(self, claim_id: str | None = None) -> list[dict[str, Any]]:
         self._call("managed_rows")

@@ -4,7 +4,7 @@ The engine's labels are the only record of what is allocated: a container that e
 holds its GPUs and ports, one that is gone frees them. The lock only serialises the
 read-decide-create step, so two workers never decide on the same stale picture: the
 picture is the node view, kept from the engine's events, once it shows every create and
-start made under the lock (engine/view_pending.py), else one list of the engine.
+start made under the lock (NodeView.snapshot_for_allocation), else one list of the engine.
 """
 
 from __future__ import annotations
@@ -51,6 +51,9 @@ from ..claims.volumes import MountPins, VolumeRefused
 from ..volumes.store import VolumeStore
 
 log = logging.getLogger("utopia_agent.allocator")
+
+# What a decision refuses over what other claims hold: a view a moment behind may still show a holder that went.
+HELD_BY_OTHERS = (ClaimExists, NoGpusFree, NotEnoughResources, PortTaken, VolumeInUse, PolicyViolation)
 
 
 @contextmanager
@@ -147,34 +150,47 @@ class Allocator:
         sample = self._gpus.sampler.for_allocation() if gpu_count else None
         engine_root = self._docker.data_root() if spec.volumes else None
         disk_quota = self.disk.quota().mode
-        claim_label = f"{CLAIM_LABEL}={spec.claim_id}"
         with self._lock():
             self._settle_interrupted_create()
-            held = self._docker.holders_now()
-            if claimed := held(claim_label):
-                raise ClaimExists.held_by(spec.claim_id, claimed[0].container_id, claimed[0].spec_digest == spec.spec_digest)
-            self._drain.refuse_if_draining()
-            if spec.port_mappings:
-                self._check_ports(spec.port_mappings, port_holders(held(PORTS_LABEL)))
-            limited = self._resource_holders(held(CPUS_LABEL), held(MEMORY_LABEL))
-            if gpu_count:
-                gpu_holders = held(GPU_IDS_LABEL)
-                for gpu, holders in gpus_held_twice(gpu_holders).items():
-                    log.error("gpu allocated twice gpu=%s containers=%s", gpu, ",".join(c[:12] for c in holders))
-                spec = self._with_gpus(spec, gpu_count, sample, gpu_claims(gpu_holders), self._has_free_cores(limited))
-            spec = self._with_resources(spec, len(sample.gpus) if sample else 0, limited)
-            spec = self._with_disk(spec, len(sample.gpus) if sample else 0, held(MANAGED_LABEL), disk_quota)
-            if spec.mounts:
-                spec = self._with_claim_volumes(spec, held(CLAIM_VOLUMES_LABEL))
+            held, from_view = self._docker.holders_now()
+            try:
+                spec = self._decide(spec, gpu_count, sample, held, disk_quota, engine_root)
+            except HELD_BY_OTHERS:
+                if not from_view:
+                    raise
+                # The view may still show a container that went a moment ago (removed behind the
+                # agent's back): a refusal over what others hold is only answered once the engine confirms it.
+                spec = self._decide(spec, gpu_count, sample, self._docker.holders_now(engine=True)[0], disk_quota, engine_root)
             if not spec.volumes:
                 return self._create(spec), spec
-            check_volumes_apart(spec.volumes, volume_holders(held(VOLUMES_LABEL)), engine_root)
             spec = replace(spec, mount_sources=tuple(self._pin(spec)))
             try:
                 return self._create(spec), spec
             except BaseException:
                 self._pins.release(spec.claim_id)
                 raise
+
+    def _decide(self, spec: ContainerSpec, gpu_count: int, sample: GpuSample | None, held: Callable[[str], list[Holdings]],
+                disk_quota: str, engine_root: str | None) -> ContainerSpec:
+        """The claim's GPUs, ports, CPUs, memory, disk and volumes, checked against what `held` says the other claims hold."""
+        if claimed := held(f"{CLAIM_LABEL}={spec.claim_id}"):
+            raise ClaimExists.held_by(spec.claim_id, claimed[0].container_id, claimed[0].spec_digest == spec.spec_digest)
+        self._drain.refuse_if_draining()
+        if spec.port_mappings:
+            self._check_ports(spec.port_mappings, port_holders(held(PORTS_LABEL)))
+        limited = self._resource_holders(held(CPUS_LABEL), held(MEMORY_LABEL))
+        if gpu_count:
+            gpu_holders = held(GPU_IDS_LABEL)
+            for gpu, holders in gpus_held_twice(gpu_holders).items():
+                log.error("gpu allocated twice gpu=%s containers=%s", gpu, ",".join(c[:12] for c in holders))
+            spec = self._with_gpus(spec, gpu_count, sample, gpu_claims(gpu_holders), self._has_free_cores(limited))
+        spec = self._with_resources(spec, len(sample.gpus) if sample else 0, limited)
+        spec = self._with_disk(spec, len(sample.gpus) if sample else 0, held(MANAGED_LABEL), disk_quota)
+        if spec.mounts:
+            spec = self._with_claim_volumes(spec, held(CLAIM_VOLUMES_LABEL))
+        if spec.volumes:
+            check_volumes_apart(spec.volumes, volume_holders(held(VOLUMES_LABEL)), engine_root)
+        return spec
 
     def _with_claim_volumes(self, spec: ContainerSpec, holders: list[Holdings]) -> ContainerSpec:
         """Each claim volume exists and is whole (404 otherwise), is mounted read-write by no other

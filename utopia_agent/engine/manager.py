@@ -156,22 +156,20 @@ class DockerManager:
             kept = self._records[state.id] = ManagedContainer.from_state(state)
         return kept
 
-    def holders_now(self) -> Callable[[str], list[Holdings]]:
+    def holders_now(self, engine: bool = False) -> tuple[Callable[[str], list[Holdings]], bool]:
         """What the managed containers carrying a label (`key` or `key=value`) hold, for a decision
-        under the allocation lock: from the node view when it is trusted now and shows every change
-        made under the lock (view_pending.py), else from one list of the engine, which at 100 claims
-        costs 9 ms of a create's 200. Either shows every container whose create or start went
-        through the lock; one made behind the agent's back shows once its event is in the view."""
-        pending = self.view.pending
-        notes = pending.notes()  # before the view: a note gone since was shown by a view no newer than the one read next
-        snapshot = self.view.snapshot_now()
-        if snapshot is not None and pending.shown_by(snapshot, notes):
+        under the allocation lock, and whether it came from the view: from the node view when it is
+        trusted now and shown to hold every change made under the lock (NodeView.snapshot_for_allocation)
+        and `engine` is not asked, else from one list of the engine, which at 100 claims costs 9 ms
+        of a create's 200. Either shows every container whose create or start went through the
+        lock; one made behind the agent's back shows in the view once its event is in."""
+        snapshot = None if engine else self.view.snapshot_for_allocation()
+        if snapshot is not None:
             held = self._holdings_in(snapshot)
-            return lambda label: [holdings for labels, holdings in held if has_label(labels, label)]
+            return (lambda label: [holdings for labels, holdings in held if has_label(labels, label)]), True
         rows = self.managed_rows()
-        pending.listed(notes, (name.lstrip("/") for row in rows for name in row.get("Names") or ()))
         parsed: dict[str, Holdings] = {}
-        return lambda label: carrying(rows, label, parsed)
+        return (lambda label: carrying(rows, label, parsed)), False
 
     def _holdings_in(self, snapshot: Snapshot) -> list[tuple[dict[str, str], Holdings]]:
         """(labels, holdings) of each container in the view; a record unchanged since the last call is not parsed again."""
@@ -386,10 +384,9 @@ class DockerManager:
 
     def create(self, spec: ContainerSpec) -> str:
         """Create (not start) the container; its labels record the claim, GPUs and ports. The caller
-        holds the allocation lock: the create is noted as pending until the view shows it."""
+        holds the allocation lock: allocation lists the engine until the view shows the container (NodeView.changed_under_lock)."""
         api = self._engine.api("create container")
         arguments = create_arguments(api, spec, self._config)
-        note = self.view.pending.expect(spec.claim_id)
         try:
             with self._engine.call("create container"):
                 created = api.create_container(**arguments)
@@ -403,7 +400,7 @@ class DockerManager:
         except (EngineUnavailable, EngineFailure):
             self.remove_if_created(spec.name)
             raise
-        self.view.pending.made(created["Id"], note)
+        self.view.changed_under_lock(created["Id"])
         return created["Id"]
 
     def remove_if_created(self, name: str, wait_seconds: float = 0.0) -> bool:
@@ -477,11 +474,11 @@ class DockerManager:
     def unmark_stopped(self, container: ManagedContainer, mark: StopMark) -> None:
         """Give the container back its claim's name and the restart policy it had before its stop:
         from here it holds what it was made with again, running or not. The caller holds the
-        allocation lock: the rename is noted as pending until the view shows it."""
+        allocation lock: allocation lists the engine until the view shows it started (NodeView.changed_under_lock)."""
         info = self._inspect_or_gone(container.id)
-        note = self.view.pending.expect(container.claim_id)
+        self.view.changed_under_lock(None)  # said before too: a worker killed right after the rename leaves it said
         self._rename(container.id, info, container_name(container.claim_id))
-        self.view.pending.made(container.id, note)
+        self.view.changed_under_lock(container.id)
         if mark.restart_policy != "no":
             with self._engine.call("update container") as api:
                 api.update_container(container.id, restart_policy={"Name": mark.restart_policy})

@@ -35,7 +35,6 @@ from collections.abc import Callable, Iterable
 from ..claims.records import ContainerState
 from ..events.changes import container_changes, exit_line
 from ..events.history import EventHistory
-from .view_pending import PendingChanges
 
 log = logging.getLogger("utopia_agent.view")
 
@@ -46,9 +45,12 @@ HEARTBEAT_SECONDS = 1.0
 # ...and the view is trusted this long after the last proof (as /health trusts a recent answer):
 # a hung engine sends no event and no error, only silence.
 TRUST_SECONDS = 2.0
+TRUST_NS = int(TRUST_SECONDS * 1e9)
 # A list call compared with the view now and then, though the event stream said nothing changed.
 RESYNC_SECONDS = 60.0
 RECONNECT_SECONDS = 1.0
+# Tokens of changes whose wait never saw them (a container left created and never started) are forgotten past this many.
+MAX_ACKS = 4096
 # Readers waiting out a sync (after a restart: one inspect per changed container, seconds at
 # times, every request thread of every worker waiting) poll the header this often...
 SYNC_POLL_SECONDS = 0.002
@@ -205,13 +207,13 @@ class ViewEngine(Protocol):
 class _Header:
     """A few words shared by every worker through a mapped file; each word has one writer.
 
-    The watcher writes the generation, state, deadline and resync_done; any worker writes
-    resync_asked. Each word is 8 aligned bytes, written and read whole, so a reader sees
-    it old or new.
+    The watcher writes the generation, state, deadline and the two *_done words; any worker
+    writes resync_asked and allocation_asked. Each word is 8 aligned bytes, written and read
+    whole, so a reader sees it old or new.
     """
 
     SIZE = 64
-    GENERATION, STATE, DEADLINE, RESYNC_ASKED, RESYNC_DONE = (8 * i for i in range(5))
+    GENERATION, STATE, DEADLINE, RESYNC_ASKED, RESYNC_DONE, ALLOCATION_ASKED, ALLOCATION_DONE = (8 * i for i in range(7))
 
     def __init__(self, path: Path):
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -246,7 +248,9 @@ class NodeView:
         self._takeover = threading.Lock()
         self._loaded: Snapshot | None = None
         self._load_lock = threading.Lock()
-        self.pending = PendingChanges(state_dir / "view-pending")
+        # Container id -> the token of this worker's change to it under the allocation lock, until its wait sees it.
+        self._acks: dict[str, int] = {}
+        self._acks_lock = threading.Lock()
 
     def volunteer(self) -> None:
         """Watch whenever no one else does: now, or at the first read after the watcher went away."""
@@ -273,9 +277,39 @@ class NodeView:
         """The view when it can be trusted, waiting out a sync in progress; None: read the engine."""
         return self._trusted(wait=True)
 
-    def snapshot_now(self) -> Snapshot | None:
-        """The view when it can be trusted now, without waiting out a sync; None: read the engine."""
+    def snapshot_for_allocation(self) -> Snapshot | None:
+        """The view for a decision under the allocation lock: trusted now (no waiting out a sync
+        under the lock), and shown to hold every change made under the lock (see
+        `changed_under_lock`); None: list the engine."""
+        header = self._header
+        if header.get(header.ALLOCATION_ASKED) != header.get(header.ALLOCATION_DONE):
+            return None
         return self._trusted(wait=False)
+
+    def changed_under_lock(self, container_id: str | None) -> None:
+        """A change just made under the allocation lock gave a container what a view a moment behind
+        would call free (its create, its start after a stop): allocation decisions list the engine
+        until this worker's wait for the view sees the container (`await_started`) or the watcher
+        lists the engine. Said once the change is made, before the lock goes: a list the watcher
+        began before the change would miss it. `container_id` None: no wait will see it; only a
+        list does. Reads are not held up."""
+        token = int.from_bytes(os.urandom(8), "little")
+        self._header.set(self._header.ALLOCATION_ASKED, token)
+        if container_id is not None:
+            with self._acks_lock:
+                if len(self._acks) >= MAX_ACKS:
+                    self._acks = {}
+                self._acks[container_id] = token
+
+    def _acknowledge(self, container_id: str) -> None:
+        """The view shows `container_id` started after this worker's change to it: it holds every
+        change made under the lock up to that one (the engine's events come in order), so unless
+        a later change was made since, allocation may decide on the view again."""
+        with self._acks_lock:
+            token = self._acks.pop(container_id, None)
+        header = self._header
+        if token is not None and header.get(header.ALLOCATION_ASKED) == token:
+            header.set(header.ALLOCATION_DONE, token)
 
     def _trusted(self, wait: bool) -> Snapshot | None:
         give_up = None
@@ -284,6 +318,8 @@ class NodeView:
             state, deadline = header.get(header.STATE), header.get(header.DEADLINE)
             settled = header.get(header.RESYNC_ASKED) == header.get(header.RESYNC_DONE)
             now = time.monotonic_ns()
+            if deadline - now > max(self._wait_ns, TRUST_NS):  # set before this boot (the clock starts at boot): a view from before a reboot
+                return None
             if state == LIVE and now < deadline and settled:
                 return self._load()
             if state == DOWN or now >= deadline or not wait:
@@ -300,8 +336,8 @@ class NodeView:
         header = self._header
         if header.get(header.STATE) != LIVE:
             return False
-        answered_at = header.get(header.DEADLINE) - int(TRUST_SECONDS * 1e9)
-        return time.monotonic_ns() - answered_at <= seconds * 1e9
+        answered_at, now = header.get(header.DEADLINE) - TRUST_NS, time.monotonic_ns()
+        return 0 <= now - answered_at <= seconds * 1e9
 
     def _load(self) -> Snapshot | None:
         """The published view, read from the file only when its generation moved."""
@@ -328,7 +364,8 @@ class NodeView:
     def await_started(self, container_id: str, before: ContainerState | None = None) -> None:
         """Return once the view shows the container started (or is not trusted, so reads go to the engine): a 201 is answered
         only when every worker's list shows it. `before`: its record before this start, when it ran before."""
-        self._await(container_id, lambda c: c is not None and c.status != "created" and (before is None or c.started != before.started), "start")
+        if self._await(container_id, lambda c: c is not None and c.status != "created" and (before is None or c.started != before.started), "start"):
+            self._acknowledge(container_id)
 
     def await_stopped(self, container_id: str) -> None:  # once the view shows it no longer running (see await_started)
         self._await(container_id, lambda c: c is None or c.status not in ("running", "restarting", "paused"), "stop")
@@ -337,17 +374,18 @@ class NodeView:
         """Return once the view no longer shows the container (see `await_started`)."""
         self._await(container_id, lambda c: c is None, "removal")
 
-    def _await(self, container_id: str, shown: Callable[[ContainerState | None], bool], change: str) -> None:
+    def _await(self, container_id: str, shown: Callable[[ContainerState | None], bool], change: str) -> bool:
+        """True once the view shows the change; False when it is not trusted, or did not show it in time."""
         give_up = time.monotonic_ns() + self._wait_ns
         while (snapshot := self.snapshot()) is not None:
             if shown(snapshot.get(container_id)):
-                self.pending.seen(container_id)
-                return
+                return True
             if time.monotonic_ns() >= give_up:
                 log.warning("the node view did not show the %s of container %s in time; asking for a full resync", change, container_id[:12])
                 self.request_resync()
-                return
+                return False
             time.sleep(CHANGE_POLL_SECONDS)
+        return False
 
     def request_resync(self) -> None:
         """Distrust the view until the watcher has checked it against a fresh list call."""
@@ -356,8 +394,10 @@ class NodeView:
     def close(self) -> None:
         if self._lock_fd < 0:
             return
-        if self._watcher is not None:
-            self._watcher.close()
+        if self._watcher is not None and not self._watcher.close():
+            log.warning("the node view's watcher did not stop in time; the lock stays with this worker until it exits")
+            self._lock_fd = -1  # a watcher still running could write an old view over its successor's
+            return
         os.close(self._lock_fd)  # releases the lock: another worker takes over at its next read
         self._lock_fd = -1
         self._header.close()
@@ -475,12 +515,14 @@ class _Watcher:
         self._thread = threading.Thread(target=self._run, name="node-view", daemon=True)
         self._thread.start()
 
-    def close(self) -> None:
+    def close(self) -> bool:
+        """Stop watching; False when the thread did not end in time."""
         self._closed.set()
         if self._feed is not None:
             self._feed.close()
         self._thread.join(timeout=2 * HEARTBEAT_SECONDS)
         self._header.set(self._header.STATE, DOWN)
+        return not self._thread.is_alive()
 
     # --- the header --------------------------------------------------------------------
 
@@ -488,14 +530,14 @@ class _Watcher:
         """Readers wait for the sync while it progresses (each engine answer moves the deadline)."""
         if self._closed.is_set():
             return
+        self._header.set(self._header.STATE, SYNCING)  # first: a reader never sees LIVE with a syncing deadline
         self._header.set(self._header.DEADLINE, time.monotonic_ns() + self._wait_ns)
-        self._header.set(self._header.STATE, SYNCING)
 
     def _vouch(self, answered_since: int) -> None:
         """The engine answered (or sent events) after `answered_since`: trust the view a while from then."""
         if self._closed.is_set():
             return
-        self._header.set(self._header.DEADLINE, answered_since + int(TRUST_SECONDS * 1e9))
+        self._header.set(self._header.DEADLINE, answered_since + TRUST_NS)
         self._header.set(self._header.STATE, LIVE)
 
     def _down(self, reason: str) -> None:
@@ -529,10 +571,11 @@ class _Watcher:
         self._feed = _EventFeed(self._engine, self._event_ns + 1 if self._event_ns else None)
         self._feed.wait_opened(self._wait_ns / 1e9)
         started = time.monotonic_ns()
-        asked = self._header.get(self._header.RESYNC_ASKED)
+        asked, allocation_asked = self._header.get(self._header.RESYNC_ASKED), self._header.get(self._header.ALLOCATION_ASKED)
         changed = self._reconcile(self._engine.managed_rows(), syncing=True)
         self._publish()
         self._header.set(self._header.RESYNC_DONE, asked)
+        self._header.set(self._header.ALLOCATION_DONE, allocation_asked)
         self._vouch(started)
         if not self._live:
             log.info("node view live: %d managed containers, %d changed since it was last written", len(self._records), changed)
@@ -546,13 +589,14 @@ class _Watcher:
             if batch is None:
                 raise _StreamEnded(self._feed.reason())
             started = time.monotonic_ns()
-            asked = self._header.get(self._header.RESYNC_ASKED)
+            asked, allocation_asked = self._header.get(self._header.RESYNC_ASKED), self._header.get(self._header.ALLOCATION_ASKED)
             if batch:
                 self._apply(batch)
             elif asked != self._header.get(self._header.RESYNC_DONE) or time.monotonic() >= next_resync:
                 if self._reconcile(self._engine.managed_rows()):
                     self._publish()
                 self._header.set(self._header.RESYNC_DONE, asked)
+                self._header.set(self._header.ALLOCATION_DONE, allocation_asked)  # the list shows every change asked before it
                 next_resync = time.monotonic() + RESYNC_SECONDS
             else:
                 if self._last_written is not None and self._history.revision() != self._last_written.revision:
