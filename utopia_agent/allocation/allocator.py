@@ -279,10 +279,9 @@ class Allocator:
             mark = StopMark.parse(next(iter(row.get("Names") or ()), "").lstrip("/"), container.claim_id)
             others = [held for held in carrying(rows, MANAGED_LABEL) if held.container_id != container.id]
             self._check_taken_back(Holdings.from_labels(container.labels, container.id), others)
-            if mark is not None:
-                self._docker.unmark_stopped(container, mark)
+            before = container.state if mark is None else self._docker.unmark_stopped(container, mark)
         try:
-            self._docker.start(container.id, container.state)
+            self._docker.start(container.id, before)
         except BaseException:
             if mark is not None:
                 with self._lock():

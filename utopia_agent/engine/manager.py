@@ -471,10 +471,12 @@ class DockerManager:
         self._rename(container.id, info, mark.name(container.claim_id))
         return mark
 
-    def unmark_stopped(self, container: ManagedContainer, mark: StopMark) -> None:
+    def unmark_stopped(self, container: ManagedContainer, mark: StopMark) -> ContainerState:
         """Give the container back its claim's name and the restart policy it had before its stop:
         from here it holds what it was made with again, running or not. The caller holds the
-        allocation lock: allocation lists the engine until the view shows it started (NodeView.changed_under_lock)."""
+        allocation lock: allocation lists the engine until the view shows it started (NodeView.changed_under_lock).
+        Returns the container as the engine showed it just before: what its start's wait must see
+        it started after, never a record of the view (which may still show the run before its stop)."""
         info = self._inspect_or_gone(container.id)
         self.view.changed_under_lock(None)  # said before too: a worker killed right after the rename leaves it said
         self._rename(container.id, info, container_name(container.claim_id))
@@ -482,6 +484,7 @@ class DockerManager:
         if mark.restart_policy != "no":
             with self._engine.call("update container") as api:
                 api.update_container(container.id, restart_policy={"Name": mark.restart_policy})
+        return ContainerState.from_inspect(info)
 
     def stop(self, container_id: str, grace_seconds: int | None = None) -> None:
         """Stop the container within the grace period (then SIGKILL), and keep it."""
