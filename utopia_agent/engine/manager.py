@@ -479,8 +479,10 @@ class DockerManager:
         it started after, never a record of the view (which may still show the run before its stop)."""
         info = self._inspect_or_gone(container.id)
         self.view.changed_under_lock(None)  # said before too: a worker killed right after the rename leaves it said
-        self._rename(container.id, info, container_name(container.claim_id))
-        self.view.changed_under_lock(container.id)
+        try:
+            self._rename(container.id, info, container_name(container.claim_id))
+        finally:  # a rename that timed out may still have been made
+            self.view.changed_under_lock(container.id)
         if mark.restart_policy != "no":
             with self._engine.call("update container") as api:
                 api.update_container(container.id, restart_policy={"Name": mark.restart_policy})

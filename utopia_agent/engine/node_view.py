@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Protocol
 from collections.abc import Callable, Iterable
 
-from ..claims.records import ContainerState
+from ..claims.records import CLAIM_LABEL, ContainerState, StopMark
 from ..events.changes import container_changes, exit_line
 from ..events.history import EventHistory
 
@@ -301,14 +301,16 @@ class NodeView:
                     self._acks = {}
                 self._acks[container_id] = token
 
-    def _acknowledge(self, container_id: str) -> None:
-        """The view shows `container_id` started after this worker's change to it: it holds every
-        change made under the lock up to that one (the engine's events come in order), so unless
-        a later change was made since, allocation may decide on the view again."""
+    def _acknowledge(self, container_id: str, shown: bool) -> None:
+        """`shown`: the view shows `container_id` started after this worker's change to it, so it
+        holds every change made under the lock up to that one (the engine's events come in order):
+        unless a later change was made since, allocation may decide on the view again. A wait that
+        did not see it leaves the change to the watcher's next list (a sync, a resync asked for, or
+        the minute's); the token is dropped either way, so no later wait for the container answers for it."""
         with self._acks_lock:
             token = self._acks.pop(container_id, None)
         header = self._header
-        if token is not None and header.get(header.ALLOCATION_ASKED) == token:
+        if shown and token is not None and header.get(header.ALLOCATION_ASKED) == token:
             header.set(header.ALLOCATION_DONE, token)
 
     def _trusted(self, wait: bool) -> Snapshot | None:
@@ -363,9 +365,15 @@ class NodeView:
 
     def await_started(self, container_id: str, before: ContainerState | None = None) -> None:
         """Return once the view shows the container started (or is not trusted, so reads go to the engine): a 201 is answered
-        only when every worker's list shows it. `before`: its record before this start, when it ran before."""
-        if self._await(container_id, lambda c: c is not None and c.status != "created" and (before is None or c.started != before.started), "start"):
-            self._acknowledge(container_id)
+        only when every worker's list shows it. `before`: its record before this start, when it ran before: a record
+        that counts started later than it, under its claim's own name (a record of an older run, or of
+        a stop since, does not)."""
+        def started(c: ContainerState | None) -> bool:
+            if c is None or c.status == "created":
+                return False
+            return before is None or (c.started > before.started and StopMark.parse(c.name, c.labels.get(CLAIM_LABEL, "")) is None)
+
+        self._acknowledge(container_id, self._await(container_id, started, "start"))
 
     def await_stopped(self, container_id: str) -> None:  # once the view shows it no longer running (see await_started)
         self._await(container_id, lambda c: c is None or c.status not in ("running", "restarting", "paused"), "stop")
