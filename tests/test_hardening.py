@@ -40,6 +40,8 @@ def test_a_container_created_but_never_started_is_removed_and_frees_its_gpus(age
         "utopia.gpu_ids": ",".join(str(g["id"]) for g in healthy), "utopia.gpu_uuids": ",".join(g["uuid"] for g in healthy),
     }
     orphan = docker_client.api.create_container(test_image, ["sleep", "300"], name=f"utopia-{claim('orphan')}", labels=labels)["Id"]
+    # Made behind the agent's back, it counts once its event is in the node view (a few ms).
+    assert wait_for(lambda: orphan in {c["id"] for c in agent.get("/api/v1/containers").json()}, timeout=10)
     blocked = agent.create(claim("blocked"), test_image, gpu_count=1, command=["sleep", "300"])
     assert blocked.status_code == 409, "the orphan holds every GPU until it is swept"
     wait_for(lambda: not docker_client.containers.list(all=True, filters={"id": orphan}, ignore_removed=True), timeout=40)
