@@ -6,6 +6,7 @@ can say how many inspects a restart or a worker's death cost.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -438,3 +439,49 @@ def test_a_change_no_wait_sees_is_settled_by_the_watchers_next_list(two_workers,
     assert not decides_on_the_view(worker, relay)
     worker.view.request_resync()
     assert wait_for(lambda: decides_on_the_view(worker, relay), timeout=10, interval=0.05)
+
+
+# --- the header's words, with a watcher standing in (another worker's lock and words), no engine --
+
+
+@pytest.fixture
+def watched(tmp_path):
+    """A NodeView on a state dir whose watcher is another worker: the lock held elsewhere, a live
+    view published with its words. Yields (view, header) and lets the lock go after."""
+    from utopia_agent.events.history import EventHistory
+    Snapshot.of(1, 0, ()).write(tmp_path / "view.jsonl")
+    lock_fd = os.open(tmp_path / "view.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(lock_fd, fcntl.LOCK_EX)
+    view = node_view.NodeView(tmp_path, engine=None, wait_seconds=1.0, history=EventHistory(tmp_path, 10))
+    header = node_view._Header(tmp_path / "view.state")
+    header.set(header.GENERATION, 1)
+    header.set(header.STATE, node_view.LIVE)
+    header.set(header.DEADLINE, time.monotonic_ns() + 10**9)
+    yield view, header
+    view.close()
+    header.close()
+    os.close(lock_fd)
+
+
+def test_a_deadline_from_before_a_reboot_is_not_trusted(watched):
+    """The header outlives a reboot, and the monotonic clock starts again at boot: a deadline
+    further ahead than any watcher sets is from before it, and the view is read from the engine."""
+    view, header = watched
+    assert view.snapshot() is not None
+    header.set(header.DEADLINE, time.monotonic_ns() + 3600 * 10**9)
+    assert view.snapshot() is None and view.snapshot_for_allocation() is None
+
+
+def test_only_the_latest_changes_own_wait_lets_allocation_back_on_the_view(watched):
+    view, header = watched
+    assert view.snapshot_for_allocation() is not None
+    view.changed_under_lock("first")
+    view.changed_under_lock("second")
+    view._acknowledge("first", shown=True)
+    assert view.snapshot_for_allocation() is None, "an earlier change's wait vouched for a later one"
+    view._acknowledge("second", shown=False)
+    view._acknowledge("second", shown=True)
+    assert view.snapshot_for_allocation() is None, "a wait that failed left its token for a later wait"
+    view.changed_under_lock("third")
+    view._acknowledge("third", shown=True)
+    assert view.snapshot_for_allocation() is not None
