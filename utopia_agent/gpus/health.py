@@ -337,8 +337,8 @@ class HealthMonitor(Background):
         for gpu in sample.gpus:
             counters = sample.counters.get(gpu.index)
             for_operator = gpu.uuid in quarantined and not quarantined[gpu.uuid].get("automatic_release")
-            if gpu.uuid and counters is not None and not for_operator:
-                self._check_counters(gpu.uuid, asdict(counters), acknowledged.get(gpu.uuid, {}))
+            if gpu.uuid and counters is not None and not for_operator:  # vars: plain values, read only (asdict copies deep, each second)
+                self._check_counters(gpu.uuid, vars(counters), acknowledged.get(gpu.uuid, {}))
         dirty = {uuid: why for uuid, why in sample.dirty.items() if uuid not in quarantined}
         recoverable = [
             uuid for uuid, quarantine in quarantined.items()

@@ -148,15 +148,15 @@ class NetworkIsolation:
         self._engine.close()
 
     def _run(self) -> None:
+        """The worker holding the role checks; the others sleep in flock until it dies or stops."""
         wait = self._interval
-        while not self._closed.wait(wait):
+        while self._role.take(block=True) and not self._closed.wait(wait):
             wait = self._interval
-            if self._role.take():
-                try:
-                    if self.check().get("problem"):
-                        wait = min(self._interval, RETRY_INTERVAL_SECONDS)
-                except OSError as error:  # the state dir: the next round tries again
-                    log.warning("network isolation not checked: %s", error)
+            try:
+                if self.check().get("problem"):
+                    wait = min(self._interval, RETRY_INTERVAL_SECONDS)
+            except OSError as error:  # the state dir: the next round tries again
+                log.warning("network isolation not checked: %s", error)
         self._role.release()
 
     def check(self) -> dict[str, Any]:

@@ -1,9 +1,11 @@
-"""A chore one worker of the node does per interval (the janitor's sweep, image collection).
+"""The node's jobs that one worker does for all (samplers, the janitor's sweep, image collection).
 
-Every worker runs the loop; a stamp in the state dir lets the first that finds it old do the
-chore and renew it, so the node does it once per interval whatever the number of workers.
-A round that fails is logged and the next one is tried at its time: the engine down is a warning
-(the round is skipped), a failure of the node's own files an error.
+Every worker starts the job's thread; the one that holds the job's role (role.py) does it, and
+the others sleep in the kernel until the holder dies or stops: a node of N workers wakes once per
+round, not N times. A chore also keeps a stamp in the state dir, so a new holder, or a restarted
+agent, does it when it falls due and not again at once. A round that fails is logged and the
+next one is tried at its time: the engine down is a warning (the round is skipped), a failure of
+the node's own files an error.
 """
 
 from __future__ import annotations
@@ -42,16 +44,28 @@ class Background:
         raise NotImplementedError
 
 
-class NodeSampler(Background):
+class RoleJob(Background):
+    """A Background whose work only the holder of its role (`<name>.lock` in the state dir) does."""
+
+    def __init__(self, name: str, state_dir: Path):
+        super().__init__(name)
+        self._role = NodeRole(state_dir / f"{name}.lock")
+
+    def _await_role(self) -> bool:
+        """Asleep in the kernel, without the GIL, until this worker holds the role; False once closed."""
+        self._role.take(block=True)
+        return not self._closed.is_set()
+
+
+class NodeSampler(RoleJob):
     """Figures sampled for the whole node: every worker runs one, the worker holding the node's role
-    `<name>.lock` (see role.py) samples, every `tick` seconds, into `<name>.json` in the state dir,
-    and every worker answers from that file. A round that fails is logged as `not_sampled` says:
-    the engine down at debug, a failure of the node's own files as a warning."""
+    `<name>.lock` samples, every `tick` seconds, into `<name>.json` in the state dir, and every
+    worker answers from that file. A round that fails is logged as `not_sampled` says: the engine
+    down at debug, a failure of the node's own files as a warning."""
 
     def __init__(self, name: str, state_dir: Path, tick: float, logger: logging.Logger, not_sampled: str):
-        super().__init__(name)
+        super().__init__(name, state_dir)
         self._samples = SampleFile(state_dir / f"{name}.json")
-        self._role = NodeRole(state_dir / f"{name}.lock")
         self._tick = tick
         self._log = logger
         self._not_sampled = not_sampled
@@ -64,7 +78,7 @@ class NodeSampler(Background):
         raise NotImplementedError
 
     def _run(self) -> None:
-        while not self._closed.wait(self._tick):
+        while self._await_role() and not self._closed.wait(self._tick):
             try:
                 self._sample_round()
             except AgentError as error:
@@ -74,27 +88,32 @@ class NodeSampler(Background):
         self._role.release()
 
 
-class NodeChore(Background):
+class NodeChore(RoleJob):
     def __init__(self, name: str, stamp: Path, interval: float, chore: Callable[[], None], at_start: bool = False):
-        """`at_start`: look at once when the worker starts, rather than after half an interval."""
-        super().__init__(name)
+        """The role is `<name>.lock` beside `stamp`. `at_start`: look at once when the worker starts,
+        rather than after half an interval."""
+        super().__init__(name, stamp.parent)
         self._stamp = stamp
         self._interval = interval
         self._chore = chore
         self._at_start = at_start
 
     def _run(self) -> None:
-        if not self._at_start:
-            self._closed.wait(self._interval / 2)
-        while not self._closed.is_set():
+        if not self._at_start and self._closed.wait(self._interval / 2):
+            return
+        while self._await_role():
             try:
-                due = self._due()
-            except OSError as error:  # the stamp cannot be renewed (a full state dir): look again next time
+                wait = self._until_due()
+                if wait <= 0:
+                    self._stamp.touch()
+                    self.run_now()
+                    wait = self._interval
+            except OSError as error:  # the stamp cannot be renewed (a full state dir): look again later
                 log.warning("%s skipped: %s", self._name, error.strerror or error)
-                due = False
-            if due:
-                self.run_now()
-            self._closed.wait(self._interval / 2)
+                wait = self._interval / 2
+            if self._closed.wait(wait):
+                break
+        self._role.release()
 
     def run_now(self) -> None:
         """One round of the chore in the caller's thread, its failures logged as the loop's are."""
@@ -105,12 +124,14 @@ class NodeChore(Background):
         except OSError as error:
             log.error("%s failed: %s", self._name, error)
 
-    def _due(self) -> bool:
-        """True for one worker per interval: the one that finds the stamp old and renews it."""
+    def _until_due(self) -> float:
+        """Seconds until the chore is due by its stamp (0 or less: now). A stamp from the future (the
+        wall clock stepped back) is renewed now, where waiting for its time would stop the chore."""
         try:
-            if time.time() - os.stat(self._stamp).st_mtime < self._interval:
-                return False
+            age = time.time() - os.stat(self._stamp).st_mtime
         except FileNotFoundError:
-            pass
-        self._stamp.touch()
-        return True
+            return 0.0
+        if age < 0:
+            self._stamp.touch()
+            return self._interval
+        return self._interval - age
