@@ -78,7 +78,7 @@ class NodeSampler(RoleJob):
         raise NotImplementedError
 
     def _run(self) -> None:
-        while self._await_role() and not self._closed.wait(self._tick):
+        while not self._closed.wait(self._tick) and self._await_role():
             try:
                 self._sample_round()
             except AgentError as error:
