@@ -359,7 +359,8 @@ def test_an_nvml_hung_from_the_start_shows_in_health_and_passes(agent_factory):
 
 def test_gpu_holders_are_derived_once_per_listing_and_again_for_a_new_one(tmp_path):
     """Metrics polled while nothing changes reuse the holders of the view's listing (the same tuple
-    until a change); a new listing is derived afresh, and a caller's own listing is used as given."""
+    until a change); a new listing is derived afresh, and a caller's own listing is used as given.
+    While the view is not trusted, the holders come from the engine's list of GPU holders alone."""
     from types import SimpleNamespace
 
     from utopia_agent.gpus.health import GpuHealth
@@ -369,11 +370,16 @@ def test_gpu_holders_are_derived_once_per_listing_and_again_for_a_new_one(tmp_pa
         labels = {"utopia.claim_id": claim, "utopia.gpu_ids": "0", "utopia.gpu_uuids": uuid}
         return SimpleNamespace(holdings=Holdings.from_labels(labels, claim))
 
-    listing = SimpleNamespace(containers=(held("first", "GPU-a"),))
+    listing = SimpleNamespace(containers=(held("first", "GPU-a"),), trusted=True)
     listing.list_managed = lambda: listing.containers
+    listing.view = SimpleNamespace(snapshot=lambda: object() if listing.trusted else None)
+    listing.holders_of = lambda label: [held("from-the-engine", "GPU-z").holdings]
     health = GpuHealth(tmp_path, sampler=None, docker=listing, lock=threading.Lock, release_seconds=1, history=EventHistory(tmp_path, 10))
     before = health.listed_holders()
     assert health.listed_holders() is before and dict(before) == {"GPU-a": "first"}
     listing.containers = (*listing.containers, held("second", "GPU-b"))
     assert dict(health.listed_holders()) == {"GPU-a": "first", "GPU-b": "second"}
     assert dict(health.listed_holders((held("third", "GPU-c"),))) == {"GPU-c": "third"}
+    listing.trusted = False
+    listing.list_managed = None  # listing every container would inspect each one
+    assert dict(health.listed_holders()) == {"GPU-z": "from-the-engine"}

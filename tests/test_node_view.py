@@ -352,6 +352,41 @@ def test_records_kept_for_reuse_are_bounded_and_reused_while_unchanged(tmp_path,
 
 # --- allocation decides on the view once it shows every change made under the lock --------
 
+def test_metrics_read_the_gpu_holders_with_one_list_while_the_view_is_not_trusted(agent_factory, relay, test_image, claim):
+    """Where the view is not trusted (its watcher frozen here; on a busy node, held up by a slow inspect in a burst of
+    creates), the metrics need only who holds which GPU: one list call of the holders, not an inspect of every container."""
+    agent = agent_factory(workers=2, DOCKER_HOST=relay.base_url)
+    held = agent.create(claim("gpu"), test_image, command=["sleep", "300"], gpu_count=1)
+    assert held.status_code == 201, held.text
+    for n in range(2):
+        assert agent.create(claim(str(n)), test_image, command=["sleep", "300"], gpu_count=0).status_code == 201
+
+    def metrics() -> dict:
+        answer = requests.get(agent.base_url + "/api/v1/metrics", headers={"Authorization": f"Bearer {agent.token}", "Connection": "close"}, timeout=60)
+        assert answer.status_code == 200, answer.text
+        return answer.json()
+
+    def without_inspects() -> dict | None:
+        """The metrics, when no inspect came meanwhile (a background job of the other worker, the claim
+        usage sampler say, may list and inspect while the view is not trusted: a metrics call that
+        inspected would every time)."""
+        inspects, lists = len(relay.calls(INSPECT)), relay.count(LIST_CALL, "GET")
+        answer = metrics()
+        assert relay.count(LIST_CALL, "GET") > lists, "the view is trusted: the engine was not asked"
+        return answer if relay.calls(INSPECT)[inspects:] == [] else None
+
+    trusted = metrics()
+    [watcher] = watchers(agent)
+    os.kill(watcher, signal.SIGSTOP)
+    try:
+        time.sleep(TRUST_SECONDS)
+        untrusted = next(filter(None, (without_inspects() for _ in range(3))), None)
+    finally:
+        os.kill(watcher, signal.SIGCONT)
+    assert untrusted is not None, "the metrics inspected containers"
+    assert [gpu["busy"] for gpu in untrusted["gpus"]] == [gpu["busy"] for gpu in trusted["gpus"]], "the same GPU held, read from the engine"
+
+
 LIST_CALL = r"/containers/json$"
 
 

@@ -123,8 +123,12 @@ class GpuHealth:
     def listed_holders(self, containers: Sequence[ManagedContainer] | None = None) -> Mapping[str, str]:
         """Who holds which GPU, from the listing of managed containers (served from memory when
         exact), or from `containers`, a listing the caller has; derived once per listing, since
-        the view hands out the same one until something changes."""
+        the view hands out the same one until something changes. While the view is not trusted (a
+        watcher held up by a slow engine, in a burst of creates) it is one list call of the GPU
+        holders, where listing every container would inspect each, on every poll of the metrics."""
         if containers is None:
+            if self._docker.view.snapshot() is None:
+                return self.fresh_holders()
             containers = self._docker.list_managed()
         listed = self._listed
         if listed[0] is not containers:
