@@ -37,8 +37,7 @@ from ..schemas import GpuSchema
 from .sampler import GpuSample, GpuSampler
 from .inventory import GpuEvent, GpuEvents, GpuFacts, GpuStatus
 from ..claims.holders import gpu_claims, gpu_holder
-from ..node.chore import Background
-from ..node.role import NodeRole
+from ..node.chore import RoleJob
 from ..claims.records import GPU_IDS_LABEL, ManagedContainer
 from ..node.state_file import StateFile
 
@@ -242,7 +241,7 @@ def _counters_of(sample: GpuSample | None, uuid: str) -> dict[str, int]:
     return {}
 
 
-class HealthMonitor(Background):
+class HealthMonitor(RoleJob):
     """The node's one GPU health watcher: NVML events, the memory-health counters, releases.
 
     Every worker starts one; the one that holds the flock on STATE_DIR/gpu-monitor.lock does the
@@ -253,10 +252,9 @@ class HealthMonitor(Background):
     """
 
     def __init__(self, health: GpuHealth, lock_path: Path, release_seconds: float, conditions: StateFile):
-        super().__init__("gpu-monitor")
+        super().__init__(lock_path.stem, lock_path.parent)
         self._health = health
         self._told_conditions = conditions
-        self._role = NodeRole(lock_path)
         self._release_seconds = release_seconds
         self._pending: list[GpuEvent] = []
         self._dirty_since: dict[str, float] = {}
@@ -275,11 +273,8 @@ class HealthMonitor(Background):
         events: GpuEvents | None = None
         opened = False
         try:
-            while not self._closed.is_set():
-                self._role.take(block=True)  # asleep in the kernel while another worker watches
+            while self._await_role():  # asleep in the kernel while another worker watches
                 inventory = self._health.sampler.inventory
-                if self._closed.is_set():
-                    break
                 if inventory is None:  # NVML still opening
                     self._closed.wait(MONITOR_CHECK_SECONDS)
                 else:
