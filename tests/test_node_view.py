@@ -214,6 +214,44 @@ def test_a_frozen_watcher_sends_reads_to_the_engine_until_it_thaws(agent_factory
     assert listed() == {ids[1]}
 
 
+def test_a_batch_of_events_slower_than_the_trust_keeps_the_view_trusted(two_workers, relay, docker_client, test_image, claim):
+    """While the engine starts containers, an inspect of each waits for its start: one batch of
+    events can take the watcher longer than the trust. The engine answers all along, so each
+    answer vouches, and readers stay on the view (listing the engine instead would wait on the
+    same starts, for every container)."""
+    worker = two_workers
+    relay.delay(r"/containers/[0-9a-f]+/json$", 0.8 * TRUST_SECONDS / 2, "GET")
+    lapses, sampling = [], threading.Event()
+
+    def sample() -> None:
+        while not sampling.wait(0.02):
+            if worker.view.snapshot() is None:
+                lapses.append(time.monotonic())
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        labels = {MANAGED_LABEL: "true"}
+        ids = [docker_client.api.create_container(test_image, ["sleep", "300"], name=f"utopia-{claim(str(i))}", labels=labels | {CLAIM_LABEL: claim(str(i))})["Id"]
+               for i in range(6)]
+        assert wait_for(lambda: all(shown_by(worker, cid) for cid in ids), timeout=30, interval=0.05)
+    finally:
+        sampling.set()
+        sampler.join()
+    assert len(relay.calls(INSPECT)) >= len(ids)
+    assert lapses == [], f"the view lapsed for {lapses[-1] - lapses[0]:.2f} s while the engine answered"
+
+
+def test_an_inspect_the_engine_never_answers_lets_the_trust_lapse(two_workers, relay, docker_client, test_image, claim):
+    """Events alone do not vouch: a watcher stuck on an inspect stops vouching, and readers go to the engine."""
+    worker = two_workers
+    relay.hang(r"/containers/[0-9a-f]+/json$", "GET")
+    docker_client.api.create_container(test_image, ["sleep", "300"], name=f"utopia-{claim()}", labels={MANAGED_LABEL: "true", CLAIM_LABEL: claim()})
+    assert wait_for(lambda: worker.view.snapshot() is None, timeout=TRUST_SECONDS + 3 * HEARTBEAT_SECONDS, interval=0.05)
+    relay.clear()
+    assert wait_for(lambda: worker.view.snapshot() is not None, timeout=10, interval=0.05)
+
+
 def test_a_snapshot_round_trips_and_keeps_the_records_that_did_not_change(tmp_path):
     """The view file is read a line at a time: unchanged lines give the very same records."""
     def state(n: int, status: str = "running") -> ContainerState:

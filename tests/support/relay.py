@@ -3,7 +3,8 @@
 The agent under test gets `DOCKER_HOST=unix://<relay socket>`. Each request goes on to the
 real engine and its answer comes back as it arrives (event streams and pulls included),
 unless a fault matches it: then the relay answers with an error as dockerd does
-(`{"message": ...}`), hangs until the fault is cleared, or drops the connection.
+(`{"message": ...}`), hangs until the fault is cleared, drops the connection, or forwards it
+late, as a busy engine answers.
 `Connection: close` on every forwarded request keeps one request per connection, so the
 relay sees, counts and judges every request the agent makes.
 """
@@ -34,10 +35,11 @@ class Fault:
     """What to do with requests whose path matches `pattern` (and whose method is `method`, when given)."""
 
     pattern: re.Pattern
-    action: str  # "error", "hang" or "drop"
+    action: str  # "error", "hang", "drop" or "delay"
     method: str | None = None
     status: int = 500
     message: str = ""
+    seconds: float = 0.0
     released: threading.Event = field(default_factory=threading.Event)
 
     def matches(self, method: str, path: str) -> bool:
@@ -82,6 +84,10 @@ class EngineRelay:
     def drop(self, pattern: str, method: str | None = None) -> None:
         """Close the connection of matching requests without an answer."""
         self._add(Fault(re.compile(pattern), "drop", method))
+
+    def delay(self, pattern: str, seconds: float, method: str | None = None) -> None:
+        """Forward matching requests `seconds` late (sooner once cleared)."""
+        self._add(Fault(re.compile(pattern), "delay", method, seconds=seconds))
 
     def clear(self) -> None:
         """Forward everything again; hung requests are let go (their connections closed)."""
@@ -138,6 +144,9 @@ class EngineRelay:
             with self._lock:
                 self._seen.append((method, path))
                 fault = next((f for f in self._faults if f.matches(method, path)), None)
+            if fault is not None and fault.action == "delay":
+                fault.released.wait(fault.seconds)
+                fault = None
             if fault is None:
                 self._forward(client, _closing(head), body_start)
             elif fault.action == "error":

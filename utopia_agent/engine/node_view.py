@@ -506,6 +506,8 @@ class _Watcher:
         self._closed = threading.Event()
         self._feed: _EventFeed | None = None
         self._live = False
+        # When the engine last answered, as vouched for (monotonic ns).
+        self._answered_ns = 0
         self._records: dict[str, ContainerState] = {}
         # The last snapshot written: the lines of records that did not change are not encoded again.
         self._last_written: Snapshot | None = None
@@ -542,10 +544,12 @@ class _Watcher:
         self._header.set(self._header.DEADLINE, time.monotonic_ns() + self._wait_ns)
 
     def _vouch(self, answered_since: int) -> None:
-        """The engine answered (or sent events) after `answered_since`: trust the view a while from then."""
+        """The engine answered (or sent events) after `answered_since`: trust the view a while from then
+        (from the latest answer: a batch vouched for as a whole does not undo its inspects' answers)."""
         if self._closed.is_set():
             return
-        self._header.set(self._header.DEADLINE, answered_since + TRUST_NS)
+        self._answered_ns = max(self._answered_ns, answered_since)
+        self._header.set(self._header.DEADLINE, self._answered_ns + TRUST_NS)
         self._header.set(self._header.STATE, LIVE)
 
     def _down(self, reason: str) -> None:
@@ -662,8 +666,17 @@ class _Watcher:
         return changed
 
     def _refresh(self, container_id: str, gone: bool = False, engine_events: list[dict[str, Any]] | None = None, exit_told: bool = False) -> bool:
-        """Inspect one container into the records, noting the change for the history; True when its record changed."""
-        info = None if gone else self._engine.inspect(container_id)
+        """Inspect one container into the records, noting the change for the history; True when its record changed.
+
+        A live view is vouched for by each answer: a batch of events for containers the engine is
+        starting (an inspect waits for the start) may take longer than the trust, and the engine
+        is answering all along."""
+        info = None
+        if not gone:
+            asked = time.monotonic_ns()
+            info = self._engine.inspect(container_id)
+            if self._live:
+                self._vouch(asked)
         before = self._records.get(container_id)
         if info is None:
             if before is None:
