@@ -231,8 +231,8 @@ def test_a_batch_of_events_slower_than_the_trust_keeps_the_view_trusted(two_work
     sampler = threading.Thread(target=sample)
     sampler.start()
     try:
-        labels = {MANAGED_LABEL: "true"}
-        ids = [docker_client.api.create_container(test_image, ["sleep", "300"], name=f"utopia-{claim(str(i))}", labels=labels | {CLAIM_LABEL: claim(str(i))})["Id"]
+        ids = [docker_client.api.create_container(test_image, ["sleep", "300"], name=f"utopia-{claim(str(i))}",
+                                                  labels={MANAGED_LABEL: "true", CLAIM_LABEL: claim(str(i))})["Id"]
                for i in range(6)]
         assert wait_for(lambda: all(shown_by(worker, cid) for cid in ids), timeout=30, interval=0.05)
     finally:

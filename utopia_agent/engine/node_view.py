@@ -23,7 +23,6 @@ import json
 import logging
 import mmap
 import os
-import queue
 import struct
 import threading
 import time
@@ -33,6 +32,7 @@ from typing import Any, Protocol
 from collections.abc import Callable, Iterable
 
 from ..claims.records import CLAIM_LABEL, ContainerState, StopMark
+from .event_feed import EventFeed, StreamEnded
 from ..events.changes import container_changes, exit_line
 from ..events.history import EventHistory
 
@@ -411,83 +411,6 @@ class NodeView:
         self._header.close()
 
 
-class _StreamEnded(Exception):
-    """The engine's event stream ended: the engine went away, or the watcher closed it."""
-
-
-class _EventFeed:
-    """The engine's event stream, read on a thread of its own so the watcher can wait on it with a
-    timeout. Opening may hang on a hung engine: the watcher starts no second feed while one hangs."""
-
-    _END = object()
-
-    def __init__(self, engine: ViewEngine, since_ns: int | None):
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._opened = threading.Event()
-        self._lock = threading.Lock()
-        self._stream = None
-        self._closed = False
-        self._ended = False
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._read, args=(engine, since_ns), name="node-view-events", daemon=True)
-        self.thread.start()
-
-    def wait_opened(self, timeout: float) -> None:
-        if not self._opened.wait(timeout) or self._ended_early():
-            self.close()
-            raise _StreamEnded(self.reason() if self._opened.is_set() else "the engine did not open its event stream in time")
-
-    def _ended_early(self) -> bool:
-        return self.error is not None or not self.thread.is_alive()
-
-    def reason(self) -> str:
-        if self.error is None:
-            return "the engine's event stream ended"
-        return getattr(self.error, "message", None) or f"the engine's event stream failed ({type(self.error).__name__})"
-
-    def _read(self, engine: ViewEngine, since_ns: int | None) -> None:
-        try:
-            stream = engine.managed_events(since_ns, VIEW_EVENTS)
-            with self._lock:
-                self._stream = stream
-                if self._closed:
-                    stream.close()
-                    return
-            self._opened.set()
-            for event in stream:
-                self._queue.put(event)
-        except Exception as exc:  # the engine went away, or close() cut the stream
-            self.error = exc
-        finally:
-            self._opened.set()
-            self._queue.put(self._END)
-
-    def next_batch(self, timeout: float) -> list[dict[str, Any]] | None:
-        """The events that came within `timeout` (all that are waiting); None once the stream ended."""
-        if self._ended:
-            return None
-        try:
-            first = self._queue.get(timeout=timeout)
-        except queue.Empty:
-            return []
-        batch = []
-        item = first
-        while item is not self._END:
-            batch.append(item)
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                return batch
-        self._ended = True
-        return batch or None
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            if self._stream is not None:
-                self._stream.close()
-
-
 class _Watcher:
     """Keeps the view: one list when it (re)connects, then one inspect per changed container."""
 
@@ -504,7 +427,7 @@ class _Watcher:
         self._wait_ns = wait_ns
         self._on_publish = on_publish
         self._closed = threading.Event()
-        self._feed: _EventFeed | None = None
+        self._feed: EventFeed | None = None
         self._live = False
         # When the engine last answered, as vouched for (monotonic ns).
         self._answered_ns = 0
@@ -580,7 +503,7 @@ class _Watcher:
             if self._closed.wait(HEARTBEAT_SECONDS):
                 return
         self._syncing()
-        self._feed = _EventFeed(self._engine, self._event_ns + 1 if self._event_ns else None)
+        self._feed = EventFeed(self._engine, self._event_ns + 1 if self._event_ns else None, VIEW_EVENTS)
         self._feed.wait_opened(self._wait_ns / 1e9)
         started = time.monotonic_ns()
         asked, allocation_asked = self._header.get(self._header.RESYNC_ASKED), self._header.get(self._header.ALLOCATION_ASKED)
@@ -599,7 +522,7 @@ class _Watcher:
         while not self._closed.is_set():
             batch = self._feed.next_batch(HEARTBEAT_SECONDS)
             if batch is None:
-                raise _StreamEnded(self._feed.reason())
+                raise StreamEnded(self._feed.reason())
             started = time.monotonic_ns()
             asked, allocation_asked = self._header.get(self._header.RESYNC_ASKED), self._header.get(self._header.ALLOCATION_ASKED)
             if batch:
