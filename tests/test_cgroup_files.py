@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from utopia_agent.node.claim_usage import CgroupFiles, Usage
+from utopia_agent.node.claim_usage import CgroupFiles, Usage, _NamedCgroups
 
 
 def write(directory: Path, **files: str) -> Path:
@@ -36,3 +36,15 @@ def test_a_cgroup_gone_or_without_its_figures_reads_as_none(tmp_path):
     cgroup = write(tmp_path / "v2", cpu_dot_stat="user_usec 1\n", memory_dot_current="1\n", memory_dot_max="max\n", memory_dot_stat="")
     assert CgroupFiles(cgroup, False, cgroup, False).read() is None, "cpu.stat without usage_usec"
     assert CgroupFiles(tmp_path / "gone", False, tmp_path / "gone", False).read() is None
+
+
+def test_another_containers_cgroups_are_found_by_its_id_where_they_exist(tmp_path):
+    one, other = "a" * 64, "b" * 64
+    for container_id in (one, other):
+        (tmp_path / "cpu" / f"docker-{container_id}.scope").mkdir(parents=True)
+        (tmp_path / "memory" / "docker" / container_id).mkdir(parents=True)
+    files = CgroupFiles(tmp_path / "cpu" / f"docker-{one}.scope", True, tmp_path / "memory" / "docker" / one, False)
+    named = _NamedCgroups.learnt(one, files)
+    assert named.of(other) == CgroupFiles(tmp_path / "cpu" / f"docker-{other}.scope", True, tmp_path / "memory" / "docker" / other, False)
+    assert named.of("c" * 64) is None, "a container that does not run (or sits under another parent) has no such cgroup"
+    assert _NamedCgroups.learnt(other, files) is None, "paths that do not name the container teach nothing"

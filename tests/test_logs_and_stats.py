@@ -10,7 +10,12 @@ import requests
 
 from tests.conftest import TEST_DEFAULT_MEMORY_MB
 from tests.support.polling import wait_for
+from tests.support.relay import INSPECT
 from tests.support.scrape import sample, scrape
+from utopia_agent.claims.records import CLAIM_LABEL, MANAGED_LABEL
+from utopia_agent.config import Config
+from utopia_agent.engine.manager import DockerManager
+from utopia_agent.node.claim_usage import CgroupFiles, ClaimUsage
 
 MIB = 1024 * 1024
 TICKER = ["sh", "-c", "i=0; while :; do i=$((i+1)); echo tick$i; sleep 0.5; done"]
@@ -176,6 +181,30 @@ def test_stats_of_a_claim_without_gpus_show_its_default_limit(agent, test_image,
     container_id = created(agent.create(claim(), test_image, command=["sleep", "300"]))
     stats = agent.get(f"/api/v1/containers/{container_id}/stats").json()
     assert stats["memory_limit_mb"] == int(TEST_DEFAULT_MEMORY_MB) and stats["gpus"] == [] and stats["memory_used_mb"] >= 0
+
+
+def test_usage_finds_a_new_claims_cgroup_by_its_id_without_an_inspect(relay, monkeypatch, docker_client, test_image, claim, tmp_path):
+    """One inspect (the first container's main process) tells where the engine puts cgroups; a
+    burst of new claims then costs none each, and each lands on its own cgroup."""
+    monkeypatch.setenv("DOCKER_HOST", relay.base_url)
+    manager = DockerManager(Config(token="-", state_dir=tmp_path, engine_timeout=10, network_isolation=False))
+    try:
+        ids = []
+        for i in range(3):
+            labels = {MANAGED_LABEL: "true", CLAIM_LABEL: claim(str(i))}
+            ids.append(docker_client.api.create_container(test_image, ["sleep", "300"], name=f"utopia-{claim(str(i))}", labels=labels)["Id"])
+            docker_client.api.start(ids[-1])
+        usage = ClaimUsage(manager, tmp_path)
+        inspects = len(relay.calls(INSPECT))
+        assert all(usage.now(container_id, 0)[0] is not None for container_id in ids)
+        assert len(relay.calls(INSPECT)) - inspects == 1
+        for container_id in ids:
+            assert usage._cgroup(container_id) == CgroupFiles.of_pid(docker_client.api.inspect_container(container_id)["State"]["Pid"])
+        docker_client.api.stop(ids[1], timeout=0)
+        usage_of_stopped, _ = usage.now(ids[1], 0)
+        assert usage_of_stopped is None
+    finally:
+        manager.close()
 
 
 def test_prometheus_has_per_claim_series_sampled_in_the_background(agent, test_image, claim, nvidia_path):

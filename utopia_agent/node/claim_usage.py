@@ -132,6 +132,31 @@ class CgroupFiles:
         return Usage(cpu_seconds, max(0, used - inactive), limit)
 
 
+@dataclass(frozen=True)
+class _NamedCgroups:
+    """Where the engine puts a container's cgroups, as the paths around its id."""
+
+    cpu: tuple[str, str]
+    cpu_v1: bool
+    memory: tuple[str, str]
+    memory_v1: bool
+
+    @classmethod
+    def learnt(cls, container_id: str, files: CgroupFiles) -> _NamedCgroups | None:
+        """From one container's cgroups; None when their paths do not name it exactly once."""
+        cpu, memory = str(files.cpu_dir).split(container_id), str(files.memory_dir).split(container_id)
+        if len(cpu) != 2 or len(memory) != 2:
+            return None
+        return cls((cpu[0], cpu[1]), files.cpu_v1, (memory[0], memory[1]), files.memory_v1)
+
+    def of(self, container_id: str) -> CgroupFiles | None:
+        """The container's cgroups where they exist (it runs, under the same driver and parent)."""
+        cpu_dir, memory_dir = Path(container_id.join(self.cpu)), Path(container_id.join(self.memory))
+        if not (cpu_dir.is_dir() and memory_dir.is_dir()):
+            return None
+        return CgroupFiles(cpu_dir, self.cpu_v1, memory_dir, self.memory_v1)
+
+
 def _read(path: str) -> bytes:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
@@ -164,6 +189,7 @@ class ClaimUsage(NodeSampler):
         self._docker = docker
         self._interval = interval
         self._cgroups: dict[str, CgroupFiles] = {}
+        self._named: _NamedCgroups | None = None
         self._cgroups_lock = threading.Lock()
 
     # --- reading ---------------------------------------------------------------------
@@ -188,17 +214,24 @@ class ClaimUsage(NodeSampler):
         return usage, 0.0
 
     def _cgroup(self, container_id: str) -> CgroupFiles | None:
-        """Found once per container through its main process (one inspect); the engine names the
-        cgroup after the container, so the place holds across restarts."""
+        """Found once per container. The engine names the cgroup after the container, so the place
+        holds across restarts, and once one container's place is known through its main process
+        (one inspect), another's is the same path with its id: a burst of new claims costs no
+        inspect each (one still settles where that path does not exist: the cgroup driver or parent
+        differs, or the container does not run)."""
         with self._cgroups_lock:
-            known = self._cgroups.get(container_id)
+            known, named = self._cgroups.get(container_id), self._named
         if known is not None:
             return known
-        pid = self._docker.container_pid(container_id)
-        found = CgroupFiles.of_pid(pid) if pid else None
+        found = named.of(container_id) if named is not None else None
+        if found is None:
+            pid = self._docker.container_pid(container_id)
+            found = CgroupFiles.of_pid(pid) if pid else None
         if found is not None:
             with self._cgroups_lock:
                 self._cgroups[container_id] = found
+                if named is None:
+                    self._named = _NamedCgroups.learnt(container_id, found)
         return found
 
     # --- sampling --------------------------------------------------------------------
