@@ -1,5 +1,5 @@
 """The engine connection's own calls: the ping, which the node view's watcher sends every second while
-no event comes, straight on the client's connection pool (each way of failing, through the relay in
+no event comes, written by hand on a unix socket connection of its own (each way of failing, through the relay in
 front of the real engine, says the engine is unavailable, as /health reports it; what it costs is
 `make bench`'s to say), and closing an event stream."""
 
