@@ -744,13 +744,14 @@ class Bench:
         after_pct, after_s, after_engine = percent_of_core(poll)
         for container_id in made:
             self.http.delete(container_id)
-        for name, pct, wall, engine, note in (
-            ("at rest", rest_pct, rest_s, rest_engine, f"idle (no polling) {idle_pct:.2f}% over {idle_s:.0f} s"),
-            (f"right after a burst of {BURST} creates", after_pct, after_s, after_engine, "measured from the last 201 on"),
+        # After a burst the target leaves room below 1%, so the run-to-run noise cannot cross it.
+        for name, pct, wall, engine, note, target in (
+            ("at rest", rest_pct, rest_s, rest_engine, f"idle (no polling) {idle_pct:.2f}% over {idle_s:.0f} s", 1.0),
+            (f"right after a burst of {BURST} creates", after_pct, after_s, after_engine, "measured from the last 201 on", 0.8),
         ):
             self.add(Figure(
                 figure=f"CPU of the agent, polled once a second (metrics + list) for {seconds:g} s, {name}",
-                target="≤ 1% of a core", value=f"{pct:.2f}% of a core", met=pct <= 1.0,
+                target=f"≤ {target:g}% of a core", value=f"{pct:.2f}% of a core", met=pct <= target,
                 note=f"master + {len(procs) - 1} workers; {note}"
                      + (f"; dockerd meanwhile {engine:.2f}% of a core" if engine is not None else ""),
                 extra={"agent_percent_of_core": round(pct, 3), "idle_percent_of_core": round(idle_pct, 3),
