@@ -6,11 +6,15 @@ front of the real engine, says the engine is unavailable, as /health reports it;
 from __future__ import annotations
 
 import errno
+import socket
+import threading
 import time
 
 import pytest
 
-from utopia_agent.engine.connection import EngineConnection, EventStream
+from docker.errors import DockerException
+
+from utopia_agent.engine.connection import EngineConnection, EventStream, _ping_unix_socket
 from utopia_agent.errors import EngineUnavailable
 
 
@@ -75,3 +79,34 @@ def test_closing_a_stream_whose_connection_went_closes_its_client_and_raises_not
     client = Client()
     EventStream(client, GoneStream()).close()
     assert client.closed
+
+
+@pytest.mark.parametrize("answer, refusal", [
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nOK", None),
+    (b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n", "with HTTP 404"),
+    (b"SSH-2.0-OpenSSH_9.2\r\n", "did not answer"),
+    (b"", "did not answer"),
+])
+def test_the_hand_written_ping_reads_the_status_line(tmp_path, answer, refusal):
+    """Without an engine: whatever listens on the socket, only an HTTP 200 status line is a ping's answer."""
+    path = str(tmp_path / "engine.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(path)
+        listener.listen(1)
+
+        def answer_once() -> None:
+            client, _ = listener.accept()
+            with client:
+                client.recv(4096)
+                client.sendall(answer)
+
+        server = threading.Thread(target=answer_once)
+        server.start()
+        try:
+            if refusal is None:
+                _ping_unix_socket(path, 2.0)
+            else:
+                with pytest.raises(DockerException, match=refusal):
+                    _ping_unix_socket(path, 2.0)
+        finally:
+            server.join(timeout=5)
